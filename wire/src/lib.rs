@@ -1,0 +1,19 @@
+//! `wire` owns Meridian's byte formats that cross a boundary: the record header shared by the
+//! write-ahead log on disk and by frames on the network, and the key router.
+//!
+//! Everything here is sans-IO: encoders write into caller buffers, decoders read caller
+//! slices. A decoder returns a typed [`DecodeError`] for any byte sequence and never panics
+//! (each has a fuzz target under `fuzz/`).
+//!
+//! **Architecture Invariant:** this crate does no I/O, reads no clock and allocates nothing on
+//! the encode/decode paths. It must never depend on an async runtime.
+
+pub mod limits;
+pub mod record;
+pub mod routing;
+
+pub use record::{
+    decode, decode_header, encode_header, encode_into, encoded_len, DecodeError, EncodeError,
+    Header, Record, RecordType, HEADER_BYTES, MAGIC, FORMAT_VERSION,
+};
+pub use routing::shard_for;
