@@ -1,1 +1,16 @@
-//! placeholder
+//! The Meridian data plane: one process per data machine, one glommio executor ("shard") per
+//! core. This crate owns, per shard, the durable write-ahead log ([`wal`]) and the
+//! thread-per-core runtime that hosts shards and lets them message each other ([`runtime`]).
+//!
+//! **Architecture Invariant:** the pure cores (`wal::format`, `wal::recovery`) do no I/O and
+//! never import glommio; glommio lives only in the shells (`wal::writer`, `runtime`).
+//!
+//! **Architecture Invariant:** no append is acknowledged before its bytes and an `fdatasync`
+//! barrier completed; a failed write or barrier fences the WAL for good.
+
+pub mod limits;
+pub mod runtime;
+pub(crate) mod sync;
+pub mod wal;
+
+pub use wire::shard_for;

@@ -1,0 +1,180 @@
+//! The thread-per-core runtime: a pool of glommio executors, one shard each, joined by a full
+//! mesh of bounded channels.
+//!
+//! Each shard owns its data; another shard's data is reached only by a message to its owner
+//! ([`ShardContext::send_to`]), which waits when the peer's channel is full (backpressure).
+//! The pure router is [`wire::shard_for`]; the receiving shard checks it owns what it is sent
+//! ([`ShardContext::owns`]).
+
+use std::future::Future;
+
+use glommio::channels::channel_mesh::{MeshBuilder, Receivers, Senders};
+use glommio::channels::shared_channel::ConnectedReceiver;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+
+use crate::limits;
+
+/// How many shards and how they talk.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Number of shards (executors); defaults to the number of CPUs.
+    pub shards: usize,
+    /// Capacity of each directed channel between two shards.
+    pub mesh_channel_capacity: usize,
+    /// Pin each shard to its own CPU.
+    pub pin_to_cpus: bool,
+    /// Bytes of io_uring registered buffers per shard (needs RLIMIT_MEMLOCK); `None` keeps
+    /// glommio's default.
+    pub io_memory_bytes: Option<usize>,
+    /// Thread name prefix.
+    pub name: String,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            shards: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            mesh_channel_capacity: limits::MESH_CHANNEL_CAPACITY_DEFAULT,
+            pin_to_cpus: false,
+            io_memory_bytes: None,
+            name: "shard".into(),
+        }
+    }
+}
+
+/// Errors of the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// A configuration field is invalid.
+    #[error("invalid runtime configuration: {field}: {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Executors could not be started.
+    #[error("cannot start shard executors: {0}")]
+    Start(String),
+    /// A shard's thread panicked or its executor failed.
+    #[error("shard {shard} failed: {reason}")]
+    ShardFailed {
+        /// The shard.
+        shard: usize,
+        /// What happened.
+        reason: String,
+    },
+    /// The mesh could not be joined.
+    #[error("shard mesh could not be joined")]
+    Mesh,
+    /// The destination is out of range, is the sender itself, or its channel is closed.
+    #[error("cannot send to shard {0}")]
+    Send(u32),
+}
+
+/// What a shard gets when it starts: who it is and its channels to the others.
+#[derive(Debug)]
+pub struct ShardContext<M: Send + 'static> {
+    /// This shard's index, `0..shard_count`.
+    pub shard_id: u32,
+    /// Number of shards.
+    pub shard_count: u32,
+    senders: Senders<M>,
+    receivers: Option<Receivers<M>>,
+}
+
+impl<M: Send + 'static> ShardContext<M> {
+    /// Whether this shard owns `key` under [`wire::shard_for`].
+    pub fn owns(&self, key: &[u8]) -> bool {
+        wire::shard_for(key, self.shard_count) == self.shard_id
+    }
+
+    /// Sends `message` to shard `to`, waiting while its channel is full. Sending to oneself
+    /// is an error: a shard handles its own work directly.
+    pub async fn send_to(&self, to: u32, message: M) -> Result<(), RuntimeError> {
+        if to == self.shard_id {
+            return Err(RuntimeError::Send(to));
+        }
+        self.senders.send_to(to as usize, message).await.map_err(|_| RuntimeError::Send(to))
+    }
+
+    /// The receiving ends, one per peer shard, as `(peer, receiver)`. Callable once.
+    pub fn take_receivers(&mut self) -> Vec<(u32, ConnectedReceiver<M>)> {
+        let Some(mut receivers) = self.receivers.take() else { return Vec::new() };
+        receivers
+            .streams()
+            .into_iter()
+            .filter_map(|(peer, receiver)| u32::try_from(peer).ok().map(|peer| (peer, receiver)))
+            .collect()
+    }
+
+    /// Closes this shard's sending ends so peers' receivers end.
+    pub fn close_senders(&self) {
+        self.senders.close();
+    }
+}
+
+/// Starts `config.shards` executors, runs `shard_main` on each with its [`ShardContext`],
+/// and returns their results in shard order once all have finished.
+pub fn run_shards<M, G, F, T>(config: &RuntimeConfig, shard_main: G) -> Result<Vec<T>, RuntimeError>
+where
+    M: Send + 'static,
+    G: FnOnce(ShardContext<M>) -> F + Clone + Send + 'static,
+    F: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    if config.shards == 0 || config.shards > limits::SHARDS_MAX {
+        return Err(RuntimeError::Config {
+            field: "shards",
+            reason: format!("{} is outside 1..={}", config.shards, limits::SHARDS_MAX),
+        });
+    }
+    if config.mesh_channel_capacity == 0 {
+        return Err(RuntimeError::Config { field: "mesh_channel_capacity", reason: "must be at least 1".into() });
+    }
+    let shard_count = u32::try_from(config.shards).map_err(|_| RuntimeError::Config {
+        field: "shards",
+        reason: "too many".into(),
+    })?;
+    let placement = if config.pin_to_cpus {
+        PoolPlacement::MaxSpread(config.shards, None)
+    } else {
+        PoolPlacement::Unbound(config.shards)
+    };
+    let mut builder = LocalExecutorPoolBuilder::new(placement).name(&config.name);
+    if let Some(bytes) = config.io_memory_bytes {
+        builder = builder.io_memory(bytes);
+    }
+    let mesh: MeshBuilder<M, _> = MeshBuilder::full(config.shards, config.mesh_channel_capacity);
+    let handles = builder
+        .on_all_shards(move || async move {
+            let (senders, receivers) = mesh.join().await.map_err(|_| RuntimeError::Mesh)?;
+            let shard_id = u32::try_from(senders.peer_id()).map_err(|_| RuntimeError::Mesh)?;
+            let context = ShardContext { shard_id, shard_count, senders, receivers: Some(receivers) };
+            Ok::<(u32, T), RuntimeError>((shard_id, shard_main(context).await))
+        })
+        .map_err(|error| RuntimeError::Start(error.to_string()))?;
+    let mut results: Vec<(u32, T)> = Vec::with_capacity(config.shards);
+    for (index, joined) in handles.join_all().into_iter().enumerate() {
+        match joined {
+            Ok(Ok(result)) => results.push(result),
+            Ok(Err(error)) => return Err(RuntimeError::ShardFailed { shard: index, reason: error.to_string() }),
+            Err(error) => return Err(RuntimeError::ShardFailed { shard: index, reason: error.to_string() }),
+        }
+    }
+    results.sort_by_key(|(shard_id, _)| *shard_id);
+    Ok(results.into_iter().map(|(_, result)| result).collect())
+}
+
+/// Runs one future on a fresh single glommio executor on this thread: for tools and tests
+/// that need one shard without a mesh.
+pub fn run_local<F, T>(name: &str, future: F) -> Result<T, RuntimeError>
+where
+    F: Future<Output = T> + 'static,
+{
+    let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .name(name)
+        .make()
+        .map_err(|error| RuntimeError::Start(error.to_string()))?;
+    Ok(executor.run(future))
+}

@@ -1,0 +1,317 @@
+//! The WAL's on-disk layout. Pure: no I/O.
+//!
+//! A shard's WAL is a sequence of segment files `wal-s{shard:03}-{segment:010}.seg`, each
+//! preallocated to `segment_bytes` and filled with zeros before its first use, so that
+//! `fdatasync` on an append never has to write file-system metadata.
+//!
+//! ```text
+//! segment file
+//! +--------------------+------------------------------+----------------+---------- - -
+//! | sector 0           | batch                        | batch          | zeros ...
+//! | SegmentHeader rec. | BatchBegin, Data x n, zeros  | ...            |
+//! +--------------------+------------------------------+----------------+---------- - -
+//! ```
+//!
+//! * Sector 0 holds one `SegmentHeader` record (shard, segment sequence, first LSN, segment
+//!   size, WAL format) and zeros.
+//! * Every batch starts on a sector boundary with a `BatchBegin` record whose `seq` is the
+//!   LSN of its first entry and whose payload holds the record count and the batch extent.
+//!   `Data` records follow back to back with consecutive LSNs in `seq`; zeros pad the batch
+//!   to its extent, a whole number of sectors. The next batch starts at the extent's end.
+//! * Because each batch is padded to the sector, a sector that holds acknowledged data is
+//!   never written again.
+//! * A batch is valid only if its `BatchBegin` and all `record_count` records decode with
+//!   contiguous LSNs; so a batch torn by a crash is recognised as a whole.
+
+use wire::{DecodeError, RecordType, HEADER_BYTES};
+use zerocopy::byteorder::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// The I/O unit the WAL aligns to and never rewrites once it holds acknowledged data.
+pub const SECTOR_BYTES: usize = 4096;
+/// The WAL layout version written in every segment header.
+pub const WAL_FORMAT: u32 = 1;
+
+/// Rounds `value` up to the next multiple of [`SECTOR_BYTES`].
+pub const fn align_up(value: usize) -> usize {
+    value.div_ceil(SECTOR_BYTES) * SECTOR_BYTES
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct SegmentHeaderPayload {
+    shard_id: U32,
+    wal_format: U32,
+    segment_seq: U64,
+    first_lsn: U64,
+    segment_bytes: U64,
+}
+
+/// What sector 0 of a segment says about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The shard that owns the segment.
+    pub shard_id: u32,
+    /// Position of the segment in the shard's WAL (also in the file name).
+    pub segment_seq: u64,
+    /// LSN of the first record in the segment.
+    pub first_lsn: u64,
+    /// Size of the segment file.
+    pub segment_bytes: u64,
+}
+
+/// Why sector 0 of a segment is not a valid segment header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentHeaderError {
+    /// The record itself is invalid.
+    #[error("{0}")]
+    Record(#[from] DecodeError),
+    /// A valid record of another type.
+    #[error("expected a segment header record, found {0:?}")]
+    WrongType(RecordType),
+    /// Payload of the wrong size.
+    #[error("segment header payload of {0} bytes")]
+    BadPayload(usize),
+    /// A WAL layout this build does not read.
+    #[error("unsupported WAL format {0}")]
+    UnsupportedFormat(u32),
+}
+
+impl SegmentHeader {
+    /// Encodes the header into the first bytes of `sector` (the rest must already be zero).
+    pub fn encode_into(&self, sector: &mut [u8]) -> Result<(), wire::EncodeError> {
+        let payload = SegmentHeaderPayload {
+            shard_id: U32::new(self.shard_id),
+            wal_format: U32::new(WAL_FORMAT),
+            segment_seq: U64::new(self.segment_seq),
+            first_lsn: U64::new(self.first_lsn),
+            segment_bytes: U64::new(self.segment_bytes),
+        };
+        wire::encode_into(sector, RecordType::SegmentHeader, 0, self.segment_seq, payload.as_bytes())
+            .map(|_| ())
+    }
+
+    /// Decodes a segment header from the start of a segment.
+    pub fn decode(bytes: &[u8]) -> Result<Self, SegmentHeaderError> {
+        let (record, _) = wire::decode(bytes, 64)?;
+        if record.record_type != RecordType::SegmentHeader {
+            return Err(SegmentHeaderError::WrongType(record.record_type));
+        }
+        let payload = SegmentHeaderPayload::read_from_bytes(record.payload)
+            .map_err(|_| SegmentHeaderError::BadPayload(record.payload.len()))?;
+        if payload.wal_format.get() != WAL_FORMAT {
+            return Err(SegmentHeaderError::UnsupportedFormat(payload.wal_format.get()));
+        }
+        Ok(Self {
+            shard_id: payload.shard_id.get(),
+            segment_seq: payload.segment_seq.get(),
+            first_lsn: payload.first_lsn.get(),
+            segment_bytes: payload.segment_bytes.get(),
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct BatchBeginPayload {
+    record_count: U32,
+    extent_bytes: U32,
+}
+
+/// Bytes the `BatchBegin` record takes at the start of every batch.
+pub const BATCH_BEGIN_BYTES: usize = HEADER_BYTES + size_of::<BatchBeginPayload>();
+
+/// The decoded `BatchBegin` record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchBegin {
+    /// LSN of the first record of the batch.
+    pub first_lsn: u64,
+    /// Records in the batch.
+    pub record_count: u32,
+    /// Bytes from the batch start to the next batch: a multiple of [`SECTOR_BYTES`].
+    pub extent_bytes: u32,
+}
+
+impl BatchBegin {
+    /// Encodes the record (exactly [`BATCH_BEGIN_BYTES`]).
+    pub fn encode(&self) -> [u8; BATCH_BEGIN_BYTES] {
+        let payload = BatchBeginPayload {
+            record_count: U32::new(self.record_count),
+            extent_bytes: U32::new(self.extent_bytes),
+        };
+        let mut out = [0_u8; BATCH_BEGIN_BYTES];
+        // The payload is 8 bytes: encoding cannot fail.
+        if let Ok(header) = wire::encode_header(RecordType::BatchBegin, 0, self.first_lsn, payload.as_bytes()) {
+            out[..HEADER_BYTES].copy_from_slice(&header);
+            out[HEADER_BYTES..].copy_from_slice(payload.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes a `BatchBegin` from the start of `bytes`, `None` when the bytes hold a valid
+    /// record of another type or a payload of the wrong size.
+    pub fn decode(bytes: &[u8]) -> Result<Option<Self>, DecodeError> {
+        let (record, _) = wire::decode(bytes, 64)?;
+        if record.record_type != RecordType::BatchBegin {
+            return Ok(None);
+        }
+        Ok(BatchBeginPayload::read_from_bytes(record.payload).ok().map(|payload| Self {
+            first_lsn: record.seq,
+            record_count: payload.record_count.get(),
+            extent_bytes: payload.extent_bytes.get(),
+        }))
+    }
+}
+
+/// Segment file name for `shard` and `segment_seq`.
+pub fn segment_file_name(shard_id: u32, segment_seq: u64) -> String {
+    format!("wal-s{shard_id:03}-{segment_seq:010}.seg")
+}
+
+/// Parses a name made by [`segment_file_name`].
+pub fn parse_segment_file_name(name: &str) -> Option<(u32, u64)> {
+    let rest = name.strip_prefix("wal-s")?.strip_suffix(".seg")?;
+    let (shard, segment) = rest.split_once('-')?;
+    Some((shard.parse().ok()?, segment.parse().ok()?))
+}
+
+/// Limits of one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Largest batch extent, BatchBegin and padding included; a multiple of the sector.
+    pub bytes_max: usize,
+    /// Most records in one batch.
+    pub records_max: u32,
+}
+
+/// Where a reserved record goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// The record's LSN.
+    pub lsn: u64,
+    /// Byte offset of the record from the batch start.
+    pub offset: usize,
+}
+
+/// Why a record could not be reserved in the open batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// The batch is full: wait for the next one.
+    BatchFull,
+    /// The record cannot fit in any batch under the limits.
+    TooLarge,
+}
+
+/// The batch being filled: assigns LSNs and offsets. The writer shell copies each record
+/// into its buffers at the returned offset; `seal` gives the `BatchBegin` and the extent.
+#[derive(Debug, Clone)]
+pub struct BatchBuilder {
+    first_lsn: u64,
+    record_count: u32,
+    used_bytes: usize,
+    limits: BatchLimits,
+}
+
+impl BatchBuilder {
+    /// An empty batch whose first record will get `first_lsn`.
+    pub fn new(first_lsn: u64, limits: BatchLimits) -> Self {
+        Self { first_lsn, record_count: 0, used_bytes: BATCH_BEGIN_BYTES, limits }
+    }
+
+    /// Reserves room for a record with `payload_len` bytes.
+    pub fn reserve(&mut self, payload_len: usize) -> Result<Slot, Reserve> {
+        let record_bytes = wire::encoded_len(payload_len);
+        if align_up(BATCH_BEGIN_BYTES + record_bytes) > self.limits.bytes_max {
+            return Err(Reserve::TooLarge);
+        }
+        if self.record_count >= self.limits.records_max
+            || align_up(self.used_bytes + record_bytes) > self.limits.bytes_max
+        {
+            return Err(Reserve::BatchFull);
+        }
+        let slot = Slot { lsn: self.first_lsn + u64::from(self.record_count), offset: self.used_bytes };
+        self.record_count += 1;
+        self.used_bytes += record_bytes;
+        Ok(slot)
+    }
+
+    /// Records reserved so far.
+    pub fn record_count(&self) -> u32 {
+        self.record_count
+    }
+
+    /// Bytes used so far (BatchBegin included, padding excluded).
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes
+    }
+
+    /// LSN of the first record.
+    pub fn first_lsn(&self) -> u64 {
+        self.first_lsn
+    }
+
+    /// LSN the next batch starts at.
+    pub fn next_lsn(&self) -> u64 {
+        self.first_lsn + u64::from(self.record_count)
+    }
+
+    /// The `BatchBegin` record for the batch as it stands, and its extent.
+    pub fn seal(&self) -> (BatchBegin, usize) {
+        let extent = align_up(self.used_bytes);
+        let begin = BatchBegin {
+            first_lsn: self.first_lsn,
+            record_count: self.record_count,
+            // The extent is bounded by `limits.bytes_max`, itself checked to fit in u32.
+            extent_bytes: u32::try_from(extent).unwrap_or(u32::MAX),
+        };
+        (begin, extent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let name = segment_file_name(7, 42);
+        assert_eq!(name, "wal-s007-0000000042.seg");
+        assert_eq!(parse_segment_file_name(&name), Some((7, 42)));
+        assert_eq!(parse_segment_file_name("wal-s007-x.seg"), None);
+        assert_eq!(parse_segment_file_name("other"), None);
+    }
+
+    #[test]
+    fn segment_header_round_trip() {
+        let header = SegmentHeader { shard_id: 3, segment_seq: 9, first_lsn: 1234, segment_bytes: 1 << 20 };
+        let mut sector = vec![0_u8; SECTOR_BYTES];
+        header.encode_into(&mut sector).unwrap();
+        assert_eq!(SegmentHeader::decode(&sector), Ok(header));
+        sector[40] ^= 1;
+        assert!(SegmentHeader::decode(&sector).is_err());
+    }
+
+    #[test]
+    fn builder_respects_limits() {
+        let limits = BatchLimits { bytes_max: 2 * SECTOR_BYTES, records_max: 3 };
+        let mut batch = BatchBuilder::new(100, limits);
+        assert_eq!(batch.reserve(10), Ok(Slot { lsn: 100, offset: BATCH_BEGIN_BYTES }));
+        assert_eq!(batch.reserve(10).map(|slot| slot.lsn), Ok(101));
+        assert_eq!(batch.reserve(10).map(|slot| slot.lsn), Ok(102));
+        assert_eq!(batch.reserve(10), Err(Reserve::BatchFull));
+        let (begin, extent) = batch.seal();
+        assert_eq!((begin.first_lsn, begin.record_count, extent), (100, 3, SECTOR_BYTES));
+        assert_eq!(batch.next_lsn(), 103);
+
+        let mut batch = BatchBuilder::new(0, limits);
+        assert_eq!(batch.reserve(2 * SECTOR_BYTES), Err(Reserve::TooLarge));
+        assert!(batch.reserve(SECTOR_BYTES).is_ok());
+        assert_eq!(batch.reserve(SECTOR_BYTES), Err(Reserve::BatchFull));
+    }
+
+    #[test]
+    fn batch_begin_round_trip() {
+        let begin = BatchBegin { first_lsn: 5, record_count: 2, extent_bytes: 8192 };
+        assert_eq!(BatchBegin::decode(&begin.encode()), Ok(Some(begin)));
+    }
+}

@@ -1,0 +1,213 @@
+//! Iterates durable WAL records from a position, through read-only `memmap2` maps of the
+//! segment files. Payloads are `Bytes` slices of the map: no copy.
+//!
+//! The caller bounds the iteration with the WAL's `durable_next_lsn` (a live WAL) or with a
+//! recovery scan's `next_lsn` (offline): bytes below that bound are acknowledged and must be
+//! valid, so damage there is an error, never an early end.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+
+use super::format::{SegmentHeader, BATCH_BEGIN_BYTES, SECTOR_BYTES};
+use super::recovery::{scan_batch, Damage, RecoveryError};
+use super::writer::{list_segments, map_file};
+use super::WalError;
+
+/// One durable record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRecord {
+    /// Its log sequence number.
+    pub lsn: u64,
+    /// Its global logical timestamp.
+    pub glt: u64,
+    /// Its payload, a slice of the mapped segment.
+    pub payload: Bytes,
+}
+
+/// Opens cursors over one shard's WAL directory.
+#[derive(Debug, Clone)]
+pub struct WalReader {
+    dir: PathBuf,
+    shard_id: u32,
+    payload_bytes_max: u32,
+}
+
+impl WalReader {
+    /// A reader of `shard_id`'s segments in `dir`; `payload_bytes_max` as configured.
+    pub fn new(dir: impl Into<PathBuf>, shard_id: u32, payload_bytes_max: u32) -> Self {
+        Self { dir: dir.into(), shard_id, payload_bytes_max }
+    }
+
+    /// A cursor yielding records with `from <= lsn < until`.
+    pub fn cursor(&self, from: u64, until: u64) -> WalCursor {
+        WalCursor { reader: self.clone(), next_lsn: from, until, segment: None, exhausted: None }
+    }
+
+    /// All records with `from <= lsn < until`, collected.
+    pub fn read_range(&self, from: u64, until: u64) -> Result<Vec<WalRecord>, WalError> {
+        let mut cursor = self.cursor(from, until);
+        let mut records = Vec::new();
+        while let Some(record) = cursor.next_record()? {
+            records.push(record);
+        }
+        Ok(records)
+    }
+}
+
+struct OpenSegment {
+    segment_seq: u64,
+    bytes: Bytes,
+    /// Offset of the batch being read.
+    batch_offset: usize,
+    /// LSN of the first record of that batch.
+    batch_first_lsn: u64,
+    /// Records in that batch (0: not yet validated).
+    batch_records: u32,
+    /// Extent of that batch.
+    batch_extent: usize,
+    /// Index within the batch of the next record to yield, and its offset.
+    record_index: u32,
+    record_offset: usize,
+}
+
+/// Iterator state over a range of LSNs. Not `Send` across shards by design of its users, but
+/// nothing here ties it to a thread.
+pub struct WalCursor {
+    reader: WalReader,
+    next_lsn: u64,
+    until: u64,
+    segment: Option<OpenSegment>,
+    /// The segment whose data ended, so a reopen that finds it again is a hole in the log.
+    exhausted: Option<u64>,
+}
+
+impl std::fmt::Debug for WalCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalCursor").field("next_lsn", &self.next_lsn).field("until", &self.until).finish()
+    }
+}
+
+impl WalCursor {
+    /// The LSN of the next record this cursor yields.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// Raises the bound, e.g. after more records became durable.
+    pub fn extend_until(&mut self, until: u64) {
+        self.until = self.until.max(until);
+    }
+
+    fn corruption(segment_seq: u64, offset: usize, damage: Damage) -> WalError {
+        WalError::Recovery(RecoveryError::Corruption { segment_seq, offset: offset as u64, damage })
+    }
+
+    /// Maps the segment holding `self.next_lsn`.
+    fn open_segment(&mut self) -> Result<(), WalError> {
+        let files = list_segments(&self.reader.dir, self.reader.shard_id)?;
+        let mut chosen = None;
+        for (segment_seq, path) in files {
+            let Some(map) = map_file(&path)? else { continue };
+            let Ok(header) = SegmentHeader::decode(&map[..map.len().min(SECTOR_BYTES)]) else { continue };
+            if header.first_lsn <= self.next_lsn {
+                chosen = Some((segment_seq, header, map));
+            } else {
+                break;
+            }
+        }
+        if let Some((segment_seq, _, map)) = &chosen
+            && Some(*segment_seq) == self.exhausted
+        {
+            let offset = map.len();
+            return Err(Self::corruption(
+                *segment_seq,
+                offset,
+                Damage::LsnGap { expected: self.next_lsn, found: self.next_lsn.saturating_sub(1) },
+            ));
+        }
+        let Some((segment_seq, header, map)) = chosen else {
+            return Err(WalError::Io {
+                op: "read",
+                path: self.reader.dir.display().to_string(),
+                errno: None,
+                message: format!("no segment holds LSN {}", self.next_lsn),
+            });
+        };
+        self.segment = Some(OpenSegment {
+            segment_seq,
+            bytes: Bytes::from_owner(map),
+            batch_offset: SECTOR_BYTES,
+            batch_first_lsn: header.first_lsn,
+            batch_records: 0,
+            batch_extent: 0,
+            record_index: 0,
+            record_offset: 0,
+        });
+        Ok(())
+    }
+
+    /// The next record, `None` once `until` is reached.
+    pub fn next_record(&mut self) -> Result<Option<WalRecord>, WalError> {
+        let payload_max = self.reader.payload_bytes_max;
+        while self.next_lsn < self.until {
+            if self.segment.is_none() {
+                self.open_segment()?;
+            }
+            let Some(segment) = self.segment.as_mut() else { continue };
+            if segment.batch_records == 0 {
+                // Validate the batch at `batch_offset` as a whole before yielding from it.
+                let bytes = &segment.bytes[..];
+                if segment.batch_offset + BATCH_BEGIN_BYTES > bytes.len()
+                    || bytes[segment.batch_offset..segment.batch_offset + BATCH_BEGIN_BYTES].iter().all(|b| *b == 0)
+                {
+                    // End of this segment's data: the next segment continues the log.
+                    self.exhausted = Some(segment.segment_seq);
+                    self.segment = None;
+                    continue;
+                }
+                let (begin, extent) =
+                    scan_batch(bytes, segment.batch_offset, segment.batch_first_lsn, payload_max)
+                        .map_err(|(offset, damage)| Self::corruption(segment.segment_seq, offset, damage))?;
+                segment.batch_records = begin.record_count;
+                segment.batch_extent = extent;
+                segment.record_index = 0;
+                segment.record_offset = segment.batch_offset + BATCH_BEGIN_BYTES;
+                if begin.first_lsn + u64::from(begin.record_count) <= self.next_lsn {
+                    // The whole batch is before the start: skip it.
+                    segment.batch_first_lsn += u64::from(begin.record_count);
+                    segment.batch_offset += extent;
+                    segment.batch_records = 0;
+                    continue;
+                }
+            }
+            let bytes = &segment.bytes;
+            let (record, used) = wire::decode(&bytes[segment.record_offset..], payload_max)
+                .map_err(|error| Self::corruption(segment.segment_seq, segment.record_offset, Damage::Record(error)))?;
+            let lsn = record.seq;
+            let glt = record.glt;
+            let start = segment.record_offset + wire::HEADER_BYTES;
+            let payload = bytes.slice(start..start + record.payload.len());
+            segment.record_offset += used;
+            segment.record_index += 1;
+            if segment.record_index == segment.batch_records {
+                segment.batch_first_lsn += u64::from(segment.batch_records);
+                segment.batch_offset += segment.batch_extent;
+                segment.batch_records = 0;
+            }
+            if lsn < self.next_lsn {
+                continue;
+            }
+            self.next_lsn = lsn + 1;
+            return Ok(Some(WalRecord { lsn, glt, payload }));
+        }
+        Ok(None)
+    }
+}
+
+impl Iterator for WalCursor {
+    type Item = Result<WalRecord, WalError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}

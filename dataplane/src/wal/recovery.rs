@@ -1,0 +1,369 @@
+//! Recovery: what the bytes of a shard's segments say, decided without I/O.
+//!
+//! [`plan`] reads every segment's bytes and returns either a [`RecoveryPlan`] (the valid
+//! extent of each segment, the next LSN, and which torn tail to erase) or a
+//! [`RecoveryError`] that names the segment, the offset and what was wrong.
+//!
+//! Torn tail versus corruption: the writer keeps at most one batch in flight and writes
+//! batches in order, so after a crash only the last batch can be incomplete. A damaged batch
+//! is therefore a torn tail only when nothing valid was written after it: no later
+//! `BatchBegin` in its segment with a larger LSN and no later segment in use. Anything else is
+//! corruption. (A bit flip in the very last, acknowledged batch looks the same as a torn
+//! write; only a replica can tell, see ARCHITECTURE.md.)
+
+use std::fmt;
+
+use super::format::{align_up, BatchBegin, SegmentHeader, BATCH_BEGIN_BYTES, SECTOR_BYTES};
+use wire::{DecodeError, RecordType, HEADER_BYTES};
+
+/// How recovery treats damaged bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Erase a torn last batch (never acknowledged, as its barrier did not complete) and go
+    /// on; damage anywhere before the tail is a [`RecoveryError::Corruption`].
+    #[default]
+    TolerateTornTail,
+    /// Any damaged byte, the tail included, is an error. For audits and tests.
+    Strict,
+}
+
+/// What was wrong at a place in a segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Damage {
+    /// A record failed to decode.
+    Record(DecodeError),
+    /// A valid record of an unexpected type.
+    UnexpectedRecord(RecordType),
+    /// The sequence of LSNs has a hole or goes backwards.
+    LsnGap {
+        /// LSN expected here.
+        expected: u64,
+        /// LSN found.
+        found: u64,
+    },
+    /// A `BatchBegin` whose extent or count cannot be right.
+    BadBatch {
+        /// Records announced.
+        record_count: u32,
+        /// Extent announced.
+        extent_bytes: u32,
+    },
+    /// The records of a batch do not fill its announced extent.
+    ExtentMismatch {
+        /// Extent announced.
+        extent_bytes: u32,
+        /// Extent the records take.
+        actual_bytes: usize,
+    },
+    /// Zeros where a batch should start, with non-zero bytes after them.
+    MissingBatchStart,
+    /// The segment header is not valid.
+    SegmentHeader(String),
+    /// The segment header names another shard, sequence or size than the file.
+    SegmentMismatch(String),
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Record(error) => write!(f, "{error}"),
+            Self::UnexpectedRecord(kind) => write!(f, "unexpected {kind:?} record"),
+            Self::LsnGap { expected, found } => write!(f, "LSN gap: expected {expected}, found {found}"),
+            Self::BadBatch { record_count, extent_bytes } => {
+                write!(f, "invalid batch: {record_count} records in {extent_bytes} bytes")
+            }
+            Self::ExtentMismatch { extent_bytes, actual_bytes } => {
+                write!(f, "batch extent {extent_bytes} bytes but its records take {actual_bytes}")
+            }
+            Self::MissingBatchStart => write!(f, "zeros where a batch starts, data after them"),
+            Self::SegmentHeader(reason) => write!(f, "bad segment header: {reason}"),
+            Self::SegmentMismatch(reason) => write!(f, "segment header mismatch: {reason}"),
+        }
+    }
+}
+
+/// Recovery stopped: the log cannot be trusted without help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryError {
+    /// Damaged bytes before the tail of the log.
+    #[error("WAL corruption in segment {segment_seq} at offset {offset}: {damage}")]
+    Corruption {
+        /// Sequence of the damaged segment.
+        segment_seq: u64,
+        /// Byte offset of the damaged batch or record in the segment file.
+        offset: u64,
+        /// What was wrong.
+        damage: Damage,
+    },
+    /// Damaged last batch while recovering in [`RecoveryMode::Strict`].
+    #[error("WAL torn tail in segment {segment_seq} at offset {offset} (strict recovery): {damage}")]
+    TornTailStrict {
+        /// Sequence of the segment.
+        segment_seq: u64,
+        /// Byte offset of the torn batch.
+        offset: u64,
+        /// What was wrong.
+        damage: Damage,
+    },
+    /// The segment sequence numbers have a hole.
+    #[error("WAL segment {missing} is missing between {before} and {after}")]
+    MissingSegment {
+        /// The first missing sequence.
+        missing: u64,
+        /// The segment before the hole.
+        before: u64,
+        /// The segment after the hole.
+        after: u64,
+    },
+}
+
+/// A segment found on disk, as the shell hands it to [`plan`].
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentBytes<'a> {
+    /// Sequence from the file name.
+    pub segment_seq: u64,
+    /// The whole file.
+    pub bytes: &'a [u8],
+}
+
+/// The valid part of a segment in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValidSegment {
+    /// Its sequence.
+    pub segment_seq: u64,
+    /// LSN of its first record.
+    pub first_lsn: u64,
+    /// LSN after its last valid record.
+    pub end_lsn: u64,
+    /// Offset where the next batch goes (the end of the last valid batch).
+    pub frontier: u64,
+    /// File size.
+    pub segment_bytes: u64,
+}
+
+/// Bytes to overwrite with zeros before the WAL takes writes again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment holding the torn batch.
+    pub segment_seq: u64,
+    /// Start of the torn batch (sector aligned).
+    pub offset: u64,
+    /// Bytes to zero from `offset` (sector aligned, covers every non-zero byte after it).
+    pub zero_bytes: u64,
+}
+
+/// The outcome of a successful recovery scan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecoveryPlan {
+    /// Segments in use, in order.
+    pub segments: Vec<ValidSegment>,
+    /// Segments never used (all-zero header) or whose header write was torn: to delete.
+    pub unused: Vec<u64>,
+    /// The torn batch to erase, if any.
+    pub torn_tail: Option<TornTail>,
+    /// The LSN the next append gets.
+    pub next_lsn: u64,
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|byte| *byte == 0)
+}
+
+/// Checks one batch. On damage returns the offset of the bad record and what was wrong.
+pub(crate) fn scan_batch(
+    segment: &[u8],
+    offset: usize,
+    expected_lsn: u64,
+    payload_bytes_max: u32,
+) -> Result<(BatchBegin, usize), (usize, Damage)> {
+    let begin = match BatchBegin::decode(&segment[offset..]) {
+        Ok(Some(begin)) => begin,
+        Ok(None) => {
+            let kind = wire::decode_header(&segment[offset..], u32::MAX)
+                .map(|header| header.record_type)
+                .unwrap_or(RecordType::Data);
+            return Err((offset, Damage::UnexpectedRecord(kind)));
+        }
+        Err(error) => return Err((offset, Damage::Record(error))),
+    };
+    if begin.first_lsn != expected_lsn {
+        return Err((offset, Damage::LsnGap { expected: expected_lsn, found: begin.first_lsn }));
+    }
+    let extent = begin.extent_bytes as usize;
+    if begin.record_count == 0
+        || extent < SECTOR_BYTES
+        || extent % SECTOR_BYTES != 0
+        || offset + extent > segment.len()
+    {
+        return Err((
+            offset,
+            Damage::BadBatch { record_count: begin.record_count, extent_bytes: begin.extent_bytes },
+        ));
+    }
+    let batch = &segment[offset..offset + extent];
+    let mut position = BATCH_BEGIN_BYTES;
+    for index in 0..begin.record_count {
+        let (record, used) = wire::decode(&batch[position..], payload_bytes_max)
+            .map_err(|error| (offset + position, Damage::Record(error)))?;
+        if record.record_type != RecordType::Data {
+            return Err((offset + position, Damage::UnexpectedRecord(record.record_type)));
+        }
+        let lsn = begin.first_lsn + u64::from(index);
+        if record.seq != lsn {
+            return Err((offset + position, Damage::LsnGap { expected: lsn, found: record.seq }));
+        }
+        position += used;
+    }
+    if align_up(position) != extent {
+        return Err((
+            offset,
+            Damage::ExtentMismatch { extent_bytes: begin.extent_bytes, actual_bytes: position },
+        ));
+    }
+    Ok((begin, extent))
+}
+
+/// How the scan of one segment ended.
+enum SegmentEnd {
+    /// Zeros (or the end of the file) where the next batch would start.
+    Clean,
+    /// Damage at `offset`; `later_data` says whether a valid batch follows it.
+    Damaged { offset: usize, record_offset: usize, damage: Damage, later_data: bool, nonzero_end: usize },
+}
+
+fn scan_segment(
+    segment: &[u8],
+    first_lsn: u64,
+    payload_bytes_max: u32,
+) -> (u64, usize, SegmentEnd) {
+    let mut lsn = first_lsn;
+    let mut offset = SECTOR_BYTES;
+    loop {
+        if offset + BATCH_BEGIN_BYTES > segment.len() {
+            return (lsn, offset, SegmentEnd::Clean);
+        }
+        let damaged = if is_zero(&segment[offset..offset + HEADER_BYTES]) {
+            if is_zero(&segment[offset..]) {
+                return (lsn, offset, SegmentEnd::Clean);
+            }
+            (offset, Damage::MissingBatchStart)
+        } else {
+            match scan_batch(segment, offset, lsn, payload_bytes_max) {
+                Ok((begin, extent)) => {
+                    lsn += u64::from(begin.record_count);
+                    offset += extent;
+                    continue;
+                }
+                Err(damaged) => damaged,
+            }
+        };
+        let later_data = (offset + SECTOR_BYTES..segment.len())
+            .step_by(SECTOR_BYTES)
+            .any(|later| matches!(BatchBegin::decode(&segment[later..]), Ok(Some(begin)) if begin.first_lsn >= lsn));
+        let nonzero_end = segment[offset..]
+            .iter()
+            .rposition(|byte| *byte != 0)
+            .map_or(offset, |last| align_up(offset + last + 1));
+        let (record_offset, damage) = damaged;
+        return (lsn, offset, SegmentEnd::Damaged { offset, record_offset, damage, later_data, nonzero_end });
+    }
+}
+
+/// Decides what the segments of `shard_id` hold. `segments` must be sorted by sequence.
+pub fn plan(
+    shard_id: u32,
+    segments: &[SegmentBytes<'_>],
+    mode: RecoveryMode,
+    payload_bytes_max: u32,
+) -> Result<RecoveryPlan, RecoveryError> {
+    for pair in segments.windows(2) {
+        if pair[1].segment_seq != pair[0].segment_seq + 1 {
+            return Err(RecoveryError::MissingSegment {
+                missing: pair[0].segment_seq + 1,
+                before: pair[0].segment_seq,
+                after: pair[1].segment_seq,
+            });
+        }
+    }
+    let header_in_use = |segment: &SegmentBytes<'_>| {
+        segment.bytes.len() >= SECTOR_BYTES && !is_zero(&segment.bytes[..SECTOR_BYTES])
+    };
+    let mut plan = RecoveryPlan { next_lsn: 1, ..RecoveryPlan::default() };
+    let mut expected_lsn: Option<u64> = None;
+    for (index, segment) in segments.iter().enumerate() {
+        let later_in_use = segments[index + 1..].iter().any(header_in_use);
+        let corruption = |offset: usize, damage: Damage| RecoveryError::Corruption {
+            segment_seq: segment.segment_seq,
+            offset: offset as u64,
+            damage,
+        };
+        if !header_in_use(segment) {
+            if later_in_use {
+                return Err(corruption(0, Damage::SegmentHeader("unused segment before used ones".into())));
+            }
+            plan.unused.push(segment.segment_seq);
+            continue;
+        }
+        let header = match SegmentHeader::decode(segment.bytes) {
+            Ok(header) => header,
+            Err(error) => {
+                // A header is written together with the first batch of a new segment: torn
+                // only if that batch was never acknowledged, i.e. nothing follows.
+                let damage = Damage::SegmentHeader(error.to_string());
+                if later_in_use {
+                    return Err(corruption(0, damage));
+                }
+                if mode == RecoveryMode::Strict {
+                    return Err(RecoveryError::TornTailStrict { segment_seq: segment.segment_seq, offset: 0, damage });
+                }
+                plan.unused.push(segment.segment_seq);
+                continue;
+            }
+        };
+        let mismatch = if header.shard_id != shard_id {
+            Some(format!("shard {} in a file of shard {shard_id}", header.shard_id))
+        } else if header.segment_seq != segment.segment_seq {
+            Some(format!("sequence {} in file {}", header.segment_seq, segment.segment_seq))
+        } else if header.segment_bytes != segment.bytes.len() as u64 {
+            Some(format!("size {} in a file of {} bytes", header.segment_bytes, segment.bytes.len()))
+        } else {
+            None
+        };
+        if let Some(reason) = mismatch {
+            return Err(corruption(0, Damage::SegmentMismatch(reason)));
+        }
+        if let Some(expected) = expected_lsn
+            && header.first_lsn != expected
+        {
+            return Err(corruption(0, Damage::LsnGap { expected, found: header.first_lsn }));
+        }
+        let (end_lsn, frontier, end) = scan_segment(segment.bytes, header.first_lsn, payload_bytes_max);
+        if let SegmentEnd::Damaged { offset, record_offset, damage, later_data, nonzero_end } = end {
+            if later_data || later_in_use {
+                return Err(corruption(record_offset, damage));
+            }
+            if mode == RecoveryMode::Strict {
+                return Err(RecoveryError::TornTailStrict {
+                    segment_seq: segment.segment_seq,
+                    offset: record_offset as u64,
+                    damage,
+                });
+            }
+            plan.torn_tail = Some(TornTail {
+                segment_seq: segment.segment_seq,
+                offset: offset as u64,
+                zero_bytes: (nonzero_end - offset) as u64,
+            });
+        }
+        plan.segments.push(ValidSegment {
+            segment_seq: segment.segment_seq,
+            first_lsn: header.first_lsn,
+            end_lsn,
+            frontier: frontier as u64,
+            segment_bytes: header.segment_bytes,
+        });
+        expected_lsn = Some(end_lsn);
+        plan.next_lsn = end_lsn;
+    }
+    Ok(plan)
+}

@@ -1,0 +1,810 @@
+//! The WAL's glommio shell: O_DIRECT segment files, group commit, rotation and fencing.
+//!
+//! One writer task per WAL. Appenders reserve a slot in the open batch
+//! ([`BatchBuilder`]) and copy their record straight into its DMA buffers, then wait on the
+//! batch's latch. The writer seals the open batch as soon as the previous barrier has
+//! completed (every append that arrived meanwhile joins it), writes it with as many DMA
+//! writes as the device's `max_sectors_kb` requires, issues one io_uring `fdatasync`, and only
+//! then sets the latch. Any write or sync error fences the WAL.
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use glommio::{GlommioError, Task};
+
+use super::faults::{FaultInjector, WriteFault};
+use super::format::{
+    segment_file_name, parse_segment_file_name, BatchBuilder, BatchLimits, Reserve, SegmentHeader,
+    SECTOR_BYTES,
+};
+use super::recovery::{self, SegmentBytes};
+use super::{WalConfig, WalError};
+use crate::limits;
+use crate::sync::{Latch, Notify};
+
+type BatchOutcome = Result<(), WalError>;
+
+/// Counters of one WAL since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalStats {
+    /// Batches made durable.
+    pub batches: u64,
+    /// Records made durable.
+    pub records: u64,
+    /// Payload bytes made durable.
+    pub payload_bytes: u64,
+    /// Bytes written to segments by batches (headers and padding included).
+    pub batch_bytes: u64,
+    /// Barriers issued.
+    pub fdatasyncs: u64,
+    /// Segment rotations.
+    pub rotations: u64,
+}
+
+/// The batch appenders are filling.
+struct OpenBatch {
+    builder: BatchBuilder,
+    chunks: Vec<DmaBuffer>,
+    chunk_bytes: usize,
+    latch: Rc<Latch<BatchOutcome>>,
+    payload_bytes: u64,
+}
+
+impl OpenBatch {
+    fn new(first_lsn: u64, limits: BatchLimits, chunk_bytes: usize) -> Self {
+        Self {
+            builder: BatchBuilder::new(first_lsn, limits),
+            chunks: Vec::new(),
+            chunk_bytes,
+            latch: Latch::new(),
+            payload_bytes: 0,
+        }
+    }
+
+    fn ensure_capacity(&mut self, end: usize) {
+        while self.chunks.len() * self.chunk_bytes < end {
+            self.chunks.push(glommio::allocate_dma_buffer(self.chunk_bytes));
+        }
+    }
+
+    /// Copies `bytes` to `offset` from the batch start, across chunk boundaries.
+    fn copy_in(&mut self, mut offset: usize, mut bytes: &[u8]) {
+        self.ensure_capacity(offset + bytes.len());
+        while !bytes.is_empty() {
+            let chunk = &mut self.chunks[offset / self.chunk_bytes];
+            let within = offset % self.chunk_bytes;
+            let take = bytes.len().min(self.chunk_bytes - within);
+            chunk.as_bytes_mut()[within..within + take].copy_from_slice(&bytes[..take]);
+            offset += take;
+            bytes = &bytes[take..];
+        }
+    }
+
+    fn zero(&mut self, mut offset: usize, end: usize) {
+        self.ensure_capacity(end);
+        while offset < end {
+            let chunk = &mut self.chunks[offset / self.chunk_bytes];
+            let within = offset % self.chunk_bytes;
+            let take = (end - offset).min(self.chunk_bytes - within);
+            chunk.as_bytes_mut()[within..within + take].fill(0);
+            offset += take;
+        }
+    }
+
+    /// Writes the record for `slot` into the buffers.
+    fn put_record(&mut self, offset: usize, glt: u64, lsn: u64, payload: &[u8]) -> Result<(), WalError> {
+        let header = wire::encode_header(wire::RecordType::Data, glt, lsn, payload)
+            .map_err(|error| WalError::RecordTooLarge { len: payload.len(), max: error_limit(error) })?;
+        self.copy_in(offset, &header);
+        self.copy_in(offset + header.len(), payload);
+        self.payload_bytes += payload.len() as u64;
+        Ok(())
+    }
+
+    /// Fills in the `BatchBegin`, zeros the padding and trims the buffers to the extent.
+    fn finish(mut self) -> SealedBatch {
+        let (begin, extent) = self.builder.seal();
+        self.copy_in(0, &begin.encode());
+        let used = self.builder.used_bytes();
+        self.zero(used, extent);
+        let full_chunks = extent / self.chunk_bytes;
+        let remainder = extent % self.chunk_bytes;
+        self.chunks.truncate(full_chunks + usize::from(remainder > 0));
+        if remainder > 0
+            && let Some(last) = self.chunks.last_mut()
+        {
+            last.trim_to_size(remainder);
+        }
+        SealedBatch {
+            first_lsn: begin.first_lsn,
+            next_lsn: self.builder.next_lsn(),
+            extent: extent as u64,
+            chunks: self.chunks,
+            chunk_bytes: self.chunk_bytes,
+            latch: self.latch,
+            payload_bytes: self.payload_bytes,
+        }
+    }
+}
+
+fn error_limit(error: wire::EncodeError) -> usize {
+    match error {
+        wire::EncodeError::PayloadTooLarge { max, .. } => max as usize,
+        wire::EncodeError::BufferTooSmall { available, .. } => available,
+    }
+}
+
+struct SealedBatch {
+    first_lsn: u64,
+    next_lsn: u64,
+    extent: u64,
+    chunks: Vec<DmaBuffer>,
+    chunk_bytes: usize,
+    latch: Rc<Latch<BatchOutcome>>,
+    payload_bytes: u64,
+}
+
+/// The segment being appended to and the one prepared next.
+struct Segments {
+    active: Rc<DmaFile>,
+    active_seq: u64,
+    active_bytes: u64,
+    frontier: u64,
+    spare: Option<Task<Result<DmaFile, WalError>>>,
+}
+
+struct State {
+    open: OpenBatch,
+    fenced: Option<WalError>,
+    closing: bool,
+    durable_next_lsn: u64,
+    stats: WalStats,
+}
+
+struct Inner {
+    config: WalConfig,
+    limits: BatchLimits,
+    io_bytes_max: usize,
+    state: RefCell<State>,
+    segments: RefCell<Option<Segments>>,
+    /// Wakes the writer: a record was reserved, or the WAL is closing.
+    work: Notify,
+    /// Wakes appenders waiting for room: a new batch opened, or the WAL fenced.
+    space: Notify,
+    /// Wakes readers waiting for durability.
+    durable: Notify,
+    writer_done: Cell<bool>,
+    writer_exit: Notify,
+}
+
+/// A shard's write-ahead log. Cheap to clone; all clones share one writer. Lives on one
+/// glommio executor and must be used only from it.
+#[derive(Clone)]
+pub struct Wal {
+    inner: Rc<Inner>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.inner.config.dir)
+            .field("shard_id", &self.inner.config.shard_id)
+            .field("durable_next_lsn", &self.durable_next_lsn())
+            .finish()
+    }
+}
+
+fn glommio_error<T>(error: &GlommioError<T>) -> (Option<i32>, String) {
+    (error.raw_os_error(), error.to_string())
+}
+
+fn fenced_by<T>(op: &'static str, error: &GlommioError<T>) -> WalError {
+    let (errno, message) = glommio_error(error);
+    WalError::fenced(op, errno, message)
+}
+
+/// The largest single DMA write the device under `dir` accepts (`max_sectors_kb`).
+pub fn device_io_bytes_max(dir: &Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let from_sysfs = || -> Option<usize> {
+        let dev = std::fs::metadata(dir).ok()?.dev();
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        let base = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let text = std::fs::read_to_string(base.join("queue/max_sectors_kb"))
+            .or_else(|_| std::fs::read_to_string(base.join("../queue/max_sectors_kb")))
+            .ok()?;
+        text.trim().parse::<usize>().ok().map(|kib| kib * 1024)
+    };
+    let bytes = from_sysfs().unwrap_or(limits::IO_BYTES_MAX_FALLBACK);
+    (bytes / SECTOR_BYTES * SECTOR_BYTES).max(SECTOR_BYTES)
+}
+
+fn segment_path(config: &WalConfig, segment_seq: u64) -> PathBuf {
+    config.dir.join(segment_file_name(config.shard_id, segment_seq))
+}
+
+/// Writes all of `buffer` at `position`, continuing after aligned short writes. Unaligned or
+/// empty short writes cannot be continued with O_DIRECT and are errors.
+async fn write_fully(
+    file: &DmaFile,
+    buffer: DmaBuffer,
+    mut position: u64,
+    faults: Option<&FaultInjector>,
+) -> Result<(), WalError> {
+    let mut buffer = Rc::new(buffer);
+    loop {
+        let length = buffer.len();
+        let written = match faults.and_then(FaultInjector::on_write) {
+            Some(WriteFault::Errno(errno)) => {
+                let error = std::io::Error::from_raw_os_error(errno);
+                return Err(WalError::fenced("write", Some(errno), format!("{error} (injected)")));
+            }
+            // The kernel reported fewer bytes than asked, not a sector multiple.
+            Some(WriteFault::Short { aligned: false }) => SECTOR_BYTES / 2,
+            Some(WriteFault::Short { aligned: true }) if length > SECTOR_BYTES => {
+                let part = length / 2 / SECTOR_BYTES * SECTOR_BYTES;
+                let mut head = glommio::allocate_dma_buffer(part);
+                head.as_bytes_mut().copy_from_slice(&buffer.as_bytes()[..part]);
+                file.write_at(head, position).await.map_err(|error| fenced_by("write", &error))?
+            }
+            _ => file
+                .write_rc_at(Rc::clone(&buffer), position)
+                .await
+                .map_err(|error| fenced_by("write", &error))?,
+        };
+        if written == length {
+            return Ok(());
+        }
+        if written == 0 || written % SECTOR_BYTES != 0 || written > length {
+            return Err(WalError::fenced(
+                "write",
+                None,
+                format!("short write of {written} of {length} bytes at offset {position} cannot be continued"),
+            ));
+        }
+        let mut rest = glommio::allocate_dma_buffer(length - written);
+        rest.as_bytes_mut().copy_from_slice(&buffer.as_bytes()[written..]);
+        buffer = Rc::new(rest);
+        position += written as u64;
+    }
+}
+
+async fn fdatasync(file: &DmaFile, faults: Option<&FaultInjector>) -> Result<(), WalError> {
+    if let Some(errno) = faults.and_then(FaultInjector::on_sync) {
+        let error = std::io::Error::from_raw_os_error(errno);
+        return Err(WalError::fenced("fdatasync", Some(errno), format!("{error} (injected)")));
+    }
+    file.fdatasync().await.map_err(|error| fenced_by("fdatasync", &error))
+}
+
+/// Creates a segment file: preallocated, filled with zeros through O_DIRECT, synced, and its
+/// directory entry synced, so later appends' `fdatasync` never write metadata.
+async fn create_segment(
+    config: WalConfig,
+    segment_seq: u64,
+    io_bytes_max: usize,
+) -> Result<DmaFile, WalError> {
+    let path = segment_path(&config, segment_seq);
+    let fence = |op: &'static str, errno: Option<i32>, message: String| {
+        WalError::fenced(op, errno, format!("{}: {message}", path.display()))
+    };
+    if let Some(errno) = config.faults.as_deref().and_then(FaultInjector::on_create) {
+        let error = std::io::Error::from_raw_os_error(errno);
+        return Err(fence("create segment", Some(errno), format!("{error} (injected)")));
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(fence("create segment", error.raw_os_error(), error.to_string())),
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .dma_open(&path)
+        .await
+        .map_err(|error| {
+            let (errno, message) = glommio_error(&error);
+            fence("create segment", errno, message)
+        })?;
+    let result: Result<(), WalError> = async {
+        file.pre_allocate(config.segment_bytes, false).await.map_err(|error| {
+            let (errno, message) = glommio_error(&error);
+            fence("create segment", errno, message)
+        })?;
+        let step = io_bytes_max.min(limits::WAL_ZERO_FILL_IO_BYTES);
+        let zeros = {
+            let mut buffer = glommio::allocate_dma_buffer(step);
+            buffer.as_bytes_mut().fill(0);
+            Rc::new(buffer)
+        };
+        let mut offset = 0_u64;
+        while offset < config.segment_bytes {
+            let remaining = config.segment_bytes - offset;
+            let written = if remaining >= step as u64 {
+                file.write_rc_at(Rc::clone(&zeros), offset).await
+            } else {
+                let mut tail = glommio::allocate_dma_buffer(usize::try_from(remaining).unwrap_or(step));
+                tail.as_bytes_mut().fill(0);
+                file.write_at(tail, offset).await
+            }
+            .map_err(|error| {
+                let (errno, message) = glommio_error(&error);
+                fence("create segment", errno, message)
+            })?;
+            if written == 0 || written % SECTOR_BYTES != 0 {
+                return Err(fence("create segment", None, format!("short write of {written} bytes while zero-filling")));
+            }
+            offset += written as u64;
+        }
+        file.fdatasync().await.map_err(|error| {
+            let (errno, message) = glommio_error(&error);
+            fence("create segment", errno, message)
+        })?;
+        sync_dir(&config.dir).map_err(|error| fence("create segment", error.raw_os_error(), error.to_string()))
+    }
+    .await;
+    if let Err(error) = result {
+        let _ = file.close().await;
+        let _ = std::fs::remove_file(&path);
+        return Err(error);
+    }
+    Ok(file)
+}
+
+/// fsyncs a directory so a created or removed entry is durable. Blocking, but rare (segment
+/// creation and recovery) and cheap next to zero-filling a segment.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Segment files of `shard_id` in `dir`, sorted by sequence.
+pub(crate) fn list_segments(dir: &Path, shard_id: u32) -> Result<Vec<(u64, PathBuf)>, WalError> {
+    let entries = std::fs::read_dir(dir).map_err(|error| WalError::io("list", dir.display(), &error))?;
+    let mut segments = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|error| WalError::io("list", dir.display(), &error))?;
+        let name = entry.file_name();
+        if let Some((shard, segment_seq)) = name.to_str().and_then(parse_segment_file_name)
+            && shard == shard_id
+        {
+            segments.push((segment_seq, entry.path()));
+        }
+    }
+    segments.sort_unstable();
+    Ok(segments)
+}
+
+/// Maps a file read-only; an empty file maps to nothing.
+pub(crate) fn map_file(path: &Path) -> Result<Option<memmap2::Mmap>, WalError> {
+    let file = std::fs::File::open(path).map_err(|error| WalError::io("open", path.display(), &error))?;
+    let length = file.metadata().map_err(|error| WalError::io("stat", path.display(), &error))?.len();
+    if length == 0 {
+        return Ok(None);
+    }
+    // SAFETY: WAL segments are only written by this process's writer, at offsets past the
+    // bytes this map is used to read, and are never truncated while mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| WalError::io("mmap", path.display(), &error))?;
+    Ok(Some(map))
+}
+
+/// Runs recovery over the segments on disk without changing them.
+pub fn scan(config: &WalConfig) -> Result<recovery::RecoveryPlan, WalError> {
+    let files = list_segments(&config.dir, config.shard_id)?;
+    let maps = files
+        .iter()
+        .map(|(segment_seq, path)| Ok((*segment_seq, map_file(path)?)))
+        .collect::<Result<Vec<_>, WalError>>()?;
+    let segments: Vec<SegmentBytes<'_>> = maps
+        .iter()
+        .map(|(segment_seq, map)| SegmentBytes { segment_seq: *segment_seq, bytes: map.as_deref().unwrap_or(&[]) })
+        .collect();
+    Ok(recovery::plan(config.shard_id, &segments, config.recovery_mode, config.record_payload_bytes_max)?)
+}
+
+impl Wal {
+    /// Opens (recovering) or creates the WAL described by `config`, on the current glommio
+    /// executor. Torn tails are erased (zeroed and synced) before the first append.
+    pub async fn open(config: WalConfig) -> Result<Self, WalError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|error| WalError::io("create directory", config.dir.display(), &error))?;
+        let io_bytes_max = config.io_bytes_max.unwrap_or_else(|| device_io_bytes_max(&config.dir));
+        let files = list_segments(&config.dir, config.shard_id)?;
+        let plan = scan(&config)?;
+        let faults = config.faults.clone();
+
+        for segment_seq in &plan.unused {
+            let path = segment_path(&config, *segment_seq);
+            std::fs::remove_file(&path).map_err(|error| WalError::io("remove unused segment", path.display(), &error))?;
+        }
+        if let Some(torn) = plan.torn_tail {
+            let path = segment_path(&config, torn.segment_seq);
+            let file = OpenOptions::new().read(true).write(true).dma_open(&path).await.map_err(|error| {
+                let (errno, message) = glommio_error(&error);
+                WalError::Io { op: "open for tail repair", path: path.display().to_string(), errno, message }
+            })?;
+            let mut offset = torn.offset;
+            let end = torn.offset + torn.zero_bytes;
+            while offset < end {
+                let step = usize::try_from(end - offset).unwrap_or(io_bytes_max).min(io_bytes_max);
+                let mut zeros = glommio::allocate_dma_buffer(step);
+                zeros.as_bytes_mut().fill(0);
+                write_fully(&file, zeros, offset, faults.as_deref()).await?;
+                offset += step as u64;
+            }
+            fdatasync(&file, faults.as_deref()).await?;
+            let _ = file.close().await;
+        }
+
+        let next_seq = files.last().map_or(1, |(segment_seq, _)| segment_seq + 1);
+        let segments = match plan.segments.last() {
+            Some(last) => {
+                let path = segment_path(&config, last.segment_seq);
+                let file = OpenOptions::new().read(true).write(true).dma_open(&path).await.map_err(|error| {
+                    let (errno, message) = glommio_error(&error);
+                    WalError::Io { op: "open active segment", path: path.display().to_string(), errno, message }
+                })?;
+                Segments {
+                    active: Rc::new(file),
+                    active_seq: last.segment_seq,
+                    active_bytes: last.segment_bytes,
+                    frontier: last.frontier,
+                    spare: None,
+                }
+            }
+            None => {
+                let file = create_segment(config.clone(), next_seq, io_bytes_max).await?;
+                write_segment_header(&file, &config, next_seq, plan.next_lsn).await?;
+                fdatasync(&file, faults.as_deref()).await?;
+                Segments {
+                    active: Rc::new(file),
+                    active_seq: next_seq,
+                    active_bytes: config.segment_bytes,
+                    frontier: SECTOR_BYTES as u64,
+                    spare: None,
+                }
+            }
+        };
+        let limits = BatchLimits { bytes_max: config.batch_bytes_max, records_max: config.batch_records_max };
+        let chunk_bytes = io_bytes_max.min(config.batch_bytes_max);
+        let inner = Rc::new(Inner {
+            state: RefCell::new(State {
+                open: OpenBatch::new(plan.next_lsn, limits, chunk_bytes),
+                fenced: None,
+                closing: false,
+                durable_next_lsn: plan.next_lsn,
+                stats: WalStats::default(),
+            }),
+            segments: RefCell::new(Some(segments)),
+            limits,
+            io_bytes_max,
+            config,
+            work: Notify::default(),
+            space: Notify::default(),
+            durable: Notify::default(),
+            writer_done: Cell::new(false),
+            writer_exit: Notify::default(),
+        });
+        inner.prepare_spare();
+        glommio::spawn_local(writer_loop(Rc::clone(&inner))).detach();
+        Ok(Self { inner })
+    }
+
+    /// Appends a record and resolves once it is durable (its batch was written and the
+    /// `fdatasync` after it completed). Returns the record's LSN.
+    pub async fn append(&self, glt: u64, payload: &[u8]) -> Result<u64, WalError> {
+        let max = self.inner.config.record_payload_bytes_max as usize;
+        if payload.len() > max {
+            return Err(WalError::RecordTooLarge { len: payload.len(), max });
+        }
+        loop {
+            let (latch, lsn) = {
+                let mut state = self.inner.state.borrow_mut();
+                if let Some(fenced) = &state.fenced {
+                    return Err(fenced.clone());
+                }
+                if state.closing {
+                    return Err(WalError::Closed);
+                }
+                match state.open.builder.reserve(payload.len()) {
+                    Ok(slot) => match state.open.put_record(slot.offset, glt, slot.lsn, payload) {
+                        Ok(()) => (Rc::clone(&state.open.latch), slot.lsn),
+                        Err(error) => {
+                            // The slot is reserved but empty: the batch must never be written.
+                            drop(state);
+                            let error = WalError::fenced("encode", None, error.to_string());
+                            self.inner.fence(&error);
+                            return Err(error);
+                        }
+                    },
+                    Err(Reserve::BatchFull) => {
+                        let room = self.inner.space.wait();
+                        drop(state);
+                        room.await;
+                        continue;
+                    }
+                    Err(Reserve::TooLarge) => return Err(WalError::RecordTooLarge { len: payload.len(), max }),
+                }
+            };
+            self.inner.work.notify_all();
+            return latch.wait().await.map(|()| lsn);
+        }
+    }
+
+    /// Every record with an LSN below this is durable.
+    pub fn durable_next_lsn(&self) -> u64 {
+        self.inner.state.borrow().durable_next_lsn
+    }
+
+    /// Waits until the record `lsn` is durable (or the WAL is fenced or closed).
+    pub async fn wait_durable(&self, lsn: u64) -> Result<(), WalError> {
+        loop {
+            let wait = {
+                let state = self.inner.state.borrow();
+                if state.durable_next_lsn > lsn {
+                    return Ok(());
+                }
+                if let Some(fenced) = &state.fenced {
+                    return Err(fenced.clone());
+                }
+                if state.closing && self.inner.writer_done.get() {
+                    return Err(WalError::Closed);
+                }
+                self.inner.durable.wait()
+            };
+            wait.await;
+        }
+    }
+
+    /// The error that fenced the WAL, if any.
+    pub fn fenced(&self) -> Option<WalError> {
+        self.inner.state.borrow().fenced.clone()
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> WalStats {
+        self.inner.state.borrow().stats
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &WalConfig {
+        &self.inner.config
+    }
+
+    /// Largest single DMA write in use.
+    pub fn io_bytes_max(&self) -> usize {
+        self.inner.io_bytes_max
+    }
+
+    /// Stops taking appends, makes every accepted record durable, and closes the files.
+    pub async fn close(self) -> Result<(), WalError> {
+        self.inner.state.borrow_mut().closing = true;
+        self.inner.work.notify_all();
+        self.inner.space.notify_all();
+        while !self.inner.writer_done.get() {
+            let exit = self.inner.writer_exit.wait();
+            if self.inner.writer_done.get() {
+                break;
+            }
+            exit.await;
+        }
+        let segments = self.inner.segments.borrow_mut().take();
+        if let Some(segments) = segments {
+            if let Some(spare) = segments.spare {
+                // The spare stays on disk as an unused segment; recovery removes it.
+                if let Ok(file) = spare.await {
+                    let _ = file.close().await;
+                }
+            }
+            if let Ok(file) = Rc::try_unwrap(segments.active) {
+                let _ = file.close().await;
+            }
+        }
+        match self.fenced() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn write_segment_header(
+    file: &DmaFile,
+    config: &WalConfig,
+    segment_seq: u64,
+    first_lsn: u64,
+) -> Result<(), WalError> {
+    let mut sector = glommio::allocate_dma_buffer(SECTOR_BYTES);
+    sector.as_bytes_mut().fill(0);
+    let header = SegmentHeader { shard_id: config.shard_id, segment_seq, first_lsn, segment_bytes: config.segment_bytes };
+    header
+        .encode_into(sector.as_bytes_mut())
+        .map_err(|error| WalError::fenced("write", None, error.to_string()))?;
+    write_fully(file, sector, 0, config.faults.as_deref()).await
+}
+
+impl Inner {
+    fn faults(&self) -> Option<&FaultInjector> {
+        self.config.faults.as_deref()
+    }
+
+    /// Starts creating the next segment in the background.
+    fn prepare_spare(&self) {
+        let mut segments = self.segments.borrow_mut();
+        if let Some(segments) = segments.as_mut()
+            && segments.spare.is_none()
+        {
+            let config = self.config.clone();
+            let next = segments.active_seq + 1;
+            let io_bytes_max = self.io_bytes_max;
+            segments.spare = Some(glommio::spawn_local(create_segment(config, next, io_bytes_max)));
+        }
+    }
+
+    /// Makes the spare the active segment, starting at `first_lsn`.
+    async fn rotate(&self, first_lsn: u64) -> Result<(), WalError> {
+        let (spare, next_seq) = {
+            let mut segments = self.segments.borrow_mut();
+            let segments = segments.as_mut().ok_or(WalError::Closed)?;
+            (segments.spare.take(), segments.active_seq + 1)
+        };
+        let file = match spare {
+            Some(task) => task.await?,
+            None => create_segment(self.config.clone(), next_seq, self.io_bytes_max).await?,
+        };
+        write_segment_header(&file, &self.config, next_seq, first_lsn).await?;
+        let old = {
+            let mut segments = self.segments.borrow_mut();
+            let segments = segments.as_mut().ok_or(WalError::Closed)?;
+            segments.active_seq = next_seq;
+            segments.active_bytes = self.config.segment_bytes;
+            segments.frontier = SECTOR_BYTES as u64;
+            std::mem::replace(&mut segments.active, Rc::new(file))
+        };
+        self.state.borrow_mut().stats.rotations += 1;
+        // Every batch of the old segment is already durable; closing it needs no barrier.
+        if let Ok(old) = Rc::try_unwrap(old) {
+            glommio::spawn_local(async move {
+                let _ = old.close().await;
+            })
+            .detach();
+        }
+        self.prepare_spare();
+        Ok(())
+    }
+
+    async fn write_batch(&self, batch: &mut SealedBatch) -> Result<(), WalError> {
+        let needs_rotation = {
+            let segments = self.segments.borrow();
+            let segments = segments.as_ref().ok_or(WalError::Closed)?;
+            segments.frontier + batch.extent > segments.active_bytes
+        };
+        if needs_rotation {
+            self.rotate(batch.first_lsn).await?;
+        }
+        let (file, position) = {
+            let segments = self.segments.borrow();
+            let segments = segments.as_ref().ok_or(WalError::Closed)?;
+            (Rc::clone(&segments.active), segments.frontier)
+        };
+        let chunks = std::mem::take(&mut batch.chunks);
+        if chunks.len() == 1 {
+            for chunk in chunks {
+                write_fully(&file, chunk, position, self.faults()).await?;
+            }
+        } else {
+            // Each chunk is at most `max_sectors_kb`; issue them together, then wait for all.
+            let tasks: Vec<Task<Result<(), WalError>>> = chunks
+                .into_iter()
+                .enumerate()
+                .map(|(index, chunk)| {
+                    let file = Rc::clone(&file);
+                    let faults = self.config.faults.clone();
+                    let at = position + (index * batch.chunk_bytes) as u64;
+                    glommio::spawn_local(async move { write_fully(&file, chunk, at, faults.as_deref()).await })
+                })
+                .collect();
+            let mut first_error = None;
+            for task in tasks {
+                if let Err(error) = task.await {
+                    first_error.get_or_insert(error);
+                }
+            }
+            if let Some(error) = first_error {
+                return Err(error);
+            }
+        }
+        fdatasync(&file, self.faults()).await?;
+        if let Some(segments) = self.segments.borrow_mut().as_mut() {
+            segments.frontier = position + batch.extent;
+        }
+        Ok(())
+    }
+
+    fn fence(&self, error: &WalError) {
+        let open_latch = {
+            let mut state = self.state.borrow_mut();
+            if state.fenced.is_none() {
+                state.fenced = Some(error.clone());
+            }
+            Rc::clone(&state.open.latch)
+        };
+        open_latch.set(Err(error.clone()));
+        self.space.notify_all();
+        self.durable.notify_all();
+    }
+}
+
+async fn writer_loop(inner: Rc<Inner>) {
+    loop {
+        // Wait for work.
+        loop {
+            let wait = {
+                let state = inner.state.borrow();
+                if state.fenced.is_some() {
+                    return finish_writer(&inner);
+                }
+                if state.open.builder.record_count() > 0 {
+                    break;
+                }
+                if state.closing {
+                    return finish_writer(&inner);
+                }
+                inner.work.wait()
+            };
+            wait.await;
+        }
+        if !inner.config.batch_linger.is_zero() && !inner.state.borrow().closing {
+            glommio::timer::sleep(inner.config.batch_linger).await;
+        }
+        let open = {
+            let mut state = inner.state.borrow_mut();
+            let next = OpenBatch::new(state.open.builder.next_lsn(), inner.limits, state.open.chunk_bytes);
+            std::mem::replace(&mut state.open, next)
+        };
+        inner.space.notify_all();
+        let mut batch = open.finish();
+        match inner.write_batch(&mut batch).await {
+            Ok(()) => {
+                {
+                    let mut state = inner.state.borrow_mut();
+                    state.durable_next_lsn = batch.next_lsn;
+                    let stats = &mut state.stats;
+                    stats.batches += 1;
+                    stats.records += batch.next_lsn - batch.first_lsn;
+                    stats.payload_bytes += batch.payload_bytes;
+                    stats.batch_bytes += batch.extent;
+                    stats.fdatasyncs += 1;
+                }
+                batch.latch.set(Ok(()));
+                inner.durable.notify_all();
+            }
+            Err(error) => {
+                inner.fence(&error);
+                batch.latch.set(Err(error));
+                return finish_writer(&inner);
+            }
+        }
+    }
+}
+
+fn finish_writer(inner: &Inner) {
+    inner.writer_done.set(true);
+    let fenced = inner.state.borrow().fenced.clone();
+    let error = fenced.unwrap_or(WalError::Closed);
+    // Nobody will write the open batch now: its appenders must hear so.
+    let open_latch = Rc::clone(&inner.state.borrow().open.latch);
+    open_latch.set(Err(error));
+    inner.space.notify_all();
+    inner.durable.notify_all();
+    inner.writer_exit.notify_all();
+}
+
+/// Shares a fault injector; a helper for tests and the torture binary.
+pub fn with_faults(mut config: WalConfig, faults: &Arc<FaultInjector>) -> WalConfig {
+    config.faults = Some(Arc::clone(faults));
+    config
+}
