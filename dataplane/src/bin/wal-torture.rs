@@ -1,0 +1,117 @@
+//! `wal-torture`: appends to a WAL from many concurrent tasks forever and prints every
+//! acknowledged record, so a test (or an operator qualifying a disk) can SIGKILL it at any
+//! moment and check after recovery that every acknowledged record is present and intact.
+//!
+//! Output, one line each: `ready <next_lsn>` once recovery finished, then
+//! `ack <round> <task> <index> <lsn>` after each append resolved.
+//! Record ids are `round << 40 | task << 20 | index`; payloads come from `payload_for`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dataplane::wal::{Wal, WalConfig};
+
+const USAGE: &str = "usage: wal-torture --dir DIR --round N [--tasks N] [--segment-bytes N] [--max-payload N]
+
+Appends records from --tasks concurrent tasks to the WAL of shard 0 in DIR until killed,
+printing `ack <round> <task> <index> <lsn>` for each acknowledged record.";
+
+/// The payload of record `id`, `length` bytes: the id, then bytes derived from it.
+fn payload_for(id: u64, length: usize) -> Vec<u8> {
+    let mut bytes = id.to_le_bytes().to_vec();
+    let mut state = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while bytes.len() < length.max(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.push(state.to_le_bytes()[0]);
+    }
+    bytes
+}
+
+struct Args {
+    dir: PathBuf,
+    round: u64,
+    tasks: u64,
+    segment_bytes: u64,
+    max_payload: u64,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut args = Args { dir: PathBuf::new(), round: u64::MAX, tasks: 64, segment_bytes: 1 << 20, max_payload: 1024 };
+    let mut iter = std::env::args().skip(1);
+    while let Some(flag) = iter.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(String::new());
+        }
+        let value = iter.next().ok_or(format!("{flag} needs a value"))?;
+        let number = || value.parse::<u64>().map_err(|_| format!("{flag}: '{value}' is not a number"));
+        match flag.as_str() {
+            "--dir" => args.dir = PathBuf::from(&value),
+            "--round" => args.round = number()?,
+            "--tasks" => args.tasks = number()?,
+            "--segment-bytes" => args.segment_bytes = number()?,
+            "--max-payload" => args.max_payload = number()?.max(16),
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    if args.dir.as_os_str().is_empty() || args.round == u64::MAX {
+        return Err("--dir and --round are required".into());
+    }
+    if args.round >= 1 << 23 || args.tasks >= 1 << 20 {
+        return Err("--round must be < 2^23 and --tasks < 2^20".into());
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(args) => args,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("wal-torture: {message}");
+            }
+            eprintln!("{USAGE}");
+            return if message.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) };
+        }
+    };
+    let mut config = WalConfig::new(&args.dir, 0);
+    config.segment_bytes = args.segment_bytes;
+    config.batch_bytes_max = 256 << 10;
+    config.record_payload_bytes_max = 64 << 10;
+    let outcome = dataplane::runtime::run_local("wal-torture", async move {
+        let wal = Wal::open(config).await.map_err(|error| error.to_string())?;
+        println!("ready {}", wal.durable_next_lsn());
+        let mut handles = Vec::new();
+        for task in 0..args.tasks {
+            let wal = wal.clone();
+            let (round, max_payload) = (args.round, args.max_payload);
+            handles.push(glommio::spawn_local(async move {
+                let mut out = std::io::stdout();
+                for index in 0_u64.. {
+                    let id = round << 40 | task << 20 | index;
+                    let length = 8 + usize::try_from(id.wrapping_mul(7919) % max_payload).unwrap_or(8);
+                    let lsn = wal.append(id, &payload_for(id, length)).await.map_err(|error| error.to_string())?;
+                    writeln!(out, "ack {round} {task} {index} {lsn}").map_err(|error| error.to_string())?;
+                }
+                Ok::<(), String>(())
+            }));
+        }
+        for handle in handles {
+            handle.await?;
+        }
+        Ok::<(), String>(())
+    });
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(message)) => {
+            eprintln!("wal-torture: {message}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("wal-torture: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
