@@ -1,1 +1,42 @@
-fn main() {}
+//! `bench`: Meridian's benchmarks. Each compares Meridian with a peer or with the device's
+//! physical limit measured in the same run, prints a human summary, and with `--json` one
+//! JSON object of every figure (units in key names, ratios as `*_ratio`).
+
+mod device;
+mod report;
+mod wal;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "Meridian benchmarks, each measured against a peer or the device limit in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Durable WAL appends (O_DIRECT + group commit + fdatasync) against fio and a raw
+    /// write+fdatasync probe at the WAL's own mean batch size.
+    Wal(wal::WalArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Wal(args) => wal::run(&args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

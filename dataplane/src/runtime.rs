@@ -132,10 +132,8 @@ where
     if config.mesh_channel_capacity == 0 {
         return Err(RuntimeError::Config { field: "mesh_channel_capacity", reason: "must be at least 1".into() });
     }
-    let shard_count = u32::try_from(config.shards).map_err(|_| RuntimeError::Config {
-        field: "shards",
-        reason: "too many".into(),
-    })?;
+    let shard_count = u32::try_from(config.shards)
+        .map_err(|_| RuntimeError::Config { field: "shards", reason: "too many".into() })?;
     let placement = if config.pin_to_cpus {
         PoolPlacement::MaxSpread(config.shards, None)
     } else {

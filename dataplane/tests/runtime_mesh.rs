@@ -1,8 +1,8 @@
 //! The thread-per-core runtime: shards on their own executors exchange messages over the
 //! bounded mesh, and keys are routed to the shard that owns them.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
 
-use dataplane::runtime::{run_shards, RuntimeConfig, RuntimeError};
+use dataplane::runtime::{RuntimeConfig, RuntimeError, run_shards};
 
 #[test]
 fn every_shard_reaches_every_other_and_owners_check_keys() {

@@ -1,6 +1,6 @@
 //! Damage before the tail of the log is never silently dropped: recovery stops with an error
 //! that names the segment, the offset and what was wrong, in both recovery modes.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
 
 mod common;
 
@@ -15,7 +15,9 @@ use dataplane::wal::{RecoveryError, Wal, WalConfig, WalError};
 fn write_batches(config: &WalConfig, batches: u64) -> Vec<u64> {
     let mut offsets = Vec::new();
     for batch in 0..batches {
-        offsets.push(scan(config).map(|plan| plan.segments.last().map_or(4096, |segment| segment.frontier)).unwrap_or(4096));
+        offsets.push(
+            scan(config).map(|plan| plan.segments.last().map_or(4096, |segment| segment.frontier)).unwrap_or(4096),
+        );
         run({
             let config = config.clone();
             async move {
@@ -56,7 +58,10 @@ fn flipped_bit_in_the_middle_is_a_named_error() {
                     assert_eq!(offset, record_offset as u64);
                     assert!(matches!(damage, Damage::Record(_)), "{damage:?}");
                     let message = scan(&config).unwrap_err().to_string();
-                    assert!(message.contains("segment 1") && message.contains(&format!("offset {record_offset}")), "{message}");
+                    assert!(
+                        message.contains("segment 1") && message.contains(&format!("offset {record_offset}")),
+                        "{message}"
+                    );
                 }
                 other => panic!("{:?}: expected corruption, got {other:?}", config.recovery_mode),
             }
@@ -95,10 +100,7 @@ fn flipped_bit_in_a_sealed_segment_is_an_error() {
     let frontier = plan.segments[0].frontier as usize;
     bytes[frontier - 4096 + 100] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
-    assert!(matches!(
-        scan(&config),
-        Err(WalError::Recovery(RecoveryError::Corruption { segment_seq: 1, .. }))
-    ));
+    assert!(matches!(scan(&config), Err(WalError::Recovery(RecoveryError::Corruption { segment_seq: 1, .. }))));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! the test SIGKILLs it at random moments, round after round, and checks after recovery that
 //! every acknowledged record is present, intact and in order, and that nothing appears that
 //! was never appended. Rounds: `MERIDIAN_CRASH_ROUNDS` (default 50).
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
 
 mod common;
 
@@ -31,10 +31,10 @@ fn split(id: u64) -> (u64, u64, u64) {
 #[test]
 fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let rounds: u64 = std::env::var("MERIDIAN_CRASH_ROUNDS").ok().and_then(|value| value.parse().ok()).unwrap_or(50);
-    let seed: u64 = std::env::var("MERIDIAN_CRASH_SEED")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    let seed: u64 =
+        std::env::var("MERIDIAN_CRASH_SEED").ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
     eprintln!("crash test: {rounds} rounds, seed {seed} (MERIDIAN_CRASH_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +96,8 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         let mut present: HashMap<u64, u64> = HashMap::new();
         for (position, record) in records.iter().enumerate() {
             assert_eq!(record.lsn, verified_until + position as u64, "LSNs are contiguous");
-            let id = check_payload(&record.payload).unwrap_or_else(|| panic!("round {round}: record {} damaged", record.lsn));
+            let id = check_payload(&record.payload)
+                .unwrap_or_else(|| panic!("round {round}: record {} damaged", record.lsn));
             assert_eq!(record.glt, id);
             let (record_round, task, index) = split(id);
             assert_eq!(record_round, round, "only this round's records are new");

@@ -1,6 +1,6 @@
 //! Failed writes and barriers fence the WAL: no caller is told a record is durable when its
 //! barrier did not complete, and nothing is retried as if it had succeeded.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
 
 mod common;
 
@@ -174,7 +174,11 @@ impl LoopFs {
             .map_err(|error| error.to_string())?;
         let run = |program: &str, args: &[&Path]| -> Result<(), String> {
             let output = Command::new(program).args(args).output().map_err(|error| format!("{program}: {error}"))?;
-            if output.status.success() { Ok(()) } else { Err(format!("{program}: {}", String::from_utf8_lossy(&output.stderr))) }
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(format!("{program}: {}", String::from_utf8_lossy(&output.stderr)))
+            }
         };
         run("mkfs.ext4", &[Path::new("-q"), Path::new("-F"), &image])?;
         run("mount", &[Path::new("-o"), Path::new("loop"), &image, &mount_point])?;
@@ -229,7 +233,8 @@ fn full_disk_fences_and_loses_nothing_acknowledged() {
         }
     });
     assert!(acked.len() > 100);
-    let ids: Vec<u64> = read_all(&config).iter().map(|record| check_payload(&record.payload).unwrap_or(u64::MAX)).collect();
+    let ids: Vec<u64> =
+        read_all(&config).iter().map(|record| check_payload(&record.payload).unwrap_or(u64::MAX)).collect();
     assert_eq!(ids, acked);
     // Recovery on the full file system still opens the log.
     let reopened = run(async move {

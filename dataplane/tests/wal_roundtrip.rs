@@ -1,5 +1,5 @@
 //! Append and recover through the real path: O_DIRECT segments, group commit, rotation.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
 
 mod common;
 
@@ -136,7 +136,8 @@ fn limits_are_enforced() {
 #[test]
 fn invalid_config_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut WalConfig)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut WalConfig)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("segment_bytes", Box::new(|config| config.segment_bytes = 1000)),
         ("batch_bytes_max", Box::new(|config| config.batch_bytes_max = 100)),
         ("batch_records_max", Box::new(|config| config.batch_records_max = 0)),

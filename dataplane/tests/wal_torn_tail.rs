@@ -1,7 +1,7 @@
 //! A crash can tear the last batch at any byte. Recovery must drop exactly that batch (it was
 //! never acknowledged), erase its bytes, and keep everything before it; strict mode must
 //! refuse instead. Real files, real O_DIRECT writes.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
 
 mod common;
 
@@ -55,11 +55,14 @@ fn prepare(dir: &Path, last_lengths: &[usize]) -> (std::path::PathBuf, u64, u64)
 }
 
 fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    std::fs::read_dir(dir).unwrap().map(|entry| {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        (path, bytes)
-    }).collect()
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            (path, bytes)
+        })
+        .collect()
 }
 
 fn restore(dir: &Path, files: &[(std::path::PathBuf, Vec<u8>)]) {
@@ -140,9 +143,12 @@ fn tear(dir: &Path, last_lengths: &[usize], offsets: impl Fn(u64, u64) -> Vec<u6
 fn torn_tail_at_every_byte_offset_of_the_last_batch() {
     let dir = tempfile::tempdir().unwrap();
     // Every byte that holds a record, then samples of the zero padding.
-    tear(dir.path(), &[50, 70, 30], |records_end, extent| {
-        (0..=records_end).chain((records_end..extent).step_by(509)).collect()
-    }, false);
+    tear(
+        dir.path(),
+        &[50, 70, 30],
+        |records_end, extent| (0..=records_end).chain((records_end..extent).step_by(509)).collect(),
+        false,
+    );
 }
 
 #[test]
@@ -162,10 +168,7 @@ fn torn_multi_sector_batch_whose_first_sector_is_missing() {
     bytes[start..start + SECTOR_BYTES].fill(0);
     std::fs::write(&segment, &bytes).unwrap();
     let config = small_config(dir.path());
-    assert!(matches!(
-        scan(&strict(config.clone())),
-        Err(WalError::Recovery(RecoveryError::TornTailStrict { .. }))
-    ));
+    assert!(matches!(scan(&strict(config.clone())), Err(WalError::Recovery(RecoveryError::TornTailStrict { .. }))));
     let ids = recover_append_verify(&config);
     let mut expected: Vec<u64> = (0..BASE_RECORDS).collect();
     expected.push(999);

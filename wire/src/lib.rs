@@ -13,7 +13,7 @@ pub mod record;
 pub mod routing;
 
 pub use record::{
-    decode, decode_header, encode_header, encode_into, encoded_len, DecodeError, EncodeError,
-    Header, Record, RecordType, HEADER_BYTES, MAGIC, FORMAT_VERSION,
+    DecodeError, EncodeError, FORMAT_VERSION, HEADER_BYTES, Header, MAGIC, Record, RecordType, decode, decode_header,
+    encode_header, encode_into, encoded_len,
 };
 pub use routing::shard_for;

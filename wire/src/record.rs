@@ -245,8 +245,8 @@ pub fn decode_header(bytes: &[u8], payload_bytes_max: u32) -> Result<Header, Dec
     if raw.version != FORMAT_VERSION {
         return Err(DecodeError::UnsupportedVersion { found: raw.version });
     }
-    let record_type = RecordType::from_u8(raw.record_type)
-        .ok_or(DecodeError::UnknownRecordType { found: raw.record_type })?;
+    let record_type =
+        RecordType::from_u8(raw.record_type).ok_or(DecodeError::UnknownRecordType { found: raw.record_type })?;
     if raw.flags.get() != 0 {
         return Err(DecodeError::UnknownFlags { found: raw.flags.get() });
     }
@@ -269,8 +269,7 @@ pub fn decode_header(bytes: &[u8], payload_bytes_max: u32) -> Result<Header, Dec
 pub fn decode(bytes: &[u8], payload_bytes_max: u32) -> Result<(Record<'_>, usize), DecodeError> {
     let header = decode_header(bytes, payload_bytes_max)?;
     let total = encoded_len(header.payload_len as usize);
-    let (Some(header_bytes), Some(payload)) =
-        (bytes.first_chunk::<HEADER_BYTES>(), bytes.get(HEADER_BYTES..total))
+    let (Some(header_bytes), Some(payload)) = (bytes.first_chunk::<HEADER_BYTES>(), bytes.get(HEADER_BYTES..total))
     else {
         return Err(DecodeError::Truncated { needed: total, available: bytes.len() });
     };
@@ -279,18 +278,18 @@ pub fn decode(bytes: &[u8], payload_bytes_max: u32) -> Result<(Record<'_>, usize
         return Err(DecodeError::ChecksumMismatch { stored: header.checksum, computed });
     }
     Ok((
-        Record {
-            record_type: header.record_type,
-            flags: header.flags,
-            glt: header.glt,
-            seq: header.seq,
-            payload,
-        },
+        Record { record_type: header.record_type, flags: header.flags, glt: header.glt, seq: header.seq, payload },
         total,
     ))
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless,
+    reason = "test arithmetic on small values"
+)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -369,10 +368,7 @@ mod tests {
         bad[HEADER_BYTES] ^= 1;
         assert!(matches!(decode(&bad, 100), Err(DecodeError::ChecksumMismatch { .. })));
 
-        assert_eq!(
-            decode(&buf[..10], 100),
-            Err(DecodeError::Truncated { needed: HEADER_BYTES, available: 10 })
-        );
+        assert_eq!(decode(&buf[..10], 100), Err(DecodeError::Truncated { needed: HEADER_BYTES, available: 10 }));
     }
 
     #[test]

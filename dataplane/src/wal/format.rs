@@ -23,7 +23,7 @@
 //! * A batch is valid only if its `BatchBegin` and all `record_count` records decode with
 //!   contiguous LSNs; so a batch torn by a crash is recognised as a whole.
 
-use wire::{DecodeError, RecordType, HEADER_BYTES};
+use wire::{DecodeError, HEADER_BYTES, RecordType};
 use zerocopy::byteorder::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -87,8 +87,7 @@ impl SegmentHeader {
             first_lsn: U64::new(self.first_lsn),
             segment_bytes: U64::new(self.segment_bytes),
         };
-        wire::encode_into(sector, RecordType::SegmentHeader, 0, self.segment_seq, payload.as_bytes())
-            .map(|_| ())
+        wire::encode_into(sector, RecordType::SegmentHeader, 0, self.segment_seq, payload.as_bytes()).map(|_| ())
     }
 
     /// Decodes a segment header from the start of a segment.
@@ -135,10 +134,8 @@ pub struct BatchBegin {
 impl BatchBegin {
     /// Encodes the record (exactly [`BATCH_BEGIN_BYTES`]).
     pub fn encode(&self) -> [u8; BATCH_BEGIN_BYTES] {
-        let payload = BatchBeginPayload {
-            record_count: U32::new(self.record_count),
-            extent_bytes: U32::new(self.extent_bytes),
-        };
+        let payload =
+            BatchBeginPayload { record_count: U32::new(self.record_count), extent_bytes: U32::new(self.extent_bytes) };
         let mut out = [0_u8; BATCH_BEGIN_BYTES];
         // The payload is 8 bytes: encoding cannot fail.
         if let Ok(header) = wire::encode_header(RecordType::BatchBegin, 0, self.first_lsn, payload.as_bytes()) {
@@ -269,6 +266,12 @@ impl BatchBuilder {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless,
+    reason = "test arithmetic on small values"
+)]
 mod tests {
     use super::*;
 

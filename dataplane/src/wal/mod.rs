@@ -75,10 +75,16 @@ impl WalConfig {
         let sector = SECTOR_BYTES as u64;
         let fail = |field: &'static str, reason: String| Err(WalError::Config { field, reason });
         if self.batch_bytes_max < SECTOR_BYTES || self.batch_bytes_max % SECTOR_BYTES != 0 {
-            return fail("batch_bytes_max", format!("{} is not a positive multiple of {SECTOR_BYTES}", self.batch_bytes_max));
+            return fail(
+                "batch_bytes_max",
+                format!("{} is not a positive multiple of {SECTOR_BYTES}", self.batch_bytes_max),
+            );
         }
         if self.batch_bytes_max > limits::WAL_BATCH_BYTES_MAX_LIMIT {
-            return fail("batch_bytes_max", format!("{} exceeds {}", self.batch_bytes_max, limits::WAL_BATCH_BYTES_MAX_LIMIT));
+            return fail(
+                "batch_bytes_max",
+                format!("{} exceeds {}", self.batch_bytes_max, limits::WAL_BATCH_BYTES_MAX_LIMIT),
+            );
         }
         if self.segment_bytes % sector != 0 || self.segment_bytes < sector + self.batch_bytes_max as u64 {
             return fail(
@@ -95,11 +101,15 @@ impl WalConfig {
         if self.batch_linger > limits::WAL_BATCH_LINGER_MAX {
             return fail("batch_linger", format!("{:?} exceeds {:?}", self.batch_linger, limits::WAL_BATCH_LINGER_MAX));
         }
-        let record_extent = format::align_up(format::BATCH_BEGIN_BYTES + wire::encoded_len(self.record_payload_bytes_max as usize));
+        let record_extent =
+            format::align_up(format::BATCH_BEGIN_BYTES + wire::encoded_len(self.record_payload_bytes_max as usize));
         if self.record_payload_bytes_max == 0 || record_extent > self.batch_bytes_max {
             return fail(
                 "record_payload_bytes_max",
-                format!("{} must be positive and fit in one batch of {} bytes", self.record_payload_bytes_max, self.batch_bytes_max),
+                format!(
+                    "{} must be positive and fit in one batch of {} bytes",
+                    self.record_payload_bytes_max, self.batch_bytes_max
+                ),
             );
         }
         if let Some(io) = self.io_bytes_max

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 
-use super::format::{SegmentHeader, BATCH_BEGIN_BYTES, SECTOR_BYTES};
-use super::recovery::{scan_batch, Damage, RecoveryError};
-use super::writer::{list_segments, map_file};
 use super::WalError;
+use super::format::{BATCH_BEGIN_BYTES, SECTOR_BYTES, SegmentHeader};
+use super::recovery::{Damage, RecoveryError, scan_batch};
+use super::writer::{list_segments, map_file};
 
 /// One durable record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,9 +166,8 @@ impl WalCursor {
                     self.segment = None;
                     continue;
                 }
-                let (begin, extent) =
-                    scan_batch(bytes, segment.batch_offset, segment.batch_first_lsn, payload_max)
-                        .map_err(|(offset, damage)| Self::corruption(segment.segment_seq, offset, damage))?;
+                let (begin, extent) = scan_batch(bytes, segment.batch_offset, segment.batch_first_lsn, payload_max)
+                    .map_err(|(offset, damage)| Self::corruption(segment.segment_seq, offset, damage))?;
                 segment.batch_records = begin.record_count;
                 segment.batch_extent = extent;
                 segment.record_index = 0;

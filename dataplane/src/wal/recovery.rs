@@ -13,8 +13,8 @@
 
 use std::fmt;
 
-use super::format::{align_up, BatchBegin, SegmentHeader, BATCH_BEGIN_BYTES, SECTOR_BYTES};
-use wire::{DecodeError, RecordType, HEADER_BYTES};
+use super::format::{BATCH_BEGIN_BYTES, BatchBegin, SECTOR_BYTES, SegmentHeader, align_up};
+use wire::{DecodeError, HEADER_BYTES, RecordType};
 
 /// How recovery treats damaged bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -190,15 +190,9 @@ pub(crate) fn scan_batch(
         return Err((offset, Damage::LsnGap { expected: expected_lsn, found: begin.first_lsn }));
     }
     let extent = begin.extent_bytes as usize;
-    if begin.record_count == 0
-        || extent < SECTOR_BYTES
-        || extent % SECTOR_BYTES != 0
-        || offset + extent > segment.len()
+    if begin.record_count == 0 || extent < SECTOR_BYTES || extent % SECTOR_BYTES != 0 || offset + extent > segment.len()
     {
-        return Err((
-            offset,
-            Damage::BadBatch { record_count: begin.record_count, extent_bytes: begin.extent_bytes },
-        ));
+        return Err((offset, Damage::BadBatch { record_count: begin.record_count, extent_bytes: begin.extent_bytes }));
     }
     let batch = &segment[offset..offset + extent];
     let mut position = BATCH_BEGIN_BYTES;
@@ -215,10 +209,7 @@ pub(crate) fn scan_batch(
         position += used;
     }
     if align_up(position) != extent {
-        return Err((
-            offset,
-            Damage::ExtentMismatch { extent_bytes: begin.extent_bytes, actual_bytes: position },
-        ));
+        return Err((offset, Damage::ExtentMismatch { extent_bytes: begin.extent_bytes, actual_bytes: position }));
     }
     Ok((begin, extent))
 }
@@ -231,11 +222,7 @@ enum SegmentEnd {
     Damaged { offset: usize, record_offset: usize, damage: Damage, later_data: bool, nonzero_end: usize },
 }
 
-fn scan_segment(
-    segment: &[u8],
-    first_lsn: u64,
-    payload_bytes_max: u32,
-) -> (u64, usize, SegmentEnd) {
+fn scan_segment(segment: &[u8], first_lsn: u64, payload_bytes_max: u32) -> (u64, usize, SegmentEnd) {
     let mut lsn = first_lsn;
     let mut offset = SECTOR_BYTES;
     loop {
@@ -260,10 +247,8 @@ fn scan_segment(
         let later_data = (offset + SECTOR_BYTES..segment.len())
             .step_by(SECTOR_BYTES)
             .any(|later| matches!(BatchBegin::decode(&segment[later..]), Ok(Some(begin)) if begin.first_lsn >= lsn));
-        let nonzero_end = segment[offset..]
-            .iter()
-            .rposition(|byte| *byte != 0)
-            .map_or(offset, |last| align_up(offset + last + 1));
+        let nonzero_end =
+            segment[offset..].iter().rposition(|byte| *byte != 0).map_or(offset, |last| align_up(offset + last + 1));
         let (record_offset, damage) = damaged;
         return (lsn, offset, SegmentEnd::Damaged { offset, record_offset, damage, later_data, nonzero_end });
     }
@@ -285,9 +270,8 @@ pub fn plan(
             });
         }
     }
-    let header_in_use = |segment: &SegmentBytes<'_>| {
-        segment.bytes.len() >= SECTOR_BYTES && !is_zero(&segment.bytes[..SECTOR_BYTES])
-    };
+    let header_in_use =
+        |segment: &SegmentBytes<'_>| segment.bytes.len() >= SECTOR_BYTES && !is_zero(&segment.bytes[..SECTOR_BYTES]);
     let mut plan = RecoveryPlan { next_lsn: 1, ..RecoveryPlan::default() };
     let mut expected_lsn: Option<u64> = None;
     for (index, segment) in segments.iter().enumerate() {
@@ -324,6 +308,8 @@ pub fn plan(
             Some(format!("shard {} in a file of shard {shard_id}", header.shard_id))
         } else if header.segment_seq != segment.segment_seq {
             Some(format!("sequence {} in file {}", header.segment_seq, segment.segment_seq))
+        } else if header.segment_bytes % SECTOR_BYTES as u64 != 0 {
+            Some(format!("size {} is not a multiple of {SECTOR_BYTES}", header.segment_bytes))
         } else if header.segment_bytes != segment.bytes.len() as u64 {
             Some(format!("size {} in a file of {} bytes", header.segment_bytes, segment.bytes.len()))
         } else {
@@ -366,4 +352,118 @@ pub fn plan(
         plan.next_lsn = end_lsn;
     }
     Ok(plan)
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_lossless,
+    reason = "test arithmetic on small values"
+)]
+mod tests {
+    use super::*;
+    use crate::wal::format::{BatchBuilder, BatchLimits};
+    use proptest::prelude::*;
+
+    const SEGMENT_BYTES: usize = 16 * SECTOR_BYTES;
+
+    /// A segment image holding `batches` (payload lengths per batch), starting at `first_lsn`.
+    fn image(segment_seq: u64, first_lsn: u64, batches: &[Vec<usize>]) -> (Vec<u8>, Vec<usize>) {
+        let mut bytes = vec![0_u8; SEGMENT_BYTES];
+        SegmentHeader { shard_id: 0, segment_seq, first_lsn, segment_bytes: SEGMENT_BYTES as u64 }
+            .encode_into(&mut bytes[..SECTOR_BYTES])
+            .unwrap();
+        let mut offset = SECTOR_BYTES;
+        let mut lsn = first_lsn;
+        let mut starts = Vec::new();
+        for lengths in batches {
+            let mut builder = BatchBuilder::new(lsn, BatchLimits { bytes_max: 4 * SECTOR_BYTES, records_max: 100 });
+            let mut records = Vec::new();
+            for length in lengths {
+                let slot = builder.reserve(*length).unwrap();
+                let payload = vec![(slot.lsn % 251) as u8; *length];
+                records.push((slot, payload));
+            }
+            let (begin, extent) = builder.seal();
+            bytes[offset..offset + BATCH_BEGIN_BYTES].copy_from_slice(&begin.encode());
+            for (slot, payload) in records {
+                wire::encode_into(&mut bytes[offset + slot.offset..], RecordType::Data, 7, slot.lsn, &payload).unwrap();
+            }
+            starts.push(offset);
+            offset += extent;
+            lsn = builder.next_lsn();
+        }
+        (bytes, starts)
+    }
+
+    fn one(bytes: &[u8], mode: RecoveryMode) -> Result<RecoveryPlan, RecoveryError> {
+        plan(0, &[SegmentBytes { segment_seq: 1, bytes }], mode, 1 << 16)
+    }
+
+    #[test]
+    fn clean_log_recovers_fully() {
+        let (bytes, starts) = image(1, 10, &[vec![10, 20], vec![5000], vec![1]]);
+        let recovered = one(&bytes, RecoveryMode::Strict).unwrap();
+        assert_eq!(recovered.next_lsn, 14);
+        assert_eq!(recovered.torn_tail, None);
+        assert_eq!(recovered.segments[0].frontier as usize, starts[2] + SECTOR_BYTES);
+    }
+
+    #[test]
+    fn tear_at_every_byte_of_the_last_batch() {
+        let (bytes, starts) = image(1, 1, &[vec![100, 100], vec![300, 40, 2000]]);
+        let last = starts[1];
+        let records_end =
+            last + BATCH_BEGIN_BYTES + wire::encoded_len(300) + wire::encoded_len(40) + wire::encoded_len(2000);
+        for tear in last + 1..records_end {
+            let mut torn = bytes.clone();
+            torn[tear..].fill(0);
+            let recovered = one(&torn, RecoveryMode::TolerateTornTail).unwrap();
+            assert_eq!(recovered.next_lsn, 3, "tear at {tear}");
+            let tail = recovered.torn_tail.unwrap();
+            assert_eq!(tail.offset as usize, last);
+            assert!(matches!(one(&torn, RecoveryMode::Strict), Err(RecoveryError::TornTailStrict { .. })));
+        }
+    }
+
+    #[test]
+    fn flip_before_the_tail_is_corruption_in_both_modes() {
+        let (bytes, starts) = image(1, 1, &[vec![100], vec![100], vec![100]]);
+        let mut damaged = bytes.clone();
+        damaged[starts[1] + BATCH_BEGIN_BYTES + 5] ^= 1;
+        for mode in [RecoveryMode::Strict, RecoveryMode::TolerateTornTail] {
+            let error = one(&damaged, mode).unwrap_err();
+            assert!(
+                matches!(error, RecoveryError::Corruption { segment_seq: 1, offset, .. } if offset as usize == starts[1] + BATCH_BEGIN_BYTES),
+                "{error:?}"
+            );
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..3 * SECTOR_BYTES)) {
+            let _ = one(&bytes, RecoveryMode::Strict);
+            let _ = one(&bytes, RecoveryMode::TolerateTornTail);
+        }
+
+        #[test]
+        fn damaged_images_never_panic_and_keep_a_valid_prefix(
+            batches in proptest::collection::vec(proptest::collection::vec(1_usize..3000, 1..4), 1..4),
+            damage_at in 0_usize..SEGMENT_BYTES,
+            damage_len in 1_usize..64,
+            value: u8,
+        ) {
+            let (mut bytes, _) = image(1, 1, &batches);
+            let end = (damage_at + damage_len).min(bytes.len());
+            bytes[damage_at..end].fill(value);
+            for mode in [RecoveryMode::Strict, RecoveryMode::TolerateTornTail] {
+                if let Ok(recovered) = one(&bytes, mode) {
+                    let total: u64 = batches.iter().map(|batch| batch.len() as u64).sum();
+                    prop_assert!(recovered.next_lsn <= total + 1);
+                }
+            }
+        }
+    }
 }

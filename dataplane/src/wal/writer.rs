@@ -17,8 +17,7 @@ use glommio::{GlommioError, Task};
 
 use super::faults::{FaultInjector, WriteFault};
 use super::format::{
-    segment_file_name, parse_segment_file_name, BatchBuilder, BatchLimits, Reserve, SegmentHeader,
-    SECTOR_BYTES,
+    BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader, parse_segment_file_name, segment_file_name,
 };
 use super::recovery::{self, SegmentBytes};
 use super::{WalConfig, WalError};
@@ -26,6 +25,8 @@ use crate::limits;
 use crate::sync::{Latch, Notify};
 
 type BatchOutcome = Result<(), WalError>;
+/// A reserved record: the latch of its batch and its LSN.
+type Reserved = (Rc<Latch<BatchOutcome>>, u64);
 
 /// Counters of one WAL since it was opened.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -250,10 +251,7 @@ async fn write_fully(
                 head.as_bytes_mut().copy_from_slice(&buffer.as_bytes()[..part]);
                 file.write_at(head, position).await.map_err(|error| fenced_by("write", &error))?
             }
-            _ => file
-                .write_rc_at(Rc::clone(&buffer), position)
-                .await
-                .map_err(|error| fenced_by("write", &error))?,
+            _ => file.write_rc_at(Rc::clone(&buffer), position).await.map_err(|error| fenced_by("write", &error))?,
         };
         if written == length {
             return Ok(());
@@ -282,11 +280,7 @@ async fn fdatasync(file: &DmaFile, faults: Option<&FaultInjector>) -> Result<(),
 
 /// Creates a segment file: preallocated, filled with zeros through O_DIRECT, synced, and its
 /// directory entry synced, so later appends' `fdatasync` never write metadata.
-async fn create_segment(
-    config: WalConfig,
-    segment_seq: u64,
-    io_bytes_max: usize,
-) -> Result<DmaFile, WalError> {
+async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize) -> Result<DmaFile, WalError> {
     let path = segment_path(&config, segment_seq);
     let fence = |op: &'static str, errno: Option<i32>, message: String| {
         WalError::fenced(op, errno, format!("{}: {message}", path.display()))
@@ -300,16 +294,10 @@ async fn create_segment(
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(fence("create segment", error.raw_os_error(), error.to_string())),
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .dma_open(&path)
-        .await
-        .map_err(|error| {
-            let (errno, message) = glommio_error(&error);
-            fence("create segment", errno, message)
-        })?;
+    let file = OpenOptions::new().read(true).write(true).create_new(true).dma_open(&path).await.map_err(|error| {
+        let (errno, message) = glommio_error(&error);
+        fence("create segment", errno, message)
+    })?;
     let result: Result<(), WalError> = async {
         file.pre_allocate(config.segment_bytes, false).await.map_err(|error| {
             let (errno, message) = glommio_error(&error);
@@ -336,7 +324,11 @@ async fn create_segment(
                 fence("create segment", errno, message)
             })?;
             if written == 0 || written % SECTOR_BYTES != 0 {
-                return Err(fence("create segment", None, format!("short write of {written} bytes while zero-filling")));
+                return Err(fence(
+                    "create segment",
+                    None,
+                    format!("short write of {written} bytes while zero-filling"),
+                ));
             }
             offset += written as u64;
         }
@@ -419,7 +411,8 @@ impl Wal {
 
         for segment_seq in &plan.unused {
             let path = segment_path(&config, *segment_seq);
-            std::fs::remove_file(&path).map_err(|error| WalError::io("remove unused segment", path.display(), &error))?;
+            std::fs::remove_file(&path)
+                .map_err(|error| WalError::io("remove unused segment", path.display(), &error))?;
         }
         if let Some(torn) = plan.torn_tail {
             let path = segment_path(&config, torn.segment_seq);
@@ -502,36 +495,40 @@ impl Wal {
             return Err(WalError::RecordTooLarge { len: payload.len(), max });
         }
         loop {
-            let (latch, lsn) = {
-                let mut state = self.inner.state.borrow_mut();
-                if let Some(fenced) = &state.fenced {
-                    return Err(fenced.clone());
+            match self.try_reserve(glt, payload, max)? {
+                Some((latch, lsn)) => {
+                    self.inner.work.notify_all();
+                    return latch.wait().await.map(|()| lsn);
                 }
-                if state.closing {
-                    return Err(WalError::Closed);
+                // The open batch is full: wait until the writer opens the next one.
+                None => self.inner.space.wait().await,
+            }
+        }
+    }
+
+    /// Reserves a slot in the open batch and copies the record into it; `None` when the batch
+    /// is full. Never awaits, so the state borrow cannot outlive it.
+    fn try_reserve(&self, glt: u64, payload: &[u8], max: usize) -> Result<Option<Reserved>, WalError> {
+        let mut state = self.inner.state.borrow_mut();
+        if let Some(fenced) = &state.fenced {
+            return Err(fenced.clone());
+        }
+        if state.closing {
+            return Err(WalError::Closed);
+        }
+        match state.open.builder.reserve(payload.len()) {
+            Ok(slot) => match state.open.put_record(slot.offset, glt, slot.lsn, payload) {
+                Ok(()) => Ok(Some((Rc::clone(&state.open.latch), slot.lsn))),
+                Err(error) => {
+                    // The slot is reserved but empty: the batch must never be written.
+                    drop(state);
+                    let error = WalError::fenced("encode", None, error.to_string());
+                    self.inner.fence(&error);
+                    Err(error)
                 }
-                match state.open.builder.reserve(payload.len()) {
-                    Ok(slot) => match state.open.put_record(slot.offset, glt, slot.lsn, payload) {
-                        Ok(()) => (Rc::clone(&state.open.latch), slot.lsn),
-                        Err(error) => {
-                            // The slot is reserved but empty: the batch must never be written.
-                            drop(state);
-                            let error = WalError::fenced("encode", None, error.to_string());
-                            self.inner.fence(&error);
-                            return Err(error);
-                        }
-                    },
-                    Err(Reserve::BatchFull) => {
-                        let room = self.inner.space.wait();
-                        drop(state);
-                        room.await;
-                        continue;
-                    }
-                    Err(Reserve::TooLarge) => return Err(WalError::RecordTooLarge { len: payload.len(), max }),
-                }
-            };
-            self.inner.work.notify_all();
-            return latch.wait().await.map(|()| lsn);
+            },
+            Err(Reserve::BatchFull) => Ok(None),
+            Err(Reserve::TooLarge) => Err(WalError::RecordTooLarge { len: payload.len(), max }),
         }
     }
 
@@ -619,10 +616,9 @@ async fn write_segment_header(
 ) -> Result<(), WalError> {
     let mut sector = glommio::allocate_dma_buffer(SECTOR_BYTES);
     sector.as_bytes_mut().fill(0);
-    let header = SegmentHeader { shard_id: config.shard_id, segment_seq, first_lsn, segment_bytes: config.segment_bytes };
-    header
-        .encode_into(sector.as_bytes_mut())
-        .map_err(|error| WalError::fenced("write", None, error.to_string()))?;
+    let header =
+        SegmentHeader { shard_id: config.shard_id, segment_seq, first_lsn, segment_bytes: config.segment_bytes };
+    header.encode_into(sector.as_bytes_mut()).map_err(|error| WalError::fenced("write", None, error.to_string()))?;
     write_fully(file, sector, 0, config.faults.as_deref()).await
 }
 

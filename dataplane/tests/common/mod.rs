@@ -1,6 +1,6 @@
 //! Helpers shared by the WAL integration tests. Every test runs on real files with O_DIRECT
 //! and real fdatasync, on a glommio executor of its own.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::future::Future;
 use std::path::Path;

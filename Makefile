@@ -1,0 +1,45 @@
+# Meridian. `make test` and `make demo` install what they need on a fresh machine.
+SHELL := /bin/bash
+CARGO ?= cargo
+FUZZ_SECONDS ?= 60
+BENCH_ARGS ?=
+
+.PHONY: all build test demo bench fuzz lint clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --release
+
+## Run the whole test suite (real files, O_DIRECT, fdatasync, SIGKILLed child processes).
+test:
+	scripts/install-deps.sh test
+	$(CARGO) nextest run --workspace --no-fail-fast --profile ci
+
+## What exists so far, on this machine's disk: the WAL against fio and the raw device.
+## (The multi-region cluster demo arrives with the replication and orchestrator issues.)
+demo:
+	scripts/install-deps.sh bench
+	$(CARGO) build --release -p bench
+	./target/release/bench wal --duration-ms 1500 --warmup-ms 300 --sizes 128,4096 --appenders 1,256
+
+## Full benchmarks; JSON with BENCH_ARGS=--json. See bench/README.md.
+bench:
+	scripts/install-deps.sh bench
+	$(CARGO) build --release -p bench
+	./target/release/bench wal $(BENCH_ARGS)
+
+## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz).
+fuzz:
+	scripts/install-deps.sh fuzz
+	cd fuzz && for target in $$($(CARGO) +nightly fuzz list); do \
+	  $(CARGO) +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf bench-data

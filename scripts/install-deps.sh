@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what a make target needs on a fresh Debian machine, and nothing it already has.
+# Usage: scripts/install-deps.sh test|bench|fuzz
+set -euo pipefail
+
+need_apt=()
+want() { command -v "$1" >/dev/null 2>&1 || need_apt+=("$2"); }
+
+case "${1:-test}" in
+  test)
+    # The full-disk test formats and loop-mounts a small ext4 image.
+    want mkfs.ext4 e2fsprogs
+    want mount mount
+    ;;
+  bench)
+    want fio fio
+    ;;
+  fuzz)
+    ;;
+  *)
+    echo "usage: $0 test|bench|fuzz" >&2
+    exit 2
+    ;;
+esac
+
+if ((${#need_apt[@]})); then
+  echo "installing: ${need_apt[*]}" >&2
+  if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+case "${1:-test}" in
+  test)
+    if ! cargo nextest --version >/dev/null 2>&1; then
+      echo "installing cargo-nextest" >&2
+      cargo install cargo-nextest --locked
+    fi
+    ;;
+  fuzz)
+    if ! rustup toolchain list | grep -q '^nightly'; then
+      echo "cargo fuzz needs a nightly toolchain (rustup toolchain install nightly)" >&2
+      exit 1
+    fi
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+      echo "installing cargo-fuzz" >&2
+      cargo install cargo-fuzz --locked
+    fi
+    ;;
+esac
