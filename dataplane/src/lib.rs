@@ -7,6 +7,7 @@
 //!
 //! **Architecture Invariant:** no append is acknowledged before its bytes and an `fdatasync`
 //! barrier completed; a failed write or barrier fences the WAL for good.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless))]
 
 pub mod limits;
 pub mod runtime;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{payload, run, small_config, strict};
+use common::{fill, payload, run, small_config, strict};
 use dataplane::wal::format::segment_file_name;
 use dataplane::wal::recovery::Damage;
 use dataplane::wal::writer::scan;
@@ -81,16 +81,7 @@ fn flipped_bit_in_the_middle_is_a_named_error() {
 fn flipped_bit_in_a_sealed_segment_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(dir.path());
-    run({
-        let config = config.clone();
-        async move {
-            let wal = Wal::open(config).await.unwrap();
-            for id in 0..400 {
-                wal.append(id, &payload(id, 2000)).await.unwrap();
-            }
-            wal.close().await.unwrap();
-        }
-    });
+    fill(&config, 400, 2000);
     let plan = scan(&config).unwrap();
     assert!(plan.segments.len() >= 3);
     let path = dir.path().join(segment_file_name(0, 1));
@@ -107,16 +98,7 @@ fn flipped_bit_in_a_sealed_segment_is_an_error() {
 fn missing_segment_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = small_config(dir.path());
-    run({
-        let config = config.clone();
-        async move {
-            let wal = Wal::open(config).await.unwrap();
-            for id in 0..400 {
-                wal.append(id, &payload(id, 2000)).await.unwrap();
-            }
-            wal.close().await.unwrap();
-        }
-    });
+    fill(&config, 400, 2000);
     std::fs::remove_file(dir.path().join(segment_file_name(0, 2))).unwrap();
     assert!(matches!(
         scan(&config),

@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::check_payload;
+use dataplane::wal::torture::split_record_id;
 use dataplane::wal::writer::scan;
 use dataplane::wal::{WalConfig, WalReader};
 use rand::{Rng, SeedableRng};
@@ -22,10 +23,6 @@ fn config(dir: &std::path::Path) -> WalConfig {
     let mut config = WalConfig::new(dir, 0);
     config.record_payload_bytes_max = 64 << 10;
     config
-}
-
-fn split(id: u64) -> (u64, u64, u64) {
-    (id >> 40, (id >> 20) & 0xf_ffff, id & 0xf_ffff)
 }
 
 #[test]
@@ -99,7 +96,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             let id = check_payload(&record.payload)
                 .unwrap_or_else(|| panic!("round {round}: record {} damaged", record.lsn));
             assert_eq!(record.glt, id);
-            let (record_round, task, index) = split(id);
+            let (record_round, task, index) = split_record_id(id);
             assert_eq!(record_round, round, "only this round's records are new");
             assert!(task < TASKS);
             let next = present.entry(task).or_default();
@@ -125,7 +122,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let whole = WalReader::new(dir.path(), 0, config.record_payload_bytes_max).read_range(1, verified_until).unwrap();
     let mut present: HashMap<(u64, u64), u64> = HashMap::new();
     for record in &whole {
-        let (round, task, _) = split(check_payload(&record.payload).unwrap());
+        let (round, task, _) = split_record_id(check_payload(&record.payload).unwrap());
         *present.entry((round, task)).or_default() += 1;
     }
     for (key, count) in &acked {

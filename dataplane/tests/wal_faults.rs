@@ -26,6 +26,13 @@ async fn append_many(wal: &Wal, first_id: u64, count: u64, length: usize) -> Vec
     results
 }
 
+/// A small WAL configuration with failpoints armed by the test.
+fn faulty(dir: &Path) -> (Arc<FaultInjector>, WalConfig) {
+    let faults = Arc::new(FaultInjector::default());
+    let config = with_faults(small_config(dir), &faults);
+    (faults, config)
+}
+
 fn assert_all_fenced(results: &[Result<u64, WalError>], op: &str, errno: i32) {
     for result in results {
         match result {
@@ -39,8 +46,7 @@ fn assert_all_fenced(results: &[Result<u64, WalError>], op: &str, errno: i32) {
 
 fn fault_test(arm: impl Fn(&FaultInjector) + 'static, op: &'static str, errno: i32) {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(FaultInjector::default());
-    let config = with_faults(small_config(dir.path()), &faults);
+    let (faults, config) = faulty(dir.path());
     run({
         let config = config.clone();
         let faults = Arc::clone(&faults);
@@ -83,8 +89,7 @@ fn enospc_on_write_fences() {
 #[test]
 fn unaligned_short_write_fences() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(FaultInjector::default());
-    let config = with_faults(small_config(dir.path()), &faults);
+    let (faults, config) = faulty(dir.path());
     run(async move {
         let wal = Wal::open(config).await.unwrap();
         faults.fail_write(1, WriteFault::Short { aligned: false });
@@ -98,8 +103,7 @@ fn unaligned_short_write_fences() {
 #[test]
 fn aligned_short_write_is_continued() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(FaultInjector::default());
-    let config = with_faults(small_config(dir.path()), &faults);
+    let (faults, config) = faulty(dir.path());
     run({
         let config = config.clone();
         let faults = Arc::clone(&faults);
@@ -120,8 +124,7 @@ fn aligned_short_write_is_continued() {
 #[test]
 fn segment_creation_failure_fences_at_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(FaultInjector::default());
-    let config = with_faults(small_config(dir.path()), &faults);
+    let (faults, config) = faulty(dir.path());
     run({
         let config = config.clone();
         async move {

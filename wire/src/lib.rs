@@ -7,6 +7,7 @@
 //!
 //! **Architecture Invariant:** this crate does no I/O, reads no clock and allocates nothing on
 //! the encode/decode paths. It must never depend on an async runtime.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless))]
 
 pub mod limits;
 pub mod record;

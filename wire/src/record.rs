@@ -284,12 +284,6 @@ pub fn decode(bytes: &[u8], payload_bytes_max: u32) -> Result<(Record<'_>, usize
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    reason = "test arithmetic on small values"
-)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -36,12 +36,6 @@ pub fn shard_for(key: &[u8], shard_count: u32) -> u32 {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    reason = "test arithmetic on small values"
-)]
 mod tests {
     use super::*;
 

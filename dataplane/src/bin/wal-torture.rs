@@ -4,31 +4,19 @@
 //!
 //! Output, one line each: `ready <next_lsn>` once recovery finished, then
 //! `ack <round> <task> <index> <lsn>` after each append resolved.
-//! Record ids are `round << 40 | task << 20 | index`; payloads come from `payload_for`.
+//! Record ids are `round << 40 | task << 20 | index`; payloads come from `dataplane::wal::torture::payload`.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use dataplane::wal::torture::{payload, record_id};
 use dataplane::wal::{Wal, WalConfig};
 
 const USAGE: &str = "usage: wal-torture --dir DIR --round N [--tasks N] [--segment-bytes N] [--max-payload N]
 
 Appends records from --tasks concurrent tasks to the WAL of shard 0 in DIR until killed,
 printing `ack <round> <task> <index> <lsn>` for each acknowledged record.";
-
-/// The payload of record `id`, `length` bytes: the id, then bytes derived from it.
-fn payload_for(id: u64, length: usize) -> Vec<u8> {
-    let mut bytes = id.to_le_bytes().to_vec();
-    let mut state = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while bytes.len() < length.max(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        bytes.push(state.to_le_bytes()[0]);
-    }
-    bytes
-}
 
 struct Args {
     dir: PathBuf,
@@ -90,9 +78,9 @@ fn main() -> ExitCode {
             handles.push(glommio::spawn_local(async move {
                 let mut out = std::io::stdout();
                 for index in 0_u64.. {
-                    let id = round << 40 | task << 20 | index;
+                    let id = record_id(round, task, index);
                     let length = 8 + usize::try_from(id.wrapping_mul(7919) % max_payload).unwrap_or(8);
-                    let lsn = wal.append(id, &payload_for(id, length)).await.map_err(|error| error.to_string())?;
+                    let lsn = wal.append(id, &payload(id, length)).await.map_err(|error| error.to_string())?;
                     writeln!(out, "ack {round} {task} {index} {lsn}").map_err(|error| error.to_string())?;
                 }
                 Ok::<(), String>(())

@@ -266,12 +266,6 @@ impl BatchBuilder {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    reason = "test arithmetic on small values"
-)]
 mod tests {
     use super::*;
 

@@ -13,6 +13,7 @@ pub mod faults;
 pub mod format;
 pub mod reader;
 pub mod recovery;
+pub mod torture;
 pub mod writer;
 
 use std::path::PathBuf;

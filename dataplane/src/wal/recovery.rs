@@ -355,12 +355,6 @@ pub fn plan(
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss,
-    clippy::cast_lossless,
-    reason = "test arithmetic on small values"
-)]
 mod tests {
     use super::*;
     use crate::wal::format::{BatchBuilder, BatchLimits};

@@ -1,11 +1,24 @@
 //! Helpers shared by the WAL integration tests. Every test runs on real files with O_DIRECT
 //! and real fdatasync, on a glommio executor of its own.
-#![allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::future::Future;
 use std::path::Path;
 
 use dataplane::wal::{RecoveryMode, WalConfig, WalReader, WalRecord};
+
+/// Appends `count` records of `length` bytes one after the other (ids `0..count`) to a new
+/// or existing WAL and closes it.
+pub fn fill(config: &WalConfig, count: u64, length: usize) {
+    let config = config.clone();
+    run(async move {
+        let wal = dataplane::wal::Wal::open(config).await.unwrap();
+        for id in 0..count {
+            wal.append(id, &payload(id, length)).await.unwrap();
+        }
+        wal.close().await.unwrap();
+    });
+}
 
 /// Runs `future` on a fresh glommio executor.
 pub fn run<F: Future<Output = T> + 'static, T>(future: F) -> T {
@@ -22,24 +35,7 @@ pub fn small_config(dir: &Path) -> WalConfig {
     config
 }
 
-/// Deterministic payload for record `id`: its id, then bytes derived from it.
-pub fn payload(id: u64, length: usize) -> Vec<u8> {
-    let mut bytes = id.to_le_bytes().to_vec();
-    let mut state = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while bytes.len() < length.max(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        bytes.push(state as u8);
-    }
-    bytes
-}
-
-/// Checks that `bytes` is `payload(id, len)` for the id it starts with; returns the id.
-pub fn check_payload(bytes: &[u8]) -> Option<u64> {
-    let id = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
-    (payload(id, bytes.len()) == bytes).then_some(id)
-}
+pub use dataplane::wal::torture::{check_payload, payload};
 
 /// Every record recovery considers valid, read through the offline path (scan + reader).
 pub fn read_all(config: &WalConfig) -> Vec<WalRecord> {
