@@ -9,7 +9,6 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::{check_payload, payload, read_all, run, small_config};
-use dataplane::wal::writer::with_faults;
 use dataplane::wal::{FaultInjector, Wal, WalConfig, WalError, WriteFault};
 
 /// Appends `count` records concurrently; returns each outcome.
@@ -29,7 +28,8 @@ async fn append_many(wal: &Wal, first_id: u64, count: u64, length: usize) -> Vec
 /// A small WAL configuration with failpoints armed by the test.
 fn faulty(dir: &Path) -> (Arc<FaultInjector>, WalConfig) {
     let faults = Arc::new(FaultInjector::default());
-    let config = with_faults(small_config(dir), &faults);
+    let mut config = small_config(dir);
+    config.faults = Some(Arc::clone(&faults));
     (faults, config)
 }
 

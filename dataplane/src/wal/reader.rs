@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 
 use super::WalError;
-use super::format::{BATCH_BEGIN_BYTES, SECTOR_BYTES, SegmentHeader};
+use super::format::{BATCH_BEGIN_BYTES, SECTOR_BYTES, SegmentHeader, segment_file_name};
 use super::recovery::{Damage, RecoveryError, scan_batch};
 use super::writer::{list_segments, map_file};
 
@@ -41,7 +41,7 @@ impl WalReader {
 
     /// A cursor yielding records with `from <= lsn < until`.
     pub fn cursor(&self, from: u64, until: u64) -> WalCursor {
-        WalCursor { reader: self.clone(), next_lsn: from, until, segment: None, exhausted: None }
+        WalCursor { reader: self.clone(), next_lsn: from, until, segment: None }
     }
 
     /// All records with `from <= lsn < until`, collected.
@@ -78,8 +78,6 @@ pub struct WalCursor {
     next_lsn: u64,
     until: u64,
     segment: Option<OpenSegment>,
-    /// The segment whose data ended, so a reopen that finds it again is a hole in the log.
-    exhausted: Option<u64>,
 }
 
 impl std::fmt::Debug for WalCursor {
@@ -103,40 +101,64 @@ impl WalCursor {
         WalError::Recovery(RecoveryError::Corruption { segment_seq, offset: offset as u64, damage })
     }
 
-    /// Maps the segment holding `self.next_lsn`.
-    fn open_segment(&mut self) -> Result<(), WalError> {
-        let files = list_segments(&self.reader.dir, self.reader.shard_id)?;
+    fn no_segment(&self) -> WalError {
+        WalError::Io {
+            op: "read",
+            path: self.reader.dir.display().to_string(),
+            errno: None,
+            message: format!("no segment holds LSN {}", self.next_lsn),
+        }
+    }
+
+    /// Maps a segment whose header decodes; `None` if the file is missing or empty.
+    fn map_segment(&self, segment_seq: u64) -> Result<Option<(SegmentHeader, Bytes)>, WalError> {
+        let path = self.reader.dir.join(segment_file_name(self.reader.shard_id, segment_seq));
+        if !path.exists() {
+            return Ok(None);
+        }
+        let Some(map) = map_file(&path)? else { return Ok(None) };
+        let header = SegmentHeader::decode(&map[..map.len().min(SECTOR_BYTES)])
+            .map_err(|error| Self::corruption(segment_seq, 0, Damage::SegmentHeader(error.to_string())))?;
+        Ok(Some((header, Bytes::from_owner(map))))
+    }
+
+    /// Finds and maps the segment holding `self.next_lsn`: the last one starting at or before
+    /// it. Only the first positioning searches; later segments follow by sequence number.
+    fn find_segment(&self) -> Result<(u64, SegmentHeader, Bytes), WalError> {
         let mut chosen = None;
-        for (segment_seq, path) in files {
-            let Some(map) = map_file(&path)? else { continue };
-            let Ok(header) = SegmentHeader::decode(&map[..map.len().min(SECTOR_BYTES)]) else { continue };
-            if header.first_lsn <= self.next_lsn {
-                chosen = Some((segment_seq, header, map));
-            } else {
-                break;
+        for (segment_seq, _) in list_segments(&self.reader.dir, self.reader.shard_id)? {
+            match self.map_segment(segment_seq) {
+                Ok(Some((header, bytes))) if header.first_lsn <= self.next_lsn => {
+                    chosen = Some((segment_seq, header, bytes));
+                }
+                Ok(Some(_)) => break,
+                // Unused or torn-header segments hold no records.
+                Ok(None) | Err(_) => {}
             }
         }
-        if let Some((segment_seq, _, map)) = &chosen
-            && Some(*segment_seq) == self.exhausted
-        {
-            let offset = map.len();
+        chosen.ok_or_else(|| self.no_segment())
+    }
+
+    /// Maps the segment after `segment_seq`, which must start at `self.next_lsn`.
+    fn next_segment(&self, segment_seq: u64, segment_bytes: usize) -> Result<(u64, SegmentHeader, Bytes), WalError> {
+        let next = segment_seq + 1;
+        let Some((header, bytes)) = self.map_segment(next)? else {
+            return Err(self.no_segment());
+        };
+        if header.first_lsn != self.next_lsn {
             return Err(Self::corruption(
-                *segment_seq,
-                offset,
-                Damage::LsnGap { expected: self.next_lsn, found: self.next_lsn.saturating_sub(1) },
+                segment_seq,
+                segment_bytes,
+                Damage::LsnGap { expected: self.next_lsn, found: header.first_lsn },
             ));
         }
-        let Some((segment_seq, header, map)) = chosen else {
-            return Err(WalError::Io {
-                op: "read",
-                path: self.reader.dir.display().to_string(),
-                errno: None,
-                message: format!("no segment holds LSN {}", self.next_lsn),
-            });
-        };
+        Ok((next, header, bytes))
+    }
+
+    fn open_segment(&mut self, (segment_seq, header, bytes): (u64, SegmentHeader, Bytes)) {
         self.segment = Some(OpenSegment {
             segment_seq,
-            bytes: Bytes::from_owner(map),
+            bytes,
             batch_offset: SECTOR_BYTES,
             batch_first_lsn: header.first_lsn,
             batch_records: 0,
@@ -144,7 +166,6 @@ impl WalCursor {
             record_index: 0,
             record_offset: 0,
         });
-        Ok(())
     }
 
     /// The next record, `None` once `until` is reached.
@@ -152,7 +173,8 @@ impl WalCursor {
         let payload_max = self.reader.payload_bytes_max;
         while self.next_lsn < self.until {
             if self.segment.is_none() {
-                self.open_segment()?;
+                let found = self.find_segment()?;
+                self.open_segment(found);
             }
             let Some(segment) = self.segment.as_mut() else { continue };
             if segment.batch_records == 0 {
@@ -162,8 +184,9 @@ impl WalCursor {
                     || bytes[segment.batch_offset..segment.batch_offset + BATCH_BEGIN_BYTES].iter().all(|b| *b == 0)
                 {
                     // End of this segment's data: the next segment continues the log.
-                    self.exhausted = Some(segment.segment_seq);
-                    self.segment = None;
+                    let (segment_seq, segment_bytes) = (segment.segment_seq, bytes.len());
+                    let next = self.next_segment(segment_seq, segment_bytes)?;
+                    self.open_segment(next);
                     continue;
                 }
                 let (begin, extent) = scan_batch(bytes, segment.batch_offset, segment.batch_first_lsn, payload_max)

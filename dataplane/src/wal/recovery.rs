@@ -165,6 +165,14 @@ pub struct RecoveryPlan {
     pub next_lsn: u64,
 }
 
+impl RecoveryPlan {
+    /// The highest segment sequence on disk (every scanned file is in use or unused).
+    pub fn last_segment_seq(&self) -> Option<u64> {
+        let in_use = self.segments.last().map(|segment| segment.segment_seq);
+        in_use.max(self.unused.iter().copied().max())
+    }
+}
+
 fn is_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|byte| *byte == 0)
 }
@@ -272,10 +280,11 @@ pub fn plan(
     }
     let header_in_use =
         |segment: &SegmentBytes<'_>| segment.bytes.len() >= SECTOR_BYTES && !is_zero(&segment.bytes[..SECTOR_BYTES]);
+    let last_in_use = segments.iter().rposition(header_in_use);
     let mut plan = RecoveryPlan { next_lsn: 1, ..RecoveryPlan::default() };
     let mut expected_lsn: Option<u64> = None;
     for (index, segment) in segments.iter().enumerate() {
-        let later_in_use = segments[index + 1..].iter().any(header_in_use);
+        let later_in_use = last_in_use.is_some_and(|last| last > index);
         let corruption = |offset: usize, damage: Damage| RecoveryError::Corruption {
             segment_seq: segment.segment_seq,
             offset: offset as u64,

@@ -10,7 +10,6 @@
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
 
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use glommio::{GlommioError, Task};
@@ -39,8 +38,6 @@ pub struct WalStats {
     pub payload_bytes: u64,
     /// Bytes written to segments by batches (headers and padding included).
     pub batch_bytes: u64,
-    /// Barriers issued.
-    pub fdatasyncs: u64,
     /// Segment rotations.
     pub rotations: u64,
 }
@@ -71,34 +68,28 @@ impl OpenBatch {
         }
     }
 
-    /// Copies `bytes` to `offset` from the batch start, across chunk boundaries.
-    fn copy_in(&mut self, mut offset: usize, mut bytes: &[u8]) {
-        self.ensure_capacity(offset + bytes.len());
-        while !bytes.is_empty() {
-            let chunk = &mut self.chunks[offset / self.chunk_bytes];
-            let within = offset % self.chunk_bytes;
-            let take = bytes.len().min(self.chunk_bytes - within);
-            chunk.as_bytes_mut()[within..within + take].copy_from_slice(&bytes[..take]);
-            offset += take;
-            bytes = &bytes[take..];
-        }
-    }
-
-    fn zero(&mut self, mut offset: usize, end: usize) {
+    /// Calls `fill` with each piece of the batch range `offset..end` (across chunk
+    /// boundaries) and the position of that piece within the range.
+    fn for_each_span(&mut self, mut offset: usize, end: usize, mut fill: impl FnMut(&mut [u8], usize)) {
         self.ensure_capacity(end);
+        let start = offset;
         while offset < end {
             let chunk = &mut self.chunks[offset / self.chunk_bytes];
             let within = offset % self.chunk_bytes;
             let take = (end - offset).min(self.chunk_bytes - within);
-            chunk.as_bytes_mut()[within..within + take].fill(0);
+            fill(&mut chunk.as_bytes_mut()[within..within + take], offset - start);
             offset += take;
         }
     }
 
+    /// Copies `bytes` to `offset` from the batch start.
+    fn copy_in(&mut self, offset: usize, bytes: &[u8]) {
+        self.for_each_span(offset, offset + bytes.len(), |span, at| span.copy_from_slice(&bytes[at..at + span.len()]));
+    }
+
     /// Writes the record for `slot` into the buffers.
-    fn put_record(&mut self, offset: usize, glt: u64, lsn: u64, payload: &[u8]) -> Result<(), WalError> {
-        let header = wire::encode_header(wire::RecordType::Data, glt, lsn, payload)
-            .map_err(|error| WalError::RecordTooLarge { len: payload.len(), max: error_limit(error) })?;
+    fn put_record(&mut self, offset: usize, glt: u64, lsn: u64, payload: &[u8]) -> Result<(), wire::EncodeError> {
+        let header = wire::encode_header(wire::RecordType::Data, glt, lsn, payload)?;
         self.copy_in(offset, &header);
         self.copy_in(offset + header.len(), payload);
         self.payload_bytes += payload.len() as u64;
@@ -110,7 +101,7 @@ impl OpenBatch {
         let (begin, extent) = self.builder.seal();
         self.copy_in(0, &begin.encode());
         let used = self.builder.used_bytes();
-        self.zero(used, extent);
+        self.for_each_span(used, extent, |span, _| span.fill(0));
         let full_chunks = extent / self.chunk_bytes;
         let remainder = extent % self.chunk_bytes;
         self.chunks.truncate(full_chunks + usize::from(remainder > 0));
@@ -128,13 +119,6 @@ impl OpenBatch {
             latch: self.latch,
             payload_bytes: self.payload_bytes,
         }
-    }
-}
-
-fn error_limit(error: wire::EncodeError) -> usize {
-    match error {
-        wire::EncodeError::PayloadTooLarge { max, .. } => max as usize,
-        wire::EncodeError::BufferTooSmall { available, .. } => available,
     }
 }
 
@@ -231,11 +215,10 @@ fn segment_path(config: &WalConfig, segment_seq: u64) -> PathBuf {
 /// empty short writes cannot be continued with O_DIRECT and are errors.
 async fn write_fully(
     file: &DmaFile,
-    buffer: DmaBuffer,
+    mut buffer: Rc<DmaBuffer>,
     mut position: u64,
     faults: Option<&FaultInjector>,
 ) -> Result<(), WalError> {
-    let mut buffer = Rc::new(buffer);
     loop {
         let length = buffer.len();
         let written = match faults.and_then(FaultInjector::on_write) {
@@ -270,6 +253,34 @@ async fn write_fully(
     }
 }
 
+fn zeroed_buffer(bytes: usize) -> DmaBuffer {
+    let mut buffer = glommio::allocate_dma_buffer(bytes);
+    buffer.as_bytes_mut().fill(0);
+    buffer
+}
+
+/// Writes zeros over `start..end` (sector aligned) in writes of at most `step` bytes.
+async fn write_zeros(
+    file: &DmaFile,
+    start: u64,
+    end: u64,
+    step: usize,
+    faults: Option<&FaultInjector>,
+) -> Result<(), WalError> {
+    let zeros = Rc::new(zeroed_buffer(step));
+    let mut offset = start;
+    while offset < end {
+        let buffer = match usize::try_from(end - offset) {
+            Ok(remaining) if remaining < step => Rc::new(zeroed_buffer(remaining)),
+            _ => Rc::clone(&zeros),
+        };
+        let length = buffer.len() as u64;
+        write_fully(file, buffer, offset, faults).await?;
+        offset += length;
+    }
+    Ok(())
+}
+
 async fn fdatasync(file: &DmaFile, faults: Option<&FaultInjector>) -> Result<(), WalError> {
     if let Some(errno) = faults.and_then(FaultInjector::on_sync) {
         let error = std::io::Error::from_raw_os_error(errno);
@@ -282,61 +293,31 @@ async fn fdatasync(file: &DmaFile, faults: Option<&FaultInjector>) -> Result<(),
 /// directory entry synced, so later appends' `fdatasync` never write metadata.
 async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize) -> Result<DmaFile, WalError> {
     let path = segment_path(&config, segment_seq);
-    let fence = |op: &'static str, errno: Option<i32>, message: String| {
-        WalError::fenced(op, errno, format!("{}: {message}", path.display()))
+    let fail = |errno: Option<i32>, message: &dyn std::fmt::Display| {
+        WalError::fenced("create segment", errno, format!("{}: {message}", path.display()))
     };
+    let fail_glommio = |error: GlommioError<()>| fail(error.raw_os_error(), &error);
     if let Some(errno) = config.faults.as_deref().and_then(FaultInjector::on_create) {
-        let error = std::io::Error::from_raw_os_error(errno);
-        return Err(fence("create segment", Some(errno), format!("{error} (injected)")));
+        return Err(fail(Some(errno), &format!("{} (injected)", std::io::Error::from_raw_os_error(errno))));
     }
     match std::fs::remove_file(&path) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(error) => return Err(fence("create segment", error.raw_os_error(), error.to_string())),
+        Err(error) => return Err(fail(error.raw_os_error(), &error)),
     }
-    let file = OpenOptions::new().read(true).write(true).create_new(true).dma_open(&path).await.map_err(|error| {
-        let (errno, message) = glommio_error(&error);
-        fence("create segment", errno, message)
-    })?;
+    let file =
+        OpenOptions::new().read(true).write(true).create_new(true).dma_open(&path).await.map_err(fail_glommio)?;
     let result: Result<(), WalError> = async {
-        file.pre_allocate(config.segment_bytes, false).await.map_err(|error| {
-            let (errno, message) = glommio_error(&error);
-            fence("create segment", errno, message)
-        })?;
+        file.pre_allocate(config.segment_bytes, false).await.map_err(fail_glommio)?;
+        // Failpoints count data writes only: zero-filling runs in the background and must not
+        // shift which write a test's fault hits.
         let step = io_bytes_max.min(limits::WAL_ZERO_FILL_IO_BYTES);
-        let zeros = {
-            let mut buffer = glommio::allocate_dma_buffer(step);
-            buffer.as_bytes_mut().fill(0);
-            Rc::new(buffer)
-        };
-        let mut offset = 0_u64;
-        while offset < config.segment_bytes {
-            let remaining = config.segment_bytes - offset;
-            let written = if remaining >= step as u64 {
-                file.write_rc_at(Rc::clone(&zeros), offset).await
-            } else {
-                let mut tail = glommio::allocate_dma_buffer(usize::try_from(remaining).unwrap_or(step));
-                tail.as_bytes_mut().fill(0);
-                file.write_at(tail, offset).await
-            }
-            .map_err(|error| {
-                let (errno, message) = glommio_error(&error);
-                fence("create segment", errno, message)
-            })?;
-            if written == 0 || written % SECTOR_BYTES != 0 {
-                return Err(fence(
-                    "create segment",
-                    None,
-                    format!("short write of {written} bytes while zero-filling"),
-                ));
-            }
-            offset += written as u64;
-        }
-        file.fdatasync().await.map_err(|error| {
-            let (errno, message) = glommio_error(&error);
-            fence("create segment", errno, message)
+        write_zeros(&file, 0, config.segment_bytes, step, None).await.map_err(|error| match error {
+            WalError::Fenced { errno, message, .. } => fail(errno, &message),
+            other => other,
         })?;
-        sync_dir(&config.dir).map_err(|error| fence("create segment", error.raw_os_error(), error.to_string()))
+        file.fdatasync().await.map_err(fail_glommio)?;
+        sync_dir(&config.dir).map_err(|error| fail(error.raw_os_error(), &error))
     }
     .await;
     if let Err(error) = result {
@@ -405,7 +386,6 @@ impl Wal {
         std::fs::create_dir_all(&config.dir)
             .map_err(|error| WalError::io("create directory", config.dir.display(), &error))?;
         let io_bytes_max = config.io_bytes_max.unwrap_or_else(|| device_io_bytes_max(&config.dir));
-        let files = list_segments(&config.dir, config.shard_id)?;
         let plan = scan(&config)?;
         let faults = config.faults.clone();
 
@@ -420,20 +400,12 @@ impl Wal {
                 let (errno, message) = glommio_error(&error);
                 WalError::Io { op: "open for tail repair", path: path.display().to_string(), errno, message }
             })?;
-            let mut offset = torn.offset;
-            let end = torn.offset + torn.zero_bytes;
-            while offset < end {
-                let step = usize::try_from(end - offset).unwrap_or(io_bytes_max).min(io_bytes_max);
-                let mut zeros = glommio::allocate_dma_buffer(step);
-                zeros.as_bytes_mut().fill(0);
-                write_fully(&file, zeros, offset, faults.as_deref()).await?;
-                offset += step as u64;
-            }
+            write_zeros(&file, torn.offset, torn.offset + torn.zero_bytes, io_bytes_max, faults.as_deref()).await?;
             fdatasync(&file, faults.as_deref()).await?;
             let _ = file.close().await;
         }
 
-        let next_seq = files.last().map_or(1, |(segment_seq, _)| segment_seq + 1);
+        let next_seq = plan.last_segment_seq().map_or(1, |segment_seq| segment_seq + 1);
         let segments = match plan.segments.last() {
             Some(last) => {
                 let path = segment_path(&config, last.segment_seq);
@@ -614,12 +586,11 @@ async fn write_segment_header(
     segment_seq: u64,
     first_lsn: u64,
 ) -> Result<(), WalError> {
-    let mut sector = glommio::allocate_dma_buffer(SECTOR_BYTES);
-    sector.as_bytes_mut().fill(0);
+    let mut sector = zeroed_buffer(SECTOR_BYTES);
     let header =
         SegmentHeader { shard_id: config.shard_id, segment_seq, first_lsn, segment_bytes: config.segment_bytes };
     header.encode_into(sector.as_bytes_mut()).map_err(|error| WalError::fenced("write", None, error.to_string()))?;
-    write_fully(file, sector, 0, config.faults.as_deref()).await
+    write_fully(file, Rc::new(sector), 0, config.faults.as_deref()).await
 }
 
 impl Inner {
@@ -686,11 +657,11 @@ impl Inner {
             let segments = segments.as_ref().ok_or(WalError::Closed)?;
             (Rc::clone(&segments.active), segments.frontier)
         };
-        let chunks = std::mem::take(&mut batch.chunks);
-        if chunks.len() == 1 {
-            for chunk in chunks {
-                write_fully(&file, chunk, position, self.faults()).await?;
-            }
+        let mut chunks = std::mem::take(&mut batch.chunks);
+        if chunks.len() == 1
+            && let Some(chunk) = chunks.pop()
+        {
+            write_fully(&file, Rc::new(chunk), position, self.faults()).await?;
         } else {
             // Each chunk is at most `max_sectors_kb`; issue them together, then wait for all.
             let tasks: Vec<Task<Result<(), WalError>>> = chunks
@@ -700,7 +671,7 @@ impl Inner {
                     let file = Rc::clone(&file);
                     let faults = self.config.faults.clone();
                     let at = position + (index * batch.chunk_bytes) as u64;
-                    glommio::spawn_local(async move { write_fully(&file, chunk, at, faults.as_deref()).await })
+                    glommio::spawn_local(async move { write_fully(&file, Rc::new(chunk), at, faults.as_deref()).await })
                 })
                 .collect();
             let mut first_error = None;
@@ -773,7 +744,6 @@ async fn writer_loop(inner: Rc<Inner>) {
                     stats.records += batch.next_lsn - batch.first_lsn;
                     stats.payload_bytes += batch.payload_bytes;
                     stats.batch_bytes += batch.extent;
-                    stats.fdatasyncs += 1;
                 }
                 batch.latch.set(Ok(()));
                 inner.durable.notify_all();
@@ -797,10 +767,4 @@ fn finish_writer(inner: &Inner) {
     inner.space.notify_all();
     inner.durable.notify_all();
     inner.writer_exit.notify_all();
-}
-
-/// Shares a fault injector; a helper for tests and the torture binary.
-pub fn with_faults(mut config: WalConfig, faults: &Arc<FaultInjector>) -> WalConfig {
-    config.faults = Some(Arc::clone(faults));
-    config
 }
