@@ -10,6 +10,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless))]
 
 pub mod limits;
+pub mod proto;
 pub mod record;
 pub mod routing;
 

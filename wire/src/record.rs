@@ -56,11 +56,27 @@ pub enum RecordType {
     BatchBegin = 2,
     /// An opaque WAL entry written by the layer above the WAL.
     Data = 3,
+    /// A client request frame (`seq` is the request id; payload per [`crate::proto`]).
+    Request = 4,
+    /// A response frame (`seq` echoes the request id; payload per [`crate::proto`]).
+    Response = 5,
+    /// First record of a store checkpoint file (payload defined by the store).
+    Checkpoint = 6,
+    /// Header sector of a chunk file (payload defined by the chunk server).
+    Chunk = 7,
 }
 
 impl RecordType {
     /// Every type this build knows, for tests and fuzzers.
-    pub const ALL: [RecordType; 3] = [Self::SegmentHeader, Self::BatchBegin, Self::Data];
+    pub const ALL: [RecordType; 7] = [
+        Self::SegmentHeader,
+        Self::BatchBegin,
+        Self::Data,
+        Self::Request,
+        Self::Response,
+        Self::Checkpoint,
+        Self::Chunk,
+    ];
 
     /// The type for a byte read from a header, if this build knows it.
     pub fn from_u8(value: u8) -> Option<Self> {
