@@ -1,0 +1,516 @@
+//! The shard-routing client: shard map from `Hello`, one lazily opened connection per shard,
+//! retries of idempotent requests, fan-out of listings and batches.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use wire::proto::{ErrorCode, Request};
+
+use crate::connection::{Connection, Encode, Reply};
+use crate::error::ClientError;
+
+/// First pause before a retry; doubled for each further attempt.
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+/// Longest pause between two attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest key, prefix or continuation the wire format can carry (u16 length prefix).
+const KEY_BYTES_MAX: usize = u16::MAX as usize;
+
+/// How a [`Client`] connects, waits and retries.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Longest wait for a TCP connection to a node.
+    pub connect_timeout: Duration,
+    /// Longest wait for the response to one attempt of a request, queueing included.
+    pub request_timeout: Duration,
+    /// Largest frame payload sent or accepted, capped at [`wire::limits::PAYLOAD_BYTES_MAX`].
+    pub frame_payload_bytes_max: u32,
+    /// Further attempts of a request after the first one fails in a retryable way.
+    pub retries: u32,
+    /// Most requests in flight on one connection; further callers wait for a slot.
+    pub in_flight_max: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            frame_payload_bytes_max: wire::limits::PAYLOAD_BYTES_MAX,
+            retries: 3,
+            in_flight_max: 256,
+        }
+    }
+}
+
+/// A value and the timestamp of its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// The version's timestamp.
+    pub ts: u64,
+    /// The value; shares the response frame's buffer.
+    pub value: Bytes,
+}
+
+/// Metadata of a key's visible version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// The version's timestamp.
+    pub ts: u64,
+    /// Value size in bytes.
+    pub size: u64,
+    /// Chunks holding the value (0: stored inline).
+    pub chunks: u32,
+    /// Versions retained for the key.
+    pub versions: u32,
+}
+
+/// One key of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The key.
+    pub key: Vec<u8>,
+    /// Timestamp of the visible version.
+    pub ts: u64,
+    /// Value size in bytes.
+    pub size: u64,
+}
+
+/// A page of keys in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// The entries, in ascending key order.
+    pub entries: Vec<Entry>,
+    /// Pass as `start_after` to get the next page; `None` when the listing is complete.
+    pub next: Option<Vec<u8>>,
+}
+
+/// A Meridian client. Cheap to clone; all clones share the shard map and the connections.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    shard_count: u32,
+    addresses: Vec<String>,
+    /// The connection of each shard, opened on first use and replaced once it breaks. The async
+    /// lock makes concurrent first users share one connect instead of racing several.
+    connections: Vec<tokio::sync::Mutex<Option<Arc<Connection>>>>,
+}
+
+impl Client {
+    /// Connects to `seed`, asks it for the shard map and keeps that connection for the shard
+    /// that answered. Connection failures are retried `config.retries` times.
+    pub async fn connect(seed: &str, config: ClientConfig) -> Result<Self, ClientError> {
+        let encode_hello: &Encode<'_> = &|out| {
+            Request::Hello.encode(out);
+            Ok(())
+        };
+        let mut attempt = 0;
+        let (connection, reply) = loop {
+            let result = match Connection::open(seed, &config).await {
+                Ok(connection) => connection.request(1, encode_hello).await.map(|reply| (connection, reply)),
+                Err(error) => Err(error),
+            };
+            if attempt >= config.retries || !should_retry(result.as_ref().map(|(_, reply)| reply), true) {
+                break result?;
+            }
+            attempt += 1;
+            tokio::time::sleep(backoff(attempt)).await;
+        };
+        let (shard, addresses) = match reply {
+            Reply::Hello { shard, addresses } => (shard, addresses),
+            other => return Err(unexpected(other, "Hello")),
+        };
+        let shard_count = u32::try_from(addresses.len())
+            .map_err(|_| ClientError::Protocol(format!("{} shards in the shard map", addresses.len())))?;
+        if shard_count == 0 || shard >= shard_count {
+            return Err(ClientError::Protocol(format!(
+                "shard map of {shard_count} shards from shard {shard}: no shard to route to"
+            )));
+        }
+        // The seed's connection serves the shard that answered, whatever address it was dialed by.
+        let mut seed = Some(Arc::new(connection));
+        let connections = (0..shard_count)
+            .map(|index| tokio::sync::Mutex::new(if index == shard { seed.take() } else { None }))
+            .collect::<Vec<_>>();
+        Ok(Self { inner: Arc::new(Inner { config, shard_count, addresses, connections }) })
+    }
+
+    /// Number of shards in the shard map.
+    pub fn shard_count(&self) -> u32 {
+        self.inner.shard_count
+    }
+
+    /// Every shard's client address, by shard id.
+    pub fn addresses(&self) -> &[String] {
+        &self.inner.addresses
+    }
+
+    /// The shard that owns `key`.
+    pub fn shard_for(&self, key: &[u8]) -> u32 {
+        wire::shard_for(key, self.inner.shard_count)
+    }
+
+    /// Writes `value` as the new version of `key`; returns the version's timestamp once durable.
+    /// Not retried once sent: if the connection breaks, the write may or may not have happened.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<u64, ClientError> {
+        check_len("key", key)?;
+        let body_bytes = 1 + 2 + key.len() + value.len();
+        self.check_request_len(body_bytes)?;
+        let encode: &Encode<'_> = &|out| {
+            Request::Put { key, value }.encode(out);
+            Ok(())
+        };
+        match self.call(self.shard_for(key), false, body_bytes, encode).await? {
+            Reply::Written { ts } => Ok(ts),
+            other => Err(unexpected(other, "Put")),
+        }
+    }
+
+    /// Reads `key` as of timestamp `at` (`None`: latest). `Ok(None)` when no version is visible.
+    pub async fn get(&self, key: &[u8], at: Option<u64>) -> Result<Option<Versioned>, ClientError> {
+        check_len("key", key)?;
+        let encode: &Encode<'_> = &|out| {
+            Request::Get { key, at }.encode(out);
+            Ok(())
+        };
+        match self.call(self.shard_for(key), true, 1 + 8 + 2 + key.len(), encode).await? {
+            Reply::Value { ts, value } => Ok(Some(Versioned { ts, value })),
+            Reply::NotFound => Ok(None),
+            other => Err(unexpected(other, "Get")),
+        }
+    }
+
+    /// Writes a tombstone for `key`; returns its timestamp. Not retried once sent.
+    /// [`ClientError::NotFound`] if the server reports there was nothing to delete.
+    pub async fn delete(&self, key: &[u8]) -> Result<u64, ClientError> {
+        check_len("key", key)?;
+        let encode: &Encode<'_> = &|out| {
+            Request::Delete { key }.encode(out);
+            Ok(())
+        };
+        match self.call(self.shard_for(key), false, 1 + 2 + key.len(), encode).await? {
+            Reply::Written { ts } => Ok(ts),
+            Reply::NotFound => Err(ClientError::NotFound),
+            other => Err(unexpected(other, "Delete")),
+        }
+    }
+
+    /// Metadata of `key` as of `at` (`None`: latest). `Ok(None)` when no version is visible.
+    pub async fn stat(&self, key: &[u8], at: Option<u64>) -> Result<Option<Stat>, ClientError> {
+        check_len("key", key)?;
+        let encode: &Encode<'_> = &|out| {
+            Request::Stat { key, at }.encode(out);
+            Ok(())
+        };
+        match self.call(self.shard_for(key), true, 1 + 8 + 2 + key.len(), encode).await? {
+            Reply::Stat { ts, size, chunks, versions } => Ok(Some(Stat { ts, size, chunks, versions })),
+            Reply::NotFound => Ok(None),
+            other => Err(unexpected(other, "Stat")),
+        }
+    }
+
+    /// Lists up to `limit` keys starting with `prefix` and strictly after `start_after` (empty:
+    /// from the start), in key order, as of `at` (`None`: each shard's latest; the pages of
+    /// different shards are then not one snapshot).
+    ///
+    /// Keys of a prefix are spread over all shards, so every shard is asked for `limit` keys
+    /// and the pages are merged. The merged page stops at the smallest continuation point of
+    /// a shard that has more, so no key is skipped even when a shard answers with fewer keys
+    /// than asked. Pass [`Listing::next`] as `start_after` to continue. A `limit` of 0 asks
+    /// nothing and returns an empty, complete listing.
+    pub async fn list(
+        &self,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: u32,
+        at: Option<u64>,
+    ) -> Result<Listing, ClientError> {
+        check_len("prefix", prefix)?;
+        check_len("start_after", start_after)?;
+        if limit == 0 {
+            return Ok(Listing::default());
+        }
+        let pages =
+            join_all((0..self.inner.shard_count).map(|shard| self.list_shard(shard, prefix, start_after, limit, at)))
+                .await
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()?;
+        Ok(merge_pages(pages, limit as usize))
+    }
+
+    async fn list_shard(
+        &self,
+        shard: u32,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: u32,
+        at: Option<u64>,
+    ) -> Result<Page, ClientError> {
+        let encode: &Encode<'_> = &|out| {
+            Request::List { prefix, start_after, limit, at }.encode(out);
+            Ok(())
+        };
+        let body_bytes = 1 + 8 + 4 + 2 + prefix.len() + 2 + start_after.len();
+        let (entries, next) = match self.call(shard, true, body_bytes, encode).await? {
+            Reply::Listing { entries, next } => (entries, next),
+            other => return Err(unexpected(other, "List")),
+        };
+        let mut previous = start_after;
+        for entry in &entries {
+            if entry.key.as_slice() <= previous || !entry.key.starts_with(prefix) {
+                return Err(ClientError::Protocol(format!(
+                    "shard {shard} listed key {:?} out of order or outside the prefix",
+                    String::from_utf8_lossy(&entry.key)
+                )));
+            }
+            previous = &entry.key;
+        }
+        Ok(Page { entries, next })
+    }
+
+    /// Writes every (key, value) pair: one `BatchPut` per shard owning some of the keys, sent
+    /// concurrently. Each shard's part is atomic (one timestamp, all or nothing); the batch as a
+    /// whole is NOT: if one shard fails, the parts of other shards may be written. Returns the
+    /// largest timestamp of the parts. Not retried once sent. An empty batch sends nothing and
+    /// returns 0.
+    pub async fn batch_put(&self, items: &[(&[u8], &[u8])]) -> Result<u64, ClientError> {
+        let mut groups: Vec<Vec<(&[u8], &[u8])>> = vec![Vec::new(); self.inner.connections.len()];
+        for &(key, value) in items {
+            check_len("key", key)?;
+            groups[self.shard_for(key) as usize].push((key, value));
+        }
+        let mut parts = Vec::new();
+        for (shard, group) in (0_u32..).zip(&groups) {
+            if group.is_empty() {
+                continue;
+            }
+            let body_bytes = group.iter().map(|(key, value)| 2 + key.len() + 4 + value.len()).sum::<usize>() + 1 + 4;
+            self.check_request_len(body_bytes)?;
+            parts.push(self.batch_put_shard(shard, group, body_bytes));
+        }
+        let mut ts_max = 0;
+        for result in join_all(parts).await {
+            ts_max = ts_max.max(result?);
+        }
+        Ok(ts_max)
+    }
+
+    async fn batch_put_shard(
+        &self,
+        shard: u32,
+        group: &[(&[u8], &[u8])],
+        body_bytes: usize,
+    ) -> Result<u64, ClientError> {
+        let encode: &Encode<'_> = &|out| {
+            wire::proto::encode_batch_put(group.iter().copied(), out).map_err(|error| ClientError::TooLarge {
+                what: "batch item",
+                len: match error {
+                    wire::EncodeError::PayloadTooLarge { len, .. } => len,
+                    wire::EncodeError::BufferTooSmall { needed, .. } => needed,
+                },
+                max: u32::MAX as usize,
+            })
+        };
+        match self.call(shard, false, body_bytes, encode).await? {
+            Reply::Written { ts } => Ok(ts),
+            other => Err(unexpected(other, "BatchPut")),
+        }
+    }
+
+    /// Sends a request to `shard`, retrying as the request kind allows, and turns an error
+    /// response into [`ClientError::Server`].
+    async fn call(
+        &self,
+        shard: u32,
+        idempotent: bool,
+        body_bytes_hint: usize,
+        encode: &Encode<'_>,
+    ) -> Result<Reply, ClientError> {
+        let mut attempt = 0;
+        let result = loop {
+            let result = match self.connection(shard).await {
+                Ok(connection) => connection.request(body_bytes_hint, encode).await,
+                Err(error) => Err(error),
+            };
+            if attempt >= self.inner.config.retries || !should_retry(result.as_ref(), idempotent) {
+                break result;
+            }
+            attempt += 1;
+            tokio::time::sleep(backoff(attempt)).await;
+        };
+        match result? {
+            Reply::Error { code, message } => Err(ClientError::Server { code, message }),
+            reply => Ok(reply),
+        }
+    }
+
+    /// The open connection of `shard`, opening one if there is none or the last one broke.
+    async fn connection(&self, shard: u32) -> Result<Arc<Connection>, ClientError> {
+        let index = shard as usize;
+        let mut slot = self.inner.connections[index].lock().await;
+        if let Some(connection) = slot.as_ref().filter(|connection| connection.is_open()) {
+            return Ok(Arc::clone(connection));
+        }
+        *slot = None;
+        let connection = Arc::new(Connection::open(&self.inner.addresses[index], &self.inner.config).await?);
+        *slot = Some(Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    fn check_request_len(&self, body_bytes: usize) -> Result<(), ClientError> {
+        let max = self.inner.config.frame_payload_bytes_max.min(wire::limits::PAYLOAD_BYTES_MAX) as usize;
+        if body_bytes > max {
+            return Err(ClientError::TooLarge { what: "request", len: body_bytes, max });
+        }
+        Ok(())
+    }
+}
+
+/// Whether an attempt's outcome allows another attempt. A request that never left (connect
+/// failed) may always be resent; one that may have reached the server only if idempotent.
+fn should_retry(result: Result<&Reply, &ClientError>, idempotent: bool) -> bool {
+    match result {
+        Ok(Reply::Error { code, .. }) => idempotent && ErrorCode::is_transient(*code),
+        Ok(_) => false,
+        Err(error) => error.never_sent() || (idempotent && error.is_retryable()),
+    }
+}
+
+/// Pause before attempt `attempt` (1 for the first retry).
+fn backoff(attempt: u32) -> Duration {
+    BACKOFF_BASE.saturating_mul(1 << attempt.saturating_sub(1).min(16)).min(BACKOFF_MAX)
+}
+
+fn check_len(what: &'static str, bytes: &[u8]) -> Result<(), ClientError> {
+    // The wire format would cut a longer field silently; refuse it instead.
+    if bytes.len() > KEY_BYTES_MAX {
+        return Err(ClientError::TooLarge { what, len: bytes.len(), max: KEY_BYTES_MAX });
+    }
+    Ok(())
+}
+
+fn unexpected(reply: Reply, request: &str) -> ClientError {
+    ClientError::Protocol(format!("unexpected {} response to {request}", reply.name()))
+}
+
+/// One shard's answer to a `List`.
+#[derive(Debug)]
+struct Page {
+    entries: Vec<Entry>,
+    /// Empty when the shard has no more keys.
+    next: Vec<u8>,
+}
+
+/// Merges per-shard pages (each sorted, key sets disjoint) into one page of at most `limit`.
+///
+/// A shard that has more keys vouches only for keys up to its `next`: beyond it, keys of that
+/// shard were not returned and may sort before keys returned by other shards. So entries are
+/// cut at the smallest such `next` before taking the first `limit`.
+fn merge_pages(pages: Vec<Page>, limit: usize) -> Listing {
+    let cutoff = pages.iter().filter(|page| !page.next.is_empty()).map(|page| page.next.clone()).min();
+    let mut entries = pages
+        .into_iter()
+        .flat_map(|page| page.entries)
+        .filter(|entry| cutoff.as_ref().is_none_or(|cutoff| entry.key <= *cutoff))
+        .collect::<Vec<_>>();
+    entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    let more = cutoff.is_some() || entries.len() > limit;
+    entries.truncate(limit);
+    let next = if more { entries.last().map(|entry| entry.key.clone()).or(cutoff) } else { None };
+    Listing { entries, next }
+}
+
+/// Runs futures concurrently on the current task and returns their outputs in order. Used
+/// for fan-out to a handful of shards, so re-polling all pending futures on a wake is cheap.
+async fn join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut futures = futures.into_iter().map(Box::pin).collect::<Vec<Pin<Box<F>>>>();
+    let mut outputs = futures.iter().map(|_| None).collect::<Vec<Option<F::Output>>>();
+    std::future::poll_fn(|context| {
+        let mut done = true;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(context) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => done = false,
+                }
+            }
+        }
+        if done { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str) -> Entry {
+        Entry { key: key.as_bytes().to_vec(), ts: 1, size: 1 }
+    }
+
+    fn page(keys: &[&str], next: &str) -> Page {
+        Page { entries: keys.iter().map(|key| entry(key)).collect(), next: next.as_bytes().to_vec() }
+    }
+
+    fn keys(listing: &Listing) -> Vec<&str> {
+        listing.entries.iter().map(|entry| std::str::from_utf8(&entry.key).unwrap()).collect()
+    }
+
+    #[test]
+    fn merge_interleaves_and_keeps_limit() {
+        let listing = merge_pages(vec![page(&["a", "d"], ""), page(&["b", "c", "e"], "")], 3);
+        assert_eq!(keys(&listing), ["a", "b", "c"]);
+        assert_eq!(listing.next.as_deref(), Some(&b"c"[..]));
+    }
+
+    #[test]
+    fn merge_complete_when_everything_fits() {
+        let listing = merge_pages(vec![page(&["a"], ""), page(&["b"], ""), page(&[], "")], 3);
+        assert_eq!(keys(&listing), ["a", "b"]);
+        assert_eq!(listing.next, None);
+    }
+
+    #[test]
+    fn merge_cuts_at_a_short_shard_page() {
+        // Shard 1 answered with fewer keys than asked but has more: "c" may exist there, so
+        // "d" and "e" must wait for the next page.
+        let listing = merge_pages(vec![page(&["a", "d", "e"], ""), page(&["b"], "b")], 10);
+        assert_eq!(keys(&listing), ["a", "b"]);
+        assert_eq!(listing.next.as_deref(), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn merge_empty_page_with_more_continues_from_cutoff() {
+        let listing = merge_pages(vec![page(&[], "m"), page(&["x"], "")], 10);
+        assert!(listing.entries.is_empty());
+        assert_eq!(listing.next.as_deref(), Some(&b"m"[..]));
+    }
+
+    #[test]
+    fn retry_policy() {
+        let lost = ClientError::ConnectionLost { addr: "a".into(), reason: "eof".into() };
+        let refused = ClientError::Connect { addr: "a".into(), source: std::io::ErrorKind::ConnectionRefused.into() };
+        assert!(should_retry(Err(&lost), true));
+        assert!(!should_retry(Err(&lost), false));
+        assert!(should_retry(Err(&refused), false));
+        assert!(!should_retry(Err(&ClientError::Timeout), true));
+        let busy = Reply::Error { code: ErrorCode::TooManyInFlight, message: String::new() };
+        assert!(should_retry(Ok(&busy), true));
+        assert!(!should_retry(Ok(&busy), false));
+        let bad = Reply::Error { code: ErrorCode::KeyTooLarge, message: String::new() };
+        assert!(!should_retry(Ok(&bad), true));
+        assert_eq!(backoff(1), BACKOFF_BASE);
+        assert_eq!(backoff(2), BACKOFF_BASE * 2);
+        assert_eq!(backoff(40), BACKOFF_MAX);
+    }
+}
