@@ -9,8 +9,12 @@
 //! barrier completed; a failed write or barrier fences the WAL for good.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless))]
 
+pub mod config;
 pub mod limits;
+pub mod node;
 pub mod runtime;
+pub mod server;
+pub mod store;
 pub(crate) mod sync;
 pub mod wal;
 

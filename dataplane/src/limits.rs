@@ -23,3 +23,40 @@ pub const IO_BYTES_MAX_FALLBACK: usize = 128 << 10;
 pub const MESH_CHANNEL_CAPACITY_DEFAULT: usize = 1024;
 /// Most shards one node runs.
 pub const SHARDS_MAX: usize = 256;
+
+/// Default longest key.
+pub const KEY_BYTES_MAX_DEFAULT: usize = 4096;
+/// Upper bound on the key limit (keys are u16-length-prefixed in every format).
+pub const KEY_BYTES_LIMIT: usize = 32 << 10;
+/// Default largest value: a value travels in one client frame.
+pub const VALUE_BYTES_MAX_DEFAULT: usize = 60 << 20;
+/// Upper bound on the value limit: the frame limit minus room for the request head.
+pub const VALUE_BYTES_LIMIT: usize = (64 << 20) - (64 << 10);
+/// Default threshold above which values are chunked.
+pub const INLINE_BYTES_MAX_DEFAULT: usize = 64 << 10;
+/// Default chunk size of chunked values.
+pub const CHUNK_BYTES_DEFAULT: usize = 1 << 20;
+/// Default largest WAL record of the store (a batch of inline values, or chunk lists).
+pub const STORE_RECORD_BYTES_MAX_DEFAULT: u32 = 2 << 20;
+/// Default most operations in one batch put.
+pub const BATCH_OPS_MAX_DEFAULT: usize = 1024;
+/// Default retention of old versions.
+pub const RETENTION_DEFAULT: Duration = Duration::from_secs(3600);
+/// Default interval between garbage-collection passes.
+pub const GC_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
+/// Keys visited per garbage-collection step before yielding.
+pub const GC_KEYS_PER_STEP: usize = 4096;
+/// Default WAL bytes between checkpoints.
+pub const CHECKPOINT_WAL_BYTES_DEFAULT: u64 = 256 << 20;
+/// Bytes of checkpoint encoded before each write (and yield).
+pub const CHECKPOINT_PIECE_BYTES: usize = 1 << 20;
+/// Default requests in flight per client connection.
+pub const INFLIGHT_PER_CONNECTION_DEFAULT: usize = 1024;
+/// Default open client connections per shard.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 4096;
+/// Most entries one `List` request returns.
+pub const LIST_LIMIT_MAX: u32 = 10_000;
+/// Upper bound on requests in flight per connection.
+pub const INFLIGHT_PER_CONNECTION_LIMIT: usize = 65_536;
+/// Default client address of shard 0.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7700";

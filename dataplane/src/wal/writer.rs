@@ -8,6 +8,7 @@
 //! then sets the latch. Any write or sync error fences the WAL.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -136,6 +137,9 @@ struct SealedBatch {
 struct Segments {
     active: Rc<DmaFile>,
     active_seq: u64,
+    active_first_lsn: u64,
+    /// Full segments still on disk, oldest first: (sequence, first LSN).
+    sealed: VecDeque<(u64, u64)>,
     active_bytes: u64,
     frontier: u64,
     spare: Option<Task<Result<DmaFile, WalError>>>,
@@ -416,6 +420,11 @@ impl Wal {
                 Segments {
                     active: Rc::new(file),
                     active_seq: last.segment_seq,
+                    active_first_lsn: last.first_lsn,
+                    sealed: plan.segments[..plan.segments.len() - 1]
+                        .iter()
+                        .map(|segment| (segment.segment_seq, segment.first_lsn))
+                        .collect(),
                     active_bytes: last.segment_bytes,
                     frontier: last.frontier,
                     spare: None,
@@ -428,6 +437,8 @@ impl Wal {
                 Segments {
                     active: Rc::new(file),
                     active_seq: next_seq,
+                    active_first_lsn: plan.next_lsn,
+                    sealed: VecDeque::new(),
                     active_bytes: config.segment_bytes,
                     frontier: SECTOR_BYTES as u64,
                     spare: None,
@@ -462,12 +473,19 @@ impl Wal {
     /// Appends a record and resolves once it is durable (its batch was written and the
     /// `fdatasync` after it completed). Returns the record's LSN.
     pub async fn append(&self, glt: u64, payload: &[u8]) -> Result<u64, WalError> {
+        self.append_stamped(payload, |_| glt).await
+    }
+
+    /// Like [`Wal::append`], but the record's GLT comes from `stamp(lsn)`, called once, without
+    /// awaiting, at the moment the record takes its place in the log. A caller that draws
+    /// timestamps from a monotonic clock inside `stamp` gets LSN order equal to GLT order.
+    pub async fn append_stamped(&self, payload: &[u8], mut stamp: impl FnMut(u64) -> u64) -> Result<u64, WalError> {
         let max = self.inner.config.record_payload_bytes_max as usize;
         if payload.len() > max {
             return Err(WalError::RecordTooLarge { len: payload.len(), max });
         }
         loop {
-            match self.try_reserve(glt, payload, max)? {
+            match self.try_reserve(&mut stamp, payload, max)? {
                 Some((latch, lsn)) => {
                     self.inner.work.notify_all();
                     return latch.wait().await.map(|()| lsn);
@@ -480,7 +498,12 @@ impl Wal {
 
     /// Reserves a slot in the open batch and copies the record into it; `None` when the batch
     /// is full. Never awaits, so the state borrow cannot outlive it.
-    fn try_reserve(&self, glt: u64, payload: &[u8], max: usize) -> Result<Option<Reserved>, WalError> {
+    fn try_reserve(
+        &self,
+        stamp: &mut impl FnMut(u64) -> u64,
+        payload: &[u8],
+        max: usize,
+    ) -> Result<Option<Reserved>, WalError> {
         let mut state = self.inner.state.borrow_mut();
         if let Some(fenced) = &state.fenced {
             return Err(fenced.clone());
@@ -489,7 +512,7 @@ impl Wal {
             return Err(WalError::Closed);
         }
         match state.open.builder.reserve(payload.len()) {
-            Ok(slot) => match state.open.put_record(slot.offset, glt, slot.lsn, payload) {
+            Ok(slot) => match state.open.put_record(slot.offset, stamp(slot.lsn), slot.lsn, payload) {
                 Ok(()) => Ok(Some((Rc::clone(&state.open.latch), slot.lsn))),
                 Err(error) => {
                     // The slot is reserved but empty: the batch must never be written.
@@ -527,6 +550,44 @@ impl Wal {
             };
             wait.await;
         }
+    }
+
+    /// Deletes full segments whose records all have LSNs below `lsn` (a checkpoint covers
+    /// them), oldest first, then syncs the directory. Returns how many were deleted.
+    pub fn release_before(&self, lsn: u64) -> Result<u64, WalError> {
+        let mut released = 0;
+        loop {
+            let segment_seq = {
+                let mut segments = self.inner.segments.borrow_mut();
+                let Some(segments) = segments.as_mut() else { break };
+                let next_first_lsn = segments.sealed.get(1).map_or(segments.active_first_lsn, |next| next.1);
+                match segments.sealed.front() {
+                    Some(&(segment_seq, _)) if next_first_lsn <= lsn => {
+                        segments.sealed.pop_front();
+                        segment_seq
+                    }
+                    _ => break,
+                }
+            };
+            let path = segment_path(&self.inner.config, segment_seq);
+            std::fs::remove_file(&path)
+                .map_err(|error| WalError::io("remove released segment", path.display(), &error))?;
+            released += 1;
+        }
+        if released > 0 {
+            sync_dir(&self.inner.config.dir)
+                .map_err(|error| WalError::io("sync directory", self.inner.config.dir.display(), &error))?;
+        }
+        Ok(released)
+    }
+
+    /// LSN of the oldest record still on disk.
+    pub fn first_lsn(&self) -> u64 {
+        self.inner
+            .segments
+            .borrow()
+            .as_ref()
+            .map_or(0, |segments| segments.sealed.front().map_or(segments.active_first_lsn, |oldest| oldest.1))
     }
 
     /// The error that fenced the WAL, if any.
@@ -626,7 +687,10 @@ impl Inner {
         let old = {
             let mut segments = self.segments.borrow_mut();
             let segments = segments.as_mut().ok_or(WalError::Closed)?;
+            let sealed = (segments.active_seq, segments.active_first_lsn);
+            segments.sealed.push_back(sealed);
             segments.active_seq = next_seq;
+            segments.active_first_lsn = first_lsn;
             segments.active_bytes = self.config.segment_bytes;
             segments.frontier = SECTOR_BYTES as u64;
             std::mem::replace(&mut segments.active, Rc::new(file))

@@ -1,0 +1,308 @@
+//! The `dataplane` process configuration: a TOML file, overridable by flags. Unknown fields
+//! and invalid values are rejected with the field's name and the reason.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::limits;
+use crate::server::ServerLimits;
+use crate::store::{StoreConfig, SystemClock};
+use crate::wal::{RecoveryMode, WalConfig};
+
+/// A configuration error, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {message}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        message: String,
+    },
+    /// The file is not valid TOML for this schema (unknown field, wrong type).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, which names the field and line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config `{field}`: {reason}")]
+    Invalid {
+        /// The field, as written in the file.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The whole file. Every field is optional except `data_dir` (which a flag may give).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Directory holding every shard's WAL, chunks and checkpoints.
+    pub data_dir: Option<PathBuf>,
+    /// Client address of shard 0; shard `i` listens on port + i (port 0: each picks a free one).
+    pub listen: Option<String>,
+    /// Number of shards (default: one per CPU).
+    pub shards: Option<usize>,
+    /// Client-facing limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// Versioned store and chunk server.
+    #[serde(default)]
+    pub store: StoreSection,
+    /// Write-ahead log.
+    #[serde(default)]
+    pub wal: WalSection,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Longest key in bytes.
+    pub key_bytes_max: Option<usize>,
+    /// Largest value in bytes.
+    pub value_bytes_max: Option<usize>,
+    /// Largest request frame payload in bytes.
+    pub frame_bytes_max: Option<u32>,
+    /// Requests in flight per connection.
+    pub inflight_per_connection: Option<usize>,
+    /// Open connections per shard.
+    pub connections_max: Option<usize>,
+    /// Most operations in one batch put.
+    pub batch_ops_max: Option<usize>,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Values above this many bytes are chunked.
+    pub inline_bytes_max: Option<usize>,
+    /// Chunk size in bytes.
+    pub chunk_bytes: Option<usize>,
+    /// Seconds old versions stay readable.
+    pub retention_secs: Option<u64>,
+    /// Milliseconds between garbage-collection passes.
+    pub gc_interval_ms: Option<u64>,
+    /// WAL bytes between checkpoints.
+    pub checkpoint_wal_bytes: Option<u64>,
+}
+
+/// `[wal]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalSection {
+    /// Size of each segment file in bytes (multiple of 4096).
+    pub segment_bytes: Option<u64>,
+    /// Largest batch written under one barrier, in bytes.
+    pub batch_bytes_max: Option<usize>,
+    /// Microseconds the writer waits for more appends before sealing a batch.
+    pub batch_linger_us: Option<u64>,
+    /// Largest WAL record payload in bytes.
+    pub record_payload_bytes_max: Option<u32>,
+    /// `tolerate-torn-tail` (default) or `strict`.
+    pub recovery_mode: Option<String>,
+}
+
+/// Everything a node needs, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Host part of the listen address.
+    pub host: String,
+    /// Port of shard 0 (0: dynamic).
+    pub port: u16,
+    /// Shard count.
+    pub shards: usize,
+    /// Endpoint limits.
+    pub server: ServerLimits,
+    /// Store configuration template (directory and shard set per shard).
+    pub store: StoreConfig,
+}
+
+impl NodeConfig {
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| ConfigError::Read { path: path.display().to_string(), message: error.to_string() })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse { path: path.display().to_string(), message })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|error| error.to_string())
+    }
+
+    /// Applies defaults and checks every value.
+    pub fn resolve(&self) -> Result<Resolved, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid { field: field.to_string(), reason };
+        let data_dir = self.data_dir.clone().ok_or_else(|| invalid("data_dir", "is required".into()))?;
+        let listen = self.listen.clone().unwrap_or_else(|| limits::LISTEN_DEFAULT.to_string());
+        let (host, port) = listen
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host.trim_matches(['[', ']']).to_string(), port.parse::<u16>().ok()?)))
+            .ok_or_else(|| invalid("listen", format!("`{listen}` is not host:port")))?;
+        let shards =
+            self.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+        if shards == 0 || shards > limits::SHARDS_MAX {
+            return Err(invalid("shards", format!("{shards} is outside 1..={}", limits::SHARDS_MAX)));
+        }
+        if port != 0 && usize::from(port) + shards > usize::from(u16::MAX) {
+            return Err(invalid("listen", format!("ports {port}..{port}+{shards} exceed 65535")));
+        }
+
+        let mut wal = WalConfig::new(PathBuf::new(), 0);
+        wal.record_payload_bytes_max = limits::STORE_RECORD_BYTES_MAX_DEFAULT;
+        let w = &self.wal;
+        set(&mut wal.segment_bytes, w.segment_bytes);
+        set(&mut wal.batch_bytes_max, w.batch_bytes_max);
+        set(&mut wal.record_payload_bytes_max, w.record_payload_bytes_max);
+        if let Some(us) = w.batch_linger_us {
+            wal.batch_linger = Duration::from_micros(us);
+        }
+        wal.recovery_mode = match w.recovery_mode.as_deref() {
+            None | Some("tolerate-torn-tail") => RecoveryMode::TolerateTornTail,
+            Some("strict") => RecoveryMode::Strict,
+            Some(other) => {
+                return Err(invalid("wal.recovery_mode", format!("`{other}` is not tolerate-torn-tail or strict")));
+            }
+        };
+        wal.validate().map_err(|error| invalid("wal", error.to_string()))?;
+
+        let mut store = StoreConfig::new(PathBuf::new(), 0);
+        store.wal = wal;
+        store.clock = Arc::new(SystemClock);
+        let l = &self.limits;
+        set(&mut store.key_bytes_max, l.key_bytes_max);
+        set(&mut store.value_bytes_max, l.value_bytes_max);
+        set(&mut store.batch_ops_max, l.batch_ops_max);
+        let s = &self.store;
+        set(&mut store.inline_bytes_max, s.inline_bytes_max);
+        set(&mut store.chunk_bytes, s.chunk_bytes);
+        set(&mut store.checkpoint_wal_bytes, s.checkpoint_wal_bytes);
+        if let Some(secs) = s.retention_secs {
+            store.retention = Duration::from_secs(secs);
+        }
+        if let Some(ms) = s.gc_interval_ms {
+            store.gc_interval = Duration::from_millis(ms);
+        }
+        store.validate().map_err(|error| match error {
+            crate::store::StoreError::Config { field, reason } => invalid(section_of(field), reason),
+            other => invalid("store", other.to_string()),
+        })?;
+
+        let mut server = ServerLimits::default();
+        set(&mut server.frame_payload_bytes_max, l.frame_bytes_max);
+        set(&mut server.inflight_per_connection, l.inflight_per_connection);
+        set(&mut server.connections_max, l.connections_max);
+        if server.frame_payload_bytes_max > wire::limits::PAYLOAD_BYTES_MAX {
+            return Err(invalid(
+                "limits.frame_bytes_max",
+                format!("must be at most {}", wire::limits::PAYLOAD_BYTES_MAX),
+            ));
+        }
+        if (server.frame_payload_bytes_max as usize) < store.value_bytes_max + store.key_bytes_max + 16 {
+            return Err(invalid(
+                "limits.frame_bytes_max",
+                format!("{} cannot carry a value of value_bytes_max plus its key", server.frame_payload_bytes_max),
+            ));
+        }
+        if server.inflight_per_connection == 0 || server.inflight_per_connection > limits::INFLIGHT_PER_CONNECTION_LIMIT
+        {
+            return Err(invalid(
+                "limits.inflight_per_connection",
+                format!("must be 1..={}", limits::INFLIGHT_PER_CONNECTION_LIMIT),
+            ));
+        }
+        if server.connections_max == 0 {
+            return Err(invalid("limits.connections_max", "must be at least 1".into()));
+        }
+        Ok(Resolved { data_dir, host, port, shards, server, store })
+    }
+}
+
+fn set<T>(target: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *target = value;
+    }
+}
+
+/// Where a store field is written in the file.
+fn section_of(field: &str) -> &'static str {
+    match field {
+        "key_bytes_max" => "limits.key_bytes_max",
+        "value_bytes_max" => "limits.value_bytes_max",
+        "batch_ops_max" => "limits.batch_ops_max",
+        "inline_bytes_max" => "store.inline_bytes_max",
+        "chunk_bytes" => "store.chunk_bytes",
+        "gc_interval" => "store.gc_interval_ms",
+        "checkpoint_wal_bytes" => "store.checkpoint_wal_bytes",
+        "wal" => "wal",
+        _ => "store",
+    }
+}
+
+impl Resolved {
+    /// The store configuration of one shard.
+    pub fn store_for(&self, shard_id: u32) -> StoreConfig {
+        let mut config = self.store.clone();
+        config.dir = crate::store::shard::shard_dir(&self.data_dir, shard_id);
+        config.shard_id = shard_id;
+        config.wal.dir = config.dir.join("wal");
+        config.wal.shard_id = shard_id;
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        match NodeConfig::from_toml(text) {
+            Err(message) => message,
+            Ok(config) => config.resolve().err().map(|error| error.to_string()).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn defaults_resolve() {
+        let resolved = NodeConfig::from_toml("data_dir = \"/tmp/x\"\nshards = 2").unwrap().resolve().unwrap();
+        assert_eq!(resolved.shards, 2);
+        assert_eq!(resolved.port, 7700);
+        assert_eq!(resolved.store_for(1).wal.dir, PathBuf::from("/tmp/x/shard-001/wal"));
+    }
+
+    #[test]
+    fn every_class_of_mistake_names_the_field() {
+        let cases = [
+            ("data_dir = \"/x\"\nbogus = 1", "bogus"),
+            ("data_dir = \"/x\"\n[limits]\nkey_bytes_maxx = 1", "key_bytes_maxx"),
+            ("data_dir = \"/x\"\nshards = \"two\"", "shards"),
+            ("shards = 1", "data_dir"),
+            ("data_dir = \"/x\"\nshards = 0", "shards"),
+            ("data_dir = \"/x\"\nlisten = \"nowhere\"", "listen"),
+            ("data_dir = \"/x\"\n[limits]\nkey_bytes_max = 0", "limits.key_bytes_max"),
+            ("data_dir = \"/x\"\n[limits]\nvalue_bytes_max = 999999999999", "limits.value_bytes_max"),
+            ("data_dir = \"/x\"\n[limits]\nframe_bytes_max = 1000", "limits.frame_bytes_max"),
+            ("data_dir = \"/x\"\n[limits]\ninflight_per_connection = 0", "limits.inflight_per_connection"),
+            ("data_dir = \"/x\"\n[store]\nchunk_bytes = 10", "store.chunk_bytes"),
+            ("data_dir = \"/x\"\n[store]\ngc_interval_ms = 0", "store.gc_interval_ms"),
+            ("data_dir = \"/x\"\n[wal]\nsegment_bytes = 1000", "segment_bytes"),
+            ("data_dir = \"/x\"\n[wal]\nrecovery_mode = \"maybe\"", "wal.recovery_mode"),
+        ];
+        for (text, field) in cases {
+            let message = error_of(text);
+            assert!(message.contains(field), "{text:?} gave {message:?}, which does not name {field}");
+        }
+    }
+}

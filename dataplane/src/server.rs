@@ -1,0 +1,360 @@
+//! The client endpoint of a shard: a TCP listener speaking `wire::proto`, with requests
+//! pipelined per connection and answered as they complete.
+//!
+//! Each shard listens on its own port and serves only the keys it owns (`shard_for`); a key
+//! sent to another shard is answered with `WrongShard`. `Hello` tells a client every shard's
+//! address. Limits: frame payload bytes, requests in flight per connection (over the limit a
+//! request is answered `TooManyInFlight` at once) and connections per shard. A malformed
+//! frame is answered with `BadRequest` and the connection closed, since the byte stream can
+//! no longer be trusted; a well-framed request with an unknown op gets `UnknownRequest` and the
+//! connection stays up.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::{Arc, RwLock};
+
+use futures_lite::io::{BufReader, BufWriter};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::net::{TcpListener, TcpStream};
+use wire::RecordType;
+use wire::proto::{self, ErrorCode, ListEntry, Request};
+
+use crate::store::{ShardStore, StoreError};
+use crate::wal::WalError;
+
+/// Limits of the client endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Largest frame payload accepted.
+    pub frame_payload_bytes_max: u32,
+    /// Requests in flight on one connection.
+    pub inflight_per_connection: usize,
+    /// Open connections per shard.
+    pub connections_max: usize,
+    /// Most entries one `List` returns.
+    pub list_limit_max: u32,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            frame_payload_bytes_max: wire::limits::PAYLOAD_BYTES_MAX,
+            inflight_per_connection: crate::limits::INFLIGHT_PER_CONNECTION_DEFAULT,
+            connections_max: crate::limits::CONNECTIONS_MAX_DEFAULT,
+            list_limit_max: crate::limits::LIST_LIMIT_MAX,
+        }
+    }
+}
+
+/// What every shard's endpoint shares: the node's shard map.
+#[derive(Debug, Clone, Default)]
+pub struct ShardMap {
+    addresses: Arc<RwLock<Vec<String>>>,
+}
+
+impl ShardMap {
+    /// A map of `shard_count` shards, addresses unknown yet.
+    pub fn new(shard_count: usize) -> Self {
+        Self { addresses: Arc::new(RwLock::new(vec![String::new(); shard_count])) }
+    }
+
+    /// Records a shard's address; returns whether every shard has one now.
+    pub fn set(&self, shard_id: u32, address: SocketAddr) -> bool {
+        let mut addresses = self.addresses.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(slot) = addresses.get_mut(shard_id as usize) {
+            *slot = address.to_string();
+        }
+        addresses.iter().all(|address| !address.is_empty())
+    }
+
+    /// Every shard's address, by shard id.
+    pub fn addresses(&self) -> Vec<String> {
+        self.addresses.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// Counters of one shard's endpoint.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections: Cell<u64>,
+    /// Requests answered.
+    pub requests: Cell<u64>,
+    /// Requests refused for a limit or a malformed frame.
+    pub refused: Cell<u64>,
+}
+
+struct Endpoint {
+    shard_id: u32,
+    shard_count: u32,
+    store: ShardStore,
+    limits: ServerLimits,
+    map: ShardMap,
+    open_connections: Cell<usize>,
+    stats: Rc<ServerStats>,
+}
+
+/// Serves clients on `listener` until `stop` resolves, then stops accepting (connections
+/// already open finish the requests they sent).
+pub async fn serve(
+    listener: TcpListener,
+    store: ShardStore,
+    shard_count: u32,
+    map: ShardMap,
+    limits: ServerLimits,
+    stats: Rc<ServerStats>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let endpoint = Rc::new(Endpoint {
+        shard_id: store.config().shard_id,
+        shard_count,
+        store,
+        limits,
+        map,
+        open_connections: Cell::new(0),
+        stats,
+    });
+    let accept = async {
+        loop {
+            let Ok(stream) = listener.accept().await else { continue };
+            let endpoint = Rc::clone(&endpoint);
+            glommio::spawn_local(async move { endpoint.connection(stream).await }).detach();
+        }
+    };
+    futures_lite::future::or(accept, stop).await;
+}
+
+impl Endpoint {
+    async fn connection(self: Rc<Self>, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        self.stats.connections.set(self.stats.connections.get() + 1);
+        let (reader, writer) = futures_lite::io::split(stream);
+        let mut reader = BufReader::with_capacity(64 << 10, reader);
+        let (responses, queue) = local_channel::new_bounded::<Vec<u8>>(self.limits.inflight_per_connection + 1);
+        let responses = Rc::new(responses);
+        let pending = Rc::downgrade(&responses);
+        let writer_task = glommio::spawn_local(async move {
+            let mut writer = BufWriter::with_capacity(64 << 10, writer);
+            while let Some(frame) = queue.recv().await {
+                if writer.write_all(&frame).await.is_err() {
+                    return;
+                }
+                if pending.upgrade().is_none_or(|sender| sender.len() == 0) && writer.flush().await.is_err() {
+                    return;
+                }
+            }
+            let _ = writer.flush().await;
+            let _ = writer.close().await;
+        });
+
+        if self.open_connections.get() >= self.limits.connections_max {
+            let message = format!("shard {} serves at most {} connections", self.shard_id, self.limits.connections_max);
+            self.refuse(&responses, 0, ErrorCode::Unavailable, &message).await;
+        } else {
+            self.open_connections.set(self.open_connections.get() + 1);
+            self.read_requests(&mut reader, &responses).await;
+            self.open_connections.set(self.open_connections.get() - 1);
+        }
+        // In-flight handlers hold clones of the sender; the writer ends when they are done.
+        drop(responses);
+        writer_task.await;
+    }
+
+    /// Reads frames until EOF or a malformed frame; each request runs in its own task.
+    async fn read_requests(
+        self: &Rc<Self>,
+        reader: &mut (impl futures_lite::AsyncRead + Unpin),
+        responses: &Rc<LocalSender<Vec<u8>>>,
+    ) {
+        let inflight = Rc::new(Cell::new(0usize));
+        let mut header = [0u8; wire::HEADER_BYTES];
+        loop {
+            if reader.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let seq = u64::from_le_bytes(header[24..32].try_into().unwrap_or_default());
+            let parsed = match wire::decode_header(&header, self.limits.frame_payload_bytes_max) {
+                Ok(parsed) => parsed,
+                Err(wire::DecodeError::PayloadTooLarge { len, max }) => {
+                    let message = format!("frame payload of {len} bytes exceeds the limit of {max}");
+                    return self.refuse(responses, seq, ErrorCode::FrameTooLarge, &message).await;
+                }
+                Err(error) => return self.refuse(responses, seq, ErrorCode::BadRequest, &error.to_string()).await,
+            };
+            let mut frame = vec![0u8; wire::HEADER_BYTES + parsed.payload_len as usize];
+            frame[..wire::HEADER_BYTES].copy_from_slice(&header);
+            if reader.read_exact(&mut frame[wire::HEADER_BYTES..]).await.is_err() {
+                // The client went away mid-request: nothing of it was applied.
+                return;
+            }
+            if let Err(error) = wire::decode(&frame, self.limits.frame_payload_bytes_max) {
+                return self.refuse(responses, seq, ErrorCode::BadRequest, &error.to_string()).await;
+            }
+            if parsed.record_type != RecordType::Request {
+                let message = format!("expected a request frame, got {:?}", parsed.record_type);
+                return self.refuse(responses, seq, ErrorCode::BadRequest, &message).await;
+            }
+            if inflight.get() >= self.limits.inflight_per_connection {
+                let message = format!("more than {} requests in flight", self.limits.inflight_per_connection);
+                self.refuse(responses, seq, ErrorCode::TooManyInFlight, &message).await;
+                continue;
+            }
+            inflight.set(inflight.get() + 1);
+            let endpoint = Rc::clone(self);
+            let responses = Rc::clone(responses);
+            let inflight = Rc::clone(&inflight);
+            glommio::spawn_local(async move {
+                let mut out = Vec::new();
+                endpoint.handle(seq, &frame[wire::HEADER_BYTES..], &mut out).await;
+                endpoint.stats.requests.set(endpoint.stats.requests.get() + 1);
+                inflight.set(inflight.get() - 1);
+                let _ = responses.send(out).await;
+            })
+            .detach();
+        }
+    }
+
+    async fn refuse(&self, responses: &LocalSender<Vec<u8>>, seq: u64, code: ErrorCode, message: &str) {
+        self.stats.refused.set(self.stats.refused.get() + 1);
+        let mut out = Vec::new();
+        respond_error(&mut out, seq, code, message);
+        let _ = responses.send(out).await;
+    }
+
+    fn check_owner(&self, key: &[u8]) -> Result<(), (ErrorCode, String)> {
+        let owner = wire::shard_for(key, self.shard_count);
+        if owner == self.shard_id {
+            Ok(())
+        } else {
+            Err((ErrorCode::WrongShard, format!("key belongs to shard {owner}, this is shard {}", self.shard_id)))
+        }
+    }
+
+    /// Runs one request and writes its response frame into `out`.
+    async fn handle(&self, seq: u64, body: &[u8], out: &mut Vec<u8>) {
+        let request = match Request::decode(body) {
+            Ok(request) => request,
+            Err(proto::ProtoError::UnknownRequest { op }) => {
+                self.stats.refused.set(self.stats.refused.get() + 1);
+                return respond_error(out, seq, ErrorCode::UnknownRequest, &format!("unknown request op {op}"));
+            }
+            Err(error) => {
+                self.stats.refused.set(self.stats.refused.get() + 1);
+                return respond_error(out, seq, ErrorCode::BadRequest, &error.to_string());
+            }
+        };
+        if let Err((code, message)) = self.run(seq, request, out).await {
+            respond_error(out, seq, code, &message);
+        }
+    }
+
+    async fn run(&self, seq: u64, request: Request<'_>, out: &mut Vec<u8>) -> Result<(), (ErrorCode, String)> {
+        let store = &self.store;
+        let respond = |out: &mut Vec<u8>, body: &dyn Fn(&mut Vec<u8>)| {
+            // Responses are bounded by the value limit, far below the record limit.
+            let _ = proto::frame(out, RecordType::Response, seq, |out| body(out));
+        };
+        match request {
+            Request::Hello => {
+                let addresses = self.map.addresses();
+                respond(out, &|out| proto::encode_hello(self.shard_id, addresses.iter().map(String::as_str), out));
+            }
+            Request::Put { key, value } => {
+                self.check_owner(key)?;
+                let ts = store.put(key, value).await.map_err(map_error)?;
+                respond(out, &|out| proto::encode_written(ts, out));
+            }
+            Request::Delete { key } => {
+                self.check_owner(key)?;
+                let ts = store.delete(key).await.map_err(map_error)?;
+                respond(out, &|out| proto::encode_written(ts, out));
+            }
+            Request::BatchPut { items } => {
+                for (key, _) in items.iter() {
+                    self.check_owner(key)?;
+                }
+                let ts = store.write(BatchIter { inner: items.iter(), len: items.len() }).await.map_err(map_error)?;
+                respond(out, &|out| proto::encode_written(ts, out));
+            }
+            Request::Get { key, at } => {
+                self.check_owner(key)?;
+                match store.get(key, at).await.map_err(map_error)? {
+                    Some((ts, value)) => respond(out, &|out| {
+                        out.reserve(value.len() + 9);
+                        proto::encode_value_head(ts, out);
+                        out.extend_from_slice(&value);
+                    }),
+                    None => respond(out, &proto::encode_not_found),
+                }
+            }
+            Request::Stat { key, at } => {
+                self.check_owner(key)?;
+                match store.stat(key, at).map_err(map_error)? {
+                    Some(stat) => {
+                        respond(out, &|out| proto::encode_stat(stat.ts, stat.size, stat.chunks, stat.versions, out));
+                    }
+                    None => respond(out, &proto::encode_not_found),
+                }
+            }
+            Request::List { prefix, start_after, limit, at } => {
+                let limit = limit.min(self.limits.list_limit_max) as usize;
+                let (items, more) = store.list(prefix, start_after, limit, at).map_err(map_error)?;
+                let entries: Vec<ListEntry<'_>> =
+                    items.iter().map(|item| ListEntry { key: &item.key, ts: item.ts, size: item.size }).collect();
+                let next: &[u8] = match (more, items.last()) {
+                    (true, Some(last)) => &last.key,
+                    _ => &[],
+                };
+                respond(out, &|out| proto::encode_listing(&entries, next, out));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The pairs of a batch put as (key, Some(value)).
+struct BatchIter<I> {
+    inner: I,
+    len: usize,
+}
+
+impl<'a, I: Iterator<Item = (&'a [u8], &'a [u8])>> Iterator for BatchIter<I> {
+    type Item = (&'a [u8], Option<&'a [u8]>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (key, value) = self.inner.next()?;
+        self.len = self.len.saturating_sub(1);
+        Some((key, Some(value)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.len, Some(self.len))
+    }
+}
+
+impl<'a, I: Iterator<Item = (&'a [u8], &'a [u8])>> ExactSizeIterator for BatchIter<I> {}
+
+fn respond_error(out: &mut Vec<u8>, seq: u64, code: ErrorCode, message: &str) {
+    let _ = proto::frame(out, RecordType::Response, seq, |out| proto::encode_error(code, message, out));
+}
+
+/// The client error code for a store error.
+pub fn map_error(error: StoreError) -> (ErrorCode, String) {
+    let code = match &error {
+        StoreError::BadKey { .. } => ErrorCode::KeyTooLarge,
+        StoreError::ValueTooLarge { .. } | StoreError::Wal(WalError::RecordTooLarge { .. }) => ErrorCode::ValueTooLarge,
+        StoreError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+        StoreError::TooOld(_) => ErrorCode::SnapshotTooOld,
+        StoreError::Chunk(crate::store::ChunkError::Corrupt { .. } | crate::store::ChunkError::Missing { .. }) => {
+            ErrorCode::ChunkCorrupt
+        }
+        StoreError::Wal(_) => ErrorCode::Unavailable,
+        StoreError::Chunk(_)
+        | StoreError::Config { .. }
+        | StoreError::Checkpoint { .. }
+        | StoreError::Recovery { .. } => ErrorCode::Internal,
+    };
+    (code, error.to_string())
+}

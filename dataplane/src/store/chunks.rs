@@ -1,0 +1,433 @@
+//! The chunk server of one shard: values above the chunk threshold are cut into chunks and
+//! each chunk is stored once, in its own file named by its BLAKE3 hash.
+//!
+//! Chunk file layout (`{hash:64 hex}.chunk` in the shard's chunk directory), written with
+//! O_DIRECT:
+//!
+//! * sector 0: a `wire` record of type `Chunk` whose payload is `hash: [u8; 32]`,
+//!   `len: u32`, `block_bytes: u32`, then one CRC32C (u32) per block of the data;
+//! * from byte 4096: the chunk's bytes, zero-padded to a sector.
+//!
+//! Every read checks the header and the CRC32C of every 64 KiB block it returns; a mismatch
+//! is [`ChunkError::Corrupt`] naming the chunk and block, never bad bytes.
+//!
+//! A chunk is durable (data `fdatasync`ed, directory synced) before the WAL record that
+//! references it is appended, so a recovered version never points at a missing chunk. A crash
+//! between the two leaves an unreferenced file, deleted when the shard opens.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use glommio::io::{BufferedFile, OpenOptions};
+use thiserror::Error;
+
+use super::op::{CHUNK_HASH_BYTES, ChunkList, ChunkRef};
+use crate::sync::Latch;
+use crate::wal::format::SECTOR_BYTES;
+
+const SECTOR_U32: u32 = 4096;
+const _: () = assert!(SECTOR_U32 as usize == SECTOR_BYTES);
+
+/// Bytes covered by one CRC32C.
+pub const BLOCK_BYTES: usize = 64 << 10;
+/// Largest chunk: its CRCs must fit the header sector.
+pub const CHUNK_BYTES_MAX: usize = 16 << 20;
+
+/// Why a chunk could not be stored or read.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ChunkError {
+    /// A block of a stored chunk does not match its checksum.
+    #[error("chunk {chunk} is corrupt at block {block}: {reason}")]
+    Corrupt {
+        /// The chunk's hash (hex).
+        chunk: String,
+        /// The damaged block (`u32::MAX`: the header sector).
+        block: u32,
+        /// What did not match.
+        reason: String,
+    },
+    /// A referenced chunk has no file.
+    #[error("chunk {chunk} is missing")]
+    Missing {
+        /// The chunk's hash (hex).
+        chunk: String,
+    },
+    /// An I/O error.
+    #[error("{op} {path}: {message}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// The OS error.
+        message: String,
+    },
+}
+
+/// Hex of a chunk hash.
+pub fn hex(hash: &[u8; CHUNK_HASH_BYTES]) -> String {
+    hash.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn file_name(hash: &[u8; CHUNK_HASH_BYTES]) -> String {
+    format!("{}.chunk", hex(hash))
+}
+
+fn parse_file_name(name: &str) -> Option<[u8; CHUNK_HASH_BYTES]> {
+    let stem = name.strip_suffix(".chunk")?;
+    if stem.len() != CHUNK_HASH_BYTES * 2 {
+        return None;
+    }
+    let mut hash = [0u8; CHUNK_HASH_BYTES];
+    for (index, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(stem.get(index * 2..index * 2 + 2)?, 16).ok()?;
+    }
+    Some(hash)
+}
+
+fn round_up(len: usize) -> usize {
+    len.div_ceil(SECTOR_BYTES) * SECTOR_BYTES
+}
+
+/// Encodes the header sector of a chunk into `sector` (4096 bytes, zeroed by the caller).
+pub fn encode_header(hash: &[u8; CHUNK_HASH_BYTES], data: &[u8], sector: &mut [u8]) -> Result<(), ChunkError> {
+    let mut payload = Vec::with_capacity(CHUNK_HASH_BYTES + 8 + 4 * data.len().div_ceil(BLOCK_BYTES));
+    payload.extend_from_slice(hash);
+    let too_large = || ChunkError::Io { op: "encode", path: hex(hash), message: "chunk too large".into() };
+    payload.extend_from_slice(&u32::try_from(data.len()).map_err(|_| too_large())?.to_le_bytes());
+    payload.extend_from_slice(&u32::try_from(BLOCK_BYTES).map_err(|_| too_large())?.to_le_bytes());
+    for block in data.chunks(BLOCK_BYTES) {
+        payload.extend_from_slice(&crc32c::crc32c(block).to_le_bytes());
+    }
+    wire::encode_into(sector, wire::RecordType::Chunk, 0, 0, &payload).map_err(|_| too_large())?;
+    Ok(())
+}
+
+/// Checks a chunk file's bytes against the chunk it should hold and returns its data.
+/// Pure; any input gives data or a typed error.
+pub fn verify(expected: &ChunkRef, file: &[u8]) -> Result<Bytes, ChunkError> {
+    let corrupt = |block: u32, reason: String| ChunkError::Corrupt { chunk: hex(&expected.hash), block, reason };
+    let (record, _) = wire::decode(file.get(..SECTOR_BYTES).unwrap_or(file), SECTOR_U32)
+        .map_err(|error| corrupt(u32::MAX, format!("header: {error}")))?;
+    let payload = record.payload;
+    if record.record_type != wire::RecordType::Chunk || payload.len() < CHUNK_HASH_BYTES + 8 {
+        return Err(corrupt(u32::MAX, "not a chunk header".into()));
+    }
+    let field = |at: usize| u32::from_le_bytes([payload[at], payload[at + 1], payload[at + 2], payload[at + 3]]);
+    let len = field(CHUNK_HASH_BYTES) as usize;
+    let block_bytes = field(CHUNK_HASH_BYTES + 4) as usize;
+    if payload[..CHUNK_HASH_BYTES] != expected.hash || len != expected.len as usize || block_bytes != BLOCK_BYTES {
+        return Err(corrupt(u32::MAX, "header names another chunk".into()));
+    }
+    let blocks = len.div_ceil(BLOCK_BYTES);
+    if payload.len() != CHUNK_HASH_BYTES + 8 + 4 * blocks {
+        return Err(corrupt(u32::MAX, "header block count".into()));
+    }
+    let data = file.get(SECTOR_BYTES..SECTOR_BYTES + len).ok_or_else(|| corrupt(0, "file too short".into()))?;
+    for (index, block) in data.chunks(BLOCK_BYTES).enumerate() {
+        let stored = field(CHUNK_HASH_BYTES + 8 + 4 * index);
+        let computed = crc32c::crc32c(block);
+        if stored != computed {
+            return Err(corrupt(
+                u32::try_from(index).unwrap_or(u32::MAX),
+                format!("crc32c {computed:#010x}, stored {stored:#010x}"),
+            ));
+        }
+    }
+    Ok(Bytes::copy_from_slice(data))
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// Versions and in-flight writes holding the chunk.
+    refs: u32,
+}
+
+/// Counters of a chunk store.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChunkStats {
+    /// Chunk files written.
+    pub written: u64,
+    /// Chunks found already stored (dedup hits).
+    pub deduplicated: u64,
+    /// Chunk files deleted.
+    pub deleted: u64,
+}
+
+/// The chunk files of one shard, with reference counts held in memory.
+#[derive(Debug)]
+pub struct ChunkStore {
+    dir: PathBuf,
+    chunk_bytes: usize,
+    index: RefCell<HashMap<[u8; CHUNK_HASH_BYTES], Entry>>,
+    writing: RefCell<HashMap<[u8; CHUNK_HASH_BYTES], Rc<Latch<bool>>>>,
+    /// Files found on disk at open that nothing referenced yet.
+    found: RefCell<Vec<[u8; CHUNK_HASH_BYTES]>>,
+    stats: RefCell<ChunkStats>,
+}
+
+impl ChunkStore {
+    /// Opens (creating) the chunk directory; files found are kept until
+    /// [`ChunkStore::remove_unreferenced`] once recovery took its references.
+    pub fn open(dir: impl Into<PathBuf>, chunk_bytes: usize) -> Result<Self, ChunkError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|error| io_error("create directory", &dir, &error))?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|error| io_error("list", &dir, &error))? {
+            let entry = entry.map_err(|error| io_error("list", &dir, &error))?;
+            if let Some(hash) = entry.file_name().to_str().and_then(parse_file_name) {
+                found.push(hash);
+            }
+        }
+        Ok(Self {
+            dir,
+            chunk_bytes,
+            index: RefCell::default(),
+            writing: RefCell::default(),
+            found: RefCell::new(found),
+            stats: RefCell::default(),
+        })
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> ChunkStats {
+        *self.stats.borrow()
+    }
+
+    /// Chunks currently referenced.
+    pub fn chunk_count(&self) -> usize {
+        self.index.borrow().len()
+    }
+
+    /// Takes one reference on every chunk of `list` (recovery, readers).
+    pub fn add_refs(&self, list: &ChunkList) {
+        let mut index = self.index.borrow_mut();
+        for chunk in &list.chunks {
+            index.entry(chunk.hash).or_insert(Entry { refs: 0 }).refs += 1;
+        }
+    }
+
+    /// Drops one reference on every chunk of `list`; files of chunks left without any are
+    /// deleted.
+    pub fn release(&self, list: &ChunkList) -> Result<(), ChunkError> {
+        let mut dead = Vec::new();
+        {
+            let mut index = self.index.borrow_mut();
+            for chunk in &list.chunks {
+                if let Some(entry) = index.get_mut(&chunk.hash) {
+                    entry.refs = entry.refs.saturating_sub(1);
+                    if entry.refs == 0 {
+                        index.remove(&chunk.hash);
+                        dead.push(chunk.hash);
+                    }
+                }
+            }
+        }
+        for hash in dead {
+            let path = self.dir.join(file_name(&hash));
+            match std::fs::remove_file(&path) {
+                Ok(()) => self.stats.borrow_mut().deleted += 1,
+                Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(error) => return Err(io_error("remove", &path, &error)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes chunk files found at open that recovery did not reference.
+    pub fn remove_unreferenced(&self) -> Result<u64, ChunkError> {
+        let found = std::mem::take(&mut *self.found.borrow_mut());
+        let mut removed = 0;
+        for hash in found {
+            if !self.index.borrow().contains_key(&hash) {
+                let path = self.dir.join(file_name(&hash));
+                std::fs::remove_file(&path).map_err(|error| io_error("remove", &path, &error))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Cuts `value` into chunks and makes every chunk durable, storing each new one once.
+    /// The returned list holds one reference per chunk (the caller's); hand it to a version
+    /// or [`ChunkStore::release`] it.
+    pub async fn store(&self, value: &[u8]) -> Result<Arc<ChunkList>, ChunkError> {
+        let mut list = ChunkList { size: value.len() as u64, chunks: Vec::new() };
+        let mut wrote_any = false;
+        let result = async {
+            for data in value.chunks(self.chunk_bytes) {
+                let hash = *blake3::hash(data).as_bytes();
+                let chunk = ChunkRef { hash, len: u32::try_from(data.len()).unwrap_or(u32::MAX) };
+                wrote_any |= self.store_one(&chunk, data).await?;
+                list.chunks.push(chunk);
+            }
+            if wrote_any {
+                // New directory entries must be durable before a WAL record names them.
+                sync_dir(&self.dir)?;
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(Arc::new(list)),
+            Err(error) => {
+                self.release(&list)?;
+                Err(error)
+            }
+        }
+    }
+
+    /// Takes a reference on `chunk`, writing its file if no one has. Returns whether it wrote.
+    async fn store_one(&self, chunk: &ChunkRef, data: &[u8]) -> Result<bool, ChunkError> {
+        loop {
+            if let Some(entry) = self.index.borrow_mut().get_mut(&chunk.hash) {
+                entry.refs += 1;
+                self.stats.borrow_mut().deduplicated += 1;
+                return Ok(false);
+            }
+            let pending = self.writing.borrow().get(&chunk.hash).cloned();
+            match pending {
+                // Another task is writing the same chunk: wait and look again.
+                Some(latch) => {
+                    latch.wait().await;
+                }
+                None => break,
+            }
+        }
+        let latch = Latch::new();
+        self.writing.borrow_mut().insert(chunk.hash, Rc::clone(&latch));
+        let result = self.write_file(chunk, data).await;
+        if result.is_ok() {
+            self.index.borrow_mut().insert(chunk.hash, Entry { refs: 1 });
+            self.stats.borrow_mut().written += 1;
+        }
+        self.writing.borrow_mut().remove(&chunk.hash);
+        latch.set(result.is_ok());
+        result.map(|()| true)
+    }
+
+    async fn write_file(&self, chunk: &ChunkRef, data: &[u8]) -> Result<(), ChunkError> {
+        let path = self.dir.join(file_name(&chunk.hash));
+        let fail = |op: &'static str, error: &dyn std::fmt::Display| ChunkError::Io {
+            op,
+            path: path.display().to_string(),
+            message: error.to_string(),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .dma_open(&path)
+            .await
+            .map_err(|error| fail("create", &error))?;
+        let total = SECTOR_BYTES + round_up(data.len());
+        let mut buffer = file.alloc_dma_buffer(total);
+        buffer.as_bytes_mut().fill(0);
+        encode_header(&chunk.hash, data, &mut buffer.as_bytes_mut()[..SECTOR_BYTES])?;
+        buffer.as_bytes_mut()[SECTOR_BYTES..SECTOR_BYTES + data.len()].copy_from_slice(data);
+        let written = file.write_at(buffer, 0).await.map_err(|error| fail("write", &error))?;
+        if written != total {
+            return Err(fail("write", &format!("short write of {written} of {total} bytes")));
+        }
+        file.fdatasync().await.map_err(|error| fail("fdatasync", &error))?;
+        file.close().await.map_err(|error| fail("close", &error))?;
+        Ok(())
+    }
+
+    /// Reads and checks one chunk.
+    pub async fn read_chunk(&self, chunk: &ChunkRef) -> Result<Bytes, ChunkError> {
+        let path = self.dir.join(file_name(&chunk.hash));
+        let fail = |op: &'static str, error: &dyn std::fmt::Display| ChunkError::Io {
+            op,
+            path: path.display().to_string(),
+            message: error.to_string(),
+        };
+        // Read through the page cache: glommio's iopoll probe can misjudge virtio devices
+        // (a probe on an empty file "succeeds"), and O_DIRECT reads then fail with EOPNOTSUPP.
+        let file = match BufferedFile::open(&path).await {
+            Ok(file) => file,
+            Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(ChunkError::Missing { chunk: hex(&chunk.hash) });
+            }
+            Err(error) => return Err(fail("open", &error)),
+        };
+        let total = SECTOR_BYTES + round_up(chunk.len as usize);
+        let read = file.read_at(0, total).await.map_err(|error| fail("read", &error));
+        let _ = file.close().await;
+        verify(chunk, &read?)
+    }
+
+    /// Reads a whole chunked value, checking every block.
+    pub async fn read(&self, list: &ChunkList) -> Result<Bytes, ChunkError> {
+        if let [chunk] = list.chunks.as_slice() {
+            return self.read_chunk(chunk).await;
+        }
+        let mut out = BytesMut::with_capacity(usize::try_from(list.size).unwrap_or(0));
+        for chunk in &list.chunks {
+            out.extend_from_slice(&self.read_chunk(chunk).await?);
+        }
+        Ok(out.freeze())
+    }
+
+    /// The directory holding the chunk files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path of a chunk's file (tests damage it).
+    pub fn path_of(&self, hash: &[u8; CHUNK_HASH_BYTES]) -> PathBuf {
+        self.dir.join(file_name(hash))
+    }
+}
+
+fn io_error(op: &'static str, path: &Path, error: &std::io::Error) -> ChunkError {
+    ChunkError::Io { op, path: path.display().to_string(), message: error.to_string() }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ChunkError> {
+    std::fs::File::open(dir).and_then(|file| file.sync_all()).map_err(|error| io_error("sync directory", dir, &error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_for(data: &[u8]) -> (ChunkRef, Vec<u8>) {
+        let hash = *blake3::hash(data).as_bytes();
+        let mut file = vec![0u8; SECTOR_BYTES + round_up(data.len())];
+        encode_header(&hash, data, &mut file[..SECTOR_BYTES]).unwrap();
+        file[SECTOR_BYTES..SECTOR_BYTES + data.len()].copy_from_slice(data);
+        (ChunkRef { hash, len: data.len() as u32 }, file)
+    }
+
+    #[test]
+    fn verify_accepts_intact_and_names_the_damaged_block() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+        let (chunk, file) = file_for(&data);
+        assert_eq!(&verify(&chunk, &file).unwrap()[..], &data[..]);
+        let mut bad = file.clone();
+        bad[SECTOR_BYTES + 2 * BLOCK_BYTES + 5] ^= 1;
+        match verify(&chunk, &bad) {
+            Err(ChunkError::Corrupt { block: 2, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let mut bad_header = file.clone();
+        bad_header[40] ^= 1;
+        assert!(matches!(verify(&chunk, &bad_header), Err(ChunkError::Corrupt { block: u32::MAX, .. })));
+        assert!(matches!(verify(&chunk, &file[..100]), Err(ChunkError::Corrupt { .. })));
+        let other = ChunkRef { hash: [0; 32], len: chunk.len };
+        assert!(matches!(verify(&other, &file), Err(ChunkError::Corrupt { block: u32::MAX, .. })));
+    }
+
+    #[test]
+    fn file_names_roundtrip() {
+        let hash = [0xab; 32];
+        assert_eq!(parse_file_name(&file_name(&hash)), Some(hash));
+        assert_eq!(parse_file_name("zz.chunk"), None);
+        assert_eq!(parse_file_name(&"g".repeat(64)), None);
+    }
+}

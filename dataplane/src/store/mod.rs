@@ -1,0 +1,180 @@
+//! The versioned key/chunk store of one shard.
+//!
+//! * [`clock`], [`op`], [`versions`], [`checkpoint`] (its format) and the chunk file format in
+//!   [`chunks`] are pure: no I/O, no clock reads (time is passed in).
+//! * [`shard`] is the glommio shell: it stamps writes with the HLC, appends them to the WAL,
+//!   applies them once durable, stores large values in the chunk server, writes checkpoints and
+//!   collects old versions.
+//!
+//! **Architecture Invariant:** a write is applied (visible to reads) only after its WAL record
+//! is durable, and every chunk it references was made durable before that record was appended.
+
+pub mod checkpoint;
+pub mod chunks;
+pub mod clock;
+pub mod op;
+pub mod shard;
+pub mod versions;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub use chunks::ChunkError;
+pub use clock::{Clock, Hlc, ManualClock, SystemClock};
+pub use shard::{KeyStat, ListItem, ShardStore, StoreStats};
+pub use versions::TooOld;
+
+use crate::limits;
+use crate::wal::{WalConfig, WalError};
+
+/// Configuration of one shard's store. Defaults come from [`crate::limits`].
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The shard's directory: `wal/`, `chunks/` and checkpoints live under it.
+    pub dir: PathBuf,
+    /// The shard.
+    pub shard_id: u32,
+    /// Its WAL (the `dir` of which is `<dir>/wal`).
+    pub wal: WalConfig,
+    /// Longest key.
+    pub key_bytes_max: usize,
+    /// Largest value.
+    pub value_bytes_max: usize,
+    /// Values up to this size are stored inline in the WAL and the version map; larger ones are
+    /// chunked.
+    pub inline_bytes_max: usize,
+    /// Size of each chunk of a chunked value.
+    pub chunk_bytes: usize,
+    /// Most operations in one batch.
+    pub batch_ops_max: usize,
+    /// How long old versions stay readable.
+    pub retention: Duration,
+    /// How often old versions are collected.
+    pub gc_interval: Duration,
+    /// Write a checkpoint after this many WAL bytes.
+    pub checkpoint_wal_bytes: u64,
+    /// Physical time for the HLC.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl StoreConfig {
+    /// Defaults for shard `shard_id` under `dir`.
+    pub fn new(dir: impl Into<PathBuf>, shard_id: u32) -> Self {
+        let dir = dir.into();
+        let mut wal = WalConfig::new(dir.join("wal"), shard_id);
+        wal.record_payload_bytes_max = limits::STORE_RECORD_BYTES_MAX_DEFAULT;
+        Self {
+            wal,
+            dir,
+            shard_id,
+            key_bytes_max: limits::KEY_BYTES_MAX_DEFAULT,
+            value_bytes_max: limits::VALUE_BYTES_MAX_DEFAULT,
+            inline_bytes_max: limits::INLINE_BYTES_MAX_DEFAULT,
+            chunk_bytes: limits::CHUNK_BYTES_DEFAULT,
+            batch_ops_max: limits::BATCH_OPS_MAX_DEFAULT,
+            retention: limits::RETENTION_DEFAULT,
+            gc_interval: limits::GC_INTERVAL_DEFAULT,
+            checkpoint_wal_bytes: limits::CHECKPOINT_WAL_BYTES_DEFAULT,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Checks every limit against the others; the error names the field.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        let bad = |field: &'static str, reason: String| Err(StoreError::Config { field, reason });
+        self.wal.validate().map_err(|error| StoreError::Config { field: "wal", reason: error.to_string() })?;
+        if self.key_bytes_max == 0 || self.key_bytes_max > limits::KEY_BYTES_LIMIT {
+            return bad("key_bytes_max", format!("must be 1..={}", limits::KEY_BYTES_LIMIT));
+        }
+        if self.value_bytes_max == 0 || self.value_bytes_max > limits::VALUE_BYTES_LIMIT {
+            return bad("value_bytes_max", format!("must be 1..={}", limits::VALUE_BYTES_LIMIT));
+        }
+        if self.chunk_bytes < chunks::BLOCK_BYTES || self.chunk_bytes > chunks::CHUNK_BYTES_MAX {
+            return bad("chunk_bytes", format!("must be {}..={}", chunks::BLOCK_BYTES, chunks::CHUNK_BYTES_MAX));
+        }
+        // An inline value and its key must fit one WAL record.
+        let record_max = self.wal.record_payload_bytes_max as usize;
+        if self.inline_bytes_max + self.key_bytes_max + 16 > record_max {
+            return bad(
+                "inline_bytes_max",
+                format!("{} plus key_bytes_max must fit a WAL record of {record_max} bytes", self.inline_bytes_max),
+            );
+        }
+        if self.batch_ops_max == 0 || self.batch_ops_max > usize::from(u16::MAX) {
+            return bad("batch_ops_max", format!("must be 1..={}", u16::MAX));
+        }
+        if self.gc_interval.is_zero() {
+            return bad("gc_interval", "must be positive".into());
+        }
+        if self.checkpoint_wal_bytes < self.wal.segment_bytes {
+            return bad(
+                "checkpoint_wal_bytes",
+                format!("must be at least the WAL segment size {}", self.wal.segment_bytes),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What went wrong in the store. Each variant maps to one client error code.
+#[derive(Debug, Clone, Error)]
+pub enum StoreError {
+    /// A configuration value is invalid.
+    #[error("invalid store config `{field}`: {reason}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The key is empty or longer than the limit.
+    #[error("key of {len} bytes is not allowed (1..={max})")]
+    BadKey {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The value is larger than the limit.
+    #[error("value of {len} bytes exceeds the limit of {max}")]
+    ValueTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A batch is empty, has too many operations or does not fit one WAL record.
+    #[error("batch not accepted: {reason}")]
+    BatchTooLarge {
+        /// Why.
+        reason: String,
+    },
+    /// A read below the retention horizon.
+    #[error(transparent)]
+    TooOld(#[from] TooOld),
+    /// The chunk server failed (corruption is named by chunk and block).
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    /// The WAL failed or is fenced.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// A checkpoint could not be written or read.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Recovery found data it cannot use.
+    #[error("recovery of shard {shard_id}: {message}")]
+    Recovery {
+        /// The shard.
+        shard_id: u32,
+        /// What is wrong.
+        message: String,
+    },
+}

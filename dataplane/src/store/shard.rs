@@ -1,0 +1,568 @@
+//! The glommio shell of a shard's store: WAL + version map + chunk server + checkpoints.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use futures_lite::AsyncWriteExt;
+use glommio::io::{DmaStreamWriterBuilder, OpenOptions};
+
+use super::checkpoint::{self, CheckpointInfo};
+use super::chunks::{ChunkStats, ChunkStore};
+use super::clock::{Hlc, physical_us, timestamp_at};
+use super::op::{self, Body, ChunkList};
+use super::versions::{Collected, VersionMap};
+use super::{StoreConfig, StoreError};
+use crate::limits;
+use crate::wal::{Wal, WalReader};
+
+/// Metadata of a key's visible version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyStat {
+    /// Timestamp of the version.
+    pub ts: u64,
+    /// Value size.
+    pub size: u64,
+    /// Chunks holding it (0: inline).
+    pub chunks: u32,
+    /// Versions the key retains.
+    pub versions: u32,
+}
+
+/// One listed key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListItem {
+    /// The key.
+    pub key: Bytes,
+    /// Timestamp of its visible version.
+    pub ts: u64,
+    /// Value size.
+    pub size: u64,
+}
+
+/// Counters and gauges of a shard's store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreStats {
+    /// Keys (including deleted keys whose tombstone is retained).
+    pub keys: u64,
+    /// Versions retained.
+    pub versions: u64,
+    /// Checkpoints written since open.
+    pub checkpoints: u64,
+    /// LSN of the last checkpoint.
+    pub checkpoint_lsn: u64,
+    /// WAL segments deleted after checkpoints.
+    pub segments_released: u64,
+    /// Versions collected.
+    pub versions_collected: u64,
+    /// WAL records replayed at open.
+    pub replayed_records: u64,
+    /// Versions loaded from the checkpoint at open.
+    pub checkpoint_versions_loaded: u64,
+    /// Chunk server counters.
+    pub chunks: ChunkStats,
+    /// Chunks referenced.
+    pub chunk_count: u64,
+}
+
+struct Inner {
+    config: StoreConfig,
+    wal: Wal,
+    versions: RefCell<VersionMap>,
+    chunks: ChunkStore,
+    hlc: Cell<Hlc>,
+    /// LSNs reserved in the WAL and not yet applied: a checkpoint starts below the first.
+    inflight: RefCell<BTreeSet<u64>>,
+    checkpointing: Cell<bool>,
+    wal_bytes_at_checkpoint: Cell<u64>,
+    stats: RefCell<StoreStats>,
+    closed: Cell<bool>,
+}
+
+/// One shard's store. Cheap to clone; lives on one glommio executor.
+#[derive(Clone)]
+pub struct ShardStore {
+    inner: Rc<Inner>,
+}
+
+impl std::fmt::Debug for ShardStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("ShardStore").field("shard_id", &self.inner.config.shard_id).finish()
+    }
+}
+
+impl ShardStore {
+    /// Recovers the shard: loads the newest checkpoint, replays the WAL after it, deletes
+    /// chunk files nothing references. Restart work is bounded by the live data plus the WAL
+    /// written since the last checkpoint, not by the history.
+    pub async fn open(config: StoreConfig) -> Result<Self, StoreError> {
+        config.validate()?;
+        let shard_id = config.shard_id;
+        let recovery = |message: String| StoreError::Recovery { shard_id, message };
+        std::fs::create_dir_all(&config.dir)
+            .map_err(|error| recovery(format!("create {}: {error}", config.dir.display())))?;
+
+        let mut versions = VersionMap::default();
+        let loaded = load_checkpoint(&config, &mut versions)?;
+        let checkpoint_lsn = loaded.map_or(1, |info| info.lsn);
+
+        let wal = Wal::open(config.wal.clone()).await?;
+        let durable = wal.durable_next_lsn();
+        if wal.first_lsn() > checkpoint_lsn || checkpoint_lsn > durable {
+            return Err(recovery(format!(
+                "the WAL holds LSNs {}..{durable} but the checkpoint needs replay from {checkpoint_lsn}",
+                wal.first_lsn()
+            )));
+        }
+        let reader = WalReader::new(&config.wal.dir, shard_id, config.wal.record_payload_bytes_max);
+        let mut cursor = reader.cursor(checkpoint_lsn, durable);
+        let mut replayed = 0u64;
+        while let Some(record) = cursor.next_record()? {
+            let ops = op::decode(&record.payload)
+                .map_err(|error| recovery(format!("WAL record {} does not decode: {error}", record.lsn)))?;
+            for op in ops {
+                versions.apply(op.key, record.glt, op.body);
+            }
+            replayed += 1;
+        }
+
+        let chunks = ChunkStore::open(config.dir.join("chunks"), config.chunk_bytes)?;
+        for (_, chain) in versions.iter_from(None) {
+            for version in chain {
+                if let Body::Chunked(list) = &version.body {
+                    chunks.add_refs(list);
+                }
+            }
+        }
+        chunks.remove_unreferenced()?;
+
+        let mut hlc = Hlc::default();
+        hlc.observe(versions.max_ts());
+        let stats = StoreStats {
+            checkpoint_lsn,
+            replayed_records: replayed,
+            checkpoint_versions_loaded: loaded.map_or(0, |info| info.versions),
+            ..StoreStats::default()
+        };
+        let store = Self {
+            inner: Rc::new(Inner {
+                wal_bytes_at_checkpoint: Cell::new(0),
+                config,
+                wal,
+                versions: RefCell::new(versions),
+                chunks,
+                hlc: Cell::new(hlc),
+                inflight: RefCell::default(),
+                checkpointing: Cell::new(false),
+                stats: RefCell::new(stats),
+                closed: Cell::new(false),
+            }),
+        };
+        store.collect_garbage().await?;
+        Ok(store)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    /// The shard's WAL (the replication shipper tails it).
+    pub fn wal(&self) -> &Wal {
+        &self.inner.wal
+    }
+
+    /// The chunk server.
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.inner.chunks
+    }
+
+    /// Writes `value` under `key`; resolves with the version's timestamp once durable.
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
+        self.write(std::iter::once((key, Some(value)))).await
+    }
+
+    /// Writes a tombstone for `key`.
+    pub async fn delete(&self, key: &[u8]) -> Result<u64, StoreError> {
+        self.write(std::iter::once((key, None))).await
+    }
+
+    /// Writes every item atomically (one WAL record, one timestamp); `None` deletes.
+    pub async fn write<'a>(
+        &self,
+        items: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) -> Result<u64, StoreError> {
+        let config = &self.inner.config;
+        if items.len() == 0 || items.len() > config.batch_ops_max {
+            return Err(StoreError::BatchTooLarge {
+                reason: format!("{} operations, allowed 1..={}", items.len(), config.batch_ops_max),
+            });
+        }
+        let mut staged: Vec<(&[u8], Body)> = Vec::with_capacity(items.len());
+        let result = self.stage(items, &mut staged).await;
+        let result = match result {
+            Ok(()) => self.commit(&staged).await,
+            Err(error) => Err(error),
+        };
+        if result.is_err() {
+            for (_, body) in &staged {
+                if let Body::Chunked(list) = body {
+                    self.inner.chunks.release(list)?;
+                }
+            }
+        }
+        result
+    }
+
+    /// Checks limits and stores chunked values; inline values are copied later, once, into
+    /// the WAL payload.
+    async fn stage<'a>(
+        &self,
+        items: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        staged: &mut Vec<(&'a [u8], Body)>,
+    ) -> Result<(), StoreError> {
+        let config = &self.inner.config;
+        for (key, value) in items {
+            if key.is_empty() || key.len() > config.key_bytes_max {
+                return Err(StoreError::BadKey { len: key.len(), max: config.key_bytes_max });
+            }
+            let body = match value {
+                None => Body::Tombstone,
+                Some(value) if value.len() > config.value_bytes_max => {
+                    return Err(StoreError::ValueTooLarge { len: value.len(), max: config.value_bytes_max });
+                }
+                Some(value) if value.len() > config.inline_bytes_max => {
+                    Body::Chunked(self.inner.chunks.store(value).await?)
+                }
+                // A view for encoding; the stored value is the WAL payload's copy.
+                Some(value) => Body::Inline(Bytes::copy_from_slice(value)),
+            };
+            staged.push((key, body));
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, staged: &[(&[u8], Body)]) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let len = op::encoded_len(staged.iter().map(|(key, body)| (*key, body)));
+        let record_max = inner.config.wal.record_payload_bytes_max as usize;
+        if len > record_max {
+            return Err(StoreError::BatchTooLarge {
+                reason: format!("encoded batch of {len} bytes exceeds the WAL record limit of {record_max}"),
+            });
+        }
+        let mut payload = Vec::with_capacity(len);
+        op::encode(staged.iter().map(|(key, body)| (*key, body)), &mut payload)
+            .map_err(|error| StoreError::BatchTooLarge { reason: error.to_string() })?;
+        let payload = Bytes::from(payload);
+        let reserved = Cell::new(None);
+        let appended = inner
+            .wal
+            .append_stamped(&payload, |lsn| {
+                let mut hlc = inner.hlc.get();
+                let ts = hlc.tick(inner.config.clock.now_us());
+                inner.hlc.set(hlc);
+                inner.inflight.borrow_mut().insert(lsn);
+                reserved.set(Some((lsn, ts)));
+                ts
+            })
+            .await;
+        let Some((lsn, ts)) = reserved.get() else {
+            return Err(appended.err().map_or(StoreError::BatchTooLarge { reason: "not reserved".into() }, Into::into));
+        };
+        let result = appended.map_err(StoreError::from).and_then(|_| {
+            // Apply the payload's own slices: one copy of each inline value.
+            let ops = op::decode(&payload).map_err(|error| StoreError::Recovery {
+                shard_id: inner.config.shard_id,
+                message: error.to_string(),
+            })?;
+            let mut versions = inner.versions.borrow_mut();
+            for op in ops {
+                versions.apply(op.key, ts, op.body);
+            }
+            Ok(ts)
+        });
+        inner.inflight.borrow_mut().remove(&lsn);
+        result
+    }
+
+    /// The value of `key` at `at` (`None`: latest) with its timestamp; `None` when absent or
+    /// deleted. Chunked values are read from their chunk files, every block checked.
+    pub async fn get(&self, key: &[u8], at: Option<u64>) -> Result<Option<(u64, Bytes)>, StoreError> {
+        let (ts, body) = match self.inner.versions.borrow().get(key, at)? {
+            Some(version) => (version.ts, version.body.clone()),
+            None => return Ok(None),
+        };
+        match body {
+            Body::Inline(value) => Ok(Some((ts, value))),
+            Body::Chunked(list) => Ok(Some((ts, self.read_chunked(&list).await?))),
+            Body::Tombstone => Ok(None),
+        }
+    }
+
+    async fn read_chunked(&self, list: &ChunkList) -> Result<Bytes, StoreError> {
+        // Hold the chunks so a concurrent collection cannot delete them mid-read.
+        self.inner.chunks.add_refs(list);
+        let result = self.inner.chunks.read(list).await;
+        self.inner.chunks.release(list)?;
+        Ok(result?)
+    }
+
+    /// Metadata of `key` at `at`.
+    pub fn stat(&self, key: &[u8], at: Option<u64>) -> Result<Option<KeyStat>, StoreError> {
+        let versions = self.inner.versions.borrow();
+        Ok(versions.get(key, at)?.map(|version| KeyStat {
+            ts: version.ts,
+            size: version.body.size(),
+            chunks: match &version.body {
+                Body::Chunked(list) => u32::try_from(list.chunks.len()).unwrap_or(u32::MAX),
+                _ => 0,
+            },
+            versions: u32::try_from(versions.version_count(key)).unwrap_or(u32::MAX),
+        }))
+    }
+
+    /// Up to `limit` live keys with `prefix` after `start_after`, and whether more may follow.
+    pub fn list(
+        &self,
+        prefix: &[u8],
+        start_after: &[u8],
+        limit: usize,
+        at: Option<u64>,
+    ) -> Result<(Vec<ListItem>, bool), StoreError> {
+        let versions = self.inner.versions.borrow();
+        let (items, more) = versions.list(prefix, start_after, limit, at)?;
+        let items = items.into_iter().map(|(key, version)| ListItem {
+            key: key.clone(),
+            ts: version.ts,
+            size: version.body.size(),
+        });
+        Ok((items.collect(), more))
+    }
+
+    /// Removes versions older than the retention window (keeping what reads inside the window
+    /// see) and deletes chunks no version references any more. Yields between steps.
+    pub async fn collect_garbage(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let retention_us = u64::try_from(inner.config.retention.as_micros()).unwrap_or(u64::MAX);
+        let horizon = timestamp_at(inner.config.clock.now_us().saturating_sub(retention_us));
+        let mut resume: Option<Bytes> = None;
+        loop {
+            let Collected { versions, released, resume_after, .. } =
+                inner.versions.borrow_mut().collect(horizon, resume.as_deref(), limits::GC_KEYS_PER_STEP);
+            inner.stats.borrow_mut().versions_collected += versions;
+            for list in released {
+                inner.chunks.release(&list)?;
+            }
+            match resume_after {
+                Some(next) => resume = Some(next),
+                None => return Ok(()),
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    /// Whether enough WAL was written since the last checkpoint to write another.
+    pub fn checkpoint_due(&self) -> bool {
+        let written = self.inner.wal.stats().batch_bytes;
+        written.saturating_sub(self.inner.wal_bytes_at_checkpoint.get()) >= self.inner.config.checkpoint_wal_bytes
+    }
+
+    /// Writes a checkpoint, then deletes older checkpoints and the WAL segments it covers.
+    /// Returns its LSN, or `None` when one is already being written.
+    pub async fn checkpoint(&self) -> Result<Option<u64>, StoreError> {
+        let inner = &self.inner;
+        if inner.checkpointing.replace(true) {
+            return Ok(None);
+        }
+        let result = self.write_checkpoint().await;
+        inner.checkpointing.set(false);
+        result.map(Some)
+    }
+
+    async fn write_checkpoint(&self) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let config = &inner.config;
+        let wal_bytes = inner.wal.stats().batch_bytes;
+        let durable = inner.wal.durable_next_lsn();
+        let lsn = inner.inflight.borrow().first().copied().map_or(durable, |first| first.min(durable));
+        let horizon = inner.versions.borrow().horizon();
+        let name = checkpoint::file_name(config.shard_id, lsn);
+        let path = config.dir.join(&name);
+        let temporary = config.dir.join(format!("{name}.tmp"));
+        let fail = |message: String| StoreError::Checkpoint { path: path.display().to_string(), message };
+
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .dma_open(&temporary)
+            .await
+            .map_err(|error| fail(format!("create: {error}")))?;
+        let mut writer = DmaStreamWriterBuilder::new(file).with_buffer_size(limits::CHECKPOINT_PIECE_BYTES).build();
+        let mut piece = Vec::with_capacity(limits::CHECKPOINT_PIECE_BYTES + 4096);
+        let mut scratch = Vec::new();
+        checkpoint::encode_header(config.shard_id, lsn, horizon, &mut piece);
+        let mut count = 0u64;
+        let mut resume: Option<Bytes> = None;
+        loop {
+            // Encode a piece while holding the map, write it without.
+            let mut last = None;
+            {
+                let versions = inner.versions.borrow();
+                for (key, chain) in versions.iter_from(resume.as_deref()) {
+                    for version in chain {
+                        checkpoint::encode_version(key, version, &mut scratch, &mut piece)
+                            .map_err(|error| fail(error.to_string()))?;
+                        count += 1;
+                    }
+                    last = Some(key.clone());
+                    if piece.len() >= limits::CHECKPOINT_PIECE_BYTES {
+                        break;
+                    }
+                }
+            }
+            let done = last.is_none() || piece.len() < limits::CHECKPOINT_PIECE_BYTES;
+            if done {
+                checkpoint::encode_footer(config.shard_id, lsn, horizon, count, &mut piece);
+            }
+            writer.write_all(&piece).await.map_err(|error| fail(format!("write: {error}")))?;
+            piece.clear();
+            if done {
+                break;
+            }
+            resume = last;
+        }
+        // Close flushes, fdatasyncs and trims the padding; sync again for the new size.
+        writer.close().await.map_err(|error| fail(format!("close: {error}")))?;
+        sync_path(&temporary).map_err(|error| fail(format!("sync: {error}")))?;
+        std::fs::rename(&temporary, &path).map_err(|error| fail(format!("rename: {error}")))?;
+        sync_path(&config.dir).map_err(|error| fail(format!("sync directory: {error}")))?;
+
+        remove_checkpoints(&config.dir, config.shard_id, |old| old < lsn).map_err(|error| fail(error.to_string()))?;
+        let released = inner.wal.release_before(lsn)?;
+        inner.wal_bytes_at_checkpoint.set(wal_bytes);
+        let mut stats = inner.stats.borrow_mut();
+        stats.checkpoints += 1;
+        stats.checkpoint_lsn = lsn;
+        stats.segments_released += released;
+        Ok(lsn)
+    }
+
+    /// Counters and gauges.
+    pub fn stats(&self) -> StoreStats {
+        let mut stats = *self.inner.stats.borrow();
+        let versions = self.inner.versions.borrow();
+        stats.keys = versions.key_count() as u64;
+        stats.versions = versions.version_total();
+        stats.chunks = self.inner.chunks.stats();
+        stats.chunk_count = self.inner.chunks.chunk_count() as u64;
+        stats
+    }
+
+    /// The newest timestamp issued, and its physical part in microseconds.
+    pub fn last_ts(&self) -> (u64, u64) {
+        let last = self.inner.hlc.get().last();
+        (last, physical_us(last))
+    }
+
+    /// Runs collection and checkpoints in the background until the store closes.
+    pub fn spawn_maintenance(&self) {
+        let store = self.clone();
+        glommio::spawn_local(async move {
+            let tick = std::time::Duration::from_millis(100).min(store.inner.config.gc_interval);
+            let mut since_gc = std::time::Duration::ZERO;
+            while !store.inner.closed.get() {
+                glommio::timer::sleep(tick).await;
+                since_gc += tick;
+                if since_gc >= store.inner.config.gc_interval {
+                    since_gc = std::time::Duration::ZERO;
+                    if store.collect_garbage().await.is_err() {
+                        break;
+                    }
+                }
+                if store.checkpoint_due() && store.checkpoint().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// Stops maintenance, writes a final checkpoint (so the next open replays nothing) and
+    /// closes the WAL after every accepted write is durable.
+    pub async fn close(self) -> Result<(), StoreError> {
+        self.inner.closed.set(true);
+        while self.inner.checkpointing.get() {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if self.inner.wal.fenced().is_none() {
+            self.checkpoint().await?;
+        }
+        match Rc::try_unwrap(self.inner) {
+            Ok(inner) => Ok(inner.wal.close().await?),
+            // Another handle still lives (a connection task): its WAL closes when it drops.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+fn sync_path(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
+
+/// Deletes checkpoint files of `shard_id` whose LSN matches `doomed`, and stale temporaries.
+fn remove_checkpoints(dir: &Path, shard_id: u32, doomed: impl Fn(u64) -> bool) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let stale_temporary = name.ends_with(".ckpt.tmp");
+        let old = checkpoint::parse_file_name(name).is_some_and(|(shard, lsn)| shard == shard_id && doomed(lsn));
+        if stale_temporary || old {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the newest checkpoint of the shard into `versions`, zero-copy from a memory map.
+fn load_checkpoint(config: &StoreConfig, versions: &mut VersionMap) -> Result<Option<CheckpointInfo>, StoreError> {
+    let mut newest: Option<(u64, PathBuf)> = None;
+    for entry in std::fs::read_dir(&config.dir).map_err(|error| StoreError::Recovery {
+        shard_id: config.shard_id,
+        message: format!("list {}: {error}", config.dir.display()),
+    })? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        if let Some((shard, lsn)) = name.to_str().and_then(checkpoint::parse_file_name)
+            && shard == config.shard_id
+            && newest.as_ref().is_none_or(|(best, _)| lsn > *best)
+        {
+            newest = Some((lsn, entry.path()));
+        }
+    }
+    let Some((_, path)) = newest else { return Ok(None) };
+    let fail = |message: String| StoreError::Checkpoint { path: path.display().to_string(), message };
+    let file = std::fs::File::open(&path).map_err(|error| fail(format!("open: {error}")))?;
+    // SAFETY: checkpoint files are written once under a temporary name and never modified
+    // after the rename; nothing truncates them while mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| fail(format!("map: {error}")))?;
+    let bytes = Bytes::from_owner(map);
+    let info = checkpoint::decode(&bytes, config.wal.record_payload_bytes_max, |op, ts| {
+        versions.apply(op.key, ts, op.body);
+    })
+    .map_err(|error| fail(error.to_string()))?;
+    if info.shard_id != config.shard_id {
+        return Err(fail(format!("belongs to shard {}", info.shard_id)));
+    }
+    versions.collect(info.horizon, None, 0);
+    Ok(Some(info))
+}
+
+/// Opens every shard directory's store with `config_for(shard)`; a helper for binaries.
+pub fn shard_dir(data_dir: &Path, shard_id: u32) -> PathBuf {
+    data_dir.join(format!("shard-{shard_id:03}"))
+}

@@ -1,0 +1,280 @@
+//! The versioned map of one shard: key -> version chain, ordered by timestamp. Pure: no I/O,
+//! no clock (the caller passes timestamps and the retention horizon).
+//!
+//! Applying a version is idempotent (a chain holds at most one version per timestamp), so
+//! recovery may replay WAL records a fuzzy checkpoint already holds.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use super::op::{Body, ChunkList};
+
+/// One version of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    /// Its timestamp (GLT).
+    pub ts: u64,
+    /// What it holds.
+    pub body: Body,
+}
+
+/// A read below the retention horizon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("read at {at} is older than the retention horizon {horizon}")]
+pub struct TooOld {
+    /// The requested timestamp.
+    pub at: u64,
+    /// Versions older than this may have been collected.
+    pub horizon: u64,
+}
+
+/// A page of a listing: (key, visible version) pairs and whether more may follow.
+pub type Page<'a> = (Vec<(&'a Bytes, &'a Version)>, bool);
+
+/// What [`VersionMap::collect`] removed.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// Versions removed.
+    pub versions: u64,
+    /// Keys removed entirely.
+    pub keys: u64,
+    /// Chunk lists no longer referenced by the removed versions (release their chunks).
+    pub released: Vec<Arc<ChunkList>>,
+    /// Where the next pass resumes; `None` when the pass reached the end.
+    pub resume_after: Option<Bytes>,
+}
+
+/// The versions of every key of a shard.
+#[derive(Debug, Default)]
+pub struct VersionMap {
+    keys: BTreeMap<Bytes, Vec<Version>>,
+    versions: u64,
+    horizon: u64,
+    max_ts: u64,
+}
+
+impl VersionMap {
+    /// Adds a version. Returns `false` (and changes nothing) when the key already has a
+    /// version at `ts`.
+    pub fn apply(&mut self, key: Bytes, ts: u64, body: Body) -> bool {
+        let chain = self.keys.entry(key).or_default();
+        // Stamps grow, so the new version almost always goes last.
+        let at = chain.partition_point(|version| version.ts < ts);
+        if chain.get(at).is_some_and(|version| version.ts == ts) {
+            return false;
+        }
+        chain.insert(at, Version { ts, body });
+        self.versions += 1;
+        self.max_ts = self.max_ts.max(ts);
+        true
+    }
+
+    /// The version of `key` visible at `at` (`None`: latest), tombstones included.
+    pub fn version_at(&self, key: &[u8], at: Option<u64>) -> Result<Option<&Version>, TooOld> {
+        let at = self.check(at)?;
+        Ok(self.keys.get(key).and_then(|chain| visible(chain, at)))
+    }
+
+    /// The live value version of `key` at `at`: `None` when absent or deleted.
+    pub fn get(&self, key: &[u8], at: Option<u64>) -> Result<Option<&Version>, TooOld> {
+        Ok(self.version_at(key, at)?.filter(|version| version.body != Body::Tombstone))
+    }
+
+    /// How many versions `key` retains.
+    pub fn version_count(&self, key: &[u8]) -> usize {
+        self.keys.get(key).map_or(0, Vec::len)
+    }
+
+    /// Up to `limit` live keys starting with `prefix` and greater than `start_after`, in key
+    /// order, with their visible version; and whether more may follow.
+    pub fn list(&self, prefix: &[u8], start_after: &[u8], limit: usize, at: Option<u64>) -> Result<Page<'_>, TooOld> {
+        let at = self.check(at)?;
+        let start = if start_after >= prefix { Bound::Excluded(start_after) } else { Bound::Included(prefix) };
+        let mut out = Vec::new();
+        for (key, chain) in self.keys.range::<[u8], _>((start, Bound::Unbounded)) {
+            if !key.starts_with(prefix) {
+                return Ok((out, false));
+            }
+            if let Some(version) = visible(chain, at).filter(|version| version.body != Body::Tombstone) {
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push((key, version));
+            }
+        }
+        Ok((out, false))
+    }
+
+    /// Removes versions no read at or after `horizon` can see, visiting at most `keys_max`
+    /// keys after `resume_after`. A key keeps its newest version at or before the horizon
+    /// unless that version is a tombstone; a key left with no version is removed. Reads below
+    /// the horizon fail with [`TooOld`] from now on.
+    pub fn collect(&mut self, horizon: u64, resume_after: Option<&[u8]>, keys_max: usize) -> Collected {
+        self.horizon = self.horizon.max(horizon);
+        let horizon = self.horizon;
+        let mut collected = Collected::default();
+        let mut emptied = Vec::new();
+        let start = resume_after.map_or(Bound::Unbounded, Bound::Excluded);
+        for (visited, (key, chain)) in self.keys.range_mut::<[u8], _>((start, Bound::Unbounded)).enumerate() {
+            if visited == keys_max {
+                collected.resume_after = Some(key.clone());
+                break;
+            }
+            let newest_visible = chain.partition_point(|version| version.ts <= horizon);
+            if newest_visible == 0 {
+                continue;
+            }
+            let mut drop_until = newest_visible - 1;
+            if chain[drop_until].body == Body::Tombstone {
+                drop_until += 1;
+            }
+            for version in chain.drain(..drop_until) {
+                if let Body::Chunked(list) = version.body {
+                    collected.released.push(list);
+                }
+                collected.versions += 1;
+            }
+            if chain.is_empty() {
+                emptied.push(key.clone());
+            }
+        }
+        for key in emptied {
+            self.keys.remove(&key);
+            collected.keys += 1;
+        }
+        self.versions -= collected.versions;
+        collected
+    }
+
+    /// Every key with its chain, in key order, from after `resume_after`.
+    pub fn iter_from(&self, resume_after: Option<&[u8]>) -> impl Iterator<Item = (&Bytes, &[Version])> {
+        let start = resume_after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.keys.range::<[u8], _>((start, Bound::Unbounded)).map(|(key, chain)| (key, chain.as_slice()))
+    }
+
+    /// Number of keys (including keys whose latest version is a tombstone).
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Number of versions.
+    pub fn version_total(&self) -> u64 {
+        self.versions
+    }
+
+    /// Largest timestamp applied.
+    pub fn max_ts(&self) -> u64 {
+        self.max_ts
+    }
+
+    /// Reads below this fail.
+    pub fn horizon(&self) -> u64 {
+        self.horizon
+    }
+
+    fn check(&self, at: Option<u64>) -> Result<u64, TooOld> {
+        match at {
+            None => Ok(u64::MAX),
+            Some(at) if at < self.horizon => Err(TooOld { at, horizon: self.horizon }),
+            Some(at) => Ok(at),
+        }
+    }
+}
+
+fn visible(chain: &[Version], at: u64) -> Option<&Version> {
+    chain.partition_point(|version| version.ts <= at).checked_sub(1).map(|index| &chain[index])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::op::ChunkRef;
+
+    fn inline(value: &'static [u8]) -> Body {
+        Body::Inline(Bytes::from_static(value))
+    }
+
+    fn key(k: &'static str) -> Bytes {
+        Bytes::from_static(k.as_bytes())
+    }
+
+    #[test]
+    fn reads_at_timestamps_and_idempotent_apply() {
+        let mut map = VersionMap::default();
+        assert!(map.apply(key("k"), 10, inline(b"a")));
+        assert!(map.apply(key("k"), 30, inline(b"c")));
+        assert!(map.apply(key("k"), 20, Body::Tombstone));
+        assert!(!map.apply(key("k"), 20, inline(b"ignored")));
+        assert_eq!(map.version_total(), 3);
+        assert_eq!(map.get(b"k", None).unwrap().unwrap().body, inline(b"c"));
+        assert_eq!(map.get(b"k", Some(15)).unwrap().unwrap().body, inline(b"a"));
+        assert_eq!(map.get(b"k", Some(25)).unwrap(), None);
+        assert_eq!(map.get(b"k", Some(5)).unwrap(), None);
+        assert_eq!(map.get(b"other", None).unwrap(), None);
+    }
+
+    #[test]
+    fn list_respects_prefix_start_after_limit_and_tombstones() {
+        let mut map = VersionMap::default();
+        for (k, ts) in [("a/1", 1), ("a/2", 2), ("a/3", 3), ("b/1", 4), ("a/4", 5)] {
+            map.apply(key(k), ts, inline(b"v"));
+        }
+        map.apply(key("a/2"), 6, Body::Tombstone);
+        let names = |list: Vec<(&Bytes, &Version)>| list.into_iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        let (page, more) = map.list(b"a/", b"", 2, None).unwrap();
+        assert_eq!(names(page), [key("a/1"), key("a/3")]);
+        assert!(more);
+        let (page, more) = map.list(b"a/", b"a/3", 2, None).unwrap();
+        assert_eq!(names(page), [key("a/4")]);
+        assert!(!more);
+        let (page, _) = map.list(b"a/", b"", 10, Some(5)).unwrap();
+        assert_eq!(names(page), [key("a/1"), key("a/2"), key("a/3"), key("a/4")]);
+        let (page, _) = map.list(b"", b"a/9", 10, None).unwrap();
+        assert_eq!(names(page), [key("b/1")]);
+    }
+
+    #[test]
+    fn collect_keeps_what_reads_after_the_horizon_need() {
+        let list = Arc::new(ChunkList { size: 1, chunks: vec![ChunkRef { hash: [7; 32], len: 1 }] });
+        let mut map = VersionMap::default();
+        map.apply(key("k"), 10, Body::Chunked(Arc::clone(&list)));
+        map.apply(key("k"), 20, inline(b"b"));
+        map.apply(key("k"), 40, inline(b"c"));
+        map.apply(key("dead"), 5, inline(b"x"));
+        map.apply(key("dead"), 15, Body::Tombstone);
+        let collected = map.collect(25, None, usize::MAX);
+        assert_eq!(collected.versions, 3);
+        assert_eq!(collected.keys, 1);
+        assert_eq!(collected.released, vec![list]);
+        assert_eq!(map.get(b"k", Some(25)).unwrap().unwrap().body, inline(b"b"));
+        assert_eq!(map.get(b"k", Some(24)).unwrap_err(), TooOld { at: 24, horizon: 25 });
+        assert_eq!(map.get(b"dead", None).unwrap(), None);
+        assert_eq!(map.key_count(), 1);
+        assert_eq!(map.version_total(), 2);
+    }
+
+    #[test]
+    fn collect_is_incremental() {
+        let mut map = VersionMap::default();
+        for index in 0..10u8 {
+            map.apply(Bytes::from(vec![index]), 1, inline(b"old"));
+            map.apply(Bytes::from(vec![index]), 2, inline(b"new"));
+        }
+        let mut resume = None;
+        let mut passes = 0;
+        loop {
+            let collected = map.collect(3, resume.as_deref(), 3);
+            passes += 1;
+            resume = collected.resume_after;
+            if resume.is_none() {
+                break;
+            }
+        }
+        assert_eq!(passes, 4);
+        assert_eq!(map.version_total(), 10);
+    }
+}

@@ -1,0 +1,173 @@
+//! The store behaves like a `BTreeMap` of versions, across clean restarts, checkpoints and
+//! WAL segment release: random puts (inline and chunked), deletes, batches, reads at
+//! timestamps and listings are checked against a model.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use dataplane::store::{ManualClock, ShardStore, StoreConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use common::run;
+
+/// Small limits so checkpoints, segment release, chunking and rotation all happen.
+fn small_store(dir: &Path, clock: Arc<ManualClock>) -> StoreConfig {
+    let mut config = StoreConfig::new(dir, 0);
+    config.wal.segment_bytes = 256 << 10;
+    config.wal.batch_bytes_max = 64 << 10;
+    config.wal.record_payload_bytes_max = 32 << 10;
+    config.inline_bytes_max = 4 << 10;
+    config.key_bytes_max = 64;
+    config.chunk_bytes = 64 << 10;
+    config.checkpoint_wal_bytes = 256 << 10;
+    config.clock = clock;
+    config
+}
+
+/// key -> versions (ts, value or None for a tombstone), as the model sees them.
+type Model = BTreeMap<Vec<u8>, Vec<(u64, Option<Vec<u8>>)>>;
+
+fn model_get(model: &Model, key: &[u8], at: Option<u64>) -> Option<(u64, Vec<u8>)> {
+    let at = at.unwrap_or(u64::MAX);
+    let chain = model.get(key)?;
+    let (ts, value) = chain.iter().rev().find(|(ts, _)| *ts <= at)?;
+    value.clone().map(|value| (*ts, value))
+}
+
+fn model_list(model: &Model, prefix: &[u8], at: Option<u64>) -> Vec<(Vec<u8>, u64, u64)> {
+    model
+        .keys()
+        .filter(|key| key.starts_with(prefix))
+        .filter_map(|key| model_get(model, key, at).map(|(ts, value)| (key.clone(), ts, value.len() as u64)))
+        .collect()
+}
+
+fn value_for(rng: &mut StdRng) -> Vec<u8> {
+    let len = match rng.random_range(0..10) {
+        0 => 0,
+        1..=6 => rng.random_range(1..300),
+        7 | 8 => rng.random_range(4 << 10..9 << 10),
+        _ => rng.random_range(64 << 10..200 << 10),
+    };
+    // Few distinct contents so identical chunks are deduplicated.
+    let seed = rng.random_range(0..4u8);
+    (0..len).map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+async fn check_all(store: &ShardStore, model: &Model, timestamps: &[u64]) {
+    for (key, _) in model.iter() {
+        let got = store.get(key, None).await.unwrap().map(|(ts, value)| (ts, value.to_vec()));
+        assert_eq!(got, model_get(model, key, None), "latest of {key:?}");
+    }
+    for &at in timestamps.iter().step_by(7) {
+        let listed: Vec<_> = store
+            .list(b"", b"", usize::MAX, Some(at))
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|item| (item.key.to_vec(), item.ts, item.size))
+            .collect();
+        assert_eq!(listed, model_list(model, b"", Some(at)), "list at {at}");
+    }
+}
+
+#[test]
+fn model_across_restarts_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let config = small_store(dir.path(), Arc::clone(&clock));
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut model = Model::new();
+    let mut timestamps = Vec::new();
+    let mut checkpoints = 0;
+    let mut released = 0;
+    for round in 0..6 {
+        let config = config.clone();
+        let clock = Arc::clone(&clock);
+        let (next_model, next_timestamps, next_rng, stats) = run(async move {
+            let store = ShardStore::open(config).await.unwrap();
+            check_all(&store, &model, &timestamps).await;
+            for _ in 0..400 {
+                clock.advance(rng.random_range(0..50));
+                let key = format!("k/{:02}", rng.random_range(0..40)).into_bytes();
+                match rng.random_range(0..20) {
+                    0..=8 => {
+                        let value = value_for(&mut rng);
+                        let ts = store.put(&key, &value).await.unwrap();
+                        model.entry(key).or_default().push((ts, Some(value)));
+                        timestamps.push(ts);
+                    }
+                    9 | 10 => {
+                        let ts = store.delete(&key).await.unwrap();
+                        model.entry(key).or_default().push((ts, None));
+                        timestamps.push(ts);
+                    }
+                    11 => {
+                        let other = format!("k/{:02}", rng.random_range(0..40)).into_bytes();
+                        let (a, b) = (value_for(&mut rng), value_for(&mut rng));
+                        let items = [(&key[..], Some(&a[..])), (&other[..], Some(&b[..]))];
+                        match store.write(items.into_iter()).await {
+                            Ok(ts) => {
+                                // Within one batch the later item of a key wins nothing: both
+                                // share the timestamp, and a chain holds one version per ts.
+                                model.entry(key.clone()).or_default().push((ts, Some(a)));
+                                if other != key {
+                                    model.entry(other).or_default().push((ts, Some(b)));
+                                }
+                                timestamps.push(ts);
+                            }
+                            Err(dataplane::store::StoreError::BatchTooLarge { .. }) => {}
+                            Err(error) => panic!("{error}"),
+                        }
+                    }
+                    12..=15 => {
+                        let got = store.get(&key, None).await.unwrap().map(|(ts, value)| (ts, value.to_vec()));
+                        assert_eq!(got, model_get(&model, &key, None));
+                    }
+                    16 | 17 if !timestamps.is_empty() => {
+                        let at = timestamps[rng.random_range(0..timestamps.len())];
+                        let got = store.get(&key, Some(at)).await.unwrap().map(|(ts, value)| (ts, value.to_vec()));
+                        assert_eq!(got, model_get(&model, &key, Some(at)), "{key:?} at {at}");
+                    }
+                    _ => {
+                        let prefix = format!("k/{}", rng.random_range(0..4)).into_bytes();
+                        let mut after = Vec::new();
+                        let mut all = Vec::new();
+                        loop {
+                            let (page, more) = store.list(&prefix, &after, 3, None).unwrap();
+                            all.extend(page.iter().map(|item| (item.key.to_vec(), item.ts, item.size)));
+                            if !more {
+                                break;
+                            }
+                            after = page.last().unwrap().key.to_vec();
+                        }
+                        assert_eq!(all, model_list(&model, &prefix, None));
+                    }
+                }
+                if store.checkpoint_due() {
+                    store.checkpoint().await.unwrap();
+                }
+            }
+            let stats = store.stats();
+            if round % 2 == 0 {
+                store.close().await.unwrap();
+            } else {
+                // Drop without closing: the next open replays the WAL after the checkpoint.
+                drop(store);
+            }
+            (model, timestamps, rng, stats)
+        });
+        model = next_model;
+        timestamps = next_timestamps;
+        rng = next_rng;
+        checkpoints += stats.checkpoints;
+        released += stats.segments_released;
+    }
+    assert!(checkpoints >= 3, "only {checkpoints} checkpoints");
+    assert!(released >= 3, "only {released} segments released");
+}
