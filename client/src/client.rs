@@ -127,6 +127,7 @@ impl Client {
         };
         let (shard, addresses) = match reply {
             Reply::Hello { shard, addresses } => (shard, addresses),
+            Reply::Error { code, message } => return Err(ClientError::Server { code, message }),
             other => return Err(unexpected(other, "Hello")),
         };
         let shard_count = u32::try_from(addresses.len())

@@ -27,6 +27,19 @@ async fn hello_gives_the_shard_map() {
 }
 
 #[tokio::test]
+async fn refused_hello_is_a_server_error_and_transient_ones_are_retried() {
+    let cluster = FakeCluster::start(2).await;
+    cluster.shards[0].refuse_next_of("Hello", ErrorCode::Unavailable, "starting");
+    let client = connect(&cluster).await;
+    assert_eq!(client.shard_count(), 2);
+    assert_eq!(cluster.shards[0].requests("Hello"), 2);
+
+    cluster.shards[0].refuse_next_of("Hello", ErrorCode::Internal, "no shard map");
+    let error = Client::connect(cluster.seed(), config()).await.unwrap_err();
+    assert!(matches!(error, ClientError::Server { code: ErrorCode::Internal, .. }), "{error:?}");
+}
+
+#[tokio::test]
 async fn pipelined_requests_complete_out_of_order() {
     let cluster = FakeCluster::start(1).await;
     let client = connect(&cluster).await;

@@ -30,8 +30,9 @@ pub struct Behavior {
     /// For each listed request name, the next such request is applied but not answered and
     /// its connection is closed.
     pub drop_on: Mutex<Vec<&'static str>>,
-    /// The next requests are refused with these errors, in order.
-    pub errors: Mutex<VecDeque<(ErrorCode, String)>>,
+    /// The next requests are refused with these errors, in order: each entry refuses the next
+    /// request of the named kind, or the next request other than `Hello` when unnamed.
+    pub errors: Mutex<VecDeque<(Option<&'static str>, ErrorCode, String)>>,
     /// Read requests but never answer.
     pub stall: AtomicBool,
     /// Most entries in one listing page, whatever the client asked (0: no cap).
@@ -76,8 +77,14 @@ impl FakeShard {
             .collect()
     }
 
+    /// Refuses the next request other than `Hello`.
     pub fn refuse_next(&self, code: ErrorCode, message: &str) {
-        lock(&self.behavior.errors).push_back((code, message.to_owned()));
+        lock(&self.behavior.errors).push_back((None, code, message.to_owned()));
+    }
+
+    /// Refuses the next request named `request` ("Hello", "Put", ...).
+    pub fn refuse_next_of(&self, request: &'static str, code: ErrorCode, message: &str) {
+        lock(&self.behavior.errors).push_back((Some(request), code, message.to_owned()));
     }
 
     pub fn drop_next(&self, request: &'static str) {
@@ -204,9 +211,13 @@ async fn serve(shard: Arc<FakeShard>, stream: TcpStream) {
         let name = request_name(&request);
         *lock(&shard.requests).entry(name).or_default() += 1;
         let mut response = Vec::new();
-        let refusal = lock(&shard.behavior.errors).pop_front();
+        let refusal = {
+            let mut errors = lock(&shard.behavior.errors);
+            let applies = errors.front().is_some_and(|(only, _, _)| only.map_or(name != "Hello", |only| only == name));
+            if applies { errors.pop_front() } else { None }
+        };
         match refusal {
-            Some((code, message)) => proto::encode_error(code, &message, &mut response),
+            Some((_, code, message)) => proto::encode_error(code, &message, &mut response),
             None => shard.handle(&request, &mut response),
         }
         let drop_now = {

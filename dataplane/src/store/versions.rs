@@ -119,11 +119,14 @@ impl VersionMap {
         let mut collected = Collected::default();
         let mut emptied = Vec::new();
         let start = resume_after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut last_visited: Option<&Bytes> = None;
         for (visited, (key, chain)) in self.keys.range_mut::<[u8], _>((start, Bound::Unbounded)).enumerate() {
             if visited == keys_max {
-                collected.resume_after = Some(key.clone());
+                // Resume after the last key visited: this one is still to do.
+                collected.resume_after = Some(last_visited.cloned().unwrap_or_default());
                 break;
             }
+            last_visited = Some(key);
             let newest_visible = chain.partition_point(|version| version.ts <= horizon);
             if newest_visible == 0 {
                 continue;
