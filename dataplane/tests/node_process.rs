@@ -158,9 +158,9 @@ fn sigkill_rounds_lose_no_acknowledged_write() {
         let client = connect(&node).await;
         verify(&client, &ledger.lock().unwrap()).await;
     });
-    let checkpoints = std::fs::read_dir(data.join("shard-000")).unwrap().filter(|entry| {
-        entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".ckpt")
-    });
+    let checkpoints = std::fs::read_dir(data.join("shard-000"))
+        .unwrap()
+        .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().ends_with(".ckpt"));
     assert_eq!(checkpoints.count(), 1, "one checkpoint is kept per shard");
 }
 
@@ -302,8 +302,10 @@ fn bad_input_is_refused_and_the_server_keeps_serving() {
     let (_, body) = roundtrip(&mut stream, &frame).unwrap();
     assert_eq!(error_code(&body), Some(ErrorCode::BadRequest));
     // A key sent to the wrong shard.
-    let wrong = (0..).map(|i| format!("w{i}")).find(|k| wire::shard_for(k.as_bytes(), 2) != wire::shard_for(b"x", 2)).unwrap();
-    let (_, body) = roundtrip(&mut stream, &request_frame(5, Request::Get { key: wrong.as_bytes(), at: None })).unwrap();
+    let wrong =
+        (0..).map(|i| format!("w{i}")).find(|k| wire::shard_for(k.as_bytes(), 2) != wire::shard_for(b"x", 2)).unwrap();
+    let (_, body) =
+        roundtrip(&mut stream, &request_frame(5, Request::Get { key: wrong.as_bytes(), at: None })).unwrap();
     assert_eq!(error_code(&body), Some(ErrorCode::WrongShard));
     let (_, body) = roundtrip(&mut stream, &request_frame(6, Request::Put { key: b"x", value: b"fine" })).unwrap();
     assert!(matches!(Response::decode(&body).unwrap(), Response::Written { .. }));

@@ -76,6 +76,7 @@ struct Inner {
     /// LSNs reserved in the WAL and not yet applied: a checkpoint starts below the first.
     inflight: RefCell<BTreeSet<u64>>,
     checkpointing: Cell<bool>,
+    wal_bytes_carried: u64,
     wal_bytes_at_checkpoint: Cell<u64>,
     stats: RefCell<StoreStats>,
     closed: Cell<bool>,
@@ -119,7 +120,9 @@ impl ShardStore {
         let reader = WalReader::new(&config.wal.dir, shard_id, config.wal.record_payload_bytes_max);
         let mut cursor = reader.cursor(checkpoint_lsn, durable);
         let mut replayed = 0u64;
+        let mut replayed_bytes = 0u64;
         while let Some(record) = cursor.next_record()? {
+            replayed_bytes += wire::encoded_len(record.payload.len()) as u64;
             let ops = op::decode(&record.payload)
                 .map_err(|error| recovery(format!("WAL record {} does not decode: {error}", record.lsn)))?;
             for op in ops {
@@ -148,6 +151,9 @@ impl ShardStore {
         };
         let store = Self {
             inner: Rc::new(Inner {
+                // WAL replayed at open counts toward the next checkpoint, so a shard that
+                // restarts often still checkpoints.
+                wal_bytes_carried: replayed_bytes,
                 wal_bytes_at_checkpoint: Cell::new(0),
                 config,
                 wal,
@@ -366,7 +372,7 @@ impl ShardStore {
 
     /// Whether enough WAL was written since the last checkpoint to write another.
     pub fn checkpoint_due(&self) -> bool {
-        let written = self.inner.wal.stats().batch_bytes;
+        let written = self.inner.wal.stats().batch_bytes + self.inner.wal_bytes_carried;
         written.saturating_sub(self.inner.wal_bytes_at_checkpoint.get()) >= self.inner.config.checkpoint_wal_bytes
     }
 
@@ -385,7 +391,7 @@ impl ShardStore {
     async fn write_checkpoint(&self) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let config = &inner.config;
-        let wal_bytes = inner.wal.stats().batch_bytes;
+        let wal_bytes = inner.wal.stats().batch_bytes + inner.wal_bytes_carried;
         let durable = inner.wal.durable_next_lsn();
         let lsn = inner.inflight.borrow().first().copied().map_or(durable, |first| first.min(durable));
         let horizon = inner.versions.borrow().horizon();
