@@ -14,6 +14,9 @@ case "${1:-test}" in
     ;;
   bench)
     want fio fio
+    # `bench kv` runs Redis (AOF, fsync on every write) under redis-benchmark as its peer.
+    want redis-server redis-server
+    want redis-benchmark redis-tools  # also holds redis-cli
     ;;
   fuzz)
     ;;

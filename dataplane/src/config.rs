@@ -283,6 +283,38 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid_and_documents_every_field() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/dataplane.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = NodeConfig::from_toml(&text).unwrap();
+        config.resolve().unwrap();
+        let l = &config.limits;
+        let s = &config.store;
+        let w = &config.wal;
+        let set = [
+            config.listen.is_some(),
+            l.key_bytes_max.is_some(),
+            l.value_bytes_max.is_some(),
+            l.frame_bytes_max.is_some(),
+            l.inflight_per_connection.is_some(),
+            l.connections_max.is_some(),
+            l.batch_ops_max.is_some(),
+            s.inline_bytes_max.is_some(),
+            s.chunk_bytes.is_some(),
+            s.retention_secs.is_some(),
+            s.gc_interval_ms.is_some(),
+            s.checkpoint_wal_bytes.is_some(),
+            w.segment_bytes.is_some(),
+            w.batch_bytes_max.is_some(),
+            w.batch_linger_us.is_some(),
+            w.record_payload_bytes_max.is_some(),
+            w.recovery_mode.is_some(),
+        ];
+        assert!(set.iter().all(|field| *field), "the example leaves a field undocumented");
+        assert!(text.contains("# shards ="));
+    }
+
+    #[test]
     fn every_class_of_mistake_names_the_field() {
         let cases = [
             ("data_dir = \"/x\"\nbogus = 1", "bogus"),
