@@ -171,3 +171,80 @@ fn model_across_restarts_and_checkpoints() {
     assert!(checkpoints >= 3, "only {checkpoints} checkpoints");
     assert!(released >= 3, "only {released} segments released");
 }
+
+#[test]
+fn old_versions_and_their_chunks_are_collected_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let mut config = small_store(dir.path(), Arc::clone(&clock));
+    config.retention = std::time::Duration::from_secs(10);
+    let chunk_dir = dir.path().join("chunks");
+    // A chunk file nothing references (a crash after writing it, before its WAL record).
+    std::fs::create_dir_all(&chunk_dir).unwrap();
+    let orphan = chunk_dir.join(format!("{}.chunk", "ab".repeat(32)));
+    std::fs::write(&orphan, b"leftover").unwrap();
+    let count = |dir: &Path| std::fs::read_dir(dir).unwrap().count();
+    run(async move {
+        let store = ShardStore::open(config.clone()).await.unwrap();
+        assert!(!orphan.exists(), "an unreferenced chunk file survived open");
+        let old = vec![1u8; 100_000];
+        let old_ts = store.put(b"file", &old).await.unwrap();
+        let chunks_of_old = count(&chunk_dir);
+        assert!(chunks_of_old >= 2);
+        clock.advance(1_000_000);
+        let new_ts = store.put(b"file", &vec![2u8; 100_000]).await.unwrap();
+        assert_eq!(count(&chunk_dir), 2 * chunks_of_old);
+        store.delete(b"gone").await.unwrap();
+        // Inside the window both versions read.
+        store.collect_garbage().await.unwrap();
+        assert_eq!(&store.get(b"file", Some(old_ts)).await.unwrap().unwrap().1[..], &old[..]);
+        // Past it, the old version and its chunks go; the latest stays.
+        clock.advance(20_000_000);
+        store.collect_garbage().await.unwrap();
+        assert_eq!(count(&chunk_dir), chunks_of_old);
+        assert!(matches!(store.get(b"file", Some(old_ts)).await, Err(dataplane::store::StoreError::TooOld(_))));
+        assert_eq!(store.get(b"file", None).await.unwrap().unwrap().0, new_ts);
+        assert_eq!(store.stats().keys, 1, "the deleted key is gone entirely");
+        store.close().await.unwrap();
+        // After a restart the same holds.
+        let store = ShardStore::open(config).await.unwrap();
+        assert_eq!(store.get(b"file", None).await.unwrap().unwrap().0, new_ts);
+        assert_eq!(count(&chunk_dir), chunks_of_old);
+        assert!(store.get(b"file", Some(old_ts)).await.is_err());
+    });
+}
+
+#[test]
+fn chunk_and_checkpoint_io_errors_fail_the_request_and_keep_the_store_consistent() {
+    use dataplane::wal::{FaultInjector, StoreFault};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let mut config = small_store(dir.path(), clock);
+    let faults = Arc::new(FaultInjector::default());
+    config.wal.faults = Some(Arc::clone(&faults));
+    let chunk_dir = dir.path().join("chunks");
+    run(async move {
+        let store = ShardStore::open(config.clone()).await.unwrap();
+        let big = vec![3u8; 200_000];
+        // A failed chunk write: the put fails, nothing is visible, no chunk is left behind.
+        faults.fail_store(StoreFault::ChunkWrite, libc::EIO);
+        let error = store.put(b"big", &big).await.unwrap_err();
+        assert!(error.to_string().contains("Input/output error"), "{error}");
+        assert_eq!(store.get(b"big", None).await.unwrap(), None);
+        assert_eq!(std::fs::read_dir(&chunk_dir).unwrap().count(), 0);
+        let ts = store.put(b"big", &big).await.unwrap();
+        // A failed chunk read: an error, never bad bytes; the next read works.
+        faults.fail_store(StoreFault::ChunkRead, libc::EIO);
+        assert!(store.get(b"big", None).await.is_err());
+        assert_eq!(store.get(b"big", None).await.unwrap().unwrap(), (ts, bytes::Bytes::from(big.clone())));
+        // A failed checkpoint: an error, the WAL keeps everything, the next one works.
+        faults.fail_store(StoreFault::Checkpoint, libc::ENOSPC);
+        assert!(store.checkpoint().await.is_err());
+        store.put(b"small", b"value").await.unwrap();
+        assert!(store.checkpoint().await.unwrap().is_some());
+        drop(store);
+        let store = ShardStore::open(config).await.unwrap();
+        assert_eq!(&store.get(b"small", None).await.unwrap().unwrap().1[..], b"value");
+        assert_eq!(store.get(b"big", None).await.unwrap().unwrap().0, ts);
+    });
+}

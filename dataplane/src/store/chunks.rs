@@ -28,6 +28,7 @@ use thiserror::Error;
 use super::op::{CHUNK_HASH_BYTES, ChunkList, ChunkRef};
 use crate::sync::Latch;
 use crate::wal::format::SECTOR_BYTES;
+use crate::wal::{FaultInjector, StoreFault};
 
 const SECTOR_U32: u32 = 4096;
 const _: () = assert!(SECTOR_U32 as usize == SECTOR_BYTES);
@@ -168,12 +169,17 @@ pub struct ChunkStore {
     /// Files found on disk at open that nothing referenced yet.
     found: RefCell<Vec<[u8; CHUNK_HASH_BYTES]>>,
     stats: RefCell<ChunkStats>,
+    faults: Option<Arc<FaultInjector>>,
 }
 
 impl ChunkStore {
     /// Opens (creating) the chunk directory; files found are kept until
     /// [`ChunkStore::remove_unreferenced`] once recovery took its references.
-    pub fn open(dir: impl Into<PathBuf>, chunk_bytes: usize) -> Result<Self, ChunkError> {
+    pub fn open(
+        dir: impl Into<PathBuf>,
+        chunk_bytes: usize,
+        faults: Option<Arc<FaultInjector>>,
+    ) -> Result<Self, ChunkError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|error| io_error("create directory", &dir, &error))?;
         let mut found = Vec::new();
@@ -190,6 +196,7 @@ impl ChunkStore {
             writing: RefCell::default(),
             found: RefCell::new(found),
             stats: RefCell::default(),
+            faults,
         })
     }
 
@@ -317,6 +324,9 @@ impl ChunkStore {
             path: path.display().to_string(),
             message: error.to_string(),
         };
+        if let Some(errno) = self.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::ChunkWrite)) {
+            return Err(fail("write", &std::io::Error::from_raw_os_error(errno)));
+        }
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -346,6 +356,9 @@ impl ChunkStore {
             path: path.display().to_string(),
             message: error.to_string(),
         };
+        if let Some(errno) = self.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::ChunkRead)) {
+            return Err(fail("read", &std::io::Error::from_raw_os_error(errno)));
+        }
         // Read through the page cache: glommio's iopoll probe can misjudge virtio devices
         // (a probe on an empty file "succeeds"), and O_DIRECT reads then fail with EOPNOTSUPP.
         let file = match BufferedFile::open(&path).await {

@@ -16,7 +16,7 @@ use super::op::{self, Body, ChunkList};
 use super::versions::{Collected, VersionMap};
 use super::{StoreConfig, StoreError};
 use crate::limits;
-use crate::wal::{Wal, WalReader};
+use crate::wal::{StoreFault, Wal, WalReader};
 
 /// Metadata of a key's visible version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +131,7 @@ impl ShardStore {
             replayed += 1;
         }
 
-        let chunks = ChunkStore::open(config.dir.join("chunks"), config.chunk_bytes)?;
+        let chunks = ChunkStore::open(config.dir.join("chunks"), config.chunk_bytes, config.wal.faults.clone())?;
         for (_, chain) in versions.iter_from(None) {
             for version in chain {
                 if let Body::Chunked(list) = &version.body {
@@ -400,6 +400,9 @@ impl ShardStore {
         let temporary = config.dir.join(format!("{name}.tmp"));
         let fail = |message: String| StoreError::Checkpoint { path: path.display().to_string(), message };
 
+        if let Some(errno) = config.wal.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::Checkpoint)) {
+            return Err(fail(format!("create: {}", std::io::Error::from_raw_os_error(errno))));
+        }
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)

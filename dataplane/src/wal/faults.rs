@@ -28,6 +28,18 @@ pub struct FaultInjector {
     sync_fault_at: AtomicU64,
     sync_fault_errno: AtomicI32,
     create_fault_errno: AtomicI32,
+    store_fault_errno: [AtomicI32; 3],
+}
+
+/// Failpoints of the store shell above the WAL (one-shot: the next such call fails).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    /// Writing a chunk file.
+    ChunkWrite = 0,
+    /// Reading a chunk file.
+    ChunkRead = 1,
+    /// Writing a checkpoint.
+    Checkpoint = 2,
 }
 
 impl FaultInjector {
@@ -57,6 +69,16 @@ impl FaultInjector {
     /// Every segment creation from now fails with `errno` (0 disarms).
     pub fn fail_segment_create(&self, errno: i32) {
         self.create_fault_errno.store(errno, Ordering::SeqCst);
+    }
+
+    /// The next I/O at `point` fails with `errno`.
+    pub fn fail_store(&self, point: StoreFault, errno: i32) {
+        self.store_fault_errno[point as usize].store(errno, Ordering::SeqCst);
+    }
+
+    /// The armed errno of `point`, disarming it.
+    pub fn on_store(&self, point: StoreFault) -> Option<i32> {
+        Some(self.store_fault_errno[point as usize].swap(0, Ordering::SeqCst)).filter(|errno| *errno != 0)
     }
 
     /// Data writes issued so far.

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use faults::{FaultInjector, WriteFault};
+pub use faults::{FaultInjector, StoreFault, WriteFault};
 pub use reader::{WalCursor, WalReader, WalRecord};
 pub use recovery::{RecoveryError, RecoveryMode};
 pub use writer::{Wal, WalStats};
