@@ -3,7 +3,7 @@
 //! reported per history size. Restart work must follow the live data, not the history.
 //!
 //! `cargo run --release -p dataplane --example restart_time -- [keys] [value_bytes] [rounds...]`
-#![allow(clippy::unwrap_used, clippy::cast_precision_loss)]
+#![allow(clippy::unwrap_used, clippy::cast_precision_loss, clippy::cast_lossless)]
 
 use std::time::{Duration, Instant};
 

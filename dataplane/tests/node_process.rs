@@ -87,10 +87,13 @@ fn value(id: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A version as the ledger records it: timestamp and value (`None` for a tombstone).
+type Versions = Vec<(u64, Option<Vec<u8>>)>;
+
 #[derive(Default)]
 struct Ledger {
-    /// key -> acknowledged (ts, value or None for a tombstone).
-    acked: BTreeMap<Vec<u8>, Vec<(u64, Option<Vec<u8>>)>>,
+    /// key -> acknowledged versions.
+    acked: BTreeMap<Vec<u8>, Versions>,
     /// key -> every value sent, acknowledged or not.
     sent: BTreeMap<Vec<u8>, Vec<Option<Vec<u8>>>>,
     next_id: u64,
