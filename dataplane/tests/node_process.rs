@@ -114,7 +114,10 @@ fn sigkill_rounds_lose_no_acknowledged_write() {
         let ledger_check = Arc::clone(&ledger);
         runtime.block_on(async {
             let client = connect(&node).await;
-            verify(&client, &ledger_check.lock().unwrap()).await;
+            // No writer runs now: check a copy taken out of the lock.
+            let snapshot = std::mem::take(&mut *ledger_check.lock().unwrap());
+            verify(&client, &snapshot).await;
+            *ledger_check.lock().unwrap() = snapshot;
             let mut writers = Vec::new();
             for writer in 0..16u64 {
                 let client = client.clone();
@@ -159,7 +162,8 @@ fn sigkill_rounds_lose_no_acknowledged_write() {
     let node = Node::start(&data, SMALL);
     runtime.block_on(async {
         let client = connect(&node).await;
-        verify(&client, &ledger.lock().unwrap()).await;
+        let snapshot = std::mem::take(&mut *ledger.lock().unwrap());
+        verify(&client, &snapshot).await;
     });
     let checkpoints = std::fs::read_dir(data.join("shard-000"))
         .unwrap()
