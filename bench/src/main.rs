@@ -3,6 +3,9 @@
 //! JSON object of every figure (units in key names, ratios as `*_ratio`).
 
 mod device;
+mod kv;
+mod process;
+mod redis;
 mod report;
 mod wal;
 
@@ -25,12 +28,16 @@ enum Command {
     /// Durable WAL appends (O_DIRECT + group commit + fdatasync) against fio and a raw
     /// write+fdatasync probe at the WAL's own mean batch size.
     Wal(wal::WalArgs),
+    /// Durable puts and gets through the client against a dataplane process, next to
+    /// redis-server (appendonly yes, appendfsync always) under redis-benchmark.
+    Kv(kv::KvArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Wal(args) => wal::run(&args),
+        Command::Kv(args) => kv::run(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,10 @@ impl Figures {
         self.values.insert(key.into(), serde_json::Number::from_f64(rounded).map_or(Value::Null, Value::Number));
     }
 
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+
     pub fn get_f64(&self, key: &str) -> Option<f64> {
         self.values.get(key).and_then(Value::as_f64)
     }

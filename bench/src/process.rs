@@ -1,0 +1,153 @@
+//! Child processes a bench starts (the system under test, its peers) and the directory they
+//! run in: each is stopped, or killed, whatever way the bench ends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// How often a stopping child is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Bytes of a child's log quoted in an error.
+const LOG_TAIL_BYTES: usize = 2000;
+
+/// A running child process. Dropping it while the child runs kills it (SIGKILL) and reaps it,
+/// so an error or a panic in the bench never leaves a server behind.
+#[derive(Debug)]
+pub struct ChildGuard {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Takes charge of `child`, whose stderr (or whole output) goes to `log`.
+    pub fn new(name: &'static str, child: Child, log: PathBuf) -> Self {
+        Self { name, child, log }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time the child has used so far.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        cpu_time(self.child.id())
+    }
+
+    /// Fails if the child has exited, quoting its log.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited ({status}) {}", self.name, self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// The end of the child's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        let tail = &text[text.len().saturating_sub(LOG_TAIL_BYTES)..];
+        format!("(log {}):\n{}", self.log.display(), String::from_utf8_lossy(tail).trim_end())
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the child to exit; kills it after that.
+    pub fn terminate(mut self, timeout: Duration) -> Result<ExitStatus> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("child pid")?;
+        if self.child.try_wait()?.is_none() {
+            // SAFETY: plain kill(2) on the pid of a child this guard has not reaped yet.
+            if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+                bail!("cannot send SIGTERM to {}: {}", self.name, std::io::Error::last_os_error());
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                // Drop kills it.
+                bail!("{} did not exit within {} s of SIGTERM {}", self.name, timeout.as_secs(), self.log_tail());
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A fresh directory for one run, removed when dropped unless kept.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl RunDir {
+    /// Creates `<parent>/<prefix>-<pid>-<unix millis>`.
+    pub fn create(parent: &Path, prefix: &str, keep: bool) -> Result<Self> {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let parent = parent.canonicalize().with_context(|| format!("resolving {}", parent.display()))?;
+        let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
+        let path = parent.join(format!("{prefix}-{}-{millis}", std::process::id()));
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path, keep })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("bench: data kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// CPU time (user + system, every thread) process `pid` has used, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').context("malformed /proc stat")?.1.split_whitespace().collect();
+    let ticks = |index: usize| -> Result<u64> {
+        fields.get(index).and_then(|field| field.parse().ok()).with_context(|| format!("{path}: field {index}"))
+    };
+    let total = ticks(11)? + ticks(12)?;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
+    Ok(Duration::from_micros(total * 1_000_000 / per_second))
+}
+
+/// CPU time (user + system) of every child this process has waited for.
+pub fn children_cpu_time() -> Duration {
+    // SAFETY: getrusage fills the zero-initialised struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let time = |value: libc::timeval| {
+        Duration::from_secs(u64::try_from(value.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(value.tv_usec).unwrap_or(0))
+    };
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
