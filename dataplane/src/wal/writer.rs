@@ -334,6 +334,21 @@ async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize
 
 /// fsyncs a directory so a created or removed entry is durable. Blocking, but rare (segment
 /// creation and recovery) and cheap next to zero-filling a segment.
+/// glommio decides once per device and process whether O_DIRECT I/O goes to its polled ring,
+/// by reading the first sector of the first DMA file opened there. On an empty file that read
+/// "succeeds" even on devices without poll queues (virtio here), and every later DMA file then
+/// lands on the polled ring: shards busy-poll and O_DIRECT reads fail with EOPNOTSUPP. Opening
+/// a one-sector file first makes the probe meaningful.
+async fn calibrate_iopoll(dir: &Path) {
+    let path = dir.join(".iopoll-probe");
+    if std::fs::write(&path, [0u8; SECTOR_BYTES]).is_ok() {
+        if let Ok(file) = DmaFile::open(&path).await {
+            let _ = file.close().await;
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -390,6 +405,7 @@ impl Wal {
         std::fs::create_dir_all(&config.dir)
             .map_err(|error| WalError::io("create directory", config.dir.display(), &error))?;
         let io_bytes_max = config.io_bytes_max.unwrap_or_else(|| device_io_bytes_max(&config.dir));
+        calibrate_iopoll(&config.dir).await;
         let plan = scan(&config)?;
         let faults = config.faults.clone();
 
