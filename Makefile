@@ -16,18 +16,20 @@ test:
 	scripts/install-deps.sh test
 	$(CARGO) nextest run --workspace --no-fail-fast --profile ci
 
-## What exists so far, on this machine's disk: the WAL against fio and the raw device.
-## (The multi-region cluster demo arrives with the replication and orchestrator issues.)
+## What exists so far: one real data node (2 shards, durable puts) under 1..256 clients next to
+## redis-server (appendfsync always) in the same run. (The multi-region cluster demo arrives with
+## the replication and orchestrator issues.)
 demo:
 	scripts/install-deps.sh bench
-	$(CARGO) build --release -p bench
-	./target/release/bench wal --duration-ms 1500 --warmup-ms 300 --sizes 128,4096 --appenders 1,256
+	$(CARGO) build --release -p dataplane -p bench
+	./target/release/bench kv --duration-ms 1000 --warmup-ms 200
 
 ## Full benchmarks; JSON with BENCH_ARGS=--json. See bench/README.md.
 bench:
 	scripts/install-deps.sh bench
-	$(CARGO) build --release -p bench
+	$(CARGO) build --release -p dataplane -p bench
 	./target/release/bench wal $(BENCH_ARGS)
+	./target/release/bench kv $(BENCH_ARGS)
 
 ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz).
 fuzz:
