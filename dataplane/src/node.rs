@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use glommio::net::TcpListener;
@@ -47,14 +47,13 @@ pub fn run(
     let runtime = RuntimeConfig { shards: config.shards, name: "meridian-shard".into(), ..RuntimeConfig::default() };
     let shard_count = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
     let map = ShardMap::new(config.shards);
-    let listening = Arc::new(AtomicUsize::new(0));
     let on_ready = Arc::new(on_ready);
     let config = config.clone();
     let stop = stop.clone();
     let results = run_shards::<(), _, _, _>(&runtime, move |context| {
         let shard_id = context.shard_id;
         async move {
-            let result = shard_main(&config, shard_id, shard_count, map, &listening, &*on_ready, &stop).await;
+            let result = shard_main(&config, shard_id, shard_count, map, &*on_ready, &stop).await;
             if result.is_err() {
                 // One shard failing stops the node rather than leaving a partial one serving.
                 stop.stop();
@@ -72,7 +71,6 @@ async fn shard_main(
     shard_id: u32,
     shard_count: u32,
     map: ShardMap,
-    listening: &AtomicUsize,
     on_ready: &(dyn Fn(&[String]) + Send + Sync),
     stop: &StopFlag,
 ) -> Result<(), String> {
@@ -92,8 +90,7 @@ async fn shard_main(
     let listener = TcpListener::bind((config.host.as_str(), port))
         .map_err(|error| format!("shard {shard_id}: bind {}:{port}: {error}", config.host))?;
     let address = listener.local_addr().map_err(|error| format!("shard {shard_id}: {error}"))?;
-    map.set(shard_id, address);
-    if listening.fetch_add(1, Ordering::SeqCst) + 1 == shard_count as usize {
+    if map.set(shard_id, address) {
         on_ready(&map.addresses());
     }
     store.spawn_maintenance();

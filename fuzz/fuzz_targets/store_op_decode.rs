@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let payload = Bytes::copy_from_slice(data);
     if let Ok(ops) = op::decode(&payload) {
         let mut again = Vec::new();
-        op::encode(ops.iter().map(|op| (&op.key[..], &op.body)), &mut again).expect("decoded ops re-encode");
+        op::encode(ops.iter().map(|op| (&op.key[..], op.body.view())), &mut again).expect("decoded ops re-encode");
         assert_eq!(again, data);
     }
 });

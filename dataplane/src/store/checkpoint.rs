@@ -100,7 +100,7 @@ pub fn encode_header(shard_id: u32, lsn: u64, horizon: u64, out: &mut Vec<u8>) {
 /// Appends one version of `key`.
 pub fn encode_version(key: &[u8], version: &Version, scratch: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), OpError> {
     scratch.clear();
-    op::encode(std::iter::once((key, &version.body)), scratch)?;
+    op::encode(std::iter::once((key, version.body.view())), scratch)?;
     push_record(RecordType::Data, version.ts, 0, scratch, out);
     Ok(())
 }

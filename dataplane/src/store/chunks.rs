@@ -274,7 +274,8 @@ impl ChunkStore {
             }
             if wrote_any {
                 // New directory entries must be durable before a WAL record names them.
-                sync_dir(&self.dir)?;
+                let dir = &self.dir;
+                crate::wal::writer::sync_path(dir).map_err(|error| io_error("sync directory", dir, &error))?;
             }
             Ok(())
         }
@@ -319,11 +320,7 @@ impl ChunkStore {
 
     async fn write_file(&self, chunk: &ChunkRef, data: &[u8]) -> Result<(), ChunkError> {
         let path = self.dir.join(file_name(&chunk.hash));
-        let fail = |op: &'static str, error: &dyn std::fmt::Display| ChunkError::Io {
-            op,
-            path: path.display().to_string(),
-            message: error.to_string(),
-        };
+        let fail = |op: &'static str, error: &dyn std::fmt::Display| io_error(op, &path, error);
         if let Some(errno) = self.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::ChunkWrite)) {
             return Err(fail("write", &std::io::Error::from_raw_os_error(errno)));
         }
@@ -351,11 +348,7 @@ impl ChunkStore {
     /// Reads and checks one chunk.
     pub async fn read_chunk(&self, chunk: &ChunkRef) -> Result<Bytes, ChunkError> {
         let path = self.dir.join(file_name(&chunk.hash));
-        let fail = |op: &'static str, error: &dyn std::fmt::Display| ChunkError::Io {
-            op,
-            path: path.display().to_string(),
-            message: error.to_string(),
-        };
+        let fail = |op: &'static str, error: &dyn std::fmt::Display| io_error(op, &path, error);
         if let Some(errno) = self.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::ChunkRead)) {
             return Err(fail("read", &std::io::Error::from_raw_os_error(errno)));
         }
@@ -385,24 +378,10 @@ impl ChunkStore {
         }
         Ok(out.freeze())
     }
-
-    /// The directory holding the chunk files.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The path of a chunk's file (tests damage it).
-    pub fn path_of(&self, hash: &[u8; CHUNK_HASH_BYTES]) -> PathBuf {
-        self.dir.join(file_name(hash))
-    }
 }
 
-fn io_error(op: &'static str, path: &Path, error: &std::io::Error) -> ChunkError {
+fn io_error(op: &'static str, path: &Path, error: &dyn std::fmt::Display) -> ChunkError {
     ChunkError::Io { op, path: path.display().to_string(), message: error.to_string() }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), ChunkError> {
-    std::fs::File::open(dir).and_then(|file| file.sync_all()).map_err(|error| io_error("sync directory", dir, &error))
 }
 
 #[cfg(test)]

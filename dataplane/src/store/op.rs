@@ -62,6 +62,29 @@ impl Body {
     }
 }
 
+/// A borrowed body, what [`encode`] reads: lets a writer encode caller bytes without first
+/// copying them into a [`Body`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Value<'a> {
+    /// The value itself.
+    Inline(&'a [u8]),
+    /// References into the chunk store.
+    Chunked(&'a ChunkList),
+    /// The key was deleted.
+    Tombstone,
+}
+
+impl Body {
+    /// The borrowed view of this body.
+    pub fn view(&self) -> Value<'_> {
+        match self {
+            Self::Inline(value) => Value::Inline(value),
+            Self::Chunked(list) => Value::Chunked(list),
+            Self::Tombstone => Value::Tombstone,
+        }
+    }
+}
+
 /// One operation: `key` gets `body`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Op {
@@ -116,15 +139,15 @@ pub enum OpError {
 }
 
 /// Bytes [`encode`] will write for these operations.
-pub fn encoded_len<'a>(ops: impl IntoIterator<Item = (&'a [u8], &'a Body)>) -> usize {
+pub fn encoded_len<'a>(ops: impl IntoIterator<Item = (&'a [u8], Value<'a>)>) -> usize {
     2 + ops
         .into_iter()
         .map(|(key, body)| {
             3 + key.len()
                 + match body {
-                    Body::Inline(value) => 4 + value.len(),
-                    Body::Chunked(list) => 12 + list.chunks.len() * (CHUNK_HASH_BYTES + 4),
-                    Body::Tombstone => 0,
+                    Value::Inline(value) => 4 + value.len(),
+                    Value::Chunked(list) => 12 + list.chunks.len() * (CHUNK_HASH_BYTES + 4),
+                    Value::Tombstone => 0,
                 }
         })
         .sum::<usize>()
@@ -132,26 +155,26 @@ pub fn encoded_len<'a>(ops: impl IntoIterator<Item = (&'a [u8], &'a Body)>) -> u
 
 /// Appends the encoding of `ops` to `out`. Keys must be at most `u16::MAX` bytes and inline
 /// values at most `u32::MAX` (the store's limits are far below).
-pub fn encode<'a>(ops: impl ExactSizeIterator<Item = (&'a [u8], &'a Body)>, out: &mut Vec<u8>) -> Result<(), OpError> {
+pub fn encode<'a>(ops: impl ExactSizeIterator<Item = (&'a [u8], Value<'a>)>, out: &mut Vec<u8>) -> Result<(), OpError> {
     let count = u16::try_from(ops.len()).map_err(|_| OpError::TooMany { what: "operations" })?;
     out.extend_from_slice(&count.to_le_bytes());
     for (key, body) in ops {
         let key_len = u16::try_from(key.len()).map_err(|_| OpError::TooMany { what: "key bytes" })?;
         let kind = match body {
-            Body::Inline(_) => KIND_INLINE,
-            Body::Chunked(_) => KIND_CHUNKED,
-            Body::Tombstone => KIND_TOMBSTONE,
+            Value::Inline(_) => KIND_INLINE,
+            Value::Chunked(_) => KIND_CHUNKED,
+            Value::Tombstone => KIND_TOMBSTONE,
         };
         out.push(kind);
         out.extend_from_slice(&key_len.to_le_bytes());
         out.extend_from_slice(key);
         match body {
-            Body::Inline(value) => {
+            Value::Inline(value) => {
                 let len = u32::try_from(value.len()).map_err(|_| OpError::TooMany { what: "value bytes" })?;
                 out.extend_from_slice(&len.to_le_bytes());
                 out.extend_from_slice(value);
             }
-            Body::Chunked(list) => {
+            Value::Chunked(list) => {
                 let n = u32::try_from(list.chunks.len()).map_err(|_| OpError::TooMany { what: "chunks" })?;
                 out.extend_from_slice(&list.size.to_le_bytes());
                 out.extend_from_slice(&n.to_le_bytes());
@@ -160,7 +183,7 @@ pub fn encode<'a>(ops: impl ExactSizeIterator<Item = (&'a [u8], &'a Body)>, out:
                     out.extend_from_slice(&chunk.len.to_le_bytes());
                 }
             }
-            Body::Tombstone => {}
+            Value::Tombstone => {}
         }
     }
     Ok(())
@@ -265,8 +288,8 @@ mod tests {
     fn roundtrip_and_length() {
         let ops = sample();
         let mut out = Vec::new();
-        encode(ops.iter().map(|op| (&op.key[..], &op.body)), &mut out).unwrap();
-        assert_eq!(out.len(), encoded_len(ops.iter().map(|op| (&op.key[..], &op.body))));
+        encode(ops.iter().map(|op| (&op.key[..], op.body.view())), &mut out).unwrap();
+        assert_eq!(out.len(), encoded_len(ops.iter().map(|op| (&op.key[..], op.body.view()))));
         assert_eq!(decode(&Bytes::from(out)).unwrap(), ops);
     }
 
@@ -274,7 +297,7 @@ mod tests {
     fn every_truncation_is_a_typed_error() {
         let ops = sample();
         let mut out = Vec::new();
-        encode(ops.iter().map(|op| (&op.key[..], &op.body)), &mut out).unwrap();
+        encode(ops.iter().map(|op| (&op.key[..], op.body.view())), &mut out).unwrap();
         for cut in 0..out.len() {
             assert!(decode(&Bytes::copy_from_slice(&out[..cut])).is_err(), "cut {cut}");
         }
@@ -297,7 +320,7 @@ mod tests {
         fn arbitrary_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             if let Ok(ops) = decode(&Bytes::from(bytes)) {
                 let mut again = Vec::new();
-                encode(ops.iter().map(|op| (&op.key[..], &op.body)), &mut again).unwrap();
+                encode(ops.iter().map(|op| (&op.key[..], op.body.view())), &mut again).unwrap();
                 prop_assert_eq!(decode(&Bytes::from(again)).unwrap(), ops);
             }
         }

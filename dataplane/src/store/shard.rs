@@ -4,6 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_lite::AsyncWriteExt;
@@ -17,6 +18,23 @@ use super::versions::{Collected, VersionMap};
 use super::{StoreConfig, StoreError};
 use crate::limits;
 use crate::wal::{StoreFault, Wal, WalReader};
+
+/// A value of a write being prepared: inline bytes stay borrowed from the request.
+enum Staged<'a> {
+    Inline(&'a [u8]),
+    Chunked(Arc<ChunkList>),
+    Tombstone,
+}
+
+impl Staged<'_> {
+    fn view(&self) -> op::Value<'_> {
+        match self {
+            Self::Inline(value) => op::Value::Inline(value),
+            Self::Chunked(list) => op::Value::Chunked(list),
+            Self::Tombstone => op::Value::Tombstone,
+        }
+    }
+}
 
 /// Metadata of a key's visible version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +224,7 @@ impl ShardStore {
                 reason: format!("{} operations, allowed 1..={}", items.len(), config.batch_ops_max),
             });
         }
-        let mut staged: Vec<(&[u8], Body)> = Vec::with_capacity(items.len());
+        let mut staged: Vec<(&[u8], Staged<'_>)> = Vec::with_capacity(items.len());
         let result = self.stage(items, &mut staged).await;
         let result = match result {
             Ok(()) => self.commit(&staged).await,
@@ -214,7 +232,7 @@ impl ShardStore {
         };
         if result.is_err() {
             for (_, body) in &staged {
-                if let Body::Chunked(list) = body {
+                if let Staged::Chunked(list) = body {
                     self.inner.chunks.release(list)?;
                 }
             }
@@ -222,12 +240,12 @@ impl ShardStore {
         result
     }
 
-    /// Checks limits and stores chunked values; inline values are copied later, once, into
-    /// the WAL payload.
+    /// Checks limits and stores chunked values; inline values stay borrowed until they are
+    /// copied, once, into the WAL payload.
     async fn stage<'a>(
         &self,
         items: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-        staged: &mut Vec<(&'a [u8], Body)>,
+        staged: &mut Vec<(&'a [u8], Staged<'a>)>,
     ) -> Result<(), StoreError> {
         let config = &self.inner.config;
         for (key, value) in items {
@@ -235,24 +253,23 @@ impl ShardStore {
                 return Err(StoreError::BadKey { len: key.len(), max: config.key_bytes_max });
             }
             let body = match value {
-                None => Body::Tombstone,
+                None => Staged::Tombstone,
                 Some(value) if value.len() > config.value_bytes_max => {
                     return Err(StoreError::ValueTooLarge { len: value.len(), max: config.value_bytes_max });
                 }
                 Some(value) if value.len() > config.inline_bytes_max => {
-                    Body::Chunked(self.inner.chunks.store(value).await?)
+                    Staged::Chunked(self.inner.chunks.store(value).await?)
                 }
-                // A view for encoding; the stored value is the WAL payload's copy.
-                Some(value) => Body::Inline(Bytes::copy_from_slice(value)),
+                Some(value) => Staged::Inline(value),
             };
             staged.push((key, body));
         }
         Ok(())
     }
 
-    async fn commit(&self, staged: &[(&[u8], Body)]) -> Result<u64, StoreError> {
+    async fn commit(&self, staged: &[(&[u8], Staged<'_>)]) -> Result<u64, StoreError> {
         let inner = &self.inner;
-        let len = op::encoded_len(staged.iter().map(|(key, body)| (*key, body)));
+        let len = op::encoded_len(staged.iter().map(|(key, body)| (*key, body.view())));
         let record_max = inner.config.wal.record_payload_bytes_max as usize;
         if len > record_max {
             return Err(StoreError::BatchTooLarge {
@@ -260,7 +277,7 @@ impl ShardStore {
             });
         }
         let mut payload = Vec::with_capacity(len);
-        op::encode(staged.iter().map(|(key, body)| (*key, body)), &mut payload)
+        op::encode(staged.iter().map(|(key, body)| (*key, body.view())), &mut payload)
             .map_err(|error| StoreError::BatchTooLarge { reason: error.to_string() })?;
         let payload = Bytes::from(payload);
         let reserved = Cell::new(None);
@@ -275,10 +292,9 @@ impl ShardStore {
                 ts
             })
             .await;
-        let Some((lsn, ts)) = reserved.get() else {
-            return Err(appended.err().map_or(StoreError::BatchTooLarge { reason: "not reserved".into() }, Into::into));
-        };
+        // `reserved` is set whenever the record took an LSN, even if the WAL failed after.
         let result = appended.map_err(StoreError::from).and_then(|_| {
+            let (_, ts) = reserved.get().expect("an appended record was stamped");
             // Apply the payload's own slices: one copy of each inline value.
             let ops = op::decode(&payload).map_err(|error| StoreError::Recovery {
                 shard_id: inner.config.shard_id,
@@ -290,7 +306,9 @@ impl ShardStore {
             }
             Ok(ts)
         });
-        inner.inflight.borrow_mut().remove(&lsn);
+        if let Some((lsn, _)) = reserved.get() {
+            inner.inflight.borrow_mut().remove(&lsn);
+        }
         result
     }
 
@@ -446,9 +464,9 @@ impl ShardStore {
         }
         // Close flushes, fdatasyncs and trims the padding; sync again for the new size.
         writer.close().await.map_err(|error| fail(format!("close: {error}")))?;
-        sync_path(&temporary).map_err(|error| fail(format!("sync: {error}")))?;
+        crate::wal::writer::sync_path(&temporary).map_err(|error| fail(format!("sync: {error}")))?;
         std::fs::rename(&temporary, &path).map_err(|error| fail(format!("rename: {error}")))?;
-        sync_path(&config.dir).map_err(|error| fail(format!("sync directory: {error}")))?;
+        crate::wal::writer::sync_path(&config.dir).map_err(|error| fail(format!("sync directory: {error}")))?;
 
         remove_checkpoints(&config.dir, config.shard_id, |old| old < lsn).map_err(|error| fail(error.to_string()))?;
         let released = inner.wal.release_before(lsn)?;
@@ -516,10 +534,6 @@ impl ShardStore {
             Err(_) => Ok(()),
         }
     }
-}
-
-fn sync_path(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path)?.sync_all()
 }
 
 /// Deletes checkpoint files of `shard_id` whose LSN matches `doomed`, and stale temporaries.

@@ -321,7 +321,7 @@ async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize
             other => other,
         })?;
         file.fdatasync().await.map_err(fail_glommio)?;
-        sync_dir(&config.dir).map_err(|error| fail(error.raw_os_error(), &error))
+        sync_path(&config.dir).map_err(|error| fail(error.raw_os_error(), &error))
     }
     .await;
     if let Err(error) = result {
@@ -349,7 +349,8 @@ async fn calibrate_iopoll(dir: &Path) {
     }
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// `fsync` of a file or directory by path (directories: makes new or removed entries durable).
+pub(crate) fn sync_path(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -591,7 +592,7 @@ impl Wal {
             released += 1;
         }
         if released > 0 {
-            sync_dir(&self.inner.config.dir)
+            sync_path(&self.inner.config.dir)
                 .map_err(|error| WalError::io("sync directory", self.inner.config.dir.display(), &error))?;
         }
         Ok(released)
