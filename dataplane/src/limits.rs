@@ -45,7 +45,7 @@ pub const RETENTION_DEFAULT: Duration = Duration::from_secs(3600);
 /// Default interval between garbage-collection passes.
 pub const GC_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 /// Keys visited per garbage-collection step before yielding.
-pub const GC_KEYS_PER_STEP: usize = 4096;
+pub const GC_KEYS_PER_STEP: usize = 1024;
 /// Default WAL bytes between checkpoints.
 pub const CHECKPOINT_WAL_BYTES_DEFAULT: u64 = 256 << 20;
 /// Bytes of checkpoint encoded before each write (and yield).

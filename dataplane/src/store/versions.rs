@@ -3,8 +3,13 @@
 //!
 //! Applying a version is idempotent (a chain holds at most one version per timestamp), so
 //! recovery may replay WAL records a fuzzy checkpoint already holds.
+//!
+//! Chains live in a hash map, so a get or an overwrite costs one hash and one key compare; a
+//! B-tree set of the keys (sharing their bytes) keeps the order for listings and collection.
+//! With the chains in the B-tree itself, a lookup among 100 000 keys cost about 2 us of
+//! pointer-chasing key compares, a sixth of the CPU of a get.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 
@@ -49,25 +54,55 @@ pub struct Collected {
 }
 
 /// The versions of every key of a shard.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VersionMap {
-    keys: BTreeMap<Bytes, Vec<Version>>,
+    chains: HashMap<Bytes, Vec<Version>, ahash::RandomState>,
+    order: BTreeSet<Bytes>,
+    /// No version older than this can be collected: a lower bound on the oldest version that
+    /// has a newer one and on the oldest tombstone. A collection pass whose horizon is below
+    /// it has nothing to do.
+    collectable_from: u64,
+    /// The same bound for the keys the running pass visited (and writes since it began).
+    pass_collectable_from: u64,
     versions: u64,
     horizon: u64,
     max_ts: u64,
+}
+
+impl Default for VersionMap {
+    fn default() -> Self {
+        VersionMap {
+            chains: HashMap::default(),
+            order: BTreeSet::new(),
+            collectable_from: u64::MAX,
+            pass_collectable_from: u64::MAX,
+            versions: 0,
+            horizon: 0,
+            max_ts: 0,
+        }
+    }
 }
 
 impl VersionMap {
     /// Adds a version. Returns `false` (and changes nothing) when the key already has a
     /// version at `ts`.
     pub fn apply(&mut self, key: Bytes, ts: u64, body: Body) -> bool {
-        let chain = self.keys.entry(key).or_default();
+        let chain = match self.chains.get_mut(&key) {
+            Some(chain) => chain,
+            None => {
+                self.order.insert(key.clone());
+                self.chains.entry(key).or_default()
+            }
+        };
         // Stamps grow, so the new version almost always goes last.
         let at = chain.partition_point(|version| version.ts < ts);
         if chain.get(at).is_some_and(|version| version.ts == ts) {
             return false;
         }
         chain.insert(at, Version { ts, body });
+        let from = still_collectable(chain);
+        self.collectable_from = self.collectable_from.min(from);
+        self.pass_collectable_from = self.pass_collectable_from.min(from);
         self.versions += 1;
         self.max_ts = self.max_ts.max(ts);
         true
@@ -76,7 +111,7 @@ impl VersionMap {
     /// The version of `key` visible at `at` (`None`: latest), tombstones included.
     pub fn version_at(&self, key: &[u8], at: Option<u64>) -> Result<Option<&Version>, TooOld> {
         let at = self.check(at)?;
-        Ok(self.keys.get(key).and_then(|chain| visible(chain, at)))
+        Ok(self.chains.get(key).and_then(|chain| visible(chain, at)))
     }
 
     /// The live value version of `key` at `at`: `None` when absent or deleted.
@@ -86,7 +121,7 @@ impl VersionMap {
 
     /// How many versions `key` retains.
     pub fn version_count(&self, key: &[u8]) -> usize {
-        self.keys.get(key).map_or(0, Vec::len)
+        self.chains.get(key).map_or(0, Vec::len)
     }
 
     /// Up to `limit` live keys starting with `prefix` and greater than `start_after`, in key
@@ -95,7 +130,7 @@ impl VersionMap {
         let at = self.check(at)?;
         let start = if start_after >= prefix { Bound::Excluded(start_after) } else { Bound::Included(prefix) };
         let mut out = Vec::new();
-        for (key, chain) in self.keys.range::<[u8], _>((start, Bound::Unbounded)) {
+        for (key, chain) in self.range(start) {
             if !key.starts_with(prefix) {
                 return Ok((out, false));
             }
@@ -117,18 +152,26 @@ impl VersionMap {
         self.horizon = self.horizon.max(horizon);
         let horizon = self.horizon;
         let mut collected = Collected::default();
+        if resume_after.is_none() {
+            if horizon < self.collectable_from {
+                return collected;
+            }
+            self.pass_collectable_from = u64::MAX;
+        }
         let mut emptied = Vec::new();
         let start = resume_after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut last_visited: Option<&Bytes> = None;
-        for (visited, (key, chain)) in self.keys.range_mut::<[u8], _>((start, Bound::Unbounded)).enumerate() {
+        for (visited, key) in self.order.range::<[u8], _>((start, Bound::Unbounded)).enumerate() {
             if visited == keys_max {
                 // Resume after the last key visited: this one is still to do.
                 collected.resume_after = Some(last_visited.cloned().unwrap_or_default());
                 break;
             }
             last_visited = Some(key);
+            let Some(chain) = self.chains.get_mut(key) else { continue };
             let newest_visible = chain.partition_point(|version| version.ts <= horizon);
             if newest_visible == 0 {
+                self.pass_collectable_from = self.pass_collectable_from.min(still_collectable(chain));
                 continue;
             }
             let mut drop_until = newest_visible - 1;
@@ -144,9 +187,14 @@ impl VersionMap {
             if chain.is_empty() {
                 emptied.push(key.clone());
             }
+            self.pass_collectable_from = self.pass_collectable_from.min(still_collectable(chain));
+        }
+        if collected.resume_after.is_none() {
+            self.collectable_from = self.pass_collectable_from;
         }
         for key in emptied {
-            self.keys.remove(&key);
+            self.chains.remove(&key);
+            self.order.remove(&key);
             collected.keys += 1;
         }
         self.versions -= collected.versions;
@@ -154,14 +202,20 @@ impl VersionMap {
     }
 
     /// Every key with its chain, in key order, from after `resume_after`.
-    pub fn iter_from(&self, resume_after: Option<&[u8]>) -> impl Iterator<Item = (&Bytes, &[Version])> {
-        let start = resume_after.map_or(Bound::Unbounded, Bound::Excluded);
-        self.keys.range::<[u8], _>((start, Bound::Unbounded)).map(|(key, chain)| (key, chain.as_slice()))
+    pub fn iter_from(&self, resume_after: Option<&[u8]>) -> impl Iterator<Item = (&Bytes, &[Version])> + use<'_> {
+        self.range(resume_after.map_or(Bound::Unbounded, Bound::Excluded)).map(|(key, chain)| (key, chain.as_slice()))
+    }
+
+    /// Keys from `start` on, in order, with their chains.
+    fn range<'a>(&'a self, start: Bound<&[u8]>) -> impl Iterator<Item = (&'a Bytes, &'a Vec<Version>)> + use<'a> {
+        self.order
+            .range::<[u8], _>((start, Bound::Unbounded))
+            .filter_map(|key| self.chains.get(key).map(|chain| (key, chain)))
     }
 
     /// Number of keys (including keys whose latest version is a tombstone).
     pub fn key_count(&self) -> usize {
-        self.keys.len()
+        self.chains.len()
     }
 
     /// Number of versions.
@@ -185,6 +239,16 @@ impl VersionMap {
             Some(at) if at < self.horizon => Err(TooOld { at, horizon: self.horizon }),
             Some(at) => Ok(at),
         }
+    }
+}
+
+/// The lowest horizon at which [`VersionMap::collect`] removes a version of `chain`: the
+/// second version's timestamp (the oldest is then hidden), or a lone tombstone's own.
+fn still_collectable(chain: &[Version]) -> u64 {
+    match chain {
+        [only] if only.body == Body::Tombstone => only.ts,
+        [_, second, ..] => second.ts,
+        _ => u64::MAX,
     }
 }
 
@@ -258,6 +322,45 @@ mod tests {
         assert_eq!(map.get(b"dead", None).unwrap(), None);
         assert_eq!(map.key_count(), 1);
         assert_eq!(map.version_total(), 2);
+    }
+
+    #[test]
+    fn passes_are_skipped_only_when_nothing_is_collectable() {
+        let mut random = 0x2545_F491_4F6C_DD1D_u64;
+        let mut next = move |bound: u64| {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random % bound
+        };
+        let mut map = VersionMap::default();
+        let mut horizon = 0;
+        for ts in (2..8000_u64).step_by(2) {
+            let body = if next(5) == 0 { Body::Tombstone } else { inline(b"v") };
+            map.apply(Bytes::from(next(64).to_be_bytes().to_vec()), ts, body);
+            // The bound never exceeds what a chain could give up.
+            for (_, chain) in map.iter_from(None) {
+                assert!(still_collectable(chain) >= map.collectable_from);
+            }
+            if next(50) == 0 {
+                // Like `now - retention`: behind every write from here on.
+                horizon = (horizon + next(120)).min(ts);
+                let mut resume = None;
+                loop {
+                    let collected = map.collect(horizon, resume.as_deref(), 7);
+                    resume = collected.resume_after;
+                    if resume.is_none() {
+                        break;
+                    }
+                    // Writes between the steps of a pass.
+                    map.apply(Bytes::from(next(64).to_be_bytes().to_vec()), ts + 1, inline(b"w"));
+                }
+                // Whether the pass ran or was skipped, nothing collectable at `horizon` is left.
+                for (key, chain) in map.iter_from(None) {
+                    assert!(still_collectable(chain) > horizon, "key {key:?} keeps {chain:?} at {horizon}");
+                }
+            }
+        }
     }
 
     #[test]
