@@ -16,7 +16,7 @@ test:
 	scripts/install-deps.sh test
 	$(CARGO) nextest run --workspace --no-fail-fast --profile ci
 
-## What exists so far: one real data node (2 shards, durable puts) under 1..256 clients next to
+## What exists so far: one real data node (durable puts) under 1..256 clients next to
 ## redis-server (appendfsync always) in the same run. (The multi-region cluster demo arrives with
 ## the replication and orchestrator issues.)
 demo:

@@ -24,7 +24,7 @@ use crate::redis::{self, PeerRun, Redis};
 use crate::report::{Figures, percentile_us};
 
 /// Values above this size are chunked by the dataplane (its default `inline_bytes_max`); each
-/// client then cycles through [`LARGE_VALUE_KEYS_PER_CLIENT`] keys instead of fresh ones.
+/// client then cycles through [`LARGE_VALUE_KEYS_PER_CLIENT`] keys.
 const LARGE_VALUE_BYTES: usize = 64 << 10;
 /// Keys each client cycles through for large values.
 const LARGE_VALUE_KEYS_PER_CLIENT: u64 = 64;
@@ -60,7 +60,8 @@ pub struct KvArgs {
     /// Numbers of concurrent clients, each with one request outstanding.
     #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
     clients: Vec<usize>,
-    /// Dataplane shards (default: one per CPU).
+    /// Dataplane shards (default: one per CPU but one, which the load generator uses: the
+    /// Redis peer likewise serves from one thread while redis-benchmark takes another core).
     #[arg(long)]
     shards: Option<usize>,
     /// Parent of the run's fresh directory (dataplane data, Redis AOF, logs); must be on the
@@ -190,9 +191,20 @@ impl PhaseResult {
     }
 }
 
-/// How many distinct keys a client writes for `value_bytes` (unbounded for small values).
-fn keys_per_client(value_bytes: usize) -> u64 {
-    if value_bytes > LARGE_VALUE_BYTES { LARGE_VALUE_KEYS_PER_CLIENT } else { u64::MAX }
+/// One shard per CPU but one (at least one): the load generator runs on the same machine.
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get).saturating_sub(1).max(1)
+}
+
+/// How many distinct keys each of `clients` clients cycles through for `value_bytes`. Small
+/// values share the Redis peer's keyspace ([`redis::keyspace`], 100 000 keys at 128 B), split
+/// between the clients, so both stores index the same number of keys.
+fn keys_per_client(value_bytes: usize, clients: usize) -> u64 {
+    if value_bytes > LARGE_VALUE_BYTES {
+        LARGE_VALUE_KEYS_PER_CLIENT
+    } else {
+        redis::keyspace(value_bytes).div_ceil(clients.max(1) as u64)
+    }
 }
 
 fn key(cell: &str, client: usize, index: u64) -> Vec<u8> {
@@ -238,7 +250,7 @@ async fn run_phase(clients: &[Client], cell: &str, load: Load, written: &[u64]) 
     let value: Arc<[u8]> =
         (0..load.value_bytes).map(|index| u8::try_from(index % 251).unwrap_or(0)).collect::<Vec<_>>().into();
     let cell_tag = cell_tag(cell);
-    let key_cycle = keys_per_client(load.value_bytes);
+    let key_cycle = keys_per_client(load.value_bytes, clients.len());
     let mut tasks = tokio::task::JoinSet::new();
     for (index, client) in clients.iter().enumerate() {
         let (client, phase, value, cell) = (client.clone(), Arc::clone(&phase), Arc::clone(&value), cell.to_string());
@@ -444,7 +456,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
             "redis-server, redis-cli or redis-benchmark is missing: `scripts/install-deps.sh bench`, or pass --skip-redis"
         );
     }
-    let shards = args.shards.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+    let shards = args.shards.unwrap_or_else(default_shards);
     // Dropped last: the processes below are stopped or killed before their files go.
     let run_dir = RunDir::create(&args.data_dir, "kv", args.keep_data)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -688,8 +700,9 @@ mod tests {
 
     #[test]
     fn large_values_cycle_through_a_bounded_keyspace() {
-        assert_eq!(keys_per_client(128), u64::MAX);
-        assert_eq!(keys_per_client(64 << 10), u64::MAX);
-        assert_eq!(keys_per_client(1 << 20), LARGE_VALUE_KEYS_PER_CLIENT);
+        assert_eq!(keys_per_client(128, 256), 391);
+        assert_eq!(keys_per_client(128, 1), 100_000);
+        assert_eq!(keys_per_client(64 << 10, 16), 256);
+        assert_eq!(keys_per_client(1 << 20, 256), LARGE_VALUE_KEYS_PER_CLIENT);
     }
 }
