@@ -22,7 +22,7 @@ test:
 demo:
 	scripts/install-deps.sh bench
 	$(CARGO) build --release -p dataplane -p bench
-	./target/release/bench kv --duration-ms 1000 --warmup-ms 200
+	./target/release/bench kv --duration-ms 2000 --warmup-ms 500
 
 ## Full benchmarks; JSON with BENCH_ARGS=--json. See bench/README.md.
 bench:

@@ -4,12 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-
-/// mimalloc instead of glibc's malloc: every request allocates a task, a frame and a response,
-/// and glibc's arena bookkeeping (consolidation, chunk unlinking) cost about 5% of the CPU of
-/// a small put.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dataplane::config::NodeConfig;
 use dataplane::node::{self, StopFlag};
 
