@@ -1,8 +1,25 @@
 //! The control plane: Raft-replicated cluster metadata, the GLTS time-interval service,
 //! membership and leases.
 //!
-//! So far it holds the pure core of GLTS ([`glts`]): the interval estimator, the
-//! fault-tolerant Marzullo intersection and the interval clock data nodes stamp writes
-//! with. It does no I/O and reads no clock: every function takes the local monotonic time.
+//! - Pure cores (no I/O, no clock read): [`glts`] (interval estimator, Marzullo
+//!   intersection, interval clock), [`meta`] (the metadata state machine), [`raftlog::replay`],
+//!   [`rpc`] frames, [`node::election_due`].
+//! - Shells: [`raftlog`] (the log file on tokio-uring, blocking fallback), [`sm`] (snapshots),
+//!   [`net`] (QUIC with mutual TLS, [`tls`]), [`network`] (openraft over QUIC), [`node`] (the
+//!   server), [`client`] and [`glts_client`] (what CLIs and data nodes use).
 
+pub mod client;
+pub mod config;
 pub mod glts;
+pub mod glts_client;
+pub mod local;
+pub mod meta;
+pub mod net;
+pub mod network;
+pub mod node;
+pub mod raftlog;
+pub mod rpc;
+pub mod sm;
+pub mod timesource;
+pub mod tls;
+pub mod types;

@@ -64,11 +64,16 @@ pub enum RecordType {
     Checkpoint = 6,
     /// Header sector of a chunk file (payload defined by the chunk server).
     Chunk = 7,
+    /// A control-plane message (Raft RPC, admin request or its response; payload defined by
+    /// the control plane's `rpc` module; `seq` 0 for requests, 1 for responses).
+    Control = 8,
+    /// One record of the control plane's Raft log file (payload defined by its `log` module).
+    RaftLog = 9,
 }
 
 impl RecordType {
     /// Every type this build knows, for tests and fuzzers.
-    pub const ALL: [RecordType; 7] = [
+    pub const ALL: [RecordType; 9] = [
         Self::SegmentHeader,
         Self::BatchBegin,
         Self::Data,
@@ -76,6 +81,8 @@ impl RecordType {
         Self::Response,
         Self::Checkpoint,
         Self::Chunk,
+        Self::Control,
+        Self::RaftLog,
     ];
 
     /// The type for a byte read from a header, if this build knows it.

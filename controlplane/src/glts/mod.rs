@@ -21,7 +21,7 @@ pub use estimator::{Estimator, EstimatorConfig, Exchange, GltsError, Source};
 pub const LOGICAL_BITS: u32 = 12;
 
 /// True time lies in `[earliest_ns, latest_ns]` (closed), in ns since the Unix epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Interval {
     /// True time is at or after this.
     pub earliest_ns: u64,

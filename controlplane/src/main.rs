@@ -1,0 +1,161 @@
+//! `controlplane`: one Raft member of Meridian's control plane (metadata, leases, GLTS).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use controlplane::config::NodeConfig;
+use controlplane::node::Node;
+use controlplane::raftlog::LogIo;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Meridian control plane: Raft metadata (regions, data nodes, placement, leases, \
+snapshot catalog), the GLTS interval clock, membership. Run 3 or 5 per deployment."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Run a node. Settings come from --config, then the flags given here.
+    Run(RunArgs),
+    /// Write a cluster CA and a certificate + key per name (mutual TLS for every node and
+    /// client): <out>/ca.pem, <out>/<name>.pem, <out>/<name>.key.
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Names to issue certificates for (nodes and clients), e.g. cp1 cp2 cp3 admin.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML config file (see scripts/controlplane.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's id (> 0, never reused).
+    #[arg(long)]
+    id: Option<u64>,
+    /// QUIC listen address, e.g. 127.0.0.1:7100.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Directory for the Raft log and snapshots.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Directory holding ca.pem and <tls-name>.pem/.key.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Name of this node's certificate (default: cp<id>).
+    #[arg(long)]
+    tls_name: Option<String>,
+    /// A first member as id=addr (repeat). The lowest id bootstraps the cluster.
+    #[arg(long = "initial-member")]
+    initial_members: Vec<String>,
+    /// A running member to join through (repeat), for nodes not in the initial members.
+    #[arg(long = "seed")]
+    seeds: Vec<String>,
+    /// Honour fault-injection requests (tests only).
+    #[arg(long)]
+    fault_injection: bool,
+    /// Raft log I/O: auto (io_uring, else blocking), uring or std.
+    #[arg(long, value_enum)]
+    log_io: Option<LogIo>,
+}
+
+fn config_from(args: RunArgs) -> Result<NodeConfig> {
+    let mut config = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => {
+            let (Some(id), Some(listen), Some(data_dir), Some(tls_dir)) =
+                (args.id, args.listen, args.data_dir.clone(), args.tls_dir.clone())
+            else {
+                bail!("without --config, give --id, --listen, --data-dir and --tls-dir");
+            };
+            NodeConfig {
+                id,
+                listen,
+                data_dir,
+                tls_dir,
+                tls_name: format!("cp{id}"),
+                initial_members: vec![],
+                seeds: vec![],
+                fault_injection: false,
+                log_io: LogIo::default(),
+                raft: Default::default(),
+                membership: Default::default(),
+                glts: Default::default(),
+            }
+        }
+    };
+    if let Some(id) = args.id {
+        config.id = id;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(dir) = args.tls_dir {
+        config.tls_dir = dir;
+    }
+    if let Some(name) = args.tls_name {
+        config.tls_name = name;
+    }
+    if !args.initial_members.is_empty() {
+        config.initial_members = args.initial_members;
+    }
+    if !args.seeds.is_empty() {
+        config.seeds = args.seeds;
+    }
+    config.fault_injection |= args.fault_injection;
+    if let Some(io) = args.log_io {
+        config.log_io = io;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let config = config_from(args)?;
+    let node = Node::start(config).await?;
+    println!("ready");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    eprintln!("controlplane: shutting down");
+    node.raft().shutdown().await.context("raft shutdown")?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Commands::Certs { out, names } => controlplane::tls::generate(&out, &names)
+            .map(|()| println!("wrote {} certificates and ca.pem to {}", names.len(), out.display())),
+        Commands::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the runtime")
+            .and_then(|runtime| runtime.block_on(run(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("controlplane: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

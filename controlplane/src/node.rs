@@ -1,0 +1,484 @@
+//! A control-plane node: openraft over the QUIC shell, the request handler, and the
+//! background duties (election timer, GLTS exchanges, data-node liveness, bootstrap/join).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use rand::Rng;
+
+use crate::config::NodeConfig;
+use crate::glts::{Estimator, EstimatorConfig, Exchange};
+use crate::meta::Command;
+use crate::net::Connector;
+use crate::network::NetworkFactory;
+use crate::raftlog::{self, AnyFile, LogStore};
+use crate::rpc::{Member, Request, Response, Status};
+use crate::sm::{Applied, StateMachine};
+use crate::timesource::{self, LocalSource};
+use crate::tls::Identity;
+use crate::types::{ControlNode, NodeId, Proposal, Raft};
+
+/// A running node.
+pub struct Node {
+    id: NodeId,
+    raft: Raft,
+    applied: Arc<RwLock<Applied>>,
+    connector: Connector,
+    config: NodeConfig,
+    isolated: Arc<AtomicBool>,
+    greater_log_seen: Arc<AtomicBool>,
+    /// Data-node heartbeats this node received as leader: id -> unix ms.
+    heartbeats: Mutex<BTreeMap<String, u64>>,
+    /// When this node last became leader (unix ms), for liveness grace.
+    leader_since_ms: Mutex<Option<u64>>,
+    glts: Mutex<Option<Estimator>>,
+    local_source: Mutex<LocalSource>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.id).field("listen", &self.config.listen).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What openraft's `enable_elect` would do, with the timeout drawn afresh each time: whether
+/// a follower whose vote last changed (or was refreshed by a leader) `elapsed_ns` ago (None:
+/// never) should start an election. A committed vote means a leader was seen; its lease must
+/// also run out first.
+pub fn election_due(elapsed_ns: Option<u64>, vote_committed: bool, timeout_ns: u64, lease_ns: u64) -> bool {
+    let wait = if vote_committed { timeout_ns + lease_ns } else { timeout_ns };
+    elapsed_ns.is_none_or(|elapsed| elapsed >= wait)
+}
+
+impl Node {
+    /// Opens storage, binds the endpoint and starts the node and its duties.
+    pub async fn start(config: NodeConfig) -> Result<Arc<Self>> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("data_dir: creating {}", config.data_dir.display()))?;
+        let identity = Identity::in_dir(&config.tls_dir, &config.tls_name);
+        let server_tls = identity.server_config().context("tls_dir/tls_name")?;
+        let client_tls = identity.client_config().context("tls_dir/tls_name")?;
+        let mut endpoint = quinn::Endpoint::server(server_tls, config.listen)
+            .with_context(|| format!("listen: binding {}", config.listen))?;
+        endpoint.set_default_client_config(client_tls);
+        let connector = Connector::new(endpoint.clone());
+
+        let log_path = config.data_dir.join("raft.log");
+        let (image, _) =
+            raftlog::read_and_repair(&log_path).with_context(|| format!("reading {}", log_path.display()))?;
+        let file =
+            AnyFile::open(&log_path, config.log_io).with_context(|| format!("opening {}", log_path.display()))?;
+        let log_kind = file.kind();
+        let log_store = LogStore::new(file, image);
+        let state_machine = StateMachine::open(&config.data_dir)?;
+        let applied = state_machine.applied();
+
+        let raft_config = openraft::Config {
+            cluster_name: "meridian".into(),
+            heartbeat_interval: config.raft.heartbeat_ms,
+            election_timeout_min: config.raft.election_min_ms,
+            election_timeout_max: config.raft.election_max_ms,
+            // Elections are started by `election_timer`, which re-draws the timeout every time
+            // (openraft 0.9 draws it once per process: two nodes that drew close values split
+            // every vote).
+            enable_elect: false,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.raft.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: config.raft.keep_after_snapshot,
+            install_snapshot_timeout: 2000,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(raft_config.validate().context("raft timing")?);
+        let isolated = Arc::new(AtomicBool::new(false));
+        let greater_log_seen = Arc::new(AtomicBool::new(false));
+        let network = NetworkFactory {
+            connector: connector.clone(),
+            isolated: isolated.clone(),
+            greater_log_seen: greater_log_seen.clone(),
+        };
+        let raft =
+            Raft::new(config.id, raft_config, network, log_store, state_machine).await.context("starting raft")?;
+
+        let (_, local_source) = timesource::read_local(config.glts.asserted_error_us);
+        let node = Arc::new(Self {
+            id: config.id,
+            raft,
+            applied,
+            connector,
+            config,
+            isolated,
+            greater_log_seen,
+            heartbeats: Mutex::default(),
+            leader_since_ms: Mutex::default(),
+            glts: Mutex::default(),
+            local_source: Mutex::new(local_source),
+        });
+        let handler = node.clone();
+        tokio::spawn(crate::net::serve(endpoint, move |request| {
+            let node = handler.clone();
+            async move { node.handle(request).await }
+        }));
+        tokio::spawn(node.clone().election_timer());
+        tokio::spawn(node.clone().log_role_changes());
+        tokio::spawn(node.clone().glts_exchanges());
+        tokio::spawn(node.clone().liveness_monitor());
+        node.clone().bootstrap_or_join().await?;
+        eprintln!(
+            "controlplane: node {} listening on {} (raft log: {log_kind}; glts local source: {local_source})",
+            node.id, node.config.listen
+        );
+        Ok(node)
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    async fn bootstrap_or_join(self: Arc<Self>) -> Result<()> {
+        let members = self.config.members()?;
+        let initialized = self.raft.is_initialized().await.context("raft")?;
+        if initialized {
+            return Ok(());
+        }
+        if members.first_key_value().is_some_and(|(lowest, _)| *lowest == self.id) {
+            let nodes: BTreeMap<NodeId, ControlNode> =
+                members.into_iter().map(|(id, addr)| (id, ControlNode { addr })).collect();
+            match self.raft.initialize(nodes).await {
+                Ok(()) => eprintln!("controlplane: node {} bootstrapped the cluster", self.id),
+                Err(RaftError::APIError(error)) => eprintln!("controlplane: not bootstrapping: {error}"),
+                Err(error) => return Err(error).context("bootstrapping"),
+            }
+            return Ok(());
+        }
+        if members.is_empty() {
+            // Join through the seeds: ask them who leads, then ask the leader to add us.
+            let client =
+                crate::client::ControlClient::with_connector(self.connector.clone(), self.config.seeds.clone());
+            let request = Request::AddVoter { id: self.id, addr: self.config.listen.to_string() };
+            let node = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    match client.call(&request, Duration::from_secs(30)).await {
+                        Ok(Response::Ok) => {
+                            eprintln!("controlplane: node {} joined the cluster", node.id);
+                            return;
+                        }
+                        Ok(other) => eprintln!("controlplane: join refused: {other:?}; retrying"),
+                        Err(error) => eprintln!("controlplane: join failed: {error:#}; retrying"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn election_timer(self: Arc<Self>) {
+        let raft_config = self.config.raft.clone();
+        let tick = Duration::from_millis((raft_config.heartbeat_ms / 3).max(5));
+        let draw = || rand::rng().random_range(raft_config.election_min_ms..raft_config.election_max_ms);
+        let lease_ns = raft_config.election_max_ms * 1_000_000;
+        let mut timeout_ns = draw() * 1_000_000;
+        // Before any vote change is seen, count from the start (a restarted node gives the
+        // leader a full timeout to reach it).
+        let started = tokio::time::Instant::now();
+        let mut leader_seen_at = None;
+        loop {
+            tokio::time::sleep(tick).await;
+            let id = self.id;
+            let Ok((state, last_modified, committed, voter)) = self
+                .raft
+                .with_raft_state(move |state| {
+                    (
+                        state.server_state,
+                        state.vote_last_modified(),
+                        state.vote_ref().is_committed(),
+                        state.membership_state.effective().voter_ids().any(|voter| voter == id),
+                    )
+                })
+                .await
+            else {
+                return;
+            };
+            if state == ServerState::Leader || !voter {
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            let since = last_modified.unwrap_or(started).max(started);
+            let elapsed = Some(u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(u64::MAX));
+            if committed && last_modified != leader_seen_at {
+                // A leader refreshed our vote: the next election, if any, is a new cycle with
+                // a fresh timeout (a penalty from an earlier lost election no longer applies).
+                leader_seen_at = last_modified;
+                timeout_ns = draw() * 1_000_000;
+            }
+            if self.greater_log_seen.swap(false, Ordering::Relaxed) {
+                // A voter's log is ahead: give the nodes with longer logs time to win.
+                timeout_ns = draw() * 1_000_000 + 2 * lease_ns;
+            }
+            let due = election_due(elapsed, committed, timeout_ns, lease_ns);
+            if due {
+                eprintln!(
+                    "controlplane: [{}] node {}: no leader for {} ms (timeout {} ms{}); starting an election",
+                    timesource::unix_ms(),
+                    self.id,
+                    elapsed.unwrap_or(0) / 1_000_000,
+                    timeout_ns / 1_000_000,
+                    if committed { " after the leader's lease" } else { "" }
+                );
+                let _ = self.raft.trigger().elect().await;
+                timeout_ns = draw() * 1_000_000;
+            }
+        }
+    }
+
+    async fn log_role_changes(self: Arc<Self>) {
+        let mut metrics = self.raft.metrics();
+        let mut last = (ServerState::Shutdown, None, 0);
+        loop {
+            let now = {
+                let m = metrics.borrow_and_update();
+                (m.state, m.current_leader, m.current_term)
+            };
+            if now != last {
+                eprintln!(
+                    "controlplane: [{}] node {}: {:?} in term {}, leader {:?}",
+                    timesource::unix_ms(),
+                    self.id,
+                    now.0,
+                    now.2,
+                    now.1
+                );
+                last = now;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn glts_exchanges(self: Arc<Self>) {
+        let period = Duration::from_millis(self.config.glts.sync_interval_ms);
+        loop {
+            tokio::time::sleep(period).await;
+            let (interval, source) = timesource::read_local(self.config.glts.asserted_error_us);
+            *lock(&self.local_source) = source;
+            let members = self.members();
+            let voters = members.iter().filter(|m| m.voter).count().max(1);
+            {
+                let mut glts = lock(&self.glts);
+                let wanted =
+                    EstimatorConfig { drift_ppm: self.config.glts.drift_ppm, ..EstimatorConfig::for_sources(voters) };
+                if glts.as_ref().is_none_or(|estimator| *estimator.config() != wanted) {
+                    *glts = Estimator::new(wanted).ok();
+                }
+                if let Some(estimator) = glts.as_mut() {
+                    let _ = estimator.observe_local(timesource::mono_ns(), interval);
+                }
+            }
+            if self.isolated.load(Ordering::Relaxed) {
+                continue;
+            }
+            for member in members.into_iter().filter(|m| m.voter && m.id != self.id) {
+                let sent_ns = timesource::mono_ns();
+                let reply = self.connector.call(&member.addr, &Request::TimeSync, period).await;
+                let received_ns = timesource::mono_ns();
+                if let Ok(Response::Time { interval, hold_ns }) = reply {
+                    if let Some(estimator) = lock(&self.glts).as_mut() {
+                        let _ = estimator
+                            .observe_peer(member.id, Exchange { sent_ns, received_ns, hold_ns, peer: interval });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn liveness_monitor(self: Arc<Self>) {
+        let membership = self.config.membership.clone();
+        let period = Duration::from_millis((membership.suspect_after_ms / 4).max(50));
+        loop {
+            tokio::time::sleep(period).await;
+            let leading = self.raft.metrics().borrow().state == ServerState::Leader;
+            let now = timesource::unix_ms();
+            let since = {
+                let mut since = lock(&self.leader_since_ms);
+                if !leading {
+                    *since = None;
+                    continue;
+                }
+                *since.get_or_insert(now)
+            };
+            let changes = {
+                let heartbeats = lock(&self.heartbeats).clone();
+                let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+                applied.meta.liveness_changes(
+                    &heartbeats,
+                    since,
+                    now,
+                    membership.suspect_after_ms,
+                    membership.dead_after_ms,
+                )
+            };
+            for command in changes {
+                let _ = self.write(command).await;
+            }
+        }
+    }
+
+    fn members(&self) -> Vec<Member> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| Member { id: *id, addr: node.addr.clone(), voter: voters.contains(id) })
+            .collect()
+    }
+
+    fn leader_hint(&self, leader: Option<NodeId>) -> Response {
+        let leader = leader.and_then(|id| self.members().into_iter().find(|m| m.id == id)).map(|m| (m.id, m.addr));
+        Response::NotLeader { leader }
+    }
+
+    async fn write(&self, command: Command) -> Response {
+        let proposal = Proposal { at_ms: timesource::unix_ms(), command };
+        let timeout = Duration::from_millis(self.config.raft.write_timeout_ms);
+        match tokio::time::timeout(timeout, self.raft.client_write(proposal)).await {
+            Err(_) => Response::Error {
+                message: format!("not committed within {} ms (no quorum reachable?)", timeout.as_millis()),
+            },
+            Ok(Ok(written)) => Response::Written { outcome: written.data, index: written.log_id.index },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                self.leader_hint(forward.leader_id)
+            }
+            Ok(Err(error)) => Response::Error { message: error.to_string() },
+        }
+    }
+
+    fn status(&self) -> Status {
+        let metrics = self.raft.metrics().borrow().clone();
+        let role = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let glts_width_us = lock(&self.glts)
+            .as_ref()
+            .and_then(|estimator| estimator.now(timesource::mono_ns()).ok())
+            .map(|interval| interval.width_ns() as f64 / 1000.0);
+        Status {
+            node_id: self.id,
+            role: role.into(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            applied_index: metrics.last_applied.map(|id| id.index),
+            members: self.members(),
+            meta: self.applied.read().unwrap_or_else(PoisonError::into_inner).meta.clone(),
+            glts_width_us,
+            glts_local_source: lock(&self.local_source).to_string(),
+            isolated: self.isolated.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(self: Arc<Self>, request: Request) -> Response {
+        if request.is_peer_traffic() && self.isolated.load(Ordering::Relaxed) {
+            return Response::Error { message: "isolated by fault injection".into() };
+        }
+        match request {
+            Request::AppendEntries(rpc) => Response::AppendEntries(self.raft.append_entries(rpc).await),
+            Request::Vote(rpc) => Response::Vote(self.raft.vote(rpc).await),
+            Request::InstallSnapshot(rpc) => Response::InstallSnapshot(self.raft.install_snapshot(rpc).await),
+            Request::TimeSync => {
+                let received = timesource::mono_ns();
+                let (interval, _) = timesource::read_local(self.config.glts.asserted_error_us);
+                Response::Time { interval, hold_ns: timesource::mono_ns().saturating_sub(received) }
+            }
+            Request::Write(command) => self.write(command).await,
+            Request::Read { linearizable } => {
+                if linearizable {
+                    match self.raft.ensure_linearizable().await {
+                        Ok(_) => {}
+                        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                            return self.leader_hint(forward.leader_id);
+                        }
+                        Err(error) => return Response::Error { message: error.to_string() },
+                    }
+                }
+                let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+                Response::State {
+                    meta: applied.meta.clone(),
+                    applied_index: applied.last_applied.map(|id| id.index),
+                    members: applied.membership.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
+                }
+            }
+            Request::Status => Response::Status(Box::new(self.status())),
+            Request::Heartbeat { id } => {
+                let metrics = self.raft.metrics().borrow().clone();
+                if metrics.state != ServerState::Leader {
+                    return self.leader_hint(metrics.current_leader);
+                }
+                if !self.applied.read().unwrap_or_else(PoisonError::into_inner).meta.data_nodes.contains_key(&id) {
+                    return Response::Error { message: format!("data node {id:?} is not registered") };
+                }
+                lock(&self.heartbeats).insert(id, timesource::unix_ms());
+                Response::Ok
+            }
+            Request::AddVoter { id, addr } => {
+                let node = ControlNode { addr };
+                match self.raft.add_learner(id, node, true).await {
+                    Ok(_) => {}
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                        return self.leader_hint(forward.leader_id);
+                    }
+                    Err(error) => return Response::Error { message: format!("adding learner {id}: {error}") },
+                }
+                self.change_membership(ChangeMembers::AddVoterIds([id].into())).await
+            }
+            Request::RemoveVoter { id } => self.change_membership(ChangeMembers::RemoveVoters([id].into())).await,
+            Request::Isolate { isolated } => {
+                if !self.config.fault_injection {
+                    return Response::Error { message: "fault injection is disabled (fault_injection = false)".into() };
+                }
+                self.isolated.store(isolated, Ordering::Relaxed);
+                eprintln!("controlplane: node {} isolated = {isolated}", self.id);
+                Response::Ok
+            }
+        }
+    }
+
+    async fn change_membership(&self, change: ChangeMembers<NodeId, ControlNode>) -> Response {
+        match self.raft.change_membership(change, false).await {
+            Ok(_) => Response::Ok,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => self.leader_hint(forward.leader_id),
+            Err(error) => Response::Error { message: error.to_string() },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elections_wait_for_the_timeout_and_a_seen_leaders_lease() {
+        assert!(election_due(None, false, 10, 100));
+        assert!(!election_due(Some(9), false, 10, 100));
+        assert!(election_due(Some(10), false, 10, 100));
+        assert!(!election_due(Some(109), true, 10, 100));
+        assert!(election_due(Some(110), true, 10, 100));
+    }
+}

@@ -1,0 +1,252 @@
+//! The control plane's messages and their frames.
+//!
+//! One request and one response per QUIC bidirectional stream. Each is one `wire` record of
+//! type [`RecordType::Control`] (CRC32C over header and payload) whose payload is the message
+//! in JSON. Metadata traffic is small and infrequent next to the data path, so JSON's cost
+//! buys readable captures and serde support for openraft's own types.
+//!
+//! [`decode_request`] and [`decode_response`] return a typed [`FrameError`] for any bytes
+//! (fuzz target `control_frame`).
+
+use std::collections::BTreeMap;
+
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use wire::{DecodeError, RecordType};
+
+use crate::glts::Interval;
+use crate::meta::{Command, MetaState, Outcome};
+use crate::types::{NodeId, TypeConfig};
+
+/// The largest control frame: a snapshot chunk (openraft's default 3 MiB) plus headroom.
+pub const FRAME_BYTES_MAX: u32 = 8 << 20;
+
+/// What one control-plane node asks another, or a client asks a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+pub enum Request {
+    /// Raft: replicate entries / heartbeat.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Raft: ask for a vote.
+    Vote(VoteRequest<NodeId>),
+    /// Raft: one chunk of a snapshot.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// GLTS: the four-timestamp exchange; the reply carries the node's interval.
+    TimeSync,
+    /// Propose a metadata change (leader only).
+    Write(Command),
+    /// Read the metadata; `linearizable` confirms leadership with a quorum first.
+    Read {
+        /// Confirm leadership and wait for the read index to apply before answering.
+        linearizable: bool,
+    },
+    /// Cluster status as this node sees it.
+    Status,
+    /// A data node's heartbeat (leader only).
+    Heartbeat {
+        /// Data node id.
+        id: String,
+    },
+    /// Add a control-plane voter (leader only): learner first, then joint consensus.
+    AddVoter {
+        /// The new node's id.
+        id: NodeId,
+        /// Its QUIC address.
+        addr: String,
+    },
+    /// Remove a control-plane voter through joint consensus (leader only).
+    RemoveVoter {
+        /// The node's id.
+        id: NodeId,
+    },
+    /// Fault injection (only with `fault_injection = true`): drop all Raft and GLTS traffic to
+    /// and from peers while `isolated`, as a network partition would.
+    Isolate {
+        /// Whether to isolate.
+        isolated: bool,
+    },
+}
+
+impl Request {
+    /// Whether this is node-to-node traffic that a partition cuts.
+    pub fn is_peer_traffic(&self) -> bool {
+        matches!(self, Self::AppendEntries(_) | Self::Vote(_) | Self::InstallSnapshot(_) | Self::TimeSync)
+    }
+}
+
+/// A member of the Raft group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Node id.
+    pub id: NodeId,
+    /// QUIC address.
+    pub addr: String,
+    /// Voter (true) or learner.
+    pub voter: bool,
+}
+
+/// The node's view of the cluster, for `meridian cluster status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The answering node.
+    pub node_id: NodeId,
+    /// Its Raft role: Leader, Follower, Candidate or Learner.
+    pub role: String,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// Current term.
+    pub term: u64,
+    /// Last log index.
+    pub last_log_index: Option<u64>,
+    /// Last applied index.
+    pub applied_index: Option<u64>,
+    /// Members of the group.
+    pub members: Vec<Member>,
+    /// The metadata as applied here.
+    pub meta: MetaState,
+    /// This node's GLTS interval width, µs (None when its sources disagree).
+    pub glts_width_us: Option<f64>,
+    /// Where its local time bound comes from.
+    pub glts_local_source: String,
+    /// Whether fault injection has isolated it.
+    pub isolated: bool,
+}
+
+/// A reply.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "body", rename_all = "snake_case")]
+pub enum Response {
+    /// Raft append result.
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    /// Raft vote result.
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    /// Raft snapshot chunk result.
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    /// GLTS reply: the node's local interval when it replied, and how long it held the
+    /// request on its monotonic clock.
+    Time {
+        /// Interval at reply time.
+        interval: Interval,
+        /// Receipt to reply, ns.
+        hold_ns: u64,
+    },
+    /// A write committed and applied.
+    Written {
+        /// What applying it gave.
+        outcome: Outcome,
+        /// Its log index.
+        index: u64,
+    },
+    /// The metadata.
+    State {
+        /// Metadata as applied.
+        meta: MetaState,
+        /// Applied index it reflects.
+        applied_index: Option<u64>,
+        /// Control-plane members.
+        members: BTreeMap<NodeId, String>,
+    },
+    /// Status.
+    Status(Box<Status>),
+    /// Done, nothing to report.
+    Ok,
+    /// This node does not lead; ask the leader (when known).
+    NotLeader {
+        /// Leader id and address, when known.
+        leader: Option<(NodeId, String)>,
+    },
+    /// Failed; the message says why.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Why bytes are not a control frame.
+#[derive(Debug, Error)]
+pub enum FrameError {
+    /// The record is not valid.
+    #[error("bad control frame: {0}")]
+    Record(#[from] DecodeError),
+    /// A valid record of another type.
+    #[error("expected a control record, found {0:?}")]
+    WrongType(RecordType),
+    /// Bytes after the record.
+    #[error("{0} bytes after the control record")]
+    Trailing(usize),
+    /// The payload is not a message.
+    #[error("bad control message: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Too large to send.
+    #[error("control message too large: {0}")]
+    Encode(#[from] wire::EncodeError),
+}
+
+fn encode<T: Serialize>(message: &T, seq: u64) -> Result<Vec<u8>, FrameError> {
+    let payload = serde_json::to_vec(message)?;
+    let header = wire::encode_header(RecordType::Control, 0, seq, &payload)?;
+    let mut frame = Vec::with_capacity(header.len() + payload.len());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(&payload);
+    Ok(frame)
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameError> {
+    let (record, used) = wire::decode(bytes, FRAME_BYTES_MAX)?;
+    if record.record_type != RecordType::Control {
+        return Err(FrameError::WrongType(record.record_type));
+    }
+    if used != bytes.len() {
+        return Err(FrameError::Trailing(bytes.len() - used));
+    }
+    Ok(serde_json::from_slice(record.payload)?)
+}
+
+/// Frames a request.
+pub fn encode_request(request: &Request) -> Result<Vec<u8>, FrameError> {
+    encode(request, 0)
+}
+
+/// Frames a response.
+pub fn encode_response(response: &Response) -> Result<Vec<u8>, FrameError> {
+    encode(response, 1)
+}
+
+/// Reads a request frame.
+pub fn decode_request(bytes: &[u8]) -> Result<Request, FrameError> {
+    decode(bytes)
+}
+
+/// Reads a response frame.
+pub fn decode_response(bytes: &[u8]) -> Result<Response, FrameError> {
+    decode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_reject_damage() -> Result<(), FrameError> {
+        let request = Request::Write(Command::SetConfig { key: "k".into(), value: "v".into() });
+        let frame = encode_request(&request)?;
+        assert!(matches!(decode_request(&frame)?, Request::Write(Command::SetConfig { .. })));
+        for at in 0..frame.len() {
+            let mut damaged = frame.clone();
+            damaged[at] ^= 0x40;
+            assert!(decode_request(&damaged).is_err(), "flip at {at} accepted");
+        }
+        assert!(matches!(decode_request(&frame[..frame.len() - 1]), Err(FrameError::Record(_))));
+        let mut long = frame.clone();
+        long.push(0);
+        assert!(matches!(decode_request(&long), Err(FrameError::Trailing(1))));
+        let response = encode_response(&Response::NotLeader { leader: Some((3, "127.0.0.1:9".into())) })?;
+        assert!(matches!(decode_response(&response)?, Response::NotLeader { leader: Some((3, _)) }));
+        Ok(())
+    }
+}

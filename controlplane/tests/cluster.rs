@@ -1,0 +1,154 @@
+//! Multi-process tests: real `controlplane` processes on 127.0.0.1 over QUIC with mutual TLS,
+//! SIGKILLed and restarted.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use controlplane::local::LocalCluster;
+use controlplane::meta::Command;
+use controlplane::rpc::{Request, Response};
+
+const SECOND: Duration = Duration::from_secs(1);
+const BIN: &str = env!("CARGO_BIN_EXE_controlplane");
+
+fn set(key: &str, value: &str) -> Command {
+    Command::SetConfig { key: key.into(), value: value.into() }
+}
+
+async fn cluster(size: u64) -> Result<(tempfile::TempDir, LocalCluster)> {
+    let mut dir = tempfile::tempdir()?;
+    if std::env::var_os("MERIDIAN_KEEP_TEST_DIRS").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    let cluster = LocalCluster::start(std::path::Path::new(BIN), dir.path(), size, &[]).await?;
+    cluster.wait_leader(Duration::from_secs(10)).await?;
+    Ok((dir, cluster))
+}
+
+/// Writes until one commits; returns how long it took.
+async fn first_commit(cluster: &LocalCluster, key: &str) -> Result<Duration> {
+    let start = Instant::now();
+    cluster.client().write(set(key, "v"), Duration::from_secs(10)).await?;
+    Ok(start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kills_elect_a_new_leader_within_2s_and_lose_nothing() -> Result<()> {
+    let rounds: usize = std::env::var("MERIDIAN_LEADER_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let (_dir, mut cluster) = cluster(3).await?;
+    let mut committed = Vec::new();
+    let mut longest = Duration::ZERO;
+    for round in 0..rounds {
+        for i in 0..5 {
+            let key = format!("r{round}/k{i}");
+            cluster.client().write(set(&key, &round.to_string()), Duration::from_secs(10)).await?;
+            committed.push(key);
+        }
+        let leader = cluster.wait_leader(Duration::from_secs(5)).await?;
+        cluster.kill(leader)?;
+        let killed_at = Instant::now();
+        println!("[{}] killed {leader}", controlplane::timesource::unix_ms());
+        let new_leader = cluster.wait_leader(Duration::from_secs(5)).await?;
+        let elected = killed_at.elapsed();
+        assert_ne!(new_leader, leader);
+        // The first write after the kill commits only once a new leader serves.
+        first_commit(&cluster, &format!("r{round}/after")).await?;
+        let election = killed_at.elapsed();
+        committed.push(format!("r{round}/after"));
+        longest = longest.max(election);
+        println!(
+            "round {round}: killed leader {leader}; {new_leader} elected after {elected:?}, first commit after {election:?}"
+        );
+        assert!(
+            election < Duration::from_secs(2),
+            "round {round}: a new leader served {election:?} after the kill\n{}",
+            cluster.log_tail(new_leader)
+        );
+        cluster.restart(leader)?;
+    }
+    let state = cluster.client().read(true, Duration::from_secs(10)).await?;
+    for key in &committed {
+        assert!(state.config.contains_key(key), "committed key {key} lost");
+    }
+    println!("{rounds} leader kills: longest kill-to-first-commit {longest:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_cannot_commit_and_the_majority_goes_on() -> Result<()> {
+    let (_dir, cluster) = cluster(3).await?;
+    cluster.client().write(set("before", "1"), Duration::from_secs(10)).await?;
+    let old = cluster.wait_leader(Duration::from_secs(5)).await?;
+    let old_addr = cluster.addr(old).context("addr")?.to_owned();
+    let isolate = |isolated| Request::Isolate { isolated };
+    assert!(matches!(cluster.client().call_node(&old_addr, &isolate(true), SECOND).await?, Response::Ok));
+    // The old leader, cut off, cannot commit.
+    let response = cluster.client().call_node(&old_addr, &Request::Write(set("minority", "1")), 10 * SECOND).await?;
+    match response {
+        Response::Error { message } => assert!(message.contains("not committed"), "{message}"),
+        Response::NotLeader { .. } => {}
+        other => bail!("the isolated leader answered {other:?}"),
+    }
+    // The majority elects another leader and commits.
+    let start = Instant::now();
+    let new = loop {
+        let leader = cluster.wait_leader(Duration::from_secs(5)).await?;
+        if leader != old {
+            break leader;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let new_addr = cluster.addr(new).context("addr")?.to_owned();
+    let response = cluster.client().call_node(&new_addr, &Request::Write(set("majority", "1")), 10 * SECOND).await?;
+    assert!(matches!(response, Response::Written { .. }), "{response:?}");
+    println!("majority leader {new} committed {:?} after the isolation", start.elapsed());
+    // Heal: the old leader steps down, drops its uncommitted entry and catches up.
+    assert!(matches!(cluster.client().call_node(&old_addr, &isolate(false), SECOND).await?, Response::Ok));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = cluster.client().status_of(&old_addr).await?;
+        if status.role == "follower" && status.meta.config.contains_key("majority") {
+            assert!(!status.meta.config.contains_key("minority"), "an uncommitted write was applied");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the old leader did not catch up: {status:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = cluster.client().read(true, Duration::from_secs(10)).await?;
+    assert!(state.config.contains_key("before") && state.config.contains_key("majority"));
+    assert!(!state.config.contains_key("minority"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_from_its_disk_and_the_leader() -> Result<()> {
+    let (_dir, mut cluster) = cluster(3).await?;
+    for i in 0..50 {
+        cluster.client().write(set(&format!("a{i}"), "1"), Duration::from_secs(10)).await?;
+    }
+    let leader = cluster.wait_leader(Duration::from_secs(5)).await?;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).context("follower")?;
+    cluster.kill(follower)?;
+    for i in 0..50 {
+        cluster.client().write(set(&format!("b{i}"), "1"), Duration::from_secs(10)).await?;
+    }
+    cluster.restart(follower)?;
+    let addr = cluster.addr(follower).context("addr")?.to_owned();
+    let leader_state = cluster.client().read(true, Duration::from_secs(10)).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(status) = cluster.client().status_of(&addr).await {
+            if status.meta == leader_state {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("restarted follower did not catch up\n{}", cluster.log_tail(follower));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
