@@ -17,6 +17,8 @@ case "${1:-test}" in
     # `bench kv` runs Redis (AOF, fsync on every write) under redis-benchmark as its peer.
     want redis-server redis-server
     want redis-benchmark redis-tools  # also holds redis-cli
+    # `bench control` runs a 3-member etcd 3.4 cluster (WAL fsynced on every commit) as its peer.
+    want etcd etcd-server
     ;;
   fuzz)
     ;;

@@ -2,7 +2,9 @@
 //! physical limit measured in the same run, prints a human summary, and with `--json` one
 //! JSON object of every figure (units in key names, ratios as `*_ratio`).
 
+mod control;
 mod device;
+mod etcd;
 mod kv;
 mod process;
 mod redis;
@@ -31,6 +33,12 @@ enum Command {
     /// Durable puts and gets through the client against a dataplane process, next to
     /// redis-server (appendonly yes, appendfsync always) under redis-benchmark.
     Kv(kv::KvArgs),
+    /// Metadata commits on a 3-node control plane next to a 3-member etcd doing the same
+    /// writes, and the GLTS interval width on loopback.
+    Control(control::ControlArgs),
+    /// Leader-kill soak: SIGKILL the control plane's leader N times; the longest time to the
+    /// first commit through a new leader, and whether any committed write was lost.
+    Elections(control::ElectionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +46,8 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Wal(args) => wal::run(&args),
         Command::Kv(args) => kv::run(&args),
+        Command::Control(args) => control::run(&args),
+        Command::Elections(args) => control::elections(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

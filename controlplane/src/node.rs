@@ -215,7 +215,7 @@ impl Node {
             }
             let now = tokio::time::Instant::now();
             let since = last_modified.unwrap_or(started).max(started);
-            let elapsed = Some(u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(u64::MAX));
+            let elapsed = u64::try_from(now.saturating_duration_since(since).as_nanos()).unwrap_or(u64::MAX);
             if committed && last_modified != leader_seen_at {
                 // A leader refreshed our vote: the next election, if any, is a new cycle with
                 // a fresh timeout (a penalty from an earlier lost election no longer applies).
@@ -226,13 +226,13 @@ impl Node {
                 // A voter's log is ahead: give the nodes with longer logs time to win.
                 timeout_ns = draw() * 1_000_000 + 2 * lease_ns;
             }
-            let due = election_due(elapsed, committed, timeout_ns, lease_ns);
+            let due = election_due(Some(elapsed), committed, timeout_ns, lease_ns);
             if due {
                 eprintln!(
                     "controlplane: [{}] node {}: no leader for {} ms (timeout {} ms{}); starting an election",
                     timesource::unix_ms(),
                     self.id,
-                    elapsed.unwrap_or(0) / 1_000_000,
+                    elapsed / 1_000_000,
                     timeout_ns / 1_000_000,
                     if committed { " after the leader's lease" } else { "" }
                 );

@@ -17,6 +17,7 @@ use std::future::Future;
 use std::io;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -146,13 +147,92 @@ pub fn encode_record(record: &LogRecord) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The file under the log: appends that are durable when they return, and atomic rewrites.
+/// Runs once an append is durable (or has failed), in submission order.
+pub type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// The file under the log. Appends are queued and return at once; their completions run in
+/// order once they are durable, so the Raft core replicates while the disk syncs. Queued
+/// appends are written together and synced once (group commit). After a failed append every
+/// later one fails too: nothing is written past a hole.
 pub trait LogFile: Send + Sync + 'static {
-    /// Appends `bytes` at the end and fdatasyncs.
-    fn append(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
-    /// Replaces the whole file with `bytes`, atomically (temp file, fsync, rename, dir fsync).
+    /// Queues `bytes` for appending at the end; `done` runs after the fdatasync covering them.
+    fn append(&mut self, bytes: Vec<u8>, done: Completion);
+    /// Replaces the whole file with `bytes` after every queued append, atomically (temp file,
+    /// fsync, rename, directory fsync).
     fn replace(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
 }
+
+/// Appends `bytes` through `file` and waits until they are durable.
+pub async fn append_and_wait(file: &mut impl LogFile, bytes: Vec<u8>) -> io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    file.append(
+        bytes,
+        Box::new(move |result| {
+            let _ = tx.send(result);
+        }),
+    );
+    rx.await.map_err(|_| io::Error::other("the raft log writer is gone"))?
+}
+
+enum Op {
+    Append(Vec<u8>, Completion),
+    Replace(Vec<u8>, tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
+type OpReceiver = tokio::sync::mpsc::UnboundedReceiver<Op>;
+type OpSender = tokio::sync::mpsc::UnboundedSender<Op>;
+
+/// One unit of the writer's work: the appends queued together (one write, one sync), or a
+/// replace.
+enum Batch {
+    Appends(Vec<u8>, Vec<Completion>),
+    Replace(Vec<u8>, tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
+/// Takes `first` and every append queued behind it, stopping before a replace (kept in
+/// `held` for the next call).
+fn next_batch(first: Op, rx: &mut OpReceiver, held: &mut Option<Op>) -> Batch {
+    let (mut bytes, mut done) = match first {
+        Op::Replace(bytes, reply) => return Batch::Replace(bytes, reply),
+        Op::Append(bytes, completion) => (bytes, vec![completion]),
+    };
+    loop {
+        match rx.try_recv() {
+            Ok(Op::Append(more, completion)) => {
+                bytes.extend_from_slice(&more);
+                done.push(completion);
+            }
+            Ok(replace @ Op::Replace(..)) => {
+                *held = Some(replace);
+                return Batch::Appends(bytes, done);
+            }
+            Err(_) => return Batch::Appends(bytes, done),
+        }
+    }
+}
+
+fn finish(done: Vec<Completion>, result: &io::Result<()>) {
+    for completion in done {
+        completion(match result {
+            Ok(()) => Ok(()),
+            Err(error) => Err(io::Error::new(error.kind(), error.to_string())),
+        });
+    }
+}
+
+fn send_append(ops: &OpSender, bytes: Vec<u8>, done: Completion) {
+    if let Err(tokio::sync::mpsc::error::SendError(Op::Append(_, done))) = ops.send(Op::Append(bytes, done)) {
+        done(Err(io::Error::other("the raft log writer is gone")));
+    }
+}
+
+async fn send_replace(ops: &OpSender, bytes: Vec<u8>) -> io::Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    ops.send(Op::Replace(bytes, tx)).map_err(|_| io::Error::other("the raft log writer is gone"))?;
+    rx.await.map_err(|_| io::Error::other("the raft log writer is gone"))?
+}
+
+const POISONED: &str = "an earlier raft log append failed";
 
 /// Reads the log file at `path` (empty when absent) and cuts a torn tail off it.
 pub fn read_and_repair(path: &Path) -> io::Result<(LogImage, Vec<u8>)> {
@@ -186,139 +266,88 @@ fn temp_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Blocking-I/O file for kernels without io_uring: each operation on the blocking pool.
+/// Blocking-I/O file for kernels without io_uring: a writer thread doing pwrite + fdatasync.
 #[derive(Debug)]
 pub struct StdFile {
-    path: PathBuf,
-    file: Arc<std::fs::File>,
-    len: u64,
+    ops: OpSender,
 }
 
 impl StdFile {
-    /// Opens (creating) the file for appending at its current end.
+    /// Opens (creating) the file and starts its writer thread, appending at its current end.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
-        let len = file.metadata()?.len();
-        Ok(Self { path: path.to_owned(), file: Arc::new(file), len })
+        let mut file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
+        let mut len = file.metadata()?.len();
+        let (ops, mut rx) = tokio::sync::mpsc::unbounded_channel::<Op>();
+        let path = path.to_owned();
+        std::thread::Builder::new().name("raftlog-std".into()).spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let mut held = None;
+            let mut poisoned = false;
+            while let Some(op) = held.take().or_else(|| rx.blocking_recv()) {
+                match next_batch(op, &mut rx, &mut held) {
+                    Batch::Appends(bytes, done) => {
+                        let result = if poisoned {
+                            Err(io::Error::other(POISONED))
+                        } else {
+                            file.write_all_at(&bytes, len).and_then(|()| file.sync_data())
+                        };
+                        match &result {
+                            Ok(()) => len += bytes.len() as u64,
+                            Err(_) => poisoned = true,
+                        }
+                        finish(done, &result);
+                    }
+                    Batch::Replace(bytes, reply) => {
+                        let result = replace_std(&path, &bytes).map(|new_file| {
+                            file = new_file;
+                            len = bytes.len() as u64;
+                        });
+                        let _ = reply.send(result);
+                    }
+                }
+            }
+        })?;
+        Ok(Self { ops })
     }
 }
 
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
-    tokio::task::spawn_blocking(work).await.map_err(io::Error::other)?
+fn replace_std(path: &Path, bytes: &[u8]) -> io::Result<std::fs::File> {
+    let temp = temp_path(path);
+    std::fs::write(&temp, bytes)?;
+    std::fs::File::open(&temp)?.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    sync_dir(path)?;
+    std::fs::OpenOptions::new().read(true).write(true).open(path)
 }
 
 impl LogFile for StdFile {
-    fn append(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send {
-        let file = self.file.clone();
-        let at = self.len;
-        self.len += bytes.len() as u64;
-        async move {
-            blocking(move || {
-                use std::os::unix::fs::FileExt;
-                file.write_all_at(&bytes, at)?;
-                file.sync_data()
-            })
-            .await
-        }
+    fn append(&mut self, bytes: Vec<u8>, done: Completion) {
+        send_append(&self.ops, bytes, done);
     }
 
     fn replace(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send {
-        let path = self.path.clone();
-        let len = bytes.len() as u64;
-        let work = blocking(move || {
-            let temp = temp_path(&path);
-            std::fs::write(&temp, &bytes)?;
-            std::fs::File::open(&temp)?.sync_all()?;
-            std::fs::rename(&temp, &path)?;
-            sync_dir(&path)?;
-            std::fs::OpenOptions::new().read(true).write(true).open(&path)
-        });
-        async move {
-            let file = work.await?;
-            self.file = Arc::new(file);
-            self.len = len;
-            Ok(())
-        }
+        send_replace(&self.ops, bytes)
     }
 }
 
-enum UringOp {
-    Append(Vec<u8>, tokio::sync::oneshot::Sender<io::Result<()>>),
-    Replace(Vec<u8>, tokio::sync::oneshot::Sender<io::Result<()>>),
-}
-
-/// The log file on io_uring: a thread runs a tokio-uring runtime that owns the file; appends
-/// are `write_at` then `fdatasync`, both submitted to the ring.
+/// The log file on io_uring: a thread runs a tokio-uring runtime that owns the file; each
+/// batch of queued appends is one `write_at` and one `fdatasync`, both submitted to the ring.
 #[derive(Debug)]
 pub struct UringFile {
-    ops: tokio::sync::mpsc::UnboundedSender<UringOp>,
+    ops: OpSender,
 }
 
 impl UringFile {
     /// Starts the ring thread and opens (creating) the file at `path`. Fails where io_uring
     /// is unavailable, so the caller can fall back to [`StdFile`].
     pub fn open(path: &Path) -> io::Result<Self> {
-        let (ops, mut rx) = tokio::sync::mpsc::unbounded_channel::<UringOp>();
+        let (ops, rx) = tokio::sync::mpsc::unbounded_channel::<Op>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         let path = path.to_owned();
         let panic_tx = ready_tx.clone();
         std::thread::Builder::new().name("raftlog-uring".into()).spawn(move || {
             let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                tokio_uring::start(async move {
-                    let opened = async {
-                        let std_file = std::fs::OpenOptions::new()
-                            .create(true)
-                            .truncate(false)
-                            .read(true)
-                            .write(true)
-                            .open(&path)?;
-                        let len = std_file.metadata()?.len();
-                        Ok::<_, io::Error>((tokio_uring::fs::File::from_std(std_file), len))
-                    }
-                    .await;
-                    let (mut file, mut len) = match opened {
-                        Ok(opened) => {
-                            let _ = ready_tx.send(Ok(()));
-                            opened
-                        }
-                        Err(error) => {
-                            let _ = ready_tx.send(Err(error));
-                            return;
-                        }
-                    };
-                    while let Some(op) = rx.recv().await {
-                        match op {
-                            UringOp::Append(bytes, reply) => {
-                                let size = bytes.len() as u64;
-                                let (written, _) = file.write_all_at(bytes, len).await;
-                                let result = match written {
-                                    Ok(()) => file.sync_data().await,
-                                    Err(error) => Err(error),
-                                };
-                                if result.is_ok() {
-                                    len += size;
-                                }
-                                let _ = reply.send(result);
-                            }
-                            UringOp::Replace(bytes, reply) => {
-                                let size = bytes.len() as u64;
-                                let result = replace_uring(&path, bytes).await;
-                                match result {
-                                    Ok(new_file) => {
-                                        let old = std::mem::replace(&mut file, new_file);
-                                        let _ = old.close().await;
-                                        len = size;
-                                        let _ = reply.send(Ok(()));
-                                    }
-                                    Err(error) => {
-                                        let _ = reply.send(Err(error));
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    let _ = file.close().await;
-                });
+                tokio_uring::start(uring_writer(path, rx, ready_tx));
             }));
             if started.is_err() {
                 // tokio-uring panics when the kernel refuses io_uring_setup.
@@ -328,12 +357,70 @@ impl UringFile {
         ready_rx.recv().map_err(|_| io::Error::other("io_uring thread exited"))??;
         Ok(Self { ops })
     }
+}
 
-    async fn submit(&self, op: impl FnOnce(tokio::sync::oneshot::Sender<io::Result<()>>) -> UringOp) -> io::Result<()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.ops.send(op(tx)).map_err(|_| io::Error::other("io_uring log thread is gone"))?;
-        rx.await.map_err(|_| io::Error::other("io_uring log thread is gone"))?
+async fn uring_writer(path: PathBuf, mut rx: OpReceiver, ready: std::sync::mpsc::Sender<io::Result<()>>) {
+    let opened = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .and_then(|file| Ok((file.metadata()?.len(), tokio_uring::fs::File::from_std(file))));
+    let (mut len, mut file) = match opened {
+        Ok(opened) => {
+            let _ = ready.send(Ok(()));
+            opened
+        }
+        Err(error) => {
+            let _ = ready.send(Err(error));
+            return;
+        }
+    };
+    let mut held = None;
+    let mut poisoned = false;
+    loop {
+        let op = match held.take() {
+            Some(op) => op,
+            None => match rx.recv().await {
+                Some(op) => op,
+                None => break,
+            },
+        };
+        match next_batch(op, &mut rx, &mut held) {
+            Batch::Appends(bytes, done) => {
+                let size = bytes.len() as u64;
+                let result = if poisoned {
+                    Err(io::Error::other(POISONED))
+                } else {
+                    match file.write_all_at(bytes, len).await.0 {
+                        Ok(()) => file.sync_data().await,
+                        Err(error) => Err(error),
+                    }
+                };
+                match &result {
+                    Ok(()) => len += size,
+                    Err(_) => poisoned = true,
+                }
+                finish(done, &result);
+            }
+            Batch::Replace(bytes, reply) => {
+                let size = bytes.len() as u64;
+                match replace_uring(&path, bytes).await {
+                    Ok(new_file) => {
+                        let old = std::mem::replace(&mut file, new_file);
+                        let _ = old.close().await;
+                        len = size;
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                    }
+                }
+            }
+        }
     }
+    let _ = file.close().await;
 }
 
 async fn replace_uring(path: &Path, bytes: Vec<u8>) -> io::Result<tokio_uring::fs::File> {
@@ -350,12 +437,12 @@ async fn replace_uring(path: &Path, bytes: Vec<u8>) -> io::Result<tokio_uring::f
 }
 
 impl LogFile for UringFile {
-    fn append(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send {
-        self.submit(|reply| UringOp::Append(bytes, reply))
+    fn append(&mut self, bytes: Vec<u8>, done: Completion) {
+        send_append(&self.ops, bytes, done);
     }
 
     fn replace(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send {
-        self.submit(|reply| UringOp::Replace(bytes, reply))
+        send_replace(&self.ops, bytes)
     }
 }
 
@@ -407,10 +494,10 @@ impl AnyFile {
 }
 
 impl LogFile for AnyFile {
-    async fn append(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+    fn append(&mut self, bytes: Vec<u8>, done: Completion) {
         match self {
-            Self::Uring(file) => file.append(bytes).await,
-            Self::Std(file) => file.append(bytes).await,
+            Self::Uring(file) => file.append(bytes, done),
+            Self::Std(file) => file.append(bytes, done),
         }
     }
 
@@ -435,7 +522,8 @@ pub struct LogStore<F> {
     dead_records: usize,
     /// A failed write poisons the store: openraft stops the node rather than go on with a
     /// log it cannot trust.
-    failed: bool,
+    failed: Arc<AtomicBool>,
+    rewrite_after: usize,
 }
 
 /// Rewrite the file once this many of its records are dead.
@@ -450,8 +538,15 @@ impl<F: LogFile> LogStore<F> {
             vote: image.vote,
             purged: image.purged,
             dead_records: image.records,
-            failed: false,
+            failed: Arc::default(),
+            rewrite_after: REWRITE_AFTER_DEAD_RECORDS,
         }
+    }
+
+    /// Rewrites the file once `records` of its records are dead (default 4096).
+    pub fn with_rewrite_after(mut self, records: usize) -> Self {
+        self.rewrite_after = records;
+        self
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry>> {
@@ -460,19 +555,19 @@ impl<F: LogFile> LogStore<F> {
 
     async fn write(&mut self, record: &LogRecord, subject: ErrorSubject<u64>) -> Result<(), StorageError> {
         let fail = |error: io::Error, subject| StorageError::from_io_error(subject, ErrorVerb::Write, error);
-        if self.failed {
-            return Err(fail(io::Error::other("an earlier raft log write failed"), subject));
+        if self.failed.load(Ordering::Relaxed) {
+            return Err(fail(io::Error::other(POISONED), subject));
         }
         let bytes = encode_record(record).map_err(|e| fail(e, subject.clone()))?;
-        if let Err(error) = self.file.append(bytes).await {
-            self.failed = true;
+        if let Err(error) = append_and_wait(&mut self.file, bytes).await {
+            self.failed.store(true, Ordering::Relaxed);
             return Err(fail(error, subject));
         }
         Ok(())
     }
 
     async fn maybe_rewrite(&mut self) -> Result<(), StorageError> {
-        if self.dead_records < REWRITE_AFTER_DEAD_RECORDS {
+        if self.dead_records < self.rewrite_after {
             return Ok(());
         }
         let live: Vec<Entry> = self.entries().values().cloned().collect();
@@ -492,7 +587,7 @@ impl<F: LogFile> LogStore<F> {
             );
         }
         if let Err(error) = self.file.replace(bytes).await {
-            self.failed = true;
+            self.failed.store(true, Ordering::Relaxed);
             return Err(StorageError::from_io_error(ErrorSubject::Logs, ErrorVerb::Write, error));
         }
         self.dead_records = 0;
@@ -569,12 +664,26 @@ impl<F: LogFile> RaftLogStorage<TypeConfig> for LogStore<F> {
                 map.insert(entry.log_id.index, entry.clone());
             }
         }
-        let result = self.write(&LogRecord::Entries(entries), ErrorSubject::Logs).await;
-        match &result {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(error) => callback.log_io_completed(Err(io::Error::other(error.to_string()))),
+        if self.failed.load(Ordering::Relaxed) {
+            let error = io::Error::other(POISONED);
+            callback.log_io_completed(Err(io::Error::other(POISONED)));
+            return Err(StorageError::from_io_error(ErrorSubject::Logs, ErrorVerb::Write, error));
         }
-        result
+        let bytes = encode_record(&LogRecord::Entries(entries))
+            .map_err(|e| StorageError::from_io_error(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        // Queued, not awaited: openraft replicates while the disk syncs, and learns of the
+        // sync through the callback.
+        let failed = self.failed.clone();
+        self.file.append(
+            bytes,
+            Box::new(move |result| {
+                if result.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                callback.log_io_completed(result);
+            }),
+        );
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {

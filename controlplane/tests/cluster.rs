@@ -152,3 +152,44 @@ async fn a_restarted_node_catches_up_from_its_disk_and_the_leader() -> Result<()
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn glts_on_loopback_holds_true_time_and_reports_its_width() -> Result<()> {
+    use controlplane::glts::EstimatorConfig;
+    use controlplane::glts_client::GltsClient;
+    let (_dir, cluster) = cluster(3).await?;
+    let servers: Vec<(u64, String)> =
+        cluster.ids().into_iter().filter_map(|id| Some((id, cluster.addr(id)?.to_owned()))).collect();
+    let glts = GltsClient::start(
+        cluster.client().connector().clone(),
+        servers,
+        EstimatorConfig::for_sources(3),
+        Duration::from_millis(50),
+    )?;
+    // All processes share this machine's clock, so CLOCK_REALTIME is the true time here.
+    let mut widths_ns = Vec::new();
+    let mut last_glt = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let before = controlplane::timesource::realtime_ns();
+        let Ok(interval) = glts.now() else { continue };
+        let after = controlplane::timesource::realtime_ns();
+        assert!(
+            interval.earliest_ns <= after && before <= interval.latest_ns,
+            "{interval:?} misses [{before}, {after}]"
+        );
+        widths_ns.push(interval.width_ns());
+        let glt = glts.stamp()?;
+        assert!(glt > last_glt, "GLTs must increase: {glt} after {last_glt}");
+        last_glt = glt;
+    }
+    assert!(widths_ns.len() > 100, "too few intervals: {}", widths_ns.len());
+    widths_ns.sort_unstable();
+    let pct = |p: usize| widths_ns[(widths_ns.len() - 1) * p / 100] as f64 / 1000.0;
+    println!("GLTS width on loopback over {} samples: p50 {:.0} µs, p99 {:.0} µs", widths_ns.len(), pct(50), pct(99));
+    // commit_wait returns only once the earliest bound is past the timestamp.
+    glts.commit_wait(last_glt).await?;
+    assert!(glts.now()?.earliest_glt() > last_glt);
+    Ok(())
+}

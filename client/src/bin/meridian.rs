@@ -1,5 +1,9 @@
-//! `meridian`: the command line of a Meridian cluster. Talks to the cluster through
-//! [`client::Client`]; see `meridian --help` for commands and exit codes.
+//! `meridian`: the command line of a Meridian cluster. Talks to the data nodes through
+//! [`client::Client`] and, for `meridian cluster ...`, to the control plane through
+//! [`controlplane::client::ControlClient`]; see `meridian --help` for commands and exit codes.
+
+#[path = "meridian/cluster.rs"]
+mod cluster;
 
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
@@ -25,7 +29,9 @@ Exit codes:
   2  usage error (the command line could not be parsed)
   3  not found: the key has no visible version (get, stat, rm)
   4  refused by the server: an error response; its code name is printed on stderr
-  5  unavailable: cannot connect, connection lost, or timeout";
+     (cluster: the control plane's error message)
+  5  unavailable: cannot connect, connection lost, or timeout
+     (cluster: no control-plane leader answered in time)";
 
 /// Store, read and list values in a Meridian cluster.
 ///
@@ -42,7 +48,8 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Timeout of each connection attempt and of each request attempt, in milliseconds.
+    /// Timeout of each connection attempt and of each request attempt, in milliseconds. For
+    /// `cluster` commands: how long to look for the leader and wait for its answer.
     #[arg(long, global = true, value_name = "MS", default_value_t = 30_000)]
     timeout_ms: u64,
 
@@ -109,6 +116,8 @@ enum Command {
         #[arg(long, value_name = "TS")]
         at: Option<u64>,
     },
+    /// Administer the control plane: status, add and remove voters.
+    Cluster(cluster::ClusterArgs),
 }
 
 #[derive(Debug, Serialize)]
@@ -157,7 +166,16 @@ async fn main() -> ExitCode {
             .error(clap::error::ErrorKind::MissingRequiredArgument, "get --json needs -o FILE for the value")
             .exit();
     }
-    match run(cli).await {
+    let result = match &cli.command {
+        Command::Cluster(args) => {
+            let target = args.target().unwrap_or_else(|missing| {
+                Cli::command().error(clap::error::ErrorKind::MissingRequiredArgument, missing).exit()
+            });
+            cluster::run(&args.command, &target, cli.json, Duration::from_millis(cli.timeout_ms)).await
+        }
+        _ => run(cli).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("meridian: {}", describe(&error));
@@ -183,8 +201,12 @@ fn describe(error: &anyhow::Error) -> String {
     line
 }
 
-/// The exit code of the first [`ClientError`] in the chain; [`exit_code::OTHER`] without one.
+/// The exit code of a [`cluster::ControlError`] (root cause or context), else of the first
+/// [`ClientError`] in the chain; [`exit_code::OTHER`] without either.
 fn exit_code_of(error: &anyhow::Error) -> u8 {
+    if let Some(control) = error.downcast_ref::<cluster::ControlError>() {
+        return control.exit_code();
+    }
     error.chain().find_map(|cause| cause.downcast_ref::<ClientError>()).map_or(exit_code::OTHER, ClientError::exit_code)
 }
 
@@ -283,6 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(stdout, "versions\t{}", stat.versions)?;
             }
         }
+        Command::Cluster(_) => unreachable!("main runs cluster commands with cluster::run"),
     }
     Ok(())
 }
@@ -412,6 +435,63 @@ mod tests {
         assert!(matches!(parse(&["stat", "k", "--at", "3"]).unwrap().command, Command::Stat { at: Some(3), .. }));
     }
 
+    fn cluster(args: &[&str]) -> cluster::ClusterArgs {
+        match parse(args).unwrap().command {
+            Command::Cluster(cluster) => cluster,
+            other => panic!("not a cluster command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_cluster_commands() {
+        let args = cluster(&["cluster", "--control", "a:1,b:2", "--control", "c:3", "--tls-dir", "/t", "status"]);
+        assert_eq!(args.control, ["a:1", "b:2", "c:3"]);
+        assert_eq!(args.tls_name, "admin");
+        assert!(matches!(args.command, cluster::ClusterCommand::Status));
+        let target = args.target().unwrap();
+        assert_eq!(target.seeds, ["a:1", "b:2", "c:3"]);
+        assert_eq!(target.tls_dir, Path::new("/t"));
+
+        // Group options may also follow the subcommand; the top-level --addr is not add-node's.
+        let args = cluster(&[
+            "--addr",
+            "d:9",
+            "cluster",
+            "add-node",
+            "--id",
+            "4",
+            "--addr",
+            "h:7",
+            "--control",
+            "a:1",
+            "--tls-name",
+            "ops",
+        ]);
+        assert!(matches!(args.command, cluster::ClusterCommand::AddNode { id: 4, ref addr } if addr == "h:7"));
+        assert_eq!(args.tls_name, "ops");
+        assert_eq!(args.target(), Err("cluster commands need --tls-dir DIR (or MERIDIAN_TLS_DIR)"));
+
+        let cli = parse(&["cluster", "remove-node", "--id", "2", "--json"]).unwrap();
+        assert!(cli.json);
+        let Command::Cluster(args) = cli.command else { panic!("not a cluster command") };
+        assert!(matches!(args.command, cluster::ClusterCommand::RemoveNode { id: 2 }));
+        assert_eq!(args.target(), Err("cluster commands need --control ADDR (or MERIDIAN_CONTROL)"));
+    }
+
+    #[test]
+    fn rejects_bad_cluster_usage() {
+        for args in [
+            &["cluster"][..],
+            &["cluster", "add-node", "--id", "4"],
+            &["cluster", "add-node", "--id", "0", "--addr", "h:1"],
+            &["cluster", "remove-node"],
+            &["cluster", "remove-node", "--id", "x"],
+        ] {
+            let error = parse(args).unwrap_err();
+            assert_eq!(error.exit_code(), i32::from(exit_code::USAGE), "{args:?}");
+        }
+    }
+
     #[test]
     fn rejects_bad_usage() {
         for args in [
@@ -445,5 +525,12 @@ mod tests {
         let error = anyhow::Error::new(ClientError::Timeout).context("get \"k\"");
         assert_eq!(exit_code_of(&error), exit_code::UNAVAILABLE);
         assert_eq!(exit_code_of(&anyhow::anyhow!("plain")), exit_code::OTHER);
+
+        let refused = anyhow::Error::new(cluster::ControlError::Refused("in progress".into())).context("cluster x");
+        assert_eq!(exit_code_of(&refused), exit_code::REFUSED);
+        assert_eq!(describe(&refused), "cluster x: refused by the control plane: in progress");
+        let down = anyhow::anyhow!("timed out").context(cluster::ControlError::Unavailable).context("cluster status");
+        assert_eq!(exit_code_of(&down), exit_code::UNAVAILABLE);
+        assert_eq!(describe(&down), "cluster status: control plane unavailable: timed out");
     }
 }

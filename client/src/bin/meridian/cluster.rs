@@ -1,0 +1,688 @@
+//! `meridian cluster ...`: administration of the control plane (status, adding and removing
+//! voters) through [`ControlClient`], over QUIC with mutual TLS.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use clap::Subcommand;
+use client::exit_code;
+use controlplane::client::ControlClient;
+use controlplane::net::Connector;
+use controlplane::rpc::{Request, Response, Status};
+use controlplane::tls::Identity;
+use controlplane::types::NodeId;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::print_json;
+
+/// Longest wait for a QUIC handshake with one control-plane node: a dead seed must not eat the
+/// whole --timeout-ms before the next one is tried.
+const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+/// Longest wait for one node's status (it is answered at once by a live node).
+const STATUS_ATTEMPT_MAX: Duration = Duration::from_secs(3);
+/// Pause between rounds of looking for the leader.
+const LEADER_RETRY: Duration = Duration::from_millis(100);
+
+const CLUSTER_HELP: &str = "\
+The control plane is reached over QUIC with mutual TLS: --tls-dir holds the cluster CA
+(ca.pem) and this client's certificate and key (<tls-name>.pem, <tls-name>.key), as written
+by `controlplane certs --out DIR ... admin`. Any running member may be given with --control;
+requests go to the leader. --timeout-ms bounds the whole command.";
+
+/// Control-plane administration: status and membership.
+#[derive(Debug, clap::Args)]
+#[command(after_help = CLUSTER_HELP)]
+pub struct ClusterArgs {
+    /// Address (host:port) of a control-plane node, used to find the leader; repeat or
+    /// separate with commas.
+    #[arg(long = "control", value_name = "ADDR", env = "MERIDIAN_CONTROL", value_delimiter = ',', global = true)]
+    pub control: Vec<String>,
+
+    /// Directory with ca.pem and this client's <tls-name>.pem and <tls-name>.key.
+    #[arg(long, value_name = "DIR", env = "MERIDIAN_TLS_DIR", global = true)]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Name of this client's certificate in --tls-dir.
+    #[arg(long, value_name = "NAME", env = "MERIDIAN_TLS_NAME", default_value = "admin", global = true)]
+    pub tls_name: String,
+
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Show the leader, members, data nodes, placement, leases, snapshots and GLTS width.
+    ///
+    /// The metadata is the leader's; each member is also asked for its own role, term and
+    /// applied index (members that do not answer are marked unreachable). With --json, one
+    /// object: the leader's status plus a `members_status` array.
+    Status,
+    /// Add a control-plane node as a voter.
+    ///
+    /// The leader adds the node as a learner, lets it catch up with the log, then makes it a
+    /// voter through joint consensus: a configuration with both the old and the new voter sets
+    /// commits first, then the new one, so a quorum is kept throughout.
+    ///
+    /// The node must already run, e.g. `controlplane run --id ID --listen ADDR --data-dir DIR
+    /// --tls-dir DIR --seed <member address>`; this command first checks that it answers at
+    /// ADDR as node ID. A node started with --seed asks the leader to add it by itself, so this
+    /// command is mostly for adding back a node that was removed while it kept running.
+    AddNode {
+        /// The node's id (> 0, never reused).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: NodeId,
+        /// The node's QUIC address, as the other members reach it.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: String,
+    },
+    /// Remove a control-plane voter.
+    ///
+    /// The leader removes the voter through joint consensus (old and new voter sets, then the
+    /// new one). The node's process is not stopped: stop it once the command succeeds. Removing
+    /// the leader makes it step down after the change commits. An id that is not a member is
+    /// accepted and changes nothing (check with `cluster status`).
+    RemoveNode {
+        /// The voter's id.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        id: NodeId,
+    },
+}
+
+/// A control-plane failure, classified for the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The leader answered with an error.
+    #[error("refused by the control plane: {0}")]
+    Refused(String),
+    /// No leader answered in time (added as context over the cause).
+    #[error("control plane unavailable")]
+    Unavailable,
+    /// The node to add does not answer (added as context over the cause).
+    #[error("node {id} does not answer at {addr}; start it first (controlplane run --id {id} --listen {addr} ...)")]
+    NewNodeDown {
+        /// Its id.
+        id: NodeId,
+        /// Its address.
+        addr: String,
+    },
+}
+
+impl ControlError {
+    /// The exit code, in the convention of the data commands.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Refused(_) => exit_code::REFUSED,
+            Self::Unavailable | Self::NewNodeDown { .. } => exit_code::UNAVAILABLE,
+        }
+    }
+}
+
+/// Where the control plane is and who we are, checked from [`ClusterArgs`].
+#[derive(Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Seed addresses.
+    pub seeds: Vec<String>,
+    /// TLS directory.
+    pub tls_dir: PathBuf,
+    /// Certificate name.
+    pub tls_name: String,
+}
+
+impl ClusterArgs {
+    /// The target, or what is missing from the command line.
+    pub fn target(&self) -> Result<Target, &'static str> {
+        let seeds: Vec<String> =
+            self.control.iter().map(|addr| addr.trim().to_owned()).filter(|addr| !addr.is_empty()).collect();
+        if seeds.is_empty() {
+            return Err("cluster commands need --control ADDR (or MERIDIAN_CONTROL)");
+        }
+        let Some(tls_dir) = self.tls_dir.clone() else {
+            return Err("cluster commands need --tls-dir DIR (or MERIDIAN_TLS_DIR)");
+        };
+        Ok(Target { seeds, tls_dir, tls_name: self.tls_name.clone() })
+    }
+}
+
+/// One member as it answers for itself.
+#[derive(Debug, Serialize)]
+struct MemberStatus {
+    id: NodeId,
+    addr: String,
+    voter: bool,
+    reachable: bool,
+    role: Option<String>,
+    term: Option<u64>,
+    leader: Option<NodeId>,
+    last_log_index: Option<u64>,
+    applied_index: Option<u64>,
+    isolated: Option<bool>,
+    /// Why it did not answer.
+    error: Option<String>,
+}
+
+impl MemberStatus {
+    fn new(member: &controlplane::rpc::Member, answer: anyhow::Result<&Status>) -> Self {
+        let mut status = Self {
+            id: member.id,
+            addr: member.addr.clone(),
+            voter: member.voter,
+            reachable: false,
+            role: None,
+            term: None,
+            leader: None,
+            last_log_index: None,
+            applied_index: None,
+            isolated: None,
+            error: None,
+        };
+        match answer {
+            Ok(own) => {
+                status.reachable = true;
+                status.role = Some(own.role.clone());
+                status.term = Some(own.term);
+                status.leader = own.leader;
+                status.last_log_index = own.last_log_index;
+                status.applied_index = own.applied_index;
+                status.isolated = Some(own.isolated);
+            }
+            Err(error) => status.error = Some(format!("{error:#}")),
+        }
+        status
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct StatusOutput<'a> {
+    #[serde(flatten)]
+    leader: &'a Status,
+    members_status: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Serialize)]
+struct MembershipOutput<'a> {
+    action: &'static str,
+    id: NodeId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    addr: Option<&'a str>,
+}
+
+/// Runs one `meridian cluster` command; `timeout` bounds it.
+pub async fn run(command: &ClusterCommand, target: &Target, json: bool, timeout: Duration) -> anyhow::Result<()> {
+    let label = match command {
+        ClusterCommand::Status => "cluster status".to_owned(),
+        ClusterCommand::AddNode { id, addr } => format!("cluster add-node {id} at {addr}"),
+        ClusterCommand::RemoveNode { id } => format!("cluster remove-node {id}"),
+    };
+    execute(command, target, json, timeout).await.context(label)
+}
+
+async fn execute(command: &ClusterCommand, target: &Target, json: bool, timeout: Duration) -> anyhow::Result<()> {
+    let identity = Identity::in_dir(&target.tls_dir, &target.tls_name);
+    let tls = identity.client_config().with_context(|| {
+        format!(
+            "cannot load the TLS identity {:?} from --tls-dir {} (needs ca.pem, {name}.pem and {name}.key)",
+            target.tls_name,
+            target.tls_dir.display(),
+            name = target.tls_name
+        )
+    })?;
+    let mut connector = Connector::client(tls).context("cannot open a QUIC endpoint")?;
+    connector.connect_timeout = timeout.min(CONNECT_TIMEOUT_MAX);
+    let endpoint = connector.endpoint().clone();
+    let mut client = ControlClient::with_connector(connector, target.seeds.clone());
+    let mut stdout = std::io::stdout().lock();
+    let result = match command {
+        ClusterCommand::Status => {
+            client.attempt_timeout = timeout.min(STATUS_ATTEMPT_MAX);
+            status(&client, &target.seeds, timeout, json, &mut stdout).await
+        }
+        ClusterCommand::AddNode { id, addr } => {
+            // The leader answers once the node caught up and the change committed: no
+            // shorter limit per attempt than the whole command's.
+            client.attempt_timeout = timeout;
+            let request = Request::AddVoter { id: *id, addr: addr.clone() };
+            let added = match check_new_node(&client, *id, addr, timeout.min(STATUS_ATTEMPT_MAX)).await {
+                Ok(()) => membership_change(&client, &request, timeout).await,
+                Err(error) => Err(error),
+            };
+            added.and_then(|()| {
+                if json {
+                    print_json(&mut stdout, &MembershipOutput { action: "add_node", id: *id, addr: Some(addr) })
+                } else {
+                    Ok(writeln!(stdout, "node {id} at {addr} is a voter")?)
+                }
+            })
+        }
+        ClusterCommand::RemoveNode { id } => {
+            client.attempt_timeout = timeout;
+            let request = Request::RemoveVoter { id: *id };
+            membership_change(&client, &request, timeout).await.and_then(|()| {
+                if json {
+                    print_json(&mut stdout, &MembershipOutput { action: "remove_node", id: *id, addr: None })
+                } else {
+                    Ok(writeln!(stdout, "node {id} is no longer a member")?)
+                }
+            })
+        }
+    };
+    // Tell the nodes we are gone rather than leave them to the idle timeout.
+    endpoint.close(0_u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
+    result
+}
+
+/// Checks that the node to add runs at `addr` and is node `id` (a node that does not run
+/// would still be made a voter, and count against the quorum).
+async fn check_new_node(client: &ControlClient, id: NodeId, addr: &str, timeout: Duration) -> anyhow::Result<()> {
+    let answer = client.call_node(addr, &Request::Status, timeout).await;
+    match answer.context(ControlError::NewNodeDown { id, addr: addr.to_owned() })? {
+        Response::Status(status) if status.node_id == id => Ok(()),
+        Response::Status(status) => {
+            bail!("the node at {addr} is node {}, not {id}; check --id and --addr", status.node_id)
+        }
+        other => bail!("unexpected response from {addr}: {other:?}"),
+    }
+}
+
+/// Sends an `AddVoter` / `RemoveVoter` to the leader and checks the answer.
+async fn membership_change(client: &ControlClient, request: &Request, timeout: Duration) -> anyhow::Result<()> {
+    match client.call(request, timeout).await.context(ControlError::Unavailable)? {
+        Response::Ok => Ok(()),
+        Response::Error { message } => Err(ControlError::Refused(message).into()),
+        Response::NotLeader { leader } => {
+            Err(anyhow!("the leader is unknown (last hint: {leader:?})").context(ControlError::Unavailable))
+        }
+        other => bail!("unexpected response {other:?}"),
+    }
+}
+
+/// The status of the leader: asks the seeds (a node answers `Status` itself, whatever its
+/// role), follows the leader it names, and failing that asks every node it heard of.
+async fn leader_status(client: &ControlClient, seeds: &[String], timeout: Duration) -> anyhow::Result<Status> {
+    let give_up = tokio::time::Instant::now() + timeout;
+    let mut budget = timeout;
+    loop {
+        let first = match client.call(&Request::Status, budget).await.context(ControlError::Unavailable)? {
+            Response::Status(status) => *status,
+            Response::Error { message } => return Err(ControlError::Refused(message).into()),
+            other => bail!("unexpected response {other:?}"),
+        };
+        if first.role == "leader" && !first.isolated {
+            return Ok(first);
+        }
+        let hint = first.leader.and_then(|id| first.members.iter().find(|m| m.id == id && id != first.node_id));
+        if let Some(leader) = hint {
+            if let Ok(status) = client.status_of(&leader.addr).await {
+                if status.role == "leader" && !status.isolated {
+                    return Ok(status);
+                }
+            }
+        }
+        // The node asked knows no (reachable) leader: ask everyone, take the newest leader.
+        let mut addrs: Vec<String> = seeds.to_vec();
+        for member in &first.members {
+            if !addrs.contains(&member.addr) {
+                addrs.push(member.addr.clone());
+            }
+        }
+        let answers = statuses(client, addrs).await;
+        let newest = answers
+            .into_values()
+            .filter_map(Result::ok)
+            .filter(|status| status.role == "leader" && !status.isolated)
+            .max_by_key(|status| status.term);
+        if let Some(leader) = newest {
+            return Ok(leader);
+        }
+        if tokio::time::Instant::now() >= give_up {
+            let known = first
+                .leader
+                .map_or_else(|| "no leader".to_owned(), |id| format!("leader {id}, which did not answer as leader"));
+            return Err(anyhow!(
+                "no leader within {timeout:?}: node {} is {} in term {} and knows {known}",
+                first.node_id,
+                first.role,
+                first.term
+            )
+            .context(ControlError::Unavailable));
+        }
+        tokio::time::sleep(LEADER_RETRY).await;
+        let remaining = give_up.saturating_duration_since(tokio::time::Instant::now());
+        budget = Duration::from_millis(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
+    }
+}
+
+/// Asks every address for its status, concurrently.
+async fn statuses(client: &ControlClient, addrs: Vec<String>) -> BTreeMap<String, anyhow::Result<Status>> {
+    let mut tasks = JoinSet::new();
+    for addr in addrs {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let answer = client.status_of(&addr).await;
+            (addr, answer)
+        });
+    }
+    let mut answers = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((addr, answer)) = joined {
+            answers.insert(addr, answer);
+        }
+    }
+    answers
+}
+
+async fn status(
+    client: &ControlClient,
+    seeds: &[String],
+    timeout: Duration,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let leader = leader_status(client, seeds, timeout).await?;
+    let others: Vec<String> =
+        leader.members.iter().filter(|m| m.id != leader.node_id).map(|m| m.addr.clone()).collect();
+    let mut answers = statuses(client, others).await;
+    let members_status: Vec<MemberStatus> = leader
+        .members
+        .iter()
+        .map(|member| {
+            if member.id == leader.node_id {
+                return MemberStatus::new(member, Ok(&leader));
+            }
+            let answer = answers.remove(&member.addr).unwrap_or_else(|| Err(anyhow!("status query failed")));
+            MemberStatus::new(member, answer.as_ref().map_err(|error| anyhow!("{error:#}")))
+        })
+        .collect();
+    if json {
+        print_json(out, &StatusOutput { leader: &leader, members_status })
+    } else {
+        print_status(out, &leader, &members_status, unix_ms())?;
+        Ok(())
+    }
+}
+
+fn unix_ms() -> u64 {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 { format!("1 {noun}") } else { format!("{count} {noun}s") }
+}
+
+fn or_dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_owned(), |value| value.to_string())
+}
+
+/// `at_ms` relative to `now_ms`, e.g. `in 2.5 s` or `1.0 s ago`.
+fn relative(at_ms: u64, now_ms: u64) -> String {
+    let seconds = |ms: u64| Duration::from_millis(ms).as_secs_f64();
+    if at_ms >= now_ms {
+        format!("in {:.1} s", seconds(at_ms - now_ms))
+    } else {
+        format!("{:.1} s ago", seconds(now_ms - at_ms))
+    }
+}
+
+/// Rows as aligned columns, indented by two spaces; the first row is the header.
+fn table(out: &mut impl Write, rows: &[Vec<String>]) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (column, cell) in row.iter().enumerate() {
+            let width = cell.chars().count();
+            match widths.get_mut(column) {
+                Some(known) => *known = (*known).max(width),
+                None => widths.push(width),
+            }
+        }
+    }
+    for row in rows {
+        let mut line = String::from(" ");
+        for (column, cell) in row.iter().enumerate() {
+            let width = widths.get(column).copied().unwrap_or(0);
+            line.push(' ');
+            line.push_str(cell);
+            if column + 1 < row.len() {
+                line.extend(std::iter::repeat_n(' ', width.saturating_sub(cell.chars().count()) + 1));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
+
+/// Writes the sections of the human status: a table under its title, or a one-line
+/// `title (0): none`; tables are set apart by blank lines.
+struct Sections<'a, W: Write> {
+    out: &'a mut W,
+    after_table: bool,
+}
+
+impl<W: Write> Sections<'_, W> {
+    fn section(&mut self, title: &str, count: &str, header: &[&str], rows: Vec<Vec<String>>) -> std::io::Result<()> {
+        if rows.is_empty() {
+            if std::mem::take(&mut self.after_table) {
+                writeln!(self.out)?;
+            }
+            return writeln!(self.out, "{title} ({count}): none");
+        }
+        writeln!(self.out)?;
+        writeln!(self.out, "{title} ({count}):")?;
+        let mut all = vec![header.iter().map(|cell| (*cell).to_owned()).collect()];
+        all.extend(rows);
+        table(self.out, &all)?;
+        self.after_table = true;
+        Ok(())
+    }
+
+    fn counted(&mut self, title: &str, header: &[&str], rows: Vec<Vec<String>>) -> std::io::Result<()> {
+        self.section(title, &rows.len().to_string(), header, rows)
+    }
+}
+
+fn print_status(out: &mut impl Write, leader: &Status, members: &[MemberStatus], now_ms: u64) -> std::io::Result<()> {
+    let leader_addr = leader.members.iter().find(|m| m.id == leader.node_id).map_or("?", |m| m.addr.as_str());
+    writeln!(
+        out,
+        "leader {} at {leader_addr}, term {}, applied index {}",
+        leader.node_id,
+        leader.term,
+        or_dash(leader.applied_index)
+    )?;
+    match leader.glts_width_us {
+        Some(width) => writeln!(out, "glts width {width:.1} µs, local source {}", leader.glts_local_source)?,
+        None => writeln!(
+            out,
+            "glts width unknown (no interval yet, or sources disagree), local source {}",
+            leader.glts_local_source
+        )?,
+    }
+    let voters = members.iter().filter(|m| m.voter).count();
+    let member_rows = members
+        .iter()
+        .map(|m| {
+            let kind = if m.voter { "voter" } else { "learner" };
+            let note = match (&m.error, m.isolated) {
+                (Some(error), _) => error.clone(),
+                (None, Some(true)) => "isolated (fault injection)".to_owned(),
+                _ => String::new(),
+            };
+            let role = if m.reachable { or_dash(m.role.as_deref()) } else { "unreachable".to_owned() };
+            vec![
+                m.id.to_string(),
+                m.addr.clone(),
+                kind.to_owned(),
+                role,
+                or_dash(m.term),
+                or_dash(m.applied_index),
+                note,
+            ]
+        })
+        .collect();
+    let count = format!("{}, {}", plural(voters, "voter"), plural(members.len() - voters, "learner"));
+    let mut sections = Sections { out, after_table: false };
+    sections.section("members", &count, &["ID", "ADDR", "KIND", "ROLE", "TERM", "APPLIED", "NOTE"], member_rows)?;
+
+    let meta = &leader.meta;
+    let region_rows = meta.regions.iter().map(|(name, region)| vec![name.clone(), region.zones.join(",")]).collect();
+    sections.counted("regions", &["REGION", "ZONES"], region_rows)?;
+    let node_rows = meta
+        .data_nodes
+        .iter()
+        .map(|(id, node)| {
+            vec![
+                id.clone(),
+                node.addr.clone(),
+                format!("{}/{}", node.region, node.zone),
+                node.shards.to_string(),
+                format!("{:?}", node.state).to_lowercase(),
+            ]
+        })
+        .collect();
+    sections.counted("data nodes", &["ID", "ADDR", "REGION/ZONE", "SHARDS", "STATE"], node_rows)?;
+    let placement_rows = meta
+        .placement
+        .iter()
+        .map(|(shard, placement)| {
+            let replicas = if placement.replicas.is_empty() { "-".to_owned() } else { placement.replicas.join(",") };
+            vec![shard.to_string(), placement.home.clone(), replicas]
+        })
+        .collect();
+    sections.counted("shard placement", &["SHARD", "HOME", "REPLICAS"], placement_rows)?;
+    let lease_rows = meta
+        .leases
+        .iter()
+        .map(|(shard, lease)| {
+            vec![
+                shard.to_string(),
+                lease.holder.clone(),
+                lease.epoch.to_string(),
+                format!("{} ({})", lease.expires_ms, relative(lease.expires_ms, now_ms)),
+            ]
+        })
+        .collect();
+    sections.counted("leases", &["SHARD", "HOLDER", "EPOCH", "EXPIRES (UNIX MS)"], lease_rows)?;
+    let snapshot_rows = meta
+        .snapshots
+        .iter()
+        .map(|(id, snapshot)| {
+            let regions: Vec<String> = snapshot
+                .regions
+                .iter()
+                .map(|(region, status)| format!("{region}={}", format!("{status:?}").to_lowercase()))
+                .collect();
+            vec![
+                id.to_string(),
+                snapshot.glt.to_string(),
+                format!("{} ({})", snapshot.created_ms, relative(snapshot.created_ms, now_ms)),
+                regions.join(" "),
+            ]
+        })
+        .collect();
+    sections.counted("snapshot catalog", &["ID", "GLT", "CREATED (UNIX MS)", "REGIONS"], snapshot_rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use controlplane::meta::{DataNode, Lease, MetaState, NodeState, Placement, Region, Snapshot, SnapshotStatus};
+    use controlplane::rpc::Member;
+
+    use super::*;
+
+    fn leader() -> Status {
+        let mut meta = MetaState::default();
+        meta.regions.insert("eu".into(), Region { zones: vec!["a".into(), "b".into()] });
+        let node = DataNode {
+            addr: "10.0.0.5:7700".into(),
+            region: "eu".into(),
+            zone: "b".into(),
+            shards: 8,
+            capacity_bytes: 1 << 40,
+            state: NodeState::Suspect,
+            registered_ms: 1,
+        };
+        meta.data_nodes.insert("dn-1".into(), node);
+        meta.placement.insert(3, Placement { home: "eu".into(), replicas: vec![] });
+        meta.leases.insert(3, Lease { holder: "dn-1".into(), epoch: 2, expires_ms: 12_500 });
+        let regions = [("eu".to_owned(), SnapshotStatus::Readable)].into();
+        meta.snapshots.insert(0, Snapshot { glt: 77, regions, created_ms: 4_000 });
+        let member = |id, voter| Member { id, addr: format!("127.0.0.1:710{id}"), voter };
+        Status {
+            node_id: 2,
+            role: "leader".into(),
+            leader: Some(2),
+            term: 5,
+            last_log_index: Some(40),
+            applied_index: Some(40),
+            members: vec![member(1, true), member(2, true), member(3, false)],
+            meta,
+            glts_width_us: Some(512.3),
+            glts_local_source: "clockbound".into(),
+            isolated: false,
+        }
+    }
+
+    #[test]
+    fn human_status_lists_every_section() {
+        let leader = leader();
+        let members: Vec<MemberStatus> = leader
+            .members
+            .iter()
+            .map(|member| match member.id {
+                3 => MemberStatus::new(member, Err(anyhow!("cannot connect to 127.0.0.1:7103"))),
+                _ => MemberStatus::new(member, Ok(&leader)),
+            })
+            .collect();
+        let mut out = Vec::new();
+        print_status(&mut out, &leader, &members, 10_000).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let expected = "\
+leader 2 at 127.0.0.1:7102, term 5, applied index 40
+glts width 512.3 µs, local source clockbound
+
+members (2 voters, 1 learner):
+  ID  ADDR            KIND     ROLE         TERM  APPLIED  NOTE
+  1   127.0.0.1:7101  voter    leader       5     40
+  2   127.0.0.1:7102  voter    leader       5     40
+  3   127.0.0.1:7103  learner  unreachable  -     -        cannot connect to 127.0.0.1:7103
+
+regions (1):
+  REGION  ZONES
+  eu      a,b
+
+data nodes (1):
+  ID    ADDR           REGION/ZONE  SHARDS  STATE
+  dn-1  10.0.0.5:7700  eu/b         8       suspect
+
+shard placement (1):
+  SHARD  HOME  REPLICAS
+  3      eu    -
+
+leases (1):
+  SHARD  HOLDER  EPOCH  EXPIRES (UNIX MS)
+  3      dn-1    2      12500 (in 2.5 s)
+
+snapshot catalog (1):
+  ID  GLT  CREATED (UNIX MS)  REGIONS
+  0   77   4000 (6.0 s ago)   eu=readable
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn json_status_is_the_leaders_status_plus_members_status() {
+        let leader = leader();
+        let members_status = vec![MemberStatus::new(&leader.members[0], Ok(&leader))];
+        let value = serde_json::to_value(StatusOutput { leader: &leader, members_status }).unwrap();
+        assert_eq!(value["node_id"], 2);
+        assert_eq!(value["meta"]["leases"]["3"]["epoch"], 2);
+        assert_eq!(value["glts_width_us"], 512.3);
+        assert_eq!(value["members_status"][0]["reachable"], true);
+        assert_eq!(value["members_status"][0]["error"], serde_json::Value::Null);
+    }
+}

@@ -1,0 +1,210 @@
+//! `meridian cluster ...` against a real control plane: three `controlplane` processes on
+//! 127.0.0.1 (QUIC, mutual TLS), a fourth that joins by itself and is removed again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use client::exit_code;
+use controlplane::local::LocalCluster;
+use serde_json::Value;
+
+/// The `controlplane` binary of this build (next to the test executable's `deps` directory),
+/// built with `cargo build -p controlplane` when it is missing.
+fn controlplane_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory");
+    let binary = profile_dir.join(format!("controlplane{}", std::env::consts::EXE_SUFFIX));
+    if !binary.exists() {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "-p", "controlplane", "--bin", "controlplane"]);
+        if profile_dir.file_name().is_some_and(|name| name == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p controlplane failed");
+        assert!(binary.exists(), "cargo build -p controlplane did not produce {}", binary.display());
+    }
+    binary
+}
+
+struct Fixture {
+    cluster: LocalCluster,
+    /// Drives the cluster's admin client; dropped after the processes are killed.
+    _runtime: tokio::runtime::Runtime,
+    tls_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn start(size: u64) -> Self {
+        let mut dir = tempfile::tempdir().expect("temp dir");
+        if std::env::var_os("MERIDIAN_KEEP_TEST_DIRS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("test runtime");
+        let binary = controlplane_binary();
+        let cluster =
+            runtime.block_on(LocalCluster::start(&binary, dir.path(), size, &[])).expect("start the control plane");
+        runtime.block_on(cluster.wait_leader(Duration::from_secs(15))).expect("a leader is elected");
+        Self { cluster, _runtime: runtime, tls_dir: dir.path().join("tls"), _dir: dir }
+    }
+
+    /// `--control` for every node started so far.
+    fn control(&self) -> String {
+        let addrs: Vec<&str> = self.cluster.ids().into_iter().filter_map(|id| self.cluster.addr(id)).collect();
+        addrs.join(",")
+    }
+
+    /// Runs `meridian cluster <args>` against the cluster.
+    fn meridian(&self, args: &[&str]) -> Output {
+        meridian(&["--control", &self.control(), "--tls-dir", path_str(&self.tls_dir)], args)
+    }
+
+    fn status(&self) -> Value {
+        json(&self.meridian(&["status", "--json"]))
+    }
+
+    /// Polls `status --json` until `done` holds; panics after `deadline` with the last status.
+    fn wait_status(&self, deadline: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let output = self.meridian(&["status", "--json"]);
+            if code(&output) == exit_code::OK {
+                let status = json(&output);
+                if done(&status) {
+                    return status;
+                }
+                if start.elapsed() > deadline {
+                    panic!("{what}: not within {deadline:?}; last status: {status}");
+                }
+            } else if start.elapsed() > deadline {
+                panic!("{what}: not within {deadline:?}; last status failed: {}", stderr(&output));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// Runs `meridian cluster <options> <args>` with the environment cleared of its variables.
+fn meridian(options: &[&str], args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["--timeout-ms", "10000", "cluster"])
+        .args(options)
+        .args(args)
+        .env_remove("MERIDIAN_CONTROL")
+        .env_remove("MERIDIAN_TLS_DIR")
+        .env_remove("MERIDIAN_TLS_NAME")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run meridian")
+}
+
+fn code(output: &Output) -> u8 {
+    u8::try_from(output.status.code().expect("exited")).expect("exit code fits u8")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).expect("utf-8 stdout")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn json(output: &Output) -> Value {
+    assert_eq!(code(output), exit_code::OK, "{}", stderr(output));
+    let text = stdout(output);
+    assert_eq!(text.lines().count(), 1, "one JSON object per command: {text}");
+    serde_json::from_str(&text).expect("stdout is JSON")
+}
+
+/// Ids of the voters in the leader's membership, sorted.
+fn voters(status: &Value) -> Vec<u64> {
+    let mut ids: Vec<u64> = status["members"]
+        .as_array()
+        .expect("members array")
+        .iter()
+        .filter(|member| member["voter"] == Value::Bool(true))
+        .map(|member| member["id"].as_u64().expect("member id"))
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn status_add_and_remove_against_a_real_control_plane() {
+    let mut fixture = Fixture::start(3);
+
+    // The leader and three voters, each answering for itself.
+    let status = fixture.status();
+    assert_eq!(status["role"], "leader", "{status}");
+    assert_eq!(status["leader"], status["node_id"], "{status}");
+    assert_eq!(voters(&status), [1, 2, 3], "{status}");
+    let members_status = status["members_status"].as_array().expect("members_status array");
+    assert_eq!(members_status.len(), 3, "{status}");
+    assert!(members_status.iter().all(|m| m["reachable"] == Value::Bool(true)), "{status}");
+    assert_eq!(members_status.iter().filter(|m| m["role"] == "leader").count(), 1, "{status}");
+    assert!(status["meta"]["data_nodes"].is_object() && status["glts_local_source"].is_string(), "{status}");
+
+    // The human form names the leader and lists the members.
+    let text = fixture.meridian(&["status"]);
+    assert_eq!(code(&text), exit_code::OK, "{}", stderr(&text));
+    let text = stdout(&text);
+    assert!(text.starts_with(&format!("leader {} at ", status["node_id"])), "{text}");
+    assert!(text.contains("members (3 voters, 0 learners):"), "{text}");
+    assert!(text.contains("snapshot catalog (0): none"), "{text}");
+
+    // A node that does not run is not added (it would count against the quorum).
+    let port = controlplane::local::free_udp_port().expect("free port");
+    let down = fixture.meridian(&["add-node", "--id", "9", "--addr", &format!("127.0.0.1:{port}")]);
+    assert_eq!(code(&down), exit_code::UNAVAILABLE, "{}", stderr(&down));
+    assert!(stderr(&down).contains("node 9 does not answer"), "{}", stderr(&down));
+    assert_eq!(voters(&fixture.status()), [1, 2, 3]);
+
+    // A fourth node started with --seed joins by itself, through joint consensus.
+    let addr4 = fixture.cluster.spawn_joining(4).expect("start node 4");
+    let status = fixture.wait_status(Duration::from_secs(15), "node 4 joins", |s| voters(s) == [1, 2, 3, 4]);
+    let member4 = status["members"].as_array().and_then(|m| m.iter().find(|m| m["id"] == 4)).cloned();
+    assert_eq!(member4.map(|m| m["addr"].clone()), Some(Value::from(addr4.as_str())), "{status}");
+
+    // Removed again.
+    let removed = fixture.meridian(&["remove-node", "--id", "4"]);
+    assert_eq!(code(&removed), exit_code::OK, "{}", stderr(&removed));
+    assert_eq!(stdout(&removed).trim(), "node 4 is no longer a member");
+    let status = fixture.wait_status(Duration::from_secs(10), "node 4 removed", |s| voters(s) == [1, 2, 3]);
+    assert!(status["members"].as_array().is_some_and(|m| m.iter().all(|m| m["id"] != 4)), "{status}");
+
+    // And added back by hand (it still runs), as JSON.
+    let added = fixture.meridian(&["add-node", "--id", "4", "--addr", &addr4, "--json"]);
+    assert_eq!(json(&added), serde_json::json!({"action": "add_node", "id": 4, "addr": addr4}));
+    fixture.wait_status(Duration::from_secs(10), "node 4 added back", |s| voters(s) == [1, 2, 3, 4]);
+}
+
+#[test]
+fn bad_tls_dir_and_missing_options_are_clear_errors() {
+    let missing = tempfile::tempdir().expect("temp dir");
+    let tls_dir = missing.path().join("no-such-dir");
+    let output = meridian(&["--control", "127.0.0.1:9", "--tls-dir", path_str(&tls_dir)], &["status"]);
+    assert_eq!(code(&output), exit_code::OTHER, "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.starts_with("meridian: cluster status: cannot load the TLS identity \"admin\""), "{message}");
+    assert!(message.contains(path_str(&tls_dir.join("ca.pem"))), "{message}");
+    assert!(stdout(&output).is_empty());
+
+    let output = meridian(&["--tls-dir", path_str(missing.path())], &["status"]);
+    assert_eq!(code(&output), exit_code::USAGE, "{}", stderr(&output));
+    assert!(stderr(&output).contains("--control"), "{}", stderr(&output));
+
+    let output = meridian(&["--control", "127.0.0.1:9"], &["remove-node", "--id", "2"]);
+    assert_eq!(code(&output), exit_code::USAGE, "{}", stderr(&output));
+    assert!(stderr(&output).contains("--tls-dir"), "{}", stderr(&output));
+}
