@@ -17,19 +17,21 @@ test:
 	$(CARGO) nextest run --workspace --no-fail-fast --profile ci
 
 ## What exists so far: one real data node (durable puts) under 1..256 clients next to
-## redis-server (appendfsync always) in the same run. (The multi-region cluster demo arrives with
-## the replication and orchestrator issues.)
+## redis-server (appendfsync always), then a 3-node control plane next to a 3-member etcd, in the
+## same run. (The multi-region cluster demo arrives with the replication and orchestrator issues.)
 demo:
 	scripts/install-deps.sh bench
-	$(CARGO) build --release -p dataplane -p bench
+	$(CARGO) build --release -p dataplane -p controlplane -p bench
 	./target/release/bench kv --duration-ms 2000 --warmup-ms 500
+	./target/release/bench control --duration-ms 2000 --warmup-ms 500
 
 ## Full benchmarks; JSON with BENCH_ARGS=--json. See bench/README.md.
 bench:
 	scripts/install-deps.sh bench
-	$(CARGO) build --release -p dataplane -p bench
+	$(CARGO) build --release -p dataplane -p controlplane -p bench
 	./target/release/bench wal $(BENCH_ARGS)
 	./target/release/bench kv $(BENCH_ARGS)
+	./target/release/bench control $(BENCH_ARGS)
 
 ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz).
 fuzz:

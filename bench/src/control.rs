@@ -147,7 +147,7 @@ async fn glts_widths(cluster: &LocalCluster, sample_for: Duration) -> Result<(Ve
         cluster.client().connector().clone(),
         servers,
         EstimatorConfig::for_sources(3),
-        Duration::from_millis(50),
+        Duration::from_millis(20),
     )?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut widths = Vec::new();

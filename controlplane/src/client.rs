@@ -86,7 +86,12 @@ impl ControlClient {
                         }
                     }
                     Ok(response) => {
-                        *self.leader.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
+                        // Any node answers a status or a stale read; only other answers come
+                        // from the leader.
+                        let from_leader = !matches!(request, Request::Status | Request::Read { linearizable: false });
+                        if from_leader {
+                            *self.leader.lock().unwrap_or_else(PoisonError::into_inner) = Some(addr);
+                        }
                         return Ok(response);
                     }
                     Err(error) => {

@@ -86,6 +86,10 @@ pub struct NodeConfig {
     pub id: NodeId,
     /// QUIC listen address.
     pub listen: SocketAddr,
+    /// The address other nodes reach this one at, when not `listen` (a wildcard listen
+    /// address, NAT).
+    #[serde(default)]
+    pub advertise: Option<String>,
     /// Where the log and snapshots live.
     pub data_dir: PathBuf,
     /// Directory with `ca.pem`, `<tls_name>.pem` and `<tls_name>.key`.
@@ -123,6 +127,11 @@ impl NodeConfig {
         toml::from_str(&text).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))
     }
 
+    /// The address peers use for this node.
+    pub fn advertised(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
     /// The initial members by id.
     pub fn members(&self) -> Result<BTreeMap<NodeId, String>> {
         parse_members(&self.initial_members)
@@ -132,6 +141,9 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<()> {
         if self.id == 0 {
             bail!("id: must be > 0");
+        }
+        if self.advertise.is_none() && self.listen.ip().is_unspecified() && !self.seeds.is_empty() {
+            bail!("advertise: needed when listen ({}) is a wildcard address", self.listen);
         }
         if self.tls_name.is_empty() {
             bail!("tls_name: must not be empty");
@@ -208,6 +220,14 @@ mod tests {
         tls_name = "cp1"
         initial_members = ["1=127.0.0.1:7100", "2=127.0.0.1:7101"]
     "#;
+
+    #[test]
+    fn the_example_config_is_valid() -> Result<()> {
+        let text = include_str!("../../scripts/controlplane.example.toml");
+        let config = parse(text)?;
+        assert_eq!(config.members()?.len(), 3);
+        Ok(())
+    }
 
     #[test]
     fn bad_config_names_the_field() {

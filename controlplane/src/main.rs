@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Commands {
     /// Run a node. Settings come from --config, then the flags given here.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write a cluster CA and a certificate + key per name (mutual TLS for every node and
     /// client): <out>/ca.pem, <out>/<name>.pem, <out>/<name>.key.
     Certs {
@@ -48,6 +48,9 @@ struct RunArgs {
     /// QUIC listen address, e.g. 127.0.0.1:7100.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Address other nodes reach this one at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Directory for the Raft log and snapshots.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -66,6 +69,12 @@ struct RunArgs {
     /// Honour fault-injection requests (tests only).
     #[arg(long)]
     fault_injection: bool,
+    /// A data node silent this long is suspect (membership.suspect_after_ms).
+    #[arg(long)]
+    suspect_after_ms: Option<u64>,
+    /// A data node silent this long is dead (membership.dead_after_ms).
+    #[arg(long)]
+    dead_after_ms: Option<u64>,
     /// Raft log I/O: auto (io_uring, else blocking), uring or std.
     #[arg(long, value_enum)]
     log_io: Option<LogIo>,
@@ -83,6 +92,7 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
             NodeConfig {
                 id,
                 listen,
+                advertise: None,
                 data_dir,
                 tls_dir,
                 tls_name: format!("cp{id}"),
@@ -102,6 +112,9 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(advertise) = args.advertise {
+        config.advertise = Some(advertise);
+    }
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
@@ -118,6 +131,12 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
         config.seeds = args.seeds;
     }
     config.fault_injection |= args.fault_injection;
+    if let Some(ms) = args.suspect_after_ms {
+        config.membership.suspect_after_ms = ms;
+    }
+    if let Some(ms) = args.dead_after_ms {
+        config.membership.dead_after_ms = ms;
+    }
     if let Some(io) = args.log_io {
         config.log_io = io;
     }
@@ -149,7 +168,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("starting the runtime")
-            .and_then(|runtime| runtime.block_on(run(args))),
+            .and_then(|runtime| runtime.block_on(run(*args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,12 @@ use crate::timesource::{self, LocalSource};
 use crate::tls::Identity;
 use crate::types::{ControlNode, NodeId, Proposal, Raft};
 
+/// A write waiting for its batch.
+struct Pending {
+    command: Command,
+    reply: tokio::sync::oneshot::Sender<Response>,
+}
+
 /// A running node.
 pub struct Node {
     id: NodeId,
@@ -37,6 +43,7 @@ pub struct Node {
     /// When this node last became leader (unix ms), for liveness grace.
     leader_since_ms: Mutex<Option<u64>>,
     glts: Mutex<Option<Estimator>>,
+    proposals: tokio::sync::mpsc::UnboundedSender<Pending>,
     local_source: Mutex<LocalSource>,
 }
 
@@ -109,6 +116,7 @@ impl Node {
             Raft::new(config.id, raft_config, network, log_store, state_machine).await.context("starting raft")?;
 
         let (_, local_source) = timesource::read_local(config.glts.asserted_error_us);
+        let (proposals, pending) = tokio::sync::mpsc::unbounded_channel();
         let node = Arc::new(Self {
             id: config.id,
             raft,
@@ -120,6 +128,7 @@ impl Node {
             heartbeats: Mutex::default(),
             leader_since_ms: Mutex::default(),
             glts: Mutex::default(),
+            proposals,
             local_source: Mutex::new(local_source),
         });
         let handler = node.clone();
@@ -127,6 +136,7 @@ impl Node {
             let node = handler.clone();
             async move { node.handle(request).await }
         }));
+        tokio::spawn(node.clone().batch_proposals(pending));
         tokio::spawn(node.clone().election_timer());
         tokio::spawn(node.clone().log_role_changes());
         tokio::spawn(node.clone().glts_exchanges());
@@ -164,7 +174,7 @@ impl Node {
             // Join through the seeds: ask them who leads, then ask the leader to add us.
             let client =
                 crate::client::ControlClient::with_connector(self.connector.clone(), self.config.seeds.clone());
-            let request = Request::AddVoter { id: self.id, addr: self.config.listen.to_string() };
+            let request = Request::AddVoter { id: self.id, addr: self.config.advertised() };
             let node = self.clone();
             tokio::spawn(async move {
                 loop {
@@ -350,18 +360,70 @@ impl Node {
         Response::NotLeader { leader }
     }
 
+    /// Proposes `command` through the batcher and waits for its outcome.
     async fn write(&self, command: Command) -> Response {
-        let proposal = Proposal { at_ms: timesource::unix_ms(), command };
-        let timeout = Duration::from_millis(self.config.raft.write_timeout_ms);
-        match tokio::time::timeout(timeout, self.raft.client_write(proposal)).await {
-            Err(_) => Response::Error {
-                message: format!("not committed within {} ms (no quorum reachable?)", timeout.as_millis()),
-            },
-            Ok(Ok(written)) => Response::Written { outcome: written.data, index: written.log_id.index },
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                self.leader_hint(forward.leader_id)
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        if self.proposals.send(Pending { command, reply }).is_err() {
+            return Response::Error { message: "the node is shutting down".into() };
+        }
+        outcome.await.unwrap_or_else(|_| Response::Error { message: "the node is shutting down".into() })
+    }
+
+    /// Gathers the proposals waiting while earlier batches commit into one log entry each:
+    /// one entry, one log sync on each node, however many writers (openraft 0.9 syncs every
+    /// entry before taking the next). At most `BATCHES_IN_FLIGHT` batches are in flight.
+    async fn batch_proposals(self: Arc<Self>, mut pending: tokio::sync::mpsc::UnboundedReceiver<Pending>) {
+        const BATCHES_IN_FLIGHT: usize = 2;
+        const BATCH_COMMANDS_MAX: usize = 1024;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+        while let Some(first) = pending.recv().await {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < BATCH_COMMANDS_MAX {
+                match pending.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
-            Ok(Err(error)) => Response::Error { message: error.to_string() },
+            let node = self.clone();
+            tokio::spawn(async move {
+                let (commands, replies): (Vec<Command>, Vec<_>) =
+                    batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+                let responses = node.propose(commands).await;
+                drop(permit);
+                for (reply, response) in replies.into_iter().zip(responses) {
+                    let _ = reply.send(response);
+                }
+            });
+        }
+    }
+
+    /// Proposes one batch; returns one response per command.
+    async fn propose(&self, commands: Vec<Command>) -> Vec<Response> {
+        let count = commands.len();
+        let proposal = Proposal { at_ms: timesource::unix_ms(), commands };
+        let timeout = Duration::from_millis(self.config.raft.write_timeout_ms);
+        let all = |response: Response| -> Vec<Response> {
+            (0..count)
+                .map(|_| match &response {
+                    Response::NotLeader { leader } => Response::NotLeader { leader: leader.clone() },
+                    Response::Error { message } => Response::Error { message: message.clone() },
+                    _ => Response::Error { message: "unexpected".into() },
+                })
+                .collect()
+        };
+        match tokio::time::timeout(timeout, self.raft.client_write(proposal)).await {
+            Err(_) => all(Response::Error {
+                message: format!("not committed within {} ms (no quorum reachable?)", timeout.as_millis()),
+            }),
+            Ok(Ok(written)) => {
+                let index = written.log_id.index;
+                written.data.0.into_iter().map(|outcome| Response::Written { outcome, index }).collect()
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                all(self.leader_hint(forward.leader_id))
+            }
+            Ok(Err(error)) => all(Response::Error { message: error.to_string() }),
         }
     }
 
@@ -438,6 +500,20 @@ impl Node {
                 Response::Ok
             }
             Request::AddVoter { id, addr } => {
+                // Only a running node with that id may become a voter: an unreachable voter
+                // would weaken the quorum from the moment it is added.
+                match self.connector.call(&addr, &Request::Status, Duration::from_secs(2)).await {
+                    Ok(Response::Status(status)) if status.node_id == id => {}
+                    Ok(Response::Status(status)) => {
+                        return Response::Error {
+                            message: format!("the node at {addr} is node {}, not node {id}", status.node_id),
+                        };
+                    }
+                    Ok(other) => return Response::Error { message: format!("node {id} at {addr} answered {other:?}") },
+                    Err(error) => {
+                        return Response::Error { message: format!("node {id} does not answer at {addr}: {error}") };
+                    }
+                }
                 let node = ControlNode { addr };
                 match self.raft.add_learner(id, node, true).await {
                     Ok(_) => {}
@@ -448,7 +524,12 @@ impl Node {
                 }
                 self.change_membership(ChangeMembers::AddVoterIds([id].into())).await
             }
-            Request::RemoveVoter { id } => self.change_membership(ChangeMembers::RemoveVoters([id].into())).await,
+            Request::RemoveVoter { id } => {
+                if !self.members().iter().any(|member| member.id == id && member.voter) {
+                    return Response::Error { message: format!("node {id} is not a voter") };
+                }
+                self.change_membership(ChangeMembers::RemoveVoters([id].into())).await
+            }
             Request::Isolate { isolated } => {
                 if !self.config.fault_injection {
                     return Response::Error { message: "fault injection is disabled (fault_injection = false)".into() };

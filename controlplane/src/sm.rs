@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use wire::RecordType;
 
-use crate::meta::{MetaState, Outcome};
-use crate::types::{ControlNode, Entry, LogId, NodeId, StorageError, StoredMembership, TypeConfig};
+use crate::meta::MetaState;
+use crate::types::{ControlNode, Entry, LogId, NodeId, Outcomes, StorageError, StoredMembership, TypeConfig};
 
 /// The state machine's data, shared with the read path.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -167,7 +167,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((applied.last_applied, applied.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcomes>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -177,11 +177,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
-                EntryPayload::Blank => Outcome::Done,
-                EntryPayload::Normal(proposal) => applied.meta.apply(proposal.at_ms, &proposal.command),
+                EntryPayload::Blank => Outcomes::default(),
+                EntryPayload::Normal(proposal) => Outcomes(
+                    proposal.commands.iter().map(|command| applied.meta.apply(proposal.at_ms, command)).collect(),
+                ),
                 EntryPayload::Membership(membership) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    Outcome::Done
+                    Outcomes::default()
                 }
             };
             outcomes.push(outcome);

@@ -23,27 +23,32 @@ impl fmt::Display for ControlNode {
     }
 }
 
-/// A proposal as it sits in the log: the command and the leader's wall time when it was
-/// proposed (unix ms), so that applying it is deterministic on every replica.
+/// A proposal as it sits in the log: the commands the leader batched into one entry, in
+/// order, and its wall time when it proposed them (unix ms), so that applying them is
+/// deterministic on every replica. One entry per batch means one log sync per batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     /// Leader's wall-clock time at proposal, unix milliseconds.
     pub at_ms: u64,
-    /// What to change.
-    pub command: Command,
+    /// What to change, applied in order.
+    pub commands: Vec<Command>,
 }
 
 impl fmt::Display for Proposal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}@{}", self.command, self.at_ms)
+        write!(f, "{} commands @{}", self.commands.len(), self.at_ms)
     }
 }
+
+/// What applying an entry gave: one outcome per command of its proposal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcomes(pub Vec<Outcome>);
 
 openraft::declare_raft_types!(
     /// Meridian's Raft types.
     pub TypeConfig:
         D = Proposal,
-        R = Outcome,
+        R = Outcomes,
         NodeId = NodeId,
         Node = ControlNode,
         SnapshotData = Cursor<Vec<u8>>,

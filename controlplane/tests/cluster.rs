@@ -16,12 +16,16 @@ fn set(key: &str, value: &str) -> Command {
 }
 
 async fn cluster(size: u64) -> Result<(tempfile::TempDir, LocalCluster)> {
+    cluster_with(size, &[]).await
+}
+
+async fn cluster_with(size: u64, args: &[&str]) -> Result<(tempfile::TempDir, LocalCluster)> {
     let mut dir = tempfile::tempdir()?;
     if std::env::var_os("MERIDIAN_KEEP_TEST_DIRS").is_some() {
         dir.disable_cleanup(true);
         eprintln!("keeping {}", dir.path().display());
     }
-    let cluster = LocalCluster::start(std::path::Path::new(BIN), dir.path(), size, &[]).await?;
+    let cluster = LocalCluster::start(std::path::Path::new(BIN), dir.path(), size, args).await?;
     cluster.wait_leader(Duration::from_secs(10)).await?;
     Ok((dir, cluster))
 }
@@ -164,7 +168,7 @@ async fn glts_on_loopback_holds_true_time_and_reports_its_width() -> Result<()> 
         cluster.client().connector().clone(),
         servers,
         EstimatorConfig::for_sources(3),
-        Duration::from_millis(50),
+        Duration::from_millis(20),
     )?;
     // All processes share this machine's clock, so CLOCK_REALTIME is the true time here.
     let mut widths_ns = Vec::new();
@@ -191,5 +195,52 @@ async fn glts_on_loopback_holds_true_time_and_reports_its_width() -> Result<()> 
     // commit_wait returns only once the earliest bound is past the timestamp.
     glts.commit_wait(last_glt).await?;
     assert!(glts.now()?.earliest_glt() > last_glt);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_nodes_register_heartbeat_hold_leases_and_go_suspect_then_dead() -> Result<()> {
+    use controlplane::meta::{NodeState, Outcome};
+    let (_dir, cluster) = cluster_with(3, &["--suspect-after-ms", "600", "--dead-after-ms", "1500"]).await?;
+    let client = cluster.client();
+    let deadline = 10 * SECOND;
+    client.write(Command::PutRegion { name: "eu".into(), zones: vec!["a".into()] }, deadline).await?;
+    for id in ["d1", "d2"] {
+        let register = Command::RegisterDataNode {
+            id: id.into(),
+            addr: "127.0.0.1:7700".into(),
+            region: "eu".into(),
+            zone: "a".into(),
+            shards: 2,
+            capacity_bytes: 1 << 40,
+        };
+        client.write(register, deadline).await?;
+    }
+    let lease = |holder: &str| Command::AcquireLease { shard: 0, holder: holder.into(), duration_ms: 60_000 };
+    let (granted, _) = client.write(lease("d1"), deadline).await?;
+    assert!(matches!(granted, Outcome::Lease { epoch: 1, .. }), "{granted:?}");
+    assert!(client.write(lease("d2"), deadline).await.is_err(), "a held lease was granted to another node");
+    // d1 heartbeats, d2 does not: d2 goes suspect, then dead; d1 stays up.
+    let start = Instant::now();
+    let mut seen_suspect = false;
+    loop {
+        let response = client.call(&Request::Heartbeat { id: "d1".into() }, deadline).await?;
+        assert!(matches!(response, Response::Ok), "{response:?}");
+        let state = client.read(true, deadline).await?;
+        assert_eq!(state.data_nodes["d1"].state, NodeState::Up);
+        match state.data_nodes["d2"].state {
+            NodeState::Suspect => seen_suspect = true,
+            NodeState::Dead => break,
+            NodeState::Up => {}
+        }
+        if start.elapsed() > 10 * SECOND {
+            bail!("d2 never went dead: {:?}", state.data_nodes["d2"]);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen_suspect, "d2 went dead without being suspect first");
+    // An unregistered node's heartbeat is refused.
+    let response = client.call(&Request::Heartbeat { id: "nobody".into() }, deadline).await?;
+    assert!(matches!(response, Response::Error { .. }), "{response:?}");
     Ok(())
 }

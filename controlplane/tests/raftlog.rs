@@ -19,7 +19,7 @@ fn entry(index: u64) -> Entry {
         log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(Proposal {
             at_ms: index,
-            command: Command::SetConfig { key: format!("k{index}"), value: "v".into() },
+            commands: vec![Command::SetConfig { key: format!("k{index}"), value: "v".into() }],
         }),
     }
 }

@@ -84,8 +84,8 @@ pub enum ClusterCommand {
     ///
     /// The leader removes the voter through joint consensus (old and new voter sets, then the
     /// new one). The node's process is not stopped: stop it once the command succeeds. Removing
-    /// the leader makes it step down after the change commits. An id that is not a member is
-    /// accepted and changes nothing (check with `cluster status`).
+    /// the leader makes it step down after the change commits. An id that is not a voter is
+    /// refused (exit 4).
     RemoveNode {
         /// The voter's id.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
