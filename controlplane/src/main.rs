@@ -69,6 +69,12 @@ struct RunArgs {
     /// Honour fault-injection requests (tests only).
     #[arg(long)]
     fault_injection: bool,
+    /// Snapshot (and purge the log) after this many entries (raft.snapshot_after_entries).
+    #[arg(long)]
+    snapshot_after_entries: Option<u64>,
+    /// Entries kept behind a snapshot for slow followers (raft.keep_after_snapshot).
+    #[arg(long)]
+    keep_after_snapshot: Option<u64>,
     /// A data node silent this long is suspect (membership.suspect_after_ms).
     #[arg(long)]
     suspect_after_ms: Option<u64>,
@@ -131,6 +137,12 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
         config.seeds = args.seeds;
     }
     config.fault_injection |= args.fault_injection;
+    if let Some(entries) = args.snapshot_after_entries {
+        config.raft.snapshot_after_entries = entries;
+    }
+    if let Some(entries) = args.keep_after_snapshot {
+        config.raft.keep_after_snapshot = entries;
+    }
     if let Some(ms) = args.suspect_after_ms {
         config.membership.suspect_after_ms = ms;
     }

@@ -244,3 +244,44 @@ async fn data_nodes_register_heartbeat_hold_leases_and_go_suspect_then_dead() ->
     assert!(matches!(response, Response::Error { .. }), "{response:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_compact_the_log_and_bring_a_far_behind_node_back() -> Result<()> {
+    let (dir, mut cluster) = cluster_with(3, &["--snapshot-after-entries", "40", "--keep-after-snapshot", "5"]).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(5)).await?;
+    let behind = cluster.ids().into_iter().find(|id| *id != leader).context("follower")?;
+    cluster.kill(behind)?;
+    for i in 0..150 {
+        cluster.client().write(set(&format!("s{i}"), "1"), 10 * SECOND).await?;
+    }
+    // The leader has snapshotted and purged what the stopped node lacks.
+    let leader_dir = dir.path().join(format!("cp{leader}"));
+    assert!(leader_dir.join("snapshot.bin").exists(), "no snapshot written");
+    cluster.restart(behind)?;
+    let addr = cluster.addr(behind).context("addr")?.to_owned();
+    let leader_state = cluster.client().read(true, 10 * SECOND).await?;
+    let deadline = Instant::now() + 15 * SECOND;
+    loop {
+        if let Ok(status) = cluster.client().status_of(&addr).await {
+            if status.meta == leader_state {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the node did not catch up through a snapshot\n{}", cluster.log_tail(behind));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dir.path().join(format!("cp{behind}")).join("snapshot.bin").exists(), "no snapshot installed");
+    // A restart of the whole cluster comes back from snapshots plus logs.
+    for id in cluster.ids() {
+        cluster.kill(id)?;
+    }
+    for id in cluster.ids() {
+        cluster.restart(id)?;
+    }
+    cluster.wait_leader(10 * SECOND).await?;
+    let state = cluster.client().read(true, 10 * SECOND).await?;
+    assert_eq!(state, leader_state);
+    Ok(())
+}
