@@ -11,6 +11,7 @@
 //! A GLT is `physical_us << LOGICAL_BITS | logical`, as in the dataplane's store.
 
 pub mod clock;
+pub mod clockbound;
 pub mod estimator;
 pub mod marzullo;
 

@@ -1,0 +1,10 @@
+//! ClockBound's shared-memory segment: any bytes give a reading or a typed error.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(reading) = controlplane::glts::clockbound::decode(data) {
+        let _ = reading.bound_at(reading.as_of_ns);
+    }
+});
