@@ -7,14 +7,11 @@
 //! longest time from the kill to the first commit through a new leader.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use controlplane::client::ControlClient;
-use controlplane::glts::EstimatorConfig;
-use controlplane::glts_client::GltsClient;
 use controlplane::local::LocalCluster;
 use controlplane::meta::Command;
 use hdrhistogram::Histogram;
@@ -141,14 +138,7 @@ async fn meridian_writes(
 }
 
 async fn glts_widths(cluster: &LocalCluster, sample_for: Duration) -> Result<(Vec<u64>, usize)> {
-    let servers: Vec<(u64, String)> =
-        cluster.ids().into_iter().filter_map(|id| Some((id, cluster.addr(id)?.to_owned()))).collect();
-    let glts = GltsClient::start(
-        cluster.client().connector().clone(),
-        servers,
-        EstimatorConfig::for_sources(3),
-        Duration::from_millis(20),
-    )?;
+    let glts = cluster.glts_client(Duration::from_millis(20))?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut widths = Vec::new();
     let mut outside = 0;
@@ -325,7 +315,7 @@ pub fn elections(args: &ElectionsArgs) -> Result<()> {
         let run_dir = RunDir::create(&args.data_dir, "elections", false)?;
         let mut cluster = LocalCluster::start(&binary, run_dir.path(), 3, &[]).await?;
         cluster.wait_leader(Duration::from_secs(15)).await?;
-        let elections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut times = Vec::new();
         let mut written = 0_u64;
         for round in 0..args.kills {
             let client = cluster.client().clone();
@@ -337,7 +327,7 @@ pub fn elections(args: &ElectionsArgs) -> Result<()> {
             client.write(Command::SetConfig { key: format!("soak/{round}/after"), value: "1".into() }, Duration::from_secs(30)).await?;
             written += 1;
             let took = killed.elapsed();
-            elections.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(took);
+            times.push(took);
             cluster.restart(leader)?;
             if !args.json && (round + 1) % 10 == 0 {
                 eprintln!("bench elections: {}/{} kills, this one {:?}", round + 1, args.kills, took);
@@ -348,7 +338,6 @@ pub fn elections(args: &ElectionsArgs) -> Result<()> {
             .flat_map(|round| [format!("soak/{round}"), format!("soak/{round}/after")])
             .filter(|key| !state.config.contains_key(key))
             .count();
-        let mut times = elections.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
         times.sort_unstable();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let mut figures = Figures::default();

@@ -1,6 +1,7 @@
 //! The `meridian` binary against a fake cluster: output formats and exit codes.
 
 mod common;
+mod output;
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -8,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use client::ErrorCode;
 use client::exit_code;
 use common::FakeCluster;
+use output::{code, json, stderr, stdout};
 
 /// A fake cluster served by its own runtime's worker thread while the test runs processes.
 /// Fields drop in order: the cluster's tasks are aborted, then the runtime stops.
@@ -45,25 +47,6 @@ fn run(addr: &str, args: &[&str], stdin: &[u8]) -> Output {
         .expect("run meridian");
     child.stdin.take().expect("stdin").write_all(stdin).expect("write stdin");
     child.wait_with_output().expect("wait for meridian")
-}
-
-fn code(output: &Output) -> u8 {
-    u8::try_from(output.status.code().expect("exited")).expect("exit code fits u8")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).expect("utf-8 stdout")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn json(output: &Output) -> serde_json::Value {
-    assert_eq!(code(output), exit_code::OK, "{}", stderr(output));
-    let text = stdout(output);
-    assert_eq!(text.lines().count(), 1, "one JSON object per command: {text}");
-    serde_json::from_str(&text).expect("stdout is JSON")
 }
 
 #[test]

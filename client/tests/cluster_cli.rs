@@ -1,12 +1,15 @@
 //! `meridian cluster ...` against a real control plane: three `controlplane` processes on
 //! 127.0.0.1 (QUIC, mutual TLS), a fourth that joins by itself and is removed again.
 
+mod output;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use client::exit_code;
 use controlplane::local::LocalCluster;
+use output::{code, json, stderr, stdout};
 use serde_json::Value;
 
 /// The `controlplane` binary of this build (next to the test executable's `deps` directory),
@@ -106,25 +109,6 @@ fn meridian(options: &[&str], args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .output()
         .expect("run meridian")
-}
-
-fn code(output: &Output) -> u8 {
-    u8::try_from(output.status.code().expect("exited")).expect("exit code fits u8")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).expect("utf-8 stdout")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn json(output: &Output) -> Value {
-    assert_eq!(code(output), exit_code::OK, "{}", stderr(output));
-    let text = stdout(output);
-    assert_eq!(text.lines().count(), 1, "one JSON object per command: {text}");
-    serde_json::from_str(&text).expect("stdout is JSON")
 }
 
 /// Ids of the voters in the leader's membership, sorted.

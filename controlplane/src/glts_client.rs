@@ -36,25 +36,11 @@ impl GltsClient {
         let clock = Arc::new(Mutex::new(IntervalClock::new(estimator, 0)));
         let shared = clock.clone();
         let task = tokio::spawn(async move {
+            let timeout = period.max(Duration::from_millis(50));
             loop {
-                let exchanges = servers.iter().map(|(id, addr)| {
-                    let connector = connector.clone();
-                    async move {
-                        let sent_ns = mono_ns();
-                        let reply =
-                            connector.call(addr, &Request::TimeSync, period.max(Duration::from_millis(50))).await;
-                        (*id, sent_ns, mono_ns(), reply)
-                    }
-                });
-                for (id, sent_ns, received_ns, reply) in futures_join_all(exchanges).await {
-                    if let Ok(Response::Time { interval, hold_ns }) = reply {
-                        let exchange = Exchange { sent_ns, received_ns, hold_ns, peer: interval };
-                        let _ = shared
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .estimator_mut()
-                            .observe_peer(id, exchange);
-                    }
+                for (id, exchange) in exchange_all(&connector, &servers, timeout).await {
+                    let mut clock = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                    let _ = clock.estimator_mut().observe_peer(id, exchange);
                 }
                 tokio::time::sleep(period).await;
             }
@@ -86,25 +72,27 @@ impl GltsClient {
     }
 }
 
-/// Runs futures concurrently on this task and collects their outputs in order.
-async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for future in futures {
-        set.push(Box::pin(future));
-    }
-    let mut outputs: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (slot, future) in outputs.iter_mut().zip(set.iter_mut()) {
-            if slot.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(output) => *slot = Some(output),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
+/// One four-timestamp exchange with the control-plane node at `addr`.
+pub async fn exchange(connector: &Connector, addr: &str, timeout: Duration) -> Option<Exchange> {
+    let sent_ns = mono_ns();
+    match connector.call(addr, &Request::TimeSync, timeout).await {
+        Ok(Response::Time { interval, hold_ns }) => {
+            Some(Exchange { sent_ns, received_ns: mono_ns(), hold_ns, peer: interval })
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
+        _ => None,
+    }
+}
+
+/// Exchanges with every server at once; the ones that answered in time.
+pub async fn exchange_all(
+    connector: &Connector,
+    servers: &[(NodeId, String)],
+    timeout: Duration,
+) -> Vec<(NodeId, Exchange)> {
+    let mut calls = tokio::task::JoinSet::new();
+    for (id, addr) in servers {
+        let (connector, id, addr) = (connector.clone(), *id, addr.clone());
+        calls.spawn(async move { exchange(&connector, &addr, timeout).await.map(|exchange| (id, exchange)) });
+    }
+    calls.join_all().await.into_iter().flatten().collect()
 }

@@ -27,6 +27,8 @@ pub struct LocalCluster {
     binary: PathBuf,
     dir: PathBuf,
     nodes: BTreeMap<NodeId, Slot>,
+    /// `id=addr` of the nodes started with the cluster (later ones joined through seeds).
+    initial_members: Vec<String>,
     extra_args: Vec<String>,
     client: ControlClient,
 }
@@ -51,6 +53,7 @@ impl LocalCluster {
             nodes.insert(id, Slot { addr: format!("127.0.0.1:{}", free_udp_port()?), child: None });
         }
         let seeds: Vec<String> = nodes.values().map(|slot| slot.addr.clone()).collect();
+        let initial_members = nodes.iter().map(|(id, slot)| format!("{id}={}", slot.addr)).collect();
         // Short attempts: a SIGKILLed node never answers, and the tests time elections.
         let client = ControlClient::new(&Identity::in_dir(&tls, "admin"), seeds)?
             .with_attempt_timeout(Duration::from_millis(200));
@@ -58,6 +61,7 @@ impl LocalCluster {
             binary: binary.to_owned(),
             dir: dir.to_owned(),
             nodes,
+            initial_members,
             extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
             client,
         };
@@ -69,11 +73,7 @@ impl LocalCluster {
     }
 
     fn spawn(&mut self, id: NodeId, join_seeds: &[String]) -> Result<()> {
-        let members: Vec<String> = if join_seeds.is_empty() {
-            self.nodes.iter().filter(|(id, _)| **id <= 5).map(|(id, slot)| format!("{id}={}", slot.addr)).collect()
-        } else {
-            vec![]
-        };
+        let members = if join_seeds.is_empty() { self.initial_members.clone() } else { vec![] };
         let slot = self.nodes.get(&id).context("no such node")?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("cp{id}.log")))?;
         let mut command = Command::new(&self.binary);
@@ -119,6 +119,37 @@ impl LocalCluster {
     /// Node ids.
     pub fn ids(&self) -> Vec<NodeId> {
         self.nodes.keys().copied().collect()
+    }
+
+    /// Every node's id and address (the GLTS servers of a data node).
+    pub fn members(&self) -> Vec<(NodeId, String)> {
+        self.nodes.iter().map(|(id, slot)| (*id, slot.addr.clone())).collect()
+    }
+
+    /// A GLTS client of this cluster, as a data node runs it, exchanging every `period`.
+    pub fn glts_client(&self, period: Duration) -> Result<crate::glts_client::GltsClient> {
+        let config = crate::glts::EstimatorConfig::for_sources(self.nodes.len());
+        Ok(crate::glts_client::GltsClient::start(self.client.connector().clone(), self.members(), config, period)?)
+    }
+
+    /// Waits until node `id` has applied the same metadata as `expected`.
+    pub async fn wait_caught_up(
+        &self,
+        id: NodeId,
+        expected: &crate::meta::MetaState,
+        deadline: Duration,
+    ) -> Result<()> {
+        let addr = self.addr(id).context("no such node")?;
+        let start = Instant::now();
+        loop {
+            if self.client.status_of(addr).await.is_ok_and(|status| status.meta == *expected) {
+                return Ok(());
+            }
+            if start.elapsed() > deadline {
+                bail!("node {id} did not catch up within {deadline:?}\n{}", self.log_tail(id));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A node's address.

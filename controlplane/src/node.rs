@@ -12,16 +12,33 @@ use openraft::{ChangeMembers, ServerState};
 use rand::Rng;
 
 use crate::config::NodeConfig;
-use crate::glts::{Estimator, EstimatorConfig, Exchange};
-use crate::meta::Command;
+use crate::glts::{Estimator, EstimatorConfig};
+use crate::glts_client::exchange_all;
+use crate::meta::{Command, Outcome};
 use crate::net::Connector;
 use crate::network::NetworkFactory;
-use crate::raftlog::{self, AnyFile, LogStore};
+use crate::raftlog::{self, LogStore, LogWriter};
 use crate::rpc::{Member, Request, Response, Status};
 use crate::sm::{Applied, StateMachine};
-use crate::timesource::{self, LocalSource};
+use crate::timesource::{self, LocalBound};
 use crate::tls::Identity;
 use crate::types::{ControlNode, NodeId, Proposal, Raft};
+
+/// Why a batch was not applied; every writer in it gets the same answer.
+#[derive(Debug, Clone)]
+enum Refusal {
+    NotLeader(Option<(NodeId, String)>),
+    Failed(String),
+}
+
+impl Refusal {
+    fn response(&self) -> Response {
+        match self {
+            Self::NotLeader(leader) => Response::NotLeader { leader: leader.clone() },
+            Self::Failed(message) => Response::Error { message: message.clone() },
+        }
+    }
+}
 
 /// A write waiting for its batch.
 struct Pending {
@@ -44,7 +61,8 @@ pub struct Node {
     leader_since_ms: Mutex<Option<u64>>,
     glts: Mutex<Option<Estimator>>,
     proposals: tokio::sync::mpsc::UnboundedSender<Pending>,
-    local_source: Mutex<LocalSource>,
+    /// The local bound as last read (refreshed every `glts.sync_interval_ms`).
+    local: Mutex<LocalBound>,
 }
 
 impl std::fmt::Debug for Node {
@@ -81,10 +99,9 @@ impl Node {
         let connector = Connector::new(endpoint.clone());
 
         let log_path = config.data_dir.join("raft.log");
-        let (image, _) =
-            raftlog::read_and_repair(&log_path).with_context(|| format!("reading {}", log_path.display()))?;
+        let image = raftlog::read_and_repair(&log_path).with_context(|| format!("reading {}", log_path.display()))?;
         let file =
-            AnyFile::open(&log_path, config.log_io).with_context(|| format!("opening {}", log_path.display()))?;
+            LogWriter::open(&log_path, config.log_io).with_context(|| format!("opening {}", log_path.display()))?;
         let log_kind = file.kind();
         let log_store = LogStore::new(file, image);
         let state_machine = StateMachine::open(&config.data_dir)?;
@@ -115,7 +132,8 @@ impl Node {
         let raft =
             Raft::new(config.id, raft_config, network, log_store, state_machine).await.context("starting raft")?;
 
-        let (_, local_source) = timesource::read_local(config.glts.asserted_error_us);
+        let local = timesource::read_local(config.glts.asserted_error_us);
+        let local_source = local.source;
         let (proposals, pending) = tokio::sync::mpsc::unbounded_channel();
         let node = Arc::new(Self {
             id: config.id,
@@ -129,7 +147,7 @@ impl Node {
             leader_since_ms: Mutex::default(),
             glts: Mutex::default(),
             proposals,
-            local_source: Mutex::new(local_source),
+            local: Mutex::new(local),
         });
         let handler = node.clone();
         tokio::spawn(crate::net::serve(endpoint, move |request| {
@@ -281,8 +299,10 @@ impl Node {
         let period = Duration::from_millis(self.config.glts.sync_interval_ms);
         loop {
             tokio::time::sleep(period).await;
-            let (interval, source) = timesource::read_local(self.config.glts.asserted_error_us);
-            *lock(&self.local_source) = source;
+            let local = timesource::read_local(self.config.glts.asserted_error_us);
+            *lock(&self.local) = local;
+            let mono = timesource::mono_ns();
+            let interval = local.interval(mono, timesource::realtime_ns(), self.config.glts.drift_ppm);
             let members = self.members();
             let voters = members.iter().filter(|m| m.voter).count().max(1);
             {
@@ -293,21 +313,17 @@ impl Node {
                     *glts = Estimator::new(wanted).ok();
                 }
                 if let Some(estimator) = glts.as_mut() {
-                    let _ = estimator.observe_local(timesource::mono_ns(), interval);
+                    let _ = estimator.observe_local(mono, interval);
                 }
             }
             if self.isolated.load(Ordering::Relaxed) {
                 continue;
             }
-            for member in members.into_iter().filter(|m| m.voter && m.id != self.id) {
-                let sent_ns = timesource::mono_ns();
-                let reply = self.connector.call(&member.addr, &Request::TimeSync, period).await;
-                let received_ns = timesource::mono_ns();
-                if let Ok(Response::Time { interval, hold_ns }) = reply {
-                    if let Some(estimator) = lock(&self.glts).as_mut() {
-                        let _ = estimator
-                            .observe_peer(member.id, Exchange { sent_ns, received_ns, hold_ns, peer: interval });
-                    }
+            let peers: Vec<(NodeId, String)> =
+                members.into_iter().filter(|m| m.voter && m.id != self.id).map(|m| (m.id, m.addr)).collect();
+            for (id, exchange) in exchange_all(&self.connector, &peers, period).await {
+                if let Some(estimator) = lock(&self.glts).as_mut() {
+                    let _ = estimator.observe_peer(id, exchange);
                 }
             }
         }
@@ -355,9 +371,12 @@ impl Node {
             .collect()
     }
 
+    fn leader_of(&self, leader: Option<NodeId>) -> Option<(NodeId, String)> {
+        leader.and_then(|id| self.members().into_iter().find(|m| m.id == id)).map(|m| (m.id, m.addr))
+    }
+
     fn leader_hint(&self, leader: Option<NodeId>) -> Response {
-        let leader = leader.and_then(|id| self.members().into_iter().find(|m| m.id == id)).map(|m| (m.id, m.addr));
-        Response::NotLeader { leader }
+        Response::NotLeader { leader: self.leader_of(leader) }
     }
 
     /// Proposes `command` through the batcher and waits for its outcome.
@@ -389,41 +408,37 @@ impl Node {
             tokio::spawn(async move {
                 let (commands, replies): (Vec<Command>, Vec<_>) =
                     batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-                let responses = node.propose(commands).await;
+                let result = node.propose(commands).await;
                 drop(permit);
-                for (reply, response) in replies.into_iter().zip(responses) {
-                    let _ = reply.send(response);
+                match result {
+                    Ok((outcomes, index)) => {
+                        for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                            let _ = reply.send(Response::Written { outcome, index });
+                        }
+                    }
+                    Err(refusal) => {
+                        for reply in replies {
+                            let _ = reply.send(refusal.response());
+                        }
+                    }
                 }
             });
         }
     }
 
-    /// Proposes one batch; returns one response per command.
-    async fn propose(&self, commands: Vec<Command>) -> Vec<Response> {
-        let count = commands.len();
+    /// Proposes one batch: each command's outcome and the entry's index, or why none applied.
+    async fn propose(&self, commands: Vec<Command>) -> Result<(Vec<Outcome>, u64), Refusal> {
         let proposal = Proposal { at_ms: timesource::unix_ms(), commands };
         let timeout = Duration::from_millis(self.config.raft.write_timeout_ms);
-        let all = |response: Response| -> Vec<Response> {
-            (0..count)
-                .map(|_| match &response {
-                    Response::NotLeader { leader } => Response::NotLeader { leader: leader.clone() },
-                    Response::Error { message } => Response::Error { message: message.clone() },
-                    _ => Response::Error { message: "unexpected".into() },
-                })
-                .collect()
-        };
         match tokio::time::timeout(timeout, self.raft.client_write(proposal)).await {
-            Err(_) => all(Response::Error {
-                message: format!("not committed within {} ms (no quorum reachable?)", timeout.as_millis()),
-            }),
-            Ok(Ok(written)) => {
-                let index = written.log_id.index;
-                written.data.0.into_iter().map(|outcome| Response::Written { outcome, index }).collect()
+            Err(_) => {
+                Err(Refusal::Failed(format!("not committed within {} ms (no quorum reachable?)", timeout.as_millis())))
             }
+            Ok(Ok(written)) => Ok((written.data.0, written.log_id.index)),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                all(self.leader_hint(forward.leader_id))
+                Err(Refusal::NotLeader(self.leader_of(forward.leader_id)))
             }
-            Ok(Err(error)) => all(Response::Error { message: error.to_string() }),
+            Ok(Err(error)) => Err(Refusal::Failed(error.to_string())),
         }
     }
 
@@ -450,7 +465,7 @@ impl Node {
             members: self.members(),
             meta: self.applied.read().unwrap_or_else(PoisonError::into_inner).meta.clone(),
             glts_width_us,
-            glts_local_source: lock(&self.local_source).to_string(),
+            glts_local_source: lock(&self.local).source.to_string(),
             isolated: self.isolated.load(Ordering::Relaxed),
         }
     }
@@ -465,8 +480,11 @@ impl Node {
             Request::Vote(rpc) => Response::Vote(self.raft.vote(rpc).await),
             Request::InstallSnapshot(rpc) => Response::InstallSnapshot(self.raft.install_snapshot(rpc).await),
             Request::TimeSync => {
+                // The bound read by `glts_exchanges`, not a fresh read: no file or syscall work
+                // per request beyond the clock itself.
                 let received = timesource::mono_ns();
-                let (interval, _) = timesource::read_local(self.config.glts.asserted_error_us);
+                let interval =
+                    lock(&self.local).interval(received, timesource::realtime_ns(), self.config.glts.drift_ppm);
                 Response::Time { interval, hold_ns: timesource::mono_ns().saturating_sub(received) }
             }
             Request::Write(command) => self.write(command).await,

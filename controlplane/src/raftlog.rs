@@ -1,7 +1,7 @@
 //! The Raft log and vote on disk: one append-only file of `wire` records (type
 //! [`RecordType::RaftLog`], CRC32C each), written through a [`LogFile`] that appends and
-//! fdatasyncs. The production file is [`UringFile`] (tokio-uring on a thread of its own);
-//! [`StdFile`] is the fallback where io_uring is unavailable.
+//! fdatasyncs. The production file is [`LogWriter`]: a thread of its own that owns the file,
+//! on tokio-uring, or on blocking I/O where io_uring is unavailable.
 //!
 //! Records: a batch of entries, a vote, a truncation (entries from an index on are void), a
 //! purge (entries up to a log id are compacted into the snapshot). Replaying them in order
@@ -139,12 +139,7 @@ impl LogImage {
 
 /// Encodes one record.
 pub fn encode_record(record: &LogRecord) -> io::Result<Vec<u8>> {
-    let payload = serde_json::to_vec(record).map_err(io::Error::other)?;
-    let header = wire::encode_header(RecordType::RaftLog, 0, 0, &payload).map_err(io::Error::other)?;
-    let mut bytes = Vec::with_capacity(header.len() + payload.len());
-    bytes.extend_from_slice(&header);
-    bytes.extend_from_slice(&payload);
-    Ok(bytes)
+    crate::rpc::json_record(RecordType::RaftLog, 0, record).map_err(io::Error::other)
 }
 
 /// Runs once an append is durable (or has failed), in submission order.
@@ -234,8 +229,38 @@ async fn send_replace(ops: &OpSender, bytes: Vec<u8>) -> io::Result<()> {
 
 const POISONED: &str = "an earlier raft log append failed";
 
+/// A writer's view of its file: where the next batch goes, and whether one failed (then
+/// every later one is refused, so nothing is written past a hole).
+struct Tail {
+    len: u64,
+    poisoned: bool,
+}
+
+impl Tail {
+    /// The error to answer a batch with instead of writing it, once poisoned.
+    fn refusal(&self) -> Option<io::Error> {
+        self.poisoned.then(|| io::Error::other(POISONED))
+    }
+
+    /// Records how a batch of `size` bytes went and runs its completions.
+    fn settle(&mut self, result: io::Result<()>, size: u64, done: Vec<Completion>) {
+        match &result {
+            Ok(()) => self.len += size,
+            Err(_) => self.poisoned = true,
+        }
+        finish(done, &result);
+    }
+}
+
+/// Opens (creating) the log file for appending at its end.
+fn open_for_append(path: &Path) -> io::Result<(std::fs::File, Tail)> {
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
+    let len = file.metadata()?.len();
+    Ok((file, Tail { len, poisoned: false }))
+}
+
 /// Reads the log file at `path` (empty when absent) and cuts a torn tail off it.
-pub fn read_and_repair(path: &Path) -> io::Result<(LogImage, Vec<u8>)> {
+pub fn read_and_repair(path: &Path) -> io::Result<LogImage> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -252,7 +277,7 @@ pub fn read_and_repair(path: &Path) -> io::Result<(LogImage, Vec<u8>)> {
         file.set_len(image.valid_bytes as u64)?;
         file.sync_all()?;
     }
-    Ok((image, bytes))
+    Ok(image)
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
@@ -266,81 +291,83 @@ fn temp_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Blocking-I/O file for kernels without io_uring: a writer thread doing pwrite + fdatasync.
-#[derive(Debug)]
-pub struct StdFile {
-    ops: OpSender,
+/// Replaces the file at `path` with `bytes` so that a crash leaves the old or the new file,
+/// whole: `<path>.tmp` written and fsynced, renamed over `path`, directory fsynced.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let temp = temp_path(path);
+    std::fs::write(&temp, bytes)?;
+    std::fs::File::open(&temp)?.sync_all()?;
+    std::fs::rename(&temp, path)?;
+    sync_dir(path)
 }
 
-impl StdFile {
-    /// Opens (creating) the file and starts its writer thread, appending at its current end.
-    pub fn open(path: &Path) -> io::Result<Self> {
-        let mut file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path)?;
-        let mut len = file.metadata()?.len();
+/// The log file behind a writer thread that owns it: tokio-uring's ring (`write_at`, then
+/// `fdatasync`, per batch) where the kernel allows, else blocking pwrite + fdatasync.
+#[derive(Debug)]
+pub struct LogWriter {
+    ops: OpSender,
+    kind: &'static str,
+}
+
+impl LogWriter {
+    /// Opens `path` with `io`: io_uring, blocking I/O, or io_uring falling back to blocking.
+    pub fn open(path: &Path, io: LogIo) -> io::Result<Self> {
+        match io {
+            LogIo::Std => Self::open_std(path),
+            LogIo::Uring => Self::open_uring(path),
+            LogIo::Auto => Self::open_uring(path).or_else(|error| {
+                eprintln!("controlplane: io_uring unavailable ({error}); the raft log uses blocking I/O");
+                Self::open_std(path)
+            }),
+        }
+    }
+
+    /// `"io_uring"` or `"blocking"`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// Opens (creating) the file with a blocking writer thread, appending at its end. For
+    /// kernels without io_uring.
+    pub fn open_std(path: &Path) -> io::Result<Self> {
+        let (mut file, mut tail) = open_for_append(path)?;
         let (ops, mut rx) = tokio::sync::mpsc::unbounded_channel::<Op>();
         let path = path.to_owned();
         std::thread::Builder::new().name("raftlog-std".into()).spawn(move || {
             use std::os::unix::fs::FileExt;
             let mut held = None;
-            let mut poisoned = false;
             while let Some(op) = held.take().or_else(|| rx.blocking_recv()) {
                 match next_batch(op, &mut rx, &mut held) {
                     Batch::Appends(bytes, done) => {
-                        let result = if poisoned {
-                            Err(io::Error::other(POISONED))
-                        } else {
-                            file.write_all_at(&bytes, len).and_then(|()| file.sync_data())
+                        let result = match tail.refusal() {
+                            Some(refused) => Err(refused),
+                            None => file.write_all_at(&bytes, tail.len).and_then(|()| file.sync_data()),
                         };
-                        match &result {
-                            Ok(()) => len += bytes.len() as u64,
-                            Err(_) => poisoned = true,
-                        }
-                        finish(done, &result);
+                        tail.settle(result, bytes.len() as u64, done);
                     }
                     Batch::Replace(bytes, reply) => {
                         let result = replace_std(&path, &bytes).map(|new_file| {
                             file = new_file;
-                            len = bytes.len() as u64;
+                            tail.len = bytes.len() as u64;
                         });
                         let _ = reply.send(result);
                     }
                 }
             }
         })?;
-        Ok(Self { ops })
+        Ok(Self { ops, kind: "blocking" })
     }
 }
 
 fn replace_std(path: &Path, bytes: &[u8]) -> io::Result<std::fs::File> {
-    let temp = temp_path(path);
-    std::fs::write(&temp, bytes)?;
-    std::fs::File::open(&temp)?.sync_all()?;
-    std::fs::rename(&temp, path)?;
-    sync_dir(path)?;
+    write_atomically(path, bytes)?;
     std::fs::OpenOptions::new().read(true).write(true).open(path)
 }
 
-impl LogFile for StdFile {
-    fn append(&mut self, bytes: Vec<u8>, done: Completion) {
-        send_append(&self.ops, bytes, done);
-    }
-
-    fn replace(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send {
-        send_replace(&self.ops, bytes)
-    }
-}
-
-/// The log file on io_uring: a thread runs a tokio-uring runtime that owns the file; each
-/// batch of queued appends is one `write_at` and one `fdatasync`, both submitted to the ring.
-#[derive(Debug)]
-pub struct UringFile {
-    ops: OpSender,
-}
-
-impl UringFile {
-    /// Starts the ring thread and opens (creating) the file at `path`. Fails where io_uring
-    /// is unavailable, so the caller can fall back to [`StdFile`].
-    pub fn open(path: &Path) -> io::Result<Self> {
+impl LogWriter {
+    /// Starts a thread running a tokio-uring runtime that owns the file at `path` (created
+    /// if absent). Fails where io_uring is unavailable.
+    pub fn open_uring(path: &Path) -> io::Result<Self> {
         let (ops, rx) = tokio::sync::mpsc::unbounded_channel::<Op>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
         let path = path.to_owned();
@@ -355,22 +382,15 @@ impl UringFile {
             }
         })?;
         ready_rx.recv().map_err(|_| io::Error::other("io_uring thread exited"))??;
-        Ok(Self { ops })
+        Ok(Self { ops, kind: "io_uring" })
     }
 }
 
 async fn uring_writer(path: PathBuf, mut rx: OpReceiver, ready: std::sync::mpsc::Sender<io::Result<()>>) {
-    let opened = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .and_then(|file| Ok((file.metadata()?.len(), tokio_uring::fs::File::from_std(file))));
-    let (mut len, mut file) = match opened {
-        Ok(opened) => {
+    let (mut file, mut tail) = match open_for_append(&path) {
+        Ok((file, tail)) => {
             let _ = ready.send(Ok(()));
-            opened
+            (tokio_uring::fs::File::from_std(file), tail)
         }
         Err(error) => {
             let _ = ready.send(Err(error));
@@ -378,7 +398,6 @@ async fn uring_writer(path: PathBuf, mut rx: OpReceiver, ready: std::sync::mpsc:
         }
     };
     let mut held = None;
-    let mut poisoned = false;
     loop {
         let op = match held.take() {
             Some(op) => op,
@@ -390,19 +409,14 @@ async fn uring_writer(path: PathBuf, mut rx: OpReceiver, ready: std::sync::mpsc:
         match next_batch(op, &mut rx, &mut held) {
             Batch::Appends(bytes, done) => {
                 let size = bytes.len() as u64;
-                let result = if poisoned {
-                    Err(io::Error::other(POISONED))
-                } else {
-                    match file.write_all_at(bytes, len).await.0 {
+                let result = match tail.refusal() {
+                    Some(refused) => Err(refused),
+                    None => match file.write_all_at(bytes, tail.len).await.0 {
                         Ok(()) => file.sync_data().await,
                         Err(error) => Err(error),
-                    }
+                    },
                 };
-                match &result {
-                    Ok(()) => len += size,
-                    Err(_) => poisoned = true,
-                }
-                finish(done, &result);
+                tail.settle(result, size, done);
             }
             Batch::Replace(bytes, reply) => {
                 let size = bytes.len() as u64;
@@ -410,7 +424,7 @@ async fn uring_writer(path: PathBuf, mut rx: OpReceiver, ready: std::sync::mpsc:
                     Ok(new_file) => {
                         let old = std::mem::replace(&mut file, new_file);
                         let _ = old.close().await;
-                        len = size;
+                        tail.len = size;
                         let _ = reply.send(Ok(()));
                     }
                     Err(error) => {
@@ -436,7 +450,7 @@ async fn replace_uring(path: &Path, bytes: Vec<u8>) -> io::Result<tokio_uring::f
     Ok(tokio_uring::fs::File::from_std(std_file))
 }
 
-impl LogFile for UringFile {
+impl LogFile for LogWriter {
     fn append(&mut self, bytes: Vec<u8>, done: Completion) {
         send_append(&self.ops, bytes, done);
     }
@@ -444,15 +458,6 @@ impl LogFile for UringFile {
     fn replace(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send {
         send_replace(&self.ops, bytes)
     }
-}
-
-/// The file the server uses: io_uring when the kernel allows, else blocking I/O.
-#[derive(Debug)]
-pub enum AnyFile {
-    /// tokio-uring.
-    Uring(UringFile),
-    /// std::fs on the blocking pool.
-    Std(StdFile),
 }
 
 /// Which file implementation to use.
@@ -466,47 +471,6 @@ pub enum LogIo {
     Uring,
     /// Blocking I/O only.
     Std,
-}
-
-impl AnyFile {
-    /// Opens `path` with `io`.
-    pub fn open(path: &Path, io: LogIo) -> io::Result<Self> {
-        match io {
-            LogIo::Std => Ok(Self::Std(StdFile::open(path)?)),
-            LogIo::Uring => Ok(Self::Uring(UringFile::open(path)?)),
-            LogIo::Auto => match UringFile::open(path) {
-                Ok(file) => Ok(Self::Uring(file)),
-                Err(error) => {
-                    eprintln!("controlplane: io_uring unavailable ({error}); the raft log uses blocking I/O");
-                    Ok(Self::Std(StdFile::open(path)?))
-                }
-            },
-        }
-    }
-
-    /// `"io_uring"` or `"blocking"`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Uring(_) => "io_uring",
-            Self::Std(_) => "blocking",
-        }
-    }
-}
-
-impl LogFile for AnyFile {
-    fn append(&mut self, bytes: Vec<u8>, done: Completion) {
-        match self {
-            Self::Uring(file) => file.append(bytes, done),
-            Self::Std(file) => file.append(bytes, done),
-        }
-    }
-
-    async fn replace(&mut self, bytes: Vec<u8>) -> io::Result<()> {
-        match self {
-            Self::Uring(file) => file.replace(bytes).await,
-            Self::Std(file) => file.replace(bytes).await,
-        }
-    }
 }
 
 type Entries = Arc<Mutex<BTreeMap<u64, Entry>>>;

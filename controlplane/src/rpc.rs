@@ -187,13 +187,17 @@ pub enum FrameError {
     Encode(#[from] wire::EncodeError),
 }
 
+/// A `wire` record of `record_type` whose payload is `value` in JSON: the shape of every
+/// control-plane frame and file (Raft log records, snapshot files).
+pub fn json_record<T: Serialize>(record_type: RecordType, seq: u64, value: &T) -> Result<Vec<u8>, FrameError> {
+    let payload = serde_json::to_vec(value)?;
+    let mut bytes = vec![0; wire::encoded_len(payload.len())];
+    wire::encode_into(&mut bytes, record_type, 0, seq, &payload)?;
+    Ok(bytes)
+}
+
 fn encode<T: Serialize>(message: &T, seq: u64) -> Result<Vec<u8>, FrameError> {
-    let payload = serde_json::to_vec(message)?;
-    let header = wire::encode_header(RecordType::Control, 0, seq, &payload)?;
-    let mut frame = Vec::with_capacity(header.len() + payload.len());
-    frame.extend_from_slice(&header);
-    frame.extend_from_slice(&payload);
-    Ok(frame)
+    json_record(RecordType::Control, seq, message)
 }
 
 fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameError> {

@@ -69,11 +69,7 @@ pub fn decode_snapshot_file(bytes: &[u8]) -> Result<(SnapshotFile, MetaState), S
 }
 
 fn encode_snapshot_file(file: &SnapshotFile) -> io::Result<Vec<u8>> {
-    let payload = serde_json::to_vec(file).map_err(io::Error::other)?;
-    let header = wire::encode_header(RecordType::Checkpoint, 0, 0, &payload).map_err(io::Error::other)?;
-    let mut bytes = header.to_vec();
-    bytes.extend_from_slice(&payload);
-    Ok(bytes)
+    crate::rpc::json_record(RecordType::Checkpoint, 0, file).map_err(io::Error::other)
 }
 
 fn io_error(verb: ErrorVerb, error: impl std::fmt::Display) -> StorageError {
@@ -123,19 +119,10 @@ impl StateMachine {
     async fn persist(&self, file: SnapshotFile) -> Result<(), StorageError> {
         let bytes = encode_snapshot_file(&file).map_err(|e| io_error(ErrorVerb::Write, e))?;
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let mut temp = path.as_os_str().to_owned();
-            temp.push(".tmp");
-            let temp = PathBuf::from(temp);
-            std::fs::write(&temp, &bytes)?;
-            std::fs::File::open(&temp)?.sync_all()?;
-            std::fs::rename(&temp, &path)?;
-            let dir = path.parent().unwrap_or(Path::new("."));
-            std::fs::File::open(dir)?.sync_all()
-        })
-        .await
-        .map_err(|e| io_error(ErrorVerb::Write, e))?
-        .map_err(|e| io_error(ErrorVerb::Write, e))?;
+        tokio::task::spawn_blocking(move || crate::raftlog::write_atomically(&path, &bytes))
+            .await
+            .map_err(|e| io_error(ErrorVerb::Write, e))?
+            .map_err(|e| io_error(ErrorVerb::Write, e))?;
         *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(file);
         Ok(())
     }

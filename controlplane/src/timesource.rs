@@ -104,21 +104,41 @@ pub fn clockbound_bound_ns(path: &Path) -> Option<u64> {
     None
 }
 
-/// Reads the local bound now: the interval and where it came from.
-pub fn read_local(asserted_error_us: u64) -> (Interval, LocalSource) {
-    let clockbound = clockbound_bound_ns(Path::new(CLOCKBOUND_SHM));
-    let now = realtime_ns();
-    let source = match (clockbound, adjtimex_maxerror_us()) {
-        (Some(bound_ns), _) => LocalSource::ClockBound { bound_us: bound_ns.div_ceil(1000) },
-        (None, Some(maxerror_us)) => LocalSource::Adjtimex { maxerror_us },
-        (None, None) => LocalSource::Asserted { error_us: asserted_error_us },
+/// A local bound as read: where from, its error then, and when (local monotonic ns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalBound {
+    /// Where it comes from.
+    pub source: LocalSource,
+    error_ns: u64,
+    read_at_mono_ns: u64,
+}
+
+impl LocalBound {
+    /// The interval at local instant `mono_ns`, when CLOCK_REALTIME reads `realtime_ns`. A
+    /// measured bound (ClockBound, adjtimex) grows by `drift_ppm` since it was read; an
+    /// asserted one is a standing claim and does not.
+    pub fn interval(&self, mono_ns: u64, realtime_ns: u64, drift_ppm: u64) -> Interval {
+        let age_ns = u128::from(mono_ns.saturating_sub(self.read_at_mono_ns));
+        let growth = match self.source {
+            LocalSource::Asserted { .. } => 0,
+            LocalSource::ClockBound { .. } | LocalSource::Adjtimex { .. } => {
+                u64::try_from((age_ns * u128::from(drift_ppm)).div_ceil(1_000_000)).unwrap_or(u64::MAX)
+            }
+        };
+        let error_ns = self.error_ns.saturating_add(growth);
+        Interval { earliest_ns: realtime_ns.saturating_sub(error_ns), latest_ns: realtime_ns.saturating_add(error_ns) }
+    }
+}
+
+/// Reads the local bound now, from the first source that gives one.
+pub fn read_local(asserted_error_us: u64) -> LocalBound {
+    let read_at_mono_ns = mono_ns();
+    let (source, error_ns) = match (clockbound_bound_ns(Path::new(CLOCKBOUND_SHM)), adjtimex_maxerror_us()) {
+        (Some(bound_ns), _) => (LocalSource::ClockBound { bound_us: bound_ns.div_ceil(1000) }, bound_ns),
+        (None, Some(maxerror_us)) => (LocalSource::Adjtimex { maxerror_us }, maxerror_us.saturating_mul(1000)),
+        (None, None) => (LocalSource::Asserted { error_us: asserted_error_us }, asserted_error_us.saturating_mul(1000)),
     };
-    let error_ns = match source {
-        LocalSource::ClockBound { .. } => clockbound.unwrap_or(0),
-        LocalSource::Adjtimex { maxerror_us } => maxerror_us.saturating_mul(1000),
-        LocalSource::Asserted { error_us } => error_us.saturating_mul(1000),
-    };
-    (Interval { earliest_ns: now.saturating_sub(error_ns), latest_ns: now.saturating_add(error_ns) }, source)
+    LocalBound { source, error_ns, read_at_mono_ns }
 }
 
 #[cfg(test)]

@@ -140,36 +140,15 @@ async fn a_restarted_node_catches_up_from_its_disk_and_the_leader() -> Result<()
         cluster.client().write(set(&format!("b{i}"), "1"), Duration::from_secs(10)).await?;
     }
     cluster.restart(follower)?;
-    let addr = cluster.addr(follower).context("addr")?.to_owned();
     let leader_state = cluster.client().read(true, Duration::from_secs(10)).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(status) = cluster.client().status_of(&addr).await {
-            if status.meta == leader_state {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("restarted follower did not catch up\n{}", cluster.log_tail(follower));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster.wait_caught_up(follower, &leader_state, Duration::from_secs(10)).await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn glts_on_loopback_holds_true_time_and_reports_its_width() -> Result<()> {
-    use controlplane::glts::EstimatorConfig;
-    use controlplane::glts_client::GltsClient;
     let (_dir, cluster) = cluster(3).await?;
-    let servers: Vec<(u64, String)> =
-        cluster.ids().into_iter().filter_map(|id| Some((id, cluster.addr(id)?.to_owned()))).collect();
-    let glts = GltsClient::start(
-        cluster.client().connector().clone(),
-        servers,
-        EstimatorConfig::for_sources(3),
-        Duration::from_millis(20),
-    )?;
+    let glts = cluster.glts_client(Duration::from_millis(20))?;
     // All processes share this machine's clock, so CLOCK_REALTIME is the true time here.
     let mut widths_ns = Vec::new();
     let mut last_glt = 0;
@@ -258,20 +237,8 @@ async fn snapshots_compact_the_log_and_bring_a_far_behind_node_back() -> Result<
     let leader_dir = dir.path().join(format!("cp{leader}"));
     assert!(leader_dir.join("snapshot.bin").exists(), "no snapshot written");
     cluster.restart(behind)?;
-    let addr = cluster.addr(behind).context("addr")?.to_owned();
     let leader_state = cluster.client().read(true, 10 * SECOND).await?;
-    let deadline = Instant::now() + 15 * SECOND;
-    loop {
-        if let Ok(status) = cluster.client().status_of(&addr).await {
-            if status.meta == leader_state {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("the node did not catch up through a snapshot\n{}", cluster.log_tail(behind));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster.wait_caught_up(behind, &leader_state, 15 * SECOND).await?;
     assert!(dir.path().join(format!("cp{behind}")).join("snapshot.bin").exists(), "no snapshot installed");
     // A restart of the whole cluster comes back from snapshots plus logs.
     for id in cluster.ids() {

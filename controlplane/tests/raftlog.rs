@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::Result;
 use controlplane::meta::Command;
 use controlplane::raftlog::{
-    self, AnyFile, Completion, LogFile, LogIo, LogRecord, LogStore, ReplayError, StdFile, encode_record,
-    read_and_repair, replay,
+    self, Completion, LogFile, LogIo, LogRecord, LogStore, LogWriter, ReplayError, encode_record, read_and_repair,
+    replay,
 };
 use controlplane::types::{Entry, LogId, Proposal, Vote};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
@@ -24,9 +24,9 @@ fn entry(index: u64) -> Entry {
     }
 }
 
-async fn open(path: &Path, io: LogIo) -> Result<LogStore<AnyFile>> {
-    let (image, _) = read_and_repair(path)?;
-    Ok(LogStore::new(AnyFile::open(path, io)?, image))
+async fn open(path: &Path, io: LogIo) -> Result<LogStore<LogWriter>> {
+    let image = read_and_repair(path)?;
+    Ok(LogStore::new(LogWriter::open(path, io)?, image))
 }
 
 async fn indexes(store: &mut LogStore<impl LogFile>) -> Result<Vec<u64>> {
@@ -113,7 +113,7 @@ async fn a_torn_tail_on_disk_is_repaired_at_open() -> Result<()> {
 
 /// A file that fails on command: EIO, or a short write (half the bytes reach the disk).
 struct FaultyFile {
-    inner: StdFile,
+    inner: LogWriter,
     path: std::path::PathBuf,
     fault: Option<Fault>,
 }
@@ -151,19 +151,19 @@ async fn a_failed_append_is_reported_poisons_the_store_and_loses_nothing_acknowl
     for fault in [Fault::Eio, Fault::Short] {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("raft.log");
-        let (image, _) = read_and_repair(&path)?;
-        let file = FaultyFile { inner: StdFile::open(&path)?, path: path.clone(), fault: None };
+        let image = read_and_repair(&path)?;
+        let file = FaultyFile { inner: LogWriter::open_std(&path)?, path: path.clone(), fault: None };
         let mut store = LogStore::new(file, image);
         store.blocking_append([entry(1), entry(2)]).await?;
         // Reach the file through a new store to flip the fault on.
-        let (image, _) = read_and_repair(&path)?;
-        let file = FaultyFile { inner: StdFile::open(&path)?, path: path.clone(), fault: Some(fault) };
+        let image = read_and_repair(&path)?;
+        let file = FaultyFile { inner: LogWriter::open_std(&path)?, path: path.clone(), fault: Some(fault) };
         let mut store = LogStore::new(file, image);
         assert!(store.blocking_append([entry(3)]).await.is_err(), "the fault was not reported");
         // After a failure every write is refused, even a vote.
         assert!(store.save_vote(&Vote::new(9, 9)).await.is_err());
         drop(store);
-        let (image, _) = raftlog::read_and_repair(&path)?;
+        let image = raftlog::read_and_repair(&path)?;
         assert_eq!(image.entries.keys().copied().collect::<Vec<_>>(), vec![1, 2], "acknowledged entries lost");
         assert_eq!(image.vote, None);
     }
