@@ -118,10 +118,17 @@ impl ControlClient {
         }
     }
 
-    /// Proposes `command` and returns its outcome and log index.
+    /// Proposes `command` and returns its outcome and log index; a rejection is an error.
     pub async fn write(&self, command: Command, deadline: Duration) -> Result<(Outcome, u64)> {
+        match self.propose(command, deadline).await? {
+            (Outcome::Rejected { reason }, _) => bail!("rejected: {reason}"),
+            written => Ok(written),
+        }
+    }
+
+    /// Proposes `command` and returns its outcome (a rejection too) and log index.
+    pub async fn propose(&self, command: Command, deadline: Duration) -> Result<(Outcome, u64)> {
         match self.call(&Request::Write(command), deadline).await? {
-            Response::Written { outcome: Outcome::Rejected { reason }, .. } => bail!("rejected: {reason}"),
             Response::Written { outcome, index } => Ok((outcome, index)),
             Response::Error { message } => bail!("{message}"),
             other => bail!("unexpected response {other:?}"),

@@ -52,6 +52,11 @@ impl GltsClient {
         self.clock.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A handle through which other threads (a data node's shards) read the interval.
+    pub fn source(&self) -> IntervalSource {
+        IntervalSource(self.clock.clone())
+    }
+
     /// The interval holding true time now.
     pub fn now(&self) -> Result<Interval, GltsError> {
         self.lock().now(mono_ns())
@@ -69,6 +74,17 @@ impl GltsClient {
             let Some(until) = until else { return Ok(()) };
             tokio::time::sleep(Duration::from_nanos(until.saturating_sub(mono_ns()).max(1000))).await;
         }
+    }
+}
+
+/// Reads a running [`GltsClient`]'s interval from any thread.
+#[derive(Debug, Clone)]
+pub struct IntervalSource(Arc<Mutex<IntervalClock>>);
+
+impl IntervalSource {
+    /// The interval holding true time now.
+    pub fn now(&self) -> Result<Interval, GltsError> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).now(mono_ns())
     }
 }
 

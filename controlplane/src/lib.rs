@@ -6,8 +6,9 @@
 //!   [`rpc`] frames, [`node::election_due`].
 //! - Shells: [`raftlog`] (the log file on tokio-uring, blocking fallback), [`sm`] (snapshots),
 //!   [`net`] (QUIC with mutual TLS, [`tls`]), [`network`] (openraft over QUIC), [`node`] (the
-//!   server), [`client`] and [`glts_client`] (what CLIs and data nodes use).
+//!   server), [`client`], [`glts_client`] and [`agent`] (what CLIs and data nodes use).
 
+pub mod agent;
 pub mod client;
 pub mod config;
 pub mod glts;

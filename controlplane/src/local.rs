@@ -40,6 +40,27 @@ pub fn free_udp_port() -> Result<u16> {
 }
 
 impl LocalCluster {
+    /// The `controlplane` binary of the running test's build (`target/<profile>/`, next to the
+    /// test executable's `deps` directory), built with `cargo build -p controlplane` when it is
+    /// missing (tests of other crates do not build it).
+    pub fn binary() -> Result<PathBuf> {
+        let exe = std::env::current_exe().context("test executable path")?;
+        let profile_dir = exe.parent().and_then(Path::parent).context("target/<profile> directory")?;
+        let binary = profile_dir.join(format!("controlplane{}", std::env::consts::EXE_SUFFIX));
+        if !binary.exists() {
+            let mut cargo = std::process::Command::new(env!("CARGO"));
+            cargo.args(["build", "-p", "controlplane", "--bin", "controlplane"]);
+            if profile_dir.file_name().is_some_and(|name| name == "release") {
+                cargo.arg("--release");
+            }
+            let status = cargo.current_dir(env!("CARGO_MANIFEST_DIR")).status().context("running cargo build")?;
+            if !status.success() || !binary.exists() {
+                bail!("cargo build -p controlplane did not produce {}", binary.display());
+            }
+        }
+        Ok(binary)
+    }
+
     /// Starts `size` nodes (ids 1..=size) from `binary` under `dir`, with fault injection on
     /// and `extra_args` passed to every `controlplane run`. Returns once every process runs;
     /// call [`Self::wait_leader`] to wait for an election.

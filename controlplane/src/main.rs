@@ -25,8 +25,10 @@ struct Cli {
 enum Commands {
     /// Run a node. Settings come from --config, then the flags given here.
     Run(Box<RunArgs>),
-    /// Write a cluster CA and a certificate + key per name (mutual TLS for every node and
-    /// client): <out>/ca.pem, <out>/<name>.pem, <out>/<name>.key.
+    /// Write a certificate + key per name (mutual TLS for every node and client):
+    /// <out>/<name>.pem, <out>/<name>.key, signed by the cluster CA in <out> (ca.pem, ca.key),
+    /// which is created first when <out> has none. Run again on the same directory to issue
+    /// certificates for new nodes or data nodes.
     Certs {
         /// Output directory.
         #[arg(long)]

@@ -19,23 +19,35 @@ pub const SERVER_NAME: &str = "meridian-control";
 /// ALPN of the control protocol.
 pub const ALPN: &[u8] = b"meridian-control/1";
 
-/// Writes `ca.pem` and, for each name, `<name>.pem` and `<name>.key` into `dir`. The CA key
-/// is written as `ca.key` so that more certificates can be issued later.
+/// Writes, for each name, `<name>.pem` and `<name>.key` into `dir`, signed by the cluster CA
+/// there (`ca.pem`, `ca.key`); creates the CA first when `dir` has none. The CA key is kept
+/// so that more certificates (new nodes, data nodes, clients) can be issued later.
 pub fn generate(dir: &Path, names: &[String]) -> Result<()> {
+    if let Some(bad) = names.iter().find(|name| name.is_empty() || name.contains(['/', '.']) || name.as_str() == "ca") {
+        bail!("certificate name {bad:?} must be non-empty, not \"ca\", and contain no '/' or '.'");
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ca_key = KeyPair::generate()?;
+    let ca_key_path = dir.join("ca.key");
+    let ca_key = if ca_key_path.exists() {
+        let pem =
+            std::fs::read_to_string(&ca_key_path).with_context(|| format!("reading {}", ca_key_path.display()))?;
+        KeyPair::from_pem(&pem).with_context(|| format!("parsing {}", ca_key_path.display()))?
+    } else {
+        KeyPair::generate()?
+    };
+    // The same parameters as the CA certificate: its subject and key identify the issuer, so
+    // certificates signed later chain to the `ca.pem` written first.
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, "Meridian cluster CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    write(dir, "ca.pem", &ca_cert.pem())?;
-    write(dir, "ca.key", &ca_key.serialize_pem())?;
+    if !ca_key_path.exists() {
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        write(dir, "ca.pem", &ca_cert.pem())?;
+        write(dir, "ca.key", &ca_key.serialize_pem())?;
+    }
     let issuer = Issuer::new(ca_params, ca_key);
     for name in names {
-        if name.is_empty() || name.contains(['/', '.']) {
-            bail!("certificate name {name:?} must be non-empty and contain no '/' or '.'");
-        }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned(), "localhost".to_owned()])?;
         params.distinguished_name.push(DnType::CommonName, name.as_str());

@@ -1,12 +1,17 @@
 //! The interval clock a data node stamps writes with: an [`Estimator`] plus a hybrid logical
 //! clock. Every GLT it hands out lies inside the interval of the instant it was asked at (its
 //! physical microseconds do), and GLTs strictly increase. `commit_wait(ts)` waits until the
-//! interval's earliest bound has passed `ts`, after which no node with a correct interval can
-//! stamp at or below `ts`. Pure: the caller passes the local monotonic time and sleeps.
+//! interval's earliest bound has passed `ts`. Pure: the caller passes the local monotonic
+//! time and sleeps.
+//!
+//! Stamps are taken at the interval's *latest* bound, as Spanner does: a write stamped at
+//! `latest` and acknowledged after its commit wait has `ts < true time` at the ack, and any
+//! write that starts after the ack, on any node with a correct interval, is stamped at its own
+//! `latest >= true time > ts`. Stamping at `earliest` would not give that order.
 
 use thiserror::Error;
 
-use super::{Estimator, GltsError, Interval, glt_physical_ns};
+use super::{Estimator, GltsError, Interval, LOGICAL_BITS, glt_physical_ns};
 
 /// Why no GLT can be handed out now.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -60,8 +65,9 @@ impl IntervalClock {
     /// The next GLT at `mono_ns`: above every GLT handed out or observed, inside the interval.
     pub fn stamp(&mut self, mono_ns: u64) -> Result<u64, StampError> {
         let interval = self.estimator.now(mono_ns)?;
-        let next_glt = self.last_glt.saturating_add(1).max(interval.earliest_glt());
         let latest_glt = interval.latest_glt();
+        let at_latest = (latest_glt >> LOGICAL_BITS << LOGICAL_BITS).max(interval.earliest_glt());
+        let next_glt = self.last_glt.saturating_add(1).max(at_latest);
         if next_glt > latest_glt {
             let retry_at_ns = self.estimator.latest_reaches_at(glt_physical_ns(next_glt), mono_ns)?;
             return Err(StampError::AheadOfInterval { next_glt, latest_glt, retry_at_ns });
@@ -90,7 +96,7 @@ impl IntervalClock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::glts::{EstimatorConfig, LOGICAL_BITS};
+    use crate::glts::EstimatorConfig;
 
     fn clock_at(earliest_ns: u64, latest_ns: u64) -> IntervalClock {
         let config = EstimatorConfig { drift_ppm: 0, ..EstimatorConfig::for_sources(1) };
@@ -103,12 +109,12 @@ mod tests {
     fn stamps_increase_inside_the_interval() {
         let mut clock = clock_at(5_000_000, 5_004_000);
         let first = clock.stamp(0).unwrap();
-        assert_eq!(first, 5000 << LOGICAL_BITS);
+        assert_eq!(first, 5004 << LOGICAL_BITS, "stamped at the latest bound");
         let second = clock.stamp(0).unwrap();
         assert_eq!(second, first + 1);
-        // Later, earliest has moved on: the physical part jumps.
+        // Later, the interval has moved on: the physical part jumps.
         let third = clock.stamp(10_000).unwrap();
-        assert_eq!(third, 5010 << LOGICAL_BITS);
+        assert_eq!(third, 5014 << LOGICAL_BITS);
     }
 
     #[test]

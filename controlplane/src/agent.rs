@@ -1,0 +1,299 @@
+//! What a data node runs against the control plane, on a tokio runtime of its own: it finds
+//! the members from seed addresses, keeps a GLTS interval (the [`GltsClient`]), registers,
+//! heartbeats, and holds the leases of the shards placed home in its region.
+//!
+//! A lease is trusted locally until `asked + duration * (1 - drift) - margin` on the node's
+//! monotonic clock, measured from when it *asked*: the leader's expiry is counted from a
+//! later instant, so the node stops trusting a lease before the leader can grant it to
+//! another holder. Losing contact with the control plane therefore ends the node's leases on
+//! time without a message.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::client::ControlClient;
+use crate::glts::{EstimatorConfig, Interval};
+use crate::glts_client::{GltsClient, IntervalSource};
+use crate::meta::{Command, Outcome};
+use crate::rpc::Response;
+use crate::timesource::mono_ns;
+use crate::tls::Identity;
+use crate::types::NodeId;
+
+/// How a data node joins the control plane.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The node's id (stable across restarts; also its certificate's name).
+    pub node_id: String,
+    /// Its region (must exist in the metadata).
+    pub region: String,
+    /// Its zone in that region.
+    pub zone: String,
+    /// Control-plane addresses to ask for the members.
+    pub seeds: Vec<String>,
+    /// Shards the node runs.
+    pub shards: u32,
+    /// Capacity of its data directory, bytes.
+    pub capacity_bytes: u64,
+    /// Time between heartbeats.
+    pub heartbeat: Duration,
+    /// Length of the shard leases it asks for.
+    pub lease: Duration,
+    /// Time between GLTS exchanges.
+    pub glts_sync: Duration,
+    /// Drift bound of the clocks involved, ppm.
+    pub drift_ppm: u64,
+}
+
+/// A lease as its holder judges it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldLease {
+    /// Fencing epoch to write with.
+    pub epoch: u64,
+    /// Until when the node trusts it, local monotonic ns.
+    pub valid_until_ns: u64,
+}
+
+/// The leases a node holds, readable from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseTable(Arc<Mutex<BTreeMap<u32, HeldLease>>>);
+
+impl LeaseTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, HeldLease>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The epoch of `shard`'s lease if the node holds it now.
+    pub fn epoch(&self, shard: u32) -> Option<u64> {
+        self.lock().get(&shard).filter(|lease| lease.valid_until_ns > mono_ns()).map(|lease| lease.epoch)
+    }
+
+    /// Every shard whose lease the node holds now, with its epoch.
+    pub fn held(&self) -> BTreeMap<u32, u64> {
+        let now = mono_ns();
+        self.lock().iter().filter(|(_, lease)| lease.valid_until_ns > now).map(|(s, l)| (*s, l.epoch)).collect()
+    }
+}
+
+/// Receives one line per event worth an operator's attention.
+pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A running agent.
+pub struct Agent {
+    config: AgentConfig,
+    client: ControlClient,
+    glts: GltsClient,
+    leases: LeaseTable,
+    log: Logger,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Safety margin taken off every lease on top of the drift allowance.
+const LEASE_MARGIN: Duration = Duration::from_millis(100);
+
+impl Agent {
+    /// Asks the seeds for the members (within `deadline`) and starts the GLTS client.
+    pub async fn start(identity: &Identity, config: AgentConfig, log: Logger, deadline: Duration) -> Result<Self> {
+        if config.seeds.is_empty() {
+            bail!("no control-plane seed addresses");
+        }
+        let client = ControlClient::new(identity, config.seeds.clone())?.with_attempt_timeout(Duration::from_secs(1));
+        let members = discover(&client, &config.seeds, deadline).await?;
+        let estimator = EstimatorConfig { drift_ppm: config.drift_ppm, ..EstimatorConfig::for_sources(members.len()) };
+        let glts = GltsClient::start(client.connector().clone(), members, estimator, config.glts_sync)?;
+        Ok(Self { config, client, glts, leases: LeaseTable::default(), log })
+    }
+
+    /// The interval, for the shards' clocks.
+    pub fn clock(&self) -> IntervalSource {
+        self.glts.source()
+    }
+
+    /// The leases held.
+    pub fn leases(&self) -> LeaseTable {
+        self.leases.clone()
+    }
+
+    /// Waits until the GLTS client has an interval.
+    pub async fn wait_interval(&self, deadline: Duration) -> Result<Interval> {
+        let start = Instant::now();
+        loop {
+            match self.glts.now() {
+                Ok(interval) => return Ok(interval),
+                Err(error) if start.elapsed() > deadline => {
+                    bail!("no GLTS interval from the control plane within {deadline:?}: {error}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Registers with client address `addr`, then heartbeats and keeps the leases until
+    /// `stop` turns true; then hands the leases back.
+    pub async fn run(&self, addr: String, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut registered = false;
+        let mut problem = Problem::default();
+        let mut next_lease_round = Instant::now();
+        while !*stop.borrow() {
+            if registered {
+                match self
+                    .client
+                    .call(&crate::rpc::Request::Heartbeat { id: self.config.node_id.clone() }, self.config.heartbeat)
+                    .await
+                {
+                    Ok(Response::Ok) => problem.clear(&self.log),
+                    Ok(Response::Error { message }) => {
+                        // Removed from the metadata (or a new leader that has not applied the
+                        // registration yet): register again.
+                        problem.report(&self.log, &format!("heartbeat refused: {message}"));
+                        registered = false;
+                    }
+                    Ok(other) => problem.report(&self.log, &format!("heartbeat answered {other:?}")),
+                    Err(error) => problem.report(&self.log, &format!("control plane unreachable: {error:#}")),
+                }
+            } else {
+                registered = self.register(&addr, &mut problem).await;
+            }
+            if registered && Instant::now() >= next_lease_round {
+                self.renew_leases(&mut problem).await;
+                next_lease_round = Instant::now() + self.config.lease / 3;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.config.heartbeat) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        self.release_leases().await;
+    }
+
+    async fn register(&self, addr: &str, problem: &mut Problem) -> bool {
+        let c = &self.config;
+        let command = Command::RegisterDataNode {
+            id: c.node_id.clone(),
+            addr: addr.to_owned(),
+            region: c.region.clone(),
+            zone: c.zone.clone(),
+            shards: c.shards,
+            capacity_bytes: c.capacity_bytes,
+        };
+        match self.client.propose(command, c.heartbeat.max(Duration::from_secs(1))).await {
+            Ok((Outcome::Rejected { reason }, _)) => {
+                problem.report(&self.log, &format!("registration refused: {reason}"));
+                false
+            }
+            Ok(_) => {
+                problem.clear(&self.log);
+                (self.log)(&format!("registered as {} in {}/{} at {addr}", c.node_id, c.region, c.zone));
+                true
+            }
+            Err(error) => {
+                problem.report(&self.log, &format!("cannot register: {error:#}"));
+                false
+            }
+        }
+    }
+
+    /// Acquires or renews the lease of every shard placed home in this region; drops the
+    /// others.
+    async fn renew_leases(&self, problem: &mut Problem) {
+        let c = &self.config;
+        let placement = match self.client.read(false, c.heartbeat).await {
+            Ok(state) => state.placement,
+            Err(error) => return problem.report(&self.log, &format!("cannot read placement: {error:#}")),
+        };
+        for shard in 0..c.shards {
+            let home_here = placement.get(&shard).is_some_and(|place| place.home == c.region);
+            if !home_here {
+                if self.leases.lock().remove(&shard).is_some() {
+                    (self.log)(&format!("shard {shard} is no longer placed in {}: lease dropped", c.region));
+                }
+                continue;
+            }
+            let asked_ns = mono_ns();
+            let duration_ms = u64::try_from(c.lease.as_millis()).unwrap_or(u64::MAX);
+            let command = Command::AcquireLease { shard, holder: c.node_id.clone(), duration_ms };
+            match self.client.propose(command, c.heartbeat).await {
+                Ok((Outcome::Lease { epoch, .. }, _)) => {
+                    let trusted = c.lease.mul_f64(1.0 - c.drift_ppm as f64 / 1e6).saturating_sub(LEASE_MARGIN);
+                    let lease = HeldLease { epoch, valid_until_ns: asked_ns + duration_ns(trusted) };
+                    if self.leases.lock().insert(shard, lease).is_none_or(|old| old.epoch != epoch) {
+                        (self.log)(&format!("shard {shard}: primary lease held, epoch {epoch}"));
+                    }
+                }
+                Ok((Outcome::Rejected { reason }, _)) => {
+                    if self.leases.lock().remove(&shard).is_some() {
+                        (self.log)(&format!("shard {shard}: lease lost: {reason}"));
+                    }
+                }
+                Ok((other, _)) => problem.report(&self.log, &format!("lease of shard {shard}: {other:?}")),
+                Err(error) => problem.report(&self.log, &format!("lease of shard {shard}: {error:#}")),
+            }
+        }
+    }
+
+    /// Hands every held lease back, so a successor need not wait for expiry.
+    async fn release_leases(&self) {
+        let held = std::mem::take(&mut *self.leases.lock());
+        for (shard, lease) in held {
+            let command = Command::ReleaseLease { shard, holder: self.config.node_id.clone(), epoch: lease.epoch };
+            match self.client.propose(command, Duration::from_secs(2)).await {
+                Ok((Outcome::Rejected { reason }, _)) => {
+                    (self.log)(&format!("shard {shard}: release refused: {reason}"))
+                }
+                Ok(_) => (self.log)(&format!("shard {shard}: lease released")),
+                Err(error) => (self.log)(&format!("shard {shard}: lease not released ({error:#}); it expires")),
+            }
+        }
+    }
+}
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The current trouble, logged once when it starts or changes and once when it ends.
+#[derive(Debug, Default)]
+struct Problem(Option<String>);
+
+impl Problem {
+    fn report(&mut self, log: &Logger, message: &str) {
+        if self.0.as_deref() != Some(message) {
+            log(message);
+            self.0 = Some(message.to_owned());
+        }
+    }
+
+    fn clear(&mut self, log: &Logger) {
+        if self.0.take().is_some() {
+            log("control plane reachable again");
+        }
+    }
+}
+
+/// The members (id, address) as the first seed that answers reports them.
+async fn discover(client: &ControlClient, seeds: &[String], deadline: Duration) -> Result<Vec<(NodeId, String)>> {
+    let start = Instant::now();
+    let mut last_error = None;
+    while start.elapsed() < deadline {
+        for seed in seeds {
+            match client.status_of(seed).await {
+                Ok(status) if !status.members.is_empty() => {
+                    return Ok(status.members.into_iter().map(|member| (member.id, member.addr)).collect());
+                }
+                Ok(_) => last_error = Some(anyhow::anyhow!("{seed} knows no members yet")),
+                Err(error) => last_error = Some(error.context(format!("seed {seed}"))),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no seed answered")))
+        .context(format!("cannot find the control-plane members from seeds {} within {deadline:?}", seeds.join(",")))
+}
