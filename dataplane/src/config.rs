@@ -60,6 +60,109 @@ pub struct NodeConfig {
     /// Write-ahead log.
     #[serde(default)]
     pub wal: WalSection,
+    /// The control plane to join; without it the node runs alone on the system clock.
+    pub control: Option<ControlSection>,
+}
+
+/// `[control]`: how the node joins the control plane (GLTS clock, registration, heartbeats,
+/// leases).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// Control-plane QUIC addresses (`host:port`) to ask for the members.
+    pub seeds: Option<Vec<String>>,
+    /// Directory with `ca.pem`, `<node_id>.pem` and `<node_id>.key` (`controlplane certs`).
+    pub tls_dir: Option<PathBuf>,
+    /// The node's id, stable across restarts; also the name of its certificate.
+    pub node_id: Option<String>,
+    /// Region the node is in (must exist in the cluster metadata).
+    pub region: Option<String>,
+    /// Zone of that region.
+    pub zone: Option<String>,
+    /// Milliseconds between heartbeats.
+    pub heartbeat_ms: Option<u64>,
+    /// Length of the shard-primary leases the node asks for, ms.
+    pub lease_ms: Option<u64>,
+    /// Milliseconds between GLTS exchanges with the control-plane nodes.
+    pub glts_sync_ms: Option<u64>,
+    /// Drift bound of the clocks involved, parts per million.
+    pub drift_ppm: Option<u64>,
+    /// How long start-up waits for the members and a GLTS interval, ms.
+    pub start_timeout_ms: Option<u64>,
+}
+
+/// `[control]`, resolved.
+#[derive(Debug, Clone)]
+pub struct ControlResolved {
+    /// Seed addresses.
+    pub seeds: Vec<String>,
+    /// TLS directory.
+    pub tls_dir: PathBuf,
+    /// Node id.
+    pub node_id: String,
+    /// Region.
+    pub region: String,
+    /// Zone.
+    pub zone: String,
+    /// Between heartbeats.
+    pub heartbeat: Duration,
+    /// Lease length.
+    pub lease: Duration,
+    /// Between GLTS exchanges.
+    pub glts_sync: Duration,
+    /// Drift bound, ppm.
+    pub drift_ppm: u64,
+    /// Start-up wait.
+    pub start_timeout: Duration,
+}
+
+impl ControlSection {
+    fn resolve(&self) -> Result<ControlResolved, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid { field: format!("control.{field}"), reason };
+        let required = |field: &str, value: &Option<String>| {
+            let value = value.clone().ok_or_else(|| invalid(field, "is required".into()))?;
+            if value.is_empty() || !value.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
+                return Err(invalid(field, format!("`{value}` must be non-empty letters, digits, `_` or `-`")));
+            }
+            Ok(value)
+        };
+        let seeds = self.seeds.clone().unwrap_or_default();
+        if seeds.is_empty() {
+            return Err(invalid("seeds", "needs at least one control-plane address".into()));
+        }
+        if let Some(bad) = seeds.iter().find(|seed| seed.parse::<std::net::SocketAddr>().is_err()) {
+            return Err(invalid("seeds", format!("`{bad}` is not an ip:port address")));
+        }
+        let tls_dir = self.tls_dir.clone().ok_or_else(|| invalid("tls_dir", "is required".into()))?;
+        let ms = |field: &str, value: Option<u64>, default: u64, min: u64| {
+            let value = value.unwrap_or(default);
+            if value < min || value > 3_600_000 {
+                return Err(invalid(field, format!("{value} is outside {min}..=3600000")));
+            }
+            Ok(Duration::from_millis(value))
+        };
+        let heartbeat = ms("heartbeat_ms", self.heartbeat_ms, limits::HEARTBEAT_MS_DEFAULT, 10)?;
+        let lease = ms("lease_ms", self.lease_ms, limits::LEASE_MS_DEFAULT, 100)?;
+        if lease < heartbeat * 3 {
+            return Err(invalid("lease_ms", "must be at least 3 heartbeats, to be renewed in time".into()));
+        }
+        let drift_ppm = self.drift_ppm.unwrap_or(limits::DRIFT_PPM_DEFAULT);
+        if drift_ppm == 0 || drift_ppm > 100_000 {
+            return Err(invalid("drift_ppm", format!("{drift_ppm} is outside 1..=100000")));
+        }
+        Ok(ControlResolved {
+            seeds,
+            tls_dir,
+            node_id: required("node_id", &self.node_id)?,
+            region: required("region", &self.region)?,
+            zone: required("zone", &self.zone)?,
+            heartbeat,
+            lease,
+            glts_sync: ms("glts_sync_ms", self.glts_sync_ms, limits::GLTS_SYNC_MS_DEFAULT, 1)?,
+            drift_ppm,
+            start_timeout: ms("start_timeout_ms", self.start_timeout_ms, limits::CONTROL_START_TIMEOUT_MS_DEFAULT, 1)?,
+        })
+    }
 }
 
 /// `[limits]`.
@@ -127,6 +230,8 @@ pub struct Resolved {
     pub server: ServerLimits,
     /// Store configuration template (directory and shard set per shard).
     pub store: StoreConfig,
+    /// The control plane to join.
+    pub control: Option<ControlResolved>,
 }
 
 impl NodeConfig {
@@ -226,7 +331,8 @@ impl NodeConfig {
         if server.connections_max == 0 {
             return Err(invalid("limits.connections_max", "must be at least 1".into()));
         }
-        Ok(Resolved { data_dir, host, port, shards, server, store })
+        let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
+        Ok(Resolved { data_dir, host, port, shards, server, store, control })
     }
 }
 
@@ -310,8 +416,26 @@ mod tests {
             w.record_payload_bytes_max.is_some(),
             w.recovery_mode.is_some(),
         ];
+        let c = config.control.clone().unwrap_or_default();
+        let control = [
+            c.seeds.is_some(),
+            c.tls_dir.is_some(),
+            c.node_id.is_some(),
+            c.region.is_some(),
+            c.zone.is_some(),
+            c.heartbeat_ms.is_some(),
+            c.lease_ms.is_some(),
+            c.glts_sync_ms.is_some(),
+            c.drift_ppm.is_some(),
+            c.start_timeout_ms.is_some(),
+        ];
+        assert!(control.iter().all(|field| *field), "the example leaves a [control] field undocumented");
         assert!(set.iter().all(|field| *field), "the example leaves a field undocumented");
         assert!(text.contains("# shards ="));
+    }
+
+    fn control(rest: &str) -> String {
+        format!("data_dir = \"/x\"\n[control]\nseeds = [\"127.0.0.1:7400\"]\ntls_dir = \"/t\"\n{rest}")
     }
 
     #[test]
@@ -331,6 +455,15 @@ mod tests {
             ("data_dir = \"/x\"\n[store]\ngc_interval_ms = 0", "store.gc_interval_ms"),
             ("data_dir = \"/x\"\n[wal]\nsegment_bytes = 1000", "segment_bytes"),
             ("data_dir = \"/x\"\n[wal]\nrecovery_mode = \"maybe\"", "wal.recovery_mode"),
+            ("data_dir = \"/x\"\n[control]\nseedz = []", "seedz"),
+            ("data_dir = \"/x\"\n[control]\nseeds = []", "control.seeds"),
+            ("data_dir = \"/x\"\n[control]\nseeds = [\"cp1\"]", "control.seeds"),
+            (&control("region = \"eu\"\nzone = \"a\""), "control.node_id"),
+            (&control("node_id = \"n/1\"\nregion = \"eu\"\nzone = \"a\""), "control.node_id"),
+            (&control("node_id = \"n1\"\nzone = \"a\""), "control.region"),
+            (&control("node_id = \"n1\"\nregion = \"eu\""), "control.zone"),
+            (&control("node_id = \"n1\"\nregion = \"eu\"\nzone = \"a\"\nlease_ms = 100"), "control.lease_ms"),
+            (&control("node_id = \"n1\"\nregion = \"eu\"\nzone = \"a\"\ndrift_ppm = 0"), "control.drift_ppm"),
         ];
         for (text, field) in cases {
             let message = error_of(text);

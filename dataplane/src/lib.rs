@@ -10,6 +10,7 @@
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless))]
 
 pub mod config;
+pub mod control;
 pub mod limits;
 pub mod node;
 pub mod runtime;

@@ -60,3 +60,14 @@ pub const LIST_LIMIT_MAX: u32 = 10_000;
 pub const INFLIGHT_PER_CONNECTION_LIMIT: usize = 65_536;
 /// Default client address of shard 0.
 pub const LISTEN_DEFAULT: &str = "127.0.0.1:7700";
+
+/// Default time between heartbeats to the control plane, ms.
+pub const HEARTBEAT_MS_DEFAULT: u64 = 500;
+/// Default length of a shard-primary lease, ms.
+pub const LEASE_MS_DEFAULT: u64 = 6_000;
+/// Default time between GLTS exchanges, ms.
+pub const GLTS_SYNC_MS_DEFAULT: u64 = 100;
+/// Default drift bound of the clocks involved, ppm (as the control plane's GLTS).
+pub const DRIFT_PPM_DEFAULT: u64 = 200;
+/// Default wait at start-up for the control plane's members and a GLTS interval, ms.
+pub const CONTROL_START_TIMEOUT_MS_DEFAULT: u64 = 15_000;

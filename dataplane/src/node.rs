@@ -10,6 +10,7 @@ use std::time::Duration;
 use glommio::net::TcpListener;
 
 use crate::config::Resolved;
+use crate::control::ControlLink;
 use crate::runtime::{RuntimeConfig, run_shards};
 use crate::server::{self, ServerStats, ShardMap};
 use crate::store::ShardStore;
@@ -44,11 +45,29 @@ pub fn run(
     on_ready: impl Fn(&[String]) + Send + Sync + 'static,
 ) -> Result<(), String> {
     let _lock = lock_data_dir(&config.data_dir)?;
+    let mut config = config.clone();
+    let link = match &config.control {
+        Some(control) => {
+            let shards = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
+            let capacity = crate::control::capacity_bytes(&config.data_dir);
+            let logger: controlplane::agent::Logger = Arc::new(|line: &str| log(&format!("control: {line}")));
+            let link = ControlLink::start(control, shards, capacity, logger)?;
+            log(&format!("GLTS interval from the control plane at {}", control.seeds.join(",")));
+            config.store.clock = link.clock();
+            Some(Arc::new(link))
+        }
+        None => None,
+    };
     let runtime = RuntimeConfig { shards: config.shards, name: "meridian-shard".into(), ..RuntimeConfig::default() };
     let shard_count = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
     let map = ShardMap::new(config.shards);
-    let on_ready = Arc::new(on_ready);
-    let config = config.clone();
+    let serving = link.clone();
+    let on_ready = Arc::new(move |addresses: &[String]| {
+        if let (Some(link), Some(first)) = (&serving, addresses.first()) {
+            link.serving(first.clone());
+        }
+        on_ready(addresses);
+    });
     let stop = stop.clone();
     let results = run_shards::<(), _, _, _>(&runtime, move |context| {
         let shard_id = context.shard_id;
@@ -61,7 +80,11 @@ pub fn run(
             result
         }
     })
-    .map_err(|error| error.to_string())?;
+    .map_err(|error| error.to_string());
+    if let Some(link) = link.and_then(|link| Arc::try_unwrap(link).ok()) {
+        link.stop();
+    }
+    let results = results?;
     let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
 }

@@ -350,7 +350,7 @@ pub fn map_error(error: StoreError) -> (ErrorCode, String) {
         StoreError::Chunk(crate::store::ChunkError::Corrupt { .. } | crate::store::ChunkError::Missing { .. }) => {
             ErrorCode::ChunkCorrupt
         }
-        StoreError::Wal(_) => ErrorCode::Unavailable,
+        StoreError::Wal(_) | StoreError::Clock(_) => ErrorCode::Unavailable,
         StoreError::Chunk(_)
         | StoreError::Config { .. }
         | StoreError::Checkpoint { .. }

@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,65 +17,9 @@ use rand::{Rng, SeedableRng};
 use wire::RecordType;
 use wire::proto::{self, ErrorCode, Request, Response};
 
-/// A running `dataplane` process; killed on drop.
-struct Node {
-    child: Child,
-    addresses: Vec<String>,
-}
+mod common;
 
-impl Node {
-    fn start(data_dir: &Path, config: &str) -> Self {
-        let config_path = data_dir.with_extension("toml");
-        std::fs::write(&config_path, format!("data_dir = {:?}\nlisten = \"127.0.0.1:0\"\n{config}", data_dir)).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dataplane"))
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = sender.send(line);
-            }
-            for _ in lines {}
-        });
-        let line = receiver.recv_timeout(Duration::from_secs(60)).expect("dataplane did not print READY");
-        let addresses = line.strip_prefix("READY ").expect("READY line").split(',').map(String::from).collect();
-        Self { child, addresses }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    fn stop(&mut self) {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "dataplane exited with {status}");
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-async fn connect(node: &Node) -> Client {
-    let config = ClientConfig { retries: 0, request_timeout: Duration::from_secs(20), ..ClientConfig::default() };
-    Client::connect(&node.addresses[0], config).await.unwrap()
-}
+use common::process::{Node, connect, runtime};
 
 /// Small segments and checkpoints so that crash rounds cross checkpoints and segment release.
 const SMALL: &str = "shards = 2\n[wal]\nsegment_bytes = 1048576\nbatch_bytes_max = 262144\nrecord_payload_bytes_max = 131072\n[store]\ncheckpoint_wal_bytes = 1048576\ninline_bytes_max = 8192\nchunk_bytes = 65536\n";

@@ -248,3 +248,57 @@ fn chunk_and_checkpoint_io_errors_fail_the_request_and_keep_the_store_consistent
         assert_eq!(store.get(b"big", None).await.unwrap().unwrap().0, ts);
     });
 }
+
+/// A clock whose interval can be taken away.
+#[derive(Debug)]
+struct LosableClock {
+    inner: ManualClock,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl dataplane::store::Clock for LosableClock {
+    fn interval(&self) -> Result<dataplane::store::TimeInterval, dataplane::store::ClockUnavailable> {
+        if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(dataplane::store::ClockUnavailable("sources disagree".into()));
+        }
+        self.inner.interval()
+    }
+}
+
+#[test]
+fn writes_are_stamped_at_latest_and_acknowledged_only_after_the_commit_wait() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(LosableClock { inner: ManualClock::new(1_000_000), lost: false.into() });
+    clock.inner.set_width(500);
+    let mut config = small_store(dir.path(), Arc::new(ManualClock::new(0)));
+    config.clock = clock.clone();
+    run(async move {
+        let store = ShardStore::open(config).await.unwrap();
+        let acked = Rc::new(Cell::new(None));
+        let put = {
+            let (store, acked) = (store.clone(), acked.clone());
+            glommio::spawn_local(async move { acked.set(Some(store.put(b"k", b"v").await.unwrap())) })
+        };
+        // Durable long before this, but earliest (1_000_000) has not passed the stamp.
+        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(acked.get(), None, "acknowledged before the commit wait ended");
+        clock.inner.advance(500);
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(acked.get(), None, "earliest equal to the stamp's microsecond is not past it");
+        clock.inner.advance(1);
+        put.await;
+        let ts = acked.get().expect("acknowledged once earliest passed the stamp");
+        assert_eq!(ts >> dataplane::store::clock::LOGICAL_BITS, 1_000_500, "stamped at the latest bound");
+        // Without an interval nothing is stamped or applied.
+        clock.lost.store(true, Ordering::Relaxed);
+        let refused = store.put(b"other", b"v").await;
+        assert!(matches!(refused, Err(dataplane::store::StoreError::Clock(_))), "{refused:?}");
+        clock.lost.store(false, Ordering::Relaxed);
+        assert!(store.get(b"other", None).await.unwrap().is_none());
+        assert_eq!(store.get(b"k", None).await.unwrap().unwrap().0, ts);
+        store.close().await.unwrap();
+    });
+}

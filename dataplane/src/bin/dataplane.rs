@@ -29,6 +29,23 @@ struct Args {
     /// Number of shards (default: one per CPU).
     #[arg(long)]
     shards: Option<usize>,
+    /// Control-plane addresses (comma-separated `ip:port`) to join: the node then stamps
+    /// writes with the GLTS interval, registers, heartbeats and holds its shards' leases.
+    /// Overrides `[control] seeds`.
+    #[arg(long, value_delimiter = ',')]
+    control: Option<Vec<String>>,
+    /// Directory with `ca.pem`, `<node-id>.pem`, `<node-id>.key` (`controlplane certs`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// This node's id in the cluster (stable across restarts; its certificate's name).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Region of this node.
+    #[arg(long)]
+    region: Option<String>,
+    /// Zone of this node.
+    #[arg(long)]
+    zone: Option<String>,
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -49,9 +66,43 @@ fn main() -> anyhow::Result<()> {
     if args.shards.is_some() {
         config.shards = args.shards;
     }
+    let control_flags = (&args.control, &args.tls_dir, &args.node_id, &args.region, &args.zone);
+    if control_flags != (&None, &None, &None, &None, &None) {
+        let control = config.control.get_or_insert_with(Default::default);
+        let override_with = |target: &mut Option<String>, value: &Option<String>| {
+            if value.is_some() {
+                target.clone_from(value);
+            }
+        };
+        if args.control.is_some() {
+            control.seeds.clone_from(&args.control);
+        }
+        if args.tls_dir.is_some() {
+            control.tls_dir.clone_from(&args.tls_dir);
+        }
+        override_with(&mut control.node_id, &args.node_id);
+        override_with(&mut control.region, &args.region);
+        override_with(&mut control.zone, &args.zone);
+    }
     let resolved = config.resolve()?;
     if args.check_config {
-        println!("configuration is valid: {} shards, data in {}", resolved.shards, resolved.data_dir.display());
+        let control = resolved.control.as_ref().map_or_else(
+            || "no control plane".to_string(),
+            |control| {
+                format!(
+                    "node {} in {}/{}, control plane {}",
+                    control.node_id,
+                    control.region,
+                    control.zone,
+                    control.seeds.join(",")
+                )
+            },
+        );
+        println!(
+            "configuration is valid: {} shards, data in {}, {control}",
+            resolved.shards,
+            resolved.data_dir.display()
+        );
         return Ok(());
     }
     std::fs::create_dir_all(&resolved.data_dir)

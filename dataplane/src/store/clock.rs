@@ -1,6 +1,12 @@
 //! Time for the store: a physical clock behind a trait, and the hybrid logical clock (HLC)
 //! that stamps every write.
 //!
+//! The clock gives an interval [earliest, latest] holding true time (zero width for the plain
+//! system clock; the GLTS interval when the node runs against a control plane). Writes are
+//! stamped at `latest` and acknowledged once `earliest` has passed their stamp (commit wait),
+//! so a write that starts after another's acknowledgement gets a larger timestamp, whatever
+//! node stamps it.
+//!
 //! A timestamp (GLT) is a u64: the physical time in microseconds since the Unix epoch in the
 //! high 52 bits (good until 2112) and a logical counter in the low [`LOGICAL_BITS`] bits. The
 //! HLC never goes backwards: when the physical clock stalls or steps back, the logical part
@@ -12,11 +18,33 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Bits of a timestamp that hold the logical counter.
 pub const LOGICAL_BITS: u32 = 12;
 
-/// A source of physical time. The GLTS client of the control-plane issue implements it with
-/// an interval clock; tests inject a manual one.
+/// Physical time bounds, in microseconds since the Unix epoch: true time lies inside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeInterval {
+    /// True time is not before this.
+    pub earliest_us: u64,
+    /// True time is not after this.
+    pub latest_us: u64,
+}
+
+impl TimeInterval {
+    /// The zero-width interval of a clock trusted as exact.
+    pub fn exact(now_us: u64) -> Self {
+        Self { earliest_us: now_us, latest_us: now_us }
+    }
+}
+
+/// The clock has no interval (its sources disagree or are unreachable): nothing can be
+/// stamped until it has one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no time interval: {0}")]
+pub struct ClockUnavailable(pub String);
+
+/// A source of physical time. The data node's GLTS client implements it with the control
+/// plane's interval; tests inject a manual one.
 pub trait Clock: Send + Sync + std::fmt::Debug {
-    /// Microseconds since the Unix epoch.
-    fn now_us(&self) -> u64;
+    /// The interval holding true time now.
+    fn interval(&self) -> Result<TimeInterval, ClockUnavailable>;
 }
 
 /// The machine's real-time clock.
@@ -24,23 +52,30 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
 pub struct SystemClock;
 
 impl Clock for SystemClock {
-    fn now_us(&self) -> u64 {
-        SystemTime::now()
+    fn interval(&self) -> Result<TimeInterval, ClockUnavailable> {
+        let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
+            .map_or(0, |since| u64::try_from(since.as_micros()).unwrap_or(u64::MAX));
+        Ok(TimeInterval::exact(now_us))
     }
 }
 
-/// A clock that moves only when told to, for tests.
+/// A clock that moves only when told to, for tests: the interval [now, now + width].
 #[derive(Debug, Default)]
 pub struct ManualClock {
     now_us: AtomicU64,
+    width_us: AtomicU64,
 }
 
 impl ManualClock {
-    /// A clock reading `now_us`.
+    /// A clock reading `now_us`, zero width.
     pub fn new(now_us: u64) -> Self {
-        Self { now_us: AtomicU64::new(now_us) }
+        Self { now_us: AtomicU64::new(now_us), width_us: AtomicU64::new(0) }
+    }
+
+    /// Sets the interval's width.
+    pub fn set_width(&self, width_us: u64) {
+        self.width_us.store(width_us, Ordering::Relaxed);
     }
 
     /// Moves the clock to `now_us` (backwards too: the HLC must cope).
@@ -55,8 +90,9 @@ impl ManualClock {
 }
 
 impl Clock for ManualClock {
-    fn now_us(&self) -> u64 {
-        self.now_us.load(Ordering::Relaxed)
+    fn interval(&self) -> Result<TimeInterval, ClockUnavailable> {
+        let earliest_us = self.now_us.load(Ordering::Relaxed);
+        Ok(TimeInterval { earliest_us, latest_us: earliest_us.saturating_add(self.width_us.load(Ordering::Relaxed)) })
     }
 }
 
@@ -81,6 +117,13 @@ impl Hlc {
     pub fn tick(&mut self, now_us: u64) -> u64 {
         self.last = timestamp_at(now_us).max(self.last.saturating_add(1));
         self.last
+    }
+
+    /// How long until the next stamp fits inside `interval` (its physical part at most
+    /// `latest`): 0 when it fits now. Nonzero only after observing a timestamp from a clock that
+    /// ran ahead, or after 4096 stamps in one microsecond.
+    pub fn wait_us(&self, interval: TimeInterval) -> u64 {
+        physical_us(self.last.saturating_add(1)).saturating_sub(interval.latest_us)
     }
 
     /// Takes note of a timestamp seen elsewhere (recovery, a peer) so later stamps exceed it.
@@ -116,6 +159,16 @@ mod tests {
         let mut hlc = Hlc::default();
         hlc.observe(timestamp_at(5_000) + 7);
         assert_eq!(hlc.tick(10), timestamp_at(5_000) + 8);
+    }
+
+    #[test]
+    fn a_stamp_ahead_of_the_interval_waits() {
+        let mut hlc = Hlc::default();
+        let interval = TimeInterval { earliest_us: 900, latest_us: 1_000 };
+        assert_eq!(hlc.wait_us(interval), 0);
+        hlc.observe(timestamp_at(1_250) + 3);
+        assert_eq!(hlc.wait_us(interval), 250);
+        assert_eq!(hlc.wait_us(TimeInterval { earliest_us: 1_100, latest_us: 1_250 }), 0);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use chunks::ChunkError;
-pub use clock::{Clock, Hlc, ManualClock, SystemClock};
+pub use clock::{Clock, ClockUnavailable, Hlc, ManualClock, SystemClock, TimeInterval};
 pub use shard::{KeyStat, ListItem, ShardStore, StoreStats};
 pub use versions::TooOld;
 
@@ -161,6 +161,10 @@ pub enum StoreError {
     /// The WAL failed or is fenced.
     #[error(transparent)]
     Wal(#[from] WalError),
+    /// The clock has no interval, so no write can be stamped (or a durable write's commit
+    /// wait could not finish: its outcome is then unknown to the client).
+    #[error(transparent)]
+    Clock(#[from] ClockUnavailable),
     /// A checkpoint could not be written or read.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {

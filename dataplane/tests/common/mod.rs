@@ -7,6 +7,8 @@ use std::path::Path;
 
 use dataplane::wal::{RecoveryMode, WalConfig, WalReader, WalRecord};
 
+pub mod process;
+
 /// Appends `count` records of `length` bytes one after the other (ids `0..count`) to a new
 /// or existing WAL and closes it.
 pub fn fill(config: &WalConfig, count: u64, length: usize) {

@@ -1,0 +1,166 @@
+//! The node's link to the control plane: one thread running a small tokio runtime with the
+//! control plane's [`Agent`] (GLTS client, registration, heartbeats, shard leases), and the
+//! store [`Clock`] that reads the agent's interval from the shards' threads.
+//!
+//! The shards stay on glommio; they only take a mutex to read the interval.
+
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread::JoinHandle;
+
+use controlplane::agent::{Agent, AgentConfig, LeaseTable, Logger};
+use controlplane::glts_client::IntervalSource;
+use controlplane::tls::Identity;
+
+use crate::config::ControlResolved;
+use crate::store::{Clock, ClockUnavailable, TimeInterval};
+
+/// The GLTS interval as a store clock.
+#[derive(Debug, Clone)]
+pub struct GltsClock(IntervalSource);
+
+impl Clock for GltsClock {
+    fn interval(&self) -> Result<TimeInterval, ClockUnavailable> {
+        let interval = self.0.now().map_err(|error| ClockUnavailable(error.to_string()))?;
+        // Rounded down: `earliest_us` stays a true lower bound, so a commit wait until it has
+        // passed a stamp's microsecond waits out the whole microsecond; a stamp at `latest_us`
+        // is at most the interval's latest bound.
+        Ok(TimeInterval { earliest_us: interval.earliest_ns / 1000, latest_us: interval.latest_ns / 1000 })
+    }
+}
+
+/// A running link. Dropping it without [`ControlLink::stop`] stops the agent without handing
+/// the leases back.
+#[derive(Debug)]
+pub struct ControlLink {
+    clock: Arc<GltsClock>,
+    leases: LeaseTable,
+    serving: Mutex<Option<tokio::sync::oneshot::Sender<String>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlLink {
+    /// Finds the control plane from the seeds and waits for a GLTS interval (up to the
+    /// configured start timeout). The node registers once [`ControlLink::serving`] gives its
+    /// address.
+    pub fn start(config: &ControlResolved, shards: u32, capacity_bytes: u64, log: Logger) -> Result<Self, String> {
+        let identity = Identity::in_dir(&config.tls_dir, &config.node_id);
+        for path in [&identity.ca, &identity.cert, &identity.key] {
+            if !path.exists() {
+                return Err(format!(
+                    "control.tls_dir: {} is missing (create it with `controlplane certs --out {} {}`)",
+                    path.display(),
+                    config.tls_dir.display(),
+                    config.node_id
+                ));
+            }
+        }
+        let agent_config = AgentConfig {
+            node_id: config.node_id.clone(),
+            region: config.region.clone(),
+            zone: config.zone.clone(),
+            seeds: config.seeds.clone(),
+            shards,
+            capacity_bytes,
+            heartbeat: config.heartbeat,
+            lease: config.lease,
+            glts_sync: config.glts_sync,
+            drift_ppm: config.drift_ppm,
+        };
+        let start_timeout = config.start_timeout;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (serving_tx, serving_rx) = tokio::sync::oneshot::channel::<String>();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("control-agent".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(format!("control agent runtime: {error}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let started = async {
+                        let agent = Agent::start(&identity, agent_config, log, start_timeout).await?;
+                        agent.wait_interval(start_timeout).await?;
+                        anyhow::Ok(agent)
+                    };
+                    let agent = match started.await {
+                        Ok(agent) => agent,
+                        Err(error) => {
+                            let _ = ready_tx.send(Err(format!("{error:#}")));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((agent.clock(), agent.leases())));
+                    // The node failed before serving when the sender is dropped.
+                    if let Ok(addr) = serving_rx.await {
+                        agent.run(addr, stop_rx).await;
+                    }
+                });
+            })
+            .map_err(|error| format!("cannot start the control agent thread: {error}"))?;
+        match ready_rx.recv() {
+            Ok(Ok((clock, leases))) => Ok(Self {
+                clock: Arc::new(GltsClock(clock)),
+                leases,
+                serving: Mutex::new(Some(serving_tx)),
+                stop: stop_tx,
+                thread: Some(thread),
+            }),
+            Ok(Err(message)) => {
+                let _ = thread.join();
+                Err(format!("control plane: {message}"))
+            }
+            Err(_) => Err("control agent thread ended during start-up".into()),
+        }
+    }
+
+    /// The store clock.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// The shard leases the node holds.
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+
+    /// The node serves clients at `addr` (shard 0's address): register and heartbeat.
+    pub fn serving(&self, addr: String) {
+        if let Some(serving) = self.serving.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = serving.send(addr);
+        }
+    }
+
+    /// Hands the leases back and stops the agent.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ControlLink {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Total bytes of the file system holding `dir` (0 when it cannot be read).
+pub fn capacity_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: statvfs writes into a zeroed struct this function owns; `path` is NUL-terminated.
+    unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut stat) != 0 {
+            return 0;
+        }
+        stat.f_blocks.saturating_mul(stat.f_frsize)
+    }
+}

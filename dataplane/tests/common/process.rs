@@ -1,0 +1,69 @@
+//! A real `dataplane` process for the process-level tests: started from a TOML config, killed
+//! on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use client::{Client, ClientConfig};
+
+/// A running `dataplane` process; killed on drop.
+pub struct Node {
+    pub child: Child,
+    pub addresses: Vec<String>,
+}
+
+impl Node {
+    pub fn start(data_dir: &Path, config: &str) -> Self {
+        let config_path = data_dir.with_extension("toml");
+        std::fs::write(&config_path, format!("data_dir = {:?}\nlisten = \"127.0.0.1:0\"\n{config}", data_dir)).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dataplane"))
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = sender.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = receiver.recv_timeout(Duration::from_secs(60)).expect("dataplane did not print READY");
+        let addresses = line.strip_prefix("READY ").expect("READY line").split(',').map(String::from).collect();
+        Self { child, addresses }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "dataplane exited with {status}");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+pub async fn connect(node: &Node) -> Client {
+    let config = ClientConfig { retries: 0, request_timeout: Duration::from_secs(20), ..ClientConfig::default() };
+    Client::connect(&node.addresses[0], config).await.unwrap()
+}
