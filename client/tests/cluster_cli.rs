@@ -12,25 +12,6 @@ use controlplane::local::LocalCluster;
 use output::{code, json, stderr, stdout};
 use serde_json::Value;
 
-/// The `controlplane` binary of this build (next to the test executable's `deps` directory),
-/// built with `cargo build -p controlplane` when it is missing.
-fn controlplane_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile> directory");
-    let binary = profile_dir.join(format!("controlplane{}", std::env::consts::EXE_SUFFIX));
-    if !binary.exists() {
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "-p", "controlplane", "--bin", "controlplane"]);
-        if profile_dir.file_name().is_some_and(|name| name == "release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("run cargo build");
-        assert!(status.success(), "cargo build -p controlplane failed");
-        assert!(binary.exists(), "cargo build -p controlplane did not produce {}", binary.display());
-    }
-    binary
-}
-
 struct Fixture {
     cluster: LocalCluster,
     /// Drives the cluster's admin client; dropped after the processes are killed.
@@ -48,7 +29,7 @@ impl Fixture {
         }
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("test runtime");
-        let binary = controlplane_binary();
+        let binary = LocalCluster::binary().expect("the controlplane binary");
         let cluster =
             runtime.block_on(LocalCluster::start(&binary, dir.path(), size, &[])).expect("start the control plane");
         runtime.block_on(cluster.wait_leader(Duration::from_secs(15))).expect("a leader is elected");
@@ -146,6 +127,21 @@ fn status_add_and_remove_against_a_real_control_plane() {
     assert!(text.starts_with(&format!("leader {} at ", status["node_id"])), "{text}");
     assert!(text.contains("members (3 voters, 0 learners):"), "{text}");
     assert!(text.contains("snapshot catalog (0): none"), "{text}");
+
+    // Regions and placement: committed, shown by status; a placement naming an unknown
+    // region is refused (exit 4) and changes nothing.
+    let region = fixture.meridian(&["region", "eu", "--zones", "a,b"]);
+    assert_eq!(code(&region), exit_code::OK, "{}", stderr(&region));
+    assert!(stdout(&region).starts_with("region eu with zones a,b: committed at log index "), "{}", stdout(&region));
+    let placed = fixture.meridian(&["place", "3", "--home", "eu", "--json"]);
+    assert_eq!(json(&placed)["committed"]["op"], "set_placement", "{}", stdout(&placed));
+    let refused = fixture.meridian(&["place", "4", "--home", "eu", "--replicas", "mars"]);
+    assert_eq!(code(&refused), exit_code::REFUSED, "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("mars"), "{}", stderr(&refused));
+    let meta = &fixture.status()["meta"];
+    assert_eq!(meta["regions"]["eu"]["zones"], serde_json::json!(["a", "b"]), "{meta}");
+    assert_eq!(meta["placement"]["3"]["home"], "eu", "{meta}");
+    assert!(meta["placement"].get("4").is_none(), "{meta}");
 
     // A node that does not run is not added (it would count against the quorum).
     let port = controlplane::local::free_udp_port().expect("free port");

@@ -10,6 +10,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Subcommand;
 use client::exit_code;
 use controlplane::client::ControlClient;
+use controlplane::meta::{Command, Outcome};
 use controlplane::net::Connector;
 use controlplane::rpc::{Request, Response, Status};
 use controlplane::tls::Identity;
@@ -90,6 +91,30 @@ pub enum ClusterCommand {
         /// The voter's id.
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         id: NodeId,
+    },
+    /// Define a region and its zones (or replace its zone list).
+    ///
+    /// Data nodes register into a region and zone that exist; placement names regions.
+    Region {
+        /// Region name.
+        name: String,
+        /// Its zones, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        zones: Vec<String>,
+    },
+    /// Place a shard: the region that takes its writes and the regions it replicates to.
+    ///
+    /// The data node of the home region holds the shard's primary lease. Every region named
+    /// must exist.
+    Place {
+        /// Shard number.
+        shard: u32,
+        /// Home region.
+        #[arg(long)]
+        home: String,
+        /// Replica regions, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        replicas: Vec<String>,
     },
 }
 
@@ -217,6 +242,8 @@ pub async fn run(command: &ClusterCommand, target: &Target, json: bool, timeout:
         ClusterCommand::Status => "cluster status".to_owned(),
         ClusterCommand::AddNode { id, addr } => format!("cluster add-node {id} at {addr}"),
         ClusterCommand::RemoveNode { id } => format!("cluster remove-node {id}"),
+        ClusterCommand::Region { name, .. } => format!("cluster region {name}"),
+        ClusterCommand::Place { shard, .. } => format!("cluster place {shard}"),
     };
     execute(command, target, json, timeout).await.context(label)
 }
@@ -269,6 +296,18 @@ async fn execute(command: &ClusterCommand, target: &Target, json: bool, timeout:
                 }
             })
         }
+        ClusterCommand::Region { name, zones } => {
+            client.attempt_timeout = timeout;
+            let command = Command::PutRegion { name: name.clone(), zones: zones.clone() };
+            let summary = format!("region {name} with zones {}", zones.join(","));
+            metadata_write(&client, command, timeout, json, &summary, &mut stdout).await
+        }
+        ClusterCommand::Place { shard, home, replicas } => {
+            client.attempt_timeout = timeout;
+            let command = Command::SetPlacement { shard: *shard, home: home.clone(), replicas: replicas.clone() };
+            let summary = format!("shard {shard} home {home}, replicas {}", replicas.join(","));
+            metadata_write(&client, command, timeout, json, &summary, &mut stdout).await
+        }
     };
     // Tell the nodes we are gone rather than leave them to the idle timeout.
     endpoint.close(0_u32.into(), b"done");
@@ -286,6 +325,27 @@ async fn check_new_node(client: &ControlClient, id: NodeId, addr: &str, timeout:
             bail!("the node at {addr} is node {}, not {id}; check --id and --addr", status.node_id)
         }
         other => bail!("unexpected response from {addr}: {other:?}"),
+    }
+}
+
+/// Commits one metadata command and reports it (`--json`: the command as committed).
+async fn metadata_write(
+    client: &ControlClient,
+    command: Command,
+    timeout: Duration,
+    json: bool,
+    summary: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    match client.propose(command.clone(), timeout).await.context(ControlError::Unavailable)? {
+        (Outcome::Rejected { reason }, _) => Err(ControlError::Refused(reason).into()),
+        (_, index) => {
+            if json {
+                print_json(out, &serde_json::json!({ "committed": command, "log_index": index }))
+            } else {
+                Ok(writeln!(out, "{summary}: committed at log index {index}")?)
+            }
+        }
     }
 }
 
