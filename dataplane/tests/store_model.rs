@@ -271,7 +271,7 @@ fn writes_are_stamped_at_latest_and_acknowledged_only_after_the_commit_wait() {
     use std::rc::Rc;
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(LosableClock { inner: ManualClock::new(1_000_000), lost: false.into() });
+    let clock = Arc::new(LosableClock { inner: ManualClock::frozen(1_000_000), lost: false.into() });
     clock.inner.set_width(500);
     let mut config = small_store(dir.path(), Arc::new(ManualClock::new(0)));
     config.clock = clock.clone();

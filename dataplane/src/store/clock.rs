@@ -60,17 +60,26 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to, for tests: the interval [now, now + width].
+/// A clock for tests: the interval [now, now + width], where `now` moves when told to and, unless
+/// frozen, by 1 µs at each reading (as a real clock read twice has moved on, so a commit wait
+/// ends without the test advancing it).
 #[derive(Debug, Default)]
 pub struct ManualClock {
     now_us: AtomicU64,
     width_us: AtomicU64,
+    step_us: u64,
 }
 
 impl ManualClock {
-    /// A clock reading `now_us`, zero width.
+    /// A clock reading `now_us`, zero width, moving 1 µs per reading.
     pub fn new(now_us: u64) -> Self {
-        Self { now_us: AtomicU64::new(now_us), width_us: AtomicU64::new(0) }
+        Self { now_us: AtomicU64::new(now_us), width_us: AtomicU64::new(0), step_us: 1 }
+    }
+
+    /// A clock reading `now_us` that moves only when told to: a write's commit wait then
+    /// lasts until the test advances it.
+    pub fn frozen(now_us: u64) -> Self {
+        Self { step_us: 0, ..Self::new(now_us) }
     }
 
     /// Sets the interval's width.
@@ -91,7 +100,7 @@ impl ManualClock {
 
 impl Clock for ManualClock {
     fn interval(&self) -> Result<TimeInterval, ClockUnavailable> {
-        let earliest_us = self.now_us.load(Ordering::Relaxed);
+        let earliest_us = self.now_us.fetch_add(self.step_us, Ordering::Relaxed);
         Ok(TimeInterval { earliest_us, latest_us: earliest_us.saturating_add(self.width_us.load(Ordering::Relaxed)) })
     }
 }
