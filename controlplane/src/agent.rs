@@ -50,32 +50,11 @@ pub struct AgentConfig {
 
 /// A lease as its holder judges it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeldLease {
+struct HeldLease {
     /// Fencing epoch to write with.
-    pub epoch: u64,
+    epoch: u64,
     /// Until when the node trusts it, local monotonic ns.
-    pub valid_until_ns: u64,
-}
-
-/// The leases a node holds, readable from any thread.
-#[derive(Debug, Clone, Default)]
-pub struct LeaseTable(Arc<Mutex<BTreeMap<u32, HeldLease>>>);
-
-impl LeaseTable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, HeldLease>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The epoch of `shard`'s lease if the node holds it now.
-    pub fn epoch(&self, shard: u32) -> Option<u64> {
-        self.lock().get(&shard).filter(|lease| lease.valid_until_ns > mono_ns()).map(|lease| lease.epoch)
-    }
-
-    /// Every shard whose lease the node holds now, with its epoch.
-    pub fn held(&self) -> BTreeMap<u32, u64> {
-        let now = mono_ns();
-        self.lock().iter().filter(|(_, lease)| lease.valid_until_ns > now).map(|(s, l)| (*s, l.epoch)).collect()
-    }
+    valid_until_ns: u64,
 }
 
 /// Receives one line per event worth an operator's attention.
@@ -86,7 +65,8 @@ pub struct Agent {
     config: AgentConfig,
     client: ControlClient,
     glts: GltsClient,
-    leases: LeaseTable,
+    /// Leases held, by shard.
+    leases: Mutex<BTreeMap<u32, HeldLease>>,
     log: Logger,
 }
 
@@ -109,7 +89,7 @@ impl Agent {
         let members = discover(&client, &config.seeds, deadline).await?;
         let estimator = EstimatorConfig { drift_ppm: config.drift_ppm, ..EstimatorConfig::for_sources(members.len()) };
         let glts = GltsClient::start(client.connector().clone(), members, estimator, config.glts_sync)?;
-        Ok(Self { config, client, glts, leases: LeaseTable::default(), log })
+        Ok(Self { config, client, glts, leases: Mutex::default(), log })
     }
 
     /// The interval, for the shards' clocks.
@@ -117,9 +97,8 @@ impl Agent {
         self.glts.source()
     }
 
-    /// The leases held.
-    pub fn leases(&self) -> LeaseTable {
-        self.leases.clone()
+    fn leases(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, HeldLease>> {
+        self.leases.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits until the GLTS client has an interval.
@@ -205,6 +184,15 @@ impl Agent {
     /// others.
     async fn renew_leases(&self, problem: &mut Problem) {
         let c = &self.config;
+        // Leases whose local trust ran out (renewals failed meanwhile) are no longer held.
+        let now_ns = mono_ns();
+        self.leases().retain(|shard, lease| {
+            let trusted = lease.valid_until_ns > now_ns;
+            if !trusted {
+                (self.log)(&format!("shard {shard}: lease epoch {} expired without renewal", lease.epoch));
+            }
+            trusted
+        });
         let placement = match self.client.read(false, c.heartbeat).await {
             Ok(state) => state.placement,
             Err(error) => return problem.report(&self.log, &format!("cannot read placement: {error:#}")),
@@ -212,7 +200,7 @@ impl Agent {
         for shard in 0..c.shards {
             let home_here = placement.get(&shard).is_some_and(|place| place.home == c.region);
             if !home_here {
-                if self.leases.lock().remove(&shard).is_some() {
+                if self.leases().remove(&shard).is_some() {
                     (self.log)(&format!("shard {shard} is no longer placed in {}: lease dropped", c.region));
                 }
                 continue;
@@ -224,12 +212,12 @@ impl Agent {
                 Ok((Outcome::Lease { epoch, .. }, _)) => {
                     let trusted = c.lease.mul_f64(1.0 - c.drift_ppm as f64 / 1e6).saturating_sub(LEASE_MARGIN);
                     let lease = HeldLease { epoch, valid_until_ns: asked_ns + duration_ns(trusted) };
-                    if self.leases.lock().insert(shard, lease).is_none_or(|old| old.epoch != epoch) {
+                    if self.leases().insert(shard, lease).is_none_or(|old| old.epoch != epoch) {
                         (self.log)(&format!("shard {shard}: primary lease held, epoch {epoch}"));
                     }
                 }
                 Ok((Outcome::Rejected { reason }, _)) => {
-                    if self.leases.lock().remove(&shard).is_some() {
+                    if self.leases().remove(&shard).is_some() {
                         (self.log)(&format!("shard {shard}: lease lost: {reason}"));
                     }
                 }
@@ -241,7 +229,7 @@ impl Agent {
 
     /// Hands every held lease back, so a successor need not wait for expiry.
     async fn release_leases(&self) {
-        let held = std::mem::take(&mut *self.leases.lock());
+        let held = std::mem::take(&mut *self.leases());
         for (shard, lease) in held {
             let command = Command::ReleaseLease { shard, holder: self.config.node_id.clone(), epoch: lease.epoch };
             match self.client.propose(command, Duration::from_secs(2)).await {

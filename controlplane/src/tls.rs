@@ -28,7 +28,8 @@ pub fn generate(dir: &Path, names: &[String]) -> Result<()> {
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca_key_path = dir.join("ca.key");
-    let ca_key = if ca_key_path.exists() {
+    let existing_ca = ca_key_path.exists();
+    let ca_key = if existing_ca {
         let pem =
             std::fs::read_to_string(&ca_key_path).with_context(|| format!("reading {}", ca_key_path.display()))?;
         KeyPair::from_pem(&pem).with_context(|| format!("parsing {}", ca_key_path.display()))?
@@ -41,7 +42,7 @@ pub fn generate(dir: &Path, names: &[String]) -> Result<()> {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, "Meridian cluster CA");
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    if !ca_key_path.exists() {
+    if !existing_ca {
         let ca_cert = ca_params.self_signed(&ca_key)?;
         write(dir, "ca.pem", &ca_cert.pem())?;
         write(dir, "ca.key", &ca_key.serialize_pem())?;

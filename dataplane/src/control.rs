@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
 
-use controlplane::agent::{Agent, AgentConfig, LeaseTable, Logger};
+use controlplane::agent::{Agent, AgentConfig, Logger};
 use controlplane::glts_client::IntervalSource;
 use controlplane::tls::Identity;
 
@@ -33,7 +33,6 @@ impl Clock for GltsClock {
 #[derive(Debug)]
 pub struct ControlLink {
     clock: Arc<GltsClock>,
-    leases: LeaseTable,
     serving: Mutex<Option<tokio::sync::oneshot::Sender<String>>>,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
@@ -94,7 +93,7 @@ impl ControlLink {
                             return;
                         }
                     };
-                    let _ = ready_tx.send(Ok((agent.clock(), agent.leases())));
+                    let _ = ready_tx.send(Ok(agent.clock()));
                     // The node failed before serving when the sender is dropped.
                     if let Ok(addr) = serving_rx.await {
                         agent.run(addr, stop_rx).await;
@@ -103,9 +102,8 @@ impl ControlLink {
             })
             .map_err(|error| format!("cannot start the control agent thread: {error}"))?;
         match ready_rx.recv() {
-            Ok(Ok((clock, leases))) => Ok(Self {
+            Ok(Ok(clock)) => Ok(Self {
                 clock: Arc::new(GltsClock(clock)),
-                leases,
                 serving: Mutex::new(Some(serving_tx)),
                 stop: stop_tx,
                 thread: Some(thread),
@@ -121,11 +119,6 @@ impl ControlLink {
     /// The store clock.
     pub fn clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
-    }
-
-    /// The shard leases the node holds.
-    pub fn leases(&self) -> &LeaseTable {
-        &self.leases
     }
 
     /// The node serves clients at `addr` (shard 0's address): register and heartbeat.

@@ -169,8 +169,14 @@ impl<T> Link<T> {
             return Fate::Lost;
         }
         let start_ns = now_ns.max(self.wire_free_ns);
-        let queued_bytes: usize =
-            self.in_flight.iter().filter(|(_, departs, _, _)| *departs > now_ns).map(|(_, _, len, _)| len).sum();
+        // Departures are in order, so the datagrams still waiting to leave are a suffix.
+        let queued_bytes: usize = self
+            .in_flight
+            .iter()
+            .rev()
+            .take_while(|(_, departs, _, _)| *departs > now_ns)
+            .map(|(_, _, len, _)| len)
+            .sum();
         if queued_bytes + len > config.queue_bytes_max && start_ns > now_ns {
             self.stats.overflow += 1;
             return Fate::Overflow;

@@ -159,8 +159,8 @@ async fn accept(shared: Arc<Shared>, front: Arc<UdpSocket>, upstream: SocketAddr
         let socket = match sessions.get(&client) {
             Some(socket) => socket.clone(),
             None => {
-                let bind: SocketAddr = if upstream.is_ipv4() { ([127, 0, 0, 1], 0).into() } else { upstream };
-                let Ok(socket) = UdpSocket::bind(SocketAddr::new(bind.ip(), 0)).await else { continue };
+                let any = if upstream.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let Ok(socket) = UdpSocket::bind(any).await else { continue };
                 if socket.connect(upstream).await.is_err() {
                     continue;
                 }

@@ -57,29 +57,14 @@ fn main() -> anyhow::Result<()> {
         Some(path) => NodeConfig::from_file(path)?,
         None => NodeConfig::default(),
     };
-    if args.data_dir.is_some() {
-        config.data_dir = args.data_dir.clone();
-    }
-    if args.listen.is_some() {
-        config.listen = args.listen.clone();
-    }
-    if args.shards.is_some() {
-        config.shards = args.shards;
-    }
-    let control_flags = (&args.control, &args.tls_dir, &args.node_id, &args.region, &args.zone);
-    if control_flags != (&None, &None, &None, &None, &None) {
+    override_with(&mut config.data_dir, &args.data_dir);
+    override_with(&mut config.listen, &args.listen);
+    override_with(&mut config.shards, &args.shards);
+    let control_flags = [args.control.is_some(), args.tls_dir.is_some(), args.node_id.is_some()];
+    if control_flags.contains(&true) || args.region.is_some() || args.zone.is_some() {
         let control = config.control.get_or_insert_with(Default::default);
-        let override_with = |target: &mut Option<String>, value: &Option<String>| {
-            if value.is_some() {
-                target.clone_from(value);
-            }
-        };
-        if args.control.is_some() {
-            control.seeds.clone_from(&args.control);
-        }
-        if args.tls_dir.is_some() {
-            control.tls_dir.clone_from(&args.tls_dir);
-        }
+        override_with(&mut control.seeds, &args.control);
+        override_with(&mut control.tls_dir, &args.tls_dir);
         override_with(&mut control.node_id, &args.node_id);
         override_with(&mut control.region, &args.region);
         override_with(&mut control.zone, &args.zone);
@@ -119,6 +104,13 @@ fn main() -> anyhow::Result<()> {
         bail!("{error}");
     }
     Ok(())
+}
+
+/// A flag given on the command line replaces the config file's value.
+fn override_with<T: Clone>(target: &mut Option<T>, flag: &Option<T>) {
+    if flag.is_some() {
+        target.clone_from(flag);
+    }
 }
 
 /// Blocks SIGTERM and SIGINT in every thread (threads inherit the mask) and waits for them on
