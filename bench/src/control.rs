@@ -184,6 +184,7 @@ async fn run_async(args: &ControlArgs, binary: &Path) -> Result<()> {
 
     let meridian_dir = run_dir.path().join("meridian");
     std::fs::create_dir_all(&meridian_dir)?;
+    crate::device::quiesce();
     let cluster = LocalCluster::start(binary, &meridian_dir, 3, &[]).await?;
     cluster.wait_leader(Duration::from_secs(15)).await?;
     let client = cluster.client().clone().with_attempt_timeout(Duration::from_secs(5));
@@ -214,6 +215,7 @@ async fn run_async(args: &ControlArgs, binary: &Path) -> Result<()> {
         }
         let etcd_dir = run_dir.path().join("etcd");
         std::fs::create_dir_all(&etcd_dir)?;
+        crate::device::quiesce();
         let mut cluster = etcd::EtcdCluster::start(&etcd_dir).await?;
         figures.set("etcd_version", cluster.version().to_owned());
         for &clients in &args.clients {

@@ -141,3 +141,12 @@ pub fn probe(dir: &Path, block_bytes: usize, duration: Duration) -> Result<Probe
     let _ = std::fs::remove_file(&path);
     Ok(ProbeResult { bytes_per_s: bytes as f64 / elapsed, cycle })
 }
+
+/// Flushes every dirty page to the devices (`sync(2)`) and gives them a moment, so a measured
+/// system does not pay for the writeback of whatever ran before it (another bench, the other
+/// system of the comparison).
+pub fn quiesce() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(500));
+}
