@@ -56,6 +56,39 @@ pub struct Versioned {
     pub value: Bytes,
 }
 
+/// A node's replication status ([`Client::replication_status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationStatus {
+    /// The node's clock (a timestamp) when it answered.
+    pub now_ts: u64,
+    /// The node's region.
+    pub region: String,
+    /// One entry per region shipping to this node.
+    pub sources: Vec<SourceStatus>,
+}
+
+impl ReplicationStatus {
+    /// How far behind the node's clock the resolved timestamp of `source` is, in
+    /// microseconds (`None` until every shard of the source has reported).
+    pub fn lag_us(&self, source: &str) -> Option<u64> {
+        let source = self.sources.iter().find(|s| s.region == source)?;
+        (source.resolved_ts > 0).then(|| (self.now_ts >> 12).saturating_sub(source.resolved_ts >> 12))
+    }
+}
+
+/// One source region of a [`ReplicationStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceStatus {
+    /// The region shipping to the node.
+    pub region: String,
+    /// Minimum closed timestamp applied over its shards (0 until all reported).
+    pub resolved_ts: u64,
+    /// Shards that have reported.
+    pub shards_closed: u32,
+    /// Its shard count.
+    pub shards: u32,
+}
+
 /// Metadata of a key's visible version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stat {
@@ -173,6 +206,19 @@ impl Client {
         match self.call(self.shard_for(key), false, body_bytes, encode).await? {
             Reply::Written { ts } => Ok(ts),
             other => Err(unexpected(other, "Put")),
+        }
+    }
+
+    /// The node's replication status: per source region, the resolved timestamp (reads at or
+    /// below it see every shard's writes from that region) and the node's clock reading.
+    pub async fn replication_status(&self) -> Result<ReplicationStatus, ClientError> {
+        let encode: &Encode<'_> = &|out| {
+            Request::Replication.encode(out);
+            Ok(())
+        };
+        match self.call(0, true, 1, encode).await? {
+            Reply::Replication(status) => Ok(status),
+            other => Err(unexpected(other, "Replication")),
         }
     }
 

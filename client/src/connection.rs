@@ -46,6 +46,8 @@ pub(crate) enum Reply {
     Listing { entries: Vec<Entry>, next: Vec<u8> },
     /// The server refused the request.
     Error { code: ErrorCode, message: String },
+    /// The node's replication status.
+    Replication(crate::client::ReplicationStatus),
 }
 
 impl Reply {
@@ -64,6 +66,19 @@ impl Reply {
                 next: next.to_vec(),
             },
             Response::Error { code, message } => Self::Error { code, message: message.to_owned() },
+            Response::Replication { now_ts, region, sources } => Self::Replication(crate::client::ReplicationStatus {
+                now_ts,
+                region: region.to_owned(),
+                sources: sources
+                    .iter()
+                    .map(|source| crate::client::SourceStatus {
+                        region: source.region.to_owned(),
+                        resolved_ts: source.resolved_ts,
+                        shards_closed: source.shards_closed,
+                        shards: source.shards,
+                    })
+                    .collect(),
+            }),
         })
     }
 
@@ -77,6 +92,7 @@ impl Reply {
             Self::Stat { .. } => "Stat",
             Self::Listing { .. } => "Listing",
             Self::Error { .. } => "Error",
+            Self::Replication(_) => "Replication",
         }
     }
 }

@@ -99,6 +99,16 @@ impl Identity {
 
     /// The QUIC server side: presents our certificate, requires a CA-signed client one.
     pub fn server_config(&self) -> Result<quinn::ServerConfig> {
+        self.server_config_for(ALPN, transport())
+    }
+
+    /// The QUIC client side: verifies the server against the CA and presents our certificate.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig> {
+        self.client_config_for(ALPN, transport())
+    }
+
+    /// [`Identity::server_config`] for another protocol (`alpn`) and transport settings.
+    pub fn server_config_for(&self, alpn: &[u8], transport: quinn::TransportConfig) -> Result<quinn::ServerConfig> {
         let (roots, chain, key) = self.load()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -109,15 +119,15 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .context("loading the server certificate")?;
-        crypto.alpn_protocols = vec![ALPN.to_vec()];
+        crypto.alpn_protocols = vec![alpn.to_vec()];
         let crypto = QuicServerConfig::try_from(crypto).context("TLS config unusable for QUIC")?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(transport()));
+        config.transport_config(Arc::new(transport));
         Ok(config)
     }
 
-    /// The QUIC client side: verifies the server against the CA and presents our certificate.
-    pub fn client_config(&self) -> Result<quinn::ClientConfig> {
+    /// [`Identity::client_config`] for another protocol (`alpn`) and transport settings.
+    pub fn client_config_for(&self, alpn: &[u8], transport: quinn::TransportConfig) -> Result<quinn::ClientConfig> {
         let (roots, chain, key) = self.load()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
@@ -125,10 +135,10 @@ impl Identity {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .context("loading the client certificate")?;
-        crypto.alpn_protocols = vec![ALPN.to_vec()];
+        crypto.alpn_protocols = vec![alpn.to_vec()];
         let crypto = QuicClientConfig::try_from(crypto).context("TLS config unusable for QUIC")?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(transport()));
+        config.transport_config(Arc::new(transport));
         Ok(config)
     }
 }

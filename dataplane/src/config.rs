@@ -62,6 +62,134 @@ pub struct NodeConfig {
     pub wal: WalSection,
     /// The control plane to join; without it the node runs alone on the system clock.
     pub control: Option<ControlSection>,
+    /// Inter-region replication; without it the node keeps its writes to itself.
+    pub replication: Option<ReplicationSection>,
+}
+
+/// `[replication]`: this node's region, where the shards take writes, and the other regions.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// This node's region.
+    pub region: Option<String>,
+    /// Home region of every shard: writes are taken there and shipped to the others.
+    pub home: Option<String>,
+    /// UDP address of the QUIC replication endpoint (`ip:port`; port 0 picks one).
+    pub listen: Option<String>,
+    /// Directory with `ca.pem`, `<name>.pem`, `<name>.key` (`controlplane certs`).
+    pub tls_dir: Option<PathBuf>,
+    /// This node's certificate name.
+    pub name: Option<String>,
+    /// `lz4` (default), `snap` or `none`.
+    pub codec: Option<String>,
+    /// Raw bytes per batch before it is sent.
+    pub batch_bytes_max: Option<usize>,
+    /// Unacknowledged batches per stream.
+    pub window_batches: Option<usize>,
+    /// Unacknowledged bytes per stream.
+    pub window_bytes: Option<usize>,
+    /// Milliseconds between closed-timestamp publications (and empty batches when idle).
+    pub closed_interval_ms: Option<u64>,
+    /// Bandwidth between regions, Mbit/s (sizes the QUIC windows with `rtt_ms`).
+    pub bandwidth_mbit: Option<u64>,
+    /// Round trip between regions, ms.
+    pub rtt_ms: Option<u64>,
+    /// The other regions.
+    #[serde(default)]
+    pub peers: Vec<PeerSection>,
+}
+
+/// One `[[replication.peers]]` entry.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// The peer's region.
+    pub region: Option<String>,
+    /// Its replication endpoint (`ip:port`).
+    pub addr: Option<String>,
+}
+
+fn name_field(
+    field: &str,
+    value: Option<&String>,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<String, ConfigError> {
+    let value = value.cloned().ok_or_else(|| invalid(field, "is required".into()))?;
+    if value.is_empty() || value.len() > 64 || !value.chars().all(|c| c.is_ascii_alphanumeric() || "_-".contains(c)) {
+        return Err(invalid(field, format!("`{value}` must be 1 to 64 letters, digits, `_` or `-`")));
+    }
+    Ok(value)
+}
+
+impl ReplicationSection {
+    fn resolve(&self) -> Result<crate::repl::ReplConfig, ConfigError> {
+        let invalid =
+            |field: &str, reason: String| ConfigError::Invalid { field: format!("replication.{field}"), reason };
+        let region = name_field("region", self.region.as_ref(), &invalid)?;
+        let home = name_field("home", self.home.as_ref(), &invalid)?;
+        let name = name_field("name", self.name.as_ref(), &invalid)?;
+        let addr = |field: &str, value: Option<&String>| {
+            let value = value.ok_or_else(|| invalid(field, "is required".into()))?;
+            value
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| invalid(field, format!("`{value}` is not an ip:port address")))
+        };
+        let listen = addr("listen", self.listen.as_ref())?;
+        let tls_dir = self.tls_dir.clone().ok_or_else(|| invalid("tls_dir", "is required".into()))?;
+        let codec = match self.codec.as_deref().unwrap_or("lz4") {
+            "lz4" => wire::repl::Codec::Lz4,
+            "snap" => wire::repl::Codec::Snappy,
+            "none" => wire::repl::Codec::None,
+            other => return Err(invalid("codec", format!("`{other}` is not lz4, snap or none"))),
+        };
+        let mut peers = Vec::new();
+        for (index, peer) in self.peers.iter().enumerate() {
+            let peer_region = name_field(&format!("peers[{index}].region"), peer.region.as_ref(), &invalid)?;
+            if peer_region == region || peers.iter().any(|known: &crate::repl::Peer| known.region == peer_region) {
+                return Err(invalid(
+                    &format!("peers[{index}].region"),
+                    format!("`{peer_region}` is this region or listed twice"),
+                ));
+            }
+            let peer_addr = addr(&format!("peers[{index}].addr"), peer.addr.as_ref())?;
+            peers.push(crate::repl::Peer { region: peer_region, addr: peer_addr });
+        }
+        if region == home && peers.is_empty() {
+            return Err(invalid("peers", "the home region needs at least one peer region to ship to".into()));
+        }
+        let range = |field: &str, value: Option<u64>, default: u64, min: u64, max: u64| {
+            let value = value.unwrap_or(default);
+            if value < min || value > max {
+                return Err(invalid(field, format!("{value} is outside {min}..={max}")));
+            }
+            Ok(value)
+        };
+        let batch_bytes_max =
+            range("batch_bytes_max", self.batch_bytes_max.map(|v| v as u64), 64 << 10, 512, 16 << 20)?;
+        let window_batches = range("window_batches", self.window_batches.map(|v| v as u64), 64, 1, 65_536)?;
+        let window_bytes = range("window_bytes", self.window_bytes.map(|v| v as u64), 16 << 20, 4096, 1 << 32)?;
+        let closed_interval_ms = range("closed_interval_ms", self.closed_interval_ms, 1, 1, 10_000)?;
+        let bandwidth_mbit = range("bandwidth_mbit", self.bandwidth_mbit, 1000, 1, 1_000_000)?;
+        let rtt_ms = range("rtt_ms", self.rtt_ms, 100, 1, 10_000)?;
+        // Twice the bandwidth-delay product, so a window never stalls a stream that keeps up.
+        let quic_window_bytes = (bandwidth_mbit * 1_000_000 / 8 * rtt_ms / 1000 * 2).max(1 << 20);
+        Ok(crate::repl::ReplConfig {
+            region,
+            home,
+            listen,
+            tls_dir,
+            name,
+            peers,
+            codec,
+            batch_bytes_max: usize::try_from(batch_bytes_max).unwrap_or(usize::MAX),
+            window: crate::repl::Window {
+                batches: usize::try_from(window_batches).unwrap_or(usize::MAX),
+                bytes: usize::try_from(window_bytes).unwrap_or(usize::MAX),
+            },
+            closed_interval: Duration::from_millis(closed_interval_ms),
+            quic_window_bytes,
+        })
+    }
 }
 
 /// `[control]`: how the node joins the control plane (GLTS clock, registration, heartbeats,
@@ -232,6 +360,8 @@ pub struct Resolved {
     pub store: StoreConfig,
     /// The control plane to join.
     pub control: Option<ControlResolved>,
+    /// Inter-region replication.
+    pub replication: Option<crate::repl::ReplConfig>,
 }
 
 impl NodeConfig {
@@ -332,7 +462,8 @@ impl NodeConfig {
             return Err(invalid("limits.connections_max", "must be at least 1".into()));
         }
         let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
-        Ok(Resolved { data_dir, host, port, shards, server, store, control })
+        let replication = self.replication.as_ref().map(ReplicationSection::resolve).transpose()?;
+        Ok(Resolved { data_dir, host, port, shards, server, store, control, replication })
     }
 }
 
@@ -365,6 +496,7 @@ impl Resolved {
         config.shard_id = shard_id;
         config.wal.dir = config.dir.join("wal");
         config.wal.shard_id = shard_id;
+        config.wal_hold = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         config
     }
 }

@@ -48,16 +48,23 @@ impl Default for ServerLimits {
     }
 }
 
-/// What every shard's endpoint shares: the node's shard map.
+/// What every shard's endpoint shares: the node's shard map (and its replication status).
 #[derive(Debug, Clone, Default)]
 pub struct ShardMap {
     addresses: Arc<RwLock<Vec<String>>>,
+    replication: Option<Arc<crate::repl::Resolved>>,
 }
 
 impl ShardMap {
     /// A map of `shard_count` shards, addresses unknown yet.
     pub fn new(shard_count: usize) -> Self {
-        Self { addresses: Arc::new(RwLock::new(vec![String::new(); shard_count])) }
+        Self { addresses: Arc::new(RwLock::new(vec![String::new(); shard_count])), replication: None }
+    }
+
+    /// Answers `Replication` requests from `resolved`.
+    pub fn with_replication(mut self, resolved: Arc<crate::repl::Resolved>) -> Self {
+        self.replication = Some(resolved);
+        self
     }
 
     /// Records a shard's address; returns whether every shard has one now.
@@ -261,6 +268,24 @@ impl Endpoint {
                 let addresses = self.map.addresses();
                 respond(out, &|out| proto::encode_hello(self.shard_id, addresses.iter().map(String::as_str), out));
             }
+            Request::Replication => {
+                let Some(resolved) = &self.map.replication else {
+                    return Err((ErrorCode::Unavailable, "this node has no [replication] section".into()));
+                };
+                let interval = store.config().clock.interval().map_err(|error| map_error(error.into()))?;
+                let now_ts = crate::store::clock::timestamp_at(interval.earliest_us);
+                let sources = resolved.sources();
+                let statuses: Vec<proto::SourceStatus<'_>> = sources
+                    .iter()
+                    .map(|source| proto::SourceStatus {
+                        region: &source.region,
+                        resolved_ts: source.resolved_ts,
+                        shards_closed: source.shards_closed,
+                        shards: source.shards,
+                    })
+                    .collect();
+                respond(out, &|out| proto::encode_replication(now_ts, resolved.region(), &statuses, out));
+            }
             Request::Put { key, value } => {
                 self.check_owner(key)?;
                 let ts = store.put(key, value).await.map_err(map_error)?;
@@ -351,6 +376,8 @@ pub fn map_error(error: StoreError) -> (ErrorCode, String) {
             ErrorCode::ChunkCorrupt
         }
         StoreError::Wal(_) | StoreError::Clock(_) => ErrorCode::Unavailable,
+        StoreError::NotHome { .. } => ErrorCode::NotHome,
+        StoreError::BadReplica { .. } => ErrorCode::BadRequest,
         StoreError::Chunk(_)
         | StoreError::Config { .. }
         | StoreError::Checkpoint { .. }

@@ -12,6 +12,7 @@
 pub mod limits;
 pub mod proto;
 pub mod record;
+pub mod repl;
 pub mod routing;
 
 pub use record::{

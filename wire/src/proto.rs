@@ -14,6 +14,7 @@
 //! | `List`       |  5 | at (u64), limit (u32), prefix (u16 len), start_after (u16 len)     |
 //! | `Stat`       |  6 | at (u64), key (u16 len)                                            |
 //! | `BatchPut`   |  7 | count (u32), then count × (key (u16 len), value (u32 len))         |
+//! | `Replication`|  8 | (none)                                                             |
 //!
 //! | response     | kind | fields                                                           |
 //! |--------------|-----:|------------------------------------------------------------------|
@@ -24,6 +25,7 @@
 //! | `Stat`       |    5 | ts (u64), size (u64), chunks (u32), versions (u32)               |
 //! | `Listing`    |    6 | count (u32), count × (key (u16 len), ts (u64), size (u64)), next (u16 len, empty = end) |
 //! | `Error`      |    7 | code (u16), message (rest of the body, UTF-8)                    |
+//! | `Replication`|    8 | now_ts (u64), region (u16 len), count (u32), count × (source region (u16 len), resolved_ts (u64), shards_closed (u32), shards (u32)) |
 //!
 //! Decoding is total: any byte sequence gives a value or a typed [`ProtoError`], never a panic
 //! (fuzz target `proto_decode`). List-valued fields are validated once at decode time and then
@@ -101,6 +103,8 @@ pub enum ErrorCode {
     Internal,
     /// A batch holds more than the server accepts in one record.
     BatchTooLarge,
+    /// The shard takes writes in another region (this one holds a replica).
+    NotHome,
     /// A code this build does not know.
     Other(u16),
 }
@@ -121,6 +125,7 @@ impl ErrorCode {
             Self::SnapshotTooOld => 10,
             Self::Internal => 11,
             Self::BatchTooLarge => 12,
+            Self::NotHome => 13,
             Self::Other(code) => code,
         }
     }
@@ -140,6 +145,7 @@ impl ErrorCode {
             10 => Self::SnapshotTooOld,
             11 => Self::Internal,
             12 => Self::BatchTooLarge,
+            13 => Self::NotHome,
             other => Self::Other(other),
         }
     }
@@ -197,6 +203,8 @@ pub enum Request<'a> {
         /// The items.
         items: Pairs<'a>,
     },
+    /// The node's replication status: resolved timestamp per source region.
+    Replication,
 }
 
 const OP_HELLO: u8 = 1;
@@ -206,6 +214,7 @@ const OP_DELETE: u8 = 4;
 const OP_LIST: u8 = 5;
 const OP_STAT: u8 = 6;
 const OP_BATCH_PUT: u8 = 7;
+const OP_REPLICATION: u8 = 8;
 
 const KIND_HELLO: u8 = 1;
 const KIND_WRITTEN: u8 = 2;
@@ -214,6 +223,7 @@ const KIND_NOT_FOUND: u8 = 4;
 const KIND_STAT: u8 = 5;
 const KIND_LISTING: u8 = 6;
 const KIND_ERROR: u8 = 7;
+const KIND_REPLICATION: u8 = 8;
 
 fn at_to_wire(at: Option<u64>) -> u64 {
     at.unwrap_or(AT_LATEST)
@@ -251,6 +261,7 @@ impl<'a> Request<'a> {
                 Self::Stat { key: r.bytes16("key")?, at }
             }
             OP_BATCH_PUT => Self::BatchPut { items: Pairs::decode(&mut r)? },
+            OP_REPLICATION => Self::Replication,
             op => return Err(ProtoError::UnknownRequest { op }),
         };
         r.finish()?;
@@ -292,6 +303,7 @@ impl<'a> Request<'a> {
                 out.extend_from_slice(&items.count.to_le_bytes());
                 out.extend_from_slice(items.raw);
             }
+            Self::Replication => out.push(OP_REPLICATION),
         }
     }
 }
@@ -488,6 +500,15 @@ pub enum Response<'a> {
         /// A human explanation.
         message: &'a str,
     },
+    /// Replication status of the node.
+    Replication {
+        /// The node's clock reading (a timestamp), to measure lag against.
+        now_ts: u64,
+        /// The node's region.
+        region: &'a str,
+        /// One entry per source region.
+        sources: Sources<'a>,
+    },
 }
 
 impl<'a> Response<'a> {
@@ -520,6 +541,12 @@ impl<'a> Response<'a> {
                 let code = ErrorCode::from_u16(r.u16("code")?);
                 let message = std::str::from_utf8(r.rest()).map_err(|_| ProtoError::BadUtf8 { field: "message" })?;
                 Self::Error { code, message }
+            }
+            KIND_REPLICATION => {
+                let now_ts = r.u64("now_ts")?;
+                let region =
+                    std::str::from_utf8(r.bytes16("region")?).map_err(|_| ProtoError::BadUtf8 { field: "region" })?;
+                Self::Replication { now_ts, region, sources: Sources::decode(&mut r)? }
             }
             kind => return Err(ProtoError::UnknownResponse { kind }),
         };
@@ -584,6 +611,75 @@ pub fn encode_error(code: ErrorCode, message: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(message.as_bytes());
 }
 
+/// One source region of a `Replication` response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceStatus<'a> {
+    /// The region shipping to this node.
+    pub region: &'a str,
+    /// Minimum closed timestamp applied over its shards (0 until every shard reported one).
+    pub resolved_ts: u64,
+    /// Shards that have reported a closed timestamp.
+    pub shards_closed: u32,
+    /// Shards of the source.
+    pub shards: u32,
+}
+
+/// Validated entries of a `Replication` response; iterate with [`Sources::iter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sources<'a> {
+    count: u32,
+    raw: &'a [u8],
+}
+
+impl<'a> Sources<'a> {
+    fn decode(r: &mut Reader<'a>) -> Result<Self, ProtoError> {
+        let count = r.u32("count")?;
+        let start = r.pos;
+        for _ in 0..count {
+            std::str::from_utf8(r.bytes16("source")?).map_err(|_| ProtoError::BadUtf8 { field: "source" })?;
+            r.take(16, "source status")?;
+        }
+        Ok(Self { count, raw: &r.bytes[start..r.pos] })
+    }
+
+    /// Number of source regions.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Each source region's status.
+    pub fn iter(&self) -> impl Iterator<Item = SourceStatus<'a>> + 'a {
+        let mut r = Reader::new(self.raw);
+        (0..self.count).map_while(move |_| {
+            Some(SourceStatus {
+                region: std::str::from_utf8(r.bytes16("source").ok()?).ok()?,
+                resolved_ts: r.u64("resolved_ts").ok()?,
+                shards_closed: r.u32("shards_closed").ok()?,
+                shards: r.u32("shards").ok()?,
+            })
+        })
+    }
+}
+
+/// Writes the body of a `Replication` response.
+pub fn encode_replication(now_ts: u64, region: &str, sources: &[SourceStatus<'_>], out: &mut Vec<u8>) {
+    out.push(KIND_REPLICATION);
+    out.extend_from_slice(&now_ts.to_le_bytes());
+    put_bytes16(out, region.as_bytes());
+    out.extend_from_slice(&u32::try_from(sources.len()).unwrap_or(u32::MAX).to_le_bytes());
+    for source in sources {
+        put_bytes16(out, source.region.as_bytes());
+        out.extend_from_slice(&source.resolved_ts.to_le_bytes());
+        out.extend_from_slice(&source.shards_closed.to_le_bytes());
+        out.extend_from_slice(&source.shards.to_le_bytes());
+    }
+}
+
 /// Frames a body: reserves the header in `out` before calling `body`, then fills it in.
 /// `out` is cleared first.
 pub fn frame(
@@ -602,24 +698,24 @@ pub fn frame(
 
 /// Appends a u16-length-prefixed field; longer input is cut at `u16::MAX` bytes (callers
 /// check key limits before encoding).
-fn put_bytes16(out: &mut Vec<u8>, bytes: &[u8]) {
+pub(crate) fn put_bytes16(out: &mut Vec<u8>, bytes: &[u8]) {
     let len = bytes.len().min(usize::from(u16::MAX));
     out.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_le_bytes());
     out.extend_from_slice(&bytes[..len]);
 }
 
 /// A bounds-checked little-endian reader over a body.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
         Self { bytes, pos: 0 }
     }
 
-    fn take(&mut self, len: usize, field: &'static str) -> Result<&'a [u8], ProtoError> {
+    pub(crate) fn take(&mut self, len: usize, field: &'static str) -> Result<&'a [u8], ProtoError> {
         let end =
             self.pos.checked_add(len).filter(|end| *end <= self.bytes.len()).ok_or(ProtoError::Truncated { field })?;
         let out = &self.bytes[self.pos..end];
@@ -633,39 +729,39 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn u8(&mut self, field: &'static str) -> Result<u8, ProtoError> {
+    pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, ProtoError> {
         Ok(self.array::<1>(field)?[0])
     }
 
-    fn u16(&mut self, field: &'static str) -> Result<u16, ProtoError> {
+    pub(crate) fn u16(&mut self, field: &'static str) -> Result<u16, ProtoError> {
         Ok(u16::from_le_bytes(self.array(field)?))
     }
 
-    fn u32(&mut self, field: &'static str) -> Result<u32, ProtoError> {
+    pub(crate) fn u32(&mut self, field: &'static str) -> Result<u32, ProtoError> {
         Ok(u32::from_le_bytes(self.array(field)?))
     }
 
-    fn u64(&mut self, field: &'static str) -> Result<u64, ProtoError> {
+    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, ProtoError> {
         Ok(u64::from_le_bytes(self.array(field)?))
     }
 
-    fn bytes16(&mut self, field: &'static str) -> Result<&'a [u8], ProtoError> {
+    pub(crate) fn bytes16(&mut self, field: &'static str) -> Result<&'a [u8], ProtoError> {
         let len = self.u16(field)?;
         self.take(usize::from(len), field)
     }
 
-    fn bytes32(&mut self, field: &'static str) -> Result<&'a [u8], ProtoError> {
+    pub(crate) fn bytes32(&mut self, field: &'static str) -> Result<&'a [u8], ProtoError> {
         let len = self.u32(field)?;
         self.take(len as usize, field)
     }
 
-    fn rest(&mut self) -> &'a [u8] {
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
         let out = &self.bytes[self.pos..];
         self.pos = self.bytes.len();
         out
     }
 
-    fn finish(&self) -> Result<(), ProtoError> {
+    pub(crate) fn finish(&self) -> Result<(), ProtoError> {
         match self.bytes.len() - self.pos {
             0 => Ok(()),
             count => Err(ProtoError::TrailingBytes { count }),
@@ -698,6 +794,7 @@ mod tests {
         roundtrip(Request::Delete { key: b"gone" });
         roundtrip(Request::List { prefix: b"a/", start_after: b"a/b", limit: 10, at: Some(7) });
         roundtrip(Request::Stat { key: b"s", at: None });
+        roundtrip(Request::Replication);
     }
 
     #[test]
@@ -750,6 +847,20 @@ mod tests {
             Response::decode(&body),
             Ok(Response::Error { code: ErrorCode::KeyTooLarge, message: "key of 5000 bytes exceeds 4096" })
         );
+
+        body.clear();
+        let sources = [
+            SourceStatus { region: "eu", resolved_ts: 77, shards_closed: 2, shards: 2 },
+            SourceStatus { region: "us", resolved_ts: 0, shards_closed: 1, shards: 2 },
+        ];
+        encode_replication(99, "ap", &sources, &mut body);
+        let Ok(Response::Replication { now_ts: 99, region: "ap", sources: got }) = Response::decode(&body) else {
+            panic!()
+        };
+        assert_eq!(got.iter().collect::<Vec<_>>(), sources);
+        for cut in 0..body.len() {
+            assert!(Response::decode(&body[..cut]).is_err());
+        }
     }
 
     #[test]

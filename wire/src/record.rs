@@ -69,11 +69,13 @@ pub enum RecordType {
     Control = 8,
     /// One record of the control plane's Raft log file (payload defined by its `log` module).
     RaftLog = 9,
+    /// A replication frame between regions (payload per [`crate::repl`]).
+    Repl = 10,
 }
 
 impl RecordType {
     /// Every type this build knows, for tests and fuzzers.
-    pub const ALL: [RecordType; 9] = [
+    pub const ALL: [RecordType; 10] = [
         Self::SegmentHeader,
         Self::BatchBegin,
         Self::Data,
@@ -83,6 +85,7 @@ impl RecordType {
         Self::Chunk,
         Self::Control,
         Self::RaftLog,
+        Self::Repl,
     ];
 
     /// The type for a byte read from a header, if this build knows it.
@@ -217,10 +220,21 @@ pub fn encode_header(
     seq: u64,
     payload: &[u8],
 ) -> Result<[u8; HEADER_BYTES], EncodeError> {
-    let payload_len = u32::try_from(payload.len())
+    encode_header_pieces(record_type, glt, seq, &[payload])
+}
+
+/// [`encode_header`] for a payload made of `pieces` sent one after the other.
+pub fn encode_header_pieces(
+    record_type: RecordType,
+    glt: u64,
+    seq: u64,
+    pieces: &[&[u8]],
+) -> Result<[u8; HEADER_BYTES], EncodeError> {
+    let len: usize = pieces.iter().map(|piece| piece.len()).sum();
+    let payload_len = u32::try_from(len)
         .ok()
         .filter(|len| *len <= PAYLOAD_BYTES_MAX)
-        .ok_or(EncodeError::PayloadTooLarge { len: payload.len(), max: PAYLOAD_BYTES_MAX })?;
+        .ok_or(EncodeError::PayloadTooLarge { len, max: PAYLOAD_BYTES_MAX })?;
     let raw = RawHeader {
         magic: U32::new(MAGIC),
         version: FORMAT_VERSION,
@@ -233,7 +247,10 @@ pub fn encode_header(
     };
     let mut bytes = [0_u8; HEADER_BYTES];
     bytes.copy_from_slice(raw.as_bytes());
-    let crc = checksum(&bytes, payload);
+    let mut crc = checksum(&bytes, &[]);
+    for piece in pieces {
+        crc = crc32c::crc32c_append(crc, piece);
+    }
     bytes[CHECKSUM_RANGE].copy_from_slice(&crc.to_le_bytes());
     Ok(bytes)
 }

@@ -74,7 +74,8 @@ pub fn hex(hash: &[u8; CHUNK_HASH_BYTES]) -> String {
     hash.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-fn file_name(hash: &[u8; CHUNK_HASH_BYTES]) -> String {
+/// The file name of a chunk in its shard's `chunks/` directory.
+pub fn file_name(hash: &[u8; CHUNK_HASH_BYTES]) -> String {
     format!("{}.chunk", hex(hash))
 }
 

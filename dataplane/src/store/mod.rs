@@ -24,7 +24,7 @@ use thiserror::Error;
 
 pub use chunks::ChunkError;
 pub use clock::{Clock, ClockUnavailable, Hlc, ManualClock, SystemClock, TimeInterval};
-pub use shard::{KeyStat, ListItem, ShardStore, StoreStats};
+pub use shard::{ClosedPoint, KeyStat, ListItem, ShardStore, StoreStats};
 pub use versions::TooOld;
 
 use crate::limits;
@@ -58,6 +58,12 @@ pub struct StoreConfig {
     pub checkpoint_wal_bytes: u64,
     /// Physical time for the HLC.
     pub clock: Arc<dyn Clock>,
+    /// `Some(home)` when this shard is a replica of region `home`: client writes are refused
+    /// (`NotHome`) and versions arrive only through [`ShardStore::apply_replicated`].
+    pub replica_of: Option<String>,
+    /// Lowest LSN replication still needs (`u64::MAX`: none), set by the shipper; checkpoints
+    /// release no WAL segment at or above it. Per shard (see `config::Resolved::store_for`).
+    pub wal_hold: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StoreConfig {
@@ -79,6 +85,8 @@ impl StoreConfig {
             gc_interval: limits::GC_INTERVAL_DEFAULT,
             checkpoint_wal_bytes: limits::CHECKPOINT_WAL_BYTES_DEFAULT,
             clock: Arc::new(SystemClock),
+            replica_of: None,
+            wal_hold: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
         }
     }
 
@@ -165,6 +173,23 @@ pub enum StoreError {
     /// wait could not finish: its outcome is then unknown to the client).
     #[error(transparent)]
     Clock(#[from] ClockUnavailable),
+    /// The shard takes writes in another region; this one holds a replica.
+    #[error("shard {shard_id} takes writes in region {home}; this region holds a replica")]
+    NotHome {
+        /// The shard.
+        shard_id: u32,
+        /// Its home region.
+        home: String,
+    },
+    /// A replicated record cannot be applied (the shipper sent something a home shard never
+    /// writes).
+    #[error("shard {shard_id}: bad replicated record: {reason}")]
+    BadReplica {
+        /// The shard.
+        shard_id: u32,
+        /// What is wrong.
+        reason: String,
+    },
     /// A checkpoint could not be written or read.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {

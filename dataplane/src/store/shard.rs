@@ -1,10 +1,11 @@
 //! The glommio shell of a shard's store: WAL + version map + chunk server + checkpoints.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -92,13 +93,23 @@ struct Inner {
     versions: RefCell<VersionMap>,
     chunks: ChunkStore,
     hlc: Cell<Hlc>,
-    /// LSNs reserved in the WAL and not yet applied: a checkpoint starts below the first.
-    inflight: RefCell<BTreeSet<u64>>,
+    /// LSNs reserved in the WAL and not yet applied, with their timestamps: a checkpoint
+    /// starts below the first; the closed timestamp stays below the first not yet durable.
+    inflight: RefCell<BTreeMap<u64, u64>>,
     checkpointing: Cell<bool>,
     wal_bytes_carried: u64,
     wal_bytes_at_checkpoint: Cell<u64>,
     stats: RefCell<StoreStats>,
     closed: Cell<bool>,
+}
+
+/// What a home shard can promise its replicas (see [`ShardStore::closed_point`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClosedPoint {
+    /// Every record below this LSN is durable.
+    pub durable_next_lsn: u64,
+    /// No record at or below this timestamp will be written from `durable_next_lsn` on.
+    pub closed_ts: u64,
 }
 
 /// One shard's store. Cheap to clone; lives on one glommio executor.
@@ -220,6 +231,9 @@ impl ShardStore {
         items: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
     ) -> Result<u64, StoreError> {
         let config = &self.inner.config;
+        if let Some(home) = &config.replica_of {
+            return Err(StoreError::NotHome { shard_id: config.shard_id, home: home.clone() });
+        }
         if items.len() == 0 || items.len() > config.batch_ops_max {
             return Err(StoreError::BatchTooLarge {
                 reason: format!("{} operations, allowed 1..={}", items.len(), config.batch_ops_max),
@@ -289,7 +303,7 @@ impl ShardStore {
                 let mut hlc = inner.hlc.get();
                 let ts = hlc.tick(interval.latest_us);
                 inner.hlc.set(hlc);
-                inner.inflight.borrow_mut().insert(lsn);
+                inner.inflight.borrow_mut().insert(lsn, ts);
                 reserved.set(Some((lsn, ts)));
                 ts
             })
@@ -442,7 +456,7 @@ impl ShardStore {
         let config = &inner.config;
         let wal_bytes = inner.wal.stats().batch_bytes + inner.wal_bytes_carried;
         let durable = inner.wal.durable_next_lsn();
-        let lsn = inner.inflight.borrow().first().copied().map_or(durable, |first| first.min(durable));
+        let lsn = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
         let horizon = inner.versions.borrow().horizon();
         let name = checkpoint::file_name(config.shard_id, lsn);
         let path = config.dir.join(&name);
@@ -500,7 +514,7 @@ impl ShardStore {
         crate::wal::writer::sync_path(&config.dir).map_err(|error| fail(format!("sync directory: {error}")))?;
 
         remove_checkpoints(&config.dir, config.shard_id, |old| old < lsn).map_err(|error| fail(error.to_string()))?;
-        let released = inner.wal.release_before(lsn)?;
+        let released = inner.wal.release_before(lsn.min(inner.config.wal_hold.load(Ordering::Acquire)))?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
         let mut stats = inner.stats.borrow_mut();
         stats.checkpoints += 1;
@@ -518,6 +532,100 @@ impl ShardStore {
         stats.chunks = self.inner.chunks.stats();
         stats.chunk_count = self.inner.chunks.chunk_count() as u64;
         stats
+    }
+
+    /// What replication may ship and promise now: every record below `durable_next_lsn` is
+    /// durable, and no record with a timestamp at or below `closed_ts` will be written at or
+    /// after it. Records are stamped in LSN order, so the first reserved record not yet
+    /// durable bounds the promise; with none, every later stamp is above both the last one
+    /// issued and the clock's `earliest` now (stamps are taken at an interval's `latest`).
+    pub fn closed_point(&self) -> Result<ClosedPoint, StoreError> {
+        let inner = &self.inner;
+        let durable_next_lsn = inner.wal.durable_next_lsn();
+        let pending = inner.inflight.borrow().range(durable_next_lsn..).next().map(|(_, ts)| *ts);
+        let closed_ts = match pending {
+            Some(ts) => ts.saturating_sub(1),
+            None => {
+                let earliest = timestamp_at(inner.config.clock.interval()?.earliest_us).saturating_sub(1);
+                inner.hlc.get().last().max(earliest)
+            }
+        };
+        Ok(ClosedPoint { durable_next_lsn, closed_ts })
+    }
+
+    /// Applies a record shipped by the shard's home region: durable in this shard's WAL under
+    /// the home's timestamp `glt`, then readable. Values above the inline limit are chunked
+    /// here as for a client write. Applying the same record twice is harmless (one version per
+    /// key and timestamp), which is what lets a stream resume from any earlier position.
+    pub async fn apply_replicated(&self, glt: u64, payload: &Bytes) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let shard_id = inner.config.shard_id;
+        let bad = |reason: String| StoreError::BadReplica { shard_id, reason };
+        let ops = op::decode(payload).map_err(|error| bad(error.to_string()))?;
+        let mut bodies = Vec::with_capacity(ops.len());
+        let mut staged = false;
+        for op in &ops {
+            let body = match &op.body {
+                Body::Inline(value) if value.len() > inner.config.inline_bytes_max => {
+                    staged = true;
+                    Body::Chunked(inner.chunks.store(value).await?)
+                }
+                Body::Chunked(_) => return Err(bad("chunk references instead of values".into())),
+                body => body.clone(),
+            };
+            bodies.push(body);
+        }
+        let encoded;
+        let record = if staged {
+            let mut out = Vec::with_capacity(payload.len());
+            op::encode(ops.iter().zip(&bodies).map(|(op, body)| (&op.key[..], body.view())), &mut out)
+                .map_err(|error| bad(error.to_string()))?;
+            encoded = out;
+            &encoded[..]
+        } else {
+            &payload[..]
+        };
+        let reserved = Cell::new(None);
+        let appended = inner
+            .wal
+            .append_stamped(record, |lsn| {
+                inner.inflight.borrow_mut().insert(lsn, glt);
+                reserved.set(Some(lsn));
+                glt
+            })
+            .await;
+        if appended.is_ok() {
+            let mut hlc = inner.hlc.get();
+            hlc.observe(glt);
+            inner.hlc.set(hlc);
+            let mut duplicates = Vec::new();
+            let mut versions = inner.versions.borrow_mut();
+            for (op, body) in ops.into_iter().zip(bodies) {
+                let list = match &body {
+                    Body::Chunked(list) => Some(list.clone()),
+                    _ => None,
+                };
+                // A record applied before (a resumed stream): its chunks were counted then.
+                if !versions.apply(op.key, glt, body) {
+                    duplicates.extend(list);
+                }
+            }
+            drop(versions);
+            for list in &duplicates {
+                inner.chunks.release(list)?;
+            }
+        } else {
+            for body in &bodies {
+                if let Body::Chunked(list) = body {
+                    inner.chunks.release(list)?;
+                }
+            }
+        }
+        if let Some(lsn) = reserved.get() {
+            inner.inflight.borrow_mut().remove(&lsn);
+        }
+        appended?;
+        Ok(())
     }
 
     /// The newest timestamp issued, and its physical part in microseconds.

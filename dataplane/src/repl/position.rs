@@ -1,0 +1,82 @@
+//! A replica shard's resume position per source region: the first LSN of the source shard's
+//! WAL not yet durable here. One small text file per (shard, source region),
+//! `<shard dir>/repl-from-<region>.pos`, replaced atomically (temporary file, rename). It is
+//! written only after the records below it are durable, and lazily: a stale position only
+//! makes the source resend records, whose application is idempotent.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+const MAGIC: &str = "meridian-repl-position v1 ";
+
+/// Why a position file's bytes are not a position.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PositionError {
+    /// Not the expected text.
+    #[error("not a replication position file")]
+    BadFormat,
+}
+
+/// Decodes a position file.
+pub fn decode(bytes: &[u8]) -> Result<u64, PositionError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| PositionError::BadFormat)?;
+    let number = text.strip_prefix(MAGIC).and_then(|rest| rest.strip_suffix('\n')).ok_or(PositionError::BadFormat)?;
+    if number.is_empty() || !number.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(PositionError::BadFormat);
+    }
+    number.parse().map_err(|_| PositionError::BadFormat)
+}
+
+/// Encodes a position file.
+pub fn encode(next_lsn: u64) -> String {
+    format!("{MAGIC}{next_lsn}\n")
+}
+
+/// The file of `region` in a shard directory.
+pub fn path(shard_dir: &Path, region: &str) -> PathBuf {
+    shard_dir.join(format!("repl-from-{region}.pos"))
+}
+
+/// The stored position (1, the first LSN, when there is none yet).
+pub fn load(shard_dir: &Path, region: &str) -> Result<u64, String> {
+    let path = path(shard_dir, region);
+    match std::fs::read(&path) {
+        Ok(bytes) => decode(&bytes).map_err(|error| format!("{}: {error}", path.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(1),
+        Err(error) => Err(format!("{}: {error}", path.display())),
+    }
+}
+
+/// Replaces the stored position.
+pub fn store(shard_dir: &Path, region: &str, next_lsn: u64) -> std::io::Result<()> {
+    let path = path(shard_dir, region);
+    let temporary = path.with_extension("pos.tmp");
+    std::fs::write(&temporary, encode(next_lsn))?;
+    std::fs::rename(&temporary, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_roundtrip_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path(), "eu"), Ok(1));
+        store(dir.path(), "eu", 42).unwrap();
+        assert_eq!(load(dir.path(), "eu"), Ok(42));
+        assert_eq!(decode(encode(7).as_bytes()), Ok(7));
+        for bad in [
+            "",
+            "meridian-repl-position v1 \n",
+            "meridian-repl-position v1 -3\n",
+            "x 5\n",
+            "meridian-repl-position v1 5",
+        ] {
+            assert_eq!(decode(bad.as_bytes()), Err(PositionError::BadFormat), "{bad:?}");
+        }
+        std::fs::write(path(dir.path(), "us"), b"garbage").unwrap();
+        assert!(load(dir.path(), "us").unwrap_err().contains("repl-from-us.pos"));
+    }
+}

@@ -1,0 +1,684 @@
+//! The replication thread: a tokio runtime with one QUIC endpoint (quinn, mutual TLS against
+//! the cluster CA) that both ships and receives.
+//!
+//! Shipping (home region): per (peer region, shard) a task tails the shard's durable WAL with
+//! a [`WalCursor`] (memory-mapped, any thread), forms batches up to `batch_bytes_max`,
+//! compresses them and writes each frame as two `Bytes` (head, body) on the shard's own
+//! bidirectional stream of the connection to that peer, so one shard's backlog never blocks
+//! another's. The [`Outbound`] core bounds the unacknowledged window (backpressure) and says
+//! what closed timestamp a batch may carry. Chunked values are read from their chunk files and
+//! shipped inline. Any error closes the stream; the task reconnects and resumes from the
+//! receiver's durable position. The shard's WAL is held from the lowest acknowledged LSN of
+//! any peer.
+//!
+//! Receiving (replica regions): each stream's `Hello` is checked (known source region, the
+//! shards' home, same shard count), answered with the durable position, then every batch is
+//! checked by the [`Inbound`] core, decompressed, its entries validated and handed to the
+//! owning shard (glommio) as [`Apply`] requests without waiting; a second task awaits them in
+//! order and acknowledges (position, closed timestamp) once all are durable.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use controlplane::tls::{Identity, SERVER_NAME};
+use tokio::sync::{mpsc, oneshot, watch};
+use wire::repl::{self, Batch, Codec, Entries, Frame};
+
+use super::core::{Inbound, Outbound};
+use super::status::Resolved;
+use super::{Apply, Peer, ReplConfig, ThreadSide, codec, position};
+use crate::store::op::{self, Body, Value};
+use crate::wal::{WalCursor, WalReader};
+
+/// ALPN of the replication protocol.
+pub const ALPN: &[u8] = b"meridian-repl/1";
+
+/// A log line sink.
+pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Counters of the replication thread, for status and the bench.
+#[derive(Debug, Default)]
+pub struct ReplStats {
+    /// Raw entry bytes shipped.
+    pub raw_bytes: std::sync::atomic::AtomicU64,
+    /// Frame bytes shipped (compressed bodies and headers).
+    pub wire_bytes: std::sync::atomic::AtomicU64,
+    /// Records shipped.
+    pub records_shipped: std::sync::atomic::AtomicU64,
+    /// Records applied here from other regions.
+    pub records_applied: std::sync::atomic::AtomicU64,
+    /// Streams closed on an error.
+    pub stream_errors: std::sync::atomic::AtomicU64,
+}
+
+/// The running replication thread.
+#[derive(Debug)]
+pub struct Replication {
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    resolved: Arc<Resolved>,
+    stats: Arc<ReplStats>,
+    addr: SocketAddr,
+}
+
+struct Context {
+    config: ReplConfig,
+    shards: Vec<ThreadSide>,
+    resolved: Arc<Resolved>,
+    stats: Arc<ReplStats>,
+    log: Logger,
+    stop: watch::Receiver<bool>,
+    /// Per shard, the acknowledged LSN of each peer (for the WAL hold).
+    acked: Mutex<HashMap<(u32, String), u64>>,
+    /// Per (source region, shard): position in memory and when it was last written out.
+    positions: Mutex<HashMap<(String, u32), (u64, Instant)>>,
+}
+
+impl Replication {
+    /// Binds the endpoint and starts shipping (home) or receiving (replica).
+    pub fn start(config: ReplConfig, shards: Vec<ThreadSide>, log: Logger) -> Result<Self, String> {
+        let identity = Identity::in_dir(&config.tls_dir, &config.name);
+        for path in [&identity.ca, &identity.cert, &identity.key] {
+            if !path.exists() {
+                return Err(format!(
+                    "replication.tls_dir: {} is missing (create it with `controlplane certs --out {} {}`)",
+                    path.display(),
+                    config.tls_dir.display(),
+                    config.name
+                ));
+            }
+        }
+        let server = identity
+            .server_config_for(ALPN, transport(&config))
+            .map_err(|error| format!("replication TLS: {error:#}"))?;
+        let client = identity
+            .client_config_for(ALPN, transport(&config))
+            .map_err(|error| format!("replication TLS: {error:#}"))?;
+        let sources: Vec<String> = if config.is_home() { Vec::new() } else { vec![config.home.clone()] };
+        let shard_count = u32::try_from(shards.len()).map_err(|_| "too many shards".to_string())?;
+        let resolved = Arc::new(Resolved::new(&config.region, &sources, shard_count));
+        let stats = Arc::new(ReplStats::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut positions = HashMap::new();
+        for source in &sources {
+            for side in &shards {
+                positions.insert((source.clone(), side.shard), (position::load(&side.dir, source)?, Instant::now()));
+            }
+        }
+        let context = Arc::new(Context {
+            config,
+            shards,
+            resolved: resolved.clone(),
+            stats: stats.clone(),
+            log,
+            stop: stop_rx,
+            acked: Mutex::default(),
+            positions: Mutex::new(positions),
+        });
+        let thread = std::thread::Builder::new()
+            .name("replication".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(format!("replication runtime: {error}")));
+                        return;
+                    }
+                };
+                runtime.block_on(run(context, server, client, ready_tx));
+            })
+            .map_err(|error| format!("cannot start the replication thread: {error}"))?;
+        match ready_rx.recv() {
+            Ok(Ok(addr)) => Ok(Self { stop: stop_tx, thread: Some(thread), resolved, stats, addr }),
+            Ok(Err(message)) => {
+                let _ = thread.join();
+                Err(message)
+            }
+            Err(_) => Err("replication thread ended during start-up".into()),
+        }
+    }
+
+    /// The resolved timestamps per source region.
+    pub fn resolved(&self) -> Arc<Resolved> {
+        self.resolved.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Arc<ReplStats> {
+        self.stats.clone()
+    }
+
+    /// The endpoint's bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes the streams, writes the positions out and joins the thread.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn transport(config: &ReplConfig) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    let window = quinn::VarInt::from_u64(config.quic_window_bytes).unwrap_or(quinn::VarInt::MAX);
+    transport.stream_receive_window(window);
+    // Every shard's stream may have its window in flight at once.
+    let shards = config.quic_window_bytes.saturating_mul(16);
+    transport.receive_window(quinn::VarInt::from_u64(shards).unwrap_or(quinn::VarInt::MAX));
+    transport.send_window(shards);
+    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(5_000).into()));
+    transport.keep_alive_interval(Some(Duration::from_millis(500)));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    transport
+}
+
+async fn run(
+    context: Arc<Context>,
+    server: quinn::ServerConfig,
+    client: quinn::ClientConfig,
+    ready: std::sync::mpsc::Sender<Result<SocketAddr, String>>,
+) {
+    let mut endpoint = match quinn::Endpoint::server(server, context.config.listen) {
+        Ok(endpoint) => endpoint,
+        Err(error) => {
+            let _ = ready.send(Err(format!("replication.listen: cannot bind {}: {error}", context.config.listen)));
+            return;
+        }
+    };
+    endpoint.set_default_client_config(client);
+    let addr = endpoint.local_addr().unwrap_or(context.config.listen);
+    let _ = ready.send(Ok(addr));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(accept(context.clone(), endpoint.clone()));
+    if context.config.is_home() {
+        for peer in &context.config.peers {
+            let link = Arc::new(PeerLink { peer: peer.clone(), connection: tokio::sync::Mutex::new(None) });
+            for side in &context.shards {
+                tasks.spawn(ship(context.clone(), endpoint.clone(), link.clone(), side.clone()));
+            }
+        }
+    }
+    stopped(&mut context.stop.clone()).await;
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    flush_positions(&context);
+    endpoint.close(quinn::VarInt::from_u32(0), b"stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+// ---------------------------------------------------------------- frames on a stream
+
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("{0}")]
+    Io(String),
+    #[error("bad frame: {0}")]
+    Frame(#[from] repl::ReplError),
+    #[error("{0}")]
+    Protocol(#[from] super::core::ProtocolError),
+    #[error("refused by the peer: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io(error: impl std::fmt::Display) -> StreamError {
+    StreamError::Io(error.to_string())
+}
+
+/// Reads one whole frame; `None` at the end of the stream.
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Bytes>, StreamError> {
+    let mut header = [0u8; wire::HEADER_BYTES];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(error) => return Err(io(error)),
+    }
+    let len = repl::frame_len(&header)?.unwrap_or(wire::HEADER_BYTES);
+    let mut frame = BytesMut::zeroed(len);
+    frame[..wire::HEADER_BYTES].copy_from_slice(&header);
+    recv.read_exact(&mut frame[wire::HEADER_BYTES..]).await.map_err(io)?;
+    Ok(Some(frame.freeze()))
+}
+
+async fn write_frame(send: &mut quinn::SendStream, frame: &Frame<'_>) -> Result<(), StreamError> {
+    let mut out = Vec::new();
+    repl::encode_frame(frame, &mut out).map_err(|error| StreamError::Other(error.to_string()))?;
+    send.write_all(&out).await.map_err(io)
+}
+
+// ---------------------------------------------------------------- shipping
+
+struct PeerLink {
+    peer: Peer,
+    connection: tokio::sync::Mutex<Option<quinn::Connection>>,
+}
+
+impl PeerLink {
+    async fn connect(&self, endpoint: &quinn::Endpoint) -> Result<quinn::Connection, StreamError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(connection.clone());
+        }
+        let connecting = endpoint.connect(self.peer.addr, SERVER_NAME).map_err(io)?;
+        let connection = tokio::time::timeout(Duration::from_secs(2), connecting)
+            .await
+            .map_err(|_| StreamError::Io("no QUIC handshake within 2 s".into()))?
+            .map_err(io)?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+}
+
+async fn ship(context: Arc<Context>, endpoint: quinn::Endpoint, link: Arc<PeerLink>, side: ThreadSide) {
+    let what = format!("shipping shard {} to {} ({})", side.shard, link.peer.region, link.peer.addr);
+    // Until the peer says where it is, keep the whole WAL for it.
+    set_acked(&context, &side, &link.peer.region, 0);
+    let mut last_error = String::new();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match ship_stream(&context, &endpoint, &link, &side).await {
+            Ok(()) => return,
+            Err(error) => {
+                context.stats.stream_errors.fetch_add(1, Ordering::Relaxed);
+                let message = error.to_string();
+                if message != last_error {
+                    (context.log)(&format!("{what}: {message}; retrying"));
+                    last_error = message;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}
+
+fn set_acked(context: &Context, side: &ThreadSide, region: &str, lsn: u64) {
+    let mut acked = context.acked.lock().unwrap_or_else(PoisonError::into_inner);
+    acked.insert((side.shard, region.to_owned()), lsn);
+    let hold = acked.iter().filter(|((shard, _), _)| *shard == side.shard).map(|(_, lsn)| *lsn).min();
+    side.hold.store(hold.unwrap_or(u64::MAX), Ordering::Release);
+}
+
+async fn ship_stream(
+    context: &Context,
+    endpoint: &quinn::Endpoint,
+    link: &PeerLink,
+    side: &ThreadSide,
+) -> Result<(), StreamError> {
+    let config = &context.config;
+    let connection = link.connect(endpoint).await?;
+    let (mut send, mut recv) = connection.open_bi().await.map_err(io)?;
+    let shards = u32::try_from(context.shards.len()).unwrap_or(u32::MAX);
+    write_frame(&mut send, &Frame::Hello { shard: side.shard, shards, region: &config.region }).await?;
+    let answer = read_frame(&mut recv).await?.ok_or_else(|| StreamError::Io("stream ended before Resume".into()))?;
+    let next_lsn = match repl::decode_frame(&answer)?.0 {
+        Frame::Resume { next_lsn } => next_lsn,
+        Frame::Refuse { reason } => return Err(StreamError::Refused(reason.to_owned())),
+        other => return Err(StreamError::Other(format!("expected Resume, got {other:?}"))),
+    };
+    set_acked(context, side, &link.peer.region, next_lsn);
+    let started = Instant::now();
+    let now_ns = || u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut outbound = Outbound::new(config.window, next_lsn, now_ns());
+    let reader = WalReader::new(side.dir.join("wal"), side.shard, side.record_payload_bytes_max);
+    let mut points = side.points.clone();
+    let mut point = *points.borrow_and_update();
+    let mut cursor = reader.cursor(next_lsn, point.durable_next_lsn.max(next_lsn));
+
+    // Acks arrive on their own task so a full window never blocks reading them.
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
+    let acks = tokio::spawn(async move {
+        loop {
+            let frame = match read_frame(&mut recv).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Err(StreamError::Io("peer closed the stream".into())),
+                Err(error) => return Err(error),
+            };
+            match repl::decode_frame(&frame)?.0 {
+                Frame::Ack { next_lsn, .. } => {
+                    if acks_tx.send(next_lsn).is_err() {
+                        return Ok(());
+                    }
+                }
+                Frame::Refuse { reason } => return Err(StreamError::Refused(reason.to_owned())),
+                other => return Err(StreamError::Other(format!("expected Ack, got {other:?}"))),
+            }
+        }
+    });
+    let _abort_acks = AbortOnDrop(acks.abort_handle());
+    let mut acks = acks;
+    let mut stop = context.stop.clone();
+    let mut head = Vec::new();
+    let closed_interval_ns = u64::try_from(config.closed_interval.as_nanos()).unwrap_or(u64::MAX);
+    loop {
+        // Ship what is durable while the window has room.
+        while outbound.has_room() && outbound.next_lsn() < point.durable_next_lsn {
+            let built = build_batch(&mut cursor, side, config.batch_bytes_max, point.durable_next_lsn)?;
+            let ends_at_durable = cursor.next_lsn() >= point.durable_next_lsn;
+            let closed = outbound.closed_for(built.last_glt, ends_at_durable, point.closed_ts);
+            let sent = send_batch(&mut send, &mut head, side.shard, config.codec, &built, closed).await?;
+            context.stats.raw_bytes.fetch_add(built.raw.len() as u64, Ordering::Relaxed);
+            context.stats.wire_bytes.fetch_add(sent as u64, Ordering::Relaxed);
+            context.stats.records_shipped.fetch_add(u64::from(built.count), Ordering::Relaxed);
+            outbound.sent(built.first_lsn + u64::from(built.count), closed, sent, now_ns());
+        }
+        let caught_up = outbound.next_lsn() >= point.durable_next_lsn;
+        if caught_up && outbound.heartbeat_due(now_ns(), closed_interval_ns, point.closed_ts) {
+            let empty = Built { first_lsn: outbound.next_lsn(), count: 0, raw: Vec::new(), last_glt: None };
+            let closed = outbound.closed_for(None, true, point.closed_ts);
+            let sent = send_batch(&mut send, &mut head, side.shard, config.codec, &empty, closed).await?;
+            outbound.sent(outbound.next_lsn(), closed, sent, now_ns());
+        }
+        tokio::select! {
+            ack = acks_rx.recv() => match ack {
+                Some(next) => {
+                    outbound.on_ack(next)?;
+                    while let Ok(next) = acks_rx.try_recv() {
+                        outbound.on_ack(next)?;
+                    }
+                    set_acked(context, side, &link.peer.region, outbound.acked_lsn());
+                }
+                None => {
+                    return match (&mut acks).await {
+                        Ok(Err(error)) => Err(error),
+                        _ => Err(StreamError::Io("ack reader ended".into())),
+                    };
+                }
+            },
+            changed = points.changed() => {
+                if changed.is_err() {
+                    return Ok(()); // the shard stopped
+                }
+                point = *points.borrow_and_update();
+                cursor.extend_until(point.durable_next_lsn);
+            }
+            () = tokio::time::sleep(config.closed_interval) => {}
+            () = stopped(&mut stop) => {
+                let _ = send.finish();
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Resolves once a stop is asked (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    loop {
+        let asked = *stop.borrow_and_update();
+        if asked || stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A batch ready to compress.
+struct Built {
+    first_lsn: u64,
+    count: u32,
+    raw: Vec<u8>,
+    last_glt: Option<u64>,
+}
+
+fn build_batch(cursor: &mut WalCursor, side: &ThreadSide, bytes_max: usize, until: u64) -> Result<Built, StreamError> {
+    let first_lsn = cursor.next_lsn();
+    let mut built = Built { first_lsn, count: 0, raw: Vec::with_capacity(bytes_max.min(1 << 20)), last_glt: None };
+    while built.raw.len() < bytes_max && cursor.next_lsn() < until {
+        let Some(record) = cursor.next_record().map_err(|error| {
+            StreamError::Other(format!(
+                "WAL of shard {} cannot be read at LSN {}: {error} (catch-up by snapshot is not built)",
+                side.shard,
+                cursor.next_lsn()
+            ))
+        })?
+        else {
+            break;
+        };
+        let payload = inline_chunks(&record.payload, side)?;
+        let payload = match &payload {
+            Some(inlined) => &inlined[..],
+            None => &record.payload[..],
+        };
+        repl::encode_entry(record.glt, payload, &mut built.raw);
+        built.count += 1;
+        built.last_glt = Some(record.glt);
+    }
+    Ok(built)
+}
+
+/// The payload with every chunked value read from its chunk file and put inline (`None` when
+/// the record has none). A chunk collected since (its version expired) drops that operation:
+/// the version it belonged to is gone at the home too.
+fn inline_chunks(payload: &Bytes, side: &ThreadSide) -> Result<Option<Vec<u8>>, StreamError> {
+    let ops =
+        op::decode(payload).map_err(|error| StreamError::Other(format!("WAL record does not decode: {error}")))?;
+    if !ops.iter().any(|op| matches!(op.body, Body::Chunked(_))) {
+        return Ok(None);
+    }
+    let mut values = Vec::with_capacity(ops.len());
+    for op in &ops {
+        let value = match &op.body {
+            Body::Chunked(list) => {
+                let mut value = Vec::with_capacity(usize::try_from(list.size).unwrap_or(0));
+                let mut complete = true;
+                for chunk in &list.chunks {
+                    let path = side.dir.join("chunks").join(crate::store::chunks::file_name(&chunk.hash));
+                    match std::fs::read(&path) {
+                        Ok(file) => {
+                            let data = crate::store::chunks::verify(chunk, &file)
+                                .map_err(|error| StreamError::Other(error.to_string()))?;
+                            value.extend_from_slice(&data);
+                        }
+                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => complete = false,
+                        Err(error) => return Err(StreamError::Other(format!("{}: {error}", path.display()))),
+                    }
+                }
+                complete.then_some(value)
+            }
+            _ => Some(Vec::new()),
+        };
+        values.push(value);
+    }
+    let kept = ops.iter().zip(&values).filter_map(|(op, value)| {
+        let view = match (&op.body, value) {
+            (Body::Chunked(_), Some(value)) => Value::Inline(value),
+            (Body::Chunked(_), None) => return None,
+            (body, _) => body.view(),
+        };
+        Some((&op.key[..], view))
+    });
+    let kept: Vec<_> = kept.collect();
+    let mut out = Vec::new();
+    op::encode(kept.into_iter(), &mut out).map_err(|error| StreamError::Other(error.to_string()))?;
+    Ok(Some(out))
+}
+
+async fn send_batch(
+    send: &mut quinn::SendStream,
+    head: &mut Vec<u8>,
+    shard: u32,
+    codec: Codec,
+    built: &Built,
+    closed_ts: u64,
+) -> Result<usize, StreamError> {
+    let body = Bytes::from(codec::compress(codec, &built.raw));
+    let raw_len = u32::try_from(built.raw.len()).map_err(|_| StreamError::Other("batch too large".into()))?;
+    let batch = Batch { shard, first_lsn: built.first_lsn, count: built.count, closed_ts, codec, raw_len, body: &body };
+    repl::encode_batch_head(&batch, head).map_err(|error| StreamError::Other(error.to_string()))?;
+    let sent = head.len() + body.len();
+    send.write_all_chunks(&mut [Bytes::copy_from_slice(head), body]).await.map_err(io)?;
+    Ok(sent)
+}
+
+// ---------------------------------------------------------------- receiving
+
+async fn accept(context: Arc<Context>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let context = context.clone();
+        tokio::spawn(async move {
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    (context.log)(&format!("replication connection refused: {error}"));
+                    return;
+                }
+            };
+            let remote = connection.remote_address();
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                let context = context.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = receive_stream(&context, send, recv).await {
+                        context.stats.stream_errors.fetch_add(1, Ordering::Relaxed);
+                        (context.log)(&format!("replication stream from {remote}: {error}"));
+                    }
+                });
+            }
+        });
+    }
+}
+
+fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Result<usize, String> {
+    let config = &context.config;
+    if config.is_home() {
+        return Err(format!("region {} is the home of every shard and takes no replicas", config.region));
+    }
+    if region != config.home {
+        return Err(format!("region {region} is not the home of the shards here ({})", config.home));
+    }
+    if shards as usize != context.shards.len() {
+        return Err(format!("region {region} has {shards} shards, this node {}", context.shards.len()));
+    }
+    context
+        .shards
+        .iter()
+        .position(|side| side.shard == shard)
+        .ok_or_else(|| format!("shard {shard} is not on this node"))
+}
+
+async fn receive_stream(
+    context: &Context,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let hello = read_frame(&mut recv).await?.ok_or_else(|| StreamError::Io("stream ended before Hello".into()))?;
+    let (shard, region) = match repl::decode_frame(&hello)?.0 {
+        Frame::Hello { shard, shards, region } => match check_hello(context, shard, shards, region) {
+            Ok(_) => (shard, region.to_owned()),
+            Err(reason) => {
+                write_frame(&mut send, &Frame::Refuse { reason: &reason }).await?;
+                let _ = send.finish();
+                return Err(StreamError::Refused(reason));
+            }
+        },
+        other => return Err(StreamError::Other(format!("expected Hello, got {other:?}"))),
+    };
+    let side = context.shards.iter().find(|side| side.shard == shard).cloned();
+    let side = side.ok_or_else(|| StreamError::Other(format!("shard {shard} is not on this node")))?;
+    let next_lsn = context
+        .positions
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&(region.clone(), shard))
+        .map_or(1, |(lsn, _)| *lsn);
+    write_frame(&mut send, &Frame::Resume { next_lsn }).await?;
+    let mut inbound = Inbound::new(shard, next_lsn);
+
+    // Applies go to the shard at once; acks follow in order once each batch is durable.
+    type Pending = (super::core::Accepted, Vec<oneshot::Receiver<Result<(), String>>>);
+    let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
+    let acker = async {
+        while let Some((accepted, dones)) = pending_rx.recv().await {
+            for done in dones {
+                match done.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Err(StreamError::Other(format!("apply on shard {shard}: {error}"))),
+                    Err(_) => return Err(StreamError::Other(format!("shard {shard} stopped"))),
+                }
+            }
+            context.resolved.set_closed(&region, shard, accepted.closed_ts);
+            advance_position(context, &side, &region, accepted.next_lsn);
+            write_frame(&mut send, &Frame::Ack { next_lsn: accepted.next_lsn, closed_ts: accepted.closed_ts }).await?;
+        }
+        Ok(())
+    };
+    let reader = async {
+        while let Some(frame) = read_frame(&mut recv).await? {
+            let batch = match repl::decode_frame(&frame)?.0 {
+                Frame::Batch(batch) => batch,
+                other => return Err(StreamError::Other(format!("expected Batch, got {other:?}"))),
+            };
+            let accepted = inbound.accept(&batch)?;
+            let raw = Bytes::from(
+                codec::decompress(batch.codec, batch.body, batch.raw_len)
+                    .map_err(|error| StreamError::Other(error.to_string()))?,
+            );
+            let entries = Entries::new(&raw, batch.count)?;
+            let mut dones = Vec::new();
+            for (glt, payload) in entries.iter().skip(accepted.skip as usize) {
+                let (done, wait) = oneshot::channel();
+                let apply = Apply { glt, payload: raw.slice_ref(payload), done };
+                side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
+                dones.push(wait);
+            }
+            context.stats.records_applied.fetch_add(dones.len() as u64, Ordering::Relaxed);
+            if pending_tx.send((accepted, dones)).is_err() {
+                break;
+            }
+        }
+        Ok::<(), StreamError>(())
+    };
+    tokio::pin!(acker);
+    tokio::pin!(reader);
+    // The reader ends first on a clean close; the acker then drains what is pending.
+    tokio::select! {
+        result = &mut acker => result,
+        result = &mut reader => {
+            result?;
+            Ok(())
+        }
+    }
+}
+
+fn advance_position(context: &Context, side: &ThreadSide, region: &str, next_lsn: u64) {
+    let mut positions = context.positions.lock().unwrap_or_else(PoisonError::into_inner);
+    let entry = positions.entry((region.to_owned(), side.shard)).or_insert((1, Instant::now()));
+    entry.0 = entry.0.max(next_lsn);
+    if entry.1.elapsed() >= POSITION_WRITE_INTERVAL {
+        entry.1 = Instant::now();
+        if let Err(error) = position::store(&side.dir, region, entry.0) {
+            (context.log)(&format!("cannot write the replication position of shard {}: {error}", side.shard));
+        }
+    }
+}
+
+/// How often a stream writes its position out.
+const POSITION_WRITE_INTERVAL: Duration = Duration::from_millis(200);
+
+fn flush_positions(context: &Context) {
+    let positions = context.positions.lock().unwrap_or_else(PoisonError::into_inner);
+    for ((region, shard), (lsn, _)) in positions.iter() {
+        if let Some(side) = context.shards.iter().find(|side| side.shard == *shard) {
+            if let Err(error) = position::store(&side.dir, region, *lsn) {
+                (context.log)(&format!("cannot write the replication position of shard {shard}: {error}"));
+            }
+        }
+    }
+}
