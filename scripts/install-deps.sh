@@ -19,6 +19,8 @@ case "${1:-test}" in
     want redis-benchmark redis-tools  # also holds redis-cli
     # `bench control` runs a 3-member etcd 3.4 cluster (WAL fsynced on every commit) as its peer.
     want etcd etcd-server
+    # `bench geo` compares QUIC replication throughput with iperf3 over TCP.
+    want iperf3 iperf3
     ;;
   fuzz)
     ;;

@@ -87,17 +87,33 @@ pub struct KvArgs {
 
 /// A running dataplane, killed if dropped without [`Dataplane::stop`].
 #[derive(Debug)]
-struct Dataplane {
-    process: ChildGuard,
-    addresses: Vec<String>,
+pub(crate) struct Dataplane {
+    pub(crate) process: ChildGuard,
+    pub(crate) addresses: Vec<String>,
 }
 
 impl Dataplane {
     /// Starts `binary` on a fresh `data_dir` with `shards` shards on dynamic ports, its stderr
     /// to `log`, and waits for its `READY addr,addr,...` line.
-    fn start(binary: &Path, data_dir: &Path, shards: usize, log: &Path) -> Result<Self> {
+    pub(crate) fn start(binary: &Path, data_dir: &Path, shards: usize, log: &Path) -> Result<Self> {
+        Self::start_with(binary, data_dir, shards, log, None)
+    }
+
+    /// [`Dataplane::start`] with a configuration file (flags still set the data directory,
+    /// listen address and shard count).
+    pub(crate) fn start_with(
+        binary: &Path,
+        data_dir: &Path,
+        shards: usize,
+        log: &Path,
+        config: Option<&Path>,
+    ) -> Result<Self> {
         let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--shards", &shards.to_string()])
@@ -143,7 +159,7 @@ impl Dataplane {
     }
 
     /// SIGTERM: the dataplane checkpoints every shard and must exit 0.
-    fn stop(self) -> Result<()> {
+    pub(crate) fn stop(self) -> Result<()> {
         let tail = self.process.log_tail();
         let status = self.process.terminate(STOP_TIMEOUT)?;
         ensure!(status.success(), "dataplane exited with {status} after SIGTERM {tail}");
@@ -373,8 +389,8 @@ fn size_text(bytes: usize) -> String {
     format!("{} {unit}", &key[..split])
 }
 
-fn dataplane_binary(args: &KvArgs) -> Result<PathBuf> {
-    let path = match &args.dataplane {
+pub(crate) fn dataplane_binary(explicit: Option<&PathBuf>) -> Result<PathBuf> {
+    let path = match explicit {
         Some(path) => path.clone(),
         None => std::env::current_exe()
             .context("locating the bench binary")?
@@ -449,7 +465,7 @@ struct Row {
 
 pub fn run(args: &KvArgs) -> Result<()> {
     check_args(args)?;
-    let binary = dataplane_binary(args)?;
+    let binary = dataplane_binary(args.dataplane.as_ref())?;
     let use_redis = !args.skip_redis;
     if use_redis && !redis::available() {
         bail!(

@@ -5,6 +5,7 @@
 mod control;
 mod device;
 mod etcd;
+mod geo;
 mod kv;
 mod process;
 mod redis;
@@ -36,6 +37,9 @@ enum Command {
     /// Metadata commits on a 3-node control plane next to a 3-member etcd doing the same
     /// writes, and the GLTS interval width on loopback.
     Control(control::ControlArgs),
+    /// Three regions with WAN emulation: RPO per replica region under an open-loop write load,
+    /// write latency at the home, lost writes, compression, QUIC catch-up vs iperf3.
+    Geo(geo::GeoArgs),
     /// Leader-kill soak: SIGKILL the control plane's leader N times; the longest time to the
     /// first commit through a new leader, and whether any committed write was lost.
     Elections(control::ElectionsArgs),
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Command::Wal(args) => wal::run(&args),
         Command::Kv(args) => kv::run(&args),
         Command::Control(args) => control::run(&args),
+        Command::Geo(args) => geo::run(&args),
         Command::Elections(args) => control::elections(&args),
     };
     match outcome {
