@@ -17,13 +17,15 @@ test:
 	$(CARGO) nextest run --workspace --no-fail-fast --profile ci
 
 ## What exists so far: one real data node (durable puts) under 1..256 clients next to
-## redis-server (appendfsync always), then a 3-node control plane next to a 3-member etcd, in the
-## same run. (The multi-region cluster demo arrives with the replication and orchestrator issues.)
+## redis-server (appendfsync always), a 3-node control plane next to a 3-member etcd, then three
+## regions replicating over QUIC through the WAN proxy (RPO, lost writes, QUIC vs iperf3).
+## (The orchestrated multi-region report arrives with the orchestrator issue.)
 demo:
 	scripts/install-deps.sh bench
 	$(CARGO) build --release -p dataplane -p controlplane -p bench
 	./target/release/bench kv --duration-ms 2000 --warmup-ms 500
 	./target/release/bench control --duration-ms 2000 --warmup-ms 500
+	./target/release/bench geo --duration-ms 20000 --catch-up-mib 64
 
 ## Full benchmarks; JSON with BENCH_ARGS=--json. See bench/README.md.
 bench:
@@ -32,6 +34,7 @@ bench:
 	./target/release/bench wal $(BENCH_ARGS)
 	./target/release/bench kv $(BENCH_ARGS)
 	./target/release/bench control $(BENCH_ARGS)
+	./target/release/bench geo $(BENCH_ARGS)
 
 ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz).
 fuzz:

@@ -174,7 +174,7 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
 
     // The open-loop load and the lag samplers.
     let total = Duration::from_millis(args.warmup_ms + args.duration_ms);
-    let writes = (total.as_secs_f64() * args.rate as f64) as u64;
+    let writes = u64::try_from(total.as_millis())? * args.rate / 1000;
     let measured_from = Duration::from_millis(args.warmup_ms);
     eprintln!(
         "bench geo: {writes} writes of {} B at {}/s to region a, replicas b and c at {} ms one way ...",
@@ -193,7 +193,7 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
                     if let Ok(status) = client.replication_status().await {
                         if let Some(lag_us) = status.lag_us("a") {
                             let _ = lag.record(lag_us * 1000);
-                            series.push((started.elapsed().as_millis() as u64, lag_us));
+                            series.push((u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX), lag_us));
                         }
                     }
                 }
@@ -280,7 +280,7 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn print_summary(figures: &Figures, rpo: &[(String, Histogram<u64>, Vec<(u64, u64)>)]) {
+fn print_summary(figures: &Figures, rpo: &[RegionLag]) {
     let f = |key: &str| figures.get_f64(key).unwrap_or(f64::NAN);
     println!(
         "bench geo: 3 regions, {} ms one way, {} writes/s of {} B for {} ms",
@@ -329,6 +329,9 @@ fn print_summary(figures: &Figures, rpo: &[(String, Histogram<u64>, Vec<(u64, u6
         f("lost_writes")
     );
 }
+
+/// A replica region's lag samples: name, histogram (ns), (elapsed ms, lag µs) series.
+type RegionLag = (String, Histogram<u64>, Vec<(u64, u64)>);
 
 struct Load {
     latency: Histogram<u64>,

@@ -562,8 +562,49 @@ mod tests {
             c.start_timeout_ms.is_some(),
         ];
         assert!(control.iter().all(|field| *field), "the example leaves a [control] field undocumented");
+        let r = config.replication.clone().unwrap_or_default();
+        let replication = [
+            r.region.is_some(),
+            r.home.is_some(),
+            r.listen.is_some(),
+            r.tls_dir.is_some(),
+            r.name.is_some(),
+            r.codec.is_some(),
+            r.batch_bytes_max.is_some(),
+            r.window_batches.is_some(),
+            r.window_bytes.is_some(),
+            r.closed_interval_ms.is_some(),
+            r.bandwidth_mbit.is_some(),
+            r.rtt_ms.is_some(),
+            r.peers.first().is_some_and(|peer| peer.region.is_some() && peer.addr.is_some()),
+        ];
+        assert!(replication.iter().all(|field| *field), "the example leaves a [replication] field undocumented");
         assert!(set.iter().all(|field| *field), "the example leaves a field undocumented");
         assert!(text.contains("# shards ="));
+    }
+
+    #[test]
+    fn replication_mistakes_name_the_field() {
+        let base = "data_dir = \"/x\"\n[replication]\n";
+        let ok = "region = \"b\"\nhome = \"a\"\nlisten = \"127.0.0.1:1\"\ntls_dir = \"/t\"\nname = \"b\"\n";
+        assert!(error_of(&format!("{base}{ok}")).is_empty(), "a replica needs no peers");
+        for (text, field) in [
+            ("home = \"a\"\nlisten = \"127.0.0.1:1\"\ntls_dir = \"/t\"\nname = \"b\"\n", "replication.region"),
+            (&format!("{ok}codec = \"zstd\"\n"), "replication.codec"),
+            (&format!("{ok}window_batches = 0\n"), "replication.window_batches"),
+            (&format!("{ok}closed_interval_ms = 0\n"), "replication.closed_interval_ms"),
+            (&ok.replace("127.0.0.1:1", "nowhere"), "replication.listen"),
+            (&ok.replace("region = \"b\"", "region = \"a\""), "replication.peers"),
+            (&format!("{ok}[[replication.peers]]\nregion = \"c\"\naddr = \"x\"\n"), "replication.peers[0].addr"),
+            (
+                &format!("{ok}[[replication.peers]]\nregion = \"b\"\naddr = \"127.0.0.1:2\"\n"),
+                "replication.peers[0].region",
+            ),
+            (&format!("{ok}colour = 1\n"), "colour"),
+        ] {
+            let message = error_of(&format!("{base}{text}"));
+            assert!(message.contains(field), "{field}: {message}");
+        }
     }
 
     fn control(rest: &str) -> String {

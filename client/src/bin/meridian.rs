@@ -118,6 +118,35 @@ enum Command {
     },
     /// Administer the control plane: status, add and remove voters.
     Cluster(cluster::ClusterArgs),
+    /// Inter-region replication as seen by the node at --addr.
+    Replication {
+        #[command(subcommand)]
+        command: ReplicationCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicationCommand {
+    /// Per region shipping to this node: the resolved timestamp (reads at or below it see
+    /// every shard's writes from that region), the lag behind the node's clock (the RPO), and
+    /// how many of the region's shards have reported.
+    Status,
+}
+
+#[derive(Debug, Serialize)]
+struct ReplicationOutput {
+    region: String,
+    now_ts: u64,
+    sources: Vec<SourceOutput>,
+}
+
+#[derive(Debug, Serialize)]
+struct SourceOutput {
+    region: String,
+    resolved_ts: u64,
+    lag_us: Option<u64>,
+    shards_closed: u32,
+    shards: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -305,6 +334,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(stdout, "versions\t{}", stat.versions)?;
             }
         }
+        Command::Replication { command: ReplicationCommand::Status } => {
+            let status = client.replication_status().await.context("replication status")?;
+            let sources: Vec<SourceOutput> = status
+                .sources
+                .iter()
+                .map(|source| SourceOutput {
+                    region: source.region.clone(),
+                    resolved_ts: source.resolved_ts,
+                    lag_us: status.lag_us(&source.region),
+                    shards_closed: source.shards_closed,
+                    shards: source.shards,
+                })
+                .collect();
+            if cli.json {
+                print_json(&mut stdout, &ReplicationOutput { region: status.region, now_ts: status.now_ts, sources })?;
+            } else {
+                writeln!(stdout, "region	{}", status.region)?;
+                if sources.is_empty() {
+                    writeln!(stdout, "no region ships to this node (it is the home, or none reported yet)")?;
+                }
+                for source in &sources {
+                    let lag =
+                        source.lag_us.map_or("unknown".to_string(), |lag| format!("{:.1} ms", lag as f64 / 1000.0));
+                    writeln!(
+                        stdout,
+                        "from {}	resolved_ts {}	lag {lag}	shards {}/{}",
+                        source.region, source.resolved_ts, source.shards_closed, source.shards
+                    )?;
+                }
+            }
+        }
         Command::Cluster(_) => unreachable!("main runs cluster commands with cluster::run"),
     }
     Ok(())
@@ -433,6 +493,10 @@ mod tests {
 
         assert!(matches!(parse(&["rm", "k"]).unwrap().command, Command::Rm { .. }));
         assert!(matches!(parse(&["stat", "k", "--at", "3"]).unwrap().command, Command::Stat { at: Some(3), .. }));
+        assert!(matches!(
+            parse(&["replication", "status"]).unwrap().command,
+            Command::Replication { command: ReplicationCommand::Status }
+        ));
     }
 
     fn cluster(args: &[&str]) -> cluster::ClusterArgs {
