@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use controlplane::tls::{Identity, SERVER_NAME};
 use tokio::sync::{mpsc, oneshot, watch};
-use wire::repl::{self, Batch, Codec, Entries, Frame};
+use wire::repl::{self, Batch, Entries, Frame};
 
 use super::core::{Inbound, Outbound};
 use super::status::Resolved;
@@ -76,7 +76,15 @@ struct Context {
     acked: Mutex<HashMap<(u32, String), u64>>,
     /// Per (source region, shard): position in memory and when it was last written out.
     positions: Mutex<HashMap<(String, u32), (u64, Instant)>>,
+    /// Failpoint for tests: flip a byte in the body of every Nth batch sent
+    /// ([`CORRUPT_EVERY_ENV`]).
+    corrupt_every: Option<u64>,
+    batches_sent: std::sync::atomic::AtomicU64,
 }
+
+/// Test failpoint: when set to N, every Nth non-empty batch leaves with one body byte flipped
+/// (after its checksum was computed), as a damaged buffer would.
+pub const CORRUPT_EVERY_ENV: &str = "MERIDIAN_FAILPOINT_REPL_CORRUPT_EVERY";
 
 impl Replication {
     /// Binds the endpoint and starts shipping (home) or receiving (replica).
@@ -119,6 +127,8 @@ impl Replication {
             stop: stop_rx,
             acked: Mutex::default(),
             positions: Mutex::new(positions),
+            corrupt_every: std::env::var(CORRUPT_EVERY_ENV).ok().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
+            batches_sent: std::sync::atomic::AtomicU64::new(0),
         });
         let thread = std::thread::Builder::new()
             .name("replication".into())
@@ -367,7 +377,7 @@ async fn ship_stream(
             let built = build_batch(&mut cursor, side, config.batch_bytes_max, point.durable_next_lsn)?;
             let ends_at_durable = cursor.next_lsn() >= point.durable_next_lsn;
             let closed = outbound.closed_for(built.last_glt, ends_at_durable, point.closed_ts);
-            let sent = send_batch(&mut send, &mut head, side.shard, config.codec, &built, closed).await?;
+            let sent = send_batch(context, &mut send, &mut head, side.shard, &built, closed).await?;
             context.stats.raw_bytes.fetch_add(built.raw.len() as u64, Ordering::Relaxed);
             context.stats.wire_bytes.fetch_add(sent as u64, Ordering::Relaxed);
             context.stats.records_shipped.fetch_add(u64::from(built.count), Ordering::Relaxed);
@@ -377,7 +387,7 @@ async fn ship_stream(
         if caught_up && outbound.heartbeat_due(now_ns(), closed_interval_ns, point.closed_ts) {
             let empty = Built { first_lsn: outbound.next_lsn(), count: 0, raw: Vec::new(), last_glt: None };
             let closed = outbound.closed_for(None, true, point.closed_ts);
-            let sent = send_batch(&mut send, &mut head, side.shard, config.codec, &empty, closed).await?;
+            let sent = send_batch(context, &mut send, &mut head, side.shard, &empty, closed).await?;
             outbound.sent(outbound.next_lsn(), closed, sent, now_ns());
         }
         tokio::select! {
@@ -512,18 +522,26 @@ fn inline_chunks(payload: &Bytes, side: &ThreadSide) -> Result<Option<Vec<u8>>, 
 }
 
 async fn send_batch(
+    context: &Context,
     send: &mut quinn::SendStream,
     head: &mut Vec<u8>,
     shard: u32,
-    codec: Codec,
     built: &Built,
     closed_ts: u64,
 ) -> Result<usize, StreamError> {
-    let body = Bytes::from(codec::compress(codec, &built.raw));
+    let codec = context.config.codec;
+    let mut body = Bytes::from(codec::compress(codec, &built.raw));
     let raw_len = u32::try_from(built.raw.len()).map_err(|_| StreamError::Other("batch too large".into()))?;
     let batch = Batch { shard, first_lsn: built.first_lsn, count: built.count, closed_ts, codec, raw_len, body: &body };
     repl::encode_batch_head(&batch, head).map_err(|error| StreamError::Other(error.to_string()))?;
     let sent = head.len() + body.len();
+    if let Some(every) = context.corrupt_every.filter(|_| !body.is_empty()) {
+        if (context.batches_sent.fetch_add(1, Ordering::Relaxed) + 1) % every == 0 {
+            let mut damaged = body.to_vec();
+            damaged[0] ^= 0x55;
+            body = Bytes::from(damaged);
+        }
+    }
     send.write_all_chunks(&mut [Bytes::copy_from_slice(head), body]).await.map_err(io)?;
     Ok(sent)
 }

@@ -16,13 +16,25 @@ pub struct Node {
 
 impl Node {
     pub fn start(data_dir: &Path, config: &str) -> Self {
+        Self::spawn(data_dir, config, &[], Stdio::inherit())
+    }
+
+    /// [`Node::start`] with extra environment variables (failpoints) and stderr appended to
+    /// `<data_dir>.log`.
+    pub fn start_logged(data_dir: &Path, config: &str, env: &[(&str, &str)]) -> Self {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.with_extension("log")).unwrap();
+        Self::spawn(data_dir, config, env, Stdio::from(log))
+    }
+
+    fn spawn(data_dir: &Path, config: &str, env: &[(&str, &str)], stderr: Stdio) -> Self {
         let config_path = data_dir.with_extension("toml");
         std::fs::write(&config_path, format!("data_dir = {:?}\nlisten = \"127.0.0.1:0\"\n{config}", data_dir)).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_dataplane"))
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(&config_path)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
