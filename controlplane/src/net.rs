@@ -101,7 +101,9 @@ impl Connector {
         &self.endpoint
     }
 
-    async fn connection(&self, addr: &str, target: SocketAddr) -> Result<quinn::Connection, CallError> {
+    /// The cached connection to `target` (`addr` as the caller wrote it, for errors), or a
+    /// new one within `connect_timeout`.
+    pub async fn connection(&self, addr: &str, target: SocketAddr) -> Result<quinn::Connection, CallError> {
         if let Some(connection) = self.lock().get(&target).filter(|c| c.close_reason().is_none()) {
             return Ok(connection.clone());
         }

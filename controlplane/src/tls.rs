@@ -81,6 +81,19 @@ impl Identity {
         Self { ca: dir.join("ca.pem"), cert: dir.join(format!("{name}.pem")), key: dir.join(format!("{name}.key")) }
     }
 
+    /// Checks the three files exist; the error names the missing one, the config field
+    /// (`field`) that points at `dir`, and how to create it.
+    pub fn require_files(&self, field: &str, dir: &Path, name: &str) -> Result<(), String> {
+        match [&self.ca, &self.cert, &self.key].into_iter().find(|path| !path.exists()) {
+            Some(path) => Err(format!(
+                "{field}: {} is missing (create it with `controlplane certs --out {} {name}`)",
+                path.display(),
+                dir.display()
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn load(&self) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(&self.ca).with_context(|| format!("reading {}", self.ca.display()))? {

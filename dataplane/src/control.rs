@@ -44,16 +44,7 @@ impl ControlLink {
     /// address.
     pub fn start(config: &ControlResolved, shards: u32, capacity_bytes: u64, log: Logger) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.node_id);
-        for path in [&identity.ca, &identity.cert, &identity.key] {
-            if !path.exists() {
-                return Err(format!(
-                    "control.tls_dir: {} is missing (create it with `controlplane certs --out {} {}`)",
-                    path.display(),
-                    config.tls_dir.display(),
-                    config.node_id
-                ));
-            }
-        }
+        identity.require_files("control.tls_dir", &config.tls_dir, &config.node_id)?;
         let agent_config = AgentConfig {
             node_id: config.node_id.clone(),
             region: config.region.clone(),

@@ -101,11 +101,6 @@ impl Outbound {
         self.inflight.len() < self.window.batches && self.inflight_bytes < self.window.bytes
     }
 
-    /// Batches in flight.
-    pub fn inflight(&self) -> usize {
-        self.inflight.len()
-    }
-
     /// The closed timestamp a batch may carry. `last_glt` is the timestamp of its last record
     /// (none for an empty batch); `ends_at_durable` whether it reaches the shard's durable
     /// point, whose promise is `point_closed`. Records are stamped in LSN order, so everything
@@ -153,12 +148,6 @@ impl Outbound {
         }
         Ok(())
     }
-
-    /// Acks are cumulative, so an empty batch sent at an already acked position is covered by
-    /// the next ack of that position; the receiver acks every batch, empty ones included.
-    pub fn closed_sent(&self) -> u64 {
-        self.closed_sent
-    }
 }
 
 /// What the receiver does with an accepted batch.
@@ -184,11 +173,6 @@ impl Inbound {
     /// A stream of `shard` resumed at `next_lsn`.
     pub fn new(shard: u32, next_lsn: u64) -> Self {
         Self { shard, next: next_lsn, closed: 0 }
-    }
-
-    /// First LSN not yet accepted.
-    pub fn next_lsn(&self) -> u64 {
-        self.next
     }
 
     /// Checks a batch against the stream: right shard, no gap, closed timestamp not going back.

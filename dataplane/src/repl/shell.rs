@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use controlplane::tls::{Identity, SERVER_NAME};
+use controlplane::net::Connector;
+use controlplane::tls::Identity;
 use tokio::sync::{mpsc, oneshot, watch};
 use wire::repl::{self, Batch, Entries, Frame};
 
@@ -40,28 +41,12 @@ pub const ALPN: &[u8] = b"meridian-repl/1";
 /// A log line sink.
 pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
 
-/// Counters of the replication thread, for status and the bench.
-#[derive(Debug, Default)]
-pub struct ReplStats {
-    /// Raw entry bytes shipped.
-    pub raw_bytes: std::sync::atomic::AtomicU64,
-    /// Frame bytes shipped (compressed bodies and headers).
-    pub wire_bytes: std::sync::atomic::AtomicU64,
-    /// Records shipped.
-    pub records_shipped: std::sync::atomic::AtomicU64,
-    /// Records applied here from other regions.
-    pub records_applied: std::sync::atomic::AtomicU64,
-    /// Streams closed on an error.
-    pub stream_errors: std::sync::atomic::AtomicU64,
-}
-
 /// The running replication thread.
 #[derive(Debug)]
 pub struct Replication {
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
     resolved: Arc<Resolved>,
-    stats: Arc<ReplStats>,
     addr: SocketAddr,
 }
 
@@ -69,7 +54,6 @@ struct Context {
     config: ReplConfig,
     shards: Vec<ThreadSide>,
     resolved: Arc<Resolved>,
-    stats: Arc<ReplStats>,
     log: Logger,
     stop: watch::Receiver<bool>,
     /// Per shard, the acknowledged LSN of each peer (for the WAL hold).
@@ -90,16 +74,7 @@ impl Replication {
     /// Binds the endpoint and starts shipping (home) or receiving (replica).
     pub fn start(config: ReplConfig, shards: Vec<ThreadSide>, log: Logger) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.name);
-        for path in [&identity.ca, &identity.cert, &identity.key] {
-            if !path.exists() {
-                return Err(format!(
-                    "replication.tls_dir: {} is missing (create it with `controlplane certs --out {} {}`)",
-                    path.display(),
-                    config.tls_dir.display(),
-                    config.name
-                ));
-            }
-        }
+        identity.require_files("replication.tls_dir", &config.tls_dir, &config.name)?;
         let server = identity
             .server_config_for(ALPN, transport(&config))
             .map_err(|error| format!("replication TLS: {error:#}"))?;
@@ -109,7 +84,6 @@ impl Replication {
         let sources: Vec<String> = if config.is_home() { Vec::new() } else { vec![config.home.clone()] };
         let shard_count = u32::try_from(shards.len()).map_err(|_| "too many shards".to_string())?;
         let resolved = Arc::new(Resolved::new(&config.region, &sources, shard_count));
-        let stats = Arc::new(ReplStats::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut positions = HashMap::new();
@@ -122,7 +96,6 @@ impl Replication {
             config,
             shards,
             resolved: resolved.clone(),
-            stats: stats.clone(),
             log,
             stop: stop_rx,
             acked: Mutex::default(),
@@ -144,7 +117,7 @@ impl Replication {
             })
             .map_err(|error| format!("cannot start the replication thread: {error}"))?;
         match ready_rx.recv() {
-            Ok(Ok(addr)) => Ok(Self { stop: stop_tx, thread: Some(thread), resolved, stats, addr }),
+            Ok(Ok(addr)) => Ok(Self { stop: stop_tx, thread: Some(thread), resolved, addr }),
             Ok(Err(message)) => {
                 let _ = thread.join();
                 Err(message)
@@ -156,11 +129,6 @@ impl Replication {
     /// The resolved timestamps per source region.
     pub fn resolved(&self) -> Arc<Resolved> {
         self.resolved.clone()
-    }
-
-    /// Counters.
-    pub fn stats(&self) -> Arc<ReplStats> {
-        self.stats.clone()
     }
 
     /// The endpoint's bound address.
@@ -211,9 +179,11 @@ async fn run(
     tasks.spawn(accept(context.clone(), endpoint.clone()));
     if context.config.is_home() {
         for peer in &context.config.peers {
-            let link = Arc::new(PeerLink { peer: peer.clone(), connection: tokio::sync::Mutex::new(None) });
+            let mut connector = Connector::new(endpoint.clone());
+            connector.connect_timeout = Duration::from_secs(2);
+            let link = Arc::new(PeerLink { peer: peer.clone(), connector });
             for side in &context.shards {
-                tasks.spawn(ship(context.clone(), endpoint.clone(), link.clone(), side.clone()));
+                tasks.spawn(ship(context.clone(), link.clone(), side.clone()));
             }
         }
     }
@@ -269,38 +239,29 @@ async fn write_frame(send: &mut quinn::SendStream, frame: &Frame<'_>) -> Result<
 
 // ---------------------------------------------------------------- shipping
 
+/// A peer region and the connector that keeps one QUIC connection to it for all its shards'
+/// streams.
 struct PeerLink {
     peer: Peer,
-    connection: tokio::sync::Mutex<Option<quinn::Connection>>,
+    connector: Connector,
 }
 
 impl PeerLink {
-    async fn connect(&self, endpoint: &quinn::Endpoint) -> Result<quinn::Connection, StreamError> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
-            return Ok(connection.clone());
-        }
-        let connecting = endpoint.connect(self.peer.addr, SERVER_NAME).map_err(io)?;
-        let connection = tokio::time::timeout(Duration::from_secs(2), connecting)
-            .await
-            .map_err(|_| StreamError::Io("no QUIC handshake within 2 s".into()))?
-            .map_err(io)?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+    async fn connect(&self) -> Result<quinn::Connection, StreamError> {
+        self.connector.connection(&self.peer.addr.to_string(), self.peer.addr).await.map_err(io)
     }
 }
 
-async fn ship(context: Arc<Context>, endpoint: quinn::Endpoint, link: Arc<PeerLink>, side: ThreadSide) {
+async fn ship(context: Arc<Context>, link: Arc<PeerLink>, side: ThreadSide) {
     let what = format!("shipping shard {} to {} ({})", side.shard, link.peer.region, link.peer.addr);
     // Until the peer says where it is, keep the whole WAL for it.
     set_acked(&context, &side, &link.peer.region, 0);
     let mut last_error = String::new();
     let mut backoff = Duration::from_millis(50);
     loop {
-        match ship_stream(&context, &endpoint, &link, &side).await {
+        match ship_stream(&context, &link, &side).await {
             Ok(()) => return,
             Err(error) => {
-                context.stats.stream_errors.fetch_add(1, Ordering::Relaxed);
                 let message = error.to_string();
                 if message != last_error {
                     (context.log)(&format!("{what}: {message}; retrying"));
@@ -320,14 +281,9 @@ fn set_acked(context: &Context, side: &ThreadSide, region: &str, lsn: u64) {
     side.hold.store(hold.unwrap_or(u64::MAX), Ordering::Release);
 }
 
-async fn ship_stream(
-    context: &Context,
-    endpoint: &quinn::Endpoint,
-    link: &PeerLink,
-    side: &ThreadSide,
-) -> Result<(), StreamError> {
+async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> Result<(), StreamError> {
     let config = &context.config;
-    let connection = link.connect(endpoint).await?;
+    let connection = link.connect().await?;
     let (mut send, mut recv) = connection.open_bi().await.map_err(io)?;
     let shards = u32::try_from(context.shards.len()).unwrap_or(u32::MAX);
     write_frame(&mut send, &Frame::Hello { shard: side.shard, shards, region: &config.region }).await?;
@@ -378,9 +334,6 @@ async fn ship_stream(
             let ends_at_durable = cursor.next_lsn() >= point.durable_next_lsn;
             let closed = outbound.closed_for(built.last_glt, ends_at_durable, point.closed_ts);
             let sent = send_batch(context, &mut send, &mut head, side.shard, &built, closed).await?;
-            context.stats.raw_bytes.fetch_add(built.raw.len() as u64, Ordering::Relaxed);
-            context.stats.wire_bytes.fetch_add(sent as u64, Ordering::Relaxed);
-            context.stats.records_shipped.fetch_add(u64::from(built.count), Ordering::Relaxed);
             outbound.sent(built.first_lsn + u64::from(built.count), closed, sent, now_ns());
         }
         let caught_up = outbound.next_lsn() >= point.durable_next_lsn;
@@ -564,7 +517,6 @@ async fn accept(context: Arc<Context>, endpoint: quinn::Endpoint) {
                 let context = context.clone();
                 tokio::spawn(async move {
                     if let Err(error) = receive_stream(&context, send, recv).await {
-                        context.stats.stream_errors.fetch_add(1, Ordering::Relaxed);
                         (context.log)(&format!("replication stream from {remote}: {error}"));
                     }
                 });
@@ -573,7 +525,7 @@ async fn accept(context: Arc<Context>, endpoint: quinn::Endpoint) {
     }
 }
 
-fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Result<usize, String> {
+fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Result<ThreadSide, String> {
     let config = &context.config;
     if config.is_home() {
         return Err(format!("region {} is the home of every shard and takes no replicas", config.region));
@@ -587,7 +539,8 @@ fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Resu
     context
         .shards
         .iter()
-        .position(|side| side.shard == shard)
+        .find(|side| side.shard == shard)
+        .cloned()
         .ok_or_else(|| format!("shard {shard} is not on this node"))
 }
 
@@ -597,9 +550,9 @@ async fn receive_stream(
     mut recv: quinn::RecvStream,
 ) -> Result<(), StreamError> {
     let hello = read_frame(&mut recv).await?.ok_or_else(|| StreamError::Io("stream ended before Hello".into()))?;
-    let (shard, region) = match repl::decode_frame(&hello)?.0 {
+    let (side, region) = match repl::decode_frame(&hello)?.0 {
         Frame::Hello { shard, shards, region } => match check_hello(context, shard, shards, region) {
-            Ok(_) => (shard, region.to_owned()),
+            Ok(side) => (side, region.to_owned()),
             Err(reason) => {
                 write_frame(&mut send, &Frame::Refuse { reason: &reason }).await?;
                 let _ = send.finish();
@@ -608,8 +561,7 @@ async fn receive_stream(
         },
         other => return Err(StreamError::Other(format!("expected Hello, got {other:?}"))),
     };
-    let side = context.shards.iter().find(|side| side.shard == shard).cloned();
-    let side = side.ok_or_else(|| StreamError::Other(format!("shard {shard} is not on this node")))?;
+    let shard = side.shard;
     let next_lsn = context
         .positions
         .lock()
@@ -656,7 +608,6 @@ async fn receive_stream(
                 side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
                 dones.push(wait);
             }
-            context.stats.records_applied.fetch_add(dones.len() as u64, Ordering::Relaxed);
             if pending_tx.send((accepted, dones)).is_err() {
                 break;
             }
