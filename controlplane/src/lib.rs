@@ -18,6 +18,7 @@ pub mod meta;
 pub mod net;
 pub mod network;
 pub mod node;
+pub mod ops;
 pub mod raftlog;
 pub mod rpc;
 pub mod sm;
