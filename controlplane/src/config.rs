@@ -78,6 +78,14 @@ impl Default for GltsConfig {
     }
 }
 
+/// The Prometheus endpoint (`GET /metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address to serve on (port 0: any free port, printed on stdout as `METRICS url`).
+    pub listen: SocketAddr,
+}
+
 /// A control-plane node.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,13 +126,16 @@ pub struct NodeConfig {
     /// GLTS.
     #[serde(default)]
     pub glts: GltsConfig,
+    /// The Prometheus endpoint; none when absent.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
 }
 
 impl NodeConfig {
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))
+        toml::from_str(&text).map_err(|error| anyhow::anyhow!("{}: {}", path.display(), error.to_string().trim_end()))
     }
 
     /// The address peers use for this node.
@@ -237,6 +248,10 @@ mod tests {
             (format!("{BASE}\n[raft]\nelection_max_ms = 100"), "raft.election_max_ms"),
             (format!("{BASE}\n[glts]\ndrift_ppm = 0"), "glts.drift_ppm"),
             (format!("{BASE}\nbogus = 1"), "bogus"),
+            (format!("{BASE}\n[metrics]\nlisten = \"localhost\""), "listen"),
+            (format!("{BASE}\n[metrics]\nport = 9100"), "port"),
+            (format!("{BASE}\n[raft]\nheartbeat_ms = -1"), "heartbeat_ms"),
+            (BASE.replace("id = 1", "id = 0"), "id"),
             (BASE.replace("id = 1", "id = 3"), "initial_members"),
             (BASE.replace("2=127", "2127"), "initial_members"),
         ];

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use controlplane::config::NodeConfig;
 use controlplane::node::Node;
+use controlplane::ops;
 use controlplane::raftlog::LogIo;
 
 #[derive(Debug, Parser)]
@@ -86,6 +87,13 @@ struct RunArgs {
     /// Raft log I/O: auto (io_uring, else blocking), uring or std.
     #[arg(long, value_enum)]
     log_io: Option<LogIo>,
+    /// Serve Prometheus metrics on this TCP address (metrics.listen); port 0 picks one, printed
+    /// on stdout as `METRICS http://addr/metrics`.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Validate the configuration (file and flags) and exit without starting.
+    #[arg(long)]
+    check_config: bool,
 }
 
 fn config_from(args: RunArgs) -> Result<NodeConfig> {
@@ -111,6 +119,7 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
                 raft: Default::default(),
                 membership: Default::default(),
                 glts: Default::default(),
+                metrics: None,
             }
         }
     };
@@ -154,35 +163,64 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
     if let Some(io) = args.log_io {
         config.log_io = io;
     }
+    if let Some(listen) = args.metrics_listen {
+        config.metrics = Some(controlplane::config::MetricsConfig { listen });
+    }
     config.validate()?;
     Ok(config)
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    let config = config_from(args)?;
+async fn run(config: NodeConfig) -> Result<()> {
+    let metrics = match &config.metrics {
+        Some(metrics) => Some(ops::metrics::install(metrics.listen).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    ops::notify::status("recovering the raft log");
     let node = Node::start(config).await?;
     println!("ready");
+    if let Some(metrics) = &metrics {
+        println!("METRICS http://{}/metrics", metrics.addr());
+    }
+    ops::notify::ready(&format!("serving as node {}", node.id()));
+    tokio::spawn(node.clone().watchdog());
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    eprintln!("controlplane: shutting down");
-    node.raft().shutdown().await.context("raft shutdown")?;
+    ops::notify::stopping("shutting down");
+    tracing::info!("shutting down");
+    node.shutdown().await.context("raft shutdown")?;
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    ops::logging::init();
     let result = match cli.command {
         Commands::Certs { out, names } => controlplane::tls::generate(&out, &names)
             .map(|()| println!("wrote {} certificates and ca.pem to {}", names.len(), out.display())),
-        Commands::Run(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .context("starting the runtime")
-            .and_then(|runtime| runtime.block_on(run(*args))),
+        Commands::Run(args) => {
+            let check_only = args.check_config;
+            match config_from(*args) {
+                Ok(config) if check_only => {
+                    println!(
+                        "configuration is valid: node {} on {}, data in {}",
+                        config.id,
+                        config.listen,
+                        config.data_dir.display()
+                    );
+                    Ok(())
+                }
+                Ok(config) => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .context("starting the runtime")
+                    .and_then(|runtime| runtime.block_on(run(config))),
+                Err(error) => Err(error),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

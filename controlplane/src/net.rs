@@ -96,6 +96,14 @@ impl Connector {
         Ok(Self::new(endpoint))
     }
 
+    /// Closes every connection of the endpoint with code 0 ("shutting down"), so peers see
+    /// a clean close rather than an idle timeout, and waits up to a second for the close to
+    /// be sent.
+    pub async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
     /// The endpoint.
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint

@@ -156,15 +156,60 @@ impl Node {
         }));
         tokio::spawn(node.clone().batch_proposals(pending));
         tokio::spawn(node.clone().election_timer());
-        tokio::spawn(node.clone().log_role_changes());
+        tokio::spawn(node.clone().observe_raft());
         tokio::spawn(node.clone().glts_exchanges());
         tokio::spawn(node.clone().liveness_monitor());
         node.clone().bootstrap_or_join().await?;
-        eprintln!(
-            "controlplane: node {} listening on {} (raft log: {log_kind}; glts local source: {local_source})",
-            node.id, node.config.listen
+        tracing::info!(
+            node = node.id,
+            listen = %node.config.listen,
+            raft_log = %log_kind,
+            glts_local_source = %local_source,
+            "listening"
         );
         Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Stops Raft (the log is durable at every acknowledgement, so this only ends the tasks)
+    /// and closes the QUIC endpoint, telling peers the connections ended.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.raft.shutdown().await.context("raft shutdown")?;
+        self.connector.close().await;
+        Ok(())
+    }
+
+    /// Pings systemd's watchdog (when `WatchdogSec` asked for it) each time the Raft core
+    /// answers a state query, and keeps `STATUS=` current. A wedged core stops the pings, and
+    /// systemd restarts the process.
+    pub async fn watchdog(self: Arc<Self>) {
+        let Some(period) = crate::ops::notify::watchdog_interval() else { return };
+        loop {
+            tokio::time::sleep(period).await;
+            let query = self.raft.with_raft_state(|state| state.server_state);
+            match tokio::time::timeout(period, query).await {
+                Ok(Ok(_)) => {
+                    let metrics = self.raft.metrics().borrow().clone();
+                    crate::ops::notify::watchdog();
+                    crate::ops::notify::status(&format!(
+                        "{:?} in term {}, leader {:?}, applied {}",
+                        metrics.state,
+                        metrics.current_term,
+                        metrics.current_leader,
+                        metrics.last_applied.map_or(0, |id| id.index)
+                    ));
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!("the raft core did not answer within {period:?}; withholding the watchdog ping");
+                    crate::ops::notify::status("raft core not answering");
+                }
+            }
+        }
     }
 
     /// The Raft handle.
@@ -182,8 +227,8 @@ impl Node {
             let nodes: BTreeMap<NodeId, ControlNode> =
                 members.into_iter().map(|(id, addr)| (id, ControlNode { addr })).collect();
             match self.raft.initialize(nodes).await {
-                Ok(()) => eprintln!("controlplane: node {} bootstrapped the cluster", self.id),
-                Err(RaftError::APIError(error)) => eprintln!("controlplane: not bootstrapping: {error}"),
+                Ok(()) => tracing::info!(node = self.id, "bootstrapped the cluster"),
+                Err(RaftError::APIError(error)) => tracing::info!(%error, "not bootstrapping"),
                 Err(error) => return Err(error).context("bootstrapping"),
             }
             return Ok(());
@@ -198,11 +243,11 @@ impl Node {
                 loop {
                     match client.call(&request, Duration::from_secs(30)).await {
                         Ok(Response::Ok) => {
-                            eprintln!("controlplane: node {} joined the cluster", node.id);
+                            tracing::info!(node = node.id, "joined the cluster");
                             return;
                         }
-                        Ok(other) => eprintln!("controlplane: join refused: {other:?}; retrying"),
-                        Err(error) => eprintln!("controlplane: join failed: {error:#}; retrying"),
+                        Ok(other) => tracing::warn!(answer = ?other, "join refused; retrying"),
+                        Err(error) => tracing::warn!("join failed: {error:#}; retrying"),
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -256,13 +301,12 @@ impl Node {
             }
             let due = election_due(Some(elapsed), committed, timeout_ns, lease_ns);
             if due {
-                eprintln!(
-                    "controlplane: [{}] node {}: no leader for {} ms (timeout {} ms{}); starting an election",
-                    timesource::unix_ms(),
-                    self.id,
-                    elapsed / 1_000_000,
-                    timeout_ns / 1_000_000,
-                    if committed { " after the leader's lease" } else { "" }
+                tracing::info!(
+                    node = self.id,
+                    no_leader_ms = elapsed / 1_000_000,
+                    timeout_ms = timeout_ns / 1_000_000,
+                    after_lease = committed,
+                    "starting an election"
                 );
                 let _ = self.raft.trigger().elect().await;
                 timeout_ns = draw() * 1_000_000;
@@ -270,26 +314,37 @@ impl Node {
         }
     }
 
-    async fn log_role_changes(self: Arc<Self>) {
-        let mut metrics = self.raft.metrics();
+    /// Logs role changes and exports Raft's state as metrics.
+    async fn observe_raft(self: Arc<Self>) {
+        let mut watch = self.raft.metrics();
         let mut last = (ServerState::Shutdown, None, 0);
         loop {
             let now = {
-                let m = metrics.borrow_and_update();
+                let m = watch.borrow_and_update();
+                let leader = m.current_leader.unwrap_or(0);
+                metrics::gauge!("meridian_raft_term").set(m.current_term as f64);
+                metrics::gauge!("meridian_raft_leader_id").set(leader as f64);
+                metrics::gauge!("meridian_raft_is_leader").set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+                metrics::gauge!("meridian_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+                // openraft 0.9 reports the applied index; it trails the commit index only by
+                // the apply of the newest entries.
+                metrics::gauge!("meridian_raft_applied_index").set(m.last_applied.map_or(0, |id| id.index) as f64);
+                let voters = m.membership_config.membership().voter_ids().count();
+                metrics::gauge!("meridian_raft_voters").set(voters as f64);
                 (m.state, m.current_leader, m.current_term)
             };
             if now != last {
-                eprintln!(
-                    "controlplane: [{}] node {}: {:?} in term {}, leader {:?}",
-                    timesource::unix_ms(),
-                    self.id,
-                    now.0,
-                    now.2,
-                    now.1
+                metrics::counter!("meridian_raft_role_changes_total").increment(1);
+                tracing::info!(
+                    node = self.id,
+                    role = ?now.0,
+                    term = now.2,
+                    leader = ?now.1,
+                    "raft role"
                 );
                 last = now;
             }
-            if metrics.changed().await.is_err() {
+            if watch.changed().await.is_err() {
                 return;
             }
         }
@@ -325,6 +380,14 @@ impl Node {
                 if let Some(estimator) = lock(&self.glts).as_mut() {
                     let _ = estimator.observe_peer(id, exchange);
                 }
+            }
+            let width = lock(&self.glts)
+                .as_ref()
+                .and_then(|estimator| estimator.now(timesource::mono_ns()).ok())
+                .map(|interval| interval.width_ns() as f64 / 1e9);
+            if let Some(width) = width {
+                metrics::histogram!("meridian_glts_width_seconds").record(width);
+                metrics::gauge!("meridian_glts_interval_width_current_seconds").set(width);
             }
         }
     }
@@ -553,7 +616,7 @@ impl Node {
                     return Response::Error { message: "fault injection is disabled (fault_injection = false)".into() };
                 }
                 self.isolated.store(isolated, Ordering::Relaxed);
-                eprintln!("controlplane: node {} isolated = {isolated}", self.id);
+                tracing::warn!(node = self.id, isolated, "fault injection: isolation changed");
                 Response::Ok
             }
         }

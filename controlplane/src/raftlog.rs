@@ -268,11 +268,7 @@ pub fn read_and_repair(path: &Path) -> io::Result<LogImage> {
     };
     let image = replay(&bytes).map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
     if image.valid_bytes < bytes.len() {
-        eprintln!(
-            "controlplane: cutting a torn tail of {} bytes off {}",
-            bytes.len() - image.valid_bytes,
-            path.display()
-        );
+        tracing::warn!(bytes = bytes.len() - image.valid_bytes, path = %path.display(), "cutting a torn tail off the raft log");
         let file = std::fs::OpenOptions::new().write(true).open(path)?;
         file.set_len(image.valid_bytes as u64)?;
         file.sync_all()?;
@@ -316,7 +312,7 @@ impl LogWriter {
             LogIo::Std => Self::open_std(path),
             LogIo::Uring => Self::open_uring(path),
             LogIo::Auto => Self::open_uring(path).or_else(|error| {
-                eprintln!("controlplane: io_uring unavailable ({error}); the raft log uses blocking I/O");
+                tracing::warn!(%error, "io_uring unavailable; the raft log uses blocking I/O");
                 Self::open_std(path)
             }),
         }
