@@ -64,6 +64,16 @@ pub struct NodeConfig {
     pub control: Option<ControlSection>,
     /// Inter-region replication; without it the node keeps its writes to itself.
     pub replication: Option<ReplicationSection>,
+    /// The Prometheus endpoint; without it the node serves no metrics.
+    pub metrics: Option<MetricsSection>,
+}
+
+/// `[metrics]`: where to serve `GET /metrics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// TCP `ip:port` (port 0 picks one, printed on stdout after READY as `METRICS url`).
+    pub listen: Option<String>,
 }
 
 /// `[replication]`: this node's region, where the shards take writes, and the other regions.
@@ -362,6 +372,8 @@ pub struct Resolved {
     pub control: Option<ControlResolved>,
     /// Inter-region replication.
     pub replication: Option<crate::repl::ReplConfig>,
+    /// The Prometheus endpoint's address.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl NodeConfig {
@@ -463,7 +475,18 @@ impl NodeConfig {
         }
         let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
         let replication = self.replication.as_ref().map(ReplicationSection::resolve).transpose()?;
-        Ok(Resolved { data_dir, host, port, shards, server, store, control, replication })
+        let metrics = match &self.metrics {
+            None => None,
+            Some(section) => {
+                let listen = section.listen.as_ref().ok_or_else(|| invalid("metrics.listen", "is required".into()))?;
+                Some(
+                    listen
+                        .parse()
+                        .map_err(|_| invalid("metrics.listen", format!("`{listen}` is not an ip:port address")))?,
+                )
+            }
+        };
+        Ok(Resolved { data_dir, host, port, shards, server, store, control, replication, metrics })
     }
 }
 
@@ -629,6 +652,9 @@ mod tests {
             ("data_dir = \"/x\"\n[wal]\nsegment_bytes = 1000", "segment_bytes"),
             ("data_dir = \"/x\"\n[wal]\nrecovery_mode = \"maybe\"", "wal.recovery_mode"),
             ("data_dir = \"/x\"\n[control]\nseedz = []", "seedz"),
+            ("data_dir = \"/x\"\n[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+            ("data_dir = \"/x\"\n[metrics]", "metrics.listen"),
+            ("data_dir = \"/x\"\n[metrics]\nport = 1", "port"),
             ("data_dir = \"/x\"\n[control]\nseeds = []", "control.seeds"),
             ("data_dir = \"/x\"\n[control]\nseeds = [\"cp1\"]", "control.seeds"),
             (&control("region = \"eu\"\nzone = \"a\""), "control.node_id"),

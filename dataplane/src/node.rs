@@ -1,10 +1,9 @@
 //! A whole `dataplane` node: every shard recovers its store, binds its client port, serves,
 //! and on a stop request stops accepting, checkpoints and closes.
 
-use std::io::Write;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use glommio::net::TcpListener;
@@ -14,7 +13,8 @@ use crate::control::ControlLink;
 use crate::repl::{Replication, ShardSide};
 use crate::runtime::{RuntimeConfig, run_shards};
 use crate::server::{self, ServerStats, ShardMap};
-use crate::store::ShardStore;
+use crate::store::{Progress, ShardStore};
+use controlplane::ops::notify;
 
 /// Set to stop the node (by a signal handler thread or a test).
 #[derive(Debug, Default, Clone)]
@@ -51,9 +51,10 @@ pub fn run(
         Some(control) => {
             let shards = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
             let capacity = crate::control::capacity_bytes(&config.data_dir);
-            let logger: controlplane::agent::Logger = Arc::new(|line: &str| log(&format!("control: {line}")));
+            let logger: controlplane::agent::Logger =
+                Arc::new(|line: &str| tracing::warn!(target: "dataplane::control", "{line}"));
             let link = ControlLink::start(control, shards, capacity, logger)?;
-            log(&format!("GLTS interval from the control plane at {}", control.seeds.join(",")));
+            tracing::info!(seeds = %control.seeds.join(","), "GLTS interval from the control plane");
             config.store.clock = link.clock();
             Some(Arc::new(link))
         }
@@ -73,31 +74,34 @@ pub fn run(
                 shard_sides.push(Some(shard_side));
                 thread_sides.push(thread_side);
             }
-            let logger: crate::repl::shell::Logger = Arc::new(|line: &str| log(&format!("replication: {line}")));
-            let replication = Replication::start(repl.clone(), thread_sides, logger)?;
-            log(&format!(
-                "replication: region {} ({}), endpoint {}",
-                repl.region,
-                if repl.is_home() {
-                    "home: ships to its peers".to_string()
-                } else {
-                    format!("replica of {}", repl.home)
-                },
-                replication.addr()
-            ));
+            let replication = Replication::start(repl.clone(), thread_sides, config.store.clock.clone())?;
+            tracing::info!(
+                region = %repl.region,
+                role = %if repl.is_home() { "home".to_string() } else { format!("replica of {}", repl.home) },
+                endpoint = %replication.addr(),
+                "replication started"
+            );
             map = map.with_replication(replication.resolved());
             Some(replication)
         }
         None => None,
     };
     let shard_sides = Arc::new(std::sync::Mutex::new(shard_sides));
+    notify::status("recovering");
     let serving = link.clone();
+    let watchdog = Watchdog::new(config.shards);
+    let ready = watchdog.clone();
     let on_ready = Arc::new(move |addresses: &[String]| {
         if let (Some(link), Some(first)) = (&serving, addresses.first()) {
             link.serving(first.clone());
         }
         on_ready(addresses);
+        ready.set_ready();
+        notify::ready(&format!("serving {} shards on {}", addresses.len(), addresses.join(",")));
     });
+    if let Some(period) = notify::watchdog_interval() {
+        watchdog.clone().spawn(period, stop.clone())?;
+    }
     let stop = stop.clone();
     let results = run_shards::<(), _, _, _>(&runtime, move |context| {
         let shard_id = context.shard_id;
@@ -107,7 +111,8 @@ pub fn run(
             .get_mut(shard_id as usize)
             .and_then(Option::take);
         async move {
-            let result = shard_main(&config, shard_id, shard_count, map, side, &*on_ready, &stop).await;
+            let supervision = Supervision { on_ready: &*on_ready, stop: &stop, watchdog: &watchdog };
+            let result = shard_main(&config, shard_id, shard_count, map, side, supervision).await;
             if result.is_err() {
                 // One shard failing stops the node rather than leaving a partial one serving.
                 stop.stop();
@@ -127,15 +132,23 @@ pub fn run(
     if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
 }
 
+/// What a shard reports to and hears from the node: readiness, the stop request, progress.
+#[derive(Clone, Copy)]
+struct Supervision<'a> {
+    on_ready: &'a (dyn Fn(&[String]) + Send + Sync),
+    stop: &'a StopFlag,
+    watchdog: &'a Watchdog,
+}
+
 async fn shard_main(
     config: &Resolved,
     shard_id: u32,
     shard_count: u32,
     map: ShardMap,
     side: Option<ShardSide>,
-    on_ready: &(dyn Fn(&[String]) + Send + Sync),
-    stop: &StopFlag,
+    supervision: Supervision<'_>,
 ) -> Result<(), String> {
+    let Supervision { on_ready, stop, watchdog } = supervision;
     let mut store_config = config.store_for(shard_id);
     if let (Some(side), Some(repl)) = (&side, &config.replication) {
         store_config.wal_hold = side.hold.clone();
@@ -146,14 +159,15 @@ async fn shard_main(
     let started = std::time::Instant::now();
     let store = ShardStore::open(store_config).await.map_err(|error| format!("shard {shard_id}: {error}"))?;
     let stats = store.stats();
-    log(&format!(
-        "shard {shard_id} recovered in {} ms: {} versions from checkpoint at LSN {}, {} WAL records replayed, {} keys",
-        started.elapsed().as_millis(),
-        stats.checkpoint_versions_loaded,
-        stats.checkpoint_lsn,
-        stats.replayed_records,
-        stats.keys
-    ));
+    tracing::info!(
+        shard = shard_id,
+        elapsed_ms = started.elapsed().as_millis(),
+        checkpoint_lsn = stats.checkpoint_lsn,
+        checkpoint_versions = stats.checkpoint_versions_loaded,
+        replayed_records = stats.replayed_records,
+        keys = stats.keys,
+        "shard recovered"
+    );
     let port = if config.port == 0 { 0 } else { config.port + u16::try_from(shard_id).unwrap_or(0) };
     let listener = TcpListener::bind((config.host.as_str(), port))
         .map_err(|error| format!("shard {shard_id}: bind {}:{port}: {error}", config.host))?;
@@ -162,19 +176,21 @@ async fn shard_main(
         on_ready(&map.addresses());
     }
     store.spawn_maintenance();
+    let heartbeat = spawn_heartbeat(&store, watchdog.clone(), shard_id);
     let replication_tasks = match (side, &config.replication) {
         (Some(side), Some(repl)) => Some(spawn_replication(&store, side, repl.closed_interval)),
         _ => None,
     };
     let stats = Rc::new(ServerStats::default());
     server::serve(listener, store.clone(), shard_count, map, config.server, stats, stop.wait()).await;
+    heartbeat.cancel();
     if let Some(tasks) = replication_tasks {
         for task in tasks {
             task.cancel();
         }
     }
     store.close().await.map_err(|error| format!("shard {shard_id}: close: {error}"))?;
-    log(&format!("shard {shard_id} stopped"));
+    tracing::info!(shard = shard_id, "shard stopped: requests answered, WAL synced, checkpoint written");
     Ok(())
 }
 
@@ -234,7 +250,101 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, String> {
     Ok(file)
 }
 
-/// One line on stderr (journald-friendly; structured logging arrives with the operations issue).
-pub fn log(line: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "dataplane: {line}");
+/// How often each shard reports its progress to the [`Watchdog`].
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether a shard made progress between two samples: its WAL is not fenced, and writes that
+/// were waiting for durability at the earlier sample have been made durable since (an idle
+/// shard is progressing).
+pub fn progressing(previous: Option<Progress>, now: Progress) -> bool {
+    !now.fenced && previous.is_none_or(|previous| !previous.waiting || now.durable_next_lsn > previous.durable_next_lsn)
+}
+
+/// Beats the shard's heartbeat every [`HEARTBEAT_INTERVAL`] while [`progressing`]: proof that
+/// its executor runs and its WAL makes writes durable.
+fn spawn_heartbeat(store: &ShardStore, watchdog: Watchdog, shard_id: u32) -> glommio::task::JoinHandle<()> {
+    let store = store.clone();
+    glommio::spawn_local(async move {
+        let mut previous = None;
+        loop {
+            let now = store.progress();
+            if progressing(previous, now) {
+                watchdog.beat(shard_id);
+            }
+            previous = Some(now);
+            glommio::timer::sleep(HEARTBEAT_INTERVAL).await;
+        }
+    })
+    .detach()
+}
+
+/// systemd's watchdog for the data node: each shard beats while it makes progress, and a
+/// thread pings `WATCHDOG=1` only when every shard beat since the last ping (during recovery,
+/// before READY, it pings unconditionally: start-up is bounded by `TimeoutStartSec`).
+#[derive(Debug, Clone)]
+pub struct Watchdog {
+    beats: Arc<Vec<AtomicU64>>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    fn new(shards: usize) -> Self {
+        Self { beats: Arc::new((0..shards).map(|_| AtomicU64::new(0)).collect()), ready: Arc::default() }
+    }
+
+    fn beat(&self, shard_id: u32) {
+        if let Some(beat) = self.beats.get(shard_id as usize) {
+            beat.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    fn spawn(self, period: Duration, stop: StopFlag) -> Result<(), String> {
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                let mut last: Vec<u64> = self.beats.iter().map(|beat| beat.load(Ordering::Relaxed)).collect();
+                while !stop.is_stopped() {
+                    std::thread::sleep(period);
+                    if !self.ready.load(Ordering::SeqCst) {
+                        notify::watchdog();
+                        continue;
+                    }
+                    let now: Vec<u64> = self.beats.iter().map(|beat| beat.load(Ordering::Relaxed)).collect();
+                    let stalled: Vec<usize> = (0..now.len()).filter(|&shard| now[shard] == last[shard]).collect();
+                    if stalled.is_empty() {
+                        notify::watchdog();
+                    } else {
+                        let message = format!("shards {stalled:?} made no progress for {period:?}");
+                        tracing::error!("{message}; withholding the watchdog ping");
+                        notify::status(&message);
+                    }
+                    last = now;
+                }
+            })
+            .map(drop)
+            .map_err(|error| format!("cannot start the watchdog thread: {error}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(durable_next_lsn: u64, waiting: bool) -> Progress {
+        Progress { durable_next_lsn, waiting, fenced: false }
+    }
+
+    #[test]
+    fn a_shard_progresses_unless_waiting_writes_stay_undurable_or_its_wal_is_fenced() {
+        assert!(progressing(None, at(1, true)), "the first sample has nothing to compare with");
+        assert!(progressing(Some(at(5, false)), at(5, false)), "idle");
+        assert!(progressing(Some(at(5, false)), at(5, true)), "writes just arrived");
+        assert!(progressing(Some(at(5, true)), at(9, true)), "writes became durable");
+        assert!(!progressing(Some(at(5, true)), at(5, true)), "writes waited a whole interval and none became durable");
+        assert!(!progressing(Some(at(5, false)), Progress { fenced: true, ..at(6, false) }), "fenced");
+    }
 }

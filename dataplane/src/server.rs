@@ -22,6 +22,7 @@ use wire::RecordType;
 use wire::proto::{self, ErrorCode, ListEntry, Request};
 
 use crate::store::{ShardStore, StoreError};
+use crate::sync::Notify;
 use crate::wal::WalError;
 
 /// Limits of the client endpoint.
@@ -93,18 +94,55 @@ pub struct ServerStats {
     pub refused: Cell<u64>,
 }
 
+/// The endpoint's series on the process's metrics recorder, labelled by shard.
+struct EndpointMetrics {
+    write_ack: metrics::Histogram,
+    read: metrics::Histogram,
+    requests: metrics::Counter,
+    refused: metrics::Counter,
+    in_flight: metrics::Gauge,
+    connections: metrics::Gauge,
+}
+
+impl EndpointMetrics {
+    fn new(shard_id: u32) -> Self {
+        let shard = shard_id.to_string();
+        Self {
+            write_ack: metrics::histogram!("meridian_write_ack_seconds", "shard" => shard.clone()),
+            read: metrics::histogram!("meridian_read_seconds", "shard" => shard.clone()),
+            requests: metrics::counter!("meridian_requests_total", "shard" => shard.clone()),
+            refused: metrics::counter!("meridian_requests_refused_total", "shard" => shard.clone()),
+            in_flight: metrics::gauge!("meridian_requests_in_flight", "shard" => shard.clone()),
+            connections: metrics::gauge!("meridian_connections_open", "shard" => shard),
+        }
+    }
+}
+
 struct Endpoint {
     shard_id: u32,
     shard_count: u32,
     store: ShardStore,
     limits: ServerLimits,
     map: ShardMap,
+    /// Connections counted against `connections_max`.
     open_connections: Cell<usize>,
+    /// Every connection task still running (reading, answering or flushing).
+    live_connections: Cell<usize>,
+    /// Requests received and not yet answered, over all connections.
+    requests_in_flight: Cell<usize>,
+    /// Set once the shard stops: connections read no further requests.
+    stopping: Cell<bool>,
+    stop_notify: Notify,
     stats: Rc<ServerStats>,
+    metrics: EndpointMetrics,
 }
 
-/// Serves clients on `listener` until `stop` resolves, then stops accepting (connections
-/// already open finish the requests they sent).
+/// How long a stopping shard waits for its connections to answer what they received.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves clients on `listener` until `stop` resolves. Then it stops accepting, stops
+/// reading new requests, and waits (up to [`DRAIN_TIMEOUT`]) until every request already
+/// received is answered and flushed, so the store can close after the last write.
 pub async fn serve(
     listener: TcpListener,
     store: ShardStore,
@@ -114,14 +152,20 @@ pub async fn serve(
     stats: Rc<ServerStats>,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    let shard_id = store.config().shard_id;
     let endpoint = Rc::new(Endpoint {
-        shard_id: store.config().shard_id,
+        shard_id,
         shard_count,
         store,
         limits,
         map,
         open_connections: Cell::new(0),
+        live_connections: Cell::new(0),
+        requests_in_flight: Cell::new(0),
+        stopping: Cell::new(false),
+        stop_notify: Notify::default(),
         stats,
+        metrics: EndpointMetrics::new(shard_id),
     });
     let accept = async {
         loop {
@@ -131,12 +175,29 @@ pub async fn serve(
         }
     };
     futures_lite::future::or(accept, stop).await;
+    drop(listener);
+    endpoint.stopping.set(true);
+    endpoint.stop_notify.notify_all();
+    let started = std::time::Instant::now();
+    while endpoint.live_connections.get() > 0 && started.elapsed() < DRAIN_TIMEOUT {
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    if endpoint.live_connections.get() > 0 {
+        tracing::warn!(
+            shard = shard_id,
+            connections = endpoint.live_connections.get(),
+            requests = endpoint.requests_in_flight.get(),
+            "connections still busy after the drain timeout; closing anyway"
+        );
+    }
 }
 
 impl Endpoint {
     async fn connection(self: Rc<Self>, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         self.stats.connections.set(self.stats.connections.get() + 1);
+        self.live_connections.set(self.live_connections.get() + 1);
+        self.metrics.connections.set(self.live_connections.get() as f64);
         let (reader, writer) = futures_lite::io::split(stream);
         let mut reader = BufReader::with_capacity(64 << 10, reader);
         let (responses, queue) = local_channel::new_bounded::<Vec<u8>>(self.limits.inflight_per_connection + 1);
@@ -167,6 +228,15 @@ impl Endpoint {
         // In-flight handlers hold clones of the sender; the writer ends when they are done.
         drop(responses);
         writer_task.await;
+        self.live_connections.set(self.live_connections.get() - 1);
+        self.metrics.connections.set(self.live_connections.get() as f64);
+    }
+
+    /// Resolves once the shard stops.
+    async fn stopped(&self) {
+        while !self.stopping.get() {
+            self.stop_notify.wait().await;
+        }
     }
 
     /// Reads frames until EOF or a malformed frame; each request runs in its own task.
@@ -178,8 +248,14 @@ impl Endpoint {
         let inflight = Rc::new(Cell::new(0usize));
         let mut header = [0u8; wire::HEADER_BYTES];
         loop {
-            if reader.read_exact(&mut header).await.is_err() {
-                return;
+            // Between requests a stop ends the connection; a request being read is finished.
+            let next = futures_lite::future::or(async { Some(reader.read_exact(&mut header).await) }, async {
+                self.stopped().await;
+                None
+            });
+            match next.await {
+                Some(Ok(())) => {}
+                Some(Err(_)) | None => return,
             }
             let seq = u64::from_le_bytes(header[24..32].try_into().unwrap_or_default());
             let parsed = match wire::decode_header(&header, self.limits.frame_payload_bytes_max) {
@@ -209,6 +285,8 @@ impl Endpoint {
                 continue;
             }
             inflight.set(inflight.get() + 1);
+            self.requests_in_flight.set(self.requests_in_flight.get() + 1);
+            self.metrics.in_flight.set(self.requests_in_flight.get() as f64);
             let endpoint = Rc::clone(self);
             let responses = Rc::clone(responses);
             let inflight = Rc::clone(&inflight);
@@ -216,7 +294,10 @@ impl Endpoint {
                 let mut out = Vec::new();
                 endpoint.handle(seq, &frame[wire::HEADER_BYTES..], &mut out).await;
                 endpoint.stats.requests.set(endpoint.stats.requests.get() + 1);
+                endpoint.metrics.requests.increment(1);
                 inflight.set(inflight.get() - 1);
+                endpoint.requests_in_flight.set(endpoint.requests_in_flight.get() - 1);
+                endpoint.metrics.in_flight.set(endpoint.requests_in_flight.get() as f64);
                 let _ = responses.send(out).await;
             })
             .detach();
@@ -225,6 +306,7 @@ impl Endpoint {
 
     async fn refuse(&self, responses: &LocalSender<Vec<u8>>, seq: u64, code: ErrorCode, message: &str) {
         self.stats.refused.set(self.stats.refused.get() + 1);
+        self.metrics.refused.increment(1);
         let mut out = Vec::new();
         respond_error(&mut out, seq, code, message);
         let _ = responses.send(out).await;
@@ -245,15 +327,25 @@ impl Endpoint {
             Ok(request) => request,
             Err(proto::ProtoError::UnknownRequest { op }) => {
                 self.stats.refused.set(self.stats.refused.get() + 1);
+                self.metrics.refused.increment(1);
                 return respond_error(out, seq, ErrorCode::UnknownRequest, &format!("unknown request op {op}"));
             }
             Err(error) => {
                 self.stats.refused.set(self.stats.refused.get() + 1);
+                self.metrics.refused.increment(1);
                 return respond_error(out, seq, ErrorCode::BadRequest, &error.to_string());
             }
         };
+        let started = std::time::Instant::now();
+        let write = matches!(request, Request::Put { .. } | Request::Delete { .. } | Request::BatchPut { .. });
+        let read = matches!(request, Request::Get { .. } | Request::Stat { .. } | Request::List { .. });
         if let Err((code, message)) = self.run(seq, request, out).await {
             respond_error(out, seq, code, &message);
+        }
+        if write {
+            self.metrics.write_ack.record(started.elapsed().as_secs_f64());
+        } else if read {
+            self.metrics.read.record(started.elapsed().as_secs_f64());
         }
     }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use client::{Client, ClientError, ErrorCode};
 use common::process::{Node, connect, runtime};
+use controlplane::ops::metrics::{sample, scrape};
 use wan::{LinkConfig, Proxy};
 
 const ONE_WAY: Duration = Duration::from_millis(20);
@@ -89,12 +90,12 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
             Proxy::start(any, listen_c, link, link, 2).await.unwrap(),
         )
     });
-    let mut b = Node::start(&dir.path().join("b"), &region_config("b", listen_b, &tls, &[("a", free_udp_port())]));
+    let metrics = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let config_b = region_config("b", listen_b, &tls, &[("a", free_udp_port())]) + metrics;
+    let mut b = Node::start(&dir.path().join("b"), &config_b);
     let mut c = Node::start(&dir.path().join("c"), &region_config("c", listen_c, &tls, &[("a", free_udp_port())]));
-    let a = Node::start(
-        &dir.path().join("a"),
-        &region_config("a", free_udp_port(), &tls, &[("b", to_b.addr()), ("c", to_c.addr())]),
-    );
+    let config_a = region_config("a", free_udp_port(), &tls, &[("b", to_b.addr()), ("c", to_c.addr())]) + metrics;
+    let a = Node::start(&dir.path().join("a"), &config_a);
 
     rt.block_on(async {
         let (ca, cb, cc) = (connect(&a).await, connect(&b).await, connect(&c).await);
@@ -196,6 +197,27 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
         .expect("the handshake neither failed nor finished");
         assert!(result.is_err(), "a peer from another CA was accepted");
     });
+
+    // The operator's view: RPO per source region on the replica, QUIC and shipping per peer
+    // at the home, all moving.
+    let scrape_b = scrape(b.metrics.unwrap()).unwrap();
+    let lag = sample(&scrape_b, "meridian_replication_lag_seconds", "source=\"a\"").expect("lag gauge");
+    assert!(lag < 5.0, "b's lag gauge reads {lag} s");
+    let rpo_samples = sample(&scrape_b, "meridian_replication_rpo_seconds_count", "source=\"a\"").unwrap();
+    assert!(rpo_samples > 100.0, "{rpo_samples} RPO samples over the whole test");
+    let applied = sample(&scrape_b, "meridian_replication_applied_records_total", "source=\"a\"").unwrap();
+    assert!(applied >= 400.0, "{applied} records applied at b");
+    // 20 ms each way through the proxy.
+    let rtt = sample(&scrape_b, "meridian_quic_rtt_seconds", "peer=\"a\"").expect("QUIC RTT at b");
+    assert!((0.035..1.0).contains(&rtt), "QUIC RTT {rtt} s through a 40 ms round trip");
+    let scrape_a = scrape(a.metrics.unwrap()).unwrap();
+    for peer in ["b", "c"] {
+        let labels = format!("peer=\"{peer}\"");
+        let raw = sample(&scrape_a, "meridian_replication_raw_bytes_total", &labels).unwrap();
+        let wire = sample(&scrape_a, "meridian_replication_wire_bytes_total", &labels).unwrap();
+        assert!(raw > 100_000.0 && wire > 0.0, "shipped to {peer}: {raw} raw, {wire} on the wire");
+        assert!(sample(&scrape_a, "meridian_quic_connection_sent_bytes", &labels).unwrap() > 0.0);
+    }
     b.stop();
 }
 

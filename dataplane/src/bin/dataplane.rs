@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use controlplane::ops;
 use dataplane::config::NodeConfig;
 use dataplane::node::{self, StopFlag};
 
@@ -11,9 +12,12 @@ use dataplane::node::{self, StopFlag};
 /// server and client port.
 ///
 /// On start every shard recovers (newest checkpoint plus the WAL after it), binds its port,
-/// and the process prints one line `READY <addr of shard 0>,<addr of shard 1>,...` on stdout.
-/// SIGTERM or SIGINT stops accepting, writes a checkpoint per shard and exits 0. A crash
-/// (SIGKILL, power loss) loses no acknowledged write.
+/// and the process prints one line `READY <addr of shard 0>,<addr of shard 1>,...` on stdout
+/// (then `METRICS <url>` when metrics are served) and tells systemd READY=1 (Type=notify).
+/// SIGTERM or SIGINT stops accepting, answers the requests already received, syncs the WAL,
+/// writes a checkpoint per shard, hands the leases back and exits 0. A crash (SIGKILL, power
+/// loss) loses no acknowledged write. Logs go to stderr, one line per event; set MERIDIAN_LOG
+/// (e.g. `debug` or `warn,dataplane=info`) to change the levels.
 #[derive(Debug, Parser)]
 #[command(name = "dataplane", version)]
 struct Args {
@@ -46,13 +50,17 @@ struct Args {
     /// Zone of this node.
     #[arg(long)]
     zone: Option<String>,
-    /// Validate the configuration and exit.
+    /// Serve Prometheus metrics on this TCP address (overrides `[metrics] listen`).
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    /// Validate the configuration (file and flags) and exit without starting.
     #[arg(long)]
     check_config: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    ops::logging::init();
     let mut config = match &args.config {
         Some(path) => NodeConfig::from_file(path)?,
         None => NodeConfig::default(),
@@ -68,6 +76,9 @@ fn main() -> anyhow::Result<()> {
         override_with(&mut control.node_id, &args.node_id);
         override_with(&mut control.region, &args.region);
         override_with(&mut control.zone, &args.zone);
+    }
+    if let Some(listen) = &args.metrics_listen {
+        config.metrics.get_or_insert_with(Default::default).listen = Some(listen.clone());
     }
     let resolved = config.resolve()?;
     if args.check_config {
@@ -93,10 +104,21 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&resolved.data_dir)
         .with_context(|| format!("cannot create data_dir {}", resolved.data_dir.display()))?;
 
+    // Signals are blocked before any thread starts (threads inherit the mask), so only the
+    // signal thread ever takes SIGTERM.
     let stop = StopFlag::default();
     watch_signals(stop.clone())?;
-    let result = node::run(&resolved, &stop, |addresses| {
+    // Before any shard opens: the shards' series register with the recorder installed here.
+    let metrics = resolved.metrics.map(ops::metrics::install).transpose().map_err(anyhow::Error::msg)?;
+    let metrics_url = metrics.map(|exporter| format!("http://{}/metrics", exporter.addr()));
+    if let Some(url) = &metrics_url {
+        tracing::info!(%url, "serving metrics");
+    }
+    let result = node::run(&resolved, &stop, move |addresses| {
         println!("READY {}", addresses.join(","));
+        if let Some(url) = &metrics_url {
+            println!("METRICS {url}");
+        }
         use std::io::Write;
         let _ = std::io::stdout().flush();
     });
@@ -133,7 +155,11 @@ fn watch_signals(stop: StopFlag) -> anyhow::Result<()> {
             let mut signal = 0;
             // SAFETY: `set` is a valid signal set and `signal` a valid out pointer.
             if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
-                node::log(&format!("signal {signal}: stopping"));
+                tracing::info!(
+                    signal,
+                    "stopping: no new requests; answering those received, then syncing and checkpointing"
+                );
+                ops::notify::stopping("draining requests, syncing the WAL, checkpointing");
                 stop.stop();
             }
         }

@@ -96,6 +96,11 @@ impl Outbound {
         self.acked
     }
 
+    /// Batches sent and not yet acknowledged (the window's depth).
+    pub fn unacked_batches(&self) -> usize {
+        self.inflight.len()
+    }
+
     /// Whether another batch fits the window (backpressure when not).
     pub fn has_room(&self) -> bool {
         self.inflight.len() < self.window.batches && self.inflight_bytes < self.window.bytes

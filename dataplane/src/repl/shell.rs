@@ -32,14 +32,12 @@ use wire::repl::{self, Batch, Entries, Frame};
 use super::core::{Inbound, Outbound};
 use super::status::Resolved;
 use super::{Apply, Peer, ReplConfig, ThreadSide, codec, position};
+use crate::store::clock::{self, Clock};
 use crate::store::op::{self, Body, Value};
 use crate::wal::{WalCursor, WalReader};
 
 /// ALPN of the replication protocol.
 pub const ALPN: &[u8] = b"meridian-repl/1";
-
-/// A log line sink.
-pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The running replication thread.
 #[derive(Debug)]
@@ -54,7 +52,6 @@ struct Context {
     config: ReplConfig,
     shards: Vec<ThreadSide>,
     resolved: Arc<Resolved>,
-    log: Logger,
     stop: watch::Receiver<bool>,
     /// Per shard, the acknowledged LSN of each peer (for the WAL hold).
     acked: Mutex<HashMap<(u32, String), u64>>,
@@ -64,6 +61,10 @@ struct Context {
     /// ([`CORRUPT_EVERY_ENV`]).
     corrupt_every: Option<u64>,
     batches_sent: std::sync::atomic::AtomicU64,
+    /// The clock lag is measured against (the store's: GLTS when the node has a control plane).
+    clock: Arc<dyn Clock>,
+    /// The latest QUIC connection to or from each peer region (for its statistics).
+    connections: Mutex<HashMap<String, quinn::Connection>>,
 }
 
 /// Test failpoint: when set to N, every Nth non-empty batch leaves with one body byte flipped
@@ -72,7 +73,7 @@ pub const CORRUPT_EVERY_ENV: &str = "MERIDIAN_FAILPOINT_REPL_CORRUPT_EVERY";
 
 impl Replication {
     /// Binds the endpoint and starts shipping (home) or receiving (replica).
-    pub fn start(config: ReplConfig, shards: Vec<ThreadSide>, log: Logger) -> Result<Self, String> {
+    pub fn start(config: ReplConfig, shards: Vec<ThreadSide>, clock: Arc<dyn Clock>) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.name);
         identity.require_files("replication.tls_dir", &config.tls_dir, &config.name)?;
         let server = identity
@@ -96,12 +97,13 @@ impl Replication {
             config,
             shards,
             resolved: resolved.clone(),
-            log,
             stop: stop_rx,
             acked: Mutex::default(),
             positions: Mutex::new(positions),
             corrupt_every: std::env::var(CORRUPT_EVERY_ENV).ok().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
             batches_sent: std::sync::atomic::AtomicU64::new(0),
+            clock,
+            connections: Mutex::default(),
         });
         let thread = std::thread::Builder::new()
             .name("replication".into())
@@ -177,6 +179,7 @@ async fn run(
     let _ = ready.send(Ok(addr));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(accept(context.clone(), endpoint.clone()));
+    tasks.spawn(observe(context.clone()));
     if context.config.is_home() {
         for peer in &context.config.peers {
             let mut connector = Connector::new(endpoint.clone());
@@ -264,7 +267,7 @@ async fn ship(context: Arc<Context>, link: Arc<PeerLink>, side: ThreadSide) {
             Err(error) => {
                 let message = error.to_string();
                 if message != last_error {
-                    (context.log)(&format!("{what}: {message}; retrying"));
+                    tracing::warn!("{what}: {message}; retrying");
                     last_error = message;
                 }
             }
@@ -284,6 +287,7 @@ fn set_acked(context: &Context, side: &ThreadSide, region: &str, lsn: u64) {
 async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> Result<(), StreamError> {
     let config = &context.config;
     let connection = link.connect().await?;
+    remember_connection(context, &link.peer.region, &connection);
     let (mut send, mut recv) = connection.open_bi().await.map_err(io)?;
     let shards = u32::try_from(context.shards.len()).unwrap_or(u32::MAX);
     write_frame(&mut send, &Frame::Hello { shard: side.shard, shards, region: &config.region }).await?;
@@ -297,6 +301,11 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
     let started = Instant::now();
     let now_ns = || u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut outbound = Outbound::new(config.window, next_lsn, now_ns());
+    let peer = link.peer.region.clone();
+    let window_depth = metrics::gauge!("meridian_replication_unacked_batches", "peer" => peer.clone(), "shard" => side.shard.to_string());
+    let raw_bytes = metrics::counter!("meridian_replication_raw_bytes_total", "peer" => peer.clone());
+    let wire_bytes = metrics::counter!("meridian_replication_wire_bytes_total", "peer" => peer.clone());
+    let batches = metrics::counter!("meridian_replication_batches_total", "peer" => peer);
     let reader = WalReader::new(side.dir.join("wal"), side.shard, side.record_payload_bytes_max);
     let mut points = side.points.clone();
     let mut point = *points.borrow_and_update();
@@ -335,6 +344,10 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
             let closed = outbound.closed_for(built.last_glt, ends_at_durable, point.closed_ts);
             let sent = send_batch(context, &mut send, &mut head, side.shard, &built, closed).await?;
             outbound.sent(built.first_lsn + u64::from(built.count), closed, sent, now_ns());
+            raw_bytes.increment(built.raw.len() as u64);
+            wire_bytes.increment(sent as u64);
+            batches.increment(1);
+            window_depth.set(outbound.unacked_batches() as f64);
         }
         let caught_up = outbound.next_lsn() >= point.durable_next_lsn;
         if caught_up && outbound.heartbeat_due(now_ns(), closed_interval_ns, point.closed_ts) {
@@ -351,6 +364,7 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
                         outbound.on_ack(next)?;
                     }
                     set_acked(context, side, &link.peer.region, outbound.acked_lsn());
+                    window_depth.set(outbound.unacked_batches() as f64);
                 }
                 None => {
                     return match (&mut acks).await {
@@ -499,6 +513,58 @@ async fn send_batch(
     Ok(sent)
 }
 
+// ---------------------------------------------------------------- metrics
+
+fn remember_connection(context: &Context, region: &str, connection: &quinn::Connection) {
+    let mut connections = context.connections.lock().unwrap_or_else(PoisonError::into_inner);
+    if connections.get(region).is_none_or(|known| known.stable_id() != connection.stable_id()) {
+        connections.insert(region.to_owned(), connection.clone());
+    }
+}
+
+/// How often the lag per source region is sampled into its gauge and histogram.
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_millis(10);
+/// How often QUIC statistics are exported.
+const QUIC_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Exports, per source region, the lag `now - resolved` (the RPO: writes newer than the
+/// resolved timestamp would be lost if the source vanished now) as a gauge and a histogram
+/// every 10 ms, and each peer connection's QUIC RTT, bytes and losses every second.
+async fn observe(context: Arc<Context>) {
+    let mut last_quic = Instant::now();
+    loop {
+        tokio::time::sleep(LAG_SAMPLE_INTERVAL).await;
+        if let Ok(interval) = context.clock.interval() {
+            for source in context.resolved.sources() {
+                if source.resolved_ts == 0 {
+                    continue;
+                }
+                let lag_us = interval.earliest_us.saturating_sub(clock::physical_us(source.resolved_ts));
+                let lag = lag_us as f64 / 1e6;
+                metrics::gauge!("meridian_replication_lag_seconds", "source" => source.region.clone()).set(lag);
+                metrics::histogram!("meridian_replication_rpo_seconds", "source" => source.region).record(lag);
+            }
+        }
+        if last_quic.elapsed() >= QUIC_SAMPLE_INTERVAL {
+            last_quic = Instant::now();
+            let connections = context.connections.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            for (peer, connection) in connections {
+                let stats = connection.stats();
+                metrics::gauge!("meridian_quic_rtt_seconds", "peer" => peer.clone()).set(stats.path.rtt.as_secs_f64());
+                metrics::gauge!("meridian_quic_congestion_window_bytes", "peer" => peer.clone())
+                    .set(stats.path.cwnd as f64);
+                // Per connection; a reconnect starts again from zero.
+                metrics::gauge!("meridian_quic_connection_sent_bytes", "peer" => peer.clone())
+                    .set(stats.udp_tx.bytes as f64);
+                metrics::gauge!("meridian_quic_connection_received_bytes", "peer" => peer.clone())
+                    .set(stats.udp_rx.bytes as f64);
+                metrics::gauge!("meridian_quic_connection_lost_packets", "peer" => peer)
+                    .set(stats.path.lost_packets as f64);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- receiving
 
 async fn accept(context: Arc<Context>, endpoint: quinn::Endpoint) {
@@ -508,16 +574,17 @@ async fn accept(context: Arc<Context>, endpoint: quinn::Endpoint) {
             let connection = match incoming.await {
                 Ok(connection) => connection,
                 Err(error) => {
-                    (context.log)(&format!("replication connection refused: {error}"));
+                    tracing::warn!(%error, "replication connection refused");
                     return;
                 }
             };
             let remote = connection.remote_address();
             while let Ok((send, recv)) = connection.accept_bi().await {
                 let context = context.clone();
+                let connection = connection.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = receive_stream(&context, send, recv).await {
-                        (context.log)(&format!("replication stream from {remote}: {error}"));
+                    if let Err(error) = receive_stream(&context, &connection, send, recv).await {
+                        tracing::warn!(%remote, "replication stream ended: {error}");
                     }
                 });
             }
@@ -546,6 +613,7 @@ fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Resu
 
 async fn receive_stream(
     context: &Context,
+    connection: &quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), StreamError> {
@@ -562,6 +630,8 @@ async fn receive_stream(
         other => return Err(StreamError::Other(format!("expected Hello, got {other:?}"))),
     };
     let shard = side.shard;
+    remember_connection(context, &region, connection);
+    let applied = metrics::counter!("meridian_replication_applied_records_total", "source" => region.clone());
     let next_lsn = context
         .positions
         .lock()
@@ -576,6 +646,7 @@ async fn receive_stream(
     let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
     let acker = async {
         while let Some((accepted, dones)) = pending_rx.recv().await {
+            let records = dones.len() as u64;
             for done in dones {
                 match done.await {
                     Ok(Ok(())) => {}
@@ -583,6 +654,7 @@ async fn receive_stream(
                     Err(_) => return Err(StreamError::Other(format!("shard {shard} stopped"))),
                 }
             }
+            applied.increment(records);
             context.resolved.set_closed(&region, shard, accepted.closed_ts);
             advance_position(context, &side, &region, accepted.next_lsn);
             write_frame(&mut send, &Frame::Ack { next_lsn: accepted.next_lsn, closed_ts: accepted.closed_ts }).await?;
@@ -633,7 +705,7 @@ fn advance_position(context: &Context, side: &ThreadSide, region: &str, next_lsn
     if entry.1.elapsed() >= POSITION_WRITE_INTERVAL {
         entry.1 = Instant::now();
         if let Err(error) = position::store(&side.dir, region, entry.0) {
-            (context.log)(&format!("cannot write the replication position of shard {}: {error}", side.shard));
+            tracing::error!(shard = side.shard, %error, "cannot write the replication position");
         }
     }
 }
@@ -646,7 +718,7 @@ fn flush_positions(context: &Context) {
     for ((region, shard), (lsn, _)) in positions.iter() {
         if let Some(side) = context.shards.iter().find(|side| side.shard == *shard) {
             if let Err(error) = position::store(&side.dir, region, *lsn) {
-                (context.log)(&format!("cannot write the replication position of shard {shard}: {error}"));
+                tracing::error!(shard, %error, "cannot write the replication position");
             }
         }
     }

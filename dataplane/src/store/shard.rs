@@ -103,6 +103,18 @@ struct Inner {
     closed: Cell<bool>,
 }
 
+/// Where a shard's WAL stands: how far it is durable, whether writes wait for it, and
+/// whether it is fenced (an I/O error stopped it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// First LSN not yet durable.
+    pub durable_next_lsn: u64,
+    /// Records are reserved and wait for durability.
+    pub waiting: bool,
+    /// The WAL refuses further writes.
+    pub fenced: bool,
+}
+
 /// What a home shard can promise its replicas (see [`ShardStore::closed_point`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClosedPoint {
@@ -532,6 +544,17 @@ impl ShardStore {
         stats.chunks = self.inner.chunks.stats();
         stats.chunk_count = self.inner.chunks.chunk_count() as u64;
         stats
+    }
+
+    /// Where the WAL stands, for the watchdog (see [`Progress`]).
+    pub fn progress(&self) -> Progress {
+        let inner = &self.inner;
+        let durable_next_lsn = inner.wal.durable_next_lsn();
+        Progress {
+            durable_next_lsn,
+            waiting: inner.inflight.borrow().range(durable_next_lsn..).next().is_some(),
+            fenced: inner.wal.fenced().is_some(),
+        }
     }
 
     /// What replication may ship and promise now: every record below `durable_next_lsn` is

@@ -167,6 +167,34 @@ struct Inner {
     durable: Notify,
     writer_done: Cell<bool>,
     writer_exit: Notify,
+    metrics: WalMetrics,
+}
+
+/// The WAL's series on the process's metrics recorder, labelled by shard.
+struct WalMetrics {
+    batch_records: metrics::Histogram,
+    batch_bytes: metrics::Histogram,
+    fdatasync: metrics::Histogram,
+    bytes_written: metrics::Counter,
+    records: metrics::Counter,
+    /// Records reserved and not yet durable: the appenders waiting on the writer.
+    waiting: metrics::Gauge,
+    fenced: metrics::Gauge,
+}
+
+impl WalMetrics {
+    fn new(shard_id: u32) -> Self {
+        let shard = shard_id.to_string();
+        Self {
+            batch_records: metrics::histogram!("meridian_wal_batch_records", "shard" => shard.clone()),
+            batch_bytes: metrics::histogram!("meridian_wal_batch_bytes", "shard" => shard.clone()),
+            fdatasync: metrics::histogram!("meridian_wal_fdatasync_seconds", "shard" => shard.clone()),
+            bytes_written: metrics::counter!("meridian_wal_written_bytes_total", "shard" => shard.clone()),
+            records: metrics::counter!("meridian_wal_records_total", "shard" => shard.clone()),
+            waiting: metrics::gauge!("meridian_wal_appends_waiting", "shard" => shard.clone()),
+            fenced: metrics::gauge!("meridian_wal_fenced", "shard" => shard),
+        }
+    }
 }
 
 /// A shard's write-ahead log. Cheap to clone; all clones share one writer. Lives on one
@@ -464,6 +492,7 @@ impl Wal {
         };
         let limits = BatchLimits { bytes_max: config.batch_bytes_max, records_max: config.batch_records_max };
         let chunk_bytes = io_bytes_max.min(config.batch_bytes_max);
+        let metrics = WalMetrics::new(config.shard_id);
         let inner = Rc::new(Inner {
             state: RefCell::new(State {
                 open: OpenBatch::new(plan.next_lsn, limits, chunk_bytes),
@@ -481,7 +510,9 @@ impl Wal {
             durable: Notify::default(),
             writer_done: Cell::new(false),
             writer_exit: Notify::default(),
+            metrics,
         });
+        inner.metrics.fenced.set(0.0);
         inner.prepare_spare();
         glommio::spawn_local(writer_loop(Rc::clone(&inner))).detach();
         Ok(Self { inner })
@@ -765,7 +796,9 @@ impl Inner {
                 return Err(error);
             }
         }
+        let sync_started = std::time::Instant::now();
         fdatasync(&file, self.faults()).await?;
+        self.metrics.fdatasync.record(sync_started.elapsed().as_secs_f64());
         if let Some(segments) = self.segments.borrow_mut().as_mut() {
             segments.frontier = position + batch.extent;
         }
@@ -773,6 +806,7 @@ impl Inner {
     }
 
     fn fence(&self, error: &WalError) {
+        self.metrics.fenced.set(1.0);
         let open_latch = {
             let mut state = self.state.borrow_mut();
             if state.fenced.is_none() {
@@ -815,6 +849,7 @@ async fn writer_loop(inner: Rc<Inner>) {
         };
         inner.space.notify_all();
         let mut batch = open.finish();
+        inner.metrics.waiting.set((batch.next_lsn - batch.first_lsn) as f64);
         match inner.write_batch(&mut batch).await {
             Ok(()) => {
                 {
@@ -826,6 +861,11 @@ async fn writer_loop(inner: Rc<Inner>) {
                     stats.payload_bytes += batch.payload_bytes;
                     stats.batch_bytes += batch.extent;
                 }
+                let records = batch.next_lsn - batch.first_lsn;
+                inner.metrics.batch_records.record(records as f64);
+                inner.metrics.batch_bytes.record(batch.extent as f64);
+                inner.metrics.bytes_written.increment(batch.extent);
+                inner.metrics.records.increment(records);
                 batch.latch.set(Ok(()));
                 inner.durable.notify_all();
             }

@@ -12,6 +12,8 @@ use client::{Client, ClientConfig};
 pub struct Node {
     pub child: Child,
     pub addresses: Vec<String>,
+    /// The Prometheus endpoint, when the config has a `[metrics]` section.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Node {
@@ -40,15 +42,18 @@ impl Node {
         let stdout = child.stdout.take().unwrap();
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 let _ = sender.send(line);
             }
-            for _ in lines {}
         });
         let line = receiver.recv_timeout(Duration::from_secs(60)).expect("dataplane did not print READY");
         let addresses = line.strip_prefix("READY ").expect("READY line").split(',').map(String::from).collect();
-        Self { child, addresses }
+        let metrics = config.contains("[metrics]").then(|| {
+            let line = receiver.recv_timeout(Duration::from_secs(5)).expect("dataplane did not print METRICS");
+            let url = line.strip_prefix("METRICS http://").expect("METRICS line");
+            url.strip_suffix("/metrics").expect("a /metrics url").parse().expect("an ip:port")
+        });
+        Self { child, addresses, metrics }
     }
 
     pub fn kill(&mut self) {
