@@ -4,7 +4,7 @@ CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 BENCH_ARGS ?=
 
-.PHONY: all build test demo bench fuzz lint clean
+.PHONY: all build test demo bench fuzz lint clean install
 
 all: build
 
@@ -42,6 +42,13 @@ fuzz:
 	cd fuzz && for target in $$($(CARGO) +nightly fuzz list); do \
 	  $(CARGO) +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
+
+## Install binaries, systemd units, example configs and the meridian user (as root).
+## Stage into a directory instead with DESTDIR=/some/dir.
+DESTDIR ?=
+PREFIX ?= /usr/local
+install: build
+	scripts/install.sh --prefix $(PREFIX) $(if $(DESTDIR),--destdir $(DESTDIR))
 
 lint:
 	$(CARGO) fmt --all --check

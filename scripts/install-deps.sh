@@ -11,6 +11,8 @@ case "${1:-test}" in
     # The full-disk test formats and loop-mounts a small ext4 image.
     want mkfs.ext4 e2fsprogs
     want mount mount
+    # The unit files are checked with `systemd-analyze verify` (works without systemd running).
+    want systemd-analyze systemd
     ;;
   bench)
     want fio fio
