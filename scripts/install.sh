@@ -12,21 +12,22 @@
 #   systemctl enable --now meridian-controlplane     # on control-plane machines
 #   systemctl enable --now meridian-dataplane        # on data machines
 set -euo pipefail
-cd "$(dirname "$0")/.."
+script=$(readlink -f "$0")
 
 destdir=""
 prefix=/usr/local
 bin_dir=target/release
 while (($#)); do
   case "$1" in
-    --destdir) destdir=${2:?--destdir needs a directory}; shift 2 ;;
+    --destdir) destdir=$(realpath -m "${2:?--destdir needs a directory}"); shift 2 ;;
     --prefix) prefix=${2:?--prefix needs a path}; shift 2 ;;
-    --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --bin-dir) bin_dir=$(realpath -m "${2:?--bin-dir needs a directory}"); shift 2 ;;
+    -h|--help) sed -n '2,13p' "$script" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
+cd "$(dirname "$script")/.."
 binaries=(dataplane controlplane meridian)
 for binary in "${binaries[@]}"; do
   if [[ ! -x $bin_dir/$binary ]]; then

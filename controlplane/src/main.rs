@@ -175,6 +175,8 @@ async fn run(config: NodeConfig) -> Result<()> {
         Some(metrics) => Some(ops::metrics::install(metrics.listen).map_err(anyhow::Error::msg)?),
         None => None,
     };
+    // Handlers first: a SIGTERM during start-up still stops cleanly.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     ops::notify::status("recovering the raft log");
     let node = Node::start(config).await?;
     println!("ready");
@@ -183,7 +185,6 @@ async fn run(config: NodeConfig) -> Result<()> {
     }
     ops::notify::ready(&format!("serving as node {}", node.id()));
     tokio::spawn(node.clone().watchdog());
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}

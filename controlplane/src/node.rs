@@ -188,10 +188,13 @@ impl Node {
     /// systemd restarts the process.
     pub async fn watchdog(self: Arc<Self>) {
         let Some(period) = crate::ops::notify::watchdog_interval() else { return };
+        // Pings on a fixed cadence; a slow answer delays at most half a period.
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::time::sleep(period).await;
+            ticks.tick().await;
             let query = self.raft.with_raft_state(|state| state.server_state);
-            match tokio::time::timeout(period, query).await {
+            match tokio::time::timeout(period / 2, query).await {
                 Ok(Ok(_)) => {
                     let metrics = self.raft.metrics().borrow().clone();
                     crate::ops::notify::watchdog();
@@ -205,7 +208,10 @@ impl Node {
                 }
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    tracing::warn!("the raft core did not answer within {period:?}; withholding the watchdog ping");
+                    tracing::warn!(
+                        "the raft core did not answer within {:?}; withholding the watchdog ping",
+                        period / 2
+                    );
                     crate::ops::notify::status("raft core not answering");
                 }
             }

@@ -31,7 +31,7 @@ fn start(dir: &Path, notify: &Path) -> (Child, SocketAddr) {
         .arg(&tls)
         .args(["--metrics-listen", "127.0.0.1:0"])
         .env("NOTIFY_SOCKET", notify)
-        .env("WATCHDOG_USEC", "400000")
+        .env("WATCHDOG_USEC", "1000000")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -81,9 +81,9 @@ fn notify_watchdog_and_metrics_of_a_running_member() {
     let width = sample(&second, "meridian_glts_interval_width_current_seconds", "").unwrap();
     assert!(width > 0.0 && width < 1.0, "GLTS width {width} s");
 
-    // Pings every 200 ms (half of WATCHDOG_USEC) while the Raft core answers.
+    // Pings every 500 ms (half of WATCHDOG_USEC) while the Raft core answers.
     let pings: Vec<Instant> = notifications.times_of("WATCHDOG=1").into_iter().filter(|at| *at > ready_at).collect();
-    assert!(pings.len() >= 5, "{} pings: {:?}", pings.len(), notifications.all());
+    assert!(pings.len() >= 2, "{} pings: {:?}", pings.len(), notifications.all());
     assert!(
         notifications.all().iter().any(|(_, text)| text.contains("STATUS=Leader in term")),
         "{:?}",

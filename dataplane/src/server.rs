@@ -170,6 +170,9 @@ pub async fn serve(
     let accept = async {
         loop {
             let Ok(stream) = listener.accept().await else { continue };
+            // Counted before the task runs, so a stop in the same poll still waits for it.
+            endpoint.live_connections.set(endpoint.live_connections.get() + 1);
+            endpoint.metrics.connections.set(endpoint.live_connections.get() as f64);
             let endpoint = Rc::clone(&endpoint);
             glommio::spawn_local(async move { endpoint.connection(stream).await }).detach();
         }
@@ -196,8 +199,6 @@ impl Endpoint {
     async fn connection(self: Rc<Self>, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         self.stats.connections.set(self.stats.connections.get() + 1);
-        self.live_connections.set(self.live_connections.get() + 1);
-        self.metrics.connections.set(self.live_connections.get() as f64);
         let (reader, writer) = futures_lite::io::split(stream);
         let mut reader = BufReader::with_capacity(64 << 10, reader);
         let (responses, queue) = local_channel::new_bounded::<Vec<u8>>(self.limits.inflight_per_connection + 1);
@@ -248,11 +249,16 @@ impl Endpoint {
         let inflight = Rc::new(Cell::new(0usize));
         let mut header = [0u8; wire::HEADER_BYTES];
         loop {
-            // Between requests a stop ends the connection; a request being read is finished.
-            let next = futures_lite::future::or(async { Some(reader.read_exact(&mut header).await) }, async {
+            // Between requests a stop ends the connection (also when more requests are already
+            // buffered); a request being read is finished.
+            if self.stopping.get() {
+                return;
+            }
+            let stop = async {
                 self.stopped().await;
                 None
-            });
+            };
+            let next = futures_lite::future::or(stop, async { Some(reader.read_exact(&mut header).await) });
             match next.await {
                 Some(Ok(())) => {}
                 Some(Err(_)) | None => return,

@@ -216,7 +216,7 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
         let raw = sample(&scrape_a, "meridian_replication_raw_bytes_total", &labels).unwrap();
         let wire = sample(&scrape_a, "meridian_replication_wire_bytes_total", &labels).unwrap();
         assert!(raw > 100_000.0 && wire > 0.0, "shipped to {peer}: {raw} raw, {wire} on the wire");
-        assert!(sample(&scrape_a, "meridian_quic_connection_sent_bytes", &labels).unwrap() > 0.0);
+        assert!(sample(&scrape_a, "meridian_quic_sent_bytes_total", &labels).unwrap() > 0.0);
     }
     b.stop();
 }

@@ -23,6 +23,8 @@ pub const RECORDS_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 12
 
 /// How long one scrape connection may take to send its request or read the answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often histogram samples are folded into buckets (they queue in memory until then).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The running endpoint.
 #[derive(Debug)]
@@ -50,6 +52,17 @@ pub fn install(listen: SocketAddr) -> Result<Exporter, String> {
         .and_then(|builder| builder.set_buckets_for_metric(Matcher::Suffix("_records".into()), &RECORDS_BUCKETS))
         .and_then(PrometheusBuilder::install_recorder)
         .map_err(|error| format!("metrics: {error}"))?;
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            // Drains histogram samples into their buckets whether or not anyone scrapes.
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                upkeep.run_upkeep();
+            }
+        })
+        .map_err(|error| format!("metrics: cannot start its upkeep thread: {error}"))?;
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || serve(&listener, &handle))
@@ -79,7 +92,11 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<(
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut buffer = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let started = std::time::Instant::now();
     let request = loop {
+        if started.elapsed() > IO_TIMEOUT {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "request head too slow"));
+        }
         let read = stream.read(&mut chunk)?;
         if read == 0 {
             return Ok(());

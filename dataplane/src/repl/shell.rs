@@ -553,13 +553,13 @@ async fn observe(context: Arc<Context>) {
                 metrics::gauge!("meridian_quic_rtt_seconds", "peer" => peer.clone()).set(stats.path.rtt.as_secs_f64());
                 metrics::gauge!("meridian_quic_congestion_window_bytes", "peer" => peer.clone())
                     .set(stats.path.cwnd as f64);
-                // Per connection; a reconnect starts again from zero.
-                metrics::gauge!("meridian_quic_connection_sent_bytes", "peer" => peer.clone())
-                    .set(stats.udp_tx.bytes as f64);
-                metrics::gauge!("meridian_quic_connection_received_bytes", "peer" => peer.clone())
-                    .set(stats.udp_rx.bytes as f64);
-                metrics::gauge!("meridian_quic_connection_lost_packets", "peer" => peer)
-                    .set(stats.path.lost_packets as f64);
+                // Totals of the current connection: a reconnect starts again from zero, which
+                // Prometheus' rate() reads as a counter reset.
+                metrics::counter!("meridian_quic_sent_bytes_total", "peer" => peer.clone())
+                    .absolute(stats.udp_tx.bytes);
+                metrics::counter!("meridian_quic_received_bytes_total", "peer" => peer.clone())
+                    .absolute(stats.udp_rx.bytes);
+                metrics::counter!("meridian_quic_lost_packets_total", "peer" => peer).absolute(stats.path.lost_packets);
             }
         }
     }

@@ -862,6 +862,8 @@ async fn writer_loop(inner: Rc<Inner>) {
                     stats.batch_bytes += batch.extent;
                 }
                 let records = batch.next_lsn - batch.first_lsn;
+                let queued = inner.state.borrow().open.builder.record_count();
+                inner.metrics.waiting.set(f64::from(queued));
                 inner.metrics.batch_records.record(records as f64);
                 inner.metrics.batch_bytes.record(batch.extent as f64);
                 inner.metrics.bytes_written.increment(batch.extent);
