@@ -9,10 +9,12 @@
 //! no longer be trusted; a well-framed request with an unknown op gets `UnknownRequest` and the
 //! connection stays up.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll, Waker};
 
 use futures_lite::io::{BufReader, BufWriter};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -22,7 +24,6 @@ use wire::RecordType;
 use wire::proto::{self, ErrorCode, ListEntry, Request};
 
 use crate::store::{ShardStore, StoreError};
-use crate::sync::Notify;
 use crate::wal::WalError;
 
 /// Limits of the client endpoint.
@@ -132,9 +133,42 @@ struct Endpoint {
     requests_in_flight: Cell<usize>,
     /// Set once the shard stops: connections read no further requests.
     stopping: Cell<bool>,
-    stop_notify: Notify,
+    /// One waker per connection waiting between requests, replaced at each poll (a list that
+    /// grew with every poll would overflow glommio's 16-bit task reference count).
+    stop_wakers: RefCell<HashMap<u64, Waker>>,
+    next_connection_id: Cell<u64>,
     stats: Rc<ServerStats>,
     metrics: EndpointMetrics,
+}
+
+/// Waits for the endpoint's stop, keeping one waker in the connection's slot.
+struct StopWait<'a> {
+    endpoint: &'a Endpoint,
+    connection: u64,
+}
+
+impl std::future::Future for StopWait<'_> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
+        if self.endpoint.stopping.get() {
+            return Poll::Ready(());
+        }
+        self.endpoint.stop_wakers.borrow_mut().insert(self.connection, context.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Frees a connection's stop slot when its reader ends.
+struct StopSlot<'a> {
+    endpoint: &'a Endpoint,
+    connection: u64,
+}
+
+impl Drop for StopSlot<'_> {
+    fn drop(&mut self) {
+        self.endpoint.stop_wakers.borrow_mut().remove(&self.connection);
+    }
 }
 
 /// How long a stopping shard waits for its connections to answer what they received.
@@ -163,7 +197,8 @@ pub async fn serve(
         live_connections: Cell::new(0),
         requests_in_flight: Cell::new(0),
         stopping: Cell::new(false),
-        stop_notify: Notify::default(),
+        stop_wakers: RefCell::default(),
+        next_connection_id: Cell::new(0),
         stats,
         metrics: EndpointMetrics::new(shard_id),
     });
@@ -180,7 +215,10 @@ pub async fn serve(
     futures_lite::future::or(accept, stop).await;
     drop(listener);
     endpoint.stopping.set(true);
-    endpoint.stop_notify.notify_all();
+    let wakers: Vec<Waker> = endpoint.stop_wakers.borrow_mut().drain().map(|(_, waker)| waker).collect();
+    for waker in wakers {
+        waker.wake();
+    }
     let started = std::time::Instant::now();
     while endpoint.live_connections.get() > 0 && started.elapsed() < DRAIN_TIMEOUT {
         glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
@@ -233,11 +271,9 @@ impl Endpoint {
         self.metrics.connections.set(self.live_connections.get() as f64);
     }
 
-    /// Resolves once the shard stops.
-    async fn stopped(&self) {
-        while !self.stopping.get() {
-            self.stop_notify.wait().await;
-        }
+    /// Resolves once the shard stops; `connection` names the waiter's slot.
+    fn stopped(&self, connection: u64) -> StopWait<'_> {
+        StopWait { endpoint: self, connection }
     }
 
     /// Reads frames until EOF or a malformed frame; each request runs in its own task.
@@ -248,6 +284,9 @@ impl Endpoint {
     ) {
         let inflight = Rc::new(Cell::new(0usize));
         let mut header = [0u8; wire::HEADER_BYTES];
+        let connection = self.next_connection_id.get();
+        self.next_connection_id.set(connection + 1);
+        let _slot = StopSlot { endpoint: self, connection };
         loop {
             // Between requests a stop ends the connection (also when more requests are already
             // buffered); a request being read is finished.
@@ -255,7 +294,7 @@ impl Endpoint {
                 return;
             }
             let stop = async {
-                self.stopped().await;
+                self.stopped(connection).await;
                 None
             };
             let next = futures_lite::future::or(stop, async { Some(reader.read_exact(&mut header).await) });
