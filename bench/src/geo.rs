@@ -115,7 +115,7 @@ async fn connect(node: &Dataplane) -> Result<Client> {
 
 async fn resolved_from_a(client: &Client) -> Result<u64> {
     let status = client.replication_status().await?;
-    Ok(status.sources.iter().find(|source| source.region == "a").map_or(0, |source| source.resolved_ts))
+    Ok(status.resolved_ts("a"))
 }
 
 async fn wait_resolved(client: &Client, ts: u64, limit: Duration) -> Result<Duration> {
@@ -134,16 +134,14 @@ pub fn run(args: &GeoArgs) -> Result<()> {
     ensure!(args.rate > 0 && args.value_bytes > 0 && args.shards > 0, "rate, value size and shards must be positive");
     let binary = dataplane_binary(args.dataplane.as_ref())?;
     let iperf = !args.skip_iperf;
-    if iperf && which("iperf3").is_none() {
+    let iperf_available =
+        || std::process::Command::new("iperf3").arg("--version").output().is_ok_and(|output| output.status.success());
+    if iperf && !iperf_available() {
         bail!("iperf3 not found: run scripts/install-deps.sh bench (Debian iperf3) or pass --skip-iperf");
     }
     let run_dir = RunDir::create(&args.data_dir, "geo", args.keep_data)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(run_async(args, &binary, run_dir.path()))
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|dir| Path::new(dir).join(program)).find(|path| path.is_file())
 }
 
 async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {

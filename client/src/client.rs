@@ -71,8 +71,27 @@ impl ReplicationStatus {
     /// How far behind the node's clock the resolved timestamp of `source` is, in
     /// microseconds (`None` until every shard of the source has reported).
     pub fn lag_us(&self, source: &str) -> Option<u64> {
-        let source = self.sources.iter().find(|s| s.region == source)?;
-        (source.resolved_ts > 0).then(|| (self.now_ts >> 12).saturating_sub(source.resolved_ts >> 12))
+        self.source(source)?.lag_us(self.now_ts)
+    }
+
+    /// The entry of region `source`, if it ships to this node.
+    pub fn source(&self, source: &str) -> Option<&SourceStatus> {
+        self.sources.iter().find(|s| s.region == source)
+    }
+
+    /// The resolved timestamp of `source` (0 until every shard of it reported, or when it
+    /// does not ship here).
+    pub fn resolved_ts(&self, source: &str) -> u64 {
+        self.source(source).map_or(0, |source| source.resolved_ts)
+    }
+}
+
+impl SourceStatus {
+    /// How far behind `now_ts` (the node's clock) the resolved timestamp is, in microseconds
+    /// (`None` until every shard has reported).
+    pub fn lag_us(&self, now_ts: u64) -> Option<u64> {
+        (self.resolved_ts > 0)
+            .then(|| wire::glt::physical_us(now_ts).saturating_sub(wire::glt::physical_us(self.resolved_ts)))
     }
 }
 

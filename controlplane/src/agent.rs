@@ -9,7 +9,7 @@
 //! time without a message.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -57,9 +57,6 @@ struct HeldLease {
     valid_until_ns: u64,
 }
 
-/// Receives one line per event worth an operator's attention.
-pub type Logger = Arc<dyn Fn(&str) + Send + Sync>;
-
 /// A running agent.
 pub struct Agent {
     config: AgentConfig,
@@ -67,7 +64,6 @@ pub struct Agent {
     glts: GltsClient,
     /// Leases held, by shard.
     leases: Mutex<BTreeMap<u32, HeldLease>>,
-    log: Logger,
 }
 
 impl std::fmt::Debug for Agent {
@@ -81,7 +77,7 @@ const LEASE_MARGIN: Duration = Duration::from_millis(100);
 
 impl Agent {
     /// Asks the seeds for the members (within `deadline`) and starts the GLTS client.
-    pub async fn start(identity: &Identity, config: AgentConfig, log: Logger, deadline: Duration) -> Result<Self> {
+    pub async fn start(identity: &Identity, config: AgentConfig, deadline: Duration) -> Result<Self> {
         if config.seeds.is_empty() {
             bail!("no control-plane seed addresses");
         }
@@ -89,7 +85,7 @@ impl Agent {
         let members = discover(&client, &config.seeds, deadline).await?;
         let estimator = EstimatorConfig { drift_ppm: config.drift_ppm, ..EstimatorConfig::for_sources(members.len()) };
         let glts = GltsClient::start(client.connector().clone(), members, estimator, config.glts_sync)?;
-        Ok(Self { config, client, glts, leases: Mutex::default(), log })
+        Ok(Self { config, client, glts, leases: Mutex::default() })
     }
 
     /// The interval, for the shards' clocks.
@@ -128,15 +124,15 @@ impl Agent {
                     .call(&crate::rpc::Request::Heartbeat { id: self.config.node_id.clone() }, self.config.heartbeat)
                     .await
                 {
-                    Ok(Response::Ok) => problem.clear(&self.log),
+                    Ok(Response::Ok) => problem.clear(),
                     Ok(Response::Error { message }) => {
                         // Removed from the metadata (or a new leader that has not applied the
                         // registration yet): register again.
-                        problem.report(&self.log, &format!("heartbeat refused: {message}"));
+                        problem.report(&format!("heartbeat refused: {message}"));
                         registered = false;
                     }
-                    Ok(other) => problem.report(&self.log, &format!("heartbeat answered {other:?}")),
-                    Err(error) => problem.report(&self.log, &format!("control plane unreachable: {error:#}")),
+                    Ok(other) => problem.report(&format!("heartbeat answered {other:?}")),
+                    Err(error) => problem.report(&format!("control plane unreachable: {error:#}")),
                 }
             } else {
                 registered = self.register(&addr, &mut problem).await;
@@ -165,16 +161,16 @@ impl Agent {
         };
         match self.client.propose(command, c.heartbeat.max(Duration::from_secs(1))).await {
             Ok((Outcome::Rejected { reason }, _)) => {
-                problem.report(&self.log, &format!("registration refused: {reason}"));
+                problem.report(&format!("registration refused: {reason}"));
                 false
             }
             Ok(_) => {
-                problem.clear(&self.log);
-                (self.log)(&format!("registered as {} in {}/{} at {addr}", c.node_id, c.region, c.zone));
+                problem.clear();
+                tracing::info!("registered as {} in {}/{} at {addr}", c.node_id, c.region, c.zone);
                 true
             }
             Err(error) => {
-                problem.report(&self.log, &format!("cannot register: {error:#}"));
+                problem.report(&format!("cannot register: {error:#}"));
                 false
             }
         }
@@ -189,19 +185,19 @@ impl Agent {
         self.leases().retain(|shard, lease| {
             let trusted = lease.valid_until_ns > now_ns;
             if !trusted {
-                (self.log)(&format!("shard {shard}: lease epoch {} expired without renewal", lease.epoch));
+                tracing::warn!("shard {shard}: lease epoch {} expired without renewal", lease.epoch);
             }
             trusted
         });
         let placement = match self.client.read(false, c.heartbeat).await {
             Ok(state) => state.placement,
-            Err(error) => return problem.report(&self.log, &format!("cannot read placement: {error:#}")),
+            Err(error) => return problem.report(&format!("cannot read placement: {error:#}")),
         };
         for shard in 0..c.shards {
             let home_here = placement.get(&shard).is_some_and(|place| place.home == c.region);
             if !home_here {
                 if self.leases().remove(&shard).is_some() {
-                    (self.log)(&format!("shard {shard} is no longer placed in {}: lease dropped", c.region));
+                    tracing::info!("shard {shard} is no longer placed in {}: lease dropped", c.region);
                 }
                 continue;
             }
@@ -213,16 +209,16 @@ impl Agent {
                     let trusted = c.lease.mul_f64(1.0 - c.drift_ppm as f64 / 1e6).saturating_sub(LEASE_MARGIN);
                     let lease = HeldLease { epoch, valid_until_ns: asked_ns + duration_ns(trusted) };
                     if self.leases().insert(shard, lease).is_none_or(|old| old.epoch != epoch) {
-                        (self.log)(&format!("shard {shard}: primary lease held, epoch {epoch}"));
+                        tracing::info!("shard {shard}: primary lease held, epoch {epoch}");
                     }
                 }
                 Ok((Outcome::Rejected { reason }, _)) => {
                     if self.leases().remove(&shard).is_some() {
-                        (self.log)(&format!("shard {shard}: lease lost: {reason}"));
+                        tracing::warn!("shard {shard}: lease lost: {reason}");
                     }
                 }
-                Ok((other, _)) => problem.report(&self.log, &format!("lease of shard {shard}: {other:?}")),
-                Err(error) => problem.report(&self.log, &format!("lease of shard {shard}: {error:#}")),
+                Ok((other, _)) => problem.report(&format!("lease of shard {shard}: {other:?}")),
+                Err(error) => problem.report(&format!("lease of shard {shard}: {error:#}")),
             }
         }
     }
@@ -234,10 +230,10 @@ impl Agent {
             let command = Command::ReleaseLease { shard, holder: self.config.node_id.clone(), epoch: lease.epoch };
             match self.client.propose(command, Duration::from_secs(2)).await {
                 Ok((Outcome::Rejected { reason }, _)) => {
-                    (self.log)(&format!("shard {shard}: release refused: {reason}"))
+                    tracing::warn!("shard {shard}: release refused: {reason}")
                 }
-                Ok(_) => (self.log)(&format!("shard {shard}: lease released")),
-                Err(error) => (self.log)(&format!("shard {shard}: lease not released ({error:#}); it expires")),
+                Ok(_) => tracing::info!("shard {shard}: lease released"),
+                Err(error) => tracing::warn!("shard {shard}: lease not released ({error:#}); it expires"),
             }
         }
     }
@@ -252,16 +248,16 @@ fn duration_ns(duration: Duration) -> u64 {
 struct Problem(Option<String>);
 
 impl Problem {
-    fn report(&mut self, log: &Logger, message: &str) {
+    fn report(&mut self, message: &str) {
         if self.0.as_deref() != Some(message) {
-            log(message);
+            tracing::warn!("{message}");
             self.0 = Some(message.to_owned());
         }
     }
 
-    fn clear(&mut self, log: &Logger) {
+    fn clear(&mut self) {
         if self.0.take().is_some() {
-            log("control plane reachable again");
+            tracing::info!("control plane reachable again");
         }
     }
 }

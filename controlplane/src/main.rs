@@ -171,10 +171,12 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
 }
 
 async fn run(config: NodeConfig) -> Result<()> {
-    let metrics = match &config.metrics {
-        Some(metrics) => Some(ops::metrics::install(metrics.listen).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
+    let metrics = config
+        .metrics
+        .as_ref()
+        .map(|metrics| ops::metrics::install(metrics.listen))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     // Handlers first: a SIGTERM during start-up still stops cleanly.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     ops::notify::status("recovering the raft log");

@@ -324,23 +324,29 @@ impl Node {
     async fn observe_raft(self: Arc<Self>) {
         let mut watch = self.raft.metrics();
         let mut last = (ServerState::Shutdown, None, 0);
+        // Handles once: the watch fires on every append and apply.
+        let term = metrics::gauge!("meridian_raft_term");
+        let leader_id = metrics::gauge!("meridian_raft_leader_id");
+        let is_leader = metrics::gauge!("meridian_raft_is_leader");
+        let last_log_index = metrics::gauge!("meridian_raft_last_log_index");
+        let applied_index = metrics::gauge!("meridian_raft_applied_index");
+        let voters = metrics::gauge!("meridian_raft_voters");
+        let role_changes = metrics::counter!("meridian_raft_role_changes_total");
         loop {
             let now = {
                 let m = watch.borrow_and_update();
-                let leader = m.current_leader.unwrap_or(0);
-                metrics::gauge!("meridian_raft_term").set(m.current_term as f64);
-                metrics::gauge!("meridian_raft_leader_id").set(leader as f64);
-                metrics::gauge!("meridian_raft_is_leader").set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
-                metrics::gauge!("meridian_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+                term.set(m.current_term as f64);
+                leader_id.set(m.current_leader.unwrap_or(0) as f64);
+                is_leader.set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+                last_log_index.set(m.last_log_index.unwrap_or(0) as f64);
                 // openraft 0.9 reports the applied index; it trails the commit index only by
                 // the apply of the newest entries.
-                metrics::gauge!("meridian_raft_applied_index").set(m.last_applied.map_or(0, |id| id.index) as f64);
-                let voters = m.membership_config.membership().voter_ids().count();
-                metrics::gauge!("meridian_raft_voters").set(voters as f64);
+                applied_index.set(m.last_applied.map_or(0, |id| id.index) as f64);
+                voters.set(m.membership_config.membership().voter_ids().count() as f64);
                 (m.state, m.current_leader, m.current_term)
             };
             if now != last {
-                metrics::counter!("meridian_raft_role_changes_total").increment(1);
+                role_changes.increment(1);
                 tracing::info!(
                     node = self.id,
                     role = ?now.0,
@@ -387,11 +393,7 @@ impl Node {
                     let _ = estimator.observe_peer(id, exchange);
                 }
             }
-            let width = lock(&self.glts)
-                .as_ref()
-                .and_then(|estimator| estimator.now(timesource::mono_ns()).ok())
-                .map(|interval| interval.width_ns() as f64 / 1e9);
-            if let Some(width) = width {
+            if let Some(width) = self.glts_width_ns().map(|ns| ns as f64 / 1e9) {
                 metrics::histogram!("meridian_glts_width_seconds").record(width);
                 metrics::gauge!("meridian_glts_interval_width_current_seconds").set(width);
             }
@@ -511,6 +513,11 @@ impl Node {
         }
     }
 
+    /// The width of this node's GLTS interval now, when it has one.
+    fn glts_width_ns(&self) -> Option<u64> {
+        lock(&self.glts).as_ref().and_then(|estimator| estimator.now(timesource::mono_ns()).ok()).map(|i| i.width_ns())
+    }
+
     fn status(&self) -> Status {
         let metrics = self.raft.metrics().borrow().clone();
         let role = match metrics.state {
@@ -520,10 +527,7 @@ impl Node {
             ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
         };
-        let glts_width_us = lock(&self.glts)
-            .as_ref()
-            .and_then(|estimator| estimator.now(timesource::mono_ns()).ok())
-            .map(|interval| interval.width_ns() as f64 / 1000.0);
+        let glts_width_us = self.glts_width_ns().map(|ns| ns as f64 / 1000.0);
         Status {
             node_id: self.id,
             role: role.into(),

@@ -119,6 +119,16 @@ pub struct PeerSection {
     pub addr: Option<String>,
 }
 
+/// A required `ip:port` field.
+fn socket_addr(
+    field: &str,
+    value: Option<&String>,
+    invalid: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<std::net::SocketAddr, ConfigError> {
+    let value = value.ok_or_else(|| invalid(field, "is required".into()))?;
+    value.parse().map_err(|_| invalid(field, format!("`{value}` is not an ip:port address")))
+}
+
 fn name_field(
     field: &str,
     value: Option<&String>,
@@ -138,20 +148,12 @@ impl ReplicationSection {
         let region = name_field("region", self.region.as_ref(), &invalid)?;
         let home = name_field("home", self.home.as_ref(), &invalid)?;
         let name = name_field("name", self.name.as_ref(), &invalid)?;
-        let addr = |field: &str, value: Option<&String>| {
-            let value = value.ok_or_else(|| invalid(field, "is required".into()))?;
-            value
-                .parse::<std::net::SocketAddr>()
-                .map_err(|_| invalid(field, format!("`{value}` is not an ip:port address")))
-        };
+        let addr = |field: &str, value: Option<&String>| socket_addr(field, value, &invalid);
         let listen = addr("listen", self.listen.as_ref())?;
         let tls_dir = self.tls_dir.clone().ok_or_else(|| invalid("tls_dir", "is required".into()))?;
-        let codec = match self.codec.as_deref().unwrap_or("lz4") {
-            "lz4" => wire::repl::Codec::Lz4,
-            "snap" => wire::repl::Codec::Snappy,
-            "none" => wire::repl::Codec::None,
-            other => return Err(invalid("codec", format!("`{other}` is not lz4, snap or none"))),
-        };
+        let codec = self.codec.as_deref().unwrap_or("lz4");
+        let codec = wire::repl::Codec::from_name(codec)
+            .ok_or_else(|| invalid("codec", format!("`{codec}` is not lz4, snap or none")))?;
         let mut peers = Vec::new();
         for (index, peer) in self.peers.iter().enumerate() {
             let peer_region = name_field(&format!("peers[{index}].region"), peer.region.as_ref(), &invalid)?;
@@ -475,17 +477,11 @@ impl NodeConfig {
         }
         let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
         let replication = self.replication.as_ref().map(ReplicationSection::resolve).transpose()?;
-        let metrics = match &self.metrics {
-            None => None,
-            Some(section) => {
-                let listen = section.listen.as_ref().ok_or_else(|| invalid("metrics.listen", "is required".into()))?;
-                Some(
-                    listen
-                        .parse()
-                        .map_err(|_| invalid("metrics.listen", format!("`{listen}` is not an ip:port address")))?,
-                )
-            }
-        };
+        let metrics = self
+            .metrics
+            .as_ref()
+            .map(|section| socket_addr("metrics.listen", section.listen.as_ref(), &invalid))
+            .transpose()?;
         Ok(Resolved { data_dir, host, port, shards, server, store, control, replication, metrics })
     }
 }

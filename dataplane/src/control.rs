@@ -4,10 +4,10 @@
 //!
 //! The shards stay on glommio; they only take a mutex to read the interval.
 
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use controlplane::agent::{Agent, AgentConfig, Logger};
+use controlplane::agent::{Agent, AgentConfig};
 use controlplane::glts_client::IntervalSource;
 use controlplane::tls::Identity;
 
@@ -42,7 +42,7 @@ impl ControlLink {
     /// Finds the control plane from the seeds and waits for a GLTS interval (up to the
     /// configured start timeout). The node registers once [`ControlLink::serving`] gives its
     /// address.
-    pub fn start(config: &ControlResolved, shards: u32, capacity_bytes: u64, log: Logger) -> Result<Self, String> {
+    pub fn start(config: &ControlResolved, shards: u32, capacity_bytes: u64) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.node_id);
         identity.require_files("control.tls_dir", &config.tls_dir, &config.node_id)?;
         let agent_config = AgentConfig {
@@ -58,53 +58,34 @@ impl ControlLink {
             drift_ppm: config.drift_ppm,
         };
         let start_timeout = config.start_timeout;
-        let (ready_tx, ready_rx) = mpsc::channel();
         let (serving_tx, serving_rx) = tokio::sync::oneshot::channel::<String>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let thread = std::thread::Builder::new()
-            .name("control-agent".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime,
-                    Err(error) => {
-                        let _ = ready_tx.send(Err(format!("control agent runtime: {error}")));
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    let started = async {
-                        let agent = Agent::start(&identity, agent_config, log, start_timeout).await?;
-                        agent.wait_interval(start_timeout).await?;
-                        anyhow::Ok(agent)
-                    };
-                    let agent = match started.await {
-                        Ok(agent) => agent,
-                        Err(error) => {
-                            let _ = ready_tx.send(Err(format!("{error:#}")));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(agent.clock()));
-                    // The node failed before serving when the sender is dropped.
-                    if let Ok(addr) = serving_rx.await {
-                        agent.run(addr, stop_rx).await;
-                    }
-                });
-            })
-            .map_err(|error| format!("cannot start the control agent thread: {error}"))?;
-        match ready_rx.recv() {
-            Ok(Ok(clock)) => Ok(Self {
-                clock: Arc::new(GltsClock(clock)),
-                serving: Mutex::new(Some(serving_tx)),
-                stop: stop_tx,
-                thread: Some(thread),
-            }),
-            Ok(Err(message)) => {
-                let _ = thread.join();
-                Err(format!("control plane: {message}"))
+        let (thread, clock) = crate::runtime::spawn_tokio_thread("control-agent", move |ready| async move {
+            let started = async {
+                let agent = Agent::start(&identity, agent_config, start_timeout).await?;
+                agent.wait_interval(start_timeout).await?;
+                anyhow::Ok(agent)
+            };
+            let agent = match started.await {
+                Ok(agent) => agent,
+                Err(error) => {
+                    let _ = ready.send(Err(format!("{error:#}")));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(agent.clock()));
+            // The node failed before serving when the sender is dropped.
+            if let Ok(addr) = serving_rx.await {
+                agent.run(addr, stop_rx).await;
             }
-            Err(_) => Err("control agent thread ended during start-up".into()),
-        }
+        })
+        .map_err(|message| format!("control plane: {message}"))?;
+        Ok(Self {
+            clock: Arc::new(GltsClock(clock)),
+            serving: Mutex::new(Some(serving_tx)),
+            stop: stop_tx,
+            thread: Some(thread),
+        })
     }
 
     /// The store clock.

@@ -1,7 +1,6 @@
 //! A whole `dataplane` node: every shard recovers its store, binds its client port, serves,
 //! and on a stop request stops accepting, checkpoints and closes.
 
-use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -12,7 +11,7 @@ use crate::config::Resolved;
 use crate::control::ControlLink;
 use crate::repl::{Replication, ShardSide};
 use crate::runtime::{RuntimeConfig, run_shards};
-use crate::server::{self, ServerStats, ShardMap};
+use crate::server::{self, ShardMap};
 use crate::store::{Progress, ShardStore};
 use controlplane::ops::notify;
 
@@ -51,9 +50,7 @@ pub fn run(
         Some(control) => {
             let shards = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
             let capacity = crate::control::capacity_bytes(&config.data_dir);
-            let logger: controlplane::agent::Logger =
-                Arc::new(|line: &str| tracing::warn!(target: "dataplane::control", "{line}"));
-            let link = ControlLink::start(control, shards, capacity, logger)?;
+            let link = ControlLink::start(control, shards, capacity)?;
             tracing::info!(seeds = %control.seeds.join(","), "GLTS interval from the control plane");
             config.store.clock = link.clock();
             Some(Arc::new(link))
@@ -177,30 +174,33 @@ async fn shard_main(
     }
     store.spawn_maintenance();
     let heartbeat = spawn_heartbeat(&store, watchdog.clone(), shard_id);
-    let replication_tasks = match (side, &config.replication) {
-        (Some(side), Some(repl)) => Some(spawn_replication(&store, side, repl.closed_interval)),
+    let replication_task = match (side, &config.replication) {
+        (Some(side), Some(repl)) => Some(spawn_replication(&store, side, repl.closed_interval, repl.is_home())),
         _ => None,
     };
-    let stats = Rc::new(ServerStats::default());
-    server::serve(listener, store.clone(), shard_count, map, config.server, stats, stop.wait()).await;
+    server::serve(listener, store.clone(), shard_count, map, config.server, stop.wait()).await;
     heartbeat.cancel();
-    if let Some(tasks) = replication_tasks {
-        for task in tasks {
-            task.cancel();
-        }
+    if let Some(task) = replication_task {
+        task.cancel();
     }
     store.close().await.map_err(|error| format!("shard {shard_id}: close: {error}"))?;
     tracing::info!(shard = shard_id, "shard stopped: requests answered, WAL synced, checkpoint written");
     Ok(())
 }
 
-/// The shard's half of replication: publishes its closed point every `interval` (the
-/// shipper tails the WAL up to it), and applies the records shipped to it, each in its own
-/// task so they share WAL barriers.
-fn spawn_replication(store: &ShardStore, side: ShardSide, interval: Duration) -> Vec<glommio::task::JoinHandle<()>> {
+/// The shard's half of replication: at the home, publishes its closed point every `interval`
+/// (the shipper tails the WAL up to it); at a replica, applies the records shipped to it,
+/// each in its own task so they share WAL barriers.
+fn spawn_replication(
+    store: &ShardStore,
+    side: ShardSide,
+    interval: Duration,
+    home: bool,
+) -> glommio::task::JoinHandle<()> {
     let ShardSide { points, mut applies, .. } = side;
-    let publisher = {
-        let store = store.clone();
+    let store = store.clone();
+    if home {
+        // Only a home shard ships, so only it publishes closed points.
         glommio::spawn_local(async move {
             loop {
                 if let Ok(point) = store.closed_point() {
@@ -214,9 +214,7 @@ fn spawn_replication(store: &ShardStore, side: ShardSide, interval: Duration) ->
             }
         })
         .detach()
-    };
-    let applier = {
-        let store = store.clone();
+    } else {
         glommio::spawn_local(async move {
             while let Some(apply) = applies.recv().await {
                 let store = store.clone();
@@ -228,8 +226,7 @@ fn spawn_replication(store: &ShardStore, side: ShardSide, interval: Duration) ->
             }
         })
         .detach()
-    };
-    vec![publisher, applier]
+    }
 }
 
 /// Takes an exclusive `flock` on `<data_dir>/LOCK` for the life of the returned file, so two

@@ -176,3 +176,39 @@ where
         .map_err(|error| RuntimeError::Start(error.to_string()))?;
     Ok(executor.run(future))
 }
+
+/// Starts a thread named `name` running `body` on a current-thread tokio runtime (the shells
+/// that speak QUIC: the control agent, replication) and waits for the value `body` reports on
+/// its `ready` sender. On an error the thread is joined and the error returned.
+///
+/// # Errors
+/// The thread or its runtime cannot start, `body` reported an error, or it ended without
+/// reporting.
+pub fn spawn_tokio_thread<T, F>(
+    name: &str,
+    body: impl FnOnce(std::sync::mpsc::Sender<Result<T, String>>) -> F + Send + 'static,
+) -> Result<(std::thread::JoinHandle<()>, T), String>
+where
+    T: Send + 'static,
+    F: Future<Output = ()>,
+{
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread_name = name.to_owned();
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(body(ready_tx)),
+            Err(error) => {
+                let _ = ready_tx.send(Err(format!("{thread_name} runtime: {error}")));
+            }
+        })
+        .map_err(|error| format!("cannot start the {name} thread: {error}"))?;
+    match ready_rx.recv() {
+        Ok(Ok(value)) => Ok((thread, value)),
+        Ok(Err(message)) => {
+            let _ = thread.join();
+            Err(message)
+        }
+        Err(_) => Err(format!("the {name} thread ended during start-up")),
+    }
+}

@@ -84,17 +84,6 @@ impl ShardMap {
     }
 }
 
-/// Counters of one shard's endpoint.
-#[derive(Debug, Default)]
-pub struct ServerStats {
-    /// Connections accepted.
-    pub connections: Cell<u64>,
-    /// Requests answered.
-    pub requests: Cell<u64>,
-    /// Requests refused for a limit or a malformed frame.
-    pub refused: Cell<u64>,
-}
-
 /// The endpoint's series on the process's metrics recorder, labelled by shard.
 struct EndpointMetrics {
     write_ack: metrics::Histogram,
@@ -103,6 +92,7 @@ struct EndpointMetrics {
     refused: metrics::Counter,
     in_flight: metrics::Gauge,
     connections: metrics::Gauge,
+    accepted: metrics::Counter,
 }
 
 impl EndpointMetrics {
@@ -114,7 +104,8 @@ impl EndpointMetrics {
             requests: metrics::counter!("meridian_requests_total", "shard" => shard.clone()),
             refused: metrics::counter!("meridian_requests_refused_total", "shard" => shard.clone()),
             in_flight: metrics::gauge!("meridian_requests_in_flight", "shard" => shard.clone()),
-            connections: metrics::gauge!("meridian_connections_open", "shard" => shard),
+            connections: metrics::gauge!("meridian_connections_open", "shard" => shard.clone()),
+            accepted: metrics::counter!("meridian_connections_accepted_total", "shard" => shard),
         }
     }
 }
@@ -137,7 +128,6 @@ struct Endpoint {
     /// grew with every poll would overflow glommio's 16-bit task reference count).
     stop_wakers: RefCell<HashMap<u64, Waker>>,
     next_connection_id: Cell<u64>,
-    stats: Rc<ServerStats>,
     metrics: EndpointMetrics,
 }
 
@@ -154,7 +144,10 @@ impl std::future::Future for StopWait<'_> {
         if self.endpoint.stopping.get() {
             return Poll::Ready(());
         }
-        self.endpoint.stop_wakers.borrow_mut().insert(self.connection, context.waker().clone());
+        let mut wakers = self.endpoint.stop_wakers.borrow_mut();
+        if !wakers.get(&self.connection).is_some_and(|known| known.will_wake(context.waker())) {
+            wakers.insert(self.connection, context.waker().clone());
+        }
         Poll::Pending
     }
 }
@@ -183,7 +176,6 @@ pub async fn serve(
     shard_count: u32,
     map: ShardMap,
     limits: ServerLimits,
-    stats: Rc<ServerStats>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let shard_id = store.config().shard_id;
@@ -199,7 +191,6 @@ pub async fn serve(
         stopping: Cell::new(false),
         stop_wakers: RefCell::default(),
         next_connection_id: Cell::new(0),
-        stats,
         metrics: EndpointMetrics::new(shard_id),
     });
     let accept = async {
@@ -236,7 +227,7 @@ pub async fn serve(
 impl Endpoint {
     async fn connection(self: Rc<Self>, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        self.stats.connections.set(self.stats.connections.get() + 1);
+        self.metrics.accepted.increment(1);
         let (reader, writer) = futures_lite::io::split(stream);
         let mut reader = BufReader::with_capacity(64 << 10, reader);
         let (responses, queue) = local_channel::new_bounded::<Vec<u8>>(self.limits.inflight_per_connection + 1);
@@ -338,7 +329,6 @@ impl Endpoint {
             glommio::spawn_local(async move {
                 let mut out = Vec::new();
                 endpoint.handle(seq, &frame[wire::HEADER_BYTES..], &mut out).await;
-                endpoint.stats.requests.set(endpoint.stats.requests.get() + 1);
                 endpoint.metrics.requests.increment(1);
                 inflight.set(inflight.get() - 1);
                 endpoint.requests_in_flight.set(endpoint.requests_in_flight.get() - 1);
@@ -350,7 +340,6 @@ impl Endpoint {
     }
 
     async fn refuse(&self, responses: &LocalSender<Vec<u8>>, seq: u64, code: ErrorCode, message: &str) {
-        self.stats.refused.set(self.stats.refused.get() + 1);
         self.metrics.refused.increment(1);
         let mut out = Vec::new();
         respond_error(&mut out, seq, code, message);
@@ -371,12 +360,10 @@ impl Endpoint {
         let request = match Request::decode(body) {
             Ok(request) => request,
             Err(proto::ProtoError::UnknownRequest { op }) => {
-                self.stats.refused.set(self.stats.refused.get() + 1);
                 self.metrics.refused.increment(1);
                 return respond_error(out, seq, ErrorCode::UnknownRequest, &format!("unknown request op {op}"));
             }
             Err(error) => {
-                self.stats.refused.set(self.stats.refused.get() + 1);
                 self.metrics.refused.increment(1);
                 return respond_error(out, seq, ErrorCode::BadRequest, &error.to_string());
             }

@@ -4,25 +4,18 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use client::{Client, ClientConfig};
 use controlplane::ops::metrics::{sample, scrape};
 use controlplane::ops::notify::Collector;
 
 mod common;
 
 use common::process::{Node, connect, runtime};
-
-fn sigterm(child: &Child) {
-    // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-}
 
 #[test]
 fn ready_comes_only_after_recovery_and_the_watchdog_keeps_pinging() {
@@ -90,44 +83,20 @@ fn ready_comes_only_after_recovery_and_the_watchdog_keeps_pinging() {
     let longest_gap = pings.windows(2).map(|pair| pair[1] - pair[0]).max().unwrap();
     assert!(longest_gap < Duration::from_secs(2), "a watchdog gap of {longest_gap:?} (WatchdogSec 2 s)");
 
-    sigterm(&node.child);
-    let status = node.child.wait().unwrap();
-    assert!(status.success(), "dataplane exited with {status}");
+    node.stop();
     notifications.wait_for("STOPPING=1", Duration::from_secs(5)).unwrap();
-}
-
-/// Starts a node serving metrics on a dynamic port; returns it and the scrape address.
-fn start_with_metrics(data: &Path, config: &str) -> (Child, Vec<String>, SocketAddr) {
-    let config_path = data.with_extension("toml");
-    let text =
-        format!("data_dir = {data:?}\nlisten = \"127.0.0.1:0\"\n{config}\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
-    std::fs::write(&config_path, text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dataplane"))
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = lines.next().unwrap().unwrap();
-    let addresses = ready.strip_prefix("READY ").expect("READY line").split(',').map(String::from).collect();
-    let metrics = lines.next().unwrap().unwrap();
-    let url = metrics.strip_prefix("METRICS http://").expect("METRICS line");
-    let addr = url.strip_suffix("/metrics").unwrap().parse().unwrap();
-    std::thread::spawn(move || for _ in lines {});
-    (child, addresses, addr)
 }
 
 #[test]
 fn metrics_series_exist_and_move_under_a_workload() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut child, addresses, metrics) = start_with_metrics(&data, "shards = 2");
+    let mut node = Node::start(&data, "shards = 2\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    let metrics = node.metrics.unwrap();
     let before = scrape(metrics).unwrap();
     let runtime = runtime();
     runtime.block_on(async {
-        let config = ClientConfig { retries: 0, ..ClientConfig::default() };
-        let client = Client::connect(&addresses[0], config).await.unwrap();
+        let client = connect(&node).await;
         let mut writes = Vec::new();
         for i in 0..400u32 {
             let client = client.clone();
@@ -177,8 +146,7 @@ fn metrics_series_exist_and_move_under_a_workload() {
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
     let answer = raw_http(metrics, "GET /nothing HTTP/1.1\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
-    sigterm(&child);
-    assert!(child.wait().unwrap().success());
+    node.stop();
 }
 
 fn raw_http(addr: SocketAddr, request: &str) -> String {
@@ -226,7 +194,7 @@ fn sigterm_during_a_write_load_loses_no_acknowledged_write() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let written_before = acked.lock().unwrap().len();
         assert!(written_before > 100, "only {written_before} writes acknowledged before SIGTERM");
-        sigterm(&node.child);
+        node.terminate();
         for writer in writers {
             writer.await.unwrap();
         }

@@ -62,7 +62,7 @@ async fn wait_resolved(client: &Client, ts: u64, limit: Duration) -> Duration {
     let started = Instant::now();
     loop {
         let status = client.replication_status().await.unwrap();
-        let resolved = status.sources.iter().find(|s| s.region == "a").map_or(0, |s| s.resolved_ts);
+        let resolved = status.resolved_ts("a");
         if resolved >= ts {
             return started.elapsed();
         }

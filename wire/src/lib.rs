@@ -9,6 +9,7 @@
 //! the encode/decode paths. It must never depend on an async runtime.
 #![cfg_attr(test, allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless))]
 
+pub mod glt;
 pub mod limits;
 pub mod proto;
 pub mod record;

@@ -32,7 +32,7 @@ use thiserror::Error;
 
 use crate::limits::PAYLOAD_BYTES_MAX;
 use crate::proto::{ProtoError, Reader, put_bytes16};
-use crate::record::{DecodeError, EncodeError, HEADER_BYTES, RecordType, decode, encode_header};
+use crate::record::{DecodeError, EncodeError, HEADER_BYTES, RecordType, decode};
 
 /// Largest replication frame payload.
 pub const FRAME_PAYLOAD_BYTES_MAX: u32 = PAYLOAD_BYTES_MAX;
@@ -55,7 +55,15 @@ pub enum Codec {
 impl Codec {
     /// The codec for a byte, if known.
     pub fn from_u8(value: u8) -> Option<Self> {
-        [Self::None, Self::Lz4, Self::Snappy].into_iter().find(|codec| *codec as u8 == value)
+        Self::ALL.into_iter().find(|codec| *codec as u8 == value)
+    }
+
+    /// Every codec.
+    pub const ALL: [Self; 3] = [Self::None, Self::Lz4, Self::Snappy];
+
+    /// The codec called `name` (see [`Codec::name`]).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|codec| codec.name() == name)
     }
 
     /// The name used in configuration files and reports.
@@ -229,9 +237,7 @@ pub fn frame_len(bytes: &[u8]) -> Result<Option<usize>, ReplError> {
 /// Encodes `frame` into `out` (cleared first). For a batch, `body` is copied in once; see
 /// [`encode_batch_head`] to send a body without copying it.
 pub fn encode_frame(frame: &Frame<'_>, out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    out.clear();
-    out.resize(HEADER_BYTES, 0);
-    match frame {
+    crate::proto::frame(out, RecordType::Repl, 0, |out| match frame {
         Frame::Hello { shard, shards, region } => {
             out.push(KIND_HELLO);
             out.extend_from_slice(&shard.to_le_bytes());
@@ -255,10 +261,7 @@ pub fn encode_frame(frame: &Frame<'_>, out: &mut Vec<u8>) -> Result<(), EncodeEr
             out.push(KIND_REFUSE);
             out.extend_from_slice(reason.as_bytes());
         }
-    }
-    let header = encode_header(RecordType::Repl, 0, 0, &out[HEADER_BYTES..])?;
-    out[..HEADER_BYTES].copy_from_slice(&header);
-    Ok(())
+    })
 }
 
 fn push_batch_fields(batch: &Batch<'_>, out: &mut Vec<u8>) {
@@ -278,12 +281,8 @@ pub fn encode_batch_head(batch: &Batch<'_>, out: &mut Vec<u8>) -> Result<(), Enc
     out.clear();
     out.resize(HEADER_BYTES, 0);
     push_batch_fields(batch, out);
-    let fields_len = out.len() - HEADER_BYTES;
-    let total = fields_len + batch.body.len();
-    if total > FRAME_PAYLOAD_BYTES_MAX as usize {
-        return Err(EncodeError::PayloadTooLarge { len: total, max: FRAME_PAYLOAD_BYTES_MAX });
-    }
-    // The checksum covers the fields and the body: compute it over both pieces.
+    // The header's length (checked against the record limit, which FRAME_PAYLOAD_BYTES_MAX
+    // is) and checksum cover the fields and the body: computed over both pieces.
     let header = crate::record::encode_header_pieces(RecordType::Repl, 0, 0, &[&out[HEADER_BYTES..], batch.body])?;
     out[..HEADER_BYTES].copy_from_slice(&header);
     Ok(())

@@ -342,7 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|source| SourceOutput {
                     region: source.region.clone(),
                     resolved_ts: source.resolved_ts,
-                    lag_us: status.lag_us(&source.region),
+                    lag_us: source.lag_us(status.now_ts),
                     shards_closed: source.shards_closed,
                     shards: source.shards,
                 })

@@ -19,7 +19,7 @@ pub use clock::{IntervalClock, StampError};
 pub use estimator::{Estimator, EstimatorConfig, Exchange, GltsError, Source};
 
 /// Bits of a GLT below the physical microseconds.
-pub const LOGICAL_BITS: u32 = 12;
+pub use wire::glt::LOGICAL_BITS;
 
 /// True time lies in `[earliest_ns, latest_ns]` (closed), in ns since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -54,7 +54,7 @@ impl Interval {
 
 /// The physical time of `glt`, in ns: the start of its microsecond.
 pub fn glt_physical_ns(glt: u64) -> u64 {
-    (glt >> LOGICAL_BITS).saturating_mul(1000)
+    wire::glt::physical_us(glt).saturating_mul(1000)
 }
 
 #[cfg(test)]

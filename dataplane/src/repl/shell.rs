@@ -86,7 +86,6 @@ impl Replication {
         let shard_count = u32::try_from(shards.len()).map_err(|_| "too many shards".to_string())?;
         let resolved = Arc::new(Resolved::new(&config.region, &sources, shard_count));
         let (stop_tx, stop_rx) = watch::channel(false);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut positions = HashMap::new();
         for source in &sources {
             for side in &shards {
@@ -105,27 +104,9 @@ impl Replication {
             clock,
             connections: Mutex::default(),
         });
-        let thread = std::thread::Builder::new()
-            .name("replication".into())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime,
-                    Err(error) => {
-                        let _ = ready_tx.send(Err(format!("replication runtime: {error}")));
-                        return;
-                    }
-                };
-                runtime.block_on(run(context, server, client, ready_tx));
-            })
-            .map_err(|error| format!("cannot start the replication thread: {error}"))?;
-        match ready_rx.recv() {
-            Ok(Ok(addr)) => Ok(Self { stop: stop_tx, thread: Some(thread), resolved, addr }),
-            Ok(Err(message)) => {
-                let _ = thread.join();
-                Err(message)
-            }
-            Err(_) => Err("replication thread ended during start-up".into()),
-        }
+        let (thread, addr) =
+            crate::runtime::spawn_tokio_thread("replication", move |ready| run(context, server, client, ready))?;
+        Ok(Self { stop: stop_tx, thread: Some(thread), resolved, addr })
     }
 
     /// The resolved timestamps per source region.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bits of a timestamp that hold the logical counter.
-pub const LOGICAL_BITS: u32 = 12;
+pub use wire::glt::{LOGICAL_BITS, physical_us, timestamp_at};
 
 /// Physical time bounds, in microseconds since the Unix epoch: true time lies inside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,16 +103,6 @@ impl Clock for ManualClock {
         let earliest_us = self.now_us.fetch_add(self.step_us, Ordering::Relaxed);
         Ok(TimeInterval { earliest_us, latest_us: earliest_us.saturating_add(self.width_us.load(Ordering::Relaxed)) })
     }
-}
-
-/// The timestamp whose physical part is `physical_us` and logical part 0.
-pub fn timestamp_at(physical_us: u64) -> u64 {
-    physical_us.saturating_mul(1 << LOGICAL_BITS)
-}
-
-/// The physical part of a timestamp, in microseconds since the Unix epoch.
-pub fn physical_us(ts: u64) -> u64 {
-    ts >> LOGICAL_BITS
 }
 
 /// A hybrid logical clock: strictly increasing stamps that track physical time.

@@ -546,13 +546,19 @@ impl ShardStore {
         stats
     }
 
+    /// The timestamp of the first reserved record at or after `durable_next_lsn` (reserved,
+    /// not yet durable), if any.
+    fn first_pending(&self, durable_next_lsn: u64) -> Option<u64> {
+        self.inner.inflight.borrow().range(durable_next_lsn..).next().map(|(_, ts)| *ts)
+    }
+
     /// Where the WAL stands, for the watchdog (see [`Progress`]).
     pub fn progress(&self) -> Progress {
         let inner = &self.inner;
         let durable_next_lsn = inner.wal.durable_next_lsn();
         Progress {
             durable_next_lsn,
-            waiting: inner.inflight.borrow().range(durable_next_lsn..).next().is_some(),
+            waiting: self.first_pending(durable_next_lsn).is_some(),
             fenced: inner.wal.fenced().is_some(),
         }
     }
@@ -565,7 +571,7 @@ impl ShardStore {
     pub fn closed_point(&self) -> Result<ClosedPoint, StoreError> {
         let inner = &self.inner;
         let durable_next_lsn = inner.wal.durable_next_lsn();
-        let pending = inner.inflight.borrow().range(durable_next_lsn..).next().map(|(_, ts)| *ts);
+        let pending = self.first_pending(durable_next_lsn);
         let closed_ts = match pending {
             Some(ts) => ts.saturating_sub(1),
             None => {

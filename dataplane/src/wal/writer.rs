@@ -852,17 +852,17 @@ async fn writer_loop(inner: Rc<Inner>) {
         inner.metrics.waiting.set((batch.next_lsn - batch.first_lsn) as f64);
         match inner.write_batch(&mut batch).await {
             Ok(()) => {
-                {
+                let records = batch.next_lsn - batch.first_lsn;
+                let queued = {
                     let mut state = inner.state.borrow_mut();
                     state.durable_next_lsn = batch.next_lsn;
                     let stats = &mut state.stats;
                     stats.batches += 1;
-                    stats.records += batch.next_lsn - batch.first_lsn;
+                    stats.records += records;
                     stats.payload_bytes += batch.payload_bytes;
                     stats.batch_bytes += batch.extent;
-                }
-                let records = batch.next_lsn - batch.first_lsn;
-                let queued = inner.state.borrow().open.builder.record_count();
+                    state.open.builder.record_count()
+                };
                 inner.metrics.waiting.set(f64::from(queued));
                 inner.metrics.batch_records.record(records as f64);
                 inner.metrics.batch_bytes.record(batch.extent as f64);

@@ -61,10 +61,15 @@ impl Node {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait for a clean exit.
-    pub fn stop(&mut self) {
+    /// Sends SIGTERM (a graceful stop) without waiting.
+    pub fn terminate(&self) {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        self.terminate();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "dataplane exited with {status}");
     }
