@@ -128,6 +128,14 @@ impl Replication {
     }
 }
 
+/// Silence after which a replication connection is closed (keep-alives every fifth of it).
+const IDLE_TIMEOUT: Duration = Duration::from_millis(1000);
+/// How long one dial of a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Wait before the first redial after a stream ends, doubling up to [`RECONNECT_MAX`].
+const RECONNECT_MIN: Duration = Duration::from_millis(20);
+const RECONNECT_MAX: Duration = Duration::from_millis(200);
+
 fn transport(config: &ReplConfig) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     let window = quinn::VarInt::from_u64(config.quic_window_bytes).unwrap_or(quinn::VarInt::MAX);
@@ -136,8 +144,12 @@ fn transport(config: &ReplConfig) -> quinn::TransportConfig {
     let shards = config.quic_window_bytes.saturating_mul(16);
     transport.receive_window(quinn::VarInt::from_u64(shards).unwrap_or(quinn::VarInt::MAX));
     transport.send_window(shards);
-    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(5_000).into()));
-    transport.keep_alive_interval(Some(Duration::from_millis(500)));
+    // A partition longer than the idle timeout ends the connection, and the shipper then dials
+    // every RECONNECT_MAX at most, each attempt a fresh handshake: after the heal the stream
+    // is back within about CONNECT_TIMEOUT + RECONNECT_MAX. (Kept alive instead, the connection
+    // would wait out QUIC's doubling probe timeout, seconds after a partition of seconds.)
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
+    transport.keep_alive_interval(Some(IDLE_TIMEOUT / 5));
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
     transport
 }
@@ -164,7 +176,7 @@ async fn run(
     if context.config.is_home() {
         for peer in &context.config.peers {
             let mut connector = Connector::new(endpoint.clone());
-            connector.connect_timeout = Duration::from_secs(2);
+            connector.connect_timeout = CONNECT_TIMEOUT;
             let link = Arc::new(PeerLink { peer: peer.clone(), connector });
             for side in &context.shards {
                 tasks.spawn(ship(context.clone(), link.clone(), side.clone()));
@@ -241,8 +253,9 @@ async fn ship(context: Arc<Context>, link: Arc<PeerLink>, side: ThreadSide) {
     // Until the peer says where it is, keep the whole WAL for it.
     set_acked(&context, &side, &link.peer.region, 0);
     let mut last_error = String::new();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = RECONNECT_MIN;
     loop {
+        let began = Instant::now();
         match ship_stream(&context, &link, &side).await {
             Ok(()) => return,
             Err(error) => {
@@ -253,8 +266,12 @@ async fn ship(context: Arc<Context>, link: Arc<PeerLink>, side: ThreadSide) {
                 }
             }
         }
+        // A stream that lived a while was a working link: redial quickly, as after a heal.
+        if began.elapsed() > IDLE_TIMEOUT {
+            backoff = RECONNECT_MIN;
+        }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(500));
+        backoff = (backoff * 2).min(RECONNECT_MAX);
     }
 }
 
