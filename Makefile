@@ -16,16 +16,15 @@ test:
 	scripts/install-deps.sh test
 	$(CARGO) nextest run --workspace --no-fail-fast --profile ci
 
-## What exists so far: one real data node (durable puts) under 1..256 clients next to
-## redis-server (appendfsync always), a 3-node control plane next to a 3-member etcd, then three
-## regions replicating over QUIC through the WAN proxy (RPO, lost writes, QUIC vs iperf3).
-## (The orchestrated multi-region report arrives with the orchestrator issue.)
+## The main job: a 3-node control plane and three regions (20 ms one way through the WAN proxy)
+## on this machine, an open-loop write load with live progress, and a report folder (report.json,
+## report.md, SVG/PNG plots, logs) whose path is the last line. Options: DEMO_ARGS, e.g.
+## DEMO_ARGS="--partition c@30s+10s --kill-node b@45s" (see ./target/release/bench cluster --help).
+DEMO_ARGS ?=
 demo:
 	scripts/install-deps.sh bench
 	$(CARGO) build --release -p dataplane -p controlplane -p bench
-	./target/release/bench kv --duration-ms 2000 --warmup-ms 500
-	./target/release/bench control --duration-ms 2000 --warmup-ms 500
-	./target/release/bench geo --duration-ms 20000 --catch-up-mib 64
+	./target/release/bench cluster $(DEMO_ARGS)
 
 ## Full benchmarks; JSON with BENCH_ARGS=--json. See bench/README.md.
 bench:
@@ -35,6 +34,7 @@ bench:
 	./target/release/bench kv $(BENCH_ARGS)
 	./target/release/bench control $(BENCH_ARGS)
 	./target/release/bench geo $(BENCH_ARGS)
+	./target/release/bench cluster $(BENCH_ARGS)
 
 ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz).
 fuzz:

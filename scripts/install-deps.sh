@@ -5,6 +5,8 @@ set -euo pipefail
 
 need_apt=()
 want() { command -v "$1" >/dev/null 2>&1 || need_apt+=("$2"); }
+# The report plots of `bench cluster` (and their test) draw text with DejaVu Sans.
+want_font() { [[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || need_apt+=(fonts-dejavu-core); }
 
 case "${1:-test}" in
   test)
@@ -13,6 +15,7 @@ case "${1:-test}" in
     want mount mount
     # The unit files are checked with `systemd-analyze verify` (works without systemd running).
     want systemd-analyze systemd
+    want_font
     ;;
   bench)
     want fio fio
@@ -23,6 +26,7 @@ case "${1:-test}" in
     want etcd etcd-server
     # `bench geo` compares QUIC replication throughput with iperf3 over TCP.
     want iperf3 iperf3
+    want_font
     ;;
   fuzz)
     ;;

@@ -71,7 +71,7 @@ pub struct ElectionsArgs {
     json: bool,
 }
 
-fn controlplane_binary(given: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn controlplane_binary(given: Option<&Path>) -> Result<PathBuf> {
     let path = match given {
         Some(path) => path.to_owned(),
         None => std::env::current_exe()?.parent().context("bench has no directory")?.join("controlplane"),

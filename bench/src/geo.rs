@@ -91,10 +91,18 @@ fn key(n: u64) -> Vec<u8> {
     format!("geo/{n:010}").into_bytes()
 }
 
-fn region_config(dir: &Path, region: &str, listen: SocketAddr, peers: &[(&str, SocketAddr)]) -> Result<PathBuf> {
+/// Writes `<dir>/<region>.toml`: `extra` (other sections), then a `[replication]` section in
+/// which `a` is the home, the node listens on `listen` and its peers are `peers`.
+pub(crate) fn region_config(
+    dir: &Path,
+    tls: &Path,
+    region: &str,
+    listen: SocketAddr,
+    peers: &[(&str, SocketAddr)],
+    extra: &str,
+) -> Result<PathBuf> {
     let mut text = format!(
-        "[replication]\nregion = \"{region}\"\nhome = \"a\"\nlisten = \"{listen}\"\ntls_dir = {:?}\nname = \"{region}\"\n",
-        dir.join("tls")
+        "{extra}[replication]\nregion = \"{region}\"\nhome = \"a\"\nlisten = \"{listen}\"\ntls_dir = {tls:?}\nname = \"{region}\"\n"
     );
     for (peer, addr) in peers {
         text.push_str(&format!("[[replication.peers]]\nregion = \"{peer}\"\naddr = \"{addr}\"\n"));
@@ -152,7 +160,7 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
     let to_b = Proxy::start(any, listen_b, link, link, 1).await?;
     let to_c = Proxy::start(any, listen_c, link, link, 2).await?;
     let start = |region: &str, listen: SocketAddr, peers: &[(&str, SocketAddr)]| -> Result<Dataplane> {
-        let config = region_config(dir, region, listen, peers)?;
+        let config = region_config(dir, &dir.join("tls"), region, listen, peers, "")?;
         Dataplane::start_with(binary, &dir.join(region), args.shards, &dir.join(format!("{region}.log")), Some(&config))
     };
     let b = start("b", listen_b, &[("a", free_udp()?)])?;

@@ -7,6 +7,7 @@
 //! outstanding, as redis-benchmark's `-c N`: send, await the reply, record, repeat.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -108,7 +109,25 @@ impl Dataplane {
         log: &Path,
         config: Option<&Path>,
     ) -> Result<Self> {
-        let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        Self::start_at(binary, data_dir, shards, log, config, "127.0.0.1:0")
+    }
+
+    /// [`Dataplane::start_with`] listening at `listen` (shard k on its port + k), its log
+    /// appended to, in a process group of its own (a terminal's Ctrl-C reaches only the bench,
+    /// which then stops it).
+    pub(crate) fn start_at(
+        binary: &Path,
+        data_dir: &Path,
+        shards: usize,
+        log: &Path,
+        config: Option<&Path>,
+        listen: &str,
+    ) -> Result<Self> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
         let mut command = Command::new(binary);
         if let Some(config) = config {
             command.arg("--config").arg(config);
@@ -116,7 +135,8 @@ impl Dataplane {
         let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--shards", &shards.to_string()])
+            .args(["--listen", listen, "--shards", &shards.to_string()])
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)

@@ -2,6 +2,7 @@
 //! physical limit measured in the same run, prints a human summary, and with `--json` one
 //! JSON object of every figure (units in key names, ratios as `*_ratio`).
 
+mod cluster;
 mod control;
 mod device;
 mod etcd;
@@ -28,6 +29,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The main job (`make demo`): a 3-node control plane and three regions of data nodes on
+    /// this machine with the WAN proxy between them, an open-loop workload with live progress,
+    /// scenario events (--partition, --kill-node), and a report folder (report.json, report.md,
+    /// SVG/PNG plots, logs) whose path is the last line printed.
+    Cluster(cluster::ClusterArgs),
     /// Durable WAL appends (O_DIRECT + group commit + fdatasync) against fio and a raw
     /// write+fdatasync probe at the WAL's own mean batch size.
     Wal(wal::WalArgs),
@@ -48,6 +54,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Cluster(args) => cluster::run(&args),
         Command::Wal(args) => wal::run(&args),
         Command::Kv(args) => kv::run(&args),
         Command::Control(args) => control::run(&args),

@@ -3,6 +3,7 @@
 //! client with the `admin` identity.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -107,6 +108,8 @@ impl LocalCluster {
             .arg(self.dir.join("tls"))
             .arg("--fault-injection")
             .args(&self.extra_args)
+            // A group of its own: a terminal's Ctrl-C reaches only the parent, which stops it.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

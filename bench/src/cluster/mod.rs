@@ -1,0 +1,755 @@
+//! `bench cluster`: the main job. On this machine, with embedded defaults: a 3-node control
+//! plane (`controlplane` processes, Raft, GLTS), three regions `a`, `b`, `c` of one `dataplane`
+//! each (joined to the control plane; `a` the home of every shard, `b` and `c` replicas), the
+//! WAN proxy on the QUIC links between regions, the device limit measured by fio first, then an
+//! open-loop workload at the home with live progress, scenario events (partitions, SIGKILLed
+//! nodes), a convergence and loss check in every region, and a report folder: `report.json`,
+//! `report.md`, SVG and PNG plots, CSV series, logs and data. Everything started is stopped,
+//! also on Ctrl-C (children run in their own process groups, so the terminal's SIGINT reaches
+//! only this process, which then stops them in order).
+
+mod load;
+mod plot;
+mod report;
+mod scenario;
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use client::{Client, ClientConfig};
+use controlplane::local::LocalCluster;
+use controlplane::meta::{Command, NodeState};
+use hdrhistogram::Histogram;
+use wan::{LinkConfig, Proxy, ProxyHandle};
+
+use crate::geo::region_config;
+use crate::kv::{Dataplane, dataplane_binary};
+use load::{LoadPlan, Record, SharedRecord, Write};
+use scenario::{Class, Mix, REGIONS, Window};
+
+/// Options of `bench cluster`. Times count from the start of the load (warm-up included).
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Measured time of the load, after the warm-up (e.g. 60s, 2m).
+    #[arg(long, default_value = "60s", value_parser = scenario::parse_duration)]
+    duration: Duration,
+    /// Warm-up: load on, not measured.
+    #[arg(long, default_value = "2s", value_parser = scenario::parse_duration)]
+    warmup: Duration,
+    /// Writes per second at the home region, open loop (latency counts from each write's
+    /// intended send time).
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// The mix of writes: `small` (128 B - 4 KiB keys), `files` (4 KiB - 1 MiB), `large`
+    /// (--file-min..--file-max, chunked, in parts), `nas` (= files:99.5,large:0.5), or a list
+    /// such as `small:90,large:10`.
+    #[arg(long, default_value = "small", value_parser = Mix::parse)]
+    workload: Mix,
+    /// Smallest large file.
+    #[arg(long, default_value = "1MiB", value_parser = scenario::parse_bytes)]
+    file_min: u64,
+    /// Largest large file (at most 1GiB).
+    #[arg(long, default_value = "4MiB", value_parser = scenario::parse_bytes)]
+    file_max: u64,
+    /// Large files are stored as keys of at most this size (64KiB - 32MiB).
+    #[arg(long, default_value = "16MiB", value_parser = scenario::parse_bytes)]
+    part_size: u64,
+    /// One-way delay between regions.
+    #[arg(long, default_value = "20ms", value_parser = scenario::parse_duration)]
+    delay: Duration,
+    /// Jitter added to the delay (uniform, up to this much).
+    #[arg(long, default_value = "0ms", value_parser = scenario::parse_duration)]
+    jitter: Duration,
+    /// Fraction of datagrams lost between regions, each way (0 to 0.5).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Cut a region off from the others for a while: REGION@START+LENGTH, e.g. c@30s+20s.
+    /// Repeatable.
+    #[arg(long = "partition", value_parser = scenario::parse_partition)]
+    partitions: Vec<Window>,
+    /// SIGKILL a region's data node and restart it on its data later: REGION@START[+DOWN],
+    /// e.g. b@40s+5s (down 5 s by default). Repeatable.
+    #[arg(long = "kill-node", value_parser = scenario::parse_kill)]
+    kills: Vec<Window>,
+    /// Shards per data node.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// After an event ends, the region counts as recovered once its lag is back under this.
+    #[arg(long, default_value = "100ms", value_parser = scenario::parse_duration)]
+    recovered_lag: Duration,
+    /// Parent of the run's folder (data, logs, report); the folder is kept.
+    #[arg(long, default_value = "bench-data")]
+    out: PathBuf,
+    /// The dataplane binary (default: next to this bench binary).
+    #[arg(long)]
+    dataplane: Option<PathBuf>,
+    /// The controlplane binary (default: next to this bench binary).
+    #[arg(long)]
+    controlplane: Option<PathBuf>,
+    /// Skip the device-limit measurement (fio), e.g. where fio is not installed.
+    #[arg(long)]
+    skip_fio: bool,
+    /// Seed of the workload's draws (classes, sizes).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print report.json's object on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The largest file the workload writes.
+const FILE_MAX: u64 = 1 << 30;
+/// How long the cluster may take to become healthy.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the replicas may take to resolve past the last write after the load.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How often each replica's lag is sampled.
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+/// Acknowledged writes read back and compared byte for byte, per region.
+const VERIFY_PER_REGION: usize = 64;
+/// The device-limit measurement: fio's block size and run time.
+const FIO_BLOCK_BYTES: u64 = 4096;
+const FIO_TIME: Duration = Duration::from_secs(3);
+
+impl ClusterArgs {
+    fn total(&self) -> Duration {
+        self.warmup + self.duration
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(self.rate > 0, "--rate must be positive");
+        ensure!(!self.duration.is_zero(), "--duration must be positive");
+        ensure!(self.shards > 0 && self.shards <= 64, "--shards must be 1..=64");
+        ensure!(
+            self.file_min > 0 && self.file_min <= self.file_max && self.file_max <= FILE_MAX,
+            "--file-min and --file-max must satisfy 0 < min <= max <= 1GiB"
+        );
+        ensure!((64 << 10..=32 << 20).contains(&self.part_size), "--part-size must be 64KiB..=32MiB");
+        ensure!((0.0..=0.5).contains(&self.loss), "--loss must be a fraction in 0..=0.5");
+        for (what, windows) in [("--partition", &self.partitions), ("--kill-node", &self.kills)] {
+            for window in windows {
+                ensure!(
+                    window.end() <= self.total(),
+                    "{what} {}@{:?}+{:?} ends after the load ({:?} with the warm-up)",
+                    window.region,
+                    window.start,
+                    window.length,
+                    self.total()
+                );
+            }
+        }
+        for (index, kill) in self.kills.iter().enumerate() {
+            let overlapping = self.kills[index + 1..]
+                .iter()
+                .any(|other| other.region == kill.region && other.start < kill.end() && kill.start < other.end());
+            ensure!(!overlapping, "--kill-node: two kills of region {} overlap", kill.region);
+        }
+        Ok(())
+    }
+}
+
+/// One region's data node: where it lives and, while it runs, its process.
+#[derive(Debug)]
+struct RegionNode {
+    region: &'static str,
+    config: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    listen: String,
+    shards: usize,
+    process: Option<Dataplane>,
+}
+
+impl RegionNode {
+    fn start(&mut self, binary: &Path) -> Result<()> {
+        let process = Dataplane::start_at(binary, &self.data, self.shards, &self.log, Some(&self.config), &self.listen)
+            .with_context(|| format!("starting region {}'s dataplane", self.region))?;
+        self.process = Some(process);
+        Ok(())
+    }
+
+    /// SIGKILL (dropping the process guard kills and reaps it).
+    fn kill(&mut self) {
+        drop(self.process.take());
+    }
+
+    /// SIGTERM, and the exit status must be 0.
+    fn stop(&mut self) -> Result<()> {
+        match self.process.take() {
+            Some(process) => process.stop(),
+            None => Ok(()),
+        }
+    }
+}
+
+type Nodes = Arc<Mutex<Vec<RegionNode>>>;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `count` consecutive free TCP ports on 127.0.0.1 (a shard listens on base + shard id).
+fn free_ports(count: usize) -> Result<u16> {
+    for _ in 0..100 {
+        let base = crate::process::free_port()?;
+        let all_free = (1..count).all(|offset| {
+            u16::try_from(offset)
+                .ok()
+                .and_then(|offset| base.checked_add(offset))
+                .is_some_and(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        });
+        if all_free {
+            return Ok(base);
+        }
+    }
+    bail!("no {count} consecutive free ports on 127.0.0.1")
+}
+
+fn free_udp() -> Result<SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// What happened during the run, for the report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Event {
+    pub kind: &'static str,
+    pub region: String,
+    /// Planned start and end, ms from the start of the load.
+    pub start_ms: u64,
+    pub end_ms: u64,
+    /// When the end took effect (a restarted node is READY), ms from the start of the load.
+    pub restored_ms: Option<u64>,
+    /// From `restored_ms` until every affected replica's lag was under `--recovered-lag`.
+    pub recovery_ms: Option<u64>,
+}
+
+/// The lag of one replica region: samples and the current value for the progress line.
+#[derive(Debug)]
+struct Lag {
+    region: &'static str,
+    histogram: Histogram<u64>,
+    /// (ms from the start of the load, lag µs).
+    series: Vec<(u64, u64)>,
+}
+
+/// Runs `bench cluster`.
+pub fn run(args: &ClusterArgs) -> Result<()> {
+    args.validate()?;
+    let dataplane = dataplane_binary(args.dataplane.as_ref())?;
+    let controlplane = crate::control::controlplane_binary(args.controlplane.as_deref())?;
+    if !args.skip_fio && !crate::device::fio_available() {
+        bail!("fio not found: run scripts/install-deps.sh bench (Debian fio), or pass --skip-fio");
+    }
+    let dir = create_run_dir(&args.out)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let outcome = runtime.block_on(run_async(args, &dataplane, &controlplane, &dir));
+    match outcome {
+        Ok(report) => {
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                report::print_summary(&report);
+                println!("{}", dir.display());
+            }
+            Ok(())
+        }
+        Err(error) => Err(error.context(format!("data and logs are in {}", dir.display()))),
+    }
+}
+
+fn create_run_dir(parent: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let parent = parent.canonicalize().with_context(|| format!("resolving {}", parent.display()))?;
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let dir = parent.join(format!("cluster-{seconds}-{}", std::process::id()));
+    for sub in ["logs", "plots", "series"] {
+        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    Ok(dir)
+}
+
+fn say(text: &str) {
+    eprintln!("bench cluster: {text}");
+}
+
+async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, dir: &Path) -> Result<report::Report> {
+    let mut report = report::Report::new(args, dir);
+    if !args.skip_fio {
+        say(&format!("device limit: fio, {FIO_BLOCK_BYTES} B O_DIRECT writes + fdatasync, {FIO_TIME:?} ..."));
+        crate::device::quiesce();
+        let fio = crate::device::fio(dir, FIO_BLOCK_BYTES, FIO_TIME)?;
+        report.device(&fio);
+    }
+
+    // The control plane, its regions and the placement of every shard.
+    say("starting 3 control-plane nodes ...");
+    let control_dir = dir.join("control");
+    let control = LocalCluster::start(controlplane, &control_dir, 3, &[]).await?;
+    control.wait_leader(Duration::from_secs(30)).await?;
+    let admin = control.client();
+    for region in REGIONS {
+        admin
+            .write(Command::PutRegion { name: region.into(), zones: vec!["z1".into()] }, Duration::from_secs(10))
+            .await?;
+    }
+    for shard in 0..u32::try_from(args.shards)? {
+        let replicas = REGIONS[1..].iter().map(|region| (*region).to_owned()).collect();
+        admin.write(Command::SetPlacement { shard, home: "a".into(), replicas }, Duration::from_secs(10)).await?;
+    }
+    let tls = control_dir.join("tls");
+    controlplane::tls::generate(&tls, &REGIONS.map(str::to_owned))?;
+
+    // The WAN between the home and each replica region.
+    let link =
+        LinkConfig { delay: args.delay, jitter: args.jitter, loss: args.loss, ..LinkConfig::with_delay(args.delay) };
+    let any: SocketAddr = "127.0.0.1:0".parse()?;
+    let (listen_b, listen_c) = (free_udp()?, free_udp()?);
+    let to_b = Proxy::start(any, listen_b, link, link, args.seed).await?;
+    let to_c = Proxy::start(any, listen_c, link, link, args.seed + 1).await?;
+
+    let seeds: Vec<String> = control.members().into_iter().map(|(_, addr)| format!("{addr:?}")).collect();
+    let mut nodes = Vec::new();
+    for region in REGIONS {
+        let (listen, peers) = match region {
+            "a" => (free_udp()?, vec![("b", to_b.addr()), ("c", to_c.addr())]),
+            "b" => (listen_b, vec![("a", free_udp()?)]),
+            _ => (listen_c, vec![("a", free_udp()?)]),
+        };
+        let control_section = format!(
+            "[control]\nseeds = [{}]\ntls_dir = {tls:?}\nnode_id = \"{region}\"\nregion = \"{region}\"\nzone = \"z1\"\n",
+            seeds.join(", ")
+        );
+        let config = region_config(dir, &tls, region, listen, &peers, &control_section)?;
+        nodes.push(RegionNode {
+            region,
+            config,
+            data: dir.join(format!("region-{region}")),
+            log: dir.join("logs").join(format!("dataplane-{region}.log")),
+            listen: format!("127.0.0.1:{}", free_ports(args.shards)?),
+            shards: args.shards,
+            process: None,
+        });
+    }
+    say("starting the data nodes of regions a (home), b and c ...");
+    // Replicas first, so the home's shippers find them listening.
+    for index in [1, 2, 0] {
+        nodes[index].start(dataplane)?;
+    }
+    let nodes: Nodes = Arc::new(Mutex::new(nodes));
+    let config = ClientConfig { retries: 0, request_timeout: Duration::from_secs(30), ..ClientConfig::default() };
+    let mut clients = Vec::new();
+    let listens: Vec<String> = lock(&nodes).iter().map(|node| node.listen.clone()).collect();
+    for listen in listens {
+        clients.push(Client::connect(&listen, config.clone()).await?);
+    }
+    wait_healthy(&control, &clients).await?;
+    say(&format!("healthy; logs in {}", dir.join("logs").display()));
+
+    // The load, the samplers, the events and the progress line, until the load ends or Ctrl-C.
+    let stop = Arc::new(AtomicBool::new(false));
+    let interrupt = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                say("Ctrl-C: stopping the load, then everything this run started");
+                stop.store(true, Ordering::Relaxed);
+            }
+        })
+    };
+    let started = Instant::now();
+    let record: SharedRecord = Arc::new(Mutex::new(Record::new(started, args.warmup)));
+    let lags: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(u64::MAX))).collect();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let mut samplers = Vec::new();
+    for (index, region) in ["b", "c"].into_iter().enumerate() {
+        let (client, sampling, current) = (clients[index + 1].clone(), sampling.clone(), lags[index].clone());
+        let warmup = args.warmup;
+        samplers.push(tokio::spawn(sample_lag(region, client, started, warmup, sampling, current)));
+    }
+    let events = tokio::spawn(run_events(
+        args.partitions.clone(),
+        args.kills.clone(),
+        nodes.clone(),
+        [to_b.handle(), to_c.handle()],
+        dataplane.to_owned(),
+        started,
+        stop.clone(),
+    ));
+    let progress = tokio::spawn(show_progress(
+        record.clone(),
+        lags.clone(),
+        args.total(),
+        started,
+        args.partitions.iter().chain(&args.kills).cloned().collect(),
+        sampling.clone(),
+    ));
+    let plan = LoadPlan {
+        rate: args.rate,
+        warmup: args.warmup,
+        duration: args.duration,
+        mix: args.workload.clone(),
+        file_min: args.file_min,
+        file_max: args.file_max,
+        part_bytes: args.part_size,
+        seed: args.seed,
+    };
+    say(&format!(
+        "load: {} writes/s ({}) for {:?} + {:?} warm-up, {:?} one way between regions",
+        args.rate,
+        args.workload.describe(),
+        args.duration,
+        args.warmup,
+        args.delay
+    ));
+    load::run(&clients[0], &plan, record.clone(), stop.clone()).await?;
+    let load_ended = started.elapsed();
+    let mut events = events.await??;
+    let interrupted = stop.load(Ordering::Relaxed);
+    interrupt.abort();
+
+    // Convergence: the replicas resolve past the last acknowledged write, then every
+    // acknowledged write is looked for in every region.
+    let (acked, last_ts) = {
+        let record = load::lock(&record);
+        (record.acked.clone(), record.last_ts)
+    };
+    say(&format!("load done ({} writes acknowledged); waiting for the replicas to converge ...", acked.len()));
+    let converge_started = Instant::now();
+    for client in &clients[1..] {
+        wait_resolved(client, last_ts, if interrupted { Duration::from_secs(10) } else { CONVERGE_TIMEOUT }).await?;
+    }
+    let converged_after = converge_started.elapsed();
+    sampling.store(false, Ordering::Relaxed);
+    progress.await?;
+    let mut lag_records = Vec::new();
+    for sampler in samplers {
+        lag_records.push(sampler.await?);
+    }
+    for event in &mut events {
+        event.recovery_ms = recovery(event, &lag_records, args.recovered_lag);
+    }
+    say("checking every acknowledged write in every region ...");
+    let mut lost = Vec::new();
+    for (client, region) in clients.iter().zip(REGIONS) {
+        let missing = count_missing(client, &acked, args.part_size).await?;
+        let corrupt = verify_sample(client, &acked, args.part_size, args.seed).await?;
+        lost.push((region, missing, corrupt));
+    }
+
+    say("stopping the data nodes (SIGTERM) and the control plane ...");
+    let mut clean = true;
+    for node in lock(&nodes).iter_mut() {
+        if let Err(error) = node.stop() {
+            say(&format!("region {}: {error:#}", node.region));
+            clean = false;
+        }
+    }
+    drop(control);
+
+    let record = load::lock(&record);
+    report.load(&record, args, load_ended);
+    report.replication(&lag_records, &lost, converged_after);
+    report.events(&events);
+    report.set("interrupted", interrupted);
+    report.set("clean_shutdown", clean);
+    report.set("wire_bytes_to_b", to_b.handle().stats().0.delivered_bytes);
+    report.set("wire_bytes_to_c", to_c.handle().stats().0.delivered_bytes);
+    report.write(&record, &lag_records, &events)?;
+    Ok(report)
+}
+
+/// Waits until the control plane sees every data node up and both replicas' lag behind the home
+/// is under a second.
+async fn wait_healthy(control: &LocalCluster, clients: &[Client]) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let registered = match control.client().read(false, Duration::from_secs(2)).await {
+            Ok(state) => REGIONS
+                .iter()
+                .all(|region| state.data_nodes.get(*region).is_some_and(|node| node.state == NodeState::Up)),
+            Err(_) => false,
+        };
+        let mut caught_up = true;
+        for client in &clients[1..] {
+            let lag = client.replication_status().await.ok().and_then(|status| status.lag_us("a"));
+            caught_up &= lag.is_some_and(|lag| lag < 1_000_000);
+        }
+        if registered && caught_up {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < HEALTH_TIMEOUT,
+            "the cluster was not healthy within {HEALTH_TIMEOUT:?} (data nodes registered: {registered}, replicas \
+             caught up: {caught_up})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_resolved(client: &Client, ts: u64, limit: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if client.replication_status().await.is_ok_and(|status| status.resolved_ts("a") >= ts) {
+            return Ok(());
+        }
+        ensure!(started.elapsed() < limit, "a replica did not resolve past the last write within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Samples `region`'s lag behind the home every [`SAMPLE_EVERY`] until `sampling` clears.
+async fn sample_lag(
+    region: &'static str,
+    client: Client,
+    started: Instant,
+    warmup: Duration,
+    sampling: Arc<AtomicBool>,
+    current: Arc<AtomicU64>,
+) -> Lag {
+    let mut lag = Lag {
+        region,
+        histogram: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant, valid bounds"),
+        series: Vec::new(),
+    };
+    while sampling.load(Ordering::Relaxed) {
+        let sample = client.replication_status().await.ok().and_then(|status| status.lag_us("a"));
+        let at = started.elapsed();
+        current.store(sample.unwrap_or(u64::MAX), Ordering::Relaxed);
+        if let Some(lag_us) = sample {
+            lag.series.push((u64::try_from(at.as_millis()).unwrap_or(u64::MAX), lag_us));
+            if at >= warmup {
+                let _ = lag.histogram.record(lag_us.max(1));
+            }
+        }
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
+    lag
+}
+
+/// Applies the scenario's partitions and kills at their times; returns what happened.
+async fn run_events(
+    partitions: Vec<Window>,
+    kills: Vec<Window>,
+    nodes: Nodes,
+    proxies: [ProxyHandle; 2],
+    dataplane: PathBuf,
+    started: Instant,
+    stop: Arc<AtomicBool>,
+) -> Result<Vec<Event>> {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum Action {
+        Heal,
+        Restart,
+        Cut,
+        Kill,
+    }
+    let mut plan: Vec<(Duration, Action, usize)> = Vec::new();
+    for (index, window) in partitions.iter().enumerate() {
+        plan.push((window.start, Action::Cut, index));
+        plan.push((window.end(), Action::Heal, index));
+    }
+    for (index, window) in kills.iter().enumerate() {
+        plan.push((window.start, Action::Kill, index));
+        plan.push((window.end(), Action::Restart, index));
+    }
+    plan.sort();
+    let ms = |at: Duration| u64::try_from(at.as_millis()).unwrap_or(u64::MAX);
+    let mut events: Vec<Event> = partitions
+        .iter()
+        .map(|w| ("partition", w))
+        .chain(kills.iter().map(|w| ("kill", w)))
+        .map(|(kind, w)| Event {
+            kind,
+            region: w.region.clone(),
+            start_ms: ms(w.start),
+            end_ms: ms(w.end()),
+            restored_ms: None,
+            recovery_ms: None,
+        })
+        .collect();
+    // Each proxy (a-b, a-c) stays cut while any partition covering it is on.
+    let mut cuts = [0usize; 2];
+    // Which cuts and kills took place (after Ctrl-C the rest are skipped, and so are their ends).
+    let mut begun = vec![false; events.len()];
+    let links_of = |region: &str| -> Vec<usize> {
+        match region {
+            "a" => vec![0, 1],
+            "b" => vec![0],
+            _ => vec![1],
+        }
+    };
+    for (at, action, index) in plan {
+        // On Ctrl-C, heal and restart at once so the convergence check can run.
+        let due = started + at;
+        while Instant::now() < due && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep((due - Instant::now()).min(Duration::from_millis(50))).await;
+        }
+        let slot = if matches!(action, Action::Cut | Action::Heal) { index } else { partitions.len() + index };
+        if matches!(action, Action::Cut | Action::Kill) {
+            if stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            begun[slot] = true;
+        } else if !begun[slot] {
+            continue;
+        }
+        match action {
+            Action::Cut | Action::Heal => {
+                let window = &partitions[index];
+                for link in links_of(&window.region) {
+                    if action == Action::Cut {
+                        cuts[link] += 1;
+                    } else {
+                        cuts[link] = cuts[link].saturating_sub(1);
+                    }
+                    proxies[link].partition(cuts[link] > 0);
+                }
+                if action == Action::Heal {
+                    events[slot].restored_ms = Some(ms(started.elapsed()));
+                }
+                say(&format!(
+                    "{} region {} at {:.1} s",
+                    if action == Action::Cut { "partition: cut off" } else { "partition healed:" },
+                    window.region,
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            Action::Kill | Action::Restart => {
+                let window = &kills[index];
+                let position = REGIONS.iter().position(|region| *region == window.region).context("region")?;
+                let (nodes, dataplane) = (nodes.clone(), dataplane.clone());
+                let kill = action == Action::Kill;
+                tokio::task::spawn_blocking(move || {
+                    let mut nodes = lock(&nodes);
+                    if kill {
+                        nodes[position].kill();
+                        Ok(())
+                    } else {
+                        nodes[position].start(&dataplane)
+                    }
+                })
+                .await??;
+                if !kill {
+                    events[slot].restored_ms = Some(ms(started.elapsed()));
+                }
+                say(&format!(
+                    "{} region {}'s data node at {:.1} s",
+                    if kill { "SIGKILL:" } else { "restarted:" },
+                    window.region,
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// Time from an event's end until every replica it affects is back under `threshold`.
+fn recovery(event: &Event, lags: &[Lag], threshold: Duration) -> Option<u64> {
+    let restored = event.restored_ms?;
+    let limit = u64::try_from(threshold.as_micros()).unwrap_or(u64::MAX);
+    let mut worst = 0;
+    for lag in lags.iter().filter(|lag| event.region == "a" || lag.region == event.region) {
+        let back = lag.series.iter().find(|(at, lag_us)| *at >= restored && *lag_us <= limit)?;
+        worst = worst.max(back.0 - restored);
+    }
+    Some(worst)
+}
+
+/// The status line: elapsed, writes/s, p99 of the last second, each replica's lag, events on.
+async fn show_progress(
+    record: SharedRecord,
+    lags: Vec<Arc<AtomicU64>>,
+    total: Duration,
+    started: Instant,
+    windows: Vec<Window>,
+    running: Arc<AtomicBool>,
+) {
+    let terminal = std::io::stderr().is_terminal();
+    let mut tick = 0u64;
+    while running.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tick += 1;
+        let elapsed = started.elapsed();
+        let (writes, p99_ms) = load::lock(&record).last_second().unwrap_or((0, 0.0));
+        let lag = |index: usize| match lags[index].load(Ordering::Relaxed) {
+            u64::MAX => "down".to_owned(),
+            lag_us => format!("{:.0} ms", lag_us as f64 / 1000.0),
+        };
+        let active: Vec<String> = windows
+            .iter()
+            .filter(|window| window.start <= elapsed && elapsed < window.end())
+            .map(|window| format!("event on region {}", window.region))
+            .collect();
+        let phase = if elapsed < total {
+            format!("{:>4.0}s/{:.0}s", elapsed.as_secs_f64(), total.as_secs_f64())
+        } else {
+            "converging".to_owned()
+        };
+        let line = format!(
+            "[{phase}] {writes:>6} writes/s  p99 {p99_ms:>7.1} ms  RPO b {:>8}  c {:>8}  {}",
+            lag(0),
+            lag(1),
+            active.join(", ")
+        );
+        if terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else if tick % 5 == 0 {
+            eprintln!("{line}");
+        }
+    }
+    if terminal {
+        eprintln!();
+    }
+}
+
+/// Acknowledged writes a region does not hold in full (a large file is missing if any of its
+/// parts is).
+async fn count_missing(client: &Client, acked: &[Write], part_bytes: u64) -> Result<u64> {
+    let mut found: HashMap<(Class, u64), usize> = HashMap::new();
+    for class in Class::ALL {
+        let mut after = Vec::new();
+        loop {
+            let page = client.list(class.prefix(), &after, 10_000, None).await?;
+            for entry in &page.entries {
+                if let Some(n) = Write::number_of(class, &entry.key) {
+                    *found.entry((class, n)).or_default() += 1;
+                }
+            }
+            match page.next {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+    }
+    let missing = acked
+        .iter()
+        .filter(|write| found.get(&(write.class, write.n)).copied().unwrap_or(0) < write.parts(part_bytes).len())
+        .count();
+    Ok(missing as u64)
+}
+
+/// Reads back a spread of acknowledged writes and compares them byte for byte; the number that
+/// differ.
+async fn verify_sample(client: &Client, acked: &[Write], part_bytes: u64, seed: u64) -> Result<u64> {
+    let mut corrupt = 0;
+    let mut draw = scenario::Draw::new(seed ^ 0x5EED);
+    for _ in 0..VERIFY_PER_REGION.min(acked.len()) {
+        let index = usize::try_from(draw.next_u64() % acked.len() as u64).unwrap_or(0);
+        for (key, payload_seed, len) in acked[index].parts(part_bytes) {
+            let value = client.get(&key, None).await?;
+            let expected = load::payload(payload_seed, len);
+            if value.as_ref().map(|versioned| &versioned.value[..]) != Some(&expected[..]) {
+                corrupt += 1;
+            }
+        }
+    }
+    Ok(corrupt)
+}
