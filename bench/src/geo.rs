@@ -23,8 +23,8 @@ use wan::{LinkConfig, Proxy};
 use wire::repl::Codec;
 
 use crate::kv::{Dataplane, dataplane_binary};
-use crate::process::RunDir;
-use crate::report::{Figures, percentile_us};
+use crate::process::{RunDir, free_udp};
+use crate::report::{Figures, percentile_us, set_rpo_figures};
 
 /// Options of `bench geo`.
 #[derive(Debug, Args)]
@@ -112,29 +112,37 @@ pub(crate) fn region_config(
     Ok(path)
 }
 
-fn free_udp() -> Result<SocketAddr> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 async fn connect(node: &Dataplane) -> Result<Client> {
     let config = ClientConfig { retries: 0, request_timeout: Duration::from_secs(30), ..ClientConfig::default() };
     Ok(Client::connect(&node.addresses[0], config).await?)
 }
 
-async fn resolved_from_a(client: &Client) -> Result<u64> {
-    let status = client.replication_status().await?;
-    Ok(status.resolved_ts("a"))
-}
-
-async fn wait_resolved(client: &Client, ts: u64, limit: Duration) -> Result<Duration> {
+/// Waits until the replica behind `client` has resolved region `a` past `ts` (a node that does
+/// not answer, e.g. while it restarts, is asked again); how long that took.
+pub(crate) async fn wait_resolved(client: &Client, ts: u64, limit: Duration) -> Result<Duration> {
     let started = Instant::now();
-    while resolved_from_a(client).await? < ts {
+    while !client.replication_status().await.is_ok_and(|status| status.resolved_ts("a") >= ts) {
         if started.elapsed() > limit {
             bail!("a replica did not resolve past the last write within {limit:?}");
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     Ok(started.elapsed())
+}
+
+/// Calls `each` with every key under `prefix` the node behind `client` holds, page by page.
+pub(crate) async fn for_each_key(client: &Client, prefix: &[u8], mut each: impl FnMut(&[u8])) -> Result<()> {
+    let mut after = Vec::new();
+    loop {
+        let page = client.list(prefix, &after, 10_000, None).await?;
+        for entry in &page.entries {
+            each(&entry.key);
+        }
+        match page.next {
+            Some(next) => after = next,
+            None => return Ok(()),
+        }
+    }
 }
 
 /// Runs `bench geo`.
@@ -232,21 +240,7 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
     figures.set_f64("write_p50_us", percentile_us(&load.latency, 50.0));
     figures.set_f64("write_p99_us", percentile_us(&load.latency, 99.0));
     figures.set_f64("write_p999_us", percentile_us(&load.latency, 99.9));
-    let mut worst_p99 = 0.0f64;
-    let mut worst_max = 0.0f64;
-    for (region, lag, _) in &rpo {
-        let p50 = percentile_us(lag, 50.0) / 1000.0;
-        let p99 = percentile_us(lag, 99.0) / 1000.0;
-        let max = lag.max() as f64 / 1e6;
-        figures.set(format!("{region}_rpo_samples"), lag.len());
-        figures.set_f64(format!("{region}_rpo_p50_ms"), p50);
-        figures.set_f64(format!("{region}_rpo_p99_ms"), p99);
-        figures.set_f64(format!("{region}_rpo_max_ms"), max);
-        worst_p99 = worst_p99.max(p99);
-        worst_max = worst_max.max(max);
-    }
-    figures.set_f64("rpo_p99_ms", worst_p99);
-    figures.set_f64("rpo_max_ms", worst_max);
+    set_rpo_figures(&mut figures, rpo.iter().map(|(region, lag, _)| (region.as_str(), lag)));
     figures.set_f64("rpo_target_p99_ms", RPO_TARGET_MS);
     figures.set("lost_writes", lost);
     figures.set("wire_bytes_to_b", forward_b.delivered_bytes);
@@ -408,20 +402,13 @@ async fn open_loop(
 /// Acknowledged writes a replica does not hold, found by listing every key it has.
 async fn count_missing(client: &Client, acked: &[bool]) -> Result<u64> {
     let mut seen = vec![false; acked.len()];
-    let mut after = Vec::new();
-    loop {
-        let page = client.list(b"geo/", &after, 10_000, None).await?;
-        for entry in &page.entries {
-            let text = std::str::from_utf8(&entry.key[4..]).context("key")?;
-            if let Some(slot) = text.parse::<usize>().ok().and_then(|n| seen.get_mut(n)) {
-                *slot = true;
-            }
+    for_each_key(client, b"geo/", |key| {
+        let number = std::str::from_utf8(&key[4..]).ok().and_then(|text| text.parse::<usize>().ok());
+        if let Some(slot) = number.and_then(|n| seen.get_mut(n)) {
+            *slot = true;
         }
-        match page.next {
-            Some(next) => after = next,
-            None => break,
-        }
-    }
+    })
+    .await?;
     Ok(acked.iter().zip(&seen).filter(|(acked, seen)| **acked && !**seen).count() as u64)
 }
 

@@ -122,6 +122,11 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// A UDP address on 127.0.0.1 that was free a moment ago.
+pub fn free_udp() -> Result<std::net::SocketAddr> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
+}
+
 /// CPU time (user + system, every thread) process `pid` has used, from `/proc/<pid>/stat`.
 pub fn cpu_time(pid: u32) -> Result<Duration> {
     let path = format!("/proc/{pid}/stat");

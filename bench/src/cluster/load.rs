@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -14,6 +14,7 @@ use client::Client;
 use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
 
+use super::lock;
 use super::scenario::{Class, Draw, Mix};
 
 /// Writes in flight at most; past that the generator waits, and the wait counts against the
@@ -217,10 +218,6 @@ impl Record {
 
 /// Shared handle on the record.
 pub type SharedRecord = Arc<Mutex<Record>>;
-
-pub fn lock(record: &SharedRecord) -> std::sync::MutexGuard<'_, Record> {
-    record.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Runs the open-loop load against `client` until the plan's time is up or `stop` is set;
 /// returns when every write has finished.

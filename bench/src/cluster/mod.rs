@@ -29,8 +29,9 @@ use controlplane::meta::{Command, NodeState};
 use hdrhistogram::Histogram;
 use wan::{LinkConfig, Proxy, ProxyHandle};
 
-use crate::geo::region_config;
+use crate::geo::{for_each_key, region_config, wait_resolved};
 use crate::kv::{Dataplane, dataplane_binary};
+use crate::process::free_udp;
 use load::{LoadPlan, Record, SharedRecord, Write};
 use scenario::{Class, Mix, REGIONS, Window};
 
@@ -212,10 +213,6 @@ fn free_ports(count: usize) -> Result<u16> {
     bail!("no {count} consecutive free ports on 127.0.0.1")
 }
 
-fn free_udp() -> Result<SocketAddr> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// What happened during the run, for the report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Event {
@@ -234,6 +231,7 @@ pub struct Event {
 #[derive(Debug)]
 struct Lag {
     region: &'static str,
+    /// Samples after the warm-up, in ns (as `bench geo` records them).
     histogram: Histogram<u64>,
     /// (ms from the start of the load, lag µs).
     series: Vec<(u64, u64)>,
@@ -417,7 +415,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     // Convergence: the replicas resolve past the last acknowledged write, then every
     // acknowledged write is looked for in every region.
     let (acked, last_ts) = {
-        let record = load::lock(&record);
+        let record = lock(&record);
         (record.acked.clone(), record.last_ts)
     };
     say(&format!("load done ({} writes acknowledged); waiting for the replicas to converge ...", acked.len()));
@@ -453,7 +451,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     }
     drop(control);
 
-    let record = load::lock(&record);
+    let record = lock(&record);
     report.load(&record, args, load_ended);
     report.replication(&lag_records, &lost, converged_after);
     report.events(&events);
@@ -493,17 +491,6 @@ async fn wait_healthy(control: &LocalCluster, clients: &[Client]) -> Result<()> 
     }
 }
 
-async fn wait_resolved(client: &Client, ts: u64, limit: Duration) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        if client.replication_status().await.is_ok_and(|status| status.resolved_ts("a") >= ts) {
-            return Ok(());
-        }
-        ensure!(started.elapsed() < limit, "a replica did not resolve past the last write within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Samples `region`'s lag behind the home every [`SAMPLE_EVERY`] until `sampling` clears.
 async fn sample_lag(
     region: &'static str,
@@ -513,11 +500,8 @@ async fn sample_lag(
     sampling: Arc<AtomicBool>,
     current: Arc<AtomicU64>,
 ) -> Lag {
-    let mut lag = Lag {
-        region,
-        histogram: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant, valid bounds"),
-        series: Vec::new(),
-    };
+    let mut lag =
+        Lag { region, histogram: Histogram::new(3).expect("3 significant digits are valid"), series: Vec::new() };
     while sampling.load(Ordering::Relaxed) {
         let sample = client.replication_status().await.ok().and_then(|status| status.lag_us("a"));
         let at = started.elapsed();
@@ -525,7 +509,7 @@ async fn sample_lag(
         if let Some(lag_us) = sample {
             lag.series.push((u64::try_from(at.as_millis()).unwrap_or(u64::MAX), lag_us));
             if at >= warmup {
-                let _ = lag.histogram.record(lag_us.max(1));
+                let _ = lag.histogram.record(lag_us.saturating_mul(1000));
             }
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
@@ -678,7 +662,7 @@ async fn show_progress(
         tokio::time::sleep(Duration::from_secs(1)).await;
         tick += 1;
         let elapsed = started.elapsed();
-        let (writes, p99_ms) = load::lock(&record).last_second().unwrap_or((0, 0.0));
+        let (writes, p99_ms) = lock(&record).last_second().unwrap_or((0, 0.0));
         let lag = |index: usize| match lags[index].load(Ordering::Relaxed) {
             u64::MAX => "down".to_owned(),
             lag_us => format!("{:.0} ms", lag_us as f64 / 1000.0),
@@ -715,19 +699,12 @@ async fn show_progress(
 async fn count_missing(client: &Client, acked: &[Write], part_bytes: u64) -> Result<u64> {
     let mut found: HashMap<(Class, u64), usize> = HashMap::new();
     for class in Class::ALL {
-        let mut after = Vec::new();
-        loop {
-            let page = client.list(class.prefix(), &after, 10_000, None).await?;
-            for entry in &page.entries {
-                if let Some(n) = Write::number_of(class, &entry.key) {
-                    *found.entry((class, n)).or_default() += 1;
-                }
+        for_each_key(client, class.prefix(), |key| {
+            if let Some(n) = Write::number_of(class, key) {
+                *found.entry((class, n)).or_default() += 1;
             }
-            match page.next {
-                Some(next) => after = next,
-                None => break,
-            }
-        }
+        })
+        .await?;
     }
     let missing = acked
         .iter()

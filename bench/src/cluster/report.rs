@@ -13,7 +13,7 @@ use super::plot::{Chart, Line, Span};
 use super::scenario::Class;
 use super::{ClusterArgs, Event, Lag};
 use crate::device::FioResult;
-use crate::report::{Figures, percentile_us};
+use crate::report::{Figures, percentile_us, set_rpo_figures};
 
 /// The figures of one run and where they are written.
 #[derive(Debug)]
@@ -97,22 +97,7 @@ impl Report {
     /// RPO per replica region, losses per region, and the convergence time.
     pub fn replication(&mut self, lags: &[Lag], lost: &[(&str, u64, u64)], converged_after: Duration) {
         let f = &mut self.figures;
-        let (mut worst_p99, mut worst_max) = (0.0f64, 0.0f64);
-        for lag in lags {
-            let region = lag.region;
-            // Samples are in µs.
-            let p50 = lag.histogram.value_at_quantile(0.5) as f64 / 1000.0;
-            let p99 = lag.histogram.value_at_quantile(0.99) as f64 / 1000.0;
-            let max = lag.histogram.max() as f64 / 1000.0;
-            f.set(format!("{region}_rpo_samples"), lag.histogram.len());
-            f.set_f64(format!("{region}_rpo_p50_ms"), p50);
-            f.set_f64(format!("{region}_rpo_p99_ms"), p99);
-            f.set_f64(format!("{region}_rpo_max_ms"), max);
-            worst_p99 = worst_p99.max(p99);
-            worst_max = worst_max.max(max);
-        }
-        f.set_f64("rpo_p99_ms", worst_p99);
-        f.set_f64("rpo_max_ms", worst_max);
+        set_rpo_figures(f, lags.iter().map(|lag| (lag.region, &lag.histogram)));
         let mut lost_total = 0;
         let mut corrupt_total = 0;
         for (region, missing, corrupt) in lost {
@@ -220,6 +205,13 @@ impl Report {
         Ok(())
     }
 
+    /// A table row: `first`, then the figure of each key.
+    fn row(&self, md: &mut String, first: &str, keys: &[String]) {
+        let cells: Vec<String> =
+            keys.iter().map(|key| self.figures.get(key).map_or_else(|| "—".to_owned(), value_text)).collect();
+        let _ = writeln!(md, "| {first} | {} |", cells.join(" | "));
+    }
+
     fn markdown(&self) -> String {
         let f = |key: &str| self.figures.get(key).map_or_else(|| "—".to_owned(), value_text);
         let mut md = String::from("# Meridian cluster run\n\n");
@@ -251,27 +243,15 @@ impl Report {
         }
         md.push_str("\n## RPO per replica region\n\n| region | p50 (ms) | p99 (ms) | max (ms) | samples |\n|---|---|---|---|---|\n");
         for region in ["b", "c"] {
-            let _ = writeln!(
-                md,
-                "| {region} | {} | {} | {} | {} |",
-                f(&format!("{region}_rpo_p50_ms")),
-                f(&format!("{region}_rpo_p99_ms")),
-                f(&format!("{region}_rpo_max_ms")),
-                f(&format!("{region}_rpo_samples"))
-            );
+            let keys = ["rpo_p50_ms", "rpo_p99_ms", "rpo_max_ms", "rpo_samples"].map(|key| format!("{region}_{key}"));
+            self.row(&mut md, region, &keys);
         }
         md.push_str("\n## Writes by class\n\n| class | acknowledged | failed | bytes | p50 (µs) | p99 (µs) |\n|---|---|---|---|---|---|\n");
         for class in Class::ALL.map(Class::name) {
             if self.figures.get(&format!("{class}_writes_acknowledged")).is_some() {
-                let _ = writeln!(
-                    md,
-                    "| {class} | {} | {} | {} | {} | {} |",
-                    f(&format!("{class}_writes_acknowledged")),
-                    f(&format!("{class}_writes_failed")),
-                    f(&format!("{class}_bytes_written")),
-                    f(&format!("{class}_write_p50_us")),
-                    f(&format!("{class}_write_p99_us"))
-                );
+                let keys = ["writes_acknowledged", "writes_failed", "bytes_written", "write_p50_us", "write_p99_us"]
+                    .map(|key| format!("{class}_{key}"));
+                self.row(&mut md, class, &keys);
             }
         }
         md.push_str("\n## Events\n\n");

@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 /// The regions the orchestrator runs; `a` is the home of every shard.
 pub const REGIONS: [&str; 3] = ["a", "b", "c"];
 
@@ -89,8 +87,7 @@ pub fn parse_kill(text: &str) -> Result<Window, String> {
 }
 
 /// A kind of write in the workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Class {
     /// Small keys: values of 128 B to 4 KiB.
     Small,
