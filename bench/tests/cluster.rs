@@ -81,6 +81,8 @@ fn a_short_scenario_with_a_partition_and_a_kill_reports_zero_lost_writes() {
             "c@1s+2s",
             "--kill-node",
             "b@2s+1500ms",
+            "--snapshot-every",
+            "250ms",
             "--json",
         ],
     )
@@ -122,6 +124,27 @@ fn a_short_scenario_with_a_partition_and_a_kill_reports_zero_lost_writes() {
     assert_eq!((kill["kind"].as_str(), kill["region"].as_str()), (Some("kill"), Some("b")));
     assert!(kill["restored_ms"].as_u64().unwrap() >= 3500);
     assert!(report["c_rpo_max_ms"].as_f64().unwrap() >= 1500.0, "a 2 s partition shows in c's lag: {report:#}");
+
+    // Global snapshots taken through the partition and the kill became readable in every
+    // region (the partitioned and the killed region later), and the last ones read the same
+    // everywhere.
+    let taken = report["snapshots_taken"].as_u64().unwrap();
+    assert!(taken >= 10, "{report:#}");
+    assert_eq!(report["snapshot_create_errors"], 0, "{report:#}");
+    assert_eq!(report["snapshots_failed"], 0, "{report:#}");
+    for region in ["a", "b", "c"] {
+        let p50 = report[format!("{region}_snapshot_availability_p50_ms")].as_f64().unwrap();
+        let max = report[format!("{region}_snapshot_availability_max_ms")].as_f64().unwrap();
+        assert!(p50 > 0.0 && max >= p50, "{region}: {report:#}");
+    }
+    assert!(
+        report["c_snapshot_availability_max_ms"].as_f64().unwrap() >= 1000.0,
+        "snapshots taken during c's partition wait for it: {report:#}"
+    );
+    assert!(report["snapshot_availability_p99_ms"].as_f64().is_some(), "{report:#}");
+    assert_eq!(report["snapshots_compared_across_regions"], 3, "{report:#}");
+    assert!(report["snapshot_compared_keys"].as_u64().unwrap() > 500, "{report:#}");
+    assert_eq!(report["snapshots_differing_across_regions"], 0, "{report:#}");
 
     // The folder: the same JSON, the page, plots in both formats, series and logs.
     let dir = PathBuf::from(report["report_dir"].as_str().unwrap());

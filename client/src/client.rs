@@ -56,6 +56,15 @@ pub struct Versioned {
     pub value: Bytes,
 }
 
+/// A node readable at a timestamp ([`Client::wait_readable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readable {
+    /// The node's readable timestamp when it answered (at or above the one asked).
+    pub readable_ts: u64,
+    /// When it was seen readable, unix µs on the node's clock.
+    pub at_us: u64,
+}
+
 /// A node's replication status ([`Client::replication_status`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationStatus {
@@ -238,6 +247,22 @@ impl Client {
         match self.call(0, true, 1, encode).await? {
             Reply::Replication(status) => Ok(status),
             other => Err(unexpected(other, "Replication")),
+        }
+    }
+
+    /// Waits until reads at `ts` are consistent on the node (its home shards have applied, and
+    /// every region shipping to it has resolved, everything at or below `ts`), at most
+    /// `timeout` (and the request timeout). Returns the node's readable timestamp and when it
+    /// was seen there (unix µs, the node's clock). A global snapshot's reads wait for this.
+    pub async fn wait_readable(&self, ts: u64, timeout: std::time::Duration) -> Result<Readable, ClientError> {
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let encode: &Encode<'_> = &|out| {
+            Request::WaitReadable { ts, timeout_ms }.encode(out);
+            Ok(())
+        };
+        match self.call(0, true, 1 + 8 + 4, encode).await? {
+            Reply::Readable { readable_ts, at_us } => Ok(Readable { readable_ts, at_us }),
+            other => Err(unexpected(other, "WaitReadable")),
         }
     }
 

@@ -48,6 +48,8 @@ pub(crate) enum Reply {
     Error { code: ErrorCode, message: String },
     /// The node's replication status.
     Replication(crate::client::ReplicationStatus),
+    /// Reads at the asked timestamp are consistent on the node.
+    Readable { readable_ts: u64, at_us: u64 },
 }
 
 impl Reply {
@@ -66,6 +68,7 @@ impl Reply {
                 next: next.to_vec(),
             },
             Response::Error { code, message } => Self::Error { code, message: message.to_owned() },
+            Response::Readable { readable_ts, at_us } => Self::Readable { readable_ts, at_us },
             Response::Replication { now_ts, region, sources } => Self::Replication(crate::client::ReplicationStatus {
                 now_ts,
                 region: region.to_owned(),
@@ -93,6 +96,7 @@ impl Reply {
             Self::Listing { .. } => "Listing",
             Self::Error { .. } => "Error",
             Self::Replication(_) => "Replication",
+            Self::Readable { .. } => "Readable",
         }
     }
 }

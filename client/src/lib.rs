@@ -22,6 +22,6 @@ mod client;
 mod connection;
 mod error;
 
-pub use client::{Client, ClientConfig, Entry, Listing, ReplicationStatus, SourceStatus, Stat, Versioned};
+pub use client::{Client, ClientConfig, Entry, Listing, Readable, ReplicationStatus, SourceStatus, Stat, Versioned};
 pub use error::{ClientError, exit_code};
 pub use wire::proto::ErrorCode;

@@ -135,6 +135,15 @@ impl ControlClient {
         }
     }
 
+    /// Takes a global snapshot (see [`Request::CreateSnapshot`]): its id and timestamp.
+    pub async fn create_snapshot(&self, lead_us: u64, deadline: Duration) -> Result<(u64, u64)> {
+        match self.call(&Request::CreateSnapshot { lead_us }, deadline).await? {
+            Response::Snapshot { id, glt, .. } => Ok((id, glt)),
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected response {other:?}"),
+        }
+    }
+
     /// Reads the metadata (linearizable: through the leader, confirmed with a quorum).
     pub async fn read(&self, linearizable: bool, deadline: Duration) -> Result<MetaState> {
         match self.call(&Request::Read { linearizable }, deadline).await? {

@@ -22,6 +22,7 @@ pub mod ops;
 pub mod raftlog;
 pub mod rpc;
 pub mod sm;
+pub mod snapshots;
 pub mod timesource;
 pub mod tls;
 pub mod types;

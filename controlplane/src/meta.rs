@@ -89,6 +89,9 @@ pub struct Snapshot {
     pub regions: BTreeMap<String, SnapshotStatus>,
     /// When it was created (leader time, unix ms).
     pub created_ms: u64,
+    /// Per region, µs from the request to the region's data node seeing it readable.
+    #[serde(default)]
+    pub readable_after_us: BTreeMap<String, u64>,
 }
 
 /// A change to the metadata. Everything that is replicated goes through one of these.
@@ -169,6 +172,9 @@ pub enum Command {
         region: String,
         /// New status.
         status: SnapshotStatus,
+        /// With `Readable`: µs from the request until the region could read it.
+        #[serde(default)]
+        after_us: Option<u64>,
     },
     /// Sets a cluster config key.
     SetConfig {
@@ -323,10 +329,11 @@ impl MetaState {
                 let id = self.next_snapshot_id;
                 self.next_snapshot_id += 1;
                 let regions = self.regions.keys().map(|name| (name.clone(), SnapshotStatus::Pending)).collect();
-                self.snapshots.insert(id, Snapshot { glt: *glt, regions, created_ms: at_ms });
+                let snapshot = Snapshot { glt: *glt, regions, created_ms: at_ms, readable_after_us: BTreeMap::new() };
+                self.snapshots.insert(id, snapshot);
                 Outcome::SnapshotCreated { id }
             }
-            Command::SetSnapshotStatus { id, region, status } => {
+            Command::SetSnapshotStatus { id, region, status, after_us } => {
                 let Some(snapshot) = self.snapshots.get_mut(id) else {
                     return rejected(format!("unknown snapshot {id}"));
                 };
@@ -337,6 +344,9 @@ impl MetaState {
                     return rejected(format!("snapshot {id} is already {current:?} in {region:?}"));
                 }
                 *current = *status;
+                if let (SnapshotStatus::Readable, Some(after_us)) = (status, after_us) {
+                    snapshot.readable_after_us.entry(region.clone()).or_insert(*after_us);
+                }
                 Outcome::Done
             }
             Command::SetConfig { key, value } => {
@@ -466,7 +476,7 @@ mod tests {
             Command::SetPlacement { shard: 1, home: "eu".into(), replicas: vec!["eu".into()] },
             Command::SetPlacement { shard: 1, home: "eu".into(), replicas: vec!["mars".into()] },
             Command::AcquireLease { shard: 1, holder: "nobody".into(), duration_ms: 5 },
-            Command::SetSnapshotStatus { id: 9, region: "eu".into(), status: SnapshotStatus::Readable },
+            Command::SetSnapshotStatus { id: 9, region: "eu".into(), status: SnapshotStatus::Readable, after_us: None },
             Command::SetConfig { key: String::new(), value: "v".into() },
         ];
         for command in &bad {
@@ -479,15 +489,20 @@ mod tests {
     fn snapshots_track_each_region() {
         let mut state = cluster();
         assert_eq!(state.apply(1, &Command::CreateSnapshot { glt: 42 }), Outcome::SnapshotCreated { id: 0 });
-        let readable = |region: &str| Command::SetSnapshotStatus {
+        let readable = |region: &str, after_us| Command::SetSnapshotStatus {
             id: 0,
             region: region.into(),
             status: SnapshotStatus::Readable,
+            after_us: Some(after_us),
         };
-        assert_eq!(state.apply(2, &readable("eu")), Outcome::Done);
-        let failed = Command::SetSnapshotStatus { id: 0, region: "eu".into(), status: SnapshotStatus::Failed };
+        assert_eq!(state.apply(2, &readable("eu", 31_000)), Outcome::Done);
+        assert_eq!(state.apply(2, &readable("eu", 99_000)), Outcome::Done, "readable twice is harmless");
+        assert_eq!(state.snapshots[&0].readable_after_us["eu"], 31_000, "the first report stands");
+        let failed =
+            Command::SetSnapshotStatus { id: 0, region: "eu".into(), status: SnapshotStatus::Failed, after_us: None };
         assert!(matches!(state.apply(3, &failed), Outcome::Rejected { .. }));
         assert_eq!(state.snapshots[&0].regions["us"], SnapshotStatus::Pending);
+        assert!(!state.snapshots[&0].readable_after_us.contains_key("us"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use rand::Rng;
 use crate::config::NodeConfig;
 use crate::glts::{Estimator, EstimatorConfig};
 use crate::glts_client::exchange_all;
-use crate::meta::{Command, Outcome};
+use crate::meta::{Command, NodeState, Outcome, SnapshotStatus};
 use crate::net::Connector;
 use crate::network::NetworkFactory;
 use crate::raftlog::{self, LogStore, LogWriter};
@@ -23,6 +23,10 @@ use crate::sm::{Applied, StateMachine};
 use crate::timesource::{self, LocalBound};
 use crate::tls::Identity;
 use crate::types::{ControlNode, NodeId, Proposal, Raft};
+
+/// How long the leader waits for a region to read a new snapshot before marking it failed
+/// there.
+const SNAPSHOT_TRACK_MAX: Duration = Duration::from_secs(30);
 
 /// Why a batch was not applied; every writer in it gets the same answer.
 #[derive(Debug, Clone)]
@@ -513,6 +517,82 @@ impl Node {
         }
     }
 
+    /// Records a global snapshot at this leader's GLTS `latest` (+ `lead_us`) and starts
+    /// tracking when each region can read it.
+    async fn create_snapshot(self: &Arc<Self>, lead_us: u64) -> Response {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return self.leader_hint(metrics.current_leader);
+        }
+        let requested_us = timesource::realtime_ns() / 1000;
+        let mono = timesource::mono_ns();
+        let interval = lock(&self.glts)
+            .as_ref()
+            .and_then(|estimator| estimator.now(mono).ok())
+            .unwrap_or_else(|| lock(&self.local).interval(mono, timesource::realtime_ns(), self.config.glts.drift_ppm));
+        let glt = crate::snapshots::snapshot_glt(interval.latest_ns, lead_us);
+        match self.write(Command::CreateSnapshot { glt }).await {
+            Response::Written { outcome: Outcome::SnapshotCreated { id }, index } => {
+                tokio::spawn(self.clone().track_snapshot(id, glt, requested_us));
+                Response::Snapshot { id, glt, index }
+            }
+            Response::Written { outcome, .. } => {
+                Response::Error { message: format!("snapshot not created: {outcome:?}") }
+            }
+            other => other,
+        }
+    }
+
+    /// Asks one live data node per region (the others in turn if it fails) to answer once
+    /// it can read snapshot `id` at `glt`, and records per region how long that took from
+    /// `requested_us`, or `Failed` after `SNAPSHOT_TRACK_MAX`.
+    async fn track_snapshot(self: Arc<Self>, id: u64, glt: u64, requested_us: u64) {
+        let regions: Vec<String> =
+            self.applied.read().unwrap_or_else(PoisonError::into_inner).meta.regions.keys().cloned().collect();
+        let mut tracking = tokio::task::JoinSet::new();
+        for region in regions {
+            let node = self.clone();
+            tracking.spawn(async move {
+                let deadline = tokio::time::Instant::now() + SNAPSHOT_TRACK_MAX;
+                let readable = loop {
+                    let addrs: Vec<String> = {
+                        let applied = node.applied.read().unwrap_or_else(PoisonError::into_inner);
+                        let nodes = applied.meta.data_nodes.values();
+                        nodes.filter(|n| n.region == region && n.state == NodeState::Up).map(|n| n.addr.clone()).collect()
+                    };
+                    let mut answer = None;
+                    for addr in &addrs {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        match crate::snapshots::wait_readable(addr, glt, left).await {
+                            Ok(readable) => {
+                                answer = Some(readable);
+                                break;
+                            }
+                            Err(error) => tracing::debug!(snapshot = id, %region, %addr, "{error:#}"),
+                        }
+                    }
+                    if answer.is_some() || tokio::time::Instant::now() >= deadline {
+                        break answer;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                };
+                let (status, after_us) = match readable {
+                    Some(readable) => (SnapshotStatus::Readable, Some(readable.at_us.saturating_sub(requested_us))),
+                    None => {
+                        tracing::warn!(snapshot = id, %region, "no data node of the region could read the snapshot in time");
+                        (SnapshotStatus::Failed, None)
+                    }
+                };
+                if let Some(after_us) = after_us {
+                    metrics::histogram!("meridian_snapshot_available_seconds", "region" => region.clone())
+                        .record(after_us as f64 / 1e6);
+                }
+                let _ = node.write(Command::SetSnapshotStatus { id, region, status, after_us }).await;
+            });
+        }
+        while tracking.join_next().await.is_some() {}
+    }
+
     /// The width of this node's GLTS interval now, when it has one.
     fn glts_width_ns(&self) -> Option<u64> {
         lock(&self.glts).as_ref().and_then(|estimator| estimator.now(timesource::mono_ns()).ok()).map(|i| i.width_ns())
@@ -621,6 +701,7 @@ impl Node {
                 }
                 self.change_membership(ChangeMembers::RemoveVoters([id].into())).await
             }
+            Request::CreateSnapshot { lead_us } => self.create_snapshot(lead_us).await,
             Request::Isolate { isolated } => {
                 if !self.config.fault_injection {
                     return Response::Error { message: "fault injection is disabled (fault_injection = false)".into() };

@@ -64,6 +64,13 @@ pub enum Request {
         /// The node's id.
         id: NodeId,
     },
+    /// Take a global snapshot (leader only): its timestamp is the leader's GLTS latest bound
+    /// plus `lead_us`; the leader then tracks when each region can read it.
+    CreateSnapshot {
+        /// Added to the timestamp, for regions too far apart to resolve `latest` soon.
+        #[serde(default)]
+        lead_us: u64,
+    },
     /// Fault injection (only with `fault_injection = true`): drop all Raft and GLTS traffic to
     /// and from peers while `isolated`, as a network partition would.
     Isolate {
@@ -150,6 +157,15 @@ pub enum Response {
         applied_index: Option<u64>,
         /// Control-plane members.
         members: BTreeMap<NodeId, String>,
+    },
+    /// A global snapshot was recorded.
+    Snapshot {
+        /// Its id in the catalog.
+        id: u64,
+        /// The timestamp it reads at.
+        glt: u64,
+        /// Log index of the entry that created it.
+        index: u64,
     },
     /// Status.
     Status(Box<Status>),

@@ -175,7 +175,10 @@ async fn shard_main(
     store.spawn_maintenance();
     let heartbeat = spawn_heartbeat(&store, watchdog.clone(), shard_id);
     let replication_task = match (side, &config.replication) {
-        (Some(side), Some(repl)) => Some(spawn_replication(&store, side, repl.closed_interval, repl.is_home())),
+        (Some(side), Some(repl)) => {
+            let resolved = map.resolved().filter(|_| repl.is_home());
+            Some(spawn_replication(&store, shard_id, side, repl.closed_interval, resolved))
+        }
         _ => None,
     };
     server::serve(listener, store.clone(), shard_count, map, config.server, stop.wait()).await;
@@ -188,18 +191,20 @@ async fn shard_main(
     Ok(())
 }
 
-/// The shard's half of replication: at the home, publishes its closed point every `interval`
-/// (the shipper tails the WAL up to it); at a replica, applies the records shipped to it,
-/// each in its own task so they share WAL barriers.
+/// The shard's half of replication: at the home (`resolved` given), publishes its closed point
+/// every `interval` (the shipper tails the WAL up to it) and its applied point (snapshot reads
+/// wait for it); at a replica, applies the records shipped to it, each in its own task so
+/// they share WAL barriers.
 fn spawn_replication(
     store: &ShardStore,
+    shard_id: u32,
     side: ShardSide,
     interval: Duration,
-    home: bool,
+    resolved: Option<Arc<crate::repl::Resolved>>,
 ) -> glommio::task::JoinHandle<()> {
     let ShardSide { points, mut applies, .. } = side;
     let store = store.clone();
-    if home {
+    if let Some(resolved) = resolved {
         // Only a home shard ships, so only it publishes closed points.
         glommio::spawn_local(async move {
             loop {
@@ -209,6 +214,9 @@ fn spawn_replication(
                         *current = point;
                         changed
                     });
+                }
+                if let Ok(ts) = store.applied_ts() {
+                    resolved.set_applied(shard_id, ts);
                 }
                 glommio::timer::sleep(interval).await;
             }

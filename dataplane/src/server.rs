@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use futures_lite::io::{BufReader, BufWriter};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -61,6 +62,11 @@ impl ShardMap {
     /// A map of `shard_count` shards, addresses unknown yet.
     pub fn new(shard_count: usize) -> Self {
         Self { addresses: Arc::new(RwLock::new(vec![String::new(); shard_count])), replication: None }
+    }
+
+    /// The node's resolved timestamps, when it replicates.
+    pub fn resolved(&self) -> Option<Arc<crate::repl::Resolved>> {
+        self.replication.clone()
     }
 
     /// Answers `Replication` requests from `resolved`.
@@ -166,6 +172,12 @@ impl Drop for StopSlot<'_> {
 
 /// How long a stopping shard waits for its connections to answer what they received.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How often a `WaitReadable` request checks the node's readable timestamp.
+const READABLE_POLL: Duration = Duration::from_millis(1);
+
+/// The longest a `WaitReadable` request waits, whatever it asks.
+const READABLE_WAIT_MAX: Duration = Duration::from_secs(60);
 
 /// Serves clients on `listener` until `stop` resolves. Then it stops accepting, stops
 /// reading new requests, and waits (up to [`DRAIN_TIMEOUT`]) until every request already
@@ -381,6 +393,37 @@ impl Endpoint {
         }
     }
 
+    /// Waits until this node's readable timestamp reaches `ts` (every home shard applied and
+    /// every source region resolved at or past it), checking every `READABLE_POLL`; answers the
+    /// readable timestamp and the unix µs when it was seen, or `Unavailable` after `timeout_ms`
+    /// (at most `READABLE_WAIT_MAX`) or when the shard stops.
+    async fn wait_readable(&self, ts: u64, timeout_ms: u32) -> Result<(u64, u64), (ErrorCode, String)> {
+        let Some(resolved) = &self.map.replication else {
+            return Err((ErrorCode::Unavailable, "this node has no [replication] section".into()));
+        };
+        let timeout = Duration::from_millis(u64::from(timeout_ms)).min(READABLE_WAIT_MAX);
+        let started = std::time::Instant::now();
+        loop {
+            let readable_ts = resolved.readable_ts();
+            if readable_ts >= ts {
+                let at_us = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| u64::try_from(since.as_micros()).unwrap_or(u64::MAX));
+                return Ok((readable_ts, at_us));
+            }
+            if started.elapsed() >= timeout || self.stopping.get() {
+                return Err((
+                    ErrorCode::Unavailable,
+                    format!(
+                        "not readable at {ts} within {} ms: this node is readable up to {readable_ts}",
+                        timeout.as_millis()
+                    ),
+                ));
+            }
+            glommio::timer::sleep(READABLE_POLL).await;
+        }
+    }
+
     async fn run(&self, seq: u64, request: Request<'_>, out: &mut Vec<u8>) -> Result<(), (ErrorCode, String)> {
         let store = &self.store;
         let respond = |out: &mut Vec<u8>, body: &dyn Fn(&mut Vec<u8>)| {
@@ -409,6 +452,10 @@ impl Endpoint {
                     })
                     .collect();
                 respond(out, &|out| proto::encode_replication(now_ts, resolved.region(), &statuses, out));
+            }
+            Request::WaitReadable { ts, timeout_ms } => {
+                let (readable_ts, at_us) = self.wait_readable(ts, timeout_ms).await?;
+                respond(out, &|out| proto::encode_readable(readable_ts, at_us, out));
             }
             Request::Put { key, value } => {
                 self.check_owner(key)?;

@@ -15,6 +15,7 @@
 //! | `Stat`       |  6 | at (u64), key (u16 len)                                            |
 //! | `BatchPut`   |  7 | count (u32), then count × (key (u16 len), value (u32 len))         |
 //! | `Replication`|  8 | (none)                                                             |
+//! | `WaitReadable`| 9 | ts (u64), timeout_ms (u32)                                         |
 //!
 //! | response     | kind | fields                                                           |
 //! |--------------|-----:|------------------------------------------------------------------|
@@ -26,6 +27,7 @@
 //! | `Listing`    |    6 | count (u32), count × (key (u16 len), ts (u64), size (u64)), next (u16 len, empty = end) |
 //! | `Error`      |    7 | code (u16), message (rest of the body, UTF-8)                    |
 //! | `Replication`|    8 | now_ts (u64), region (u16 len), count (u32), count × (source region (u16 len), resolved_ts (u64), shards_closed (u32), shards (u32)) |
+//! | `Readable`   |    9 | readable_ts (u64), at_us (u64)                                   |
 //!
 //! Decoding is total: any byte sequence gives a value or a typed [`ProtoError`], never a panic
 //! (fuzz target `proto_decode`). List-valued fields are validated once at decode time and then
@@ -205,6 +207,15 @@ pub enum Request<'a> {
     },
     /// The node's replication status: resolved timestamp per source region.
     Replication,
+    /// Answers once reads at `ts` are consistent on this node (every shard, local or
+    /// replicated, has applied everything at or below it), or with an error after
+    /// `timeout_ms`.
+    WaitReadable {
+        /// The timestamp to wait for (a snapshot's GLT).
+        ts: u64,
+        /// How long to wait.
+        timeout_ms: u32,
+    },
 }
 
 const OP_HELLO: u8 = 1;
@@ -215,6 +226,7 @@ const OP_LIST: u8 = 5;
 const OP_STAT: u8 = 6;
 const OP_BATCH_PUT: u8 = 7;
 const OP_REPLICATION: u8 = 8;
+const OP_WAIT_READABLE: u8 = 9;
 
 const KIND_HELLO: u8 = 1;
 const KIND_WRITTEN: u8 = 2;
@@ -224,6 +236,7 @@ const KIND_STAT: u8 = 5;
 const KIND_LISTING: u8 = 6;
 const KIND_ERROR: u8 = 7;
 const KIND_REPLICATION: u8 = 8;
+const KIND_READABLE: u8 = 9;
 
 fn at_to_wire(at: Option<u64>) -> u64 {
     at.unwrap_or(AT_LATEST)
@@ -262,6 +275,7 @@ impl<'a> Request<'a> {
             }
             OP_BATCH_PUT => Self::BatchPut { items: Pairs::decode(&mut r)? },
             OP_REPLICATION => Self::Replication,
+            OP_WAIT_READABLE => Self::WaitReadable { ts: r.u64("ts")?, timeout_ms: r.u32("timeout_ms")? },
             op => return Err(ProtoError::UnknownRequest { op }),
         };
         r.finish()?;
@@ -304,6 +318,11 @@ impl<'a> Request<'a> {
                 out.extend_from_slice(items.raw);
             }
             Self::Replication => out.push(OP_REPLICATION),
+            Self::WaitReadable { ts, timeout_ms } => {
+                out.push(OP_WAIT_READABLE);
+                out.extend_from_slice(&ts.to_le_bytes());
+                out.extend_from_slice(&timeout_ms.to_le_bytes());
+            }
         }
     }
 }
@@ -509,6 +528,13 @@ pub enum Response<'a> {
         /// One entry per source region.
         sources: Sources<'a>,
     },
+    /// Reads at the asked timestamp are consistent on the node.
+    Readable {
+        /// The node's readable timestamp when it answered (at or above the one asked).
+        readable_ts: u64,
+        /// When it became readable, the node's clock in unix µs.
+        at_us: u64,
+    },
 }
 
 impl<'a> Response<'a> {
@@ -548,6 +574,7 @@ impl<'a> Response<'a> {
                     std::str::from_utf8(r.bytes16("region")?).map_err(|_| ProtoError::BadUtf8 { field: "region" })?;
                 Self::Replication { now_ts, region, sources: Sources::decode(&mut r)? }
             }
+            KIND_READABLE => Self::Readable { readable_ts: r.u64("readable_ts")?, at_us: r.u64("at_us")? },
             kind => return Err(ProtoError::UnknownResponse { kind }),
         };
         r.finish()?;
@@ -602,6 +629,13 @@ pub fn encode_listing<'k>(entries: &[ListEntry<'k>], next: &[u8], out: &mut Vec<
         out.extend_from_slice(&entry.size.to_le_bytes());
     }
     put_bytes16(out, next);
+}
+
+/// Writes the body of a `Readable` response.
+pub fn encode_readable(readable_ts: u64, at_us: u64, out: &mut Vec<u8>) {
+    out.push(KIND_READABLE);
+    out.extend_from_slice(&readable_ts.to_le_bytes());
+    out.extend_from_slice(&at_us.to_le_bytes());
 }
 
 /// Writes the body of an `Error` response.
@@ -795,6 +829,7 @@ mod tests {
         roundtrip(Request::List { prefix: b"a/", start_after: b"a/b", limit: 10, at: Some(7) });
         roundtrip(Request::Stat { key: b"s", at: None });
         roundtrip(Request::Replication);
+        roundtrip(Request::WaitReadable { ts: 1 << 40, timeout_ms: 5000 });
     }
 
     #[test]
@@ -861,6 +896,14 @@ mod tests {
         for cut in 0..body.len() {
             assert!(Response::decode(&body[..cut]).is_err());
         }
+
+        body.clear();
+        encode_readable(1 << 40, 1_700_000_000_000_000, &mut body);
+        assert_eq!(
+            Response::decode(&body),
+            Ok(Response::Readable { readable_ts: 1 << 40, at_us: 1_700_000_000_000_000 })
+        );
+        assert_eq!(Response::decode(&body[..body.len() - 1]), Err(ProtoError::Truncated { field: "at_us" }));
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod load;
 mod plot;
 mod report;
 mod scenario;
+mod snapshots;
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -82,6 +83,10 @@ pub struct ClusterArgs {
     /// Shards per data node.
     #[arg(long, default_value_t = 1)]
     shards: usize,
+    /// Take a global snapshot this often while the load runs (0s: none) and report how long
+    /// each region took to read it (request to readable).
+    #[arg(long, default_value = "500ms", value_parser = scenario::parse_duration)]
+    pub snapshot_every: Duration,
     /// After an event ends, the region counts as recovered once its lag is back under this.
     #[arg(long, default_value = "100ms", value_parser = scenario::parse_duration)]
     recovered_lag: Duration,
@@ -134,6 +139,10 @@ impl ClusterArgs {
         );
         ensure!((64 << 10..=32 << 20).contains(&self.part_size), "--part-size must be 64KiB..=32MiB");
         ensure!((0.0..=0.5).contains(&self.loss), "--loss must be a fraction in 0..=0.5");
+        ensure!(
+            self.snapshot_every.is_zero() || self.snapshot_every >= Duration::from_millis(10),
+            "--snapshot-every must be 0s (none) or at least 10ms"
+        );
         for (what, windows) in [("--partition", &self.partitions), ("--kill-node", &self.kills)] {
             for window in windows {
                 ensure!(
@@ -388,6 +397,10 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         args.partitions.iter().chain(&args.kills).cloned().collect(),
         sampling.clone(),
     ));
+    let snapshots = (!args.snapshot_every.is_zero()).then(|| {
+        let admin = control.client().clone();
+        tokio::spawn(snapshots::take(admin, args.snapshot_every, started, args.warmup, args.total(), stop.clone()))
+    });
     let plan = LoadPlan {
         rate: args.rate,
         warmup: args.warmup,
@@ -410,6 +423,13 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     let load_ended = started.elapsed();
     let mut events = events.await??;
     let interrupted = stop.load(Ordering::Relaxed);
+    let taken = match snapshots {
+        Some(task) => {
+            stop.store(true, Ordering::Relaxed);
+            Some(task.await?)
+        }
+        None => None,
+    };
     interrupt.abort();
 
     // Convergence: the replicas resolve past the last acknowledged write, then every
@@ -441,6 +461,17 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         lost.push((region, missing, corrupt));
     }
 
+    let snapshot_figures = match &taken {
+        Some((ids, errors)) => {
+            say(&format!(
+                "{} snapshots taken; reading the catalog and comparing the last ones in every region ...",
+                ids.len()
+            ));
+            Some(snapshots::collect(admin, ids, *errors, &clients).await?)
+        }
+        None => None,
+    };
+
     say("stopping the data nodes (SIGTERM) and the control plane ...");
     let mut clean = true;
     for node in lock(&nodes).iter_mut() {
@@ -455,6 +486,9 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     report.load(&record, args, load_ended);
     report.replication(&lag_records, &lost, converged_after);
     report.events(&events);
+    if let Some(figures) = &snapshot_figures {
+        report.snapshots(figures);
+    }
     report.set("interrupted", interrupted);
     report.set("clean_shutdown", clean);
     report.set("wire_bytes_to_b", to_b.handle().stats().0.delivered_bytes);

@@ -111,6 +111,35 @@ impl Report {
         f.set("converged_after_load_ms", ms(converged_after));
     }
 
+    /// Global snapshots: per region, request-to-readable p50/p99/max; the worst region's p99
+    /// as `snapshot_availability_p99_ms`; and the comparison of the last ones across regions.
+    pub fn snapshots(&mut self, snapshots: &super::snapshots::Figures) {
+        let f = &mut self.figures;
+        f.set("snapshots_taken", snapshots.taken);
+        f.set("snapshot_create_errors", snapshots.create_errors);
+        let (mut worst_p99, mut worst_max) = (None::<f64>, 0.0f64);
+        for (region, histogram) in &snapshots.available_us {
+            let p99 = histogram.value_at_quantile(0.99) as f64 / 1000.0;
+            let max = histogram.max() as f64 / 1000.0;
+            f.set_f64(
+                format!("{region}_snapshot_availability_p50_ms"),
+                histogram.value_at_quantile(0.5) as f64 / 1000.0,
+            );
+            f.set_f64(format!("{region}_snapshot_availability_p99_ms"), p99);
+            f.set_f64(format!("{region}_snapshot_availability_max_ms"), max);
+            worst_p99 = Some(worst_p99.map_or(p99, |worst| worst.max(p99)));
+            worst_max = worst_max.max(max);
+        }
+        if let Some(worst_p99) = worst_p99 {
+            f.set_f64("snapshot_availability_p99_ms", worst_p99);
+            f.set_f64("snapshot_availability_max_ms", worst_max);
+        }
+        f.set("snapshots_failed", snapshots.failed.values().sum::<u64>());
+        f.set("snapshots_compared_across_regions", snapshots.compared);
+        f.set("snapshot_compared_keys", snapshots.compared_keys);
+        f.set("snapshots_differing_across_regions", snapshots.differing);
+    }
+
     pub fn events(&mut self, events: &[Event]) {
         let list = serde_json::to_value(events).unwrap_or(Value::Null);
         self.figures.set("events", list);
@@ -238,6 +267,8 @@ impl Report {
             ("RPO max (ms)", "rpo_max_ms"),
             ("lost writes", "lost_writes"),
             ("writes failed (not acknowledged)", "writes_failed"),
+            ("global snapshot readable everywhere, p99 of the worst region (ms)", "snapshot_availability_p99_ms"),
+            ("snapshots whose contents differed between regions", "snapshots_differing_across_regions"),
         ] {
             let _ = writeln!(md, "| {label} | {} |", f(key));
         }
@@ -341,6 +372,26 @@ pub fn print_summary(report: &Report) {
                 value_text(&event["recovery_ms"])
             );
         }
+    }
+    if report.figures.get("snapshots_taken").is_some() {
+        let regions: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|region| {
+                format!(
+                    "{region} p50 {:.1} / p99 {:.1} ms",
+                    f(&format!("{region}_snapshot_availability_p50_ms")),
+                    f(&format!("{region}_snapshot_availability_p99_ms"))
+                )
+            })
+            .collect();
+        println!(
+            "  global snapshots: {} taken, {} failed; request to readable: {}; last {} read in every region, {} differing",
+            f("snapshots_taken"),
+            f("snapshots_failed"),
+            regions.join(", "),
+            f("snapshots_compared_across_regions"),
+            f("snapshots_differing_across_regions")
+        );
     }
     println!(
         "  lost writes: {} (acknowledged at the home, missing in a region); values read back and differing: {}",

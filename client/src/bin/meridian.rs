@@ -118,6 +118,8 @@ enum Command {
     },
     /// Administer the control plane: status, add and remove voters.
     Cluster(cluster::ClusterArgs),
+    /// Global snapshots: create, list, show (through the control plane).
+    Snapshot(cluster::SnapshotArgs),
     /// Inter-region replication as seen by the node at --addr.
     Replication {
         #[command(subcommand)]
@@ -197,10 +199,16 @@ async fn main() -> ExitCode {
     }
     let result = match &cli.command {
         Command::Cluster(args) => {
-            let target = args.target().unwrap_or_else(|missing| {
+            let target = args.flags.target().unwrap_or_else(|missing| {
                 Cli::command().error(clap::error::ErrorKind::MissingRequiredArgument, missing).exit()
             });
             cluster::run(&args.command, &target, cli.json, Duration::from_millis(cli.timeout_ms)).await
+        }
+        Command::Snapshot(args) => {
+            let target = args.flags.target().unwrap_or_else(|missing| {
+                Cli::command().error(clap::error::ErrorKind::MissingRequiredArgument, missing).exit()
+            });
+            cluster::run_snapshot(&args.command, &target, cli.json, Duration::from_millis(cli.timeout_ms)).await
         }
         _ => run(cli).await,
     };
@@ -365,7 +373,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Cluster(_) => unreachable!("main runs cluster commands with cluster::run"),
+        Command::Cluster(_) | Command::Snapshot(_) => {
+            unreachable!("main runs control-plane commands with cluster::run and cluster::run_snapshot")
+        }
     }
     Ok(())
 }
@@ -509,10 +519,10 @@ mod tests {
     #[test]
     fn parses_cluster_commands() {
         let args = cluster(&["cluster", "--control", "a:1,b:2", "--control", "c:3", "--tls-dir", "/t", "status"]);
-        assert_eq!(args.control, ["a:1", "b:2", "c:3"]);
-        assert_eq!(args.tls_name, "admin");
+        assert_eq!(args.flags.control, ["a:1", "b:2", "c:3"]);
+        assert_eq!(args.flags.tls_name, "admin");
         assert!(matches!(args.command, cluster::ClusterCommand::Status));
-        let target = args.target().unwrap();
+        let target = args.flags.target().unwrap();
         assert_eq!(target.seeds, ["a:1", "b:2", "c:3"]);
         assert_eq!(target.tls_dir, Path::new("/t"));
 
@@ -532,14 +542,14 @@ mod tests {
             "ops",
         ]);
         assert!(matches!(args.command, cluster::ClusterCommand::AddNode { id: 4, ref addr } if addr == "h:7"));
-        assert_eq!(args.tls_name, "ops");
-        assert_eq!(args.target(), Err("cluster commands need --tls-dir DIR (or MERIDIAN_TLS_DIR)"));
+        assert_eq!(args.flags.tls_name, "ops");
+        assert_eq!(args.flags.target(), Err("cluster commands need --tls-dir DIR (or MERIDIAN_TLS_DIR)"));
 
         let cli = parse(&["cluster", "remove-node", "--id", "2", "--json"]).unwrap();
         assert!(cli.json);
         let Command::Cluster(args) = cli.command else { panic!("not a cluster command") };
         assert!(matches!(args.command, cluster::ClusterCommand::RemoveNode { id: 2 }));
-        assert_eq!(args.target(), Err("cluster commands need --control ADDR (or MERIDIAN_CONTROL)"));
+        assert_eq!(args.flags.target(), Err("cluster commands need --control ADDR (or MERIDIAN_CONTROL)"));
     }
 
     #[test]

@@ -269,6 +269,7 @@ fn request_name(request: &Request<'_>) -> &'static str {
         Request::Stat { .. } => "Stat",
         Request::BatchPut { .. } => "BatchPut",
         Request::Replication => "Replication",
+        Request::WaitReadable { .. } => "WaitReadable",
     }
 }
 
@@ -290,14 +291,16 @@ impl FakeShard {
             | Request::Delete { key }
             | Request::Stat { key, .. } => !self.owns(key),
             Request::BatchPut { items } => items.iter().any(|(key, _)| !self.owns(key)),
-            Request::Hello | Request::List { .. } | Request::Replication => false,
+            Request::Hello | Request::List { .. } | Request::Replication | Request::WaitReadable { .. } => false,
         };
         if wrong_shard {
             return proto::encode_error(ErrorCode::WrongShard, &format!("shard {} does not own the key", self.id), out);
         }
         let mut store = lock(&self.store);
         match *request {
-            Request::Replication => proto::encode_error(ErrorCode::Unavailable, "no replication here", out),
+            Request::Replication | Request::WaitReadable { .. } => {
+                proto::encode_error(ErrorCode::Unavailable, "no replication here", out);
+            }
             Request::Hello => {
                 let addresses = lock(&self.addresses);
                 proto::encode_hello(self.id, addresses.iter().map(String::as_str), out);

@@ -84,7 +84,7 @@ impl Replication {
             .map_err(|error| format!("replication TLS: {error:#}"))?;
         let sources: Vec<String> = if config.is_home() { Vec::new() } else { vec![config.home.clone()] };
         let shard_count = u32::try_from(shards.len()).map_err(|_| "too many shards".to_string())?;
-        let resolved = Arc::new(Resolved::new(&config.region, &sources, shard_count));
+        let resolved = Arc::new(Resolved::new(&config.region, &sources, shard_count, config.is_home()));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut positions = HashMap::new();
         for source in &sources {

@@ -582,6 +582,22 @@ impl ShardStore {
         Ok(ClosedPoint { durable_next_lsn, closed_ts })
     }
 
+    /// The timestamp at or below which every local write of this shard is applied (readable),
+    /// and no later write will be stamped: the first reserved record not yet applied bounds it
+    /// (records are stamped in LSN order); with none, every later stamp is above the last one
+    /// issued and the clock's `earliest` now. What snapshot reads at a home wait for.
+    pub fn applied_ts(&self) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let first_unapplied = inner.inflight.borrow().first_key_value().map(|(_, ts)| *ts);
+        Ok(match first_unapplied {
+            Some(ts) => ts.saturating_sub(1),
+            None => {
+                let earliest = timestamp_at(inner.config.clock.interval()?.earliest_us).saturating_sub(1);
+                inner.hlc.get().last().max(earliest)
+            }
+        })
+    }
+
     /// Applies a record shipped by the shard's home region: durable in this shard's WAL under
     /// the home's timestamp `glt`, then readable. Values above the inline limit are chunked
     /// here as for a client write. Applying the same record twice is harmless (one version per

@@ -34,10 +34,9 @@ The control plane is reached over QUIC with mutual TLS: --tls-dir holds the clus
 by `controlplane certs --out DIR ... admin`. Any running member may be given with --control;
 requests go to the leader. --timeout-ms bounds the whole command.";
 
-/// Control-plane administration: status and membership.
+/// Where the control plane is and which certificate to present (`cluster` and `snapshot`).
 #[derive(Debug, clap::Args)]
-#[command(after_help = CLUSTER_HELP)]
-pub struct ClusterArgs {
+pub struct ControlFlags {
     /// Address (host:port) of a control-plane node, used to find the leader; repeat or
     /// separate with commas.
     #[arg(long = "control", value_name = "ADDR", env = "MERIDIAN_CONTROL", value_delimiter = ',', global = true)]
@@ -50,9 +49,59 @@ pub struct ClusterArgs {
     /// Name of this client's certificate in --tls-dir.
     #[arg(long, value_name = "NAME", env = "MERIDIAN_TLS_NAME", default_value = "admin", global = true)]
     pub tls_name: String,
+}
+
+/// Control-plane administration: status and membership.
+#[derive(Debug, clap::Args)]
+#[command(after_help = CLUSTER_HELP)]
+pub struct ClusterArgs {
+    #[command(flatten)]
+    pub flags: ControlFlags,
 
     #[command(subcommand)]
     pub command: ClusterCommand,
+}
+
+/// Global snapshots: take one, list the catalog, show one.
+#[derive(Debug, clap::Args)]
+#[command(after_help = SNAPSHOT_HELP)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub flags: ControlFlags,
+
+    #[command(subcommand)]
+    pub command: SnapshotCommand,
+}
+
+const SNAPSHOT_HELP: &str = "\
+A global snapshot is a timestamp t in GLTS time, chosen by the control-plane leader at its
+interval's latest bound: every write acknowledged before the request is in it, and reads at
+t are consistent across all shards in a region once the region's data node has applied (home
+shards) and resolved (replicated regions) everything up to t. The leader asks one data node
+per region to say when that happened; `list` and `show` give, per region, `readable` and the
+time from the request, `pending`, or `failed` (not readable within 30 s). Read a snapshot
+with `meridian get KEY --at T` or `meridian ls --at T` once it is readable in your region.
+The control plane is reached as for `meridian cluster` (--control, --tls-dir).";
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a global snapshot; prints its id and timestamp.
+    Create {
+        /// Add this many ms to the snapshot's timestamp (for regions so far apart that `now`
+        /// resolves late everywhere anyway).
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        lead_ms: u64,
+        /// Wait until every region has it readable (or failed), then print each region's time.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The snapshot catalog: id, timestamp, per-region status and time to readable.
+    List,
+    /// One snapshot.
+    Show {
+        /// Snapshot id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,7 +207,7 @@ pub struct Target {
     pub tls_name: String,
 }
 
-impl ClusterArgs {
+impl ControlFlags {
     /// The target, or what is missing from the command line.
     pub fn target(&self) -> Result<Target, &'static str> {
         let seeds: Vec<String> =
@@ -248,7 +297,8 @@ pub async fn run(command: &ClusterCommand, target: &Target, json: bool, timeout:
     execute(command, target, json, timeout).await.context(label)
 }
 
-async fn execute(command: &ClusterCommand, target: &Target, json: bool, timeout: Duration) -> anyhow::Result<()> {
+/// A control-plane client for `target`, each connection attempt bounded by `timeout`.
+fn connect(target: &Target, timeout: Duration) -> anyhow::Result<ControlClient> {
     let identity = Identity::in_dir(&target.tls_dir, &target.tls_name);
     let tls = identity.client_config().with_context(|| {
         format!(
@@ -260,8 +310,18 @@ async fn execute(command: &ClusterCommand, target: &Target, json: bool, timeout:
     })?;
     let mut connector = Connector::client(tls).context("cannot open a QUIC endpoint")?;
     connector.connect_timeout = timeout.min(CONNECT_TIMEOUT_MAX);
-    let endpoint = connector.endpoint().clone();
-    let mut client = ControlClient::with_connector(connector, target.seeds.clone());
+    Ok(ControlClient::with_connector(connector, target.seeds.clone()))
+}
+
+/// Tells the nodes we are gone rather than leave them to the idle timeout.
+async fn disconnect(client: &ControlClient) {
+    let endpoint = client.connector().endpoint();
+    endpoint.close(0_u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
+}
+
+async fn execute(command: &ClusterCommand, target: &Target, json: bool, timeout: Duration) -> anyhow::Result<()> {
+    let mut client = connect(target, timeout)?;
     let mut stdout = std::io::stdout().lock();
     let result = match command {
         ClusterCommand::Status => {
@@ -309,10 +369,153 @@ async fn execute(command: &ClusterCommand, target: &Target, json: bool, timeout:
             metadata_write(&client, command, timeout, json, &summary, &mut stdout).await
         }
     };
-    // Tell the nodes we are gone rather than leave them to the idle timeout.
-    endpoint.close(0_u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
+    disconnect(&client).await;
     result
+}
+
+/// One snapshot as `meridian snapshot` prints it.
+#[derive(Debug, Serialize)]
+struct SnapshotOutput {
+    id: u64,
+    glt: u64,
+    created_ms: u64,
+    /// Per region: `pending`, `readable` or `failed`.
+    regions: BTreeMap<String, controlplane::meta::SnapshotStatus>,
+    /// Per readable region: ms from the request until it could be read there.
+    readable_after_ms: BTreeMap<String, f64>,
+}
+
+impl SnapshotOutput {
+    fn new(id: u64, snapshot: &controlplane::meta::Snapshot) -> Self {
+        Self {
+            id,
+            glt: snapshot.glt,
+            created_ms: snapshot.created_ms,
+            regions: snapshot.regions.clone(),
+            readable_after_ms: snapshot
+                .readable_after_us
+                .iter()
+                .map(|(region, us)| (region.clone(), *us as f64 / 1000.0))
+                .collect(),
+        }
+    }
+
+    fn regions_text(&self) -> String {
+        let regions: Vec<String> = self
+            .regions
+            .iter()
+            .map(|(region, status)| match self.readable_after_ms.get(region) {
+                Some(ms) => format!("{region}=readable ({ms:.1} ms)"),
+                None => format!("{region}={}", format!("{status:?}").to_lowercase()),
+            })
+            .collect();
+        regions.join(" ")
+    }
+}
+
+/// Runs one `meridian snapshot` command; `timeout` bounds it.
+pub async fn run_snapshot(
+    command: &SnapshotCommand,
+    target: &Target,
+    json: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let label = match command {
+        SnapshotCommand::Create { .. } => "snapshot create".to_owned(),
+        SnapshotCommand::List => "snapshot list".to_owned(),
+        SnapshotCommand::Show { id } => format!("snapshot show {id}"),
+    };
+    let mut client = connect(target, timeout)?;
+    client.attempt_timeout = timeout.min(STATUS_ATTEMPT_MAX);
+    let result = snapshot_command(&client, command, json, timeout).await.context(label);
+    disconnect(&client).await;
+    result
+}
+
+async fn snapshot_command(
+    client: &ControlClient,
+    command: &SnapshotCommand,
+    json: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    let give_up = tokio::time::Instant::now() + timeout;
+    let catalog = |linearizable| async move {
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        client.read(linearizable, left).await.context(ControlError::Unavailable).map(|meta| meta.snapshots)
+    };
+    match command {
+        SnapshotCommand::Create { lead_ms, wait } => {
+            let (id, glt) = client.create_snapshot(lead_ms.saturating_mul(1000), timeout).await.map_err(classify)?;
+            let snapshot = loop {
+                let snapshots = catalog(true).await?;
+                let snapshot = snapshots.get(&id).with_context(|| format!("snapshot {id} is not in the catalog"))?;
+                let pending = snapshot.regions.values().any(|s| *s == controlplane::meta::SnapshotStatus::Pending);
+                if !*wait || !pending {
+                    break SnapshotOutput::new(id, snapshot);
+                }
+                if tokio::time::Instant::now() >= give_up {
+                    bail!(
+                        "snapshot {id} at {glt} still pending when --timeout-ms ran out: {}",
+                        SnapshotOutput::new(id, snapshot).regions_text()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if json {
+                print_json(&mut stdout, &snapshot)
+            } else {
+                Ok(writeln!(stdout, "snapshot {id} at {glt}: {}", snapshot.regions_text())?)
+            }
+        }
+        SnapshotCommand::List => {
+            let snapshots: Vec<SnapshotOutput> =
+                catalog(false).await?.iter().map(|(id, snapshot)| SnapshotOutput::new(*id, snapshot)).collect();
+            if json {
+                print_json(&mut stdout, &serde_json::json!({ "snapshots": snapshots }))
+            } else {
+                writeln!(stdout, "{:<6} {:<22} {:<15} REGIONS", "ID", "GLT", "CREATED (UNIX MS)")?;
+                for snapshot in &snapshots {
+                    writeln!(
+                        stdout,
+                        "{:<6} {:<22} {:<15} {}",
+                        snapshot.id,
+                        snapshot.glt,
+                        snapshot.created_ms,
+                        snapshot.regions_text()
+                    )?;
+                }
+                Ok(())
+            }
+        }
+        SnapshotCommand::Show { id } => {
+            let snapshots = catalog(false).await?;
+            let Some(snapshot) = snapshots.get(id) else {
+                return Err(ControlError::Refused(format!("no snapshot {id} in the catalog")).into());
+            };
+            let snapshot = SnapshotOutput::new(*id, snapshot);
+            if json {
+                print_json(&mut stdout, &snapshot)
+            } else {
+                Ok(writeln!(
+                    stdout,
+                    "snapshot {id}\n  glt      {}\n  created  {} (unix ms)\n  regions  {}",
+                    snapshot.glt,
+                    snapshot.created_ms,
+                    snapshot.regions_text()
+                )?)
+            }
+        }
+    }
+}
+
+/// A leader's refusal is `Refused`; anything else means no leader answered.
+fn classify(error: anyhow::Error) -> anyhow::Error {
+    if format!("{error:#}").contains("no leader answered") {
+        error.context(ControlError::Unavailable)
+    } else {
+        ControlError::Refused(format!("{error:#}")).into()
+    }
 }
 
 /// Checks that the node to add runs at `addr` and is node `id` (a node that does not run
@@ -631,16 +834,11 @@ fn print_status(out: &mut impl Write, leader: &Status, members: &[MemberStatus],
         .snapshots
         .iter()
         .map(|(id, snapshot)| {
-            let regions: Vec<String> = snapshot
-                .regions
-                .iter()
-                .map(|(region, status)| format!("{region}={}", format!("{status:?}").to_lowercase()))
-                .collect();
             vec![
                 id.to_string(),
                 snapshot.glt.to_string(),
                 format!("{} ({})", snapshot.created_ms, relative(snapshot.created_ms, now_ms)),
-                regions.join(" "),
+                SnapshotOutput::new(*id, snapshot).regions_text(),
             ]
         })
         .collect();
@@ -670,7 +868,8 @@ mod tests {
         meta.placement.insert(3, Placement { home: "eu".into(), replicas: vec![] });
         meta.leases.insert(3, Lease { holder: "dn-1".into(), epoch: 2, expires_ms: 12_500 });
         let regions = [("eu".to_owned(), SnapshotStatus::Readable)].into();
-        meta.snapshots.insert(0, Snapshot { glt: 77, regions, created_ms: 4_000 });
+        let readable_after_us = [("eu".to_owned(), 23_500)].into();
+        meta.snapshots.insert(0, Snapshot { glt: 77, regions, created_ms: 4_000, readable_after_us });
         let member = |id, voter| Member { id, addr: format!("127.0.0.1:710{id}"), voter };
         Status {
             node_id: 2,
@@ -729,7 +928,7 @@ leases (1):
 
 snapshot catalog (1):
   ID  GLT  CREATED (UNIX MS)  REGIONS
-  0   77   4000 (6.0 s ago)   eu=readable
+  0   77   4000 (6.0 s ago)   eu=readable (23.5 ms)
 ";
         assert_eq!(text, expected);
     }
