@@ -34,6 +34,10 @@ enum Command {
     /// scenario events (--partition, --kill-node), and a report folder (report.json, report.md,
     /// SVG/PNG plots, logs) whose path is the last line printed.
     Cluster(cluster::ClusterArgs),
+    /// Global snapshots: `bench cluster` taking one every --every (100 ms) for --duration under
+    /// a small write load; request-to-readable p50/p99 in every region (`availability_p99_ms`,
+    /// worst region) and the last snapshots compared across regions.
+    Snapshot(cluster::SnapshotArgs),
     /// Durable WAL appends (O_DIRECT + group commit + fdatasync) against fio and a raw
     /// write+fdatasync probe at the WAL's own mean batch size.
     Wal(wal::WalArgs),
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Cluster(args) => cluster::run(&args),
+        Command::Snapshot(args) => cluster::run_snapshot(&args),
         Command::Wal(args) => wal::run(&args),
         Command::Kv(args) => kv::run(&args),
         Command::Control(args) => control::run(&args),

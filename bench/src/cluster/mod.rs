@@ -246,8 +246,71 @@ struct Lag {
     series: Vec<(u64, u64)>,
 }
 
+/// Options of `bench snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// How long snapshots are taken, under the write load, after the warm-up.
+    #[arg(long, default_value = "30s", value_parser = scenario::parse_duration)]
+    duration: Duration,
+    /// One snapshot this often.
+    #[arg(long, default_value = "100ms", value_parser = scenario::parse_duration)]
+    every: Duration,
+    /// Writes per second at the home region while snapshots are taken (small keys).
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// One-way delay between regions.
+    #[arg(long, default_value = "20ms", value_parser = scenario::parse_duration)]
+    delay: Duration,
+    /// Parent of the run's folder (data, logs, report); the folder is kept.
+    #[arg(long, default_value = "bench-data")]
+    out: PathBuf,
+    /// The dataplane binary (default: next to this bench binary).
+    #[arg(long)]
+    dataplane: Option<PathBuf>,
+    /// The controlplane binary (default: next to this bench binary).
+    #[arg(long)]
+    controlplane: Option<PathBuf>,
+    /// Print report.json's object on stdout instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `bench snapshot`: `bench cluster` with a snapshot every `--every` and nothing else
+/// going on, whose headline is `availability_p99_ms` (request to readable, worst region).
+pub fn run_snapshot(args: &SnapshotArgs) -> Result<()> {
+    ensure!(!args.every.is_zero(), "--every must be positive");
+    let cluster = ClusterArgs {
+        duration: args.duration,
+        warmup: Duration::from_secs(2),
+        rate: args.rate,
+        workload: Mix::parse("small").map_err(anyhow::Error::msg)?,
+        file_min: 1 << 20,
+        file_max: 4 << 20,
+        part_size: 16 << 20,
+        delay: args.delay,
+        jitter: Duration::ZERO,
+        loss: 0.0,
+        partitions: Vec::new(),
+        kills: Vec::new(),
+        shards: 1,
+        snapshot_every: args.every,
+        recovered_lag: Duration::from_millis(100),
+        out: args.out.clone(),
+        dataplane: args.dataplane.clone(),
+        controlplane: args.controlplane.clone(),
+        skip_fio: true,
+        seed: 1,
+        json: args.json,
+    };
+    execute(&cluster, "snapshot")
+}
+
 /// Runs `bench cluster`.
 pub fn run(args: &ClusterArgs) -> Result<()> {
+    execute(args, "cluster")
+}
+
+fn execute(args: &ClusterArgs, bench: &str) -> Result<()> {
     args.validate()?;
     let dataplane = dataplane_binary(args.dataplane.as_ref())?;
     let controlplane = crate::control::controlplane_binary(args.controlplane.as_deref())?;
@@ -258,7 +321,8 @@ pub fn run(args: &ClusterArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let outcome = runtime.block_on(run_async(args, &dataplane, &controlplane, &dir));
     match outcome {
-        Ok(report) => {
+        Ok(mut report) => {
+            report.name(bench)?;
             if args.json {
                 println!("{}", report.to_json());
             } else {
