@@ -78,8 +78,13 @@ fn path_str(path: &Path) -> &str {
 
 /// Runs `meridian cluster <options> <args>` with the environment cleared of its variables.
 fn meridian(options: &[&str], args: &[&str]) -> Output {
+    meridian_in("cluster", options, args)
+}
+
+/// Runs `meridian <group> <options> <args>` with the environment cleared of its variables.
+fn meridian_in(group: &str, options: &[&str], args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["--timeout-ms", "10000", "cluster"])
+        .args(["--timeout-ms", "10000", group])
         .args(options)
         .args(args)
         .env_remove("MERIDIAN_CONTROL")
@@ -167,6 +172,43 @@ fn status_add_and_remove_against_a_real_control_plane() {
     let added = fixture.meridian(&["add-node", "--id", "4", "--addr", &addr4, "--json"]);
     assert_eq!(json(&added), serde_json::json!({"action": "add_node", "id": 4, "addr": addr4}));
     fixture.wait_status(Duration::from_secs(10), "node 4 added back", |s| voters(s) == [1, 2, 3, 4]);
+}
+
+#[test]
+fn snapshots_are_created_listed_and_shown_through_the_leader() {
+    let fixture = Fixture::start(3);
+    let snapshot = |args: &[&str]| {
+        meridian_in("snapshot", &["--control", &fixture.control(), "--tls-dir", path_str(&fixture.tls_dir)], args)
+    };
+    assert_eq!(code(&fixture.meridian(&["region", "eu", "--zones", "a"])), exit_code::OK);
+
+    // No data node serves eu, so the snapshot stays pending there (the leader keeps asking).
+    let created = snapshot(&["create", "--json"]);
+    assert_eq!(code(&created), exit_code::OK, "{}", stderr(&created));
+    let created = json(&created);
+    assert_eq!(created["id"], 0);
+    assert_eq!(created["regions"]["eu"], "pending");
+    let glt = created["glt"].as_u64().expect("glt");
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_micros();
+    let physical_us = u128::from(glt >> 12);
+    assert!(physical_us <= now_us + 1_000_000 && physical_us + 60_000_000 > now_us, "glt {glt} is about now");
+
+    let text = snapshot(&["create", "--lead-ms", "50"]);
+    assert_eq!(code(&text), exit_code::OK, "{}", stderr(&text));
+    assert!(stdout(&text).starts_with("snapshot 1 at "), "{}", stdout(&text));
+
+    let list = json(&snapshot(&["list", "--json"]));
+    let ids: Vec<u64> = list["snapshots"].as_array().expect("list").iter().map(|s| s["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [0, 1]);
+    let later = list["snapshots"][1]["glt"].as_u64().expect("glt");
+    assert!(later > glt + (50_000 << 12) - (1 << 12), "--lead-ms 50 moves the timestamp: {glt} then {later}");
+
+    let shown = snapshot(&["show", "0"]);
+    assert_eq!(code(&shown), exit_code::OK, "{}", stderr(&shown));
+    assert!(stdout(&shown).contains(&format!("glt      {glt}")) && stdout(&shown).contains("eu=pending"));
+    let unknown = snapshot(&["show", "9"]);
+    assert_eq!(code(&unknown), exit_code::REFUSED, "{}", stderr(&unknown));
+    assert!(stderr(&unknown).contains("no snapshot 9 in the catalog"), "{}", stderr(&unknown));
 }
 
 #[test]

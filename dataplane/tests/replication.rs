@@ -144,6 +144,18 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
         let lag_during = lag_us(&cc, "a").await.unwrap_or(u64::MAX);
         assert!(lag_during > 20_000_000, "c was cut off for 30 s, yet reports a lag of {lag_during} µs");
         assert!(lag_us(&cb, "a").await.unwrap() < 5_000_000, "b kept receiving");
+        // A snapshot at the last write: readable at the home and at b, not at the cut-off c
+        // (which says how far it can read instead).
+        let snapshot = last_ts;
+        let at_a = ca.wait_readable(snapshot, Duration::from_secs(5)).await.unwrap();
+        assert!(at_a.readable_ts >= snapshot);
+        cb.wait_readable(snapshot, Duration::from_secs(5)).await.unwrap();
+        match cc.wait_readable(snapshot, Duration::from_millis(300)).await {
+            Err(ClientError::Server { code: ErrorCode::Unavailable, message }) => {
+                assert!(message.contains("readable up to"), "{message}");
+            }
+            other => panic!("c read a snapshot it has not received: {other:?}"),
+        }
         to_c.handle().partition(false);
         let healed = Instant::now();
         // Back under target within 2 s of the heal.
@@ -161,6 +173,14 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
         for replica in [&cb, &cc] {
             wait_resolved(replica, last_ts, Duration::from_secs(20)).await;
             assert_eq!(contents(replica).await, model, "acknowledged writes lost or replicas diverged");
+        }
+        // Once healed, c reads the snapshot too, and every region lists the same versions.
+        let readable = cc.wait_readable(snapshot, Duration::from_secs(5)).await.unwrap();
+        assert!(readable.readable_ts >= snapshot && readable.at_us > 0);
+        let at_home = ca.list(b"", b"", 10_000, Some(snapshot)).await.unwrap();
+        assert!(at_home.entries.len() > 300);
+        for replica in [&cb, &cc] {
+            assert_eq!(replica.list(b"", b"", 10_000, Some(snapshot)).await.unwrap(), at_home);
         }
     });
 
