@@ -87,6 +87,11 @@ pub struct ClusterArgs {
     /// each region took to read it (request to readable).
     #[arg(long, default_value = "500ms", value_parser = scenario::parse_duration)]
     pub snapshot_every: Duration,
+    /// Chain writers next to the load (0: none): each writes `chain/<w>/<n>` one at a time,
+    /// each value naming the previous key; every compared snapshot must be a causally closed
+    /// cut of them (`snapshot_causal_violations`).
+    #[arg(long, default_value_t = 6)]
+    pub chains: usize,
     /// After an event ends, the region counts as recovered once its lag is back under this.
     #[arg(long, default_value = "100ms", value_parser = scenario::parse_duration)]
     recovered_lag: Duration,
@@ -294,6 +299,7 @@ pub fn run_snapshot(args: &SnapshotArgs) -> Result<()> {
         kills: Vec::new(),
         shards: 1,
         snapshot_every: args.every,
+        chains: 6,
         recovered_lag: Duration::from_millis(100),
         out: args.out.clone(),
         dataplane: args.dataplane.clone(),
@@ -461,6 +467,12 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         args.partitions.iter().chain(&args.kills).cloned().collect(),
         sampling.clone(),
     ));
+    let chain_log: snapshots::ChainLog = Arc::default();
+    let chains = (args.chains > 0).then(|| {
+        let client = clients[0].clone();
+        let (stop, log) = (stop.clone(), chain_log.clone());
+        tokio::spawn(snapshots::write_chains(client, args.chains, started, args.total(), stop, log))
+    });
     let snapshots = (!args.snapshot_every.is_zero()).then(|| {
         let admin = control.client().clone();
         tokio::spawn(snapshots::take(admin, args.snapshot_every, started, args.warmup, args.total(), stop.clone()))
@@ -487,13 +499,16 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     let load_ended = started.elapsed();
     let mut events = events.await??;
     let interrupted = stop.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     let taken = match snapshots {
-        Some(task) => {
-            stop.store(true, Ordering::Relaxed);
-            Some(task.await?)
-        }
+        Some(task) => Some(task.await?),
         None => None,
     };
+    let chain_failures = match chains {
+        Some(task) => task.await?,
+        None => 0,
+    };
+    let chain_writes = lock(&chain_log).clone();
     interrupt.abort();
 
     // Convergence: the replicas resolve past the last acknowledged write, then every
@@ -531,7 +546,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
                 "{} snapshots taken; reading the catalog and comparing the last ones in every region ...",
                 ids.len()
             ));
-            Some(snapshots::collect(admin, ids, *errors, &clients).await?)
+            Some(snapshots::collect(admin, ids, *errors, &clients, &chain_writes).await?)
         }
         None => None,
     };
@@ -553,6 +568,8 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     if let Some(figures) = &snapshot_figures {
         report.snapshots(figures);
     }
+    report.set("chain_writers", args.chains);
+    report.set("chain_writes_failed", chain_failures);
     report.set("interrupted", interrupted);
     report.set("clean_shutdown", clean);
     report.set("wire_bytes_to_b", to_b.handle().stats().0.delivered_bytes);

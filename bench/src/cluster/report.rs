@@ -150,6 +150,8 @@ impl Report {
         f.set("snapshots_compared_across_regions", snapshots.compared);
         f.set("snapshot_compared_keys", snapshots.compared_keys);
         f.set("snapshots_differing_across_regions", snapshots.differing);
+        f.set("chain_writes", snapshots.chain_writes);
+        f.set("snapshot_causal_violations", snapshots.causal_violations);
     }
 
     pub fn events(&mut self, events: &[Event]) {
@@ -281,6 +283,7 @@ impl Report {
             ("writes failed (not acknowledged)", "writes_failed"),
             ("global snapshot readable everywhere, p99 of the worst region (ms)", "snapshot_availability_p99_ms"),
             ("snapshots whose contents differed between regions", "snapshots_differing_across_regions"),
+            ("chain writes missing from a snapshot that holds a later-started write", "snapshot_causal_violations"),
         ] {
             let _ = writeln!(md, "| {label} | {} |", f(key));
         }
@@ -397,12 +400,15 @@ pub fn print_summary(report: &Report) {
             })
             .collect();
         println!(
-            "  global snapshots: {} taken, {} failed; request to readable: {}; last {} read in every region, {} differing",
+            "  global snapshots: {} taken, {} failed; request to readable: {}; {} read in every region: {} differing, \
+             {} causal violations over {} chain writes",
             f("snapshots_taken"),
             f("snapshots_failed"),
             regions.join(", "),
             f("snapshots_compared_across_regions"),
-            f("snapshots_differing_across_regions")
+            f("snapshots_differing_across_regions"),
+            f("snapshot_causal_violations"),
+            f("chain_writes")
         );
     }
     println!(

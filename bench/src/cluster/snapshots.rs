@@ -1,7 +1,14 @@
 //! Global snapshots during a cluster run: taken through the control plane every
 //! `--snapshot-every` while the load runs, then the catalog says when each region could read
 //! each one (request to readable, as the leader recorded it from the region's data node), and
-//! the last snapshots are read in every region and compared.
+//! snapshots spread over the run are read in full in every region and compared.
+//!
+//! With `--chains N`, N writers (labelled with the regions in turn; every write goes to the
+//! home, which takes them) each write a chain of keys `chain/<writer>/<n>`, one at a time,
+//! each value naming the previous key of its chain; keys spread over all shards. Every
+//! snapshot read must be a causally closed cut: if it holds a write, it holds every write
+//! acknowledged before that write started, whatever chain or shard. Start and acknowledgement
+//! instants are taken on this process's monotonic clock.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,8 +25,10 @@ use super::scenario::REGIONS;
 
 /// How long every snapshot may stay pending in a region after the load.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(40);
-/// Snapshots read in full in every region and compared.
-const COMPARED: usize = 3;
+/// Snapshots read in full in every region and compared, spread over the run.
+const COMPARED: usize = 8;
+/// A chain writer's pause between writes (the chains test causality, not throughput).
+const CHAIN_PAUSE: Duration = Duration::from_millis(10);
 /// Entries per listing page.
 const PAGE: u32 = 1000;
 
@@ -40,6 +49,79 @@ pub struct Figures {
     pub compared_keys: u64,
     /// Snapshots whose contents differed between regions.
     pub differing: u64,
+    /// Chain writes acknowledged.
+    pub chain_writes: u64,
+    /// Over every compared snapshot and region: acknowledged chain writes missing from a
+    /// snapshot that holds a write started after their acknowledgement.
+    pub causal_violations: u64,
+}
+
+/// One acknowledged chain write as its writer saw it.
+#[derive(Debug, Clone)]
+pub struct ChainWrite {
+    key: Vec<u8>,
+    started: Instant,
+    acked: Instant,
+}
+
+/// Every acknowledged chain write.
+pub type ChainLog = Arc<std::sync::Mutex<Vec<ChainWrite>>>;
+
+/// Runs `writers` chain writers against `client` until `stop` or `until` (from `started`);
+/// returns how many writes failed (they are left out of the checks).
+pub async fn write_chains(
+    client: Client,
+    writers: usize,
+    started: Instant,
+    until: Duration,
+    stop: Arc<AtomicBool>,
+    log: ChainLog,
+) -> u64 {
+    let mut tasks = tokio::task::JoinSet::new();
+    for writer in 0..writers {
+        let (client, stop, log) = (client.clone(), stop.clone(), log.clone());
+        tasks.spawn(async move {
+            let region = REGIONS[writer % REGIONS.len()];
+            let mut previous = String::from("(start)");
+            let mut failed = 0u64;
+            for n in 0u64.. {
+                if stop.load(Ordering::Relaxed) || started.elapsed() >= until {
+                    break;
+                }
+                let key = format!("chain/{writer:02}/{n:06}");
+                let value = format!("writer {writer} of region {region}, write {n}, after {previous}");
+                let began = Instant::now();
+                match client.put(key.as_bytes(), value.as_bytes()).await {
+                    Ok(_) => {
+                        let acked = Instant::now();
+                        log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(ChainWrite {
+                            key: key.clone().into_bytes(),
+                            started: began,
+                            acked,
+                        });
+                        previous = key;
+                    }
+                    Err(_) => failed += 1,
+                }
+                tokio::time::sleep(CHAIN_PAUSE).await;
+            }
+            failed
+        });
+    }
+    let mut failed = 0;
+    while let Some(joined) = tasks.join_next().await {
+        failed += joined.unwrap_or(0);
+    }
+    failed
+}
+
+/// Acknowledged writes missing from `held` although a write in `held` started after they were
+/// acknowledged.
+fn causal_violations(log: &[ChainWrite], held: &std::collections::HashSet<&[u8]>) -> u64 {
+    let Some(latest_start) = log.iter().filter(|w| held.contains(w.key.as_slice())).map(|w| w.started).max() else {
+        return 0;
+    };
+    log.iter().filter(|w| w.acked < latest_start && !held.contains(w.key.as_slice())).count() as u64
 }
 
 /// Takes a snapshot every `every` from the end of the warm-up until `stop` or `until`; returns
@@ -68,7 +150,13 @@ pub async fn take(
 
 /// Waits until none of `ids` is pending in any region, then gathers the figures and reads the
 /// last [`COMPARED`] snapshots readable everywhere in every region.
-pub async fn collect(admin: &ControlClient, ids: &[u64], create_errors: u64, clients: &[Client]) -> Result<Figures> {
+pub async fn collect(
+    admin: &ControlClient,
+    ids: &[u64],
+    create_errors: u64,
+    clients: &[Client],
+    chains: &[ChainWrite],
+) -> Result<Figures> {
     let give_up = Instant::now() + SETTLE_TIMEOUT;
     let catalog = loop {
         let catalog = admin.read(true, Duration::from_secs(5)).await?.snapshots;
@@ -84,7 +172,8 @@ pub async fn collect(admin: &ControlClient, ids: &[u64], create_errors: u64, cli
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let mut figures = Figures { taken: ids.len() as u64, create_errors, ..Figures::default() };
+    let mut figures =
+        Figures { taken: ids.len() as u64, create_errors, chain_writes: chains.len() as u64, ..Figures::default() };
     let mut everywhere = Vec::new();
     for id in ids {
         let snapshot = catalog.get(id).with_context(|| format!("snapshot {id} missing from the catalog"))?;
@@ -101,11 +190,16 @@ pub async fn collect(admin: &ControlClient, ids: &[u64], create_errors: u64, cli
             everywhere.push(snapshot.glt);
         }
     }
-    for glt in everywhere.iter().rev().take(COMPARED) {
+    let step = everywhere.len().div_ceil(COMPARED).max(1);
+    let picked: Vec<u64> = everywhere.iter().rev().step_by(step).take(COMPARED).copied().collect();
+    for glt in picked {
         let mut contents = Vec::new();
         for client in clients {
-            client.wait_readable(*glt, Duration::from_secs(10)).await?;
-            contents.push(read_all(client, *glt).await?);
+            client.wait_readable(glt, Duration::from_secs(10)).await?;
+            let entries = read_all(client, glt).await?;
+            let held: std::collections::HashSet<&[u8]> = entries.iter().map(|(key, _, _)| key.as_slice()).collect();
+            figures.causal_violations += causal_violations(chains, &held);
+            contents.push(entries);
         }
         figures.compared += 1;
         figures.compared_keys += contents[0].len() as u64;
@@ -131,5 +225,31 @@ async fn read_all(client: &Client, glt: u64) -> Result<Vec<(Vec<u8>, u64, u64)>>
             Some(next) => after = next,
             None => return Ok(entries),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_missing_an_earlier_acknowledged_write_is_a_violation() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let write = |key: &str, started, acked| ChainWrite {
+            key: key.as_bytes().to_vec(),
+            started: at(started),
+            acked: at(acked),
+        };
+        // x acked at 10; y started at 20 (after x); z ran concurrently with y.
+        let log = vec![write("x", 0, 10), write("y", 20, 30), write("z", 15, 40)];
+        let cut =
+            |keys: &[&'static str]| keys.iter().map(|k| k.as_bytes()).collect::<std::collections::HashSet<&[u8]>>();
+        assert_eq!(causal_violations(&log, &cut(&[])), 0);
+        assert_eq!(causal_violations(&log, &cut(&["x"])), 0);
+        assert_eq!(causal_violations(&log, &cut(&["x", "y"])), 0, "z was not acknowledged before y started");
+        assert_eq!(causal_violations(&log, &cut(&["y"])), 1, "y started after x was acknowledged");
+        assert_eq!(causal_violations(&log, &cut(&["z"])), 1);
+        assert_eq!(causal_violations(&log, &cut(&["x", "y", "z"])), 0);
     }
 }
