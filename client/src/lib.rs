@@ -24,4 +24,6 @@ mod error;
 
 pub use client::{Client, ClientConfig, Entry, Listing, Readable, ReplicationStatus, SourceStatus, Stat, Versioned};
 pub use error::{ClientError, exit_code};
+
+pub mod archive;
 pub use wire::proto::ErrorCode;

@@ -81,7 +81,11 @@ pub fn run(
             map = map.with_replication(replication.resolved());
             Some(replication)
         }
-        None => None,
+        None => {
+            // Snapshot reads on a node that does not replicate wait for its own shards only.
+            map = map.with_readable(Arc::new(crate::repl::Resolved::new("local", &[], shard_count, true)));
+            None
+        }
     };
     let shard_sides = Arc::new(std::sync::Mutex::new(shard_sides));
     notify::status("recovering");
@@ -175,15 +179,20 @@ async fn shard_main(
     store.spawn_maintenance();
     let heartbeat = spawn_heartbeat(&store, watchdog.clone(), shard_id);
     let replication_task = match (side, &config.replication) {
-        (Some(side), Some(repl)) => {
-            let resolved = map.resolved().filter(|_| repl.is_home());
-            Some(spawn_replication(&store, shard_id, side, repl.closed_interval, resolved))
+        (Some(side), Some(repl)) => Some(spawn_replication(&store, side, repl.closed_interval, repl.is_home())),
+        _ => None,
+    };
+    // A shard that takes writes here publishes how far they are applied, for snapshot reads.
+    let applied_task = match (&config.replication, map.readable()) {
+        (Some(repl), Some(table)) if repl.is_home() => {
+            Some(spawn_applied(&store, shard_id, table, repl.closed_interval))
         }
+        (None, Some(table)) => Some(spawn_applied(&store, shard_id, table, APPLIED_INTERVAL)),
         _ => None,
     };
     server::serve(listener, store.clone(), shard_count, map, config.server, stop.wait()).await;
     heartbeat.cancel();
-    if let Some(task) = replication_task {
+    for task in [replication_task, applied_task].into_iter().flatten() {
         task.cancel();
     }
     store.close().await.map_err(|error| format!("shard {shard_id}: close: {error}"))?;
@@ -191,20 +200,41 @@ async fn shard_main(
     Ok(())
 }
 
-/// The shard's half of replication: at the home (`resolved` given), publishes its closed point
-/// every `interval` (the shipper tails the WAL up to it) and its applied point (snapshot reads
-/// wait for it); at a replica, applies the records shipped to it, each in its own task so
-/// they share WAL barriers.
-fn spawn_replication(
+/// How often a node that does not replicate publishes its shards' applied points.
+const APPLIED_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Publishes the shard's applied point (every local write at or below it is readable) to
+/// `table` every `interval`: what snapshot reads (`WaitReadable`) wait for.
+fn spawn_applied(
     store: &ShardStore,
     shard_id: u32,
+    table: Arc<crate::repl::Resolved>,
+    interval: Duration,
+) -> glommio::task::JoinHandle<()> {
+    let store = store.clone();
+    glommio::spawn_local(async move {
+        loop {
+            if let Ok(ts) = store.applied_ts() {
+                table.set_applied(shard_id, ts);
+            }
+            glommio::timer::sleep(interval).await;
+        }
+    })
+    .detach()
+}
+
+/// The shard's half of replication: at the home, publishes its closed point every `interval`
+/// (the shipper tails the WAL up to it); at a replica, applies the records shipped to it,
+/// each in its own task so they share WAL barriers.
+fn spawn_replication(
+    store: &ShardStore,
     side: ShardSide,
     interval: Duration,
-    resolved: Option<Arc<crate::repl::Resolved>>,
+    home: bool,
 ) -> glommio::task::JoinHandle<()> {
     let ShardSide { points, mut applies, .. } = side;
     let store = store.clone();
-    if let Some(resolved) = resolved {
+    if home {
         // Only a home shard ships, so only it publishes closed points.
         glommio::spawn_local(async move {
             loop {
@@ -214,9 +244,6 @@ fn spawn_replication(
                         *current = point;
                         changed
                     });
-                }
-                if let Ok(ts) = store.applied_ts() {
-                    resolved.set_applied(shard_id, ts);
                 }
                 glommio::timer::sleep(interval).await;
             }

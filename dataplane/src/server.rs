@@ -56,21 +56,32 @@ impl Default for ServerLimits {
 pub struct ShardMap {
     addresses: Arc<RwLock<Vec<String>>>,
     replication: Option<Arc<crate::repl::Resolved>>,
+    /// What `WaitReadable` waits on: the replication table, or the local shards' applied
+    /// points on a node that does not replicate.
+    readable: Option<Arc<crate::repl::Resolved>>,
 }
 
 impl ShardMap {
     /// A map of `shard_count` shards, addresses unknown yet.
     pub fn new(shard_count: usize) -> Self {
-        Self { addresses: Arc::new(RwLock::new(vec![String::new(); shard_count])), replication: None }
+        Self { addresses: Arc::new(RwLock::new(vec![String::new(); shard_count])), replication: None, readable: None }
     }
 
-    /// The node's resolved timestamps, when it replicates.
-    pub fn resolved(&self) -> Option<Arc<crate::repl::Resolved>> {
-        self.replication.clone()
+    /// The table `WaitReadable` answers from (see [`ShardMap::with_readable`]).
+    pub fn readable(&self) -> Option<Arc<crate::repl::Resolved>> {
+        self.readable.clone()
+    }
+
+    /// Answers `WaitReadable` from `table` (a node that does not replicate: its own shards'
+    /// applied points).
+    pub fn with_readable(mut self, table: Arc<crate::repl::Resolved>) -> Self {
+        self.readable = Some(table);
+        self
     }
 
     /// Answers `Replication` requests from `resolved`.
     pub fn with_replication(mut self, resolved: Arc<crate::repl::Resolved>) -> Self {
+        self.readable = Some(resolved.clone());
         self.replication = Some(resolved);
         self
     }
@@ -398,8 +409,8 @@ impl Endpoint {
     /// readable timestamp and the unix µs when it was seen, or `Unavailable` after `timeout_ms`
     /// (at most `READABLE_WAIT_MAX`) or when the shard stops.
     async fn wait_readable(&self, ts: u64, timeout_ms: u32) -> Result<(u64, u64), (ErrorCode, String)> {
-        let Some(resolved) = &self.map.replication else {
-            return Err((ErrorCode::Unavailable, "this node has no [replication] section".into()));
+        let Some(resolved) = &self.map.readable else {
+            return Err((ErrorCode::Unavailable, "this node tracks no readable timestamp".into()));
         };
         let timeout = Duration::from_millis(u64::from(timeout_ms)).min(READABLE_WAIT_MAX);
         let started = std::time::Instant::now();

@@ -2,6 +2,8 @@
 //! [`client::Client`] and, for `meridian cluster ...`, to the control plane through
 //! [`controlplane::client::ControlClient`]; see `meridian --help` for commands and exit codes.
 
+#[path = "meridian/archive.rs"]
+mod archive;
 #[path = "meridian/cluster.rs"]
 mod cluster;
 
@@ -205,10 +207,13 @@ async fn main() -> ExitCode {
             cluster::run(&args.command, &target, cli.json, Duration::from_millis(cli.timeout_ms)).await
         }
         Command::Snapshot(args) => {
-            let target = args.flags.target().unwrap_or_else(|missing| {
-                Cli::command().error(clap::error::ErrorKind::MissingRequiredArgument, missing).exit()
+            let target = args.command.needs_control().then(|| {
+                args.flags.target().unwrap_or_else(|missing| {
+                    Cli::command().error(clap::error::ErrorKind::MissingRequiredArgument, missing).exit()
+                })
             });
-            cluster::run_snapshot(&args.command, &target, cli.json, Duration::from_millis(cli.timeout_ms)).await
+            let timeout = Duration::from_millis(cli.timeout_ms);
+            cluster::run_snapshot(&args.command, target.as_ref(), &cli.addr, cli.json, timeout).await
         }
         _ => run(cli).await,
     };

@@ -102,6 +102,65 @@ pub enum SnapshotCommand {
         /// Snapshot id.
         id: u64,
     },
+    /// Export a snapshot into an archive, read from the node at --addr once it is readable
+    /// there: incremental from the newest archived snapshot below it (only keys whose version
+    /// changed are read), content-defined chunks deduplicated across the archive, zstd packs.
+    Export {
+        /// Snapshot id (from `snapshot create` or `list`).
+        id: u64,
+        /// The archive: a directory (created if missing), file:///dir, or s3://bucket/path
+        /// with a client built with the s3 feature.
+        #[arg(long, value_name = "URL")]
+        archive: String,
+    },
+    /// The snapshots in an archive (no control plane needed).
+    Archived {
+        /// The archive.
+        #[arg(long, value_name = "URL")]
+        archive: String,
+    },
+    /// Restore an archived snapshot, or the keys under --prefix, to a directory (each key a
+    /// file) or into the cluster at --addr; every chunk is checked against its hash.
+    Restore {
+        /// Archived snapshot id.
+        id: u64,
+        /// The archive.
+        #[arg(long, value_name = "URL")]
+        archive: String,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Write each key as a file under this directory.
+        #[arg(long, value_name = "DIR", conflicts_with = "to_cluster", required_unless_present = "to_cluster")]
+        to_dir: Option<PathBuf>,
+        /// Put each key into the cluster at --addr (a new or empty cluster).
+        #[arg(long)]
+        to_cluster: bool,
+    },
+    /// Read every pack of an archive and check every chunk's hash and every snapshot's chunks;
+    /// exits 1 when anything is damaged or missing.
+    Verify {
+        /// The archive.
+        #[arg(long, value_name = "URL")]
+        archive: String,
+    },
+    /// Keep the newest --keep-last archived snapshots; delete the others and every pack no
+    /// kept snapshot uses (packs are left while an export runs).
+    Prune {
+        /// The archive.
+        #[arg(long, value_name = "URL")]
+        archive: String,
+        /// Snapshots to keep.
+        #[arg(long, value_name = "N")]
+        keep_last: usize,
+    },
+}
+
+impl SnapshotCommand {
+    /// Whether the command talks to the control plane.
+    pub fn needs_control(&self) -> bool {
+        matches!(self, Self::Create { .. } | Self::List | Self::Show { .. } | Self::Export { .. })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -416,7 +475,8 @@ impl SnapshotOutput {
 /// Runs one `meridian snapshot` command; `timeout` bounds it.
 pub async fn run_snapshot(
     command: &SnapshotCommand,
-    target: &Target,
+    target: Option<&Target>,
+    addr: &str,
     json: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {
@@ -424,10 +484,25 @@ pub async fn run_snapshot(
         SnapshotCommand::Create { .. } => "snapshot create".to_owned(),
         SnapshotCommand::List => "snapshot list".to_owned(),
         SnapshotCommand::Show { id } => format!("snapshot show {id}"),
+        SnapshotCommand::Export { id, .. } => format!("snapshot export {id}"),
+        SnapshotCommand::Archived { .. } => "snapshot archived".to_owned(),
+        SnapshotCommand::Restore { id, .. } => format!("snapshot restore {id}"),
+        SnapshotCommand::Verify { .. } => "snapshot verify".to_owned(),
+        SnapshotCommand::Prune { .. } => "snapshot prune".to_owned(),
+    };
+    let Some(target) = target else {
+        return crate::archive::run(command, addr, json, timeout).await.context(label);
     };
     let mut client = connect(target, timeout)?;
     client.attempt_timeout = timeout.min(STATUS_ATTEMPT_MAX);
-    let result = snapshot_command(&client, command, json, timeout).await.context(label);
+    let result = match command {
+        SnapshotCommand::Export { id, archive } => match snapshot_glt(&client, *id, timeout).await {
+            Ok(glt) => crate::archive::export(archive, *id, glt, addr, json, timeout).await,
+            Err(error) => Err(error),
+        },
+        _ => snapshot_command(&client, command, json, timeout).await,
+    }
+    .context(label);
     disconnect(&client).await;
     result
 }
@@ -488,6 +563,11 @@ async fn snapshot_command(
                 Ok(())
             }
         }
+        SnapshotCommand::Export { .. }
+        | SnapshotCommand::Archived { .. }
+        | SnapshotCommand::Restore { .. }
+        | SnapshotCommand::Verify { .. }
+        | SnapshotCommand::Prune { .. } => unreachable!("run_snapshot runs archive commands"),
         SnapshotCommand::Show { id } => {
             let snapshots = catalog(false).await?;
             let Some(snapshot) = snapshots.get(id) else {
@@ -507,6 +587,14 @@ async fn snapshot_command(
             }
         }
     }
+}
+
+/// The timestamp of snapshot `id` in the catalog.
+async fn snapshot_glt(client: &ControlClient, id: u64, timeout: Duration) -> anyhow::Result<u64> {
+    let snapshots = client.read(true, timeout).await.context(ControlError::Unavailable)?.snapshots;
+    let snapshot =
+        snapshots.get(&id).ok_or_else(|| ControlError::Refused(format!("no snapshot {id} in the catalog")))?;
+    Ok(snapshot.glt)
 }
 
 /// A leader's refusal is `Refused`; anything else means no leader answered.

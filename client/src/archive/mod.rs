@@ -1,0 +1,665 @@
+//! The snapshot archive: global snapshots exported from a cluster into an object store (the
+//! `object_store` crate: a local directory by default, S3-compatible with the `s3` feature),
+//! deduplicated by content-defined chunks (FastCDC, BLAKE3 ids) in zstd-compressed packs, one
+//! complete index per snapshot with a parent link, and the operations on it: export (full, or
+//! incremental from the newest archived snapshot below it: only keys whose version changed
+//! are read and chunked), restore (to a directory or a cluster), verify and prune.
+//!
+//! Layout: `snapshots/<id>.idx`, `packs/<hash>.pack`, `locks/<kind>-<unix ns>-<pid>`.
+//!
+//! Prune and export run safely side by side: an export takes its lock before it reads the
+//! indexes; prune deletes the indexes it drops first, then looks for export locks, and deletes
+//! unreferenced packs only when it sees none, and only packs older than its own start. An
+//! export that started before prune looked is seen (prune leaves the packs for next time);
+//! one that started after cannot know the dropped chunks and writes only newer packs.
+
+pub mod format;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use thiserror::Error;
+
+use crate::{Client, ClientError};
+use format::{ChunkId, FormatError, KeyEntry, Location, SnapshotIndex, hex, unhex};
+
+/// Content-defined chunk sizes (FastCDC): minimum, average, maximum.
+pub const CHUNK_MIN: u32 = 128 << 10;
+/// Average chunk.
+pub const CHUNK_AVG: u32 = 512 << 10;
+/// Largest chunk.
+pub const CHUNK_MAX: u32 = 2 << 20;
+/// A pack is written once it holds this much.
+pub const PACK_BYTES: usize = 16 << 20;
+/// zstd level of chunks and indexes.
+pub const ZSTD_LEVEL: i32 = 3;
+/// Values fetched at once during an export.
+const FETCH_AHEAD: usize = 8;
+/// Locks older than this are left over from a crash and ignored.
+const LOCK_STALE: Duration = Duration::from_secs(3600);
+
+/// What went wrong with the archive.
+#[derive(Debug, Error)]
+pub enum ArchiveError {
+    /// The archive location is not usable.
+    #[error("archive {location}: {reason}")]
+    Location {
+        /// What was given.
+        location: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The object store failed.
+    #[error("archive storage: {0}")]
+    Store(#[from] object_store::Error),
+    /// An object's bytes are damaged.
+    #[error("{object}: {error}")]
+    Format {
+        /// The object.
+        object: String,
+        /// What is wrong.
+        error: FormatError,
+    },
+    /// The cluster failed.
+    #[error("cluster: {0}")]
+    Client(#[from] ClientError),
+    /// A local file failed.
+    #[error("{path}: {error}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// The snapshot is already archived.
+    #[error("snapshot {0} is already in the archive")]
+    Exists(u64),
+    /// No such snapshot in the archive.
+    #[error("snapshot {0} is not in the archive")]
+    NotFound(u64),
+    /// Another operation holds the archive.
+    #[error("the archive is busy: {0}")]
+    Busy(String),
+    /// A key cannot be a file name.
+    #[error("key {key:?} cannot be restored as a file: {reason}")]
+    BadKey {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// What an export did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExportStats {
+    /// The archived snapshot it was incremental from.
+    pub parent: Option<u64>,
+    /// Keys in the snapshot.
+    pub keys: u64,
+    /// Keys whose version was read from the cluster (changed since the parent, or all).
+    pub keys_read: u64,
+    /// Bytes of the values read.
+    pub bytes_read: u64,
+    /// Chunks written to new packs.
+    pub chunks_new: u64,
+    /// Chunks found already stored (earlier snapshots or this one).
+    pub chunks_reused: u64,
+    /// Bytes written to the archive (packs and index).
+    pub bytes_written: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Keys restored.
+    pub keys: u64,
+    /// Value bytes restored.
+    pub bytes: u64,
+}
+
+/// What verify found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Snapshots checked.
+    pub snapshots: u64,
+    /// Packs read.
+    pub packs: u64,
+    /// Chunks whose hash was checked.
+    pub chunks: u64,
+    /// Bytes read.
+    pub bytes: u64,
+    /// Every problem, one line each.
+    pub errors: Vec<String>,
+}
+
+/// What prune did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Snapshots dropped by the retention rule.
+    pub snapshots_deleted: Vec<u64>,
+    /// Packs deleted (no chunk referenced).
+    pub packs_deleted: u64,
+    /// Their bytes.
+    pub bytes_freed: u64,
+    /// An export was running: packs were left for the next prune.
+    pub deferred: bool,
+}
+
+/// Where a restore writes.
+#[derive(Debug)]
+pub enum RestoreTarget<'a> {
+    /// Each key as a file under this directory (`a/b` becomes `<dir>/a/b`).
+    Directory(&'a std::path::Path),
+    /// Each key put into this cluster.
+    Cluster(&'a Client),
+}
+
+/// Progress of a long operation: `done` of `total` (units named by the operation).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// An opened archive.
+#[derive(Debug, Clone)]
+pub struct Archive {
+    store: Arc<dyn ObjectStore>,
+    location: String,
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn index_path(id: u64) -> ObjectPath {
+    ObjectPath::from(format!("snapshots/{id:020}.idx"))
+}
+
+impl Archive {
+    /// Opens the archive at `location`: a directory (created if missing), `file:///dir`, or
+    /// with the `s3` feature `s3://bucket/prefix` (credentials from the environment).
+    pub fn open(location: &str) -> Result<Self, ArchiveError> {
+        let bad = |reason: String| ArchiveError::Location { location: location.to_owned(), reason };
+        let store: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
+            open_s3(location, rest).map_err(bad)?
+        } else if location.contains("://") && !location.starts_with("file://") {
+            return Err(bad("only directories, file:// and s3:// (with the s3 feature) are supported".into()));
+        } else {
+            let dir = location.strip_prefix("file://").unwrap_or(location);
+            if dir.is_empty() {
+                return Err(bad("empty path".into()));
+            }
+            std::fs::create_dir_all(dir).map_err(|error| bad(error.to_string()))?;
+            Arc::new(
+                object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(|error| bad(error.to_string()))?,
+            )
+        };
+        Ok(Self { store, location: location.to_owned() })
+    }
+
+    /// Where it is.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    async fn objects(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>, ArchiveError> {
+        let prefix = ObjectPath::from(prefix);
+        let mut list = self.store.list(Some(&prefix));
+        let mut out = Vec::new();
+        while let Some(meta) = list.next().await {
+            out.push(meta?);
+        }
+        out.sort_by(|a, b| a.location.cmp(&b.location));
+        Ok(out)
+    }
+
+    /// One archived snapshot's index.
+    pub async fn index(&self, id: u64) -> Result<SnapshotIndex, ArchiveError> {
+        let path = index_path(id);
+        let bytes = match self.store.get(&path).await {
+            Ok(result) => result.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => return Err(ArchiveError::NotFound(id)),
+            Err(error) => return Err(error.into()),
+        };
+        format::decode_index(&bytes).map_err(|error| ArchiveError::Format { object: path.to_string(), error })
+    }
+
+    /// Every archived snapshot, by timestamp.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotIndex>, ArchiveError> {
+        let mut out = Vec::new();
+        for meta in self.objects("snapshots").await? {
+            let bytes = self.store.get(&meta.location).await?.bytes().await?;
+            let index = format::decode_index(&bytes)
+                .map_err(|error| ArchiveError::Format { object: meta.location.to_string(), error })?;
+            out.push(index);
+        }
+        out.sort_by_key(|index| (index.glt, index.id));
+        Ok(out)
+    }
+
+    /// Takes a lock of `kind`; returns its path.
+    async fn lock(&self, kind: &str) -> Result<ObjectPath, ArchiveError> {
+        let path = ObjectPath::from(format!("locks/{kind}-{}-{}", unix_ns(), std::process::id()));
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        self.store.put_opts(&path, PutPayload::from(Vec::new()), options).await?;
+        Ok(path)
+    }
+
+    /// Live locks of `kind` (stale ones, from a crash, are ignored).
+    async fn locks(&self, kind: &str) -> Result<Vec<String>, ArchiveError> {
+        let now_ms = i64::try_from(unix_ns() / 1_000_000).unwrap_or(i64::MAX);
+        let stale_ms = i64::try_from(LOCK_STALE.as_millis()).unwrap_or(i64::MAX);
+        Ok(self
+            .objects("locks")
+            .await?
+            .into_iter()
+            .filter(|meta| meta.location.filename().is_some_and(|name| name.starts_with(&format!("{kind}-"))))
+            .filter(|meta| now_ms.saturating_sub(meta.last_modified.timestamp_millis()) < stale_ms)
+            .map(|meta| meta.location.to_string())
+            .collect())
+    }
+
+    /// Exports the cluster's snapshot `id` at `glt`, read through `client` (waiting until the
+    /// snapshot is readable in its region). Incremental from the newest archived snapshot
+    /// below `glt`: keys whose version did not change reuse their chunks unread.
+    pub async fn export(
+        &self,
+        client: &Client,
+        id: u64,
+        glt: u64,
+        progress: Progress<'_>,
+    ) -> Result<ExportStats, ArchiveError> {
+        let lock = self.lock("export").await?;
+        let result = self.export_locked(client, id, glt, progress).await;
+        let unlocked = self.store.delete(&lock).await;
+        let stats = result?;
+        unlocked?;
+        Ok(stats)
+    }
+
+    async fn export_locked(
+        &self,
+        client: &Client,
+        id: u64,
+        glt: u64,
+        progress: Progress<'_>,
+    ) -> Result<ExportStats, ArchiveError> {
+        let started = Instant::now();
+        if !self.locks("prune").await?.is_empty() {
+            return Err(ArchiveError::Busy("a prune is running; export again when it is done".into()));
+        }
+        let archived = self.snapshots().await?;
+        if archived.iter().any(|index| index.id == id) {
+            return Err(ArchiveError::Exists(id));
+        }
+        // Every stored chunk, for dedup, and the parent's keys, for the increment.
+        let mut known: HashMap<String, Location> = HashMap::new();
+        for index in &archived {
+            known.extend(index.chunks.iter().map(|(id, location)| (id.clone(), location.clone())));
+        }
+        let parent = archived.iter().rfind(|index| index.glt < glt);
+        let parent_keys: HashMap<&str, &KeyEntry> =
+            parent.map(|p| p.keys.iter().map(|entry| (entry.key.as_str(), entry)).collect()).unwrap_or_default();
+        let mut stats = ExportStats { parent: parent.map(|p| p.id), ..ExportStats::default() };
+
+        client.wait_readable(glt, Duration::from_secs(60)).await?;
+        let mut listed = Vec::new();
+        let mut after = Vec::new();
+        loop {
+            let page = client.list(b"", &after, 1000, Some(glt)).await?;
+            listed.extend(page.entries);
+            match page.next {
+                Some(next) => after = next,
+                None => break,
+            }
+        }
+        let total = listed.len() as u64;
+        let mut writer = PackWriter::new(self.store.clone());
+        let mut keys = Vec::with_capacity(listed.len());
+        let mut chunks: BTreeMap<String, Location> = BTreeMap::new();
+        let mut fetches = std::collections::VecDeque::new();
+        let mut next = 0;
+        for (done, entry) in listed.iter().enumerate() {
+            let key_hex = hex(&entry.key);
+            if let Some(previous) = parent_keys.get(key_hex.as_str()).filter(|previous| previous.ts == entry.ts) {
+                for chunk in &previous.chunks {
+                    if let Some(location) = known.get(chunk) {
+                        chunks.insert(chunk.clone(), location.clone());
+                    }
+                }
+                stats.chunks_reused += previous.chunks.len() as u64;
+                keys.push((*previous).clone());
+                progress(done as u64 + 1, total);
+                continue;
+            }
+            // Keep FETCH_AHEAD reads of the changed keys in flight.
+            while fetches.len() < FETCH_AHEAD && next < listed.len() {
+                let candidate = &listed[next];
+                next += 1;
+                let unchanged =
+                    parent_keys.get(hex(&candidate.key).as_str()).is_some_and(|previous| previous.ts == candidate.ts);
+                if unchanged || next - 1 < done {
+                    continue;
+                }
+                let (client, key) = (client.clone(), candidate.key.clone());
+                fetches.push_back(tokio::spawn(async move { client.get(&key, Some(glt)).await }));
+            }
+            let Some(fetch) = fetches.pop_front() else {
+                return Err(ArchiveError::Busy("export lost track of its reads".into()));
+            };
+            let value = fetch
+                .await
+                .map_err(|error| ArchiveError::Busy(format!("read task failed: {error}")))??
+                .ok_or(ClientError::NotFound)?;
+            stats.keys_read += 1;
+            stats.bytes_read += value.value.len() as u64;
+            let mut ids = Vec::new();
+            for piece in fastcdc::v2020::FastCDC::new(&value.value, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+                let raw = &value.value[piece.offset..piece.offset + piece.length];
+                let chunk_id: ChunkId = *blake3::hash(raw).as_bytes();
+                let chunk_hex = hex(&chunk_id);
+                if let Some(location) = known.get(&chunk_hex).or_else(|| chunks.get(&chunk_hex)).cloned() {
+                    stats.chunks_reused += 1;
+                    chunks.insert(chunk_hex.clone(), location);
+                } else if !writer.holds(&chunk_hex) {
+                    stats.chunks_new += 1;
+                    for (flushed_id, location) in writer.add(chunk_id, raw).await? {
+                        chunks.insert(flushed_id, location);
+                    }
+                } else {
+                    stats.chunks_reused += 1;
+                }
+                ids.push(chunk_hex);
+            }
+            keys.push(KeyEntry { key: key_hex, ts: entry.ts, size: value.value.len() as u64, chunks: ids });
+            progress(done as u64 + 1, total);
+        }
+        for (flushed_id, location) in writer.flush().await? {
+            chunks.insert(flushed_id, location);
+        }
+        stats.bytes_written = writer.bytes_written;
+        let index = SnapshotIndex { id, glt, parent: stats.parent, created_ms: unix_ns() / 1_000_000, keys, chunks };
+        let bytes = format::encode_index(&index)
+            .map_err(|error| ArchiveError::Format { object: index_path(id).to_string(), error })?;
+        stats.bytes_written += bytes.len() as u64;
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&index_path(id), PutPayload::from(bytes), options).await {
+            Err(object_store::Error::AlreadyExists { .. }) => return Err(ArchiveError::Exists(id)),
+            other => other?,
+        };
+        stats.keys = total;
+        stats.elapsed = started.elapsed();
+        Ok(stats)
+    }
+
+    /// Reads one chunk, checking its CRC and hash.
+    async fn chunk(&self, id: &str, location: &Location) -> Result<Vec<u8>, ArchiveError> {
+        let path = ObjectPath::from(format!("packs/{}", location.pack));
+        let bytes = self.store.get_range(&path, location.offset..location.offset + u64::from(location.len)).await?;
+        let damaged = |error| ArchiveError::Format { object: format!("{path} (chunk {id})"), error };
+        let (entry, _) =
+            format::decode_entry(&bytes, usize::try_from(location.offset).unwrap_or(usize::MAX)).map_err(damaged)?;
+        if hex(&entry.id) != id {
+            return Err(damaged(FormatError::WrongHash { id: id.to_owned(), found: hex(&entry.id) }));
+        }
+        format::open_entry(&entry).map_err(damaged)
+    }
+
+    /// Restores the keys of archived snapshot `id` starting with `prefix` to `target`; every
+    /// chunk is checked against its hash on the way.
+    pub async fn restore(
+        &self,
+        id: u64,
+        prefix: &[u8],
+        target: RestoreTarget<'_>,
+        progress: Progress<'_>,
+    ) -> Result<RestoreStats, ArchiveError> {
+        let index = self.index(id).await?;
+        let selected: Vec<&KeyEntry> =
+            index.keys.iter().filter(|entry| unhex(&entry.key).is_some_and(|key| key.starts_with(prefix))).collect();
+        let total: u64 = selected.iter().map(|entry| entry.size).sum();
+        let mut stats = RestoreStats::default();
+        for entry in selected {
+            let key = unhex(&entry.key).unwrap_or_default();
+            let mut value = Vec::with_capacity(usize::try_from(entry.size).unwrap_or(0));
+            for chunk in &entry.chunks {
+                let location = index.chunks.get(chunk).ok_or_else(|| ArchiveError::Format {
+                    object: index_path(id).to_string(),
+                    error: FormatError::Body(format!("chunk {chunk} has no location")),
+                })?;
+                value.extend_from_slice(&self.chunk(chunk, location).await?);
+            }
+            match target {
+                RestoreTarget::Directory(dir) => write_key_file(dir, &key, &value)?,
+                RestoreTarget::Cluster(client) => {
+                    client.put(&key, &value).await?;
+                }
+            }
+            stats.keys += 1;
+            stats.bytes += value.len() as u64;
+            progress(stats.bytes, total);
+        }
+        Ok(stats)
+    }
+
+    /// Reads every pack and checks every chunk's hash, and that every chunk each snapshot
+    /// names is there intact.
+    pub async fn verify(&self, progress: Progress<'_>) -> Result<VerifyReport, ArchiveError> {
+        let mut report = VerifyReport::default();
+        let packs = self.objects("packs").await?;
+        let total: u64 = packs.iter().map(|meta| meta.size).sum();
+        let mut intact: HashSet<(String, u64)> = HashSet::new();
+        for meta in &packs {
+            let name = meta.location.filename().unwrap_or_default().to_owned();
+            let bytes = self.store.get(&meta.location).await?.bytes().await?;
+            report.packs += 1;
+            report.bytes += bytes.len() as u64;
+            match format::decode_pack(&bytes) {
+                Ok(entries) => {
+                    for (offset, entry) in entries {
+                        report.chunks += 1;
+                        match format::open_entry(&entry) {
+                            Ok(_) => {
+                                intact.insert((name.clone(), offset));
+                            }
+                            Err(error) => report.errors.push(format!("{}: {error}", meta.location)),
+                        }
+                    }
+                }
+                Err(error) => report.errors.push(format!("{}: {error}", meta.location)),
+            }
+            progress(report.bytes, total);
+        }
+        for meta in self.objects("snapshots").await? {
+            let bytes = self.store.get(&meta.location).await?.bytes().await?;
+            match format::decode_index(&bytes) {
+                Ok(index) => {
+                    report.snapshots += 1;
+                    let missing =
+                        index.chunks.iter().filter(|(_, at)| !intact.contains(&(at.pack.clone(), at.offset))).count();
+                    if missing > 0 {
+                        report.errors.push(format!(
+                            "snapshot {}: {missing} of its {} chunks are missing or damaged",
+                            index.id,
+                            index.chunks.len()
+                        ));
+                    }
+                }
+                Err(error) => report.errors.push(format!("{}: {error}", meta.location)),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Keeps the newest `keep_last` snapshots, deletes the others' indexes, then the packs no
+    /// kept snapshot references (unless an export is running; see the module docs).
+    pub async fn prune(&self, keep_last: usize) -> Result<PruneReport, ArchiveError> {
+        let started_ms = i64::try_from(unix_ns() / 1_000_000).unwrap_or(i64::MAX);
+        let lock = self.lock("prune").await?;
+        let result = self.prune_locked(keep_last, started_ms).await;
+        let unlocked = self.store.delete(&lock).await;
+        let report = result?;
+        unlocked?;
+        Ok(report)
+    }
+
+    async fn prune_locked(&self, keep_last: usize, started_ms: i64) -> Result<PruneReport, ArchiveError> {
+        let mut report = PruneReport::default();
+        let snapshots = self.snapshots().await?;
+        let drop_count = snapshots.len().saturating_sub(keep_last);
+        for index in &snapshots[..drop_count] {
+            self.store.delete(&index_path(index.id)).await?;
+            report.snapshots_deleted.push(index.id);
+        }
+        if !self.locks("export").await?.is_empty() {
+            report.deferred = true;
+            return Ok(report);
+        }
+        let referenced: HashSet<String> =
+            snapshots[drop_count..].iter().flat_map(|index| index.chunks.values().map(|at| at.pack.clone())).collect();
+        for meta in self.objects("packs").await? {
+            let name = meta.location.filename().unwrap_or_default().to_owned();
+            if !referenced.contains(&name) && meta.last_modified.timestamp_millis() < started_ms {
+                self.store.delete(&meta.location).await?;
+                report.packs_deleted += 1;
+                report.bytes_freed += meta.size;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Bytes stored (packs and indexes).
+    pub async fn stored_bytes(&self) -> Result<u64, ArchiveError> {
+        let mut total = 0;
+        for prefix in ["packs", "snapshots"] {
+            total += self.objects(prefix).await?.iter().map(|meta| meta.size).sum::<u64>();
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(feature = "s3")]
+fn open_s3(location: &str, _rest: &str) -> Result<Arc<dyn ObjectStore>, String> {
+    let store = object_store::aws::AmazonS3Builder::from_env().with_url(location).build().map_err(|e| e.to_string())?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "s3"))]
+fn open_s3(_location: &str, _rest: &str) -> Result<Arc<dyn ObjectStore>, String> {
+    Err("this build has no S3 support: build the client with `--features s3`".into())
+}
+
+/// Writes `value` to `dir/<key>`, refusing keys that would leave `dir`.
+fn write_key_file(dir: &std::path::Path, key: &[u8], value: &[u8]) -> Result<(), ArchiveError> {
+    let text = std::str::from_utf8(key)
+        .map_err(|_| ArchiveError::BadKey { key: String::from_utf8_lossy(key).into_owned(), reason: "not UTF-8" })?;
+    let bad = |reason| ArchiveError::BadKey { key: text.to_owned(), reason };
+    let relative = std::path::Path::new(text);
+    if text.is_empty() || text.ends_with('/') {
+        return Err(bad("it names a directory"));
+    }
+    for component in relative.components() {
+        if !matches!(component, std::path::Component::Normal(_)) {
+            return Err(bad("it has a `..`, `.` or root component"));
+        }
+    }
+    let path = dir.join(relative);
+    let io = |error| ArchiveError::Io { path: path.display().to_string(), error };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    std::fs::write(&path, value).map_err(io)
+}
+
+/// Collects chunks into a pack and writes it once it is full.
+struct PackWriter {
+    store: Arc<dyn ObjectStore>,
+    buffer: Vec<u8>,
+    /// Chunks in the buffer: id (hex), offset, entry length, raw length.
+    pending: Vec<(String, u64, u32, u32)>,
+    held: HashSet<String>,
+    bytes_written: u64,
+}
+
+impl PackWriter {
+    fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Self { store, buffer: Vec::new(), pending: Vec::new(), held: HashSet::new(), bytes_written: 0 }
+    }
+
+    fn holds(&self, id: &str) -> bool {
+        self.held.contains(id)
+    }
+
+    /// Adds a chunk; returns the locations of the chunks of a pack it wrote, if it did.
+    async fn add(&mut self, id: ChunkId, raw: &[u8]) -> Result<Vec<(String, Location)>, ArchiveError> {
+        let (offset, len) = format::append_entry(&mut self.buffer, &id, raw, ZSTD_LEVEL);
+        let id = hex(&id);
+        self.held.insert(id.clone());
+        self.pending.push((id, offset, len, u32::try_from(raw.len()).unwrap_or(u32::MAX)));
+        if self.buffer.len() >= PACK_BYTES { self.flush().await } else { Ok(Vec::new()) }
+    }
+
+    /// Writes the pack (named by its content's hash) and returns where its chunks are.
+    async fn flush(&mut self) -> Result<Vec<(String, Location)>, ArchiveError> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let bytes = std::mem::take(&mut self.buffer);
+        let name = format!("{}.pack", &blake3::hash(&bytes).to_hex()[..32]);
+        self.bytes_written += bytes.len() as u64;
+        self.store.put(&ObjectPath::from(format!("packs/{name}")), PutPayload::from(bytes)).await?;
+        self.held.clear();
+        Ok(std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(id, offset, len, raw)| (id, Location { pack: name.clone(), offset, len, raw }))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_that_would_leave_the_directory_are_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        write_key_file(dir.path(), b"a/b/c.txt", b"x").expect("a plain key");
+        assert_eq!(std::fs::read(dir.path().join("a/b/c.txt")).expect("written"), b"x");
+        for key in [&b"../x"[..], b"/etc/x", b"a/../../x", b"a/", b"", b"\xff"] {
+            assert!(write_key_file(dir.path(), key, b"x").is_err(), "{key:?} accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn prune_spares_packs_while_an_export_holds_its_lock() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let archive = Archive::open(dir.path().to_str().expect("utf-8")).expect("open");
+        let mut writer = PackWriter::new(archive.store.clone());
+        writer.add(*blake3::hash(b"orphan").as_bytes(), b"orphan").await.expect("add");
+        writer.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let export = archive.lock("export").await.expect("lock");
+        let report = archive.prune(0).await.expect("prune");
+        assert!(report.deferred);
+        assert_eq!(report.packs_deleted, 0);
+        archive.store.delete(&export).await.expect("unlock");
+        let report = archive.prune(0).await.expect("prune");
+        assert!(!report.deferred);
+        assert_eq!(report.packs_deleted, 1, "an unreferenced pack older than the prune goes");
+        assert!(archive.locks("prune").await.expect("locks").is_empty(), "prune let go of its lock");
+    }
+
+    #[test]
+    fn unknown_schemes_and_missing_s3_support_are_named() {
+        let error = Archive::open("ftp://host/x").expect_err("ftp");
+        assert!(error.to_string().contains("only directories"), "{error}");
+        if cfg!(not(feature = "s3")) {
+            let error = Archive::open("s3://bucket/x").expect_err("s3 without the feature");
+            assert!(error.to_string().contains("--features s3"), "{error}");
+        }
+    }
+}
