@@ -26,6 +26,9 @@ case "${1:-test}" in
     want etcd etcd-server
     # `bench geo` compares QUIC replication throughput with iperf3 over TCP.
     want iperf3 iperf3
+    # `bench snapshot` compares its archive exports with rsync and restic.
+    want rsync rsync
+    want restic restic
     want_font
     ;;
   fuzz)

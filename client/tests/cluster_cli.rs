@@ -211,6 +211,119 @@ fn snapshots_are_created_listed_and_shown_through_the_leader() {
     assert!(stderr(&unknown).contains("no snapshot 9 in the catalog"), "{}", stderr(&unknown));
 }
 
+/// A standalone `dataplane` (built next to the test, as `LocalCluster::binary` does); its
+/// shard 0 address and the child, killed on drop.
+struct DataNode {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl DataNode {
+    fn start(dir: &Path) -> Self {
+        let exe = std::env::current_exe().expect("test path");
+        let profile = exe.parent().and_then(Path::parent).expect("target/<profile>");
+        let binary = profile.join("dataplane");
+        if !binary.exists() {
+            let mut cargo = Command::new(env!("CARGO"));
+            cargo.args(["build", "-p", "dataplane", "--bin", "dataplane"]);
+            if profile.file_name().is_some_and(|name| name == "release") {
+                cargo.arg("--release");
+            }
+            assert!(cargo.status().expect("cargo build").success());
+        }
+        let mut child = Command::new(binary)
+            .args(["--data-dir", path_str(dir), "--listen", "127.0.0.1:0", "--shards", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dataplane");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("READY line");
+        let addr = line.trim().strip_prefix("READY ").expect("READY").split(',').next().expect("shard 0").to_owned();
+        Self { child, addr }
+    }
+}
+
+impl Drop for DataNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn snapshot_reads_see_the_snapshot_not_later_writes() {
+    let fixture = Fixture::start(3);
+    let data = tempfile::tempdir().expect("temp dir");
+    let node = DataNode::start(data.path());
+    let data_cmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["--addr", &node.addr, "--timeout-ms", "10000"])
+            .args(args)
+            .env_remove("MERIDIAN_ADDR")
+            .output()
+            .expect("run meridian")
+    };
+    let snapshot = |args: &[&str]| {
+        let flags = ["--control", &fixture.control(), "--tls-dir", path_str(&fixture.tls_dir)];
+        Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["--addr", &node.addr, "--timeout-ms", "10000", "snapshot"])
+            .args(flags)
+            .args(args)
+            .env_remove("MERIDIAN_ADDR")
+            .env_remove("MERIDIAN_CONTROL")
+            .env_remove("MERIDIAN_TLS_DIR")
+            .output()
+            .expect("run meridian")
+    };
+    for (key, value) in [("k/a", "one"), ("k/b", "two"), ("k/c", "three")] {
+        assert_eq!(code(&data_cmd(&["put", key, "--value", value])), exit_code::OK);
+    }
+    let created = json(&snapshot(&["create", "--json"]));
+    let id = created["id"].as_u64().expect("id").to_string();
+    assert_eq!(code(&data_cmd(&["put", "k/a", "--value", "changed"])), exit_code::OK);
+    assert_eq!(code(&data_cmd(&["rm", "k/b"])), exit_code::OK);
+    assert_eq!(code(&data_cmd(&["put", "k/d", "--value", "later"])), exit_code::OK);
+
+    let got = snapshot(&["get", &id, "k/a"]);
+    assert_eq!(code(&got), exit_code::OK, "{}", stderr(&got));
+    assert_eq!(got.stdout, b"one");
+    let listed = snapshot(&["ls", &id, "k/"]);
+    assert_eq!(code(&listed), exit_code::OK, "{}", stderr(&listed));
+    let text = stdout(&listed);
+    let keys: Vec<&str> = text.lines().map(|line| line.split('\t').next().unwrap_or("")).collect();
+    assert_eq!(keys, ["k/a", "k/b", "k/c"]);
+    let latest = data_cmd(&["get", "k/a"]);
+    assert_eq!(latest.stdout, b"changed");
+    let missing = snapshot(&["get", &id, "k/d"]);
+    assert_eq!(code(&missing), exit_code::NOT_FOUND, "{}", stderr(&missing));
+}
+
+#[test]
+fn the_leader_takes_scheduled_snapshots() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let binary = LocalCluster::binary().expect("the controlplane binary");
+    let cluster = runtime
+        .block_on(LocalCluster::start(&binary, dir.path(), 3, &["--snapshot-every-ms", "100"]))
+        .expect("start the control plane");
+    runtime.block_on(cluster.wait_leader(Duration::from_secs(15))).expect("a leader is elected");
+    let seen = runtime.block_on(async {
+        let started = Instant::now();
+        loop {
+            let meta = cluster.client().read(true, Duration::from_secs(5)).await.expect("read");
+            if meta.snapshots.len() >= 5 || started.elapsed() > Duration::from_secs(20) {
+                return meta.snapshots;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    assert!(seen.len() >= 5, "{} scheduled snapshots in 20 s", seen.len());
+    let glts: Vec<u64> = seen.values().map(|snapshot| snapshot.glt).collect();
+    assert!(glts.windows(2).all(|pair| pair[0] < pair[1]), "timestamps grow: {glts:?}");
+}
+
 #[test]
 fn bad_tls_dir_and_missing_options_are_clear_errors() {
     let missing = tempfile::tempdir().expect("temp dir");

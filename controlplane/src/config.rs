@@ -78,6 +78,16 @@ impl Default for GltsConfig {
     }
 }
 
+/// Global snapshots the leader takes by itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotsConfig {
+    /// Take one this often, ms (0: only when asked).
+    pub every_ms: u64,
+    /// Added to each scheduled snapshot's timestamp, µs (see `snapshot create --lead-ms`).
+    pub lead_us: u64,
+}
+
 /// The Prometheus endpoint (`GET /metrics`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +136,9 @@ pub struct NodeConfig {
     /// GLTS.
     #[serde(default)]
     pub glts: GltsConfig,
+    /// Scheduled global snapshots.
+    #[serde(default)]
+    pub snapshots: SnapshotsConfig,
     /// The Prometheus endpoint; none when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
@@ -190,6 +203,9 @@ impl NodeConfig {
         }
         if self.glts.sync_interval_ms == 0 {
             bail!("glts.sync_interval_ms: must be > 0");
+        }
+        if self.snapshots.every_ms != 0 && self.snapshots.every_ms < 10 {
+            bail!("snapshots.every_ms: must be 0 (off) or at least 10");
         }
         Ok(())
     }

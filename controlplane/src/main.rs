@@ -87,6 +87,9 @@ struct RunArgs {
     /// Raft log I/O: auto (io_uring, else blocking), uring or std.
     #[arg(long, value_enum)]
     log_io: Option<LogIo>,
+    /// Take a global snapshot this often while leader, ms; 0 for none (snapshots.every_ms).
+    #[arg(long)]
+    snapshot_every_ms: Option<u64>,
     /// Serve Prometheus metrics on this TCP address (metrics.listen); port 0 picks one, printed
     /// on stdout as `METRICS http://addr/metrics`.
     #[arg(long)]
@@ -119,6 +122,7 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
                 raft: Default::default(),
                 membership: Default::default(),
                 glts: Default::default(),
+                snapshots: Default::default(),
                 metrics: None,
             }
         }
@@ -156,6 +160,9 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
     }
     if let Some(ms) = args.suspect_after_ms {
         config.membership.suspect_after_ms = ms;
+    }
+    if let Some(ms) = args.snapshot_every_ms {
+        config.snapshots.every_ms = ms;
     }
     if let Some(ms) = args.dead_after_ms {
         config.membership.dead_after_ms = ms;

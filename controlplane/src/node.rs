@@ -163,6 +163,9 @@ impl Node {
         tokio::spawn(node.clone().observe_raft());
         tokio::spawn(node.clone().glts_exchanges());
         tokio::spawn(node.clone().liveness_monitor());
+        if node.config.snapshots.every_ms > 0 {
+            tokio::spawn(node.clone().scheduled_snapshots());
+        }
         node.clone().bootstrap_or_join().await?;
         tracing::info!(
             node = node.id,
@@ -540,6 +543,21 @@ impl Node {
                 Response::Error { message: format!("snapshot not created: {outcome:?}") }
             }
             other => other,
+        }
+    }
+
+    /// While leader, takes a global snapshot every `snapshots.every_ms`.
+    async fn scheduled_snapshots(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.snapshots.every_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.raft.metrics().borrow().state != ServerState::Leader {
+                continue;
+            }
+            if let Response::Error { message } = self.create_snapshot(self.config.snapshots.lead_us).await {
+                tracing::warn!("scheduled snapshot not taken: {message}");
+            }
         }
     }
 

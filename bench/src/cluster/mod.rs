@@ -8,6 +8,7 @@
 //! also on Ctrl-C (children run in their own process groups, so the terminal's SIGINT reaches
 //! only this process, which then stops them in order).
 
+mod archive;
 mod load;
 mod plot;
 mod report;
@@ -275,6 +276,15 @@ pub struct SnapshotArgs {
     /// The controlplane binary (default: next to this bench binary).
     #[arg(long)]
     controlplane: Option<PathBuf>,
+    /// Size of the data set exported into the archive (next to restic and rsync).
+    #[arg(long, default_value = "1GiB", value_parser = scenario::parse_bytes)]
+    dataset: u64,
+    /// Fraction of the data set's bytes changed before the incremental export.
+    #[arg(long, default_value_t = 0.01)]
+    change: f64,
+    /// Skip the archive comparison (no restic or rsync needed).
+    #[arg(long)]
+    skip_archive: bool,
     /// Print report.json's object on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -284,6 +294,12 @@ pub struct SnapshotArgs {
 /// going on, whose headline is `availability_p99_ms` (request to readable, worst region).
 pub fn run_snapshot(args: &SnapshotArgs) -> Result<()> {
     ensure!(!args.every.is_zero(), "--every must be positive");
+    ensure!(args.dataset >= 1 << 20, "--dataset must be at least 1MiB");
+    ensure!(args.change > 0.0 && args.change <= 0.5, "--change must be a fraction in (0, 0.5]");
+    if !args.skip_archive && !archive::tools_available() {
+        bail!("restic or rsync not found: run scripts/install-deps.sh bench, or pass --skip-archive");
+    }
+    let plan = (!args.skip_archive).then_some(archive::Plan { bytes: args.dataset, change: args.change, seed: 1 });
     let cluster = ClusterArgs {
         duration: args.duration,
         warmup: Duration::from_secs(2),
@@ -308,15 +324,15 @@ pub fn run_snapshot(args: &SnapshotArgs) -> Result<()> {
         seed: 1,
         json: args.json,
     };
-    execute(&cluster, "snapshot")
+    execute(&cluster, "snapshot", plan.as_ref())
 }
 
 /// Runs `bench cluster`.
 pub fn run(args: &ClusterArgs) -> Result<()> {
-    execute(args, "cluster")
+    execute(args, "cluster", None)
 }
 
-fn execute(args: &ClusterArgs, bench: &str) -> Result<()> {
+fn execute(args: &ClusterArgs, bench: &str, archive_plan: Option<&archive::Plan>) -> Result<()> {
     args.validate()?;
     let dataplane = dataplane_binary(args.dataplane.as_ref())?;
     let controlplane = crate::control::controlplane_binary(args.controlplane.as_deref())?;
@@ -325,7 +341,13 @@ fn execute(args: &ClusterArgs, bench: &str) -> Result<()> {
     }
     let dir = create_run_dir(&args.out)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let outcome = runtime.block_on(run_async(args, &dataplane, &controlplane, &dir));
+    let outcome = runtime.block_on(async {
+        let mut report = run_async(args, &dataplane, &controlplane, &dir).await?;
+        if let Some(plan) = archive_plan {
+            archive::compare(&dir, &dataplane, plan, report.figures_mut()).await?;
+        }
+        anyhow::Ok(report)
+    });
     match outcome {
         Ok(mut report) => {
             report.name(bench)?;

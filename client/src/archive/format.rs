@@ -121,25 +121,34 @@ pub struct Entry<'a> {
     pub stored: &'a [u8],
 }
 
-/// Appends one chunk to a pack buffer, compressed with zstd at `level` unless that does not
-/// make it smaller. Returns the entry's offset and total length in the pack.
-pub fn append_entry(pack: &mut Vec<u8>, id: &ChunkId, raw: &[u8], level: i32) -> (u64, u32) {
-    if pack.is_empty() {
-        pack.extend_from_slice(PACK_MAGIC);
-    }
-    let offset = pack.len() as u64;
+/// One chunk as a pack entry, compressed with zstd at `level` unless that does not make it
+/// smaller.
+pub fn encode_entry(id: &ChunkId, raw: &[u8], level: i32) -> Vec<u8> {
     let compressed = zstd::bulk::compress(raw, level).ok().filter(|c| c.len() < raw.len());
     let (codec, stored) = match &compressed {
         Some(bytes) => (CODEC_ZSTD, bytes.as_slice()),
         None => (CODEC_NONE, raw),
     };
-    pack.extend_from_slice(id);
-    pack.extend_from_slice(&u32::try_from(raw.len()).unwrap_or(u32::MAX).to_le_bytes());
-    pack.extend_from_slice(&u32::try_from(stored.len()).unwrap_or(u32::MAX).to_le_bytes());
-    pack.push(codec);
-    pack.extend_from_slice(&crc32c::crc32c(stored).to_le_bytes());
-    pack.extend_from_slice(stored);
-    (offset, u32::try_from(pack.len() as u64 - offset).unwrap_or(u32::MAX))
+    let mut entry = Vec::with_capacity(ENTRY_HEAD_BYTES + stored.len());
+    entry.extend_from_slice(id);
+    entry.extend_from_slice(&u32::try_from(raw.len()).unwrap_or(u32::MAX).to_le_bytes());
+    entry.extend_from_slice(&u32::try_from(stored.len()).unwrap_or(u32::MAX).to_le_bytes());
+    entry.push(codec);
+    entry.extend_from_slice(&crc32c::crc32c(stored).to_le_bytes());
+    entry.extend_from_slice(stored);
+    entry
+}
+
+/// Appends one chunk to a pack buffer (the magic first, into an empty one). Returns the
+/// entry's offset and total length in the pack.
+pub fn append_entry(pack: &mut Vec<u8>, id: &ChunkId, raw: &[u8], level: i32) -> (u64, u32) {
+    if pack.is_empty() {
+        pack.extend_from_slice(PACK_MAGIC);
+    }
+    let offset = pack.len() as u64;
+    let entry = encode_entry(id, raw, level);
+    pack.extend_from_slice(&entry);
+    (offset, u32::try_from(entry.len()).unwrap_or(u32::MAX))
 }
 
 fn u32_at(bytes: &[u8], at: usize, what: &'static str) -> Result<u32, FormatError> {

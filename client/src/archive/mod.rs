@@ -28,17 +28,17 @@ use crate::{Client, ClientError};
 use format::{ChunkId, FormatError, KeyEntry, Location, SnapshotIndex, hex, unhex};
 
 /// Content-defined chunk sizes (FastCDC): minimum, average, maximum.
-pub const CHUNK_MIN: u32 = 128 << 10;
-/// Average chunk.
-pub const CHUNK_AVG: u32 = 512 << 10;
+pub const CHUNK_MIN: u32 = 16 << 10;
+/// Average chunk: small enough that an edit costs little to store and compress again.
+pub const CHUNK_AVG: u32 = 64 << 10;
 /// Largest chunk.
-pub const CHUNK_MAX: u32 = 2 << 20;
+pub const CHUNK_MAX: u32 = 256 << 10;
 /// A pack is written once it holds this much.
 pub const PACK_BYTES: usize = 16 << 20;
 /// zstd level of chunks and indexes.
 pub const ZSTD_LEVEL: i32 = 3;
 /// Values fetched at once during an export.
-const FETCH_AHEAD: usize = 8;
+const FETCH_AHEAD: usize = 32;
 /// Locks older than this are left over from a crash and ignored.
 const LOCK_STALE: Duration = Duration::from_secs(3600);
 
@@ -301,6 +301,7 @@ impl Archive {
         for index in &archived {
             known.extend(index.chunks.iter().map(|(id, location)| (id.clone(), location.clone())));
         }
+        let known = Arc::new(known);
         let parent = archived.iter().rfind(|index| index.glt < glt);
         let parent_keys: HashMap<&str, &KeyEntry> =
             parent.map(|p| p.keys.iter().map(|entry| (entry.key.as_str(), entry)).collect()).unwrap_or_default();
@@ -345,37 +346,38 @@ impl Archive {
                 if unchanged || next - 1 < done {
                     continue;
                 }
-                let (client, key) = (client.clone(), candidate.key.clone());
-                fetches.push_back(tokio::spawn(async move { client.get(&key, Some(glt)).await }));
+                let (client, key, known) = (client.clone(), candidate.key.clone(), known.clone());
+                // The read, then its chunking, hashing and compression on a blocking thread:
+                // several values are cut and compressed at once, next to the reads.
+                fetches.push_back(tokio::spawn(async move {
+                    let value = client.get(&key, Some(glt)).await?.ok_or(ClientError::NotFound)?.value;
+                    let prepared = tokio::task::spawn_blocking(move || prepare(&value, &known)).await;
+                    prepared.map_err(|error| ArchiveError::Busy(format!("chunking task failed: {error}")))
+                }));
             }
             let Some(fetch) = fetches.pop_front() else {
                 return Err(ArchiveError::Busy("export lost track of its reads".into()));
             };
-            let value = fetch
-                .await
-                .map_err(|error| ArchiveError::Busy(format!("read task failed: {error}")))??
-                .ok_or(ClientError::NotFound)?;
+            let (size, pieces) =
+                fetch.await.map_err(|error| ArchiveError::Busy(format!("read task failed: {error}")))??;
             stats.keys_read += 1;
-            stats.bytes_read += value.value.len() as u64;
-            let mut ids = Vec::new();
-            for piece in fastcdc::v2020::FastCDC::new(&value.value, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-                let raw = &value.value[piece.offset..piece.offset + piece.length];
-                let chunk_id: ChunkId = *blake3::hash(raw).as_bytes();
-                let chunk_hex = hex(&chunk_id);
-                if let Some(location) = known.get(&chunk_hex).or_else(|| chunks.get(&chunk_hex)).cloned() {
+            stats.bytes_read += size;
+            let mut ids = Vec::with_capacity(pieces.len());
+            for piece in pieces {
+                if let Some(location) = known.get(&piece.id).or_else(|| chunks.get(&piece.id)).cloned() {
                     stats.chunks_reused += 1;
-                    chunks.insert(chunk_hex.clone(), location);
-                } else if !writer.holds(&chunk_hex) {
+                    chunks.insert(piece.id.clone(), location);
+                } else if let (false, Some(entry)) = (writer.holds(&piece.id), piece.entry) {
                     stats.chunks_new += 1;
-                    for (flushed_id, location) in writer.add(chunk_id, raw).await? {
+                    for (flushed_id, location) in writer.add(&piece.id, &entry, piece.raw_len).await? {
                         chunks.insert(flushed_id, location);
                     }
                 } else {
                     stats.chunks_reused += 1;
                 }
-                ids.push(chunk_hex);
+                ids.push(piece.id);
             }
-            keys.push(KeyEntry { key: key_hex, ts: entry.ts, size: value.value.len() as u64, chunks: ids });
+            keys.push(KeyEntry { key: key_hex, ts: entry.ts, size, chunks: ids });
             progress(done as u64 + 1, total);
         }
         for (flushed_id, location) in writer.flush().await? {
@@ -575,6 +577,30 @@ fn write_key_file(dir: &std::path::Path, key: &[u8], value: &[u8]) -> Result<(),
     std::fs::write(&path, value).map_err(io)
 }
 
+/// One content-defined chunk of a value, ready for a pack.
+struct Piece {
+    /// BLAKE3 id, hex.
+    id: String,
+    raw_len: u32,
+    /// The encoded pack entry; `None` when the archive already holds the chunk.
+    entry: Option<Vec<u8>>,
+}
+
+/// Cuts `value` into content-defined chunks, hashes each, and encodes (compresses) those the
+/// archive does not hold yet. Returns the value's size and its chunks in order.
+fn prepare(value: &[u8], known: &HashMap<String, Location>) -> (u64, Vec<Piece>) {
+    let pieces = fastcdc::v2020::FastCDC::new(value, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+        .map(|cut| {
+            let raw = &value[cut.offset..cut.offset + cut.length];
+            let id: ChunkId = *blake3::hash(raw).as_bytes();
+            let id_hex = hex(&id);
+            let entry = (!known.contains_key(&id_hex)).then(|| format::encode_entry(&id, raw, ZSTD_LEVEL));
+            Piece { id: id_hex, raw_len: u32::try_from(raw.len()).unwrap_or(u32::MAX), entry }
+        })
+        .collect();
+    (value.len() as u64, pieces)
+}
+
 /// Collects chunks into a pack and writes it once it is full.
 struct PackWriter {
     store: Arc<dyn ObjectStore>,
@@ -594,12 +620,17 @@ impl PackWriter {
         self.held.contains(id)
     }
 
-    /// Adds a chunk; returns the locations of the chunks of a pack it wrote, if it did.
-    async fn add(&mut self, id: ChunkId, raw: &[u8]) -> Result<Vec<(String, Location)>, ArchiveError> {
-        let (offset, len) = format::append_entry(&mut self.buffer, &id, raw, ZSTD_LEVEL);
-        let id = hex(&id);
-        self.held.insert(id.clone());
-        self.pending.push((id, offset, len, u32::try_from(raw.len()).unwrap_or(u32::MAX)));
+    /// Adds an encoded entry (see [`format::encode_entry`]); returns the locations of the
+    /// chunks of a pack it wrote, if it did.
+    async fn add(&mut self, id: &str, entry: &[u8], raw_len: u32) -> Result<Vec<(String, Location)>, ArchiveError> {
+        if self.buffer.is_empty() {
+            self.buffer.extend_from_slice(format::PACK_MAGIC);
+        }
+        let offset = self.buffer.len() as u64;
+        self.buffer.extend_from_slice(entry);
+        let len = u32::try_from(entry.len()).unwrap_or(u32::MAX);
+        self.held.insert(id.to_owned());
+        self.pending.push((id.to_owned(), offset, len, raw_len));
         if self.buffer.len() >= PACK_BYTES { self.flush().await } else { Ok(Vec::new()) }
     }
 
@@ -639,7 +670,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let archive = Archive::open(dir.path().to_str().expect("utf-8")).expect("open");
         let mut writer = PackWriter::new(archive.store.clone());
-        writer.add(*blake3::hash(b"orphan").as_bytes(), b"orphan").await.expect("add");
+        let id = *blake3::hash(b"orphan").as_bytes();
+        writer.add(&hex(&id), &format::encode_entry(&id, b"orphan", ZSTD_LEVEL), 6).await.expect("add");
         writer.flush().await.expect("flush");
         tokio::time::sleep(Duration::from_millis(20)).await;
         let export = archive.lock("export").await.expect("lock");

@@ -102,6 +102,26 @@ pub enum SnapshotCommand {
         /// Snapshot id.
         id: u64,
     },
+    /// Read a key as of a snapshot from the node at --addr (any region), once the snapshot is
+    /// readable there: the value on stdout, or into -o FILE.
+    Get {
+        /// Snapshot id.
+        id: u64,
+        /// The key.
+        key: String,
+        /// Write the value to this file instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// List every key under a prefix as of a snapshot from the node at --addr (any region),
+    /// once the snapshot is readable there: `key<TAB>size<TAB>ts` lines, or --json.
+    Ls {
+        /// Snapshot id.
+        id: u64,
+        /// Key prefix.
+        #[arg(default_value = "")]
+        prefix: String,
+    },
     /// Export a snapshot into an archive, read from the node at --addr once it is readable
     /// there: incremental from the newest archived snapshot below it (only keys whose version
     /// changed are read), content-defined chunks deduplicated across the archive, zstd packs.
@@ -159,7 +179,15 @@ pub enum SnapshotCommand {
 impl SnapshotCommand {
     /// Whether the command talks to the control plane.
     pub fn needs_control(&self) -> bool {
-        matches!(self, Self::Create { .. } | Self::List | Self::Show { .. } | Self::Export { .. })
+        matches!(
+            self,
+            Self::Create { .. }
+                | Self::List
+                | Self::Show { .. }
+                | Self::Export { .. }
+                | Self::Get { .. }
+                | Self::Ls { .. }
+        )
     }
 }
 
@@ -485,6 +513,8 @@ pub async fn run_snapshot(
         SnapshotCommand::List => "snapshot list".to_owned(),
         SnapshotCommand::Show { id } => format!("snapshot show {id}"),
         SnapshotCommand::Export { id, .. } => format!("snapshot export {id}"),
+        SnapshotCommand::Get { id, key, .. } => format!("snapshot get {id} {key:?}"),
+        SnapshotCommand::Ls { id, prefix } => format!("snapshot ls {id} {prefix:?}"),
         SnapshotCommand::Archived { .. } => "snapshot archived".to_owned(),
         SnapshotCommand::Restore { id, .. } => format!("snapshot restore {id}"),
         SnapshotCommand::Verify { .. } => "snapshot verify".to_owned(),
@@ -500,6 +530,12 @@ pub async fn run_snapshot(
             Ok(glt) => crate::archive::export(archive, *id, glt, addr, json, timeout).await,
             Err(error) => Err(error),
         },
+        SnapshotCommand::Get { id, .. } | SnapshotCommand::Ls { id, .. } => {
+            match snapshot_glt(&client, *id, timeout).await {
+                Ok(glt) => crate::archive::read(command, glt, addr, json, timeout).await,
+                Err(error) => Err(error),
+            }
+        }
         _ => snapshot_command(&client, command, json, timeout).await,
     }
     .context(label);
@@ -564,6 +600,8 @@ async fn snapshot_command(
             }
         }
         SnapshotCommand::Export { .. }
+        | SnapshotCommand::Get { .. }
+        | SnapshotCommand::Ls { .. }
         | SnapshotCommand::Archived { .. }
         | SnapshotCommand::Restore { .. }
         | SnapshotCommand::Verify { .. }

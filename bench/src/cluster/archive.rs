@@ -1,0 +1,195 @@
+//! `bench snapshot`'s archive half: a data set written both into a fresh data node and into a
+//! directory, exported into our archive (full, then incremental after changing a fraction of
+//! it), next to `restic backup` of the directory (ingest throughput and stored bytes) and
+//! `rsync -a` of the directory to another one (the incremental step), all in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use client::archive::Archive;
+use client::{Client, ClientConfig};
+
+use super::load::payload;
+use super::scenario::Draw;
+use crate::kv::Dataplane;
+use crate::report::Figures;
+
+/// Smallest and largest file of the data set.
+const FILE_MIN: u64 = 64 << 10;
+const FILE_MAX: u64 = 4 << 20;
+/// Each changed file has this much rewritten in place.
+const CHANGE_BYTES: usize = 64 << 10;
+/// Values written to the data node at once.
+const WRITES_IN_FLIGHT: usize = 8;
+
+/// The plan of the comparison.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Data set size.
+    pub bytes: u64,
+    /// Fraction of its bytes changed before the incremental step.
+    pub change: f64,
+    /// Seed of the file sizes and contents.
+    pub seed: u64,
+}
+
+/// Whether restic and rsync are there.
+pub fn tools_available() -> bool {
+    [("restic", "version"), ("rsync", "--version")]
+        .iter()
+        .all(|(tool, flag)| Command::new(tool).arg(flag).output().is_ok_and(|output| output.status.success()))
+}
+
+fn run(command: &mut Command) -> Result<Duration> {
+    let started = Instant::now();
+    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    ensure!(output.status.success(), "{command:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(started.elapsed())
+}
+
+fn tree_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(next) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else { continue };
+        for entry in entries.flatten() {
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => stack.push(entry.path()),
+                Ok(meta) => total += meta.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+struct Restic {
+    repo: PathBuf,
+    password: PathBuf,
+}
+
+impl Restic {
+    fn init(dir: &Path) -> Result<Self> {
+        let password = dir.join("restic-password");
+        std::fs::write(&password, "meridian-bench")?;
+        let restic = Self { repo: dir.join("restic-repo"), password };
+        run(restic.command().arg("init"))?;
+        Ok(restic)
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new("restic");
+        command.arg("--repo").arg(&self.repo).arg("--password-file").arg(&self.password).arg("--quiet");
+        command.env_remove("RESTIC_REPOSITORY").env_remove("RESTIC_PASSWORD");
+        command
+    }
+
+    fn backup(&self, source: &Path) -> Result<Duration> {
+        run(self.command().arg("backup").arg(".").current_dir(source))
+    }
+}
+
+/// Writes the data set, exports it, changes it, exports again; restic and rsync do the same
+/// on the directory. Sets the figures (`*_ratio` headline keys among them).
+pub async fn compare(dir: &Path, dataplane: &Path, plan: &Plan, figures: &mut Figures) -> Result<()> {
+    let say = |text: &str| eprintln!("bench snapshot: {text}");
+    let source = dir.join("dataset");
+    std::fs::create_dir_all(&source)?;
+    let node =
+        Dataplane::start(dataplane, &dir.join("archive-node"), 1, &dir.join("logs").join("dataplane-archive.log"))?;
+    let config = ClientConfig { request_timeout: Duration::from_secs(120), ..ClientConfig::default() };
+    let client = Client::connect(&node.addresses[0], config).await?;
+
+    // The data set: text-like files of 64 KiB - 4 MiB, the same bytes in both places.
+    say(&format!("writing a {} MiB data set to a data node and to {} ...", plan.bytes >> 20, source.display()));
+    let mut draw = Draw::new(plan.seed);
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    while total < plan.bytes {
+        let len = draw.log_uniform(FILE_MIN, FILE_MAX).min(plan.bytes - total).max(1);
+        files.push((format!("file-{:05}.txt", files.len()), len));
+        total += len;
+    }
+    let mut t1 = 0;
+    for (batch_index, batch) in files.chunks(WRITES_IN_FLIGHT).enumerate() {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, (name, len)) in batch.iter().enumerate() {
+            let file = (batch_index * WRITES_IN_FLIGHT + index) as u64;
+            let bytes = payload(plan.seed.wrapping_mul(1_000_003).wrapping_add(file), usize::try_from(*len)?);
+            std::fs::write(source.join(name), &bytes)?;
+            let (client, key) = (client.clone(), format!("data/{name}"));
+            tasks.spawn(async move { client.put(key.as_bytes(), &bytes).await });
+        }
+        while let Some(done) = tasks.join_next().await {
+            t1 = t1.max(done??);
+        }
+    }
+    figures.set("dataset_bytes", total);
+    figures.set("dataset_files", files.len());
+
+    let archive_dir = dir.join("archive");
+    let archive = Archive::open(archive_dir.to_str().context("archive path")?)?;
+    say("full export into the archive ...");
+    let full = archive.export(&client, 1, t1, &|_, _| {}).await?;
+    say("restic backup (first) ...");
+    let restic = Restic::init(dir)?;
+    let restic_full = restic.backup(&source)?;
+    let mirror = dir.join("rsync-copy");
+    run(Command::new("rsync").arg("-a").arg(format!("{}/", source.display())).arg(&mirror))?;
+
+    // Change a fraction of the bytes: 64 KiB rewritten in place in enough files.
+    // The plan's fraction is checked to be in (0, 0.5]: the product fits and is positive.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let wanted = (total as f64 * plan.change) as u64;
+    let mut changed = 0u64;
+    let mut t2 = t1;
+    let mut index = 0usize;
+    while changed < wanted && index < files.len() {
+        let (name, len) = &files[(index * 7919) % files.len()];
+        index += 1;
+        if *len < CHANGE_BYTES as u64 {
+            continue;
+        }
+        let path = source.join(name);
+        let mut bytes = std::fs::read(&path)?;
+        let at = bytes.len() / 2 - CHANGE_BYTES / 2;
+        bytes[at..at + CHANGE_BYTES].copy_from_slice(&payload(plan.seed + 1_000_000 + index as u64, CHANGE_BYTES));
+        std::fs::write(&path, &bytes)?;
+        t2 = t2.max(client.put(format!("data/{name}").as_bytes(), &bytes).await?);
+        changed += CHANGE_BYTES as u64;
+    }
+    figures.set("changed_bytes", changed);
+    say(&format!("changed {changed} bytes; incremental export, restic, rsync ..."));
+    let incremental = archive.export(&client, 2, t2, &|_, _| {}).await?;
+    let restic_incremental = restic.backup(&source)?;
+    let rsync = run(Command::new("rsync").arg("-a").arg(format!("{}/", source.display())).arg(&mirror))?;
+    let ours_stored = archive.stored_bytes().await?;
+    let restic_stored = tree_bytes(&restic.repo);
+    drop(client);
+    node.stop()?;
+
+    // The copies are scratch: the figures stay, the gigabytes go.
+    for scratch in [&source, &mirror, &restic.repo, &archive_dir, &dir.join("archive-node")] {
+        let _ = std::fs::remove_dir_all(scratch);
+    }
+
+    let secs = |d: Duration| d.as_secs_f64().max(1e-6);
+    let mb_s = |bytes: u64, d: Duration| bytes as f64 / 1e6 / secs(d);
+    figures.set_f64("export_full_ms", full.elapsed.as_secs_f64() * 1000.0);
+    figures.set_f64("export_full_mb_per_s", mb_s(total, full.elapsed));
+    figures.set_f64("restic_backup_full_ms", restic_full.as_secs_f64() * 1000.0);
+    figures.set_f64("restic_backup_full_mb_per_s", mb_s(total, restic_full));
+    figures.set_f64("ingest_throughput_vs_restic_ratio", secs(restic_full) / secs(full.elapsed));
+    figures.set_f64("export_incremental_ms", incremental.elapsed.as_secs_f64() * 1000.0);
+    figures.set("export_incremental_keys_read", incremental.keys_read);
+    figures.set("export_incremental_bytes_written", incremental.bytes_written);
+    figures.set_f64("rsync_incremental_ms", rsync.as_secs_f64() * 1000.0);
+    figures.set_f64("restic_backup_incremental_ms", restic_incremental.as_secs_f64() * 1000.0);
+    figures.set_f64("export_time_vs_rsync_ratio", secs(incremental.elapsed) / secs(rsync));
+    figures.set("archive_stored_bytes", ours_stored);
+    figures.set("restic_stored_bytes", restic_stored);
+    figures.set_f64("dedup_vs_restic_ratio", ours_stored as f64 / restic_stored.max(1) as f64);
+    Ok(())
+}
