@@ -56,6 +56,17 @@ pub struct Versioned {
     pub value: Bytes,
 }
 
+/// A version's stored chunks ([`Client::chunk_refs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueChunks {
+    /// Version timestamp.
+    pub ts: u64,
+    /// Value size.
+    pub size: u64,
+    /// (BLAKE3, length) of each chunk in order; empty for an inline value.
+    pub chunks: Vec<([u8; 32], u32)>,
+}
+
 /// A node readable at a timestamp ([`Client::wait_readable`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Readable {
@@ -263,6 +274,43 @@ impl Client {
         match self.call(0, true, 1 + 8 + 4, encode).await? {
             Reply::Readable { readable_ts, at_us } => Ok(Readable { readable_ts, at_us }),
             other => Err(unexpected(other, "WaitReadable")),
+        }
+    }
+
+    /// The stored chunks (BLAKE3 and length, in order) of `key`'s version at `at`, with its
+    /// timestamp and size; empty chunks for a value stored inline. `Ok(None)` when no version
+    /// is visible. Comparing two versions' lists tells which byte ranges changed.
+    pub async fn chunk_refs(&self, key: &[u8], at: Option<u64>) -> Result<Option<ValueChunks>, ClientError> {
+        check_len("key", key)?;
+        let encode: &Encode<'_> = &|out| {
+            Request::ChunkRefs { key, at }.encode(out);
+            Ok(())
+        };
+        match self.call(self.shard_for(key), true, 1 + 8 + 2 + key.len(), encode).await? {
+            Reply::ChunkRefs { ts, size, chunks } => Ok(Some(ValueChunks { ts, size, chunks })),
+            Reply::NotFound => Ok(None),
+            other => Err(unexpected(other, "ChunkRefs")),
+        }
+    }
+
+    /// `len` bytes of `key`'s value at `at` from `offset` (fewer at its end); the node reads
+    /// only the chunks that hold them. `Ok(None)` when no version is visible.
+    pub async fn get_range(
+        &self,
+        key: &[u8],
+        at: Option<u64>,
+        offset: u64,
+        len: u32,
+    ) -> Result<Option<Versioned>, ClientError> {
+        check_len("key", key)?;
+        let encode: &Encode<'_> = &|out| {
+            Request::GetRange { key, at, offset, len }.encode(out);
+            Ok(())
+        };
+        match self.call(self.shard_for(key), true, 1 + 8 + 8 + 4 + 2 + key.len(), encode).await? {
+            Reply::Value { ts, value } => Ok(Some(Versioned { ts, value })),
+            Reply::NotFound => Ok(None),
+            other => Err(unexpected(other, "GetRange")),
         }
     }
 

@@ -50,6 +50,8 @@ pub(crate) enum Reply {
     Replication(crate::client::ReplicationStatus),
     /// Reads at the asked timestamp are consistent on the node.
     Readable { readable_ts: u64, at_us: u64 },
+    /// A version's stored chunks.
+    ChunkRefs { ts: u64, size: u64, chunks: Vec<([u8; 32], u32)> },
 }
 
 impl Reply {
@@ -69,6 +71,7 @@ impl Reply {
             },
             Response::Error { code, message } => Self::Error { code, message: message.to_owned() },
             Response::Readable { readable_ts, at_us } => Self::Readable { readable_ts, at_us },
+            Response::ChunkRefs { ts, size, chunks } => Self::ChunkRefs { ts, size, chunks: chunks.iter().collect() },
             Response::Replication { now_ts, region, sources } => Self::Replication(crate::client::ReplicationStatus {
                 now_ts,
                 region: region.to_owned(),
@@ -97,6 +100,7 @@ impl Reply {
             Self::Error { .. } => "Error",
             Self::Replication(_) => "Replication",
             Self::Readable { .. } => "Readable",
+            Self::ChunkRefs { .. } => "ChunkRefs",
         }
     }
 }

@@ -22,7 +22,9 @@ mod client;
 mod connection;
 mod error;
 
-pub use client::{Client, ClientConfig, Entry, Listing, Readable, ReplicationStatus, SourceStatus, Stat, Versioned};
+pub use client::{
+    Client, ClientConfig, Entry, Listing, Readable, ReplicationStatus, SourceStatus, Stat, ValueChunks, Versioned,
+};
 pub use error::{ClientError, exit_code};
 
 pub mod archive;

@@ -393,7 +393,14 @@ impl Endpoint {
         };
         let started = std::time::Instant::now();
         let write = matches!(request, Request::Put { .. } | Request::Delete { .. } | Request::BatchPut { .. });
-        let read = matches!(request, Request::Get { .. } | Request::Stat { .. } | Request::List { .. });
+        let read = matches!(
+            request,
+            Request::Get { .. }
+                | Request::GetRange { .. }
+                | Request::ChunkRefs { .. }
+                | Request::Stat { .. }
+                | Request::List { .. }
+        );
         if let Err((code, message)) = self.run(seq, request, out).await {
             respond_error(out, seq, code, &message);
         }
@@ -488,6 +495,26 @@ impl Endpoint {
             Request::Get { key, at } => {
                 self.check_owner(key)?;
                 match store.get(key, at).await.map_err(map_error)? {
+                    Some((ts, value)) => respond(out, &|out| {
+                        out.reserve(value.len() + 9);
+                        proto::encode_value_head(ts, out);
+                        out.extend_from_slice(&value);
+                    }),
+                    None => respond(out, &proto::encode_not_found),
+                }
+            }
+            Request::ChunkRefs { key, at } => {
+                self.check_owner(key)?;
+                match store.chunk_refs(key, at).map_err(map_error)? {
+                    Some(found) => {
+                        respond(out, &|out| proto::encode_chunk_refs(found.ts, found.size, &found.chunks, out))
+                    }
+                    None => respond(out, &proto::encode_not_found),
+                }
+            }
+            Request::GetRange { key, at, offset, len } => {
+                self.check_owner(key)?;
+                match store.get_range(key, at, offset, u64::from(len)).await.map_err(map_error)? {
                     Some((ts, value)) => respond(out, &|out| {
                         out.reserve(value.len() + 9);
                         proto::encode_value_head(ts, out);

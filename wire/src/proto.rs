@@ -16,6 +16,8 @@
 //! | `BatchPut`   |  7 | count (u32), then count × (key (u16 len), value (u32 len))         |
 //! | `Replication`|  8 | (none)                                                             |
 //! | `WaitReadable`| 9 | ts (u64), timeout_ms (u32)                                         |
+//! | `ChunkRefs`  | 10 | at (u64), key (u16 len)                                            |
+//! | `GetRange`   | 11 | at (u64), offset (u64), len (u32), key (u16 len)                   |
 //!
 //! | response     | kind | fields                                                           |
 //! |--------------|-----:|------------------------------------------------------------------|
@@ -28,6 +30,7 @@
 //! | `Error`      |    7 | code (u16), message (rest of the body, UTF-8)                    |
 //! | `Replication`|    8 | now_ts (u64), region (u16 len), count (u32), count × (source region (u16 len), resolved_ts (u64), shards_closed (u32), shards (u32)) |
 //! | `Readable`   |    9 | readable_ts (u64), at_us (u64)                                   |
+//! | `ChunkRefs`  |   10 | ts (u64), size (u64), count (u32), count × (BLAKE3 (32), len (u32)) |
 //!
 //! Decoding is total: any byte sequence gives a value or a typed [`ProtoError`], never a panic
 //! (fuzz target `proto_decode`). List-valued fields are validated once at decode time and then
@@ -216,6 +219,24 @@ pub enum Request<'a> {
         /// How long to wait.
         timeout_ms: u32,
     },
+    /// The stored chunks (hash, length) of `key`'s version at `at`.
+    ChunkRefs {
+        /// Key.
+        key: &'a [u8],
+        /// Read timestamp.
+        at: Option<u64>,
+    },
+    /// `len` bytes of `key`'s value at `at` from `offset` (answered as a `Value`).
+    GetRange {
+        /// Key.
+        key: &'a [u8],
+        /// Read timestamp.
+        at: Option<u64>,
+        /// First byte.
+        offset: u64,
+        /// Bytes wanted.
+        len: u32,
+    },
 }
 
 const OP_HELLO: u8 = 1;
@@ -227,6 +248,8 @@ const OP_STAT: u8 = 6;
 const OP_BATCH_PUT: u8 = 7;
 const OP_REPLICATION: u8 = 8;
 const OP_WAIT_READABLE: u8 = 9;
+const OP_CHUNK_REFS: u8 = 10;
+const OP_GET_RANGE: u8 = 11;
 
 const KIND_HELLO: u8 = 1;
 const KIND_WRITTEN: u8 = 2;
@@ -237,6 +260,7 @@ const KIND_LISTING: u8 = 6;
 const KIND_ERROR: u8 = 7;
 const KIND_REPLICATION: u8 = 8;
 const KIND_READABLE: u8 = 9;
+const KIND_CHUNK_REFS: u8 = 10;
 
 fn at_to_wire(at: Option<u64>) -> u64 {
     at.unwrap_or(AT_LATEST)
@@ -276,6 +300,16 @@ impl<'a> Request<'a> {
             OP_BATCH_PUT => Self::BatchPut { items: Pairs::decode(&mut r)? },
             OP_REPLICATION => Self::Replication,
             OP_WAIT_READABLE => Self::WaitReadable { ts: r.u64("ts")?, timeout_ms: r.u32("timeout_ms")? },
+            OP_CHUNK_REFS => {
+                let at = at_from_wire(r.u64("at")?);
+                Self::ChunkRefs { key: r.bytes16("key")?, at }
+            }
+            OP_GET_RANGE => {
+                let at = at_from_wire(r.u64("at")?);
+                let offset = r.u64("offset")?;
+                let len = r.u32("len")?;
+                Self::GetRange { key: r.bytes16("key")?, at, offset, len }
+            }
             op => return Err(ProtoError::UnknownRequest { op }),
         };
         r.finish()?;
@@ -322,6 +356,18 @@ impl<'a> Request<'a> {
                 out.push(OP_WAIT_READABLE);
                 out.extend_from_slice(&ts.to_le_bytes());
                 out.extend_from_slice(&timeout_ms.to_le_bytes());
+            }
+            Self::ChunkRefs { key, at } => {
+                out.push(OP_CHUNK_REFS);
+                out.extend_from_slice(&at_to_wire(at).to_le_bytes());
+                put_bytes16(out, key);
+            }
+            Self::GetRange { key, at, offset, len } => {
+                out.push(OP_GET_RANGE);
+                out.extend_from_slice(&at_to_wire(at).to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&len.to_le_bytes());
+                put_bytes16(out, key);
             }
         }
     }
@@ -535,6 +581,58 @@ pub enum Response<'a> {
         /// When it became readable, the node's clock in unix µs.
         at_us: u64,
     },
+    /// A version's stored chunks.
+    ChunkRefs {
+        /// Version timestamp.
+        ts: u64,
+        /// Value size.
+        size: u64,
+        /// The chunks.
+        chunks: ChunkRefs<'a>,
+    },
+}
+
+/// Validated (BLAKE3, length) pairs of a `ChunkRefs` response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRefs<'a> {
+    raw: &'a [u8],
+}
+
+impl<'a> ChunkRefs<'a> {
+    const ENTRY: usize = 36;
+
+    /// Number of chunks.
+    pub fn len(&self) -> usize {
+        self.raw.len() / Self::ENTRY
+    }
+
+    /// Whether there are none (an inline value).
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+
+    /// Each chunk's hash and length, in order.
+    pub fn iter(&self) -> impl Iterator<Item = ([u8; 32], u32)> + 'a {
+        self.raw.chunks_exact(Self::ENTRY).map(|entry| {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&entry[..32]);
+            let mut len = [0u8; 4];
+            len.copy_from_slice(&entry[32..]);
+            (hash, u32::from_le_bytes(len))
+        })
+    }
+}
+
+/// Writes the body of a `ChunkRefs` response.
+pub fn encode_chunk_refs(ts: u64, size: u64, chunks: &[([u8; 32], u32)], out: &mut Vec<u8>) {
+    out.push(KIND_CHUNK_REFS);
+    out.extend_from_slice(&ts.to_le_bytes());
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&u32::try_from(chunks.len()).unwrap_or(u32::MAX).to_le_bytes());
+    for (hash, len) in chunks {
+        out.extend_from_slice(hash);
+        out.extend_from_slice(&len.to_le_bytes());
+    }
 }
 
 impl<'a> Response<'a> {
@@ -575,6 +673,16 @@ impl<'a> Response<'a> {
                 Self::Replication { now_ts, region, sources: Sources::decode(&mut r)? }
             }
             KIND_READABLE => Self::Readable { readable_ts: r.u64("readable_ts")?, at_us: r.u64("at_us")? },
+            KIND_CHUNK_REFS => {
+                let ts = r.u64("ts")?;
+                let size = r.u64("size")?;
+                let count = r.u32("count")? as usize;
+                let raw = r.take(
+                    count.checked_mul(ChunkRefs::ENTRY).ok_or(ProtoError::Truncated { field: "chunks" })?,
+                    "chunks",
+                )?;
+                Self::ChunkRefs { ts, size, chunks: ChunkRefs { raw } }
+            }
             kind => return Err(ProtoError::UnknownResponse { kind }),
         };
         r.finish()?;
@@ -830,6 +938,8 @@ mod tests {
         roundtrip(Request::Stat { key: b"s", at: None });
         roundtrip(Request::Replication);
         roundtrip(Request::WaitReadable { ts: 1 << 40, timeout_ms: 5000 });
+        roundtrip(Request::ChunkRefs { key: b"f", at: Some(9) });
+        roundtrip(Request::GetRange { key: b"f", at: None, offset: 1 << 33, len: 65536 });
     }
 
     #[test]
@@ -904,6 +1014,15 @@ mod tests {
             Ok(Response::Readable { readable_ts: 1 << 40, at_us: 1_700_000_000_000_000 })
         );
         assert_eq!(Response::decode(&body[..body.len() - 1]), Err(ProtoError::Truncated { field: "at_us" }));
+
+        body.clear();
+        let chunks = [([1u8; 32], 65536), ([2u8; 32], 100)];
+        encode_chunk_refs(7, 65636, &chunks, &mut body);
+        let Ok(Response::ChunkRefs { ts: 7, size: 65636, chunks: got }) = Response::decode(&body) else { panic!() };
+        assert_eq!(got.iter().collect::<Vec<_>>(), chunks);
+        for cut in 0..body.len() {
+            assert!(Response::decode(&body[..cut]).is_err());
+        }
     }
 
     #[test]

@@ -239,6 +239,10 @@ pub struct KeyEntry {
     pub size: u64,
     /// Chunk ids (hex) in order.
     pub chunks: Vec<String>,
+    /// The cluster's stored chunks of this version (BLAKE3 hex, length): the next export
+    /// compares them with the new version's to read only the ranges that changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stored: Vec<(String, u32)>,
 }
 
 /// A snapshot in the archive: every key visible at `glt`, and where each chunk is.
@@ -347,7 +351,13 @@ mod tests {
             glt: 77 << 12,
             parent: Some(3),
             created_ms: 1,
-            keys: vec![KeyEntry { key: hex(b"k/1"), ts: 70 << 12, size: 1000, chunks: vec!["ab".repeat(32)] }],
+            keys: vec![KeyEntry {
+                key: hex(b"k/1"),
+                ts: 70 << 12,
+                size: 1000,
+                chunks: vec!["ab".repeat(32)],
+                stored: vec![("cd".repeat(32), 1000)],
+            }],
             chunks,
         };
         let bytes = encode_index(&index).unwrap();

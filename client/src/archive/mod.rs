@@ -346,19 +346,15 @@ impl Archive {
                 if unchanged || next - 1 < done {
                     continue;
                 }
+                let previous =
+                    parent_keys.get(hex(&candidate.key).as_str()).and_then(|entry| Previous::of(entry, &known));
                 let (client, key, known) = (client.clone(), candidate.key.clone(), known.clone());
-                // The read, then its chunking, hashing and compression on a blocking thread:
-                // several values are cut and compressed at once, next to the reads.
-                fetches.push_back(tokio::spawn(async move {
-                    let value = client.get(&key, Some(glt)).await?.ok_or(ClientError::NotFound)?.value;
-                    let prepared = tokio::task::spawn_blocking(move || prepare(&value, &known)).await;
-                    prepared.map_err(|error| ArchiveError::Busy(format!("chunking task failed: {error}")))
-                }));
+                fetches.push_back(tokio::spawn(read_key(client, key, glt, previous, known)));
             }
             let Some(fetch) = fetches.pop_front() else {
                 return Err(ArchiveError::Busy("export lost track of its reads".into()));
             };
-            let (size, pieces) =
+            let (size, pieces, stored) =
                 fetch.await.map_err(|error| ArchiveError::Busy(format!("read task failed: {error}")))??;
             stats.keys_read += 1;
             stats.bytes_read += size;
@@ -377,7 +373,7 @@ impl Archive {
                 }
                 ids.push(piece.id);
             }
-            keys.push(KeyEntry { key: key_hex, ts: entry.ts, size, chunks: ids });
+            keys.push(KeyEntry { key: key_hex, ts: entry.ts, size, chunks: ids, stored });
             progress(done as u64 + 1, total);
         }
         for (flushed_id, location) in writer.flush().await? {
@@ -590,15 +586,192 @@ struct Piece {
 /// archive does not hold yet. Returns the value's size and its chunks in order.
 fn prepare(value: &[u8], known: &HashMap<String, Location>) -> (u64, Vec<Piece>) {
     let pieces = fastcdc::v2020::FastCDC::new(value, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
-        .map(|cut| {
-            let raw = &value[cut.offset..cut.offset + cut.length];
-            let id: ChunkId = *blake3::hash(raw).as_bytes();
-            let id_hex = hex(&id);
-            let entry = (!known.contains_key(&id_hex)).then(|| format::encode_entry(&id, raw, ZSTD_LEVEL));
-            Piece { id: id_hex, raw_len: u32::try_from(raw.len()).unwrap_or(u32::MAX), entry }
-        })
+        .map(|cut| piece(&value[cut.offset..cut.offset + cut.length], known))
         .collect();
     (value.len() as u64, pieces)
+}
+
+/// What the archive knows of a key's previous version: the cluster's stored chunks and the
+/// archive's content-defined chunks (id, start, length).
+#[derive(Debug, Clone)]
+struct Previous {
+    stored: Vec<([u8; 32], u32)>,
+    chunks: Vec<(String, u64, u32)>,
+}
+
+impl Previous {
+    /// `None` when the entry lacks what an incremental read needs.
+    fn of(entry: &KeyEntry, known: &HashMap<String, Location>) -> Option<Self> {
+        let stored = entry
+            .stored
+            .iter()
+            .map(|(hash, len)| Some((unhex(hash)?.try_into().ok()?, *len)))
+            .collect::<Option<Vec<([u8; 32], u32)>>>()?;
+        let mut start = 0u64;
+        let mut chunks = Vec::with_capacity(entry.chunks.len());
+        for id in &entry.chunks {
+            let raw = known.get(id)?.raw;
+            chunks.push((id.clone(), start, raw));
+            start += u64::from(raw);
+        }
+        (!stored.is_empty() && start == entry.size).then_some(Self { stored, chunks })
+    }
+}
+
+/// Byte ranges of the new version whose stored chunks the previous version does not have at
+/// the same offset, merged and in order.
+fn changed_ranges(old: &[([u8; 32], u32)], new: &[([u8; 32], u32)]) -> Vec<(u64, u64)> {
+    let mut old_at = HashMap::new();
+    let mut offset = 0u64;
+    for (hash, len) in old {
+        old_at.insert(offset, (*hash, *len));
+        offset += u64::from(*len);
+    }
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut offset = 0u64;
+    for (hash, len) in new {
+        let end = offset + u64::from(*len);
+        if old_at.get(&offset) != Some(&(*hash, *len)) {
+            match ranges.last_mut() {
+                Some(last) if last.1 == offset => last.1 = end,
+                _ => ranges.push((offset, end)),
+            }
+        }
+        offset = end;
+    }
+    ranges
+}
+
+/// One chunk of new bytes, hashed and (when the archive lacks it) encoded.
+fn piece(raw: &[u8], known: &HashMap<String, Location>) -> Piece {
+    let id: ChunkId = *blake3::hash(raw).as_bytes();
+    let id_hex = hex(&id);
+    let entry = (!known.contains_key(&id_hex)).then(|| format::encode_entry(&id, raw, ZSTD_LEVEL));
+    Piece { id: id_hex, raw_len: u32::try_from(raw.len()).unwrap_or(u32::MAX), entry }
+}
+
+/// A chunk of a new version: one the previous version has, or new bytes.
+#[derive(Debug)]
+enum Cut {
+    Same { id: String, len: u32 },
+    New(Vec<u8>),
+}
+
+/// The content-defined chunks of a new version of `size` bytes whose bytes differ from the
+/// previous version's only in `changed`, reading through `read(offset, len)` only around the
+/// changes: from the previous chunk boundary before a change, cutting until a cut lands on a
+/// previous boundary past it (FastCDC's cuts depend only on the bytes since the chunk start,
+/// so from there on the chunks are the previous ones). Gives exactly the chunks of cutting
+/// the whole new value.
+async fn rechunk<R, F>(
+    previous: &[(String, u64, u32)],
+    changed: &[(u64, u64)],
+    size: u64,
+    mut read: R,
+) -> Result<Vec<Cut>, ArchiveError>
+where
+    R: FnMut(u64, u64) -> F,
+    F: std::future::Future<Output = Result<Vec<u8>, ArchiveError>>,
+{
+    let boundaries: HashSet<u64> = previous.iter().map(|(_, start, len)| start + u64::from(*len)).collect();
+    let reuse = |pieces: &mut Vec<Cut>, (id, _, len): &(String, u64, u32)| {
+        pieces.push(Cut::Same { id: id.clone(), len: *len });
+    };
+    let mut pieces = Vec::new();
+    let mut pos = 0u64; // every byte below is covered, and `pos` is a cut
+    let mut old = 0usize; // the first previous chunk not yet passed
+    for &(a, b) in changed {
+        if b <= pos {
+            continue;
+        }
+        while old < previous.len() && previous[old].1 + u64::from(previous[old].2) <= a {
+            if previous[old].1 >= pos {
+                reuse(&mut pieces, &previous[old]);
+            }
+            old += 1;
+        }
+        let mut start = if old < previous.len() { previous[old].1.max(pos) } else { pos };
+        let mut reach = u64::from(2 * CHUNK_AVG);
+        loop {
+            let end = size.min(b.max(start + u64::from(CHUNK_MIN)) + reach);
+            let data = read(start, end - start).await?;
+            let mut next_start = start;
+            let mut resynced = None;
+            for cut in fastcdc::v2020::FastCDC::new(&data, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+                let cut_end = start + (cut.offset + cut.length) as u64;
+                if cut_end == end && end < size {
+                    break; // cut by the window, not by the content
+                }
+                pieces.push(Cut::New(data[cut.offset..cut.offset + cut.length].to_vec()));
+                next_start = cut_end;
+                if cut_end == size || (cut_end >= b && boundaries.contains(&cut_end)) {
+                    resynced = Some(cut_end);
+                    break;
+                }
+            }
+            if let Some(at) = resynced {
+                pos = at;
+                break;
+            }
+            start = next_start;
+            reach = reach.saturating_mul(2);
+        }
+        while old < previous.len() && previous[old].1 < pos {
+            old += 1;
+        }
+    }
+    for chunk in &previous[old..] {
+        if chunk.1 >= pos && chunk.1 + u64::from(chunk.2) <= size {
+            reuse(&mut pieces, chunk);
+        }
+    }
+    Ok(pieces)
+}
+
+/// Reads one changed key at `glt`: only the ranges that changed since `previous` when the
+/// cluster's stored chunks allow it, else the whole value. Returns its size, its chunks and
+/// the cluster's stored chunks (for the next export).
+async fn read_key(
+    client: Client,
+    key: Vec<u8>,
+    glt: u64,
+    previous: Option<Previous>,
+    known: Arc<HashMap<String, Location>>,
+) -> Result<(u64, Vec<Piece>, Vec<(String, u32)>), ArchiveError> {
+    let refs = client.chunk_refs(&key, Some(glt)).await?.ok_or(ClientError::NotFound)?;
+    let stored: Vec<(String, u32)> = refs.chunks.iter().map(|(hash, len)| (hex(hash), *len)).collect();
+    if let Some(previous) = previous.filter(|_| !refs.chunks.is_empty()) {
+        let changed = changed_ranges(&previous.stored, &refs.chunks);
+        let (client, key) = (&client, &key);
+        let read = |offset: u64, len: u64| async move {
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            let part = client.get_range(key, Some(glt), offset, len).await?.ok_or(ClientError::NotFound)?;
+            if part.ts != refs.ts {
+                return Err(ArchiveError::Busy(format!(
+                    "the version read changed under the export ({} then {})",
+                    refs.ts, part.ts
+                )));
+            }
+            Ok(part.value.to_vec())
+        };
+        let cuts = rechunk(&previous.chunks, &changed, refs.size, read).await?;
+        // Hashing and compressing the new chunks on a blocking thread, next to other reads.
+        let pieces = tokio::task::spawn_blocking(move || {
+            cuts.into_iter()
+                .map(|cut| match cut {
+                    Cut::Same { id, len } => Piece { id, raw_len: len, entry: None },
+                    Cut::New(raw) => piece(&raw, &known),
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|error| ArchiveError::Busy(format!("chunking task failed: {error}")))?;
+        return Ok((refs.size, pieces, stored));
+    }
+    let value = client.get(&key, Some(glt)).await?.ok_or(ClientError::NotFound)?.value;
+    let prepared = tokio::task::spawn_blocking(move || prepare(&value, &known)).await;
+    let (size, pieces) = prepared.map_err(|error| ArchiveError::Busy(format!("chunking task failed: {error}")))?;
+    Ok((size, pieces, stored))
 }
 
 /// Collects chunks into a pack and writes it once it is full.
@@ -652,8 +825,87 @@ impl PackWriter {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
+
+    fn text(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut out = Vec::with_capacity(len + 16);
+        while out.len() < len {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            out.extend_from_slice(format!("{} ", state % 100_000).as_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Stored chunks as the data node cuts them: fixed 64 KiB.
+    fn stored(value: &[u8]) -> Vec<([u8; 32], u32)> {
+        value.chunks(64 << 10).map(|c| (*blake3::hash(c).as_bytes(), c.len() as u32)).collect()
+    }
+
+    #[tokio::test]
+    async fn reading_only_the_changes_gives_the_chunks_of_the_whole_value() {
+        let known = HashMap::new();
+        let base = text(1, 3_000_000);
+        let (_, old_pieces) = prepare(&base, &known);
+        let mut start = 0u64;
+        let previous: Vec<(String, u64, u32)> = old_pieces
+            .iter()
+            .map(|p| {
+                let chunk = (p.id.clone(), start, p.raw_len);
+                start += u64::from(p.raw_len);
+                chunk
+            })
+            .collect();
+        let mut edits: Vec<Vec<u8>> = Vec::new();
+        let mut one = base.clone();
+        one[1_000_000..1_000_100].copy_from_slice(&[b'#'; 100]);
+        edits.push(one);
+        let mut two = base.clone();
+        two[10..20].copy_from_slice(&[b'!'; 10]);
+        two[2_999_990..].copy_from_slice(&[b'?'; 10]);
+        edits.push(two);
+        let mut longer = base.clone();
+        longer.extend_from_slice(&text(2, 200_000));
+        edits.push(longer);
+        let mut shorter = base.clone();
+        shorter.truncate(2_100_000);
+        edits.push(shorter);
+        let mut inserted = base.clone();
+        inserted.splice(500_000..500_000, text(3, 5000));
+        edits.push(inserted);
+        edits.push(base.clone());
+        for (case, new) in edits.iter().enumerate() {
+            let changed = changed_ranges(&stored(&base), &stored(new));
+            let read_bytes = std::cell::Cell::new(0u64);
+            let read = |offset: u64, len: u64| {
+                read_bytes.set(read_bytes.get() + len);
+                let from = offset as usize;
+                let to = (offset + len) as usize;
+                let part = new[from..to.min(new.len())].to_vec();
+                async move { Ok(part) }
+            };
+            let cuts = rechunk(&previous, &changed, new.len() as u64, read).await.expect("rechunk");
+            let pieces: Vec<Piece> = cuts
+                .into_iter()
+                .map(|cut| match cut {
+                    Cut::Same { id, len } => Piece { id, raw_len: len, entry: None },
+                    Cut::New(raw) => piece(&raw, &known),
+                })
+                .collect();
+            let got: Vec<&str> = pieces.iter().map(|p| p.id.as_str()).collect();
+            let (_, whole) = prepare(new, &known);
+            let want: Vec<&str> = whole.iter().map(|p| p.id.as_str()).collect();
+            assert_eq!(got, want, "case {case}");
+            if case == 0 {
+                assert!(read_bytes.get() < 1_000_000, "case 0 read {} bytes", read_bytes.get());
+            }
+        }
+    }
 
     #[test]
     fn keys_that_would_leave_the_directory_are_refused() {

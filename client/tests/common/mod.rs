@@ -270,6 +270,8 @@ fn request_name(request: &Request<'_>) -> &'static str {
         Request::BatchPut { .. } => "BatchPut",
         Request::Replication => "Replication",
         Request::WaitReadable { .. } => "WaitReadable",
+        Request::ChunkRefs { .. } => "ChunkRefs",
+        Request::GetRange { .. } => "GetRange",
     }
 }
 
@@ -289,7 +291,9 @@ impl FakeShard {
             Request::Put { key, .. }
             | Request::Get { key, .. }
             | Request::Delete { key }
-            | Request::Stat { key, .. } => !self.owns(key),
+            | Request::Stat { key, .. }
+            | Request::ChunkRefs { key, .. }
+            | Request::GetRange { key, .. } => !self.owns(key),
             Request::BatchPut { items } => items.iter().any(|(key, _)| !self.owns(key)),
             Request::Hello | Request::List { .. } | Request::Replication | Request::WaitReadable { .. } => false,
         };
@@ -300,6 +304,9 @@ impl FakeShard {
         match *request {
             Request::Replication | Request::WaitReadable { .. } => {
                 proto::encode_error(ErrorCode::Unavailable, "no replication here", out);
+            }
+            Request::ChunkRefs { .. } | Request::GetRange { .. } => {
+                proto::encode_error(ErrorCode::UnknownRequest, "the fake shard stores no chunks", out);
             }
             Request::Hello => {
                 let addresses = lock(&self.addresses);

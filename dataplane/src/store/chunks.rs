@@ -373,12 +373,37 @@ impl ChunkStore {
         if let [chunk] = list.chunks.as_slice() {
             return self.read_chunk(chunk).await;
         }
+        // Every chunk's read in flight at once: one value's chunks are independent files.
+        let parts = join_all(list.chunks.iter().map(|chunk| self.read_chunk(chunk))).await;
         let mut out = BytesMut::with_capacity(usize::try_from(list.size).unwrap_or(0));
-        for chunk in &list.chunks {
-            out.extend_from_slice(&self.read_chunk(chunk).await?);
+        for part in parts {
+            out.extend_from_slice(&part?);
         }
         Ok(out.freeze())
     }
+}
+
+/// Runs every future at once on this task; their outputs in order.
+async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futures.map(|future| Some(Box::pin(future))).collect();
+    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    futures_lite::future::poll_fn(|context| {
+        let mut waiting = false;
+        for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
+            if let Some(future) = slot {
+                match future.as_mut().poll(context) {
+                    std::task::Poll::Ready(value) => {
+                        *output = Some(value);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
 }
 
 fn io_error(op: &'static str, path: &Path, error: &dyn std::fmt::Display) -> ChunkError {

@@ -24,7 +24,7 @@ use thiserror::Error;
 
 pub use chunks::ChunkError;
 pub use clock::{Clock, ClockUnavailable, Hlc, ManualClock, SystemClock, TimeInterval};
-pub use shard::{ClosedPoint, KeyStat, ListItem, Progress, ShardStore, StoreStats};
+pub use shard::{ClosedPoint, KeyStat, ListItem, Progress, ShardStore, StoreStats, ValueChunks};
 pub use versions::TooOld;
 
 use crate::limits;

@@ -115,6 +115,17 @@ pub struct Progress {
     pub fenced: bool,
 }
 
+/// A version's stored chunks (see [`ShardStore::chunk_refs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueChunks {
+    /// Version timestamp.
+    pub ts: u64,
+    /// Value size.
+    pub size: u64,
+    /// (BLAKE3, length) of each chunk in order; empty for an inline value.
+    pub chunks: Vec<([u8; 32], u32)>,
+}
+
 /// What a home shard can promise its replicas (see [`ShardStore::closed_point`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClosedPoint {
@@ -387,6 +398,66 @@ impl ShardStore {
         let result = self.inner.chunks.read(list).await;
         self.inner.chunks.release(list)?;
         Ok(result?)
+    }
+
+    /// The version of `key` visible at `at`: its timestamp, size and stored chunks (hash and
+    /// length each, in order; empty for a value stored inline). `None` when absent or deleted.
+    /// Lets a reader that kept an earlier version's chunk list find what changed.
+    pub fn chunk_refs(&self, key: &[u8], at: Option<u64>) -> Result<Option<ValueChunks>, StoreError> {
+        let versions = self.inner.versions.borrow();
+        Ok(versions.get(key, at)?.and_then(|version| match &version.body {
+            Body::Inline(value) => Some(ValueChunks { ts: version.ts, size: value.len() as u64, chunks: Vec::new() }),
+            Body::Chunked(list) => Some(ValueChunks {
+                ts: version.ts,
+                size: list.size,
+                chunks: list.chunks.iter().map(|chunk| (chunk.hash, chunk.len)).collect(),
+            }),
+            Body::Tombstone => None,
+        }))
+    }
+
+    /// `len` bytes of `key`'s value at `at` from `offset` (fewer at the end of the value), read
+    /// from only the chunks that hold them. `None` when absent or deleted.
+    pub async fn get_range(
+        &self,
+        key: &[u8],
+        at: Option<u64>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(u64, Bytes)>, StoreError> {
+        let (ts, body) = match self.inner.versions.borrow().get(key, at)? {
+            Some(version) => (version.ts, version.body.clone()),
+            None => return Ok(None),
+        };
+        let end = offset.saturating_add(len);
+        let slice = |value: &Bytes, base: u64| {
+            let size = base + value.len() as u64;
+            let from = usize::try_from(offset.clamp(base, size) - base).unwrap_or(0);
+            let to = usize::try_from(end.clamp(base, size) - base).unwrap_or(0);
+            value.slice(from..to.max(from))
+        };
+        match body {
+            Body::Inline(value) => Ok(Some((ts, slice(&value, 0)))),
+            Body::Tombstone => Ok(None),
+            Body::Chunked(list) => {
+                // The chunks overlapping [offset, end), and the offset of the first.
+                let mut at_byte = 0u64;
+                let mut base = None;
+                let mut wanted = Vec::new();
+                for chunk in &list.chunks {
+                    let next = at_byte + u64::from(chunk.len);
+                    if next > offset && at_byte < end {
+                        base.get_or_insert(at_byte);
+                        wanted.push(*chunk);
+                    }
+                    at_byte = next;
+                }
+                let Some(base) = base else { return Ok(Some((ts, Bytes::new()))) };
+                let part = ChunkList { size: wanted.iter().map(|c| u64::from(c.len)).sum(), chunks: wanted };
+                let bytes = self.read_chunked(&part).await?;
+                Ok(Some((ts, slice(&bytes, base))))
+            }
+        }
     }
 
     /// Metadata of `key` at `at`.
