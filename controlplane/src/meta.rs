@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Global snapshots the catalog keeps; older ones leave it as new ones come (an archive keeps
+/// what was exported).
+pub const SNAPSHOTS_KEPT: usize = 10_000;
+
 /// A region and its zones.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Region {
@@ -331,6 +335,10 @@ impl MetaState {
                 let regions = self.regions.keys().map(|name| (name.clone(), SnapshotStatus::Pending)).collect();
                 let snapshot = Snapshot { glt: *glt, regions, created_ms: at_ms, readable_after_us: BTreeMap::new() };
                 self.snapshots.insert(id, snapshot);
+                // The catalog keeps the newest SNAPSHOTS_KEPT (scheduled snapshots never end).
+                while self.snapshots.len() > SNAPSHOTS_KEPT {
+                    self.snapshots.pop_first();
+                }
                 Outcome::SnapshotCreated { id }
             }
             Command::SetSnapshotStatus { id, region, status, after_us } => {
@@ -483,6 +491,17 @@ mod tests {
             assert!(matches!(state.apply(5, command), Outcome::Rejected { .. }), "{command:?}");
         }
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn the_catalog_keeps_the_newest_snapshots() {
+        let mut state = cluster();
+        for glt in 0..(SNAPSHOTS_KEPT as u64 + 5) {
+            state.apply(1, &Command::CreateSnapshot { glt });
+        }
+        assert_eq!(state.snapshots.len(), SNAPSHOTS_KEPT);
+        assert_eq!(state.snapshots.keys().next(), Some(&5));
+        assert_eq!(state.next_snapshot_id, SNAPSHOTS_KEPT as u64 + 5, "ids are never reused");
     }
 
     #[test]

@@ -356,6 +356,12 @@ impl Archive {
             };
             let (size, pieces, stored) =
                 fetch.await.map_err(|error| ArchiveError::Busy(format!("read task failed: {error}")))??;
+            let covered: u64 = pieces.iter().map(|piece| u64::from(piece.raw_len)).sum();
+            if covered != size {
+                return Err(ArchiveError::Busy(format!(
+                    "key {key_hex}: its chunks cover {covered} of its {size} bytes; nothing was written for this snapshot"
+                )));
+            }
             stats.keys_read += 1;
             stats.bytes_read += size;
             let mut ids = Vec::with_capacity(pieces.len());
@@ -397,7 +403,11 @@ impl Archive {
     /// Reads one chunk, checking its CRC and hash.
     async fn chunk(&self, id: &str, location: &Location) -> Result<Vec<u8>, ArchiveError> {
         let path = ObjectPath::from(format!("packs/{}", location.pack));
-        let bytes = self.store.get_range(&path, location.offset..location.offset + u64::from(location.len)).await?;
+        let end = location.offset.checked_add(u64::from(location.len)).ok_or_else(|| ArchiveError::Format {
+            object: path.to_string(),
+            error: FormatError::Bad { what: "chunk offset", at: 0, value: location.offset },
+        })?;
+        let bytes = self.store.get_range(&path, location.offset..end).await?;
         let damaged = |error| ArchiveError::Format { object: format!("{path} (chunk {id})"), error };
         let (entry, _) =
             format::decode_entry(&bytes, usize::try_from(location.offset).unwrap_or(usize::MAX)).map_err(damaged)?;
@@ -423,13 +433,24 @@ impl Archive {
         let mut stats = RestoreStats::default();
         for entry in selected {
             let key = unhex(&entry.key).unwrap_or_default();
-            let mut value = Vec::with_capacity(usize::try_from(entry.size).unwrap_or(0));
+            let mut value = Vec::with_capacity(usize::try_from(entry.size.min(64 << 20)).unwrap_or(0));
             for chunk in &entry.chunks {
                 let location = index.chunks.get(chunk).ok_or_else(|| ArchiveError::Format {
                     object: index_path(id).to_string(),
                     error: FormatError::Body(format!("chunk {chunk} has no location")),
                 })?;
                 value.extend_from_slice(&self.chunk(chunk, location).await?);
+            }
+            if value.len() as u64 != entry.size {
+                return Err(ArchiveError::Format {
+                    object: index_path(id).to_string(),
+                    error: FormatError::Body(format!(
+                        "key {}: its chunks hold {} bytes, the index says {}",
+                        entry.key,
+                        value.len(),
+                        entry.size
+                    )),
+                });
             }
             match target {
                 RestoreTarget::Directory(dir) => write_key_file(dir, &key, &value)?,
@@ -517,8 +538,10 @@ impl Archive {
             report.deferred = true;
             return Ok(report);
         }
+        // Read again after the check: an export that finished since the first read has its
+        // index in by now, and one that starts later writes only packs newer than this prune.
         let referenced: HashSet<String> =
-            snapshots[drop_count..].iter().flat_map(|index| index.chunks.values().map(|at| at.pack.clone())).collect();
+            self.snapshots().await?.iter().flat_map(|index| index.chunks.values().map(|at| at.pack.clone())).collect();
         for meta in self.objects("packs").await? {
             let name = meta.location.filename().unwrap_or_default().to_owned();
             if !referenced.contains(&name) && meta.last_modified.timestamp_millis() < started_ms {
@@ -673,18 +696,36 @@ where
     R: FnMut(u64, u64) -> F,
     F: std::future::Future<Output = Result<Vec<u8>, ArchiveError>>,
 {
-    let boundaries: HashSet<u64> = previous.iter().map(|(_, start, len)| start + u64::from(*len)).collect();
+    let mut boundaries: HashSet<u64> = previous.iter().map(|(_, start, len)| start + u64::from(*len)).collect();
+    // A value that grew or shrank: its old end was a cut only because the value ended there,
+    // and the chunk around the new end must be cut again even where the node's stored chunks
+    // match (a value cut short at a stored-chunk boundary).
+    let old_size = previous.last().map_or(0, |(_, start, len)| start + u64::from(*len));
+    let mut ranges = changed.to_vec();
+    if size != old_size {
+        boundaries.remove(&old_size);
+        ranges.push((size.min(old_size).saturating_sub(1), size));
+    }
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
+        match merged.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => merged.push((a, b)),
+        }
+    }
     let reuse = |pieces: &mut Vec<Cut>, (id, _, len): &(String, u64, u32)| {
         pieces.push(Cut::Same { id: id.clone(), len: *len });
     };
     let mut pieces = Vec::new();
     let mut pos = 0u64; // every byte below is covered, and `pos` is a cut
     let mut old = 0usize; // the first previous chunk not yet passed
-    for &(a, b) in changed {
+    for &(a, b) in &merged {
         if b <= pos {
             continue;
         }
-        while old < previous.len() && previous[old].1 + u64::from(previous[old].2) <= a {
+        // Reused only when it ends before the change: a cut can depend on the byte at it.
+        while old < previous.len() && previous[old].1 + u64::from(previous[old].2) < a {
             if previous[old].1 >= pos {
                 reuse(&mut pieces, &previous[old]);
             }
@@ -879,6 +920,13 @@ mod tests {
         inserted.splice(500_000..500_000, text(3, 5000));
         edits.push(inserted);
         edits.push(base.clone());
+        // Cut short exactly at a stored-chunk boundary: every stored chunk still matches.
+        let mut at_boundary = base.clone();
+        at_boundary.truncate(32 << 16);
+        edits.push(at_boundary);
+        let mut at_start = base.clone();
+        at_start[0] = b'X';
+        edits.push(at_start);
         for (case, new) in edits.iter().enumerate() {
             let changed = changed_ranges(&stored(&base), &stored(new));
             let read_bytes = std::cell::Cell::new(0u64);
@@ -904,7 +952,39 @@ mod tests {
             if case == 0 {
                 assert!(read_bytes.get() < 1_000_000, "case 0 read {} bytes", read_bytes.get());
             }
+            let total: u64 = pieces.iter().map(|p| u64::from(p.raw_len)).sum();
+            assert_eq!(total, new.len() as u64, "case {case}: the chunks cover the value");
         }
+
+        // A value of exactly 1 MiB (a stored-chunk multiple) that grows by 10 KiB.
+        let whole = text(4, 1 << 20);
+        let (_, old_pieces) = prepare(&whole, &known);
+        let mut start = 0u64;
+        let previous: Vec<(String, u64, u32)> = old_pieces
+            .iter()
+            .map(|p| {
+                let chunk = (p.id.clone(), start, p.raw_len);
+                start += u64::from(p.raw_len);
+                chunk
+            })
+            .collect();
+        let mut grown = whole.clone();
+        grown.extend_from_slice(&text(5, 10 << 10));
+        let changed = changed_ranges(&stored(&whole), &stored(&grown));
+        let read = |offset: u64, len: u64| {
+            let part = grown[offset as usize..((offset + len) as usize).min(grown.len())].to_vec();
+            async move { Ok(part) }
+        };
+        let cuts = rechunk(&previous, &changed, grown.len() as u64, read).await.expect("rechunk");
+        let got: Vec<String> = cuts
+            .into_iter()
+            .map(|cut| match cut {
+                Cut::Same { id, .. } => id,
+                Cut::New(raw) => piece(&raw, &known).id,
+            })
+            .collect();
+        let want: Vec<String> = prepare(&grown, &known).1.into_iter().map(|p| p.id).collect();
+        assert_eq!(got, want, "growth past a stored-chunk multiple");
     }
 
     #[test]

@@ -373,15 +373,19 @@ impl ChunkStore {
         if let [chunk] = list.chunks.as_slice() {
             return self.read_chunk(chunk).await;
         }
-        // Every chunk's read in flight at once: one value's chunks are independent files.
-        let parts = join_all(list.chunks.iter().map(|chunk| self.read_chunk(chunk))).await;
+        // Up to READS_IN_FLIGHT chunk reads at once: a value's chunks are independent files.
         let mut out = BytesMut::with_capacity(usize::try_from(list.size).unwrap_or(0));
-        for part in parts {
-            out.extend_from_slice(&part?);
+        for group in list.chunks.chunks(READS_IN_FLIGHT) {
+            for part in join_all(group.iter().map(|chunk| self.read_chunk(chunk))).await {
+                out.extend_from_slice(&part?);
+            }
         }
         Ok(out.freeze())
     }
 }
+
+/// Chunk files of one value read at once.
+const READS_IN_FLIGHT: usize = 16;
 
 /// Runs every future at once on this task; their outputs in order.
 async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
