@@ -323,8 +323,12 @@ impl ShardStore {
         let appended = inner
             .wal
             .append_stamped(&payload, |lsn| {
+                // The clock again, at reservation: waiting for room in a full batch may have
+                // let the closed and applied points (published meanwhile from the clock) pass
+                // the interval read before it, and a stamp must stay above them.
+                let latest_us = inner.config.clock.interval().map_or(interval.latest_us, |now| now.latest_us);
                 let mut hlc = inner.hlc.get();
-                let ts = hlc.tick(interval.latest_us);
+                let ts = hlc.tick(latest_us.max(interval.latest_us));
                 inner.hlc.set(hlc);
                 inner.inflight.borrow_mut().insert(lsn, ts);
                 reserved.set(Some((lsn, ts)));
