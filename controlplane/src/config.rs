@@ -78,14 +78,23 @@ impl Default for GltsConfig {
     }
 }
 
-/// Global snapshots the leader takes by itself.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Global snapshots: the leader's schedule and how long it follows each one.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SnapshotsConfig {
     /// Take one this often, ms (0: only when asked).
     pub every_ms: u64,
     /// Added to each scheduled snapshot's timestamp, µs (see `snapshot create --lead-ms`).
     pub lead_us: u64,
+    /// A region that cannot read a snapshot this long after the leader started asking is
+    /// marked failed for it, ms.
+    pub track_timeout_ms: u64,
+}
+
+impl Default for SnapshotsConfig {
+    fn default() -> Self {
+        Self { every_ms: 0, lead_us: 0, track_timeout_ms: 30_000 }
+    }
 }
 
 /// The Prometheus endpoint (`GET /metrics`).
@@ -206,6 +215,9 @@ impl NodeConfig {
         }
         if self.snapshots.every_ms != 0 && self.snapshots.every_ms < 10 {
             bail!("snapshots.every_ms: must be 0 (off) or at least 10");
+        }
+        if self.snapshots.track_timeout_ms == 0 {
+            bail!("snapshots.track_timeout_ms: must be > 0");
         }
         Ok(())
     }

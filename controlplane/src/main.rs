@@ -90,6 +90,10 @@ struct RunArgs {
     /// Take a global snapshot this often while leader, ms; 0 for none (snapshots.every_ms).
     #[arg(long)]
     snapshot_every_ms: Option<u64>,
+    /// Mark a snapshot failed in a region that cannot read it this long, ms
+    /// (snapshots.track_timeout_ms).
+    #[arg(long)]
+    snapshot_track_timeout_ms: Option<u64>,
     /// Serve Prometheus metrics on this TCP address (metrics.listen); port 0 picks one, printed
     /// on stdout as `METRICS http://addr/metrics`.
     #[arg(long)]
@@ -163,6 +167,9 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
     }
     if let Some(ms) = args.snapshot_every_ms {
         config.snapshots.every_ms = ms;
+    }
+    if let Some(ms) = args.snapshot_track_timeout_ms {
+        config.snapshots.track_timeout_ms = ms;
     }
     if let Some(ms) = args.dead_after_ms {
         config.membership.dead_after_ms = ms;

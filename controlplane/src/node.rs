@@ -24,9 +24,9 @@ use crate::timesource::{self, LocalBound};
 use crate::tls::Identity;
 use crate::types::{ControlNode, NodeId, Proposal, Raft};
 
-/// How long the leader waits for a region to read a new snapshot before marking it failed
-/// there.
-const SNAPSHOT_TRACK_MAX: Duration = Duration::from_secs(30);
+/// How often a leader looks for snapshots still pending that nobody here follows (created
+/// by an earlier leader).
+const SNAPSHOT_RESUME_EVERY: Duration = Duration::from_millis(500);
 
 /// Why a batch was not applied; every writer in it gets the same answer.
 #[derive(Debug, Clone)]
@@ -67,6 +67,8 @@ pub struct Node {
     proposals: tokio::sync::mpsc::UnboundedSender<Pending>,
     /// The local bound as last read (refreshed every `glts.sync_interval_ms`).
     local: Mutex<LocalBound>,
+    /// Snapshots this node follows as leader.
+    tracking: Mutex<BTreeSet<u64>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -152,6 +154,7 @@ impl Node {
             glts: Mutex::default(),
             proposals,
             local: Mutex::new(local),
+            tracking: Mutex::default(),
         });
         let handler = node.clone();
         tokio::spawn(crate::net::serve(endpoint, move |request| {
@@ -166,6 +169,7 @@ impl Node {
         if node.config.snapshots.every_ms > 0 {
             tokio::spawn(node.clone().scheduled_snapshots());
         }
+        tokio::spawn(node.clone().resume_snapshots());
         node.clone().bootstrap_or_join().await?;
         tracing::info!(
             node = node.id,
@@ -536,6 +540,7 @@ impl Node {
         let glt = crate::snapshots::snapshot_glt(interval.latest_ns, lead_us);
         match self.write(Command::CreateSnapshot { glt }).await {
             Response::Written { outcome: Outcome::SnapshotCreated { id }, index } => {
+                lock(&self.tracking).insert(id);
                 tokio::spawn(self.clone().track_snapshot(id, glt, requested_us));
                 Response::Snapshot { id, glt, index }
             }
@@ -561,17 +566,58 @@ impl Node {
         }
     }
 
+    /// While leader, follows the snapshots still pending in some region that this node does
+    /// not follow yet: those an earlier leader created and could not finish. Their time to
+    /// readable counts from their creation (the proposing leader's clock).
+    async fn resume_snapshots(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(SNAPSHOT_RESUME_EVERY).await;
+            if self.raft.metrics().borrow().state != ServerState::Leader {
+                lock(&self.tracking).clear();
+                continue;
+            }
+            let pending: Vec<(u64, u64, u64)> = {
+                let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+                applied
+                    .meta
+                    .snapshots
+                    .iter()
+                    .filter(|(_, s)| s.regions.values().any(|status| *status == SnapshotStatus::Pending))
+                    .map(|(id, s)| (*id, s.glt, s.created_ms.saturating_mul(1000)))
+                    .collect()
+            };
+            for (id, glt, created_us) in pending {
+                if lock(&self.tracking).insert(id) {
+                    tracing::info!(snapshot = id, "following a snapshot an earlier leader left pending");
+                    tokio::spawn(self.clone().track_snapshot(id, glt, created_us));
+                }
+            }
+        }
+    }
+
     /// Asks one live data node per region (the others in turn if it fails) to answer once
     /// it can read snapshot `id` at `glt`, and records per region how long that took from
-    /// `requested_us`, or `Failed` after `SNAPSHOT_TRACK_MAX`.
+    /// `requested_us`, or `Failed` after `snapshots.track_timeout_ms`.
     async fn track_snapshot(self: Arc<Self>, id: u64, glt: u64, requested_us: u64) {
-        let regions: Vec<String> =
-            self.applied.read().unwrap_or_else(PoisonError::into_inner).meta.regions.keys().cloned().collect();
+        // Only the regions still pending (a resumed snapshot may be readable in some already).
+        let regions: Vec<String> = {
+            let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+            match applied.meta.snapshots.get(&id) {
+                Some(snapshot) => snapshot
+                    .regions
+                    .iter()
+                    .filter(|(_, status)| **status == SnapshotStatus::Pending)
+                    .map(|(region, _)| region.clone())
+                    .collect(),
+                None => applied.meta.regions.keys().cloned().collect(),
+            }
+        };
+        let track_max = Duration::from_millis(self.config.snapshots.track_timeout_ms);
         let mut tracking = tokio::task::JoinSet::new();
         for region in regions {
             let node = self.clone();
             tracking.spawn(async move {
-                let deadline = tokio::time::Instant::now() + SNAPSHOT_TRACK_MAX;
+                let deadline = tokio::time::Instant::now() + track_max;
                 let readable = loop {
                     let addrs: Vec<String> = {
                         let applied = node.applied.read().unwrap_or_else(PoisonError::into_inner);
@@ -609,6 +655,7 @@ impl Node {
             });
         }
         while tracking.join_next().await.is_some() {}
+        lock(&self.tracking).remove(&id);
     }
 
     /// The width of this node's GLTS interval now, when it has one.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use controlplane::local::LocalCluster;
-use controlplane::meta::Command;
+use controlplane::meta::{Command, SnapshotStatus};
 use controlplane::rpc::{Request, Response};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -250,5 +250,34 @@ async fn snapshots_compact_the_log_and_bring_a_far_behind_node_back() -> Result<
     cluster.wait_leader(10 * SECOND).await?;
     let state = cluster.client().read(true, 10 * SECOND).await?;
     assert_eq!(state, leader_state);
+    Ok(())
+}
+
+/// A snapshot still pending when its leader dies is followed by the next leader: here a region
+/// with no data node, which the new leader marks failed after the (shortened) tracking limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_follows_the_snapshots_its_predecessor_left_pending() -> Result<()> {
+    let (_dir, mut cluster) = cluster_with(3, &["--snapshot-track-timeout-ms", "3000"]).await?;
+    let client = cluster.client().clone();
+    client.write(Command::PutRegion { name: "mars".into(), zones: vec!["z".into()] }, Duration::from_secs(10)).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(5)).await?;
+    let (id, _) = client.create_snapshot(0, Duration::from_secs(10)).await?;
+    cluster.kill(leader)?;
+    let new_leader = cluster.wait_leader(Duration::from_secs(5)).await?;
+    assert_ne!(new_leader, leader);
+    let started = Instant::now();
+    loop {
+        let meta = client.read(true, Duration::from_secs(5)).await?;
+        let status = meta.snapshots.get(&id).map(|snapshot| snapshot.regions["mars"]);
+        if status == Some(SnapshotStatus::Failed) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "snapshot {id} still {status:?} in mars 20 s after the leader died\n{}",
+            cluster.log_tail(new_leader)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
