@@ -1,10 +1,7 @@
 //! The shard-routing client: shard map from `Hello`, one lazily opened connection per shard,
 //! retries of idempotent requests, fan-out of listings and batches.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -160,6 +157,9 @@ pub struct Listing {
     /// Pass as `start_after` to get the next page; `None` when the listing is complete.
     pub next: Option<Vec<u8>>,
 }
+
+/// Entries per request of [`Client::list_all`].
+const LIST_ALL_PAGE: u32 = 1000;
 
 /// A Meridian client. Cheap to clone; all clones share the shard map and the connections.
 #[derive(Debug, Clone)]
@@ -378,12 +378,27 @@ impl Client {
         if limit == 0 {
             return Ok(Listing::default());
         }
-        let pages =
-            join_all((0..self.inner.shard_count).map(|shard| self.list_shard(shard, prefix, start_after, limit, at)))
-                .await
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()?;
+        let pages = wire::join_all(
+            (0..self.inner.shard_count).map(|shard| self.list_shard(shard, prefix, start_after, limit, at)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
         Ok(merge_pages(pages, limit as usize))
+    }
+
+    /// Every key starting with `prefix` at `at`, page after page.
+    pub async fn list_all(&self, prefix: &[u8], at: Option<u64>) -> Result<Vec<Entry>, ClientError> {
+        let mut entries = Vec::new();
+        let mut after = Vec::new();
+        loop {
+            let page = self.list(prefix, &after, LIST_ALL_PAGE, at).await?;
+            entries.extend(page.entries);
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok(entries),
+            }
+        }
     }
 
     async fn list_shard(
@@ -437,7 +452,7 @@ impl Client {
             parts.push(self.batch_put_shard(shard, group, body_bytes));
         }
         let mut ts_max = 0;
-        for result in join_all(parts).await {
+        for result in wire::join_all(parts).await {
             ts_max = ts_max.max(result?);
         }
         Ok(ts_max)
@@ -566,27 +581,6 @@ fn merge_pages(pages: Vec<Page>, limit: usize) -> Listing {
     entries.truncate(limit);
     let next = if more { entries.last().map(|entry| entry.key.clone()).or(cutoff) } else { None };
     Listing { entries, next }
-}
-
-/// Runs futures concurrently on the current task and returns their outputs in order. Used
-/// for fan-out to a handful of shards, so re-polling all pending futures on a wake is cheap.
-async fn join_all<F: Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut futures = futures.into_iter().map(Box::pin).collect::<Vec<Pin<Box<F>>>>();
-    let mut outputs = futures.iter().map(|_| None).collect::<Vec<Option<F::Output>>>();
-    std::future::poll_fn(|context| {
-        let mut done = true;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(context) {
-                    Poll::Ready(value) => *output = Some(value),
-                    Poll::Pending => done = false,
-                }
-            }
-        }
-        if done { Poll::Ready(()) } else { Poll::Pending }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use clap::Args;
+use clap::{Args, FromArgMatches};
 use client::{Client, ClientConfig};
 use controlplane::local::LocalCluster;
 use controlplane::meta::{Command, NodeState};
@@ -96,15 +96,8 @@ pub struct ClusterArgs {
     /// After an event ends, the region counts as recovered once its lag is back under this.
     #[arg(long, default_value = "100ms", value_parser = scenario::parse_duration)]
     recovered_lag: Duration,
-    /// Parent of the run's folder (data, logs, report); the folder is kept.
-    #[arg(long, default_value = "bench-data")]
-    out: PathBuf,
-    /// The dataplane binary (default: next to this bench binary).
-    #[arg(long)]
-    dataplane: Option<PathBuf>,
-    /// The controlplane binary (default: next to this bench binary).
-    #[arg(long)]
-    controlplane: Option<PathBuf>,
+    #[command(flatten)]
+    paths: RunPaths,
     /// Skip the device-limit measurement (fio), e.g. where fio is not installed.
     #[arg(long)]
     skip_fio: bool,
@@ -252,6 +245,20 @@ struct Lag {
     series: Vec<(u64, u64)>,
 }
 
+/// Where a run keeps its folder and finds the binaries (`bench cluster`, `bench snapshot`).
+#[derive(Debug, Clone, Args)]
+pub struct RunPaths {
+    /// Parent of the run's folder (data, logs, report); the folder is kept.
+    #[arg(long, default_value = "bench-data")]
+    out: PathBuf,
+    /// The dataplane binary (default: next to this bench binary).
+    #[arg(long)]
+    dataplane: Option<PathBuf>,
+    /// The controlplane binary (default: next to this bench binary).
+    #[arg(long)]
+    controlplane: Option<PathBuf>,
+}
+
 /// Options of `bench snapshot`.
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
@@ -267,15 +274,8 @@ pub struct SnapshotArgs {
     /// One-way delay between regions.
     #[arg(long, default_value = "20ms", value_parser = scenario::parse_duration)]
     delay: Duration,
-    /// Parent of the run's folder (data, logs, report); the folder is kept.
-    #[arg(long, default_value = "bench-data")]
-    out: PathBuf,
-    /// The dataplane binary (default: next to this bench binary).
-    #[arg(long)]
-    dataplane: Option<PathBuf>,
-    /// The controlplane binary (default: next to this bench binary).
-    #[arg(long)]
-    controlplane: Option<PathBuf>,
+    #[command(flatten)]
+    paths: RunPaths,
     /// Size of the data set exported into the archive (next to restic and rsync).
     #[arg(long, default_value = "1GiB", value_parser = scenario::parse_bytes)]
     dataset: u64,
@@ -300,30 +300,16 @@ pub fn run_snapshot(args: &SnapshotArgs) -> Result<()> {
         bail!("restic or rsync not found: run scripts/install-deps.sh bench, or pass --skip-archive");
     }
     let plan = (!args.skip_archive).then_some(archive::Plan { bytes: args.dataset, change: args.change, seed: 1 });
-    let cluster = ClusterArgs {
-        duration: args.duration,
-        warmup: Duration::from_secs(2),
-        rate: args.rate,
-        workload: Mix::parse("small").map_err(anyhow::Error::msg)?,
-        file_min: 1 << 20,
-        file_max: 4 << 20,
-        part_size: 16 << 20,
-        delay: args.delay,
-        jitter: Duration::ZERO,
-        loss: 0.0,
-        partitions: Vec::new(),
-        kills: Vec::new(),
-        shards: 1,
-        snapshot_every: args.every,
-        chains: 6,
-        recovered_lag: Duration::from_millis(100),
-        out: args.out.clone(),
-        dataplane: args.dataplane.clone(),
-        controlplane: args.controlplane.clone(),
-        skip_fio: true,
-        seed: 1,
-        json: args.json,
-    };
+    // `bench cluster`'s defaults, with this bench's load, delay and snapshots.
+    let defaults = ClusterArgs::augment_args(clap::Command::new("cluster")).try_get_matches_from(["cluster"])?;
+    let mut cluster = ClusterArgs::from_arg_matches(&defaults)?;
+    cluster.duration = args.duration;
+    cluster.rate = args.rate;
+    cluster.delay = args.delay;
+    cluster.snapshot_every = args.every;
+    cluster.paths = args.paths.clone();
+    cluster.skip_fio = true;
+    cluster.json = args.json;
     execute(&cluster, "snapshot", plan.as_ref())
 }
 
@@ -334,12 +320,12 @@ pub fn run(args: &ClusterArgs) -> Result<()> {
 
 fn execute(args: &ClusterArgs, bench: &str, archive_plan: Option<&archive::Plan>) -> Result<()> {
     args.validate()?;
-    let dataplane = dataplane_binary(args.dataplane.as_ref())?;
-    let controlplane = crate::control::controlplane_binary(args.controlplane.as_deref())?;
+    let dataplane = dataplane_binary(args.paths.dataplane.as_ref())?;
+    let controlplane = crate::control::controlplane_binary(args.paths.controlplane.as_deref())?;
     if !args.skip_fio && !crate::device::fio_available() {
         bail!("fio not found: run scripts/install-deps.sh bench (Debian fio), or pass --skip-fio");
     }
-    let dir = create_run_dir(&args.out)?;
+    let dir = create_run_dir(&args.paths.out)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let outcome = runtime.block_on(async {
         let mut report = run_async(args, &dataplane, &controlplane, &dir).await?;

@@ -29,8 +29,6 @@ const SETTLE_TIMEOUT: Duration = Duration::from_secs(40);
 const COMPARED: usize = 8;
 /// A chain writer's pause between writes (the chains test causality, not throughput).
 const CHAIN_PAUSE: Duration = Duration::from_millis(10);
-/// Entries per listing page.
-const PAGE: u32 = 1000;
 
 /// What the run measured of its snapshots.
 #[derive(Debug, Default)]
@@ -216,16 +214,8 @@ fn new_histogram() -> Histogram<u64> {
 
 /// Every key with its version timestamp and size, as of `glt`.
 async fn read_all(client: &Client, glt: u64) -> Result<Vec<(Vec<u8>, u64, u64)>> {
-    let mut entries = Vec::new();
-    let mut after = Vec::new();
-    loop {
-        let page = client.list(b"", &after, PAGE, Some(glt)).await?;
-        entries.extend(page.entries.iter().map(|entry| (entry.key.clone(), entry.ts, entry.size)));
-        match page.next {
-            Some(next) => after = next,
-            None => return Ok(entries),
-        }
-    }
+    let entries = client.list_all(b"", Some(glt)).await?;
+    Ok(entries.into_iter().map(|entry| (entry.key, entry.ts, entry.size)).collect())
 }
 
 #[cfg(test)]

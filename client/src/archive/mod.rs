@@ -308,16 +308,7 @@ impl Archive {
         let mut stats = ExportStats { parent: parent.map(|p| p.id), ..ExportStats::default() };
 
         client.wait_readable(glt, Duration::from_secs(60)).await?;
-        let mut listed = Vec::new();
-        let mut after = Vec::new();
-        loop {
-            let page = client.list(b"", &after, 1000, Some(glt)).await?;
-            listed.extend(page.entries);
-            match page.next {
-                Some(next) => after = next,
-                None => break,
-            }
-        }
+        let listed = client.list_all(b"", Some(glt)).await?;
         let total = listed.len() as u64;
         let mut writer = PackWriter::new(self.store.clone());
         let mut keys = Vec::with_capacity(listed.len());
@@ -680,6 +671,16 @@ enum Cut {
     New(Vec<u8>),
 }
 
+impl Cut {
+    /// The chunk as a pack entry: an id already known, or new bytes hashed and encoded.
+    fn into_piece(self, known: &HashMap<String, Location>) -> Piece {
+        match self {
+            Cut::Same { id, len } => Piece { id, raw_len: len, entry: None },
+            Cut::New(raw) => piece(&raw, known),
+        }
+    }
+}
+
 /// The content-defined chunks of a new version of `size` bytes whose bytes differ from the
 /// previous version's only in `changed`, reading through `read(offset, len)` only around the
 /// changes: from the previous chunk boundary before a change, cutting until a cut lands on a
@@ -797,16 +798,10 @@ async fn read_key(
         };
         let cuts = rechunk(&previous.chunks, &changed, refs.size, read).await?;
         // Hashing and compressing the new chunks on a blocking thread, next to other reads.
-        let pieces = tokio::task::spawn_blocking(move || {
-            cuts.into_iter()
-                .map(|cut| match cut {
-                    Cut::Same { id, len } => Piece { id, raw_len: len, entry: None },
-                    Cut::New(raw) => piece(&raw, &known),
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|error| ArchiveError::Busy(format!("chunking task failed: {error}")))?;
+        let pieces =
+            tokio::task::spawn_blocking(move || cuts.into_iter().map(|cut| cut.into_piece(&known)).collect::<Vec<_>>())
+                .await
+                .map_err(|error| ArchiveError::Busy(format!("chunking task failed: {error}")))?;
         return Ok((refs.size, pieces, stored));
     }
     let value = client.get(&key, Some(glt)).await?.ok_or(ClientError::NotFound)?.value;
@@ -888,103 +883,71 @@ mod tests {
         value.chunks(64 << 10).map(|c| (*blake3::hash(c).as_bytes(), c.len() as u32)).collect()
     }
 
-    #[tokio::test]
-    async fn reading_only_the_changes_gives_the_chunks_of_the_whole_value() {
+    /// Re-cuts `new` from `base`'s chunks through `rechunk`; asserts it equals cutting the whole
+    /// of `new` and covers it; returns the bytes it read.
+    async fn check_rechunk(case: &str, base: &[u8], new: &[u8]) -> u64 {
         let known = HashMap::new();
-        let base = text(1, 3_000_000);
-        let (_, old_pieces) = prepare(&base, &known);
         let mut start = 0u64;
-        let previous: Vec<(String, u64, u32)> = old_pieces
-            .iter()
+        let previous: Vec<(String, u64, u32)> = prepare(base, &known)
+            .1
+            .into_iter()
             .map(|p| {
-                let chunk = (p.id.clone(), start, p.raw_len);
+                let chunk = (p.id, start, p.raw_len);
                 start += u64::from(p.raw_len);
                 chunk
             })
             .collect();
-        let mut edits: Vec<Vec<u8>> = Vec::new();
+        let changed = changed_ranges(&stored(base), &stored(new));
+        let read_bytes = std::sync::atomic::AtomicU64::new(0);
+        let read = |offset: u64, len: u64| {
+            read_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+            let part = new[offset as usize..((offset + len) as usize).min(new.len())].to_vec();
+            async move { Ok(part) }
+        };
+        let cuts = rechunk(&previous, &changed, new.len() as u64, read).await.expect("rechunk");
+        let pieces: Vec<Piece> = cuts.into_iter().map(|cut| cut.into_piece(&known)).collect();
+        let got: Vec<&str> = pieces.iter().map(|p| p.id.as_str()).collect();
+        let (_, whole) = prepare(new, &known);
+        let want: Vec<&str> = whole.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(got, want, "case {case}");
+        let total: u64 = pieces.iter().map(|p| u64::from(p.raw_len)).sum();
+        assert_eq!(total, new.len() as u64, "case {case}: the chunks cover the value");
+        read_bytes.into_inner()
+    }
+
+    #[tokio::test]
+    async fn reading_only_the_changes_gives_the_chunks_of_the_whole_value() {
+        let base = text(1, 3_000_000);
         let mut one = base.clone();
         one[1_000_000..1_000_100].copy_from_slice(&[b'#'; 100]);
-        edits.push(one);
+        let read = check_rechunk("one edit", &base, &one).await;
+        assert!(read < 1_000_000, "case 0 read {read} bytes");
         let mut two = base.clone();
         two[10..20].copy_from_slice(&[b'!'; 10]);
         two[2_999_990..].copy_from_slice(&[b'?'; 10]);
-        edits.push(two);
+        check_rechunk("both ends", &base, &two).await;
         let mut longer = base.clone();
         longer.extend_from_slice(&text(2, 200_000));
-        edits.push(longer);
+        check_rechunk("longer", &base, &longer).await;
         let mut shorter = base.clone();
         shorter.truncate(2_100_000);
-        edits.push(shorter);
+        check_rechunk("shorter", &base, &shorter).await;
         let mut inserted = base.clone();
         inserted.splice(500_000..500_000, text(3, 5000));
-        edits.push(inserted);
-        edits.push(base.clone());
+        check_rechunk("inserted", &base, &inserted).await;
+        check_rechunk("unchanged", &base, &base).await;
         // Cut short exactly at a stored-chunk boundary: every stored chunk still matches.
         let mut at_boundary = base.clone();
         at_boundary.truncate(32 << 16);
-        edits.push(at_boundary);
+        check_rechunk("at a stored-chunk boundary", &base, &at_boundary).await;
         let mut at_start = base.clone();
         at_start[0] = b'X';
-        edits.push(at_start);
-        for (case, new) in edits.iter().enumerate() {
-            let changed = changed_ranges(&stored(&base), &stored(new));
-            let read_bytes = std::cell::Cell::new(0u64);
-            let read = |offset: u64, len: u64| {
-                read_bytes.set(read_bytes.get() + len);
-                let from = offset as usize;
-                let to = (offset + len) as usize;
-                let part = new[from..to.min(new.len())].to_vec();
-                async move { Ok(part) }
-            };
-            let cuts = rechunk(&previous, &changed, new.len() as u64, read).await.expect("rechunk");
-            let pieces: Vec<Piece> = cuts
-                .into_iter()
-                .map(|cut| match cut {
-                    Cut::Same { id, len } => Piece { id, raw_len: len, entry: None },
-                    Cut::New(raw) => piece(&raw, &known),
-                })
-                .collect();
-            let got: Vec<&str> = pieces.iter().map(|p| p.id.as_str()).collect();
-            let (_, whole) = prepare(new, &known);
-            let want: Vec<&str> = whole.iter().map(|p| p.id.as_str()).collect();
-            assert_eq!(got, want, "case {case}");
-            if case == 0 {
-                assert!(read_bytes.get() < 1_000_000, "case 0 read {} bytes", read_bytes.get());
-            }
-            let total: u64 = pieces.iter().map(|p| u64::from(p.raw_len)).sum();
-            assert_eq!(total, new.len() as u64, "case {case}: the chunks cover the value");
-        }
-
+        check_rechunk("first byte", &base, &at_start).await;
         // A value of exactly 1 MiB (a stored-chunk multiple) that grows by 10 KiB.
         let whole = text(4, 1 << 20);
-        let (_, old_pieces) = prepare(&whole, &known);
-        let mut start = 0u64;
-        let previous: Vec<(String, u64, u32)> = old_pieces
-            .iter()
-            .map(|p| {
-                let chunk = (p.id.clone(), start, p.raw_len);
-                start += u64::from(p.raw_len);
-                chunk
-            })
-            .collect();
         let mut grown = whole.clone();
         grown.extend_from_slice(&text(5, 10 << 10));
-        let changed = changed_ranges(&stored(&whole), &stored(&grown));
-        let read = |offset: u64, len: u64| {
-            let part = grown[offset as usize..((offset + len) as usize).min(grown.len())].to_vec();
-            async move { Ok(part) }
-        };
-        let cuts = rechunk(&previous, &changed, grown.len() as u64, read).await.expect("rechunk");
-        let got: Vec<String> = cuts
-            .into_iter()
-            .map(|cut| match cut {
-                Cut::Same { id, .. } => id,
-                Cut::New(raw) => piece(&raw, &known).id,
-            })
-            .collect();
-        let want: Vec<String> = prepare(&grown, &known).1.into_iter().map(|p| p.id).collect();
-        assert_eq!(got, want, "growth past a stored-chunk multiple");
+        check_rechunk("growth past a stored-chunk multiple", &whole, &grown).await;
     }
 
     #[test]

@@ -376,7 +376,7 @@ impl ChunkStore {
         // Up to READS_IN_FLIGHT chunk reads at once: a value's chunks are independent files.
         let mut out = BytesMut::with_capacity(usize::try_from(list.size).unwrap_or(0));
         for group in list.chunks.chunks(READS_IN_FLIGHT) {
-            for part in join_all(group.iter().map(|chunk| self.read_chunk(chunk))).await {
+            for part in wire::join_all(group.iter().map(|chunk| self.read_chunk(chunk))).await {
                 out.extend_from_slice(&part?);
             }
         }
@@ -386,29 +386,6 @@ impl ChunkStore {
 
 /// Chunk files of one value read at once.
 const READS_IN_FLIGHT: usize = 16;
-
-/// Runs every future at once on this task; their outputs in order.
-async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pending: Vec<_> = futures.map(|future| Some(Box::pin(future))).collect();
-    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    futures_lite::future::poll_fn(|context| {
-        let mut waiting = false;
-        for (slot, output) in pending.iter_mut().zip(outputs.iter_mut()) {
-            if let Some(future) = slot {
-                match future.as_mut().poll(context) {
-                    std::task::Poll::Ready(value) => {
-                        *output = Some(value);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => waiting = true,
-                }
-            }
-        }
-        if waiting { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
-}
 
 fn io_error(op: &'static str, path: &Path, error: &dyn std::fmt::Display) -> ChunkError {
     ChunkError::Io { op, path: path.display().to_string(), message: error.to_string() }

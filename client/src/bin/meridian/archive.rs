@@ -122,16 +122,7 @@ pub async fn read(
             }
         }
         SnapshotCommand::Ls { prefix, .. } => {
-            let mut entries = Vec::new();
-            let mut after = Vec::new();
-            loop {
-                let page = client.list(prefix.as_bytes(), &after, 1000, Some(glt)).await?;
-                entries.extend(page.entries);
-                match page.next {
-                    Some(next) => after = next,
-                    None => break,
-                }
-            }
+            let entries = client.list_all(prefix.as_bytes(), Some(glt)).await?;
             if json {
                 let list: Vec<_> = entries
                     .iter()
