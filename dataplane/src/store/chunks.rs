@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use glommio::io::{BufferedFile, OpenOptions};
+use glommio::io::{DmaFile, OpenOptions};
 use thiserror::Error;
 
 use super::op::{CHUNK_HASH_BYTES, ChunkList, ChunkRef};
@@ -353,9 +353,11 @@ impl ChunkStore {
         if let Some(errno) = self.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::ChunkRead)) {
             return Err(fail("read", &std::io::Error::from_raw_os_error(errno)));
         }
-        // Read through the page cache: glommio's iopoll probe can misjudge virtio devices
-        // (a probe on an empty file "succeeds"), and O_DIRECT reads then fail with EOPNOTSUPP.
-        let file = match BufferedFile::open(&path).await {
+        // O_DIRECT, like the writes: the read is asynchronous in the kernel (a buffered read
+        // of a file not in the page cache waits for one of io_uring's few worker threads).
+        // The shard calibrated glommio's iopoll probe for this directory's device (see
+        // `calibrate_iopoll`), so these reads go to the interrupt-driven ring.
+        let file = match DmaFile::open(&path).await {
             Ok(file) => file,
             Err(error) if error.raw_os_error() == Some(libc::ENOENT) => {
                 return Err(ChunkError::Missing { chunk: hex(&chunk.hash) });
@@ -363,8 +365,12 @@ impl ChunkStore {
             Err(error) => return Err(fail("open", &error)),
         };
         let total = SECTOR_BYTES + round_up(chunk.len as usize);
-        let read = file.read_at(0, total).await.map_err(|error| fail("read", &error));
-        let _ = file.close().await;
+        let read = file.read_at_aligned(0, total).await.map_err(|error| fail("read", &error));
+        // Closed in the background: the reader has its bytes.
+        glommio::spawn_local(async move {
+            let _ = file.close().await;
+        })
+        .detach();
         verify(chunk, &read?)
     }
 

@@ -185,6 +185,9 @@ impl ShardStore {
         }
 
         let chunks = ChunkStore::open(config.dir.join("chunks"), config.chunk_bytes, config.wal.faults.clone())?;
+        // Chunk files are O_DIRECT both ways: glommio's iopoll probe must see a real sector on
+        // their device too (the WAL's directory may be elsewhere).
+        crate::wal::writer::calibrate_iopoll(&config.dir.join("chunks")).await;
         for (_, chain) in versions.iter_from(None) {
             for version in chain {
                 if let Body::Chunked(list) = &version.body {

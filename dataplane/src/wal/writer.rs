@@ -367,7 +367,7 @@ async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize
 /// "succeeds" even on devices without poll queues (virtio here), and every later DMA file then
 /// lands on the polled ring: shards busy-poll and O_DIRECT reads fail with EOPNOTSUPP. Opening
 /// a one-sector file first makes the probe meaningful.
-async fn calibrate_iopoll(dir: &Path) {
+pub(crate) async fn calibrate_iopoll(dir: &Path) {
     let path = dir.join(".iopoll-probe");
     if std::fs::write(&path, [0u8; SECTOR_BYTES]).is_ok() {
         if let Ok(file) = DmaFile::open(&path).await {
