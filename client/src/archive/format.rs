@@ -7,25 +7,23 @@
 //! of the stored bytes (u32) | stored bytes`, little endian. An index locates each chunk by
 //! pack and entry offset, so a restore reads only the entries it needs.
 //!
-//! A snapshot index is `INDEX_MAGIC | crc32c (u32) of the rest | body_len (u64) | zstd(JSON of
-//! [`SnapshotIndex`])`. Every index is complete (all keys of its snapshot); `parent` names the
-//! snapshot an incremental export started from.
+//! A snapshot index is `INDEX_MAGIC | crc32c (u32) of the body | body`, binary tables of its
+//! packs, chunks and keys ([`encode_index`]). Every index is complete (all keys of its
+//! snapshot); `parent` names the snapshot an incremental export started from.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// First bytes of a pack.
 pub const PACK_MAGIC: &[u8; 8] = b"MRDPACK1";
 /// First bytes of a snapshot index.
-pub const INDEX_MAGIC: &[u8; 8] = b"MRDIDX01";
+pub const INDEX_MAGIC: &[u8; 8] = b"MRDIDX02";
 /// Bytes of an entry's head before the stored bytes.
 pub const ENTRY_HEAD_BYTES: usize = 32 + 4 + 4 + 1 + 4;
 /// The largest chunk (raw) an entry may hold.
 pub const CHUNK_BYTES_MAX: u32 = 16 << 20;
-/// The largest decompressed index accepted.
-pub const INDEX_BYTES_MAX: usize = 1 << 30;
 
 /// Stored bytes as they are.
 pub const CODEC_NONE: u8 = 0;
@@ -121,10 +119,27 @@ pub struct Entry<'a> {
     pub stored: &'a [u8],
 }
 
+thread_local! {
+    /// Each thread's zstd context, kept between chunks (a new one per chunk costs more than
+    /// compressing a small chunk), with its level.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+}
+
+/// `raw` compressed at `level` with this thread's context; `None` if zstd fails.
+fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(kept, _)| *kept != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        slot.as_mut()?.1.compress(raw).ok()
+    })
+}
+
 /// One chunk as a pack entry, compressed with zstd at `level` unless that does not make it
 /// smaller.
 pub fn encode_entry(id: &ChunkId, raw: &[u8], level: i32) -> Vec<u8> {
-    let compressed = zstd::bulk::compress(raw, level).ok().filter(|c| c.len() < raw.len());
+    let compressed = compress(raw, level).filter(|c| c.len() < raw.len());
     let (codec, stored) = match &compressed {
         Some(bytes) => (CODEC_ZSTD, bytes.as_slice()),
         None => (CODEC_NONE, raw),
@@ -215,11 +230,25 @@ pub fn open_entry(entry: &Entry<'_>) -> Result<Vec<u8>, FormatError> {
     Ok(raw)
 }
 
+/// A pack's id: the first 16 bytes of the BLAKE3 of its content. Its object is
+/// `packs/<hex id>.pack` ([`pack_name`]).
+pub type PackId = [u8; 16];
+
+/// The object name (without directory) of pack `id`.
+pub fn pack_name(id: &PackId) -> String {
+    format!("{}.pack", hex(id))
+}
+
+/// The pack id an object name stands for; `None` for a name no pack has.
+pub fn parse_pack_name(name: &str) -> Option<PackId> {
+    unhex(name.strip_suffix(".pack")?)?.try_into().ok()
+}
+
 /// Where a chunk is stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
-    /// Pack object name (without directory).
-    pub pack: String,
+    /// The pack.
+    pub pack: PackId,
     /// Entry offset in the pack.
     pub offset: u64,
     /// Entry length (head and stored bytes).
@@ -229,24 +258,23 @@ pub struct Location {
 }
 
 /// One key of a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyEntry {
-    /// The key, hex.
-    pub key: String,
+    /// The key.
+    pub key: Vec<u8>,
     /// Version timestamp.
     pub ts: u64,
     /// Value bytes.
     pub size: u64,
-    /// Chunk ids (hex) in order.
-    pub chunks: Vec<String>,
-    /// The cluster's stored chunks of this version (BLAKE3 hex, length): the next export
-    /// compares them with the new version's to read only the ranges that changed.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stored: Vec<(String, u32)>,
+    /// Chunk ids in order.
+    pub chunks: Vec<ChunkId>,
+    /// The cluster's stored chunks of this version (BLAKE3, length): the next export compares
+    /// them with the new version's to read only the ranges that changed.
+    pub stored: Vec<([u8; 32], u32)>,
 }
 
 /// A snapshot in the archive: every key visible at `glt`, and where each chunk is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotIndex {
     /// The cluster's snapshot id.
     pub id: u64,
@@ -258,47 +286,186 @@ pub struct SnapshotIndex {
     pub created_ms: u64,
     /// Keys in order.
     pub keys: Vec<KeyEntry>,
-    /// Chunk id (hex) -> location.
-    pub chunks: BTreeMap<String, Location>,
+    /// Chunk id -> location.
+    pub chunks: BTreeMap<ChunkId, Location>,
 }
 
-/// Encodes an index.
+/// Bytes of one chunk-table row: id, pack number, offset, entry length, raw length.
+const CHUNK_ROW_BYTES: usize = 32 + 4 + 8 + 4 + 4;
+/// Bytes of a key row without its variable parts.
+const KEY_ROW_BYTES: usize = 4 + 8 + 8 + 4 + 4;
+
+fn count(n: usize, what: &str) -> Result<[u8; 4], FormatError> {
+    u32::try_from(n).map(u32::to_le_bytes).map_err(|_| FormatError::Body(format!("too many {what}: {n}")))
+}
+
+/// Encodes an index: `INDEX_MAGIC | crc32c (u32) of the body | body`, the body little
+/// endian:
+/// `id u64 | glt u64 | has_parent u8 | parent u64 | created_ms u64 |`
+/// `packs u32 | pack id (16) ... |`
+/// `chunks u32 | (chunk id (32) | pack number u32 | offset u64 | len u32 | raw u32) ... |`
+/// `keys u32 | (key_len u32 | key | ts u64 | size u64 | n u32 | chunk number u32 ... |`
+/// `stored u32 | (hash (32) | len u32) ...) ...`
+/// Chunks are in id order; keys name them by their number in that table.
 pub fn encode_index(index: &SnapshotIndex) -> Result<Vec<u8>, FormatError> {
-    let json = serde_json::to_vec(index).map_err(|error| FormatError::Body(error.to_string()))?;
-    let body = zstd::bulk::compress(&json, 3).map_err(|error| FormatError::Body(error.to_string()))?;
-    let mut out = Vec::with_capacity(body.len() + 20);
+    let packs: BTreeMap<PackId, u32> = {
+        let mut ids: Vec<PackId> = index.chunks.values().map(|at| at.pack).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter().zip(0u32..).collect()
+    };
+    let numbers: HashMap<&ChunkId, u32> = index.chunks.keys().zip(0u32..).collect();
+    let refs: usize =
+        index.keys.iter().map(|entry| entry.key.len() + entry.chunks.len() * 4 + entry.stored.len() * 36).sum();
+    let mut body = Vec::with_capacity(
+        64 + packs.len() * 16 + index.chunks.len() * CHUNK_ROW_BYTES + index.keys.len() * KEY_ROW_BYTES + refs,
+    );
+    body.extend_from_slice(&index.id.to_le_bytes());
+    body.extend_from_slice(&index.glt.to_le_bytes());
+    body.push(u8::from(index.parent.is_some()));
+    body.extend_from_slice(&index.parent.unwrap_or(0).to_le_bytes());
+    body.extend_from_slice(&index.created_ms.to_le_bytes());
+    body.extend_from_slice(&count(packs.len(), "packs")?);
+    for pack in packs.keys() {
+        body.extend_from_slice(pack);
+    }
+    body.extend_from_slice(&count(index.chunks.len(), "chunks")?);
+    for (id, at) in &index.chunks {
+        body.extend_from_slice(id);
+        body.extend_from_slice(&packs[&at.pack].to_le_bytes());
+        body.extend_from_slice(&at.offset.to_le_bytes());
+        body.extend_from_slice(&at.len.to_le_bytes());
+        body.extend_from_slice(&at.raw.to_le_bytes());
+    }
+    body.extend_from_slice(&count(index.keys.len(), "keys")?);
+    for entry in &index.keys {
+        body.extend_from_slice(&count(entry.key.len(), "key bytes")?);
+        body.extend_from_slice(&entry.key);
+        body.extend_from_slice(&entry.ts.to_le_bytes());
+        body.extend_from_slice(&entry.size.to_le_bytes());
+        body.extend_from_slice(&count(entry.chunks.len(), "chunks of a key")?);
+        for chunk in &entry.chunks {
+            let number = numbers.get(chunk).ok_or_else(|| {
+                FormatError::Body(format!("key {}: chunk {} has no location", hex(&entry.key), hex(chunk)))
+            })?;
+            body.extend_from_slice(&number.to_le_bytes());
+        }
+        body.extend_from_slice(&count(entry.stored.len(), "stored chunks of a key")?);
+        for (hash, len) in &entry.stored {
+            body.extend_from_slice(hash);
+            body.extend_from_slice(&len.to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(body.len() + 12);
     out.extend_from_slice(INDEX_MAGIC);
-    let mut rest = (json.len() as u64).to_le_bytes().to_vec();
-    rest.extend_from_slice(&body);
-    out.extend_from_slice(&crc32c::crc32c(&rest).to_le_bytes());
-    out.extend_from_slice(&rest);
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
     Ok(out)
 }
 
-/// Decodes an index.
+/// Reads an index body front to back; every read is bounds-checked.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FormatError> {
+        let field =
+            self.bytes.get(self.at..self.at.saturating_add(n)).ok_or(FormatError::Truncated { what, at: self.at })?;
+        self.at += n;
+        Ok(field)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], FormatError> {
+        let at = self.at;
+        self.take(N, what)?.try_into().map_err(|_| FormatError::Truncated { what, at })
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, FormatError> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, FormatError> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    /// A count of rows of at least `row_bytes` each: refused when the rest cannot hold them,
+    /// so no allocation is larger than the input.
+    fn count(&mut self, what: &'static str, row_bytes: usize) -> Result<usize, FormatError> {
+        let at = self.at;
+        let n = self.u32(what)?;
+        let n_usize = usize::try_from(n).map_err(|_| FormatError::Bad { what, at, value: u64::from(n) })?;
+        if n_usize.saturating_mul(row_bytes) > self.bytes.len() - self.at {
+            return Err(FormatError::Bad { what, at, value: u64::from(n) });
+        }
+        Ok(n_usize)
+    }
+
+    /// A number below `limit` (a row of a table of `limit` rows).
+    fn number(&mut self, what: &'static str, limit: usize) -> Result<usize, FormatError> {
+        let at = self.at;
+        let n = self.u32(what)?;
+        usize::try_from(n).ok().filter(|n| *n < limit).ok_or(FormatError::Bad { what, at, value: u64::from(n) })
+    }
+}
+
+/// Decodes an index (see [`encode_index`]).
 pub fn decode_index(bytes: &[u8]) -> Result<SnapshotIndex, FormatError> {
     if bytes.get(..INDEX_MAGIC.len()) != Some(INDEX_MAGIC.as_slice()) {
         return Err(FormatError::BadMagic { what: "snapshot index" });
     }
     let crc = u32_at(bytes, 8, "index crc")?;
-    let rest = bytes.get(12..).ok_or(FormatError::Truncated { what: "index", at: 12 })?;
-    if crc32c::crc32c(rest) != crc {
+    let body = &bytes[12..];
+    if crc32c::crc32c(body) != crc {
         return Err(FormatError::Checksum { what: "index", at: 12 });
     }
-    let len_bytes = rest.get(..8).ok_or(FormatError::Truncated { what: "index length", at: 12 })?;
-    let len = u64::from_le_bytes(len_bytes.try_into().map_err(|_| FormatError::Truncated { what: "index", at: 12 })?);
-    if len > INDEX_BYTES_MAX as u64 {
-        return Err(FormatError::Bad { what: "index length", at: 12, value: len });
+    let mut r = Reader { bytes: body, at: 0 };
+    let id = r.u64("snapshot id")?;
+    let glt = r.u64("snapshot timestamp")?;
+    let at = r.at;
+    let parent = match (r.array::<1>("parent flag")?[0], r.u64("parent")?) {
+        (0, _) => None,
+        (1, parent) => Some(parent),
+        (flag, _) => return Err(FormatError::Bad { what: "parent flag", at: 12 + at, value: u64::from(flag) }),
+    };
+    let created_ms = r.u64("creation time")?;
+    let packs = (0..r.count("pack count", 16)?).map(|_| r.array::<16>("pack id")).collect::<Result<Vec<_>, _>>()?;
+    let n_chunks = r.count("chunk count", CHUNK_ROW_BYTES)?;
+    let mut ids = Vec::with_capacity(n_chunks);
+    let mut chunks = BTreeMap::new();
+    for _ in 0..n_chunks {
+        let at = r.at;
+        let id: ChunkId = r.array("chunk id")?;
+        let pack = packs[r.number("pack number", packs.len())?];
+        let location =
+            Location { pack, offset: r.u64("chunk offset")?, len: r.u32("entry length")?, raw: r.u32("raw length")? };
+        if location.raw > CHUNK_BYTES_MAX {
+            return Err(FormatError::Bad { what: "raw length", at: 12 + at, value: u64::from(location.raw) });
+        }
+        if chunks.insert(id, location).is_some() {
+            return Err(FormatError::Body(format!("chunk {} is listed twice", hex(&id))));
+        }
+        ids.push(id);
     }
-    // Streamed with a bound: the length field is checked, never trusted for an allocation.
-    let mut json = Vec::new();
-    let decoder = zstd::stream::read::Decoder::new(&rest[8..]).map_err(|error| FormatError::Body(error.to_string()))?;
-    std::io::Read::read_to_end(&mut std::io::Read::take(decoder, len + 1), &mut json)
-        .map_err(|error| FormatError::Body(error.to_string()))?;
-    if json.len() as u64 != len {
-        return Err(FormatError::Bad { what: "index length", at: 12, value: json.len() as u64 });
+    let n_keys = r.count("key count", KEY_ROW_BYTES)?;
+    let mut keys = Vec::with_capacity(n_keys);
+    for _ in 0..n_keys {
+        let key_len = r.count("key length", 1)?;
+        let key = r.take(key_len, "key")?.to_vec();
+        let (ts, size) = (r.u64("version timestamp")?, r.u64("value size")?);
+        let key_chunks = (0..r.count("key chunk count", 4)?)
+            .map(|_| Ok(ids[r.number("chunk number", ids.len())?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stored = (0..r.count("stored chunk count", 36)?)
+            .map(|_| Ok((r.array("stored chunk hash")?, r.u32("stored chunk length")?)))
+            .collect::<Result<Vec<_>, FormatError>>()?;
+        keys.push(KeyEntry { key, ts, size, chunks: key_chunks, stored });
     }
-    serde_json::from_slice(&json).map_err(|error| FormatError::Body(error.to_string()))
+    if r.at != body.len() {
+        return Err(FormatError::Bad { what: "index length", at: 12 + r.at, value: body.len() as u64 });
+    }
+    Ok(SnapshotIndex { id, glt, parent, created_ms, keys, chunks })
 }
 
 #[cfg(test)]
@@ -345,23 +512,31 @@ mod tests {
     #[test]
     fn indexes_round_trip_and_refuse_damage() {
         let mut chunks = BTreeMap::new();
-        chunks.insert("ab".repeat(32), Location { pack: "p1.pack".into(), offset: 8, len: 90, raw: 1000 });
+        chunks.insert([0xab; 32], Location { pack: [1; 16], offset: 8, len: 90, raw: 1000 });
+        chunks.insert([0x12; 32], Location { pack: [2; 16], offset: 8, len: 60, raw: 500 });
+        chunks.insert([0x34; 32], Location { pack: [1; 16], offset: 98, len: 70, raw: 700 });
         let index = SnapshotIndex {
             id: 4,
             glt: 77 << 12,
             parent: Some(3),
             created_ms: 1,
-            keys: vec![KeyEntry {
-                key: hex(b"k/1"),
-                ts: 70 << 12,
-                size: 1000,
-                chunks: vec!["ab".repeat(32)],
-                stored: vec![("cd".repeat(32), 1000)],
-            }],
+            keys: vec![
+                KeyEntry {
+                    key: b"k/1".to_vec(),
+                    ts: 70 << 12,
+                    size: 2200,
+                    chunks: vec![[0xab; 32], [0x34; 32], [0x12; 32], [0xab; 32]],
+                    stored: vec![([0xcd; 32], 1000), ([0xce; 32], 1200)],
+                },
+                KeyEntry { key: Vec::new(), ts: 71 << 12, size: 0, chunks: Vec::new(), stored: Vec::new() },
+            ],
             chunks,
         };
         let bytes = encode_index(&index).unwrap();
         assert_eq!(decode_index(&bytes).unwrap(), index);
+        let orphan =
+            SnapshotIndex { keys: vec![KeyEntry { chunks: vec![[9; 32]], ..index.keys[0].clone() }], ..index.clone() };
+        assert!(matches!(encode_index(&orphan), Err(FormatError::Body(_))), "a chunk without a location is refused");
         for at in 0..bytes.len() {
             let mut damaged = bytes.clone();
             damaged[at] ^= 0x10;
@@ -373,10 +548,14 @@ mod tests {
     }
 
     #[test]
-    fn hex_round_trips() {
+    fn hex_and_pack_names_round_trip() {
         assert_eq!(unhex(&hex(b"\x00\xffkey")).unwrap(), b"\x00\xffkey");
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
+        let pack = [0x5a; 16];
+        assert_eq!(parse_pack_name(&pack_name(&pack)), Some(pack));
+        assert_eq!(parse_pack_name("5a5a.pack"), None);
+        assert_eq!(parse_pack_name(&hex(&pack)), None);
     }
 
     proptest! {

@@ -25,14 +25,14 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
 
 use crate::{Client, ClientError};
-use format::{ChunkId, FormatError, KeyEntry, Location, SnapshotIndex, hex, unhex};
+use format::{ChunkId, FormatError, KeyEntry, Location, PackId, SnapshotIndex, hex, pack_name, parse_pack_name};
 
 /// Content-defined chunk sizes (FastCDC): minimum, average, maximum.
-pub const CHUNK_MIN: u32 = 16 << 10;
+pub const CHUNK_MIN: u32 = 8 << 10;
 /// Average chunk: small enough that an edit costs little to store and compress again.
-pub const CHUNK_AVG: u32 = 64 << 10;
+pub const CHUNK_AVG: u32 = 32 << 10;
 /// Largest chunk.
-pub const CHUNK_MAX: u32 = 256 << 10;
+pub const CHUNK_MAX: u32 = 128 << 10;
 /// A pack is written once it holds this much.
 pub const PACK_BYTES: usize = 16 << 20;
 /// zstd level of chunks and indexes.
@@ -297,14 +297,14 @@ impl Archive {
             return Err(ArchiveError::Exists(id));
         }
         // Every stored chunk, for dedup, and the parent's keys, for the increment.
-        let mut known: HashMap<String, Location> = HashMap::new();
+        let mut known: HashMap<ChunkId, Location> = HashMap::new();
         for index in &archived {
-            known.extend(index.chunks.iter().map(|(id, location)| (id.clone(), location.clone())));
+            known.extend(index.chunks.iter().map(|(id, location)| (*id, *location)));
         }
         let known = Arc::new(known);
         let parent = archived.iter().rfind(|index| index.glt < glt);
-        let parent_keys: HashMap<&str, &KeyEntry> =
-            parent.map(|p| p.keys.iter().map(|entry| (entry.key.as_str(), entry)).collect()).unwrap_or_default();
+        let parent_keys: HashMap<&[u8], &KeyEntry> =
+            parent.map(|p| p.keys.iter().map(|entry| (entry.key.as_slice(), entry)).collect()).unwrap_or_default();
         let mut stats = ExportStats { parent: parent.map(|p| p.id), ..ExportStats::default() };
 
         client.wait_readable(glt, Duration::from_secs(60)).await?;
@@ -312,15 +312,14 @@ impl Archive {
         let total = listed.len() as u64;
         let mut writer = PackWriter::new(self.store.clone());
         let mut keys = Vec::with_capacity(listed.len());
-        let mut chunks: BTreeMap<String, Location> = BTreeMap::new();
+        let mut chunks: BTreeMap<ChunkId, Location> = BTreeMap::new();
         let mut fetches = std::collections::VecDeque::new();
         let mut next = 0;
         for (done, entry) in listed.iter().enumerate() {
-            let key_hex = hex(&entry.key);
-            if let Some(previous) = parent_keys.get(key_hex.as_str()).filter(|previous| previous.ts == entry.ts) {
+            if let Some(previous) = parent_keys.get(entry.key.as_slice()).filter(|previous| previous.ts == entry.ts) {
                 for chunk in &previous.chunks {
                     if let Some(location) = known.get(chunk) {
-                        chunks.insert(chunk.clone(), location.clone());
+                        chunks.insert(*chunk, *location);
                     }
                 }
                 stats.chunks_reused += previous.chunks.len() as u64;
@@ -332,13 +331,11 @@ impl Archive {
             while fetches.len() < FETCH_AHEAD && next < listed.len() {
                 let candidate = &listed[next];
                 next += 1;
-                let unchanged =
-                    parent_keys.get(hex(&candidate.key).as_str()).is_some_and(|previous| previous.ts == candidate.ts);
-                if unchanged || next - 1 < done {
+                let in_parent = parent_keys.get(candidate.key.as_slice());
+                if in_parent.is_some_and(|previous| previous.ts == candidate.ts) || next - 1 < done {
                     continue;
                 }
-                let previous =
-                    parent_keys.get(hex(&candidate.key).as_str()).and_then(|entry| Previous::of(entry, &known));
+                let previous = in_parent.and_then(|entry| Previous::of(entry, &known));
                 let (client, key, known) = (client.clone(), candidate.key.clone(), known.clone());
                 fetches.push_back(tokio::spawn(read_key(client, key, glt, previous, known)));
             }
@@ -350,16 +347,17 @@ impl Archive {
             let covered: u64 = pieces.iter().map(|piece| u64::from(piece.raw_len)).sum();
             if covered != size {
                 return Err(ArchiveError::Busy(format!(
-                    "key {key_hex}: its chunks cover {covered} of its {size} bytes; nothing was written for this snapshot"
+                    "key {}: its chunks cover {covered} of its {size} bytes; nothing was written for this snapshot",
+                    String::from_utf8_lossy(&entry.key)
                 )));
             }
             stats.keys_read += 1;
             stats.bytes_read += size;
             let mut ids = Vec::with_capacity(pieces.len());
             for piece in pieces {
-                if let Some(location) = known.get(&piece.id).or_else(|| chunks.get(&piece.id)).cloned() {
+                if let Some(location) = known.get(&piece.id).or_else(|| chunks.get(&piece.id)).copied() {
                     stats.chunks_reused += 1;
-                    chunks.insert(piece.id.clone(), location);
+                    chunks.insert(piece.id, location);
                 } else if let (false, Some(entry)) = (writer.holds(&piece.id), piece.entry) {
                     stats.chunks_new += 1;
                     for (flushed_id, location) in writer.add(&piece.id, &entry, piece.raw_len).await? {
@@ -370,10 +368,10 @@ impl Archive {
                 }
                 ids.push(piece.id);
             }
-            keys.push(KeyEntry { key: key_hex, ts: entry.ts, size, chunks: ids, stored });
+            keys.push(KeyEntry { key: entry.key.clone(), ts: entry.ts, size, chunks: ids, stored });
             progress(done as u64 + 1, total);
         }
-        for (flushed_id, location) in writer.flush().await? {
+        for (flushed_id, location) in writer.finish().await? {
             chunks.insert(flushed_id, location);
         }
         stats.bytes_written = writer.bytes_written;
@@ -392,18 +390,18 @@ impl Archive {
     }
 
     /// Reads one chunk, checking its CRC and hash.
-    async fn chunk(&self, id: &str, location: &Location) -> Result<Vec<u8>, ArchiveError> {
-        let path = ObjectPath::from(format!("packs/{}", location.pack));
+    async fn chunk(&self, id: &ChunkId, location: &Location) -> Result<Vec<u8>, ArchiveError> {
+        let path = ObjectPath::from(format!("packs/{}", pack_name(&location.pack)));
         let end = location.offset.checked_add(u64::from(location.len)).ok_or_else(|| ArchiveError::Format {
             object: path.to_string(),
             error: FormatError::Bad { what: "chunk offset", at: 0, value: location.offset },
         })?;
         let bytes = self.store.get_range(&path, location.offset..end).await?;
-        let damaged = |error| ArchiveError::Format { object: format!("{path} (chunk {id})"), error };
+        let damaged = |error| ArchiveError::Format { object: format!("{path} (chunk {})", hex(id)), error };
         let (entry, _) =
             format::decode_entry(&bytes, usize::try_from(location.offset).unwrap_or(usize::MAX)).map_err(damaged)?;
-        if hex(&entry.id) != id {
-            return Err(damaged(FormatError::WrongHash { id: id.to_owned(), found: hex(&entry.id) }));
+        if entry.id != *id {
+            return Err(damaged(FormatError::WrongHash { id: hex(id), found: hex(&entry.id) }));
         }
         format::open_entry(&entry).map_err(damaged)
     }
@@ -418,17 +416,15 @@ impl Archive {
         progress: Progress<'_>,
     ) -> Result<RestoreStats, ArchiveError> {
         let index = self.index(id).await?;
-        let selected: Vec<&KeyEntry> =
-            index.keys.iter().filter(|entry| unhex(&entry.key).is_some_and(|key| key.starts_with(prefix))).collect();
+        let selected: Vec<&KeyEntry> = index.keys.iter().filter(|entry| entry.key.starts_with(prefix)).collect();
         let total: u64 = selected.iter().map(|entry| entry.size).sum();
         let mut stats = RestoreStats::default();
         for entry in selected {
-            let key = unhex(&entry.key).unwrap_or_default();
             let mut value = Vec::with_capacity(usize::try_from(entry.size.min(64 << 20)).unwrap_or(0));
             for chunk in &entry.chunks {
                 let location = index.chunks.get(chunk).ok_or_else(|| ArchiveError::Format {
                     object: index_path(id).to_string(),
-                    error: FormatError::Body(format!("chunk {chunk} has no location")),
+                    error: FormatError::Body(format!("chunk {} has no location", hex(chunk))),
                 })?;
                 value.extend_from_slice(&self.chunk(chunk, location).await?);
             }
@@ -437,16 +433,16 @@ impl Archive {
                     object: index_path(id).to_string(),
                     error: FormatError::Body(format!(
                         "key {}: its chunks hold {} bytes, the index says {}",
-                        entry.key,
+                        String::from_utf8_lossy(&entry.key),
                         value.len(),
                         entry.size
                     )),
                 });
             }
             match target {
-                RestoreTarget::Directory(dir) => write_key_file(dir, &key, &value)?,
+                RestoreTarget::Directory(dir) => write_key_file(dir, &entry.key, &value)?,
                 RestoreTarget::Cluster(client) => {
-                    client.put(&key, &value).await?;
+                    client.put(&entry.key, &value).await?;
                 }
             }
             stats.keys += 1;
@@ -462,9 +458,12 @@ impl Archive {
         let mut report = VerifyReport::default();
         let packs = self.objects("packs").await?;
         let total: u64 = packs.iter().map(|meta| meta.size).sum();
-        let mut intact: HashSet<(String, u64)> = HashSet::new();
+        let mut intact: HashSet<(PackId, u64)> = HashSet::new();
         for meta in &packs {
-            let name = meta.location.filename().unwrap_or_default().to_owned();
+            let Some(pack) = meta.location.filename().and_then(parse_pack_name) else {
+                report.errors.push(format!("{}: not a pack's name", meta.location));
+                continue;
+            };
             let bytes = self.store.get(&meta.location).await?.bytes().await?;
             report.packs += 1;
             report.bytes += bytes.len() as u64;
@@ -474,7 +473,7 @@ impl Archive {
                         report.chunks += 1;
                         match format::open_entry(&entry) {
                             Ok(_) => {
-                                intact.insert((name.clone(), offset));
+                                intact.insert((pack, offset));
                             }
                             Err(error) => report.errors.push(format!("{}: {error}", meta.location)),
                         }
@@ -489,8 +488,7 @@ impl Archive {
             match format::decode_index(&bytes) {
                 Ok(index) => {
                     report.snapshots += 1;
-                    let missing =
-                        index.chunks.iter().filter(|(_, at)| !intact.contains(&(at.pack.clone(), at.offset))).count();
+                    let missing = index.chunks.values().filter(|at| !intact.contains(&(at.pack, at.offset))).count();
                     if missing > 0 {
                         report.errors.push(format!(
                             "snapshot {}: {missing} of its {} chunks are missing or damaged",
@@ -531,11 +529,12 @@ impl Archive {
         }
         // Read again after the check: an export that finished since the first read has its
         // index in by now, and one that starts later writes only packs newer than this prune.
-        let referenced: HashSet<String> =
-            self.snapshots().await?.iter().flat_map(|index| index.chunks.values().map(|at| at.pack.clone())).collect();
+        let referenced: HashSet<PackId> =
+            self.snapshots().await?.iter().flat_map(|index| index.chunks.values().map(|at| at.pack)).collect();
         for meta in self.objects("packs").await? {
-            let name = meta.location.filename().unwrap_or_default().to_owned();
-            if !referenced.contains(&name) && meta.last_modified.timestamp_millis() < started_ms {
+            // Objects not named like a pack are not the archive's: left alone.
+            let Some(pack) = meta.location.filename().and_then(parse_pack_name) else { continue };
+            if !referenced.contains(&pack) && meta.last_modified.timestamp_millis() < started_ms {
                 self.store.delete(&meta.location).await?;
                 report.packs_deleted += 1;
                 report.bytes_freed += meta.size;
@@ -589,8 +588,8 @@ fn write_key_file(dir: &std::path::Path, key: &[u8], value: &[u8]) -> Result<(),
 
 /// One content-defined chunk of a value, ready for a pack.
 struct Piece {
-    /// BLAKE3 id, hex.
-    id: String,
+    /// BLAKE3 id.
+    id: ChunkId,
     raw_len: u32,
     /// The encoded pack entry; `None` when the archive already holds the chunk.
     entry: Option<Vec<u8>>,
@@ -598,7 +597,7 @@ struct Piece {
 
 /// Cuts `value` into content-defined chunks, hashes each, and encodes (compresses) those the
 /// archive does not hold yet. Returns the value's size and its chunks in order.
-fn prepare(value: &[u8], known: &HashMap<String, Location>) -> (u64, Vec<Piece>) {
+fn prepare(value: &[u8], known: &HashMap<ChunkId, Location>) -> (u64, Vec<Piece>) {
     let pieces = fastcdc::v2020::FastCDC::new(value, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
         .map(|cut| piece(&value[cut.offset..cut.offset + cut.length], known))
         .collect();
@@ -610,25 +609,20 @@ fn prepare(value: &[u8], known: &HashMap<String, Location>) -> (u64, Vec<Piece>)
 #[derive(Debug, Clone)]
 struct Previous {
     stored: Vec<([u8; 32], u32)>,
-    chunks: Vec<(String, u64, u32)>,
+    chunks: Vec<(ChunkId, u64, u32)>,
 }
 
 impl Previous {
     /// `None` when the entry lacks what an incremental read needs.
-    fn of(entry: &KeyEntry, known: &HashMap<String, Location>) -> Option<Self> {
-        let stored = entry
-            .stored
-            .iter()
-            .map(|(hash, len)| Some((unhex(hash)?.try_into().ok()?, *len)))
-            .collect::<Option<Vec<([u8; 32], u32)>>>()?;
+    fn of(entry: &KeyEntry, known: &HashMap<ChunkId, Location>) -> Option<Self> {
         let mut start = 0u64;
         let mut chunks = Vec::with_capacity(entry.chunks.len());
         for id in &entry.chunks {
             let raw = known.get(id)?.raw;
-            chunks.push((id.clone(), start, raw));
+            chunks.push((*id, start, raw));
             start += u64::from(raw);
         }
-        (!stored.is_empty() && start == entry.size).then_some(Self { stored, chunks })
+        (!entry.stored.is_empty() && start == entry.size).then(|| Self { stored: entry.stored.clone(), chunks })
     }
 }
 
@@ -657,23 +651,22 @@ fn changed_ranges(old: &[([u8; 32], u32)], new: &[([u8; 32], u32)]) -> Vec<(u64,
 }
 
 /// One chunk of new bytes, hashed and (when the archive lacks it) encoded.
-fn piece(raw: &[u8], known: &HashMap<String, Location>) -> Piece {
+fn piece(raw: &[u8], known: &HashMap<ChunkId, Location>) -> Piece {
     let id: ChunkId = *blake3::hash(raw).as_bytes();
-    let id_hex = hex(&id);
-    let entry = (!known.contains_key(&id_hex)).then(|| format::encode_entry(&id, raw, ZSTD_LEVEL));
-    Piece { id: id_hex, raw_len: u32::try_from(raw.len()).unwrap_or(u32::MAX), entry }
+    let entry = (!known.contains_key(&id)).then(|| format::encode_entry(&id, raw, ZSTD_LEVEL));
+    Piece { id, raw_len: u32::try_from(raw.len()).unwrap_or(u32::MAX), entry }
 }
 
 /// A chunk of a new version: one the previous version has, or new bytes.
 #[derive(Debug)]
 enum Cut {
-    Same { id: String, len: u32 },
-    New(Vec<u8>),
+    Same { id: ChunkId, len: u32 },
+    New(bytes::Bytes),
 }
 
 impl Cut {
     /// The chunk as a pack entry: an id already known, or new bytes hashed and encoded.
-    fn into_piece(self, known: &HashMap<String, Location>) -> Piece {
+    fn into_piece(self, known: &HashMap<ChunkId, Location>) -> Piece {
         match self {
             Cut::Same { id, len } => Piece { id, raw_len: len, entry: None },
             Cut::New(raw) => piece(&raw, known),
@@ -688,14 +681,14 @@ impl Cut {
 /// so from there on the chunks are the previous ones). Gives exactly the chunks of cutting
 /// the whole new value.
 async fn rechunk<R, F>(
-    previous: &[(String, u64, u32)],
+    previous: &[(ChunkId, u64, u32)],
     changed: &[(u64, u64)],
     size: u64,
     mut read: R,
 ) -> Result<Vec<Cut>, ArchiveError>
 where
     R: FnMut(u64, u64) -> F,
-    F: std::future::Future<Output = Result<Vec<u8>, ArchiveError>>,
+    F: std::future::Future<Output = Result<bytes::Bytes, ArchiveError>>,
 {
     let mut boundaries: HashSet<u64> = previous.iter().map(|(_, start, len)| start + u64::from(*len)).collect();
     // A value that grew or shrank: its old end was a cut only because the value ended there,
@@ -715,8 +708,8 @@ where
             _ => merged.push((a, b)),
         }
     }
-    let reuse = |pieces: &mut Vec<Cut>, (id, _, len): &(String, u64, u32)| {
-        pieces.push(Cut::Same { id: id.clone(), len: *len });
+    let reuse = |pieces: &mut Vec<Cut>, (id, _, len): &(ChunkId, u64, u32)| {
+        pieces.push(Cut::Same { id: *id, len: *len });
     };
     let mut pieces = Vec::new();
     let mut pos = 0u64; // every byte below is covered, and `pos` is a cut
@@ -744,7 +737,7 @@ where
                 if cut_end == end && end < size {
                     break; // cut by the window, not by the content
                 }
-                pieces.push(Cut::New(data[cut.offset..cut.offset + cut.length].to_vec()));
+                pieces.push(Cut::New(data.slice(cut.offset..cut.offset + cut.length)));
                 next_start = cut_end;
                 if cut_end == size || (cut_end >= b && boundaries.contains(&cut_end)) {
                     resynced = Some(cut_end);
@@ -778,10 +771,10 @@ async fn read_key(
     key: Vec<u8>,
     glt: u64,
     previous: Option<Previous>,
-    known: Arc<HashMap<String, Location>>,
-) -> Result<(u64, Vec<Piece>, Vec<(String, u32)>), ArchiveError> {
+    known: Arc<HashMap<ChunkId, Location>>,
+) -> Result<(u64, Vec<Piece>, Vec<([u8; 32], u32)>), ArchiveError> {
     let refs = client.chunk_refs(&key, Some(glt)).await?.ok_or(ClientError::NotFound)?;
-    let stored: Vec<(String, u32)> = refs.chunks.iter().map(|(hash, len)| (hex(hash), *len)).collect();
+    let stored = refs.chunks.clone();
     if let Some(previous) = previous.filter(|_| !refs.chunks.is_empty()) {
         let changed = changed_ranges(&previous.stored, &refs.chunks);
         let (client, key) = (&client, &key);
@@ -794,7 +787,7 @@ async fn read_key(
                     refs.ts, part.ts
                 )));
             }
-            Ok(part.value.to_vec())
+            Ok(part.value)
         };
         let cuts = rechunk(&previous.chunks, &changed, refs.size, read).await?;
         // Hashing and compressing the new chunks on a blocking thread, next to other reads.
@@ -810,53 +803,92 @@ async fn read_key(
     Ok((size, pieces, stored))
 }
 
-/// Collects chunks into a pack and writes it once it is full.
+/// Collects chunks into a pack and writes it once it is full, in the background (the chunks'
+/// locations are known from the pack's bytes); [`PackWriter::finish`] waits for the writes.
 struct PackWriter {
     store: Arc<dyn ObjectStore>,
     buffer: Vec<u8>,
-    /// Chunks in the buffer: id (hex), offset, entry length, raw length.
-    pending: Vec<(String, u64, u32, u32)>,
-    held: HashSet<String>,
+    /// Chunks in the buffer: id, offset, entry length, raw length.
+    pending: Vec<(ChunkId, u64, u32, u32)>,
+    held: HashSet<ChunkId>,
+    /// Pack writes under way, oldest first.
+    writes: std::collections::VecDeque<tokio::task::JoinHandle<Result<(), object_store::Error>>>,
     bytes_written: u64,
 }
 
+/// Pack writes a [`PackWriter`] keeps under way before it waits for the oldest.
+const PACK_WRITES_IN_FLIGHT: usize = 2;
+
 impl PackWriter {
     fn new(store: Arc<dyn ObjectStore>) -> Self {
-        Self { store, buffer: Vec::new(), pending: Vec::new(), held: HashSet::new(), bytes_written: 0 }
+        Self {
+            store,
+            buffer: Vec::new(),
+            pending: Vec::new(),
+            held: HashSet::new(),
+            writes: std::collections::VecDeque::new(),
+            bytes_written: 0,
+        }
     }
 
-    fn holds(&self, id: &str) -> bool {
+    fn holds(&self, id: &ChunkId) -> bool {
         self.held.contains(id)
     }
 
     /// Adds an encoded entry (see [`format::encode_entry`]); returns the locations of the
-    /// chunks of a pack it wrote, if it did.
-    async fn add(&mut self, id: &str, entry: &[u8], raw_len: u32) -> Result<Vec<(String, Location)>, ArchiveError> {
+    /// chunks of a pack it started writing, if it did.
+    async fn add(
+        &mut self,
+        id: &ChunkId,
+        entry: &[u8],
+        raw_len: u32,
+    ) -> Result<Vec<(ChunkId, Location)>, ArchiveError> {
         if self.buffer.is_empty() {
+            self.buffer.reserve(PACK_BYTES + (1 << 20));
             self.buffer.extend_from_slice(format::PACK_MAGIC);
         }
         let offset = self.buffer.len() as u64;
         self.buffer.extend_from_slice(entry);
         let len = u32::try_from(entry.len()).unwrap_or(u32::MAX);
-        self.held.insert(id.to_owned());
-        self.pending.push((id.to_owned(), offset, len, raw_len));
+        self.held.insert(*id);
+        self.pending.push((*id, offset, len, raw_len));
         if self.buffer.len() >= PACK_BYTES { self.flush().await } else { Ok(Vec::new()) }
     }
 
-    /// Writes the pack (named by its content's hash) and returns where its chunks are.
-    async fn flush(&mut self) -> Result<Vec<(String, Location)>, ArchiveError> {
+    /// Starts writing the pack (named by its content's hash) and returns where its chunks are.
+    async fn flush(&mut self) -> Result<Vec<(ChunkId, Location)>, ArchiveError> {
         if self.pending.is_empty() {
             return Ok(Vec::new());
         }
+        while self.writes.len() >= PACK_WRITES_IN_FLIGHT {
+            self.wait_oldest().await?;
+        }
         let bytes = std::mem::take(&mut self.buffer);
-        let name = format!("{}.pack", &blake3::hash(&bytes).to_hex()[..32]);
+        let mut pack = PackId::default();
+        pack.copy_from_slice(&blake3::hash(&bytes).as_bytes()[..16]);
         self.bytes_written += bytes.len() as u64;
-        self.store.put(&ObjectPath::from(format!("packs/{name}")), PutPayload::from(bytes)).await?;
+        let (store, path) = (self.store.clone(), ObjectPath::from(format!("packs/{}", pack_name(&pack))));
+        self.writes.push_back(tokio::spawn(async move { store.put(&path, PutPayload::from(bytes)).await.map(|_| ()) }));
         self.held.clear();
         Ok(std::mem::take(&mut self.pending)
             .into_iter()
-            .map(|(id, offset, len, raw)| (id, Location { pack: name.clone(), offset, len, raw }))
+            .map(|(id, offset, len, raw)| (id, Location { pack, offset, len, raw }))
             .collect())
+    }
+
+    async fn wait_oldest(&mut self) -> Result<(), ArchiveError> {
+        let Some(write) = self.writes.pop_front() else { return Ok(()) };
+        write.await.map_err(|error| ArchiveError::Busy(format!("pack write task failed: {error}")))??;
+        Ok(())
+    }
+
+    /// Writes what is left and waits until every pack is stored.
+    async fn finish(&mut self) -> Result<Vec<(ChunkId, Location)>, ArchiveError> {
+        let flushed = self.flush().await?;
+        while !self.writes.is_empty() {
+            self.wait_oldest().await?;
+        }
+        Ok(flushed)
     }
 }
 
@@ -888,7 +920,7 @@ mod tests {
     async fn check_rechunk(case: &str, base: &[u8], new: &[u8]) -> u64 {
         let known = HashMap::new();
         let mut start = 0u64;
-        let previous: Vec<(String, u64, u32)> = prepare(base, &known)
+        let previous: Vec<(ChunkId, u64, u32)> = prepare(base, &known)
             .1
             .into_iter()
             .map(|p| {
@@ -901,14 +933,14 @@ mod tests {
         let read_bytes = std::sync::atomic::AtomicU64::new(0);
         let read = |offset: u64, len: u64| {
             read_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-            let part = new[offset as usize..((offset + len) as usize).min(new.len())].to_vec();
+            let part = bytes::Bytes::copy_from_slice(&new[offset as usize..((offset + len) as usize).min(new.len())]);
             async move { Ok(part) }
         };
         let cuts = rechunk(&previous, &changed, new.len() as u64, read).await.expect("rechunk");
         let pieces: Vec<Piece> = cuts.into_iter().map(|cut| cut.into_piece(&known)).collect();
-        let got: Vec<&str> = pieces.iter().map(|p| p.id.as_str()).collect();
+        let got: Vec<ChunkId> = pieces.iter().map(|p| p.id).collect();
         let (_, whole) = prepare(new, &known);
-        let want: Vec<&str> = whole.iter().map(|p| p.id.as_str()).collect();
+        let want: Vec<ChunkId> = whole.iter().map(|p| p.id).collect();
         assert_eq!(got, want, "case {case}");
         let total: u64 = pieces.iter().map(|p| u64::from(p.raw_len)).sum();
         assert_eq!(total, new.len() as u64, "case {case}: the chunks cover the value");
@@ -966,8 +998,8 @@ mod tests {
         let archive = Archive::open(dir.path().to_str().expect("utf-8")).expect("open");
         let mut writer = PackWriter::new(archive.store.clone());
         let id = *blake3::hash(b"orphan").as_bytes();
-        writer.add(&hex(&id), &format::encode_entry(&id, b"orphan", ZSTD_LEVEL), 6).await.expect("add");
-        writer.flush().await.expect("flush");
+        writer.add(&id, &format::encode_entry(&id, b"orphan", ZSTD_LEVEL), 6).await.expect("add");
+        writer.finish().await.expect("finish");
         tokio::time::sleep(Duration::from_millis(20)).await;
         let export = archive.lock("export").await.expect("lock");
         let report = archive.prune(0).await.expect("prune");
