@@ -9,7 +9,8 @@
 //! time without a message.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -46,7 +47,16 @@ pub struct AgentConfig {
     pub glts_sync: Duration,
     /// Drift bound of the clocks involved, ppm.
     pub drift_ppm: u64,
+    /// Bytes the node's WAL has written since it started (the data plane adds to it). Sent
+    /// with every heartbeat, and a heartbeat goes early once it grew by [`WAL_REPORT_BYTES`].
+    pub wal_bytes: Arc<AtomicU64>,
 }
+
+/// WAL growth that sends a heartbeat before its time, so the leader sees the volume for
+/// snapshots on WAL volume within about this much.
+pub const WAL_REPORT_BYTES: u64 = 256 << 10;
+/// How often the agent looks at the WAL's growth between heartbeats.
+const WAL_REPORT_CHECK: Duration = Duration::from_millis(10);
 
 /// A lease as its holder judges it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,13 +127,13 @@ impl Agent {
         let mut registered = false;
         let mut problem = Problem::default();
         let mut next_lease_round = Instant::now();
+        let mut wal_reported = 0;
         while !*stop.borrow() {
             if registered {
-                match self
-                    .client
-                    .call(&crate::rpc::Request::Heartbeat { id: self.config.node_id.clone() }, self.config.heartbeat)
-                    .await
-                {
+                wal_reported = self.config.wal_bytes.load(Ordering::Relaxed);
+                let heartbeat =
+                    crate::rpc::Request::Heartbeat { id: self.config.node_id.clone(), wal_bytes: wal_reported };
+                match self.client.call(&heartbeat, self.config.heartbeat).await {
                     Ok(Response::Ok) => problem.clear(),
                     Ok(Response::Error { message }) => {
                         // Removed from the metadata (or a new leader that has not applied the
@@ -141,8 +151,20 @@ impl Agent {
                 self.renew_leases(&mut problem).await;
                 next_lease_round = Instant::now() + self.config.lease / 3;
             }
+            let wal_grew = async {
+                loop {
+                    tokio::time::sleep(WAL_REPORT_CHECK).await;
+                    if registered
+                        && self.config.wal_bytes.load(Ordering::Relaxed)
+                            >= wal_reported.saturating_add(WAL_REPORT_BYTES)
+                    {
+                        break;
+                    }
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(self.config.heartbeat) => {}
+                () = wal_grew => {}
                 _ = stop.changed() => {}
             }
         }

@@ -84,6 +84,10 @@ impl Default for GltsConfig {
 pub struct SnapshotsConfig {
     /// Take one this often, ms (0: only when asked).
     pub every_ms: u64,
+    /// Take one once the data nodes' WALs have written this many bytes since the last
+    /// snapshot (0: not on volume). With `every_ms` too, whichever comes first; each snapshot
+    /// restarts both.
+    pub every_wal_bytes: u64,
     /// Added to each scheduled snapshot's timestamp, µs (see `snapshot create --lead-ms`).
     pub lead_us: u64,
     /// A region that cannot read a snapshot this long after the leader started asking is
@@ -93,7 +97,7 @@ pub struct SnapshotsConfig {
 
 impl Default for SnapshotsConfig {
     fn default() -> Self {
-        Self { every_ms: 0, lead_us: 0, track_timeout_ms: 30_000 }
+        Self { every_ms: 0, every_wal_bytes: 0, lead_us: 0, track_timeout_ms: 30_000 }
     }
 }
 
@@ -215,6 +219,9 @@ impl NodeConfig {
         }
         if self.snapshots.every_ms != 0 && self.snapshots.every_ms < 10 {
             bail!("snapshots.every_ms: must be 0 (off) or at least 10");
+        }
+        if self.snapshots.every_wal_bytes != 0 && self.snapshots.every_wal_bytes < 4096 {
+            bail!("snapshots.every_wal_bytes: must be 0 (off) or at least 4096");
         }
         if self.snapshots.track_timeout_ms == 0 {
             bail!("snapshots.track_timeout_ms: must be > 0");

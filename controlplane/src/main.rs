@@ -90,6 +90,10 @@ struct RunArgs {
     /// Take a global snapshot this often while leader, ms; 0 for none (snapshots.every_ms).
     #[arg(long)]
     snapshot_every_ms: Option<u64>,
+    /// Take a global snapshot once the data nodes' WALs have written this many bytes since the
+    /// last one; 0 for none (snapshots.every_wal_bytes).
+    #[arg(long)]
+    snapshot_every_wal_bytes: Option<u64>,
     /// Mark a snapshot failed in a region that cannot read it this long, ms
     /// (snapshots.track_timeout_ms).
     #[arg(long)]
@@ -167,6 +171,9 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
     }
     if let Some(ms) = args.snapshot_every_ms {
         config.snapshots.every_ms = ms;
+    }
+    if let Some(bytes) = args.snapshot_every_wal_bytes {
+        config.snapshots.every_wal_bytes = bytes;
     }
     if let Some(ms) = args.snapshot_track_timeout_ms {
         config.snapshots.track_timeout_ms = ms;

@@ -69,6 +69,34 @@ pub struct Node {
     local: Mutex<LocalBound>,
     /// Snapshots this node follows as leader.
     tracking: Mutex<BTreeSet<u64>>,
+    /// WAL volume reported in heartbeats, for snapshots on volume.
+    wal_volume: Mutex<WalVolume>,
+    /// Told when the WAL volume since the last snapshot reached `snapshots.every_wal_bytes`.
+    snapshot_due: tokio::sync::Notify,
+}
+
+/// The data nodes' WAL bytes as the leader counts them.
+#[derive(Debug, Default)]
+struct WalVolume {
+    /// Each node's last reported total (bytes written since it started).
+    reported: BTreeMap<String, u64>,
+    /// Growth summed over the nodes since the last snapshot.
+    since_snapshot: u64,
+}
+
+impl WalVolume {
+    /// Counts a report; true when `every` bytes have been written since the last snapshot.
+    /// A node's first report to this leader counts nothing (its bytes may predate the last
+    /// snapshot); a total below the last one is a restart, counted from zero.
+    fn report(&mut self, node: &str, total: u64, every: u64) -> bool {
+        let grew = match self.reported.insert(node.to_owned(), total) {
+            Some(last) if total >= last => total - last,
+            Some(_) => total,
+            None => 0,
+        };
+        self.since_snapshot = self.since_snapshot.saturating_add(grew);
+        every > 0 && self.since_snapshot >= every
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -155,6 +183,8 @@ impl Node {
             proposals,
             local: Mutex::new(local),
             tracking: Mutex::default(),
+            wal_volume: Mutex::default(),
+            snapshot_due: tokio::sync::Notify::new(),
         });
         let handler = node.clone();
         tokio::spawn(crate::net::serve(endpoint, move |request| {
@@ -166,7 +196,7 @@ impl Node {
         tokio::spawn(node.clone().observe_raft());
         tokio::spawn(node.clone().glts_exchanges());
         tokio::spawn(node.clone().liveness_monitor());
-        if node.config.snapshots.every_ms > 0 {
+        if node.config.snapshots.every_ms > 0 || node.config.snapshots.every_wal_bytes > 0 {
             tokio::spawn(node.clone().scheduled_snapshots());
         }
         tokio::spawn(node.clone().resume_snapshots());
@@ -540,6 +570,7 @@ impl Node {
         let glt = crate::snapshots::snapshot_glt(interval.latest_ns, lead_us);
         match self.write(Command::CreateSnapshot { glt }).await {
             Response::Written { outcome: Outcome::SnapshotCreated { id }, index } => {
+                lock(&self.wal_volume).since_snapshot = 0;
                 lock(&self.tracking).insert(id);
                 tokio::spawn(self.clone().track_snapshot(id, glt, requested_us));
                 Response::Snapshot { id, glt, index }
@@ -551,17 +582,34 @@ impl Node {
         }
     }
 
-    /// While leader, takes a global snapshot every `snapshots.every_ms`.
+    /// While leader, takes a global snapshot `snapshots.every_ms` after the last one, or
+    /// sooner once the data nodes' WALs wrote `snapshots.every_wal_bytes` (heartbeats report
+    /// the volume), whichever comes first.
     async fn scheduled_snapshots(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(self.config.snapshots.every_ms));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = (self.config.snapshots.every_ms > 0).then(|| Duration::from_millis(self.config.snapshots.every_ms));
+        let mut next = every.map(|every| tokio::time::Instant::now() + every);
         loop {
-            tick.tick().await;
+            let trigger = tokio::select! {
+                () = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => "schedule",
+                () = self.snapshot_due.notified() => "wal_volume",
+            };
+            // A notice left from before a snapshot taken since (the count restarted) is stale.
+            if trigger == "wal_volume" && lock(&self.wal_volume).since_snapshot < self.config.snapshots.every_wal_bytes
+            {
+                continue;
+            }
+            next = every.map(|every| tokio::time::Instant::now() + every);
             if self.raft.metrics().borrow().state != ServerState::Leader {
                 continue;
             }
-            if let Response::Error { message } = self.create_snapshot(self.config.snapshots.lead_us).await {
-                tracing::warn!("scheduled snapshot not taken: {message}");
+            match self.create_snapshot(self.config.snapshots.lead_us).await {
+                Response::Error { message } => tracing::warn!(trigger, "snapshot not taken: {message}"),
+                _ => metrics::counter!("meridian_snapshots_taken_total", "trigger" => trigger).increment(1),
             }
         }
     }
@@ -724,13 +772,17 @@ impl Node {
                 }
             }
             Request::Status => Response::Status(Box::new(self.status())),
-            Request::Heartbeat { id } => {
+            Request::Heartbeat { id, wal_bytes } => {
                 let metrics = self.raft.metrics().borrow().clone();
                 if metrics.state != ServerState::Leader {
                     return self.leader_hint(metrics.current_leader);
                 }
                 if !self.applied.read().unwrap_or_else(PoisonError::into_inner).meta.data_nodes.contains_key(&id) {
                     return Response::Error { message: format!("data node {id:?} is not registered") };
+                }
+                let every = self.config.snapshots.every_wal_bytes;
+                if lock(&self.wal_volume).report(&id, wal_bytes, every) {
+                    self.snapshot_due.notify_one();
                 }
                 lock(&self.heartbeats).insert(id, timesource::unix_ms());
                 Response::Ok
@@ -798,5 +850,19 @@ mod tests {
         assert!(election_due(Some(10), false, 10, 100));
         assert!(!election_due(Some(109), true, 10, 100));
         assert!(election_due(Some(110), true, 10, 100));
+    }
+
+    #[test]
+    fn wal_volume_counts_growth_since_the_last_snapshot() {
+        let mut volume = WalVolume::default();
+        assert!(!volume.report("a", 10_000, 1000), "a first report counts nothing");
+        assert!(!volume.report("a", 10_600, 1000));
+        assert!(!volume.report("b", 50, 1000));
+        assert!(!volume.report("b", 300, 1000));
+        assert!(volume.report("a", 10_800, 1000), "600 + 250 + 200 bytes since");
+        volume.since_snapshot = 0;
+        assert!(!volume.report("b", 100, 1000), "a restart counts from zero: 100");
+        assert!(volume.report("b", 1100, 1000));
+        assert!(!WalVolume::default().report("a", 5, 0) && !volume.report("a", u64::MAX, 0), "0: off");
     }
 }

@@ -51,6 +51,10 @@ pub enum Request {
     Heartbeat {
         /// Data node id.
         id: String,
+        /// Bytes its WAL has written since it started (the leader counts the growth for
+        /// snapshots on WAL volume).
+        #[serde(default)]
+        wal_bytes: u64,
     },
     /// Add a control-plane voter (leader only): learner first, then joint consensus.
     AddVoter {

@@ -203,7 +203,7 @@ async fn data_nodes_register_heartbeat_hold_leases_and_go_suspect_then_dead() ->
     let start = Instant::now();
     let mut seen_suspect = false;
     loop {
-        let response = client.call(&Request::Heartbeat { id: "d1".into() }, deadline).await?;
+        let response = client.call(&Request::Heartbeat { id: "d1".into(), wal_bytes: 0 }, deadline).await?;
         assert!(matches!(response, Response::Ok), "{response:?}");
         let state = client.read(true, deadline).await?;
         assert_eq!(state.data_nodes["d1"].state, NodeState::Up);
@@ -219,7 +219,7 @@ async fn data_nodes_register_heartbeat_hold_leases_and_go_suspect_then_dead() ->
     }
     assert!(seen_suspect, "d2 went dead without being suspect first");
     // An unregistered node's heartbeat is refused.
-    let response = client.call(&Request::Heartbeat { id: "nobody".into() }, deadline).await?;
+    let response = client.call(&Request::Heartbeat { id: "nobody".into(), wal_bytes: 0 }, deadline).await?;
     assert!(matches!(response, Response::Error { .. }), "{response:?}");
     Ok(())
 }

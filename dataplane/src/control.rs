@@ -41,8 +41,13 @@ pub struct ControlLink {
 impl ControlLink {
     /// Finds the control plane from the seeds and waits for a GLTS interval (up to the
     /// configured start timeout). The node registers once [`ControlLink::serving`] gives its
-    /// address.
-    pub fn start(config: &ControlResolved, shards: u32, capacity_bytes: u64) -> Result<Self, String> {
+    /// address. Heartbeats report `wal_bytes`, the node's WAL volume.
+    pub fn start(
+        config: &ControlResolved,
+        shards: u32,
+        capacity_bytes: u64,
+        wal_bytes: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.node_id);
         identity.require_files("control.tls_dir", &config.tls_dir, &config.node_id)?;
         let agent_config = AgentConfig {
@@ -56,6 +61,7 @@ impl ControlLink {
             lease: config.lease,
             glts_sync: config.glts_sync,
             drift_ppm: config.drift_ppm,
+            wal_bytes,
         };
         let start_timeout = config.start_timeout;
         let (serving_tx, serving_rx) = tokio::sync::oneshot::channel::<String>();

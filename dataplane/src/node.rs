@@ -50,7 +50,10 @@ pub fn run(
         Some(control) => {
             let shards = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
             let capacity = crate::control::capacity_bytes(&config.data_dir);
-            let link = ControlLink::start(control, shards, capacity)?;
+            // Every shard's WAL adds its bytes here; heartbeats report the sum.
+            let wal_volume = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            config.store.wal.volume = Some(wal_volume.clone());
+            let link = ControlLink::start(control, shards, capacity, wal_volume)?;
             tracing::info!(seeds = %control.seeds.join(","), "GLTS interval from the control plane");
             config.store.clock = link.clock();
             Some(Arc::new(link))

@@ -162,3 +162,57 @@ fn a_node_whose_control_plane_cannot_be_reached_refuses_to_start() {
     let stderr = run("dn2");
     assert!(stderr.contains("dn2.pem"), "{stderr}");
 }
+
+#[test]
+fn the_leader_takes_a_snapshot_each_time_the_wals_wrote_the_configured_volume() {
+    const EVERY: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime();
+    let binary = LocalCluster::binary().unwrap();
+    let every = EVERY.to_string();
+    let cluster =
+        runtime.block_on(LocalCluster::start(&binary, dir.path(), 3, &["--snapshot-every-wal-bytes", &every])).unwrap();
+    runtime.block_on(cluster.wait_leader(15 * SECOND)).unwrap();
+    let tls = dir.path().join("tls");
+    controlplane::tls::generate(&tls, &["dn1".to_owned()]).unwrap();
+    runtime.block_on(async {
+        let admin = cluster.client();
+        admin.write(Command::PutRegion { name: "eu".into(), zones: vec!["a".into()] }, 10 * SECOND).await.unwrap();
+        for shard in 0..2 {
+            let placement = Command::SetPlacement { shard, home: "eu".into(), replicas: vec![] };
+            admin.write(placement, 10 * SECOND).await.unwrap();
+        }
+    });
+    let node = Node::start(&dir.path().join("dn1"), &control_config(&cluster, &tls, ""));
+    runtime.block_on(wait_meta(&cluster, "registration", |state| {
+        state.data_nodes.get("dn1").is_some_and(|n| n.state == NodeState::Up)
+    }));
+
+    let snapshots = || runtime.block_on(cluster.client().read(true, 5 * SECOND)).unwrap().snapshots.len();
+    // Idle (heartbeats only): no volume, no snapshot.
+    std::thread::sleep(SECOND);
+    assert_eq!(snapshots(), 0, "a snapshot without WAL volume");
+
+    // 3.5 MiB of inline values: three full MiB of WAL, so three snapshots (four at most,
+    // counting the records' framing and sector padding).
+    let written: u64 = runtime.block_on(async {
+        let client = connect(&node).await;
+        let value = vec![b'w'; 60 << 10];
+        for i in 0..60_u32 {
+            client.put(format!("bulk/{i}").as_bytes(), &value).await.unwrap();
+        }
+        60 * value.len() as u64
+    });
+    let start = Instant::now();
+    while snapshots() < 3 {
+        assert!(start.elapsed() < 20 * SECOND, "{} snapshots after {written} bytes", snapshots());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(SECOND);
+    let taken = snapshots();
+    assert!((3..=4).contains(&taken), "{taken} snapshots for {written} bytes of values, one per {EVERY}");
+    // Writing stopped: no more.
+    std::thread::sleep(SECOND);
+    assert_eq!(snapshots(), taken, "snapshots went on without WAL volume");
+    drop(node);
+}

@@ -52,6 +52,9 @@ pub struct WalConfig {
     pub recovery_mode: RecoveryMode,
     /// Failpoints, for tests.
     pub faults: Option<Arc<FaultInjector>>,
+    /// Every durable batch's bytes are added here too: the node's WAL volume, which the
+    /// control plane's leader counts for snapshots taken on WAL volume.
+    pub volume: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl WalConfig {
@@ -68,6 +71,7 @@ impl WalConfig {
             io_bytes_max: None,
             recovery_mode: RecoveryMode::default(),
             faults: None,
+            volume: None,
         }
     }
 

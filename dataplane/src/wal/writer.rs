@@ -867,6 +867,9 @@ async fn writer_loop(inner: Rc<Inner>) {
                 inner.metrics.batch_records.record(records as f64);
                 inner.metrics.batch_bytes.record(batch.extent as f64);
                 inner.metrics.bytes_written.increment(batch.extent);
+                if let Some(volume) = &inner.config.volume {
+                    volume.fetch_add(batch.extent, std::sync::atomic::Ordering::Relaxed);
+                }
                 inner.metrics.records.increment(records);
                 batch.latch.set(Ok(()));
                 inner.durable.notify_all();
