@@ -292,7 +292,13 @@ impl Archive {
         if !self.locks("prune").await?.is_empty() {
             return Err(ArchiveError::Busy("a prune is running; export again when it is done".into()));
         }
-        let archived = self.snapshots().await?;
+        // The archive's indexes are read while the cluster is asked for the snapshot's keys.
+        let listing = async {
+            client.wait_readable(glt, Duration::from_secs(60)).await?;
+            client.list_all(b"", Some(glt)).await
+        };
+        let (archived, listed) = tokio::join!(self.snapshots(), listing);
+        let (archived, listed) = (archived?, listed?);
         if archived.iter().any(|index| index.id == id) {
             return Err(ArchiveError::Exists(id));
         }
@@ -307,8 +313,6 @@ impl Archive {
             parent.map(|p| p.keys.iter().map(|entry| (entry.key.as_slice(), entry)).collect()).unwrap_or_default();
         let mut stats = ExportStats { parent: parent.map(|p| p.id), ..ExportStats::default() };
 
-        client.wait_readable(glt, Duration::from_secs(60)).await?;
-        let listed = client.list_all(b"", Some(glt)).await?;
         let total = listed.len() as u64;
         let mut writer = PackWriter::new(self.store.clone());
         let mut keys = Vec::with_capacity(listed.len());
@@ -371,14 +375,16 @@ impl Archive {
             keys.push(KeyEntry { key: entry.key.clone(), ts: entry.ts, size, chunks: ids, stored });
             progress(done as u64 + 1, total);
         }
-        for (flushed_id, location) in writer.finish().await? {
+        for (flushed_id, location) in writer.flush().await? {
             chunks.insert(flushed_id, location);
         }
         stats.bytes_written = writer.bytes_written;
+        // Encoded while the last packs are written; put once every pack is stored.
         let index = SnapshotIndex { id, glt, parent: stats.parent, created_ms: unix_ns() / 1_000_000, keys, chunks };
         let bytes = format::encode_index(&index)
             .map_err(|error| ArchiveError::Format { object: index_path(id).to_string(), error })?;
         stats.bytes_written += bytes.len() as u64;
+        writer.wait_written().await?;
         let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
         match self.store.put_opts(&index_path(id), PutPayload::from(bytes), options).await {
             Err(object_store::Error::AlreadyExists { .. }) => return Err(ArchiveError::Exists(id)),
@@ -804,7 +810,8 @@ async fn read_key(
 }
 
 /// Collects chunks into a pack and writes it once it is full, in the background (the chunks'
-/// locations are known from the pack's bytes); [`PackWriter::finish`] waits for the writes.
+/// locations are known from the pack's bytes); [`PackWriter::wait_written`] waits for the
+/// writes.
 struct PackWriter {
     store: Arc<dyn ObjectStore>,
     buffer: Vec<u8>,
@@ -882,13 +889,12 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Writes what is left and waits until every pack is stored.
-    async fn finish(&mut self) -> Result<Vec<(ChunkId, Location)>, ArchiveError> {
-        let flushed = self.flush().await?;
+    /// Waits until every pack started is stored.
+    async fn wait_written(&mut self) -> Result<(), ArchiveError> {
         while !self.writes.is_empty() {
             self.wait_oldest().await?;
         }
-        Ok(flushed)
+        Ok(())
     }
 }
 
@@ -999,7 +1005,8 @@ mod tests {
         let mut writer = PackWriter::new(archive.store.clone());
         let id = *blake3::hash(b"orphan").as_bytes();
         writer.add(&id, &format::encode_entry(&id, b"orphan", ZSTD_LEVEL), 6).await.expect("add");
-        writer.finish().await.expect("finish");
+        writer.flush().await.expect("flush");
+        writer.wait_written().await.expect("written");
         tokio::time::sleep(Duration::from_millis(20)).await;
         let export = archive.lock("export").await.expect("lock");
         let report = archive.prune(0).await.expect("prune");
