@@ -129,12 +129,16 @@ impl Agent {
         let mut next_lease_round = Instant::now();
         let mut wal_reported = 0;
         while !*stop.borrow() {
+            let mut heartbeat_ok = false;
             if registered {
                 wal_reported = self.config.wal_bytes.load(Ordering::Relaxed);
                 let heartbeat =
                     crate::rpc::Request::Heartbeat { id: self.config.node_id.clone(), wal_bytes: wal_reported };
                 match self.client.call(&heartbeat, self.config.heartbeat).await {
-                    Ok(Response::Ok) => problem.clear(),
+                    Ok(Response::Ok) => {
+                        heartbeat_ok = true;
+                        problem.clear();
+                    }
                     Ok(Response::Error { message }) => {
                         // Removed from the metadata (or a new leader that has not applied the
                         // registration yet): register again.
@@ -151,15 +155,18 @@ impl Agent {
                 self.renew_leases(&mut problem).await;
                 next_lease_round = Instant::now() + self.config.lease / 3;
             }
+            // Early only after a heartbeat that went through, and at most four times a period.
+            let early = registered && heartbeat_ok;
             let wal_grew = async {
+                tokio::time::sleep(self.config.heartbeat / 4).await;
                 loop {
-                    tokio::time::sleep(WAL_REPORT_CHECK).await;
-                    if registered
+                    if early
                         && self.config.wal_bytes.load(Ordering::Relaxed)
                             >= wal_reported.saturating_add(WAL_REPORT_BYTES)
                     {
                         break;
                     }
+                    tokio::time::sleep(WAL_REPORT_CHECK).await;
                 }
             };
             tokio::select! {

@@ -85,8 +85,9 @@ pub struct SnapshotsConfig {
     /// Take one this often, ms (0: only when asked).
     pub every_ms: u64,
     /// Take one once the data nodes' WALs have written this many bytes since the last
-    /// snapshot (0: not on volume). With `every_ms` too, whichever comes first; each snapshot
-    /// restarts both.
+    /// snapshot (0: not on volume); every region's WAL counts, replicas' too. With `every_ms`
+    /// too, whichever comes first: each snapshot the leader takes restarts the count, and each
+    /// one it takes by itself restarts the schedule.
     pub every_wal_bytes: u64,
     /// Added to each scheduled snapshot's timestamp, µs (see `snapshot create --lead-ms`).
     pub lead_us: u64,

@@ -27,6 +27,8 @@ use crate::types::{ControlNode, NodeId, Proposal, Raft};
 /// How often a leader looks for snapshots still pending that nobody here follows (created
 /// by an earlier leader).
 const SNAPSHOT_RESUME_EVERY: Duration = Duration::from_millis(500);
+/// A snapshot the leader meant to take by itself and could not is tried again this much later.
+const SNAPSHOT_RETRY_AFTER: Duration = Duration::from_millis(100);
 
 /// Why a batch was not applied; every writer in it gets the same answer.
 #[derive(Debug, Clone)]
@@ -78,6 +80,9 @@ pub struct Node {
 /// The data nodes' WAL bytes as the leader counts them.
 #[derive(Debug, Default)]
 struct WalVolume {
+    /// The Raft term these counts belong to: a node leading again in a later term starts over
+    /// (the leaders between took their own snapshots).
+    term: u64,
     /// Each node's last reported total (bytes written since it started).
     reported: BTreeMap<String, u64>,
     /// Growth summed over the nodes since the last snapshot.
@@ -88,7 +93,10 @@ impl WalVolume {
     /// Counts a report; true when `every` bytes have been written since the last snapshot.
     /// A node's first report to this leader counts nothing (its bytes may predate the last
     /// snapshot); a total below the last one is a restart, counted from zero.
-    fn report(&mut self, node: &str, total: u64, every: u64) -> bool {
+    fn report(&mut self, term: u64, node: &str, total: u64, every: u64) -> bool {
+        if term != self.term {
+            *self = Self { term, ..Self::default() };
+        }
         let grew = match self.reported.insert(node.to_owned(), total) {
             Some(last) if total >= last => total - last,
             Some(_) => total,
@@ -568,9 +576,13 @@ impl Node {
             .and_then(|estimator| estimator.now(mono).ok())
             .unwrap_or_else(|| lock(&self.local).interval(mono, timesource::realtime_ns(), self.config.glts.drift_ppm));
         let glt = crate::snapshots::snapshot_glt(interval.latest_ns, lead_us);
+        // The WAL volume this snapshot covers; what is reported while it is written counts on.
+        let volume = lock(&self.wal_volume).since_snapshot;
         match self.write(Command::CreateSnapshot { glt }).await {
             Response::Written { outcome: Outcome::SnapshotCreated { id }, index } => {
-                lock(&self.wal_volume).since_snapshot = 0;
+                let mut counted = lock(&self.wal_volume);
+                counted.since_snapshot = counted.since_snapshot.saturating_sub(volume);
+                drop(counted);
                 lock(&self.tracking).insert(id);
                 tokio::spawn(self.clone().track_snapshot(id, glt, requested_us));
                 Response::Snapshot { id, glt, index }
@@ -608,8 +620,14 @@ impl Node {
                 continue;
             }
             match self.create_snapshot(self.config.snapshots.lead_us).await {
-                Response::Error { message } => tracing::warn!(trigger, "snapshot not taken: {message}"),
-                _ => metrics::counter!("meridian_snapshots_taken_total", "trigger" => trigger).increment(1),
+                Response::Snapshot { .. } => {
+                    metrics::counter!("meridian_snapshots_taken_total", "trigger" => trigger).increment(1);
+                }
+                other => {
+                    tracing::warn!(trigger, "snapshot not taken: {other:?}");
+                    // The volume is still due: try again after a pause, not at every heartbeat.
+                    tokio::time::sleep(SNAPSHOT_RETRY_AFTER).await;
+                }
             }
         }
     }
@@ -781,7 +799,7 @@ impl Node {
                     return Response::Error { message: format!("data node {id:?} is not registered") };
                 }
                 let every = self.config.snapshots.every_wal_bytes;
-                if lock(&self.wal_volume).report(&id, wal_bytes, every) {
+                if lock(&self.wal_volume).report(metrics.current_term, &id, wal_bytes, every) {
                     self.snapshot_due.notify_one();
                 }
                 lock(&self.heartbeats).insert(id, timesource::unix_ms());
@@ -855,14 +873,17 @@ mod tests {
     #[test]
     fn wal_volume_counts_growth_since_the_last_snapshot() {
         let mut volume = WalVolume::default();
-        assert!(!volume.report("a", 10_000, 1000), "a first report counts nothing");
-        assert!(!volume.report("a", 10_600, 1000));
-        assert!(!volume.report("b", 50, 1000));
-        assert!(!volume.report("b", 300, 1000));
-        assert!(volume.report("a", 10_800, 1000), "600 + 250 + 200 bytes since");
+        assert!(!volume.report(1, "a", 10_000, 1000), "a first report counts nothing");
+        assert!(!volume.report(1, "a", 10_600, 1000));
+        assert!(!volume.report(1, "b", 50, 1000));
+        assert!(!volume.report(1, "b", 300, 1000));
+        assert!(volume.report(1, "a", 10_800, 1000), "600 + 250 + 200 bytes since");
         volume.since_snapshot = 0;
-        assert!(!volume.report("b", 100, 1000), "a restart counts from zero: 100");
-        assert!(volume.report("b", 1100, 1000));
-        assert!(!WalVolume::default().report("a", 5, 0) && !volume.report("a", u64::MAX, 0), "0: off");
+        assert!(!volume.report(1, "b", 100, 1000), "a restart counts from zero: 100");
+        assert!(volume.report(1, "b", 1100, 1000));
+        assert!(!volume.report(3, "b", 90_000, 1000), "leading again in a later term starts over");
+        assert!(!volume.report(3, "b", 90_500, 1000));
+        assert!(volume.report(3, "b", 91_000, 1000));
+        assert!(!WalVolume::default().report(1, "a", 5, 0) && !volume.report(3, "a", u64::MAX, 0), "0: off");
     }
 }

@@ -356,11 +356,17 @@ pub fn encode_index(index: &SnapshotIndex) -> Result<Vec<u8>, FormatError> {
             body.extend_from_slice(&len.to_le_bytes());
         }
     }
+    Ok(seal_index(&body))
+}
+
+/// An index body behind its magic and checksum (what [`encode_index`] writes; fuzzing seals
+/// arbitrary bodies with it to reach the tables).
+pub fn seal_index(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 12);
     out.extend_from_slice(INDEX_MAGIC);
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    out.extend_from_slice(body);
+    out
 }
 
 /// Reads an index body front to back; every read is bounds-checked.
@@ -391,7 +397,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A count of rows of at least `row_bytes` each: refused when the rest cannot hold them,
-    /// so no allocation is larger than the input.
+    /// so allocations stay proportional to the input.
     fn count(&mut self, what: &'static str, row_bytes: usize) -> Result<usize, FormatError> {
         let at = self.at;
         let n = self.u32(what)?;
@@ -412,22 +418,29 @@ impl<'a> Reader<'a> {
 
 /// Decodes an index (see [`encode_index`]).
 pub fn decode_index(bytes: &[u8]) -> Result<SnapshotIndex, FormatError> {
+    if bytes.get(..INDEX_MAGIC.len()) == Some(b"MRDIDX01".as_slice()) {
+        return Err(FormatError::Body(
+            "an index of the first archive format (zstd JSON), which this version no longer reads: export into a new \
+             archive"
+                .into(),
+        ));
+    }
     if bytes.get(..INDEX_MAGIC.len()) != Some(INDEX_MAGIC.as_slice()) {
         return Err(FormatError::BadMagic { what: "snapshot index" });
     }
     let crc = u32_at(bytes, 8, "index crc")?;
-    let body = &bytes[12..];
-    if crc32c::crc32c(body) != crc {
+    if crc32c::crc32c(&bytes[12..]) != crc {
         return Err(FormatError::Checksum { what: "index", at: 12 });
     }
-    let mut r = Reader { bytes: body, at: 0 };
+    // Offsets in errors count from the start of the index.
+    let mut r = Reader { bytes, at: 12 };
     let id = r.u64("snapshot id")?;
     let glt = r.u64("snapshot timestamp")?;
     let at = r.at;
     let parent = match (r.array::<1>("parent flag")?[0], r.u64("parent")?) {
-        (0, _) => None,
+        (0, 0) => None,
         (1, parent) => Some(parent),
-        (flag, _) => return Err(FormatError::Bad { what: "parent flag", at: 12 + at, value: u64::from(flag) }),
+        (flag, _) => return Err(FormatError::Bad { what: "parent flag", at, value: u64::from(flag) }),
     };
     let created_ms = r.u64("creation time")?;
     let packs = (0..r.count("pack count", 16)?).map(|_| r.array::<16>("pack id")).collect::<Result<Vec<_>, _>>()?;
@@ -441,7 +454,7 @@ pub fn decode_index(bytes: &[u8]) -> Result<SnapshotIndex, FormatError> {
         let location =
             Location { pack, offset: r.u64("chunk offset")?, len: r.u32("entry length")?, raw: r.u32("raw length")? };
         if location.raw > CHUNK_BYTES_MAX {
-            return Err(FormatError::Bad { what: "raw length", at: 12 + at, value: u64::from(location.raw) });
+            return Err(FormatError::Bad { what: "raw length", at, value: u64::from(location.raw) });
         }
         if chunks.insert(id, location).is_some() {
             return Err(FormatError::Body(format!("chunk {} is listed twice", hex(&id))));
@@ -462,8 +475,8 @@ pub fn decode_index(bytes: &[u8]) -> Result<SnapshotIndex, FormatError> {
             .collect::<Result<Vec<_>, FormatError>>()?;
         keys.push(KeyEntry { key, ts, size, chunks: key_chunks, stored });
     }
-    if r.at != body.len() {
-        return Err(FormatError::Bad { what: "index length", at: 12 + r.at, value: body.len() as u64 });
+    if r.at != bytes.len() {
+        return Err(FormatError::Bad { what: "index length", at: r.at, value: bytes.len() as u64 });
     }
     Ok(SnapshotIndex { id, glt, parent, created_ms, keys, chunks })
 }
@@ -537,6 +550,10 @@ mod tests {
         let orphan =
             SnapshotIndex { keys: vec![KeyEntry { chunks: vec![[9; 32]], ..index.keys[0].clone() }], ..index.clone() };
         assert!(matches!(encode_index(&orphan), Err(FormatError::Body(_))), "a chunk without a location is refused");
+        let mut first_format = b"MRDIDX01".to_vec();
+        first_format.extend_from_slice(&[0; 20]);
+        let error = decode_index(&first_format).expect_err("a first-format index");
+        assert!(error.to_string().contains("first archive format"), "{error}");
         for at in 0..bytes.len() {
             let mut damaged = bytes.clone();
             damaged[at] ^= 0x10;
@@ -563,6 +580,7 @@ mod tests {
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_pack(&bytes);
             let _ = decode_index(&bytes);
+            let _ = decode_index(&seal_index(&bytes));
             let _ = decode_entry(&bytes, 0);
             let mut pack = PACK_MAGIC.to_vec();
             pack.extend_from_slice(&bytes);

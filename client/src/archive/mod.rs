@@ -35,7 +35,7 @@ pub const CHUNK_AVG: u32 = 32 << 10;
 pub const CHUNK_MAX: u32 = 128 << 10;
 /// A pack is written once it holds this much.
 pub const PACK_BYTES: usize = 16 << 20;
-/// zstd level of chunks and indexes.
+/// zstd level of chunks.
 pub const ZSTD_LEVEL: i32 = 3;
 /// Values fetched at once during an export.
 const FETCH_AHEAD: usize = 32;
@@ -297,11 +297,14 @@ impl Archive {
             client.wait_readable(glt, Duration::from_secs(60)).await?;
             client.list_all(b"", Some(glt)).await
         };
-        let (archived, listed) = tokio::join!(self.snapshots(), listing);
-        let (archived, listed) = (archived?, listed?);
-        if archived.iter().any(|index| index.id == id) {
-            return Err(ArchiveError::Exists(id));
-        }
+        let archived = async {
+            let archived = self.snapshots().await?;
+            if archived.iter().any(|index| index.id == id) {
+                return Err(ArchiveError::Exists(id));
+            }
+            Ok(archived)
+        };
+        let (archived, listed) = tokio::try_join!(archived, async { listing.await.map_err(ArchiveError::from) })?;
         // Every stored chunk, for dedup, and the parent's keys, for the increment.
         let mut known: HashMap<ChunkId, Location> = HashMap::new();
         for index in &archived {

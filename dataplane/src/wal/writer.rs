@@ -362,19 +362,24 @@ async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize
 
 /// fsyncs a directory so a created or removed entry is durable. Blocking, but rare (segment
 /// creation and recovery) and cheap next to zero-filling a segment.
-/// glommio decides once per device and process whether O_DIRECT I/O goes to its polled ring,
+/// glommio decides once per device and thread whether O_DIRECT I/O goes to its polled ring,
 /// by reading the first sector of the first DMA file opened there. On an empty file that read
 /// "succeeds" even on devices without poll queues (virtio here), and every later DMA file then
 /// lands on the polled ring: shards busy-poll and O_DIRECT reads fail with EOPNOTSUPP. Opening
 /// a one-sector file first makes the probe meaningful.
 pub(crate) async fn calibrate_iopoll(dir: &Path) {
     let path = dir.join(".iopoll-probe");
-    if std::fs::write(&path, [0u8; SECTOR_BYTES]).is_ok() {
-        if let Ok(file) = DmaFile::open(&path).await {
+    if let Err(error) = std::fs::write(&path, [0u8; SECTOR_BYTES]) {
+        tracing::warn!(path = %path.display(), %error, "cannot write the iopoll probe file: O_DIRECT reads may fail");
+        return;
+    }
+    match DmaFile::open(&path).await {
+        Ok(file) => {
             let _ = file.close().await;
         }
-        let _ = std::fs::remove_file(&path);
+        Err(error) => tracing::warn!(path = %path.display(), %error, "cannot open the iopoll probe file"),
     }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// `fsync` of a file or directory by path (directories: makes new or removed entries durable).
