@@ -238,11 +238,7 @@ impl Client {
         check_len("key", key)?;
         let body_bytes = 1 + 2 + key.len() + value.len();
         self.check_request_len(body_bytes)?;
-        let encode: &Encode<'_> = &|out| {
-            Request::Put { key, value }.encode(out);
-            Ok(())
-        };
-        match self.call(self.shard_for(key), false, body_bytes, encode).await? {
+        match self.call_request(self.shard_for(key), false, body_bytes, &Request::Put { key, value }).await? {
             Reply::Written { ts } => Ok(ts),
             other => Err(unexpected(other, "Put")),
         }
@@ -251,11 +247,7 @@ impl Client {
     /// The node's replication status: per source region, the resolved timestamp (reads at or
     /// below it see every shard's writes from that region) and the node's clock reading.
     pub async fn replication_status(&self) -> Result<ReplicationStatus, ClientError> {
-        let encode: &Encode<'_> = &|out| {
-            Request::Replication.encode(out);
-            Ok(())
-        };
-        match self.call(0, true, 1, encode).await? {
+        match self.call_request(0, true, 1, &Request::Replication).await? {
             Reply::Replication(status) => Ok(status),
             other => Err(unexpected(other, "Replication")),
         }
@@ -267,11 +259,7 @@ impl Client {
     /// was seen there (unix µs, the node's clock). A global snapshot's reads wait for this.
     pub async fn wait_readable(&self, ts: u64, timeout: std::time::Duration) -> Result<Readable, ClientError> {
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let encode: &Encode<'_> = &|out| {
-            Request::WaitReadable { ts, timeout_ms }.encode(out);
-            Ok(())
-        };
-        match self.call(0, true, 1 + 8 + 4, encode).await? {
+        match self.call_request(0, true, 1 + 8 + 4, &Request::WaitReadable { ts, timeout_ms }).await? {
             Reply::Readable { readable_ts, at_us } => Ok(Readable { readable_ts, at_us }),
             other => Err(unexpected(other, "WaitReadable")),
         }
@@ -282,11 +270,10 @@ impl Client {
     /// is visible. Comparing two versions' lists tells which byte ranges changed.
     pub async fn chunk_refs(&self, key: &[u8], at: Option<u64>) -> Result<Option<ValueChunks>, ClientError> {
         check_len("key", key)?;
-        let encode: &Encode<'_> = &|out| {
-            Request::ChunkRefs { key, at }.encode(out);
-            Ok(())
-        };
-        match self.call(self.shard_for(key), true, 1 + 8 + 2 + key.len(), encode).await? {
+        match self
+            .call_request(self.shard_for(key), true, 1 + 8 + 2 + key.len(), &Request::ChunkRefs { key, at })
+            .await?
+        {
             Reply::ChunkRefs { ts, size, chunks } => Ok(Some(ValueChunks { ts, size, chunks })),
             Reply::NotFound => Ok(None),
             other => Err(unexpected(other, "ChunkRefs")),
@@ -303,11 +290,15 @@ impl Client {
         len: u32,
     ) -> Result<Option<Versioned>, ClientError> {
         check_len("key", key)?;
-        let encode: &Encode<'_> = &|out| {
-            Request::GetRange { key, at, offset, len }.encode(out);
-            Ok(())
-        };
-        match self.call(self.shard_for(key), true, 1 + 8 + 8 + 4 + 2 + key.len(), encode).await? {
+        match self
+            .call_request(
+                self.shard_for(key),
+                true,
+                1 + 8 + 8 + 4 + 2 + key.len(),
+                &Request::GetRange { key, at, offset, len },
+            )
+            .await?
+        {
             Reply::Value { ts, value } => Ok(Some(Versioned { ts, value })),
             Reply::NotFound => Ok(None),
             other => Err(unexpected(other, "GetRange")),
@@ -317,11 +308,7 @@ impl Client {
     /// Reads `key` as of timestamp `at` (`None`: latest). `Ok(None)` when no version is visible.
     pub async fn get(&self, key: &[u8], at: Option<u64>) -> Result<Option<Versioned>, ClientError> {
         check_len("key", key)?;
-        let encode: &Encode<'_> = &|out| {
-            Request::Get { key, at }.encode(out);
-            Ok(())
-        };
-        match self.call(self.shard_for(key), true, 1 + 8 + 2 + key.len(), encode).await? {
+        match self.call_request(self.shard_for(key), true, 1 + 8 + 2 + key.len(), &Request::Get { key, at }).await? {
             Reply::Value { ts, value } => Ok(Some(Versioned { ts, value })),
             Reply::NotFound => Ok(None),
             other => Err(unexpected(other, "Get")),
@@ -332,11 +319,7 @@ impl Client {
     /// [`ClientError::NotFound`] if the server reports there was nothing to delete.
     pub async fn delete(&self, key: &[u8]) -> Result<u64, ClientError> {
         check_len("key", key)?;
-        let encode: &Encode<'_> = &|out| {
-            Request::Delete { key }.encode(out);
-            Ok(())
-        };
-        match self.call(self.shard_for(key), false, 1 + 2 + key.len(), encode).await? {
+        match self.call_request(self.shard_for(key), false, 1 + 2 + key.len(), &Request::Delete { key }).await? {
             Reply::Written { ts } => Ok(ts),
             Reply::NotFound => Err(ClientError::NotFound),
             other => Err(unexpected(other, "Delete")),
@@ -346,11 +329,7 @@ impl Client {
     /// Metadata of `key` as of `at` (`None`: latest). `Ok(None)` when no version is visible.
     pub async fn stat(&self, key: &[u8], at: Option<u64>) -> Result<Option<Stat>, ClientError> {
         check_len("key", key)?;
-        let encode: &Encode<'_> = &|out| {
-            Request::Stat { key, at }.encode(out);
-            Ok(())
-        };
-        match self.call(self.shard_for(key), true, 1 + 8 + 2 + key.len(), encode).await? {
+        match self.call_request(self.shard_for(key), true, 1 + 8 + 2 + key.len(), &Request::Stat { key, at }).await? {
             Reply::Stat { ts, size, chunks, versions } => Ok(Some(Stat { ts, size, chunks, versions })),
             Reply::NotFound => Ok(None),
             other => Err(unexpected(other, "Stat")),
@@ -409,12 +388,11 @@ impl Client {
         limit: u32,
         at: Option<u64>,
     ) -> Result<Page, ClientError> {
-        let encode: &Encode<'_> = &|out| {
-            Request::List { prefix, start_after, limit, at }.encode(out);
-            Ok(())
-        };
         let body_bytes = 1 + 8 + 4 + 2 + prefix.len() + 2 + start_after.len();
-        let (entries, next) = match self.call(shard, true, body_bytes, encode).await? {
+        let (entries, next) = match self
+            .call_request(shard, true, body_bytes, &Request::List { prefix, start_after, limit, at })
+            .await?
+        {
             Reply::Listing { entries, next } => (entries, next),
             other => return Err(unexpected(other, "List")),
         };
@@ -482,6 +460,21 @@ impl Client {
 
     /// Sends a request to `shard`, retrying as the request kind allows, and turns an error
     /// response into [`ClientError::Server`].
+    /// [`Client::call`] with one request.
+    async fn call_request(
+        &self,
+        shard: u32,
+        idempotent: bool,
+        body_bytes_hint: usize,
+        request: &Request<'_>,
+    ) -> Result<Reply, ClientError> {
+        self.call(shard, idempotent, body_bytes_hint, &|out| {
+            request.encode(out);
+            Ok(())
+        })
+        .await
+    }
+
     async fn call(
         &self,
         shard: u32,

@@ -154,15 +154,14 @@ pub fn encode_entry(id: &ChunkId, raw: &[u8], level: i32) -> Vec<u8> {
     entry
 }
 
-/// Appends one chunk to a pack buffer (the magic first, into an empty one). Returns the
-/// entry's offset and total length in the pack.
-pub fn append_entry(pack: &mut Vec<u8>, id: &ChunkId, raw: &[u8], level: i32) -> (u64, u32) {
+/// Appends an encoded entry ([`encode_entry`]) to a pack buffer (the magic first, into an
+/// empty one). Returns the entry's offset and total length in the pack.
+pub fn append_entry(pack: &mut Vec<u8>, entry: &[u8]) -> (u64, u32) {
     if pack.is_empty() {
         pack.extend_from_slice(PACK_MAGIC);
     }
     let offset = pack.len() as u64;
-    let entry = encode_entry(id, raw, level);
-    pack.extend_from_slice(&entry);
+    pack.extend_from_slice(entry);
     (offset, u32::try_from(entry.len()).unwrap_or(u32::MAX))
 }
 
@@ -497,8 +496,8 @@ mod tests {
         let mut pack = Vec::new();
         let (id1, raw1) = chunk("compressible text ");
         let (id2, raw2) = (*blake3::hash(&[7u8; 3]).as_bytes(), vec![7u8; 3]);
-        let (at1, len1) = append_entry(&mut pack, &id1, &raw1, 3);
-        let (at2, _) = append_entry(&mut pack, &id2, &raw2, 3);
+        let (at1, len1) = append_entry(&mut pack, &encode_entry(&id1, &raw1, 3));
+        let (at2, _) = append_entry(&mut pack, &encode_entry(&id2, &raw2, 3));
         assert_eq!(at1, 8);
         assert_eq!(at2, at1 + u64::from(len1));
         let entries = decode_pack(&pack).unwrap();

@@ -175,6 +175,10 @@ fn unix_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
 }
 
+fn pack_path(pack: &PackId) -> ObjectPath {
+    ObjectPath::from(format!("packs/{}", pack_name(pack)))
+}
+
 fn index_path(id: u64) -> ObjectPath {
     ObjectPath::from(format!("snapshots/{id:020}.idx"))
 }
@@ -249,6 +253,20 @@ impl Archive {
         Ok(path)
     }
 
+    /// Runs `work` holding a lock of `kind`, released whatever `work` returns.
+    async fn locked<T>(
+        &self,
+        kind: &str,
+        work: impl std::future::Future<Output = Result<T, ArchiveError>>,
+    ) -> Result<T, ArchiveError> {
+        let lock = self.lock(kind).await?;
+        let result = work.await;
+        let unlocked = self.store.delete(&lock).await;
+        let value = result?;
+        unlocked?;
+        Ok(value)
+    }
+
     /// Live locks of `kind` (stale ones, from a crash, are ignored).
     async fn locks(&self, kind: &str) -> Result<Vec<String>, ArchiveError> {
         let now_ms = i64::try_from(unix_ns() / 1_000_000).unwrap_or(i64::MAX);
@@ -273,12 +291,7 @@ impl Archive {
         glt: u64,
         progress: Progress<'_>,
     ) -> Result<ExportStats, ArchiveError> {
-        let lock = self.lock("export").await?;
-        let result = self.export_locked(client, id, glt, progress).await;
-        let unlocked = self.store.delete(&lock).await;
-        let stats = result?;
-        unlocked?;
-        Ok(stats)
+        self.locked("export", self.export_locked(client, id, glt, progress)).await
     }
 
     async fn export_locked(
@@ -400,7 +413,7 @@ impl Archive {
 
     /// Reads one chunk, checking its CRC and hash.
     async fn chunk(&self, id: &ChunkId, location: &Location) -> Result<Vec<u8>, ArchiveError> {
-        let path = ObjectPath::from(format!("packs/{}", pack_name(&location.pack)));
+        let path = pack_path(&location.pack);
         let end = location.offset.checked_add(u64::from(location.len)).ok_or_else(|| ArchiveError::Format {
             object: path.to_string(),
             error: FormatError::Bad { what: "chunk offset", at: 0, value: location.offset },
@@ -516,12 +529,7 @@ impl Archive {
     /// kept snapshot references (unless an export is running; see the module docs).
     pub async fn prune(&self, keep_last: usize) -> Result<PruneReport, ArchiveError> {
         let started_ms = i64::try_from(unix_ns() / 1_000_000).unwrap_or(i64::MAX);
-        let lock = self.lock("prune").await?;
-        let result = self.prune_locked(keep_last, started_ms).await;
-        let unlocked = self.store.delete(&lock).await;
-        let report = result?;
-        unlocked?;
-        Ok(report)
+        self.locked("prune", self.prune_locked(keep_last, started_ms)).await
     }
 
     async fn prune_locked(&self, keep_last: usize, started_ms: i64) -> Result<PruneReport, ArchiveError> {
@@ -855,11 +863,8 @@ impl PackWriter {
     ) -> Result<Vec<(ChunkId, Location)>, ArchiveError> {
         if self.buffer.is_empty() {
             self.buffer.reserve(PACK_BYTES + (1 << 20));
-            self.buffer.extend_from_slice(format::PACK_MAGIC);
         }
-        let offset = self.buffer.len() as u64;
-        self.buffer.extend_from_slice(entry);
-        let len = u32::try_from(entry.len()).unwrap_or(u32::MAX);
+        let (offset, len) = format::append_entry(&mut self.buffer, entry);
         self.held.insert(*id);
         self.pending.push((*id, offset, len, raw_len));
         if self.buffer.len() >= PACK_BYTES { self.flush().await } else { Ok(Vec::new()) }
@@ -877,7 +882,7 @@ impl PackWriter {
         let mut pack = PackId::default();
         pack.copy_from_slice(&blake3::hash(&bytes).as_bytes()[..16]);
         self.bytes_written += bytes.len() as u64;
-        let (store, path) = (self.store.clone(), ObjectPath::from(format!("packs/{}", pack_name(&pack))));
+        let (store, path) = (self.store.clone(), pack_path(&pack));
         self.writes.push_back(tokio::spawn(async move { store.put(&path, PutPayload::from(bytes)).await.map(|_| ()) }));
         self.held.clear();
         Ok(std::mem::take(&mut self.pending)
