@@ -217,6 +217,19 @@ impl Client {
         Ok(Self { inner: Arc::new(Inner { config, shard_count, addresses, connections }) })
     }
 
+    /// A client whose shard `k` is at `addresses[k]`, without asking a node for its map. In a
+    /// cluster whose shards are homed in different regions, give each shard its home region's
+    /// address (from that region's [`Client::addresses`]) so every write goes where it is
+    /// taken; reads of a shard are then answered by its home too.
+    pub fn with_addresses(addresses: Vec<String>, config: ClientConfig) -> Result<Self, ClientError> {
+        let shard_count = u32::try_from(addresses.len())
+            .ok()
+            .filter(|count| *count > 0)
+            .ok_or_else(|| ClientError::Protocol(format!("{} shard addresses: none to route to", addresses.len())))?;
+        let connections = (0..shard_count).map(|_| tokio::sync::Mutex::new(None)).collect();
+        Ok(Self { inner: Arc::new(Inner { config, shard_count, addresses, connections }) })
+    }
+
     /// Number of shards in the shard map.
     pub fn shard_count(&self) -> u32 {
         self.inner.shard_count

@@ -121,6 +121,12 @@ impl Agent {
         }
     }
 
+    /// The home region of every placed shard (a linearizable read, within `deadline`).
+    pub async fn homes(&self, deadline: Duration) -> Result<BTreeMap<u32, String>> {
+        let state = self.client.read(true, deadline).await.context("cannot read the placement")?;
+        Ok(state.placement.into_iter().map(|(shard, place)| (shard, place.home)).collect())
+    }
+
     /// Registers with client address `addr`, then heartbeats and keeps the leases until
     /// `stop` turns true; then hands the leases back.
     pub async fn run(&self, addr: String, mut stop: tokio::sync::watch::Receiver<bool>) {

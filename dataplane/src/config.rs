@@ -82,7 +82,8 @@ pub struct MetricsSection {
 pub struct ReplicationSection {
     /// This node's region.
     pub region: Option<String>,
-    /// Home region of every shard: writes are taken there and shipped to the others.
+    /// Home region of every shard: writes are taken there and shipped to the others. Left
+    /// out, each shard's home comes from the control plane's placement (needs `[control]`).
     pub home: Option<String>,
     /// UDP address of the QUIC replication endpoint (`ip:port`; port 0 picks one).
     pub listen: Option<String>,
@@ -142,11 +143,24 @@ fn name_field(
 }
 
 impl ReplicationSection {
-    fn resolve(&self) -> Result<crate::repl::ReplConfig, ConfigError> {
+    /// `shards`: the node's shard count; `control`: whether the node has a control plane to
+    /// take the placement from when `home` is left out.
+    fn resolve(&self, shards: usize, control: bool) -> Result<crate::repl::ReplConfig, ConfigError> {
         let invalid =
             |field: &str, reason: String| ConfigError::Invalid { field: format!("replication.{field}"), reason };
         let region = name_field("region", self.region.as_ref(), &invalid)?;
-        let home = name_field("home", self.home.as_ref(), &invalid)?;
+        let homes = match &self.home {
+            Some(_) => vec![name_field("home", self.home.as_ref(), &invalid)?; shards],
+            None if control => Vec::new(),
+            None => {
+                return Err(invalid(
+                    "home",
+                    "is required without a [control] section (with one, each shard's home comes from the \
+                     control plane's placement)"
+                        .into(),
+                ));
+            }
+        };
         let name = name_field("name", self.name.as_ref(), &invalid)?;
         let addr = |field: &str, value: Option<&String>| socket_addr(field, value, &invalid);
         let listen = addr("listen", self.listen.as_ref())?;
@@ -166,9 +180,6 @@ impl ReplicationSection {
             let peer_addr = addr(&format!("peers[{index}].addr"), peer.addr.as_ref())?;
             peers.push(crate::repl::Peer { region: peer_region, addr: peer_addr });
         }
-        if region == home && peers.is_empty() {
-            return Err(invalid("peers", "the home region needs at least one peer region to ship to".into()));
-        }
         let range = |field: &str, value: Option<u64>, default: u64, min: u64, max: u64| {
             let value = value.unwrap_or(default);
             if value < min || value > max {
@@ -185,9 +196,9 @@ impl ReplicationSection {
         let rtt_ms = range("rtt_ms", self.rtt_ms, 100, 1, 10_000)?;
         // Twice the bandwidth-delay product, so a window never stalls a stream that keeps up.
         let quic_window_bytes = (bandwidth_mbit * 1_000_000 / 8 * rtt_ms / 1000 * 2).max(1 << 20);
-        Ok(crate::repl::ReplConfig {
+        let config = crate::repl::ReplConfig {
             region,
-            home,
+            homes,
             listen,
             tls_dir,
             name,
@@ -200,7 +211,9 @@ impl ReplicationSection {
             },
             closed_interval: Duration::from_millis(closed_interval_ms),
             quic_window_bytes,
-        })
+        };
+        config.check_peers().map_err(|reason| invalid("peers", reason))?;
+        Ok(config)
     }
 }
 
@@ -476,7 +489,8 @@ impl NodeConfig {
             return Err(invalid("limits.connections_max", "must be at least 1".into()));
         }
         let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
-        let replication = self.replication.as_ref().map(ReplicationSection::resolve).transpose()?;
+        let replication =
+            self.replication.as_ref().map(|section| section.resolve(shards, control.is_some())).transpose()?;
         let metrics = self
             .metrics
             .as_ref()
@@ -614,6 +628,7 @@ mod tests {
             (&format!("{ok}closed_interval_ms = 0\n"), "replication.closed_interval_ms"),
             (&ok.replace("127.0.0.1:1", "nowhere"), "replication.listen"),
             (&ok.replace("region = \"b\"", "region = \"a\""), "replication.peers"),
+            (&ok.replace("home = \"a\"\n", ""), "replication.home"),
             (&format!("{ok}[[replication.peers]]\nregion = \"c\"\naddr = \"x\"\n"), "replication.peers[0].addr"),
             (
                 &format!("{ok}[[replication.peers]]\nregion = \"b\"\naddr = \"127.0.0.1:2\"\n"),

@@ -4,6 +4,7 @@
 //!
 //! The shards stay on glommio; they only take a mutex to read the interval.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -33,6 +34,7 @@ impl Clock for GltsClock {
 #[derive(Debug)]
 pub struct ControlLink {
     clock: Arc<GltsClock>,
+    homes: Option<BTreeMap<u32, String>>,
     serving: Mutex<Option<tokio::sync::oneshot::Sender<String>>>,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
@@ -40,13 +42,16 @@ pub struct ControlLink {
 
 impl ControlLink {
     /// Finds the control plane from the seeds and waits for a GLTS interval (up to the
-    /// configured start timeout). The node registers once [`ControlLink::serving`] gives its
-    /// address. Heartbeats report `wal_bytes`, the node's WAL volume.
+    /// configured start timeout); with `read_homes`, also reads the shards' home regions from
+    /// the placement ([`ControlLink::homes`]). The node registers once
+    /// [`ControlLink::serving`] gives its address. Heartbeats report `wal_bytes`, the node's
+    /// WAL volume.
     pub fn start(
         config: &ControlResolved,
         shards: u32,
         capacity_bytes: u64,
         wal_bytes: Arc<std::sync::atomic::AtomicU64>,
+        read_homes: bool,
     ) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.node_id);
         identity.require_files("control.tls_dir", &config.tls_dir, &config.node_id)?;
@@ -66,20 +71,21 @@ impl ControlLink {
         let start_timeout = config.start_timeout;
         let (serving_tx, serving_rx) = tokio::sync::oneshot::channel::<String>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (thread, clock) = crate::runtime::spawn_tokio_thread("control-agent", move |ready| async move {
+        let (thread, (clock, homes)) = crate::runtime::spawn_tokio_thread("control-agent", move |ready| async move {
             let started = async {
                 let agent = Agent::start(&identity, agent_config, start_timeout).await?;
                 agent.wait_interval(start_timeout).await?;
-                anyhow::Ok(agent)
+                let homes = if read_homes { Some(agent.homes(start_timeout).await?) } else { None };
+                anyhow::Ok((agent, homes))
             };
-            let agent = match started.await {
-                Ok(agent) => agent,
+            let (agent, homes) = match started.await {
+                Ok(started) => started,
                 Err(error) => {
                     let _ = ready.send(Err(format!("{error:#}")));
                     return;
                 }
             };
-            let _ = ready.send(Ok(agent.clock()));
+            let _ = ready.send(Ok((agent.clock(), homes)));
             // The node failed before serving when the sender is dropped.
             if let Ok(addr) = serving_rx.await {
                 agent.run(addr, stop_rx).await;
@@ -88,6 +94,7 @@ impl ControlLink {
         .map_err(|message| format!("control plane: {message}"))?;
         Ok(Self {
             clock: Arc::new(GltsClock(clock)),
+            homes,
             serving: Mutex::new(Some(serving_tx)),
             stop: stop_tx,
             thread: Some(thread),
@@ -97,6 +104,11 @@ impl ControlLink {
     /// The store clock.
     pub fn clock(&self) -> Arc<dyn Clock> {
         self.clock.clone()
+    }
+
+    /// The home region of every placed shard, as the control plane said at start (when asked).
+    pub fn homes(&self) -> Option<&BTreeMap<u32, String>> {
+        self.homes.as_ref()
     }
 
     /// The node serves clients at `addr` (shard 0's address): register and heartbeat.

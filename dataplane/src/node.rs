@@ -53,7 +53,8 @@ pub fn run(
             // Every shard's WAL adds its bytes here; heartbeats report the sum.
             let wal_volume = Arc::new(std::sync::atomic::AtomicU64::new(0));
             config.store.wal.volume = Some(wal_volume.clone());
-            let link = ControlLink::start(control, shards, capacity, wal_volume)?;
+            let read_homes = config.replication.as_ref().is_some_and(|repl| repl.homes.is_empty());
+            let link = ControlLink::start(control, shards, capacity, wal_volume, read_homes)?;
             tracing::info!(seeds = %control.seeds.join(","), "GLTS interval from the control plane");
             config.store.clock = link.clock();
             Some(Arc::new(link))
@@ -64,6 +65,10 @@ pub fn run(
     let shard_count = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
     let mut map = ShardMap::new(config.shards);
     let mut shard_sides = Vec::new();
+    if let Some(repl) = config.replication.as_mut().filter(|repl| repl.homes.is_empty()) {
+        let homes = link.as_ref().and_then(|link| link.homes()).ok_or("replication: no home regions")?;
+        repl.place(shard_count, homes)?;
+    }
     let replication = match &config.replication {
         Some(repl) => {
             let mut thread_sides = Vec::new();
@@ -77,7 +82,7 @@ pub fn run(
             let replication = Replication::start(repl.clone(), thread_sides, config.store.clock.clone())?;
             tracing::info!(
                 region = %repl.region,
-                role = %if repl.is_home() { "home".to_string() } else { format!("replica of {}", repl.home) },
+                roles = %repl.roles(),
                 endpoint = %replication.addr(),
                 "replication started"
             );
@@ -86,7 +91,8 @@ pub fn run(
         }
         None => {
             // Snapshot reads on a node that does not replicate wait for its own shards only.
-            map = map.with_readable(Arc::new(crate::repl::Resolved::new("local", &[], shard_count, true)));
+            let homes = vec!["local".to_owned(); config.shards];
+            map = map.with_readable(Arc::new(crate::repl::Resolved::new("local", &homes)));
             None
         }
     };
@@ -156,8 +162,8 @@ async fn shard_main(
     let mut store_config = config.store_for(shard_id);
     if let (Some(side), Some(repl)) = (&side, &config.replication) {
         store_config.wal_hold = side.hold.clone();
-        if !repl.is_home() {
-            store_config.replica_of = Some(repl.home.clone());
+        if !repl.is_home_of(shard_id) {
+            store_config.replica_of = repl.home_of(shard_id).map(str::to_owned);
         }
     }
     let started = std::time::Instant::now();
@@ -182,12 +188,14 @@ async fn shard_main(
     store.spawn_maintenance();
     let heartbeat = spawn_heartbeat(&store, watchdog.clone(), shard_id);
     let replication_task = match (side, &config.replication) {
-        (Some(side), Some(repl)) => Some(spawn_replication(&store, side, repl.closed_interval, repl.is_home())),
+        (Some(side), Some(repl)) => {
+            Some(spawn_replication(&store, side, repl.closed_interval, repl.is_home_of(shard_id)))
+        }
         _ => None,
     };
     // A shard that takes writes here publishes how far they are applied, for snapshot reads.
     let applied_task = match (&config.replication, map.readable()) {
-        (Some(repl), Some(table)) if repl.is_home() => {
+        (Some(repl), Some(table)) if repl.is_home_of(shard_id) => {
             Some(spawn_applied(&store, shard_id, table, repl.closed_interval))
         }
         (None, Some(table)) => Some(spawn_applied(&store, shard_id, table, APPLIED_INTERVAL)),

@@ -275,3 +275,134 @@ fn corrupted_frames_are_rejected_and_the_stream_recovers() {
     let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap();
     assert!(log.contains("checksum"), "the replica never saw a damaged frame:\n{log}");
 }
+
+/// Shards homed in three regions by the control plane's placement (shard k at region k): each
+/// node takes the writes of the shard homed in its region, refuses the others (naming their
+/// home), ships its shard to the other two and replicates theirs. A client that routes each
+/// shard to its home writes over all three; every region then holds the same contents and
+/// reads the same snapshot. A node whose shard has no placement refuses to start.
+#[test]
+fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
+    use controlplane::local::LocalCluster;
+    use controlplane::meta::Command;
+
+    const REGIONS: [&str; 3] = ["a", "b", "c"];
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let binary = LocalCluster::binary().unwrap();
+    let cluster = rt.block_on(LocalCluster::start(&binary, dir.path(), 3, &[])).unwrap();
+    rt.block_on(cluster.wait_leader(Duration::from_secs(15))).unwrap();
+    rt.block_on(async {
+        let admin = cluster.client();
+        for region in REGIONS {
+            let command = Command::PutRegion { name: region.into(), zones: vec!["z1".into()] };
+            admin.write(command, Duration::from_secs(10)).await.unwrap();
+        }
+        for (shard, home) in REGIONS.iter().enumerate() {
+            let replicas = REGIONS.iter().filter(|region| *region != home).map(|region| (*region).to_owned()).collect();
+            let command = Command::SetPlacement { shard: shard as u32, home: (*home).to_owned(), replicas };
+            admin.write(command, Duration::from_secs(10)).await.unwrap();
+        }
+    });
+    let tls = dir.path().join("tls");
+    controlplane::tls::generate(&tls, &REGIONS.map(str::to_owned)).unwrap();
+    let seeds: Vec<String> =
+        cluster.ids().into_iter().filter_map(|id| cluster.addr(id)).map(|addr| format!("{addr:?}")).collect();
+    let listens: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp_port()).collect();
+    let config = |region: &str, shards: usize| {
+        let mut text = format!(
+            "shards = {shards}\n[control]\nseeds = [{}]\ntls_dir = {tls:?}\nnode_id = \"{region}\"\nregion = \
+             \"{region}\"\nzone = \"z1\"\nheartbeat_ms = 100\n[replication]\nregion = \"{region}\"\nlisten = \"{}\"\n\
+             tls_dir = {tls:?}\nname = \"{region}\"\nrtt_ms = 2\n",
+            seeds.join(","),
+            listens[REGIONS.iter().position(|known| *known == region).unwrap()]
+        );
+        for (peer, addr) in REGIONS.iter().zip(&listens).filter(|(peer, _)| **peer != region) {
+            text.push_str(&format!("[[replication.peers]]\nregion = \"{peer}\"\naddr = \"{addr}\"\n"));
+        }
+        text
+    };
+
+    // A fourth shard has no placement: the node says so and does not start.
+    let unplaced = dir.path().join("unplaced");
+    std::fs::write(
+        unplaced.with_extension("toml"),
+        format!("data_dir = {unplaced:?}\nlisten = \"127.0.0.1:0\"\n{}", config("a", 4)),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_dataplane"))
+        .arg("--config")
+        .arg(unplaced.with_extension("toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("no placement for shard 3"), "{stderr}");
+
+    let nodes: Vec<Node> = REGIONS.iter().map(|region| Node::start(&dir.path().join(region), &config(region, 3))).collect();
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for node in &nodes {
+            clients.push(connect(node).await);
+        }
+        // Each region takes the writes of its own shard only.
+        let key_of = |shard: u32| (0u32..).map(|i| format!("probe-{i}").into_bytes()).find(|key| wire::shard_for(key, 3) == shard).unwrap();
+        for (index, client) in clients.iter().enumerate() {
+            for (shard, home) in REGIONS.iter().enumerate() {
+                let result = client.put(&key_of(shard as u32), b"probe").await;
+                if shard == index {
+                    result.unwrap();
+                } else {
+                    match result {
+                        Err(ClientError::Server { code: ErrorCode::NotHome, message }) => {
+                            assert!(message.contains(&format!("region {home}")), "{message}");
+                        }
+                        other => panic!("region {} took a write of shard {shard} (homed at {home}): {other:?}", REGIONS[index]),
+                    }
+                }
+            }
+            let status = client.replication_status().await.unwrap();
+            let sources: Vec<(String, u32)> = status.sources.iter().map(|source| (source.region.clone(), source.shards)).collect();
+            let expected: Vec<(String, u32)> =
+                REGIONS.iter().filter(|region| **region != REGIONS[index]).map(|region| ((*region).to_owned(), 1)).collect();
+            assert_eq!(sources, expected, "region {}: one shard from each other region", REGIONS[index]);
+        }
+
+        // Writes over all shards, each taken at its home.
+        let homes: Vec<String> = clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
+        let routed = Client::with_addresses(homes, client::ClientConfig::default()).unwrap();
+        let mut model = BTreeMap::new();
+        for (shard, _) in REGIONS.iter().enumerate() {
+            model.insert(key_of(shard as u32), b"probe".to_vec());
+        }
+        let mut last_ts = 0;
+        for i in 0..300u32 {
+            let key = format!("key-{:04}", i % 200).into_bytes();
+            if i % 9 == 4 {
+                if model.remove(&key).is_some() {
+                    last_ts = last_ts.max(routed.delete(&key).await.unwrap());
+                }
+                continue;
+            }
+            let value = format!("value {i} ").repeat(1 + (i as usize % 30)).into_bytes();
+            last_ts = last_ts.max(routed.put(&key, &value).await.unwrap());
+            model.insert(key, value);
+        }
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        last_ts = last_ts.max(routed.put(b"big", &big).await.unwrap());
+        model.insert(b"big".to_vec(), big);
+
+        // Every region reads the same snapshot at the last write, and holds the same contents.
+        let mut listings = Vec::new();
+        for (client, region) in clients.iter().zip(REGIONS) {
+            let readable = client.wait_readable(last_ts, Duration::from_secs(20)).await.unwrap();
+            assert!(readable.readable_ts >= last_ts, "region {region}");
+            assert_eq!(contents(client).await, model, "region {region} differs from the acknowledged writes");
+            listings.push(client.list(b"", b"", 10_000, Some(last_ts)).await.unwrap());
+        }
+        assert_eq!(listings[0].entries.len(), model.len());
+        assert!(listings.windows(2).all(|pair| pair[0] == pair[1]), "regions list the snapshot differently");
+    });
+    for mut node in nodes {
+        node.stop();
+    }
+}

@@ -1,6 +1,8 @@
-//! Inter-region replication: each home shard's WAL is shipped to every replica region over
-//! QUIC (mutual TLS), compressed, with the shard's closed timestamp; replica shards make the
-//! records durable in their own WAL, apply them and acknowledge.
+//! Inter-region replication: each shard has a home region (from `[replication] home`, or per
+//! shard from the control plane's placement). A node ships the WAL of every shard homed in its
+//! region to every peer region over QUIC (mutual TLS), compressed, with the shard's closed
+//! timestamp; the other regions' nodes make the records durable in their own WAL, apply them
+//! and acknowledge. One node can be the home of some shards and a replica of the others.
 //!
 //! - `core`: the stream protocol, sans-IO (window, acks, gaps, closed timestamps).
 //! - `codec`: LZ4 / Snappy / none for batch bodies.
@@ -46,8 +48,10 @@ pub struct Peer {
 pub struct ReplConfig {
     /// This node's region.
     pub region: String,
-    /// The home region of every shard (where writes are taken).
-    pub home: String,
+    /// The home region of each shard, by shard id (where its writes are taken). Empty until
+    /// known: `[replication] home` fills it for every shard, otherwise the node takes it from
+    /// the control plane's placement at start ([`ReplConfig::place`]).
+    pub homes: Vec<String>,
     /// UDP address of the replication endpoint.
     pub listen: SocketAddr,
     /// Directory with `ca.pem`, `<name>.pem`, `<name>.key`.
@@ -70,9 +74,68 @@ pub struct ReplConfig {
 }
 
 impl ReplConfig {
-    /// Whether this node takes the writes (ships) or holds replicas (receives).
-    pub fn is_home(&self) -> bool {
-        self.region == self.home
+    /// The home region of `shard` (`None` before the homes are known or past the last shard).
+    pub fn home_of(&self, shard: u32) -> Option<&str> {
+        self.homes.get(shard as usize).map(String::as_str)
+    }
+
+    /// Whether `shard` takes its writes here (and ships them) rather than holding a replica.
+    pub fn is_home_of(&self, shard: u32) -> bool {
+        self.home_of(shard) == Some(self.region.as_str())
+    }
+
+    /// Whether some shard is homed here (the node ships).
+    pub fn ships(&self) -> bool {
+        self.homes.iter().any(|home| *home == self.region)
+    }
+
+    /// The regions whose shards this node replicates, each once.
+    pub fn sources(&self) -> Vec<String> {
+        let mut sources: Vec<String> = self.homes.iter().filter(|home| **home != self.region).cloned().collect();
+        sources.sort();
+        sources.dedup();
+        sources
+    }
+
+    /// Sets the home of each of `shards` shards from the control plane's placement (shard id
+    /// to home region), checking that it is complete and that a node with home shards has
+    /// regions to ship to.
+    pub fn place(&mut self, shards: u32, placement: &std::collections::BTreeMap<u32, String>) -> Result<(), String> {
+        let mut homes = Vec::new();
+        for shard in 0..shards {
+            let home = placement.get(&shard).ok_or_else(|| {
+                format!(
+                    "replication: the control plane has no placement for shard {shard} (`meridian cluster \
+                     place {shard} --home REGION --replicas ...`), and [replication] names no `home`"
+                )
+            })?;
+            homes.push(home.clone());
+        }
+        self.homes = homes;
+        self.check_peers().map_err(|reason| format!("replication.peers: {reason}"))
+    }
+
+    /// A node that is the home of a shard needs a region to ship it to (the reason, without
+    /// the field, when it has none).
+    pub fn check_peers(&self) -> Result<(), String> {
+        if self.ships() && self.peers.is_empty() {
+            return Err(format!(
+                "region {} is the home of a shard and needs at least one peer region to ship to",
+                self.region
+            ));
+        }
+        Ok(())
+    }
+
+    /// How the node's shards are placed, for the log: `home` or `replica of <region>` per
+    /// shard, runs of equal roles merged.
+    pub fn roles(&self) -> String {
+        let role = |home: &String| if *home == self.region { "home".to_owned() } else { format!("replica of {home}") };
+        let roles: Vec<String> = self.homes.iter().map(role).collect();
+        if roles.windows(2).all(|pair| pair[0] == pair[1]) {
+            return roles.first().map_or_else(String::new, |role| format!("every shard {role}"));
+        }
+        roles.iter().enumerate().map(|(shard, role)| format!("shard {shard} {role}")).collect::<Vec<_>>().join(", ")
     }
 }
 

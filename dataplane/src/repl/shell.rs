@@ -1,7 +1,7 @@
 //! The replication thread: a tokio runtime with one QUIC endpoint (quinn, mutual TLS against
 //! the cluster CA) that both ships and receives.
 //!
-//! Shipping (home region): per (peer region, shard) a task tails the shard's durable WAL with
+//! Shipping (shards homed here): per (peer region, shard) a task tails the shard's durable WAL with
 //! a [`WalCursor`] (memory-mapped, any thread), forms batches up to `batch_bytes_max`,
 //! compresses them and writes each frame as two `Bytes` (head, body) on the shard's own
 //! bidirectional stream of the connection to that peer, so one shard's backlog never blocks
@@ -11,8 +11,8 @@
 //! receiver's durable position. The shard's WAL is held from the lowest acknowledged LSN of
 //! any peer.
 //!
-//! Receiving (replica regions): each stream's `Hello` is checked (known source region, the
-//! shards' home, same shard count), answered with the durable position, then every batch is
+//! Receiving (shards homed elsewhere): each stream's `Hello` is checked (the region is the
+//! shard's home and not this one, same shard count), answered with the durable position, then every batch is
 //! checked by the [`Inbound`] core, decompressed, its entries validated and handed to the
 //! owning shard (glommio) as [`Apply`] requests without waiting; a second task awaits them in
 //! order and acknowledges (position, closed timestamp) once all are durable.
@@ -72,7 +72,7 @@ struct Context {
 pub const CORRUPT_EVERY_ENV: &str = "MERIDIAN_FAILPOINT_REPL_CORRUPT_EVERY";
 
 impl Replication {
-    /// Binds the endpoint and starts shipping (home) or receiving (replica).
+    /// Binds the endpoint, ships the shards homed here and receives the others.
     pub fn start(config: ReplConfig, shards: Vec<ThreadSide>, clock: Arc<dyn Clock>) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.name);
         identity.require_files("replication.tls_dir", &config.tls_dir, &config.name)?;
@@ -82,14 +82,17 @@ impl Replication {
         let client = identity
             .client_config_for(ALPN, transport(&config))
             .map_err(|error| format!("replication TLS: {error:#}"))?;
-        let sources: Vec<String> = if config.is_home() { Vec::new() } else { vec![config.home.clone()] };
-        let shard_count = u32::try_from(shards.len()).map_err(|_| "too many shards".to_string())?;
-        let resolved = Arc::new(Resolved::new(&config.region, &sources, shard_count, config.is_home()));
+        if config.homes.len() != shards.len() {
+            return Err(format!("replication: {} shards but {} home regions", shards.len(), config.homes.len()));
+        }
+        config.check_peers().map_err(|reason| format!("replication.peers: {reason}"))?;
+        let resolved = Arc::new(Resolved::new(&config.region, &config.homes));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut positions = HashMap::new();
-        for source in &sources {
-            for side in &shards {
-                positions.insert((source.clone(), side.shard), (position::load(&side.dir, source)?, Instant::now()));
+        for side in &shards {
+            if let Some(source) = config.home_of(side.shard).filter(|home| *home != config.region) {
+                let lsn = position::load(&side.dir, source)?;
+                positions.insert((source.to_owned(), side.shard), (lsn, Instant::now()));
             }
         }
         let context = Arc::new(Context {
@@ -173,12 +176,12 @@ async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(accept(context.clone(), endpoint.clone()));
     tasks.spawn(observe(context.clone()));
-    if context.config.is_home() {
+    if context.config.ships() {
         for peer in &context.config.peers {
             let mut connector = Connector::new(endpoint.clone());
             connector.connect_timeout = CONNECT_TIMEOUT;
             let link = Arc::new(PeerLink { peer: peer.clone(), connector });
-            for side in &context.shards {
+            for side in context.shards.iter().filter(|side| context.config.is_home_of(side.shard)) {
                 tasks.spawn(ship(context.clone(), link.clone(), side.clone()));
             }
         }
@@ -592,12 +595,6 @@ async fn accept(context: Arc<Context>, endpoint: quinn::Endpoint) {
 
 fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Result<ThreadSide, String> {
     let config = &context.config;
-    if config.is_home() {
-        return Err(format!("region {} is the home of every shard and takes no replicas", config.region));
-    }
-    if region != config.home {
-        return Err(format!("region {region} is not the home of the shards here ({})", config.home));
-    }
     if shards as usize != context.shards.len() {
         return Err(format!("region {region} has {shards} shards, this node {}", context.shards.len()));
     }
@@ -607,6 +604,13 @@ fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Resu
         .find(|side| side.shard == shard)
         .cloned()
         .ok_or_else(|| format!("shard {shard} is not on this node"))
+        .and_then(|side| match config.home_of(shard) {
+            Some(home) if home == config.region => {
+                Err(format!("shard {shard} is homed in region {home}, which takes its writes here and takes no replica"))
+            }
+            Some(home) if home != region => Err(format!("region {region} is not the home of shard {shard} ({home} is)")),
+            _ => Ok(side),
+        })
 }
 
 async fn receive_stream(

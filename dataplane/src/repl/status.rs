@@ -1,9 +1,9 @@
-//! What a node knows about the regions shipping to it: per source region and shard, the
-//! closed timestamp applied (every record at or below it is durable and readable here). A
-//! source region's resolved timestamp is the minimum over its shards: reads at or below it
-//! are consistent across shards. A home node also records, per shard, the timestamp up to
-//! which its own writes are applied; the node's readable timestamp (what snapshot reads wait
-//! for) is the minimum of both. Shared by the replication thread and the home shards
+//! What a node knows about the regions shipping to it: per source region and each shard homed
+//! there, the closed timestamp applied (every record at or below it is durable and readable
+//! here). A source region's resolved timestamp is the minimum over its shards: reads at or
+//! below it are consistent across shards. For each shard homed in its own region the node also
+//! records the timestamp up to which its local writes are applied; the node's readable
+//! timestamp (what snapshot reads wait for) is the minimum of both. Shared by the replication thread and the home shards
 //! (writers) and the shards' client endpoints (readers).
 
 use std::collections::BTreeMap;
@@ -26,24 +26,33 @@ pub struct SourceState {
 #[derive(Debug)]
 pub struct Resolved {
     region: String,
-    sources: Mutex<BTreeMap<String, Vec<u64>>>,
-    /// Home nodes: per shard, every local write at or below it is applied (0: not yet told).
-    local: Mutex<Vec<u64>>,
+    /// Per source region, the closed timestamp of each of its shards (by shard id; `None` for
+    /// shards homed elsewhere, 0 until told).
+    sources: Mutex<BTreeMap<String, Vec<Option<u64>>>>,
+    /// Per shard homed here, every local write at or below it is applied (`None` for shards
+    /// homed elsewhere, 0 until told).
+    local: Mutex<Vec<Option<u64>>>,
 }
 
 impl Resolved {
-    /// The table of a node in `region`, expecting `sources` regions of `shards` shards each.
-    /// `home`: the node takes the writes of its shards (their applied points count too).
-    pub fn new(region: &str, sources: &[String], shards: u32, home: bool) -> Self {
-        let sources = sources.iter().map(|source| (source.clone(), vec![0; shards as usize])).collect();
-        let local = if home { vec![0; shards as usize] } else { Vec::new() };
+    /// The table of a node in `region` whose shards have the home regions `homes` (by shard
+    /// id): shards homed in `region` count with their applied points, the others with the
+    /// closed timestamps their home region ships.
+    pub fn new(region: &str, homes: &[String]) -> Self {
+        let mut sources: BTreeMap<String, Vec<Option<u64>>> = BTreeMap::new();
+        for (shard, home) in homes.iter().enumerate() {
+            if home != region {
+                sources.entry(home.clone()).or_insert_with(|| vec![None; homes.len()])[shard] = Some(0);
+            }
+        }
+        let local = homes.iter().map(|home| (home == region).then_some(0)).collect();
         Self { region: region.to_owned(), sources: Mutex::new(sources), local: Mutex::new(local) }
     }
 
-    /// Home shard `shard` has applied every local write at or below `ts`.
+    /// Shard `shard`, homed here, has applied every local write at or below `ts`.
     pub fn set_applied(&self, shard: u32, ts: u64) {
         let mut local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = local.get_mut(shard as usize) {
+        if let Some(Some(slot)) = local.get_mut(shard as usize) {
             *slot = (*slot).max(ts);
         }
     }
@@ -52,7 +61,7 @@ impl Resolved {
     /// and region: the minimum of the home shards' applied points and each source region's
     /// resolved timestamp (0 while one of them has not reported).
     pub fn readable_ts(&self) -> u64 {
-        let local = self.local.lock().unwrap_or_else(PoisonError::into_inner).iter().copied().min();
+        let local = self.local.lock().unwrap_or_else(PoisonError::into_inner).iter().flatten().copied().min();
         let sources = self.sources().into_iter().map(|source| source.resolved_ts).min();
         match (local, sources) {
             (Some(local), Some(sources)) => local.min(sources),
@@ -69,7 +78,7 @@ impl Resolved {
     /// Shard `shard` of `source` has applied everything up to `closed_ts`.
     pub fn set_closed(&self, source: &str, shard: u32, closed_ts: u64) {
         let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = sources.get_mut(source).and_then(|shards| shards.get_mut(shard as usize)) {
+        if let Some(Some(slot)) = sources.get_mut(source).and_then(|shards| shards.get_mut(shard as usize)) {
             *slot = (*slot).max(closed_ts);
         }
     }
@@ -80,12 +89,13 @@ impl Resolved {
         sources
             .iter()
             .map(|(region, shards)| {
-                let closed = shards.iter().filter(|ts| **ts > 0).count();
+                let homed: Vec<u64> = shards.iter().flatten().copied().collect();
+                let closed = homed.iter().filter(|ts| **ts > 0).count();
                 SourceState {
                     region: region.clone(),
-                    resolved_ts: if closed == shards.len() { shards.iter().copied().min().unwrap_or(0) } else { 0 },
+                    resolved_ts: if closed == homed.len() { homed.iter().copied().min().unwrap_or(0) } else { 0 },
                     shards_closed: u32::try_from(closed).unwrap_or(u32::MAX),
-                    shards: u32::try_from(shards.len()).unwrap_or(u32::MAX),
+                    shards: u32::try_from(homed.len()).unwrap_or(u32::MAX),
                 }
             })
             .collect()
@@ -96,9 +106,13 @@ impl Resolved {
 mod tests {
     use super::*;
 
+    fn homes(list: &[&str]) -> Vec<String> {
+        list.iter().map(|home| (*home).to_owned()).collect()
+    }
+
     #[test]
     fn resolved_is_the_minimum_once_every_shard_reported() {
-        let table = Resolved::new("b", &["a".to_owned()], 2, false);
+        let table = Resolved::new("b", &homes(&["a", "a"]));
         table.set_closed("a", 0, 50);
         assert_eq!(table.sources()[0].resolved_ts, 0, "shard 1 has not reported");
         table.set_closed("a", 1, 40);
@@ -112,7 +126,7 @@ mod tests {
 
     #[test]
     fn readable_is_the_minimum_of_local_and_every_source() {
-        let home = Resolved::new("a", &[], 2, true);
+        let home = Resolved::new("a", &homes(&["a", "a"]));
         assert_eq!(home.readable_ts(), 0);
         home.set_applied(0, 90);
         assert_eq!(home.readable_ts(), 0, "shard 1 has not reported");
@@ -121,15 +135,31 @@ mod tests {
         home.set_applied(1, 60);
         assert_eq!(home.readable_ts(), 70, "never goes back");
 
-        let replica = Resolved::new("b", &["a".to_owned()], 1, false);
+        let replica = Resolved::new("b", &homes(&["a"]));
         replica.set_applied(0, 500);
         assert_eq!(replica.readable_ts(), 0, "a replica has no local shards to count");
         replica.set_closed("a", 0, 40);
         assert_eq!(replica.readable_ts(), 40);
+    }
 
-        let both = Resolved::new("c", &["a".to_owned()], 1, true);
-        both.set_applied(0, 30);
-        both.set_closed("a", 0, 50);
-        assert_eq!(both.readable_ts(), 30);
+    #[test]
+    fn with_homes_in_several_regions_each_shard_counts_once_where_it_is_homed() {
+        // Shards 0 and 3 at a, 1 at b, 2 at c; this node is in a.
+        let table = Resolved::new("a", &homes(&["a", "b", "c", "a"]));
+        let sources = table.sources();
+        let shards: Vec<(String, u32)> = sources.iter().map(|source| (source.region.clone(), source.shards)).collect();
+        assert_eq!(shards, [("b".to_owned(), 1), ("c".to_owned(), 1)]);
+        table.set_applied(0, 100);
+        table.set_applied(3, 90);
+        table.set_applied(1, 5);
+        table.set_closed("b", 1, 80);
+        assert_eq!(table.readable_ts(), 0, "c has not reported");
+        table.set_closed("b", 2, 10);
+        table.set_closed("c", 1, 10);
+        assert_eq!(table.readable_ts(), 0, "a region's report for a shard it is not the home of is ignored");
+        table.set_closed("c", 2, 120);
+        assert_eq!(table.readable_ts(), 80, "min(a's shards 90, b 80, c 120); shard 1's applied point is ignored");
+        table.set_closed("b", 1, 200);
+        assert_eq!(table.readable_ts(), 90);
     }
 }
