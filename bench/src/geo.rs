@@ -92,17 +92,20 @@ fn key(n: u64) -> Vec<u8> {
 }
 
 /// Writes `<dir>/<region>.toml`: `extra` (other sections), then a `[replication]` section in
-/// which `a` is the home, the node listens on `listen` and its peers are `peers`.
+/// which `home` is the home of every shard (`None`: the control plane's placement, which needs
+/// a `[control]` section in `extra`), the node listens on `listen` and its peers are `peers`.
 pub(crate) fn region_config(
     dir: &Path,
     tls: &Path,
     region: &str,
+    home: Option<&str>,
     listen: SocketAddr,
     peers: &[(&str, SocketAddr)],
     extra: &str,
 ) -> Result<PathBuf> {
+    let home = home.map(|home| format!("home = \"{home}\"\n")).unwrap_or_default();
     let mut text = format!(
-        "{extra}[replication]\nregion = \"{region}\"\nhome = \"a\"\nlisten = \"{listen}\"\ntls_dir = {tls:?}\nname = \"{region}\"\n"
+        "{extra}[replication]\nregion = \"{region}\"\n{home}listen = \"{listen}\"\ntls_dir = {tls:?}\nname = \"{region}\"\n"
     );
     for (peer, addr) in peers {
         text.push_str(&format!("[[replication.peers]]\nregion = \"{peer}\"\naddr = \"{addr}\"\n"));
@@ -117,11 +120,11 @@ async fn connect(node: &Dataplane) -> Result<Client> {
     Ok(Client::connect(&node.addresses[0], config).await?)
 }
 
-/// Waits until the replica behind `client` has resolved region `a` past `ts` (a node that does
-/// not answer, e.g. while it restarts, is asked again); how long that took.
+/// Waits until the node behind `client` has resolved every region shipping to it past `ts` (a
+/// node that does not answer, e.g. while it restarts, is asked again); how long that took.
 pub(crate) async fn wait_resolved(client: &Client, ts: u64, limit: Duration) -> Result<Duration> {
     let started = Instant::now();
-    while !client.replication_status().await.is_ok_and(|status| status.resolved_ts("a") >= ts) {
+    while !client.replication_status().await.is_ok_and(|status| status.resolved_past(ts)) {
         if started.elapsed() > limit {
             bail!("a replica did not resolve past the last write within {limit:?}");
         }
@@ -168,7 +171,7 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
     let to_b = Proxy::start(any, listen_b, link, link, 1).await?;
     let to_c = Proxy::start(any, listen_c, link, link, 2).await?;
     let start = |region: &str, listen: SocketAddr, peers: &[(&str, SocketAddr)]| -> Result<Dataplane> {
-        let config = region_config(dir, &dir.join("tls"), region, listen, peers, "")?;
+        let config = region_config(dir, &dir.join("tls"), region, Some("a"), listen, peers, "")?;
         Dataplane::start_with(binary, &dir.join(region), args.shards, &dir.join(format!("{region}.log")), Some(&config))
     };
     let b = start("b", listen_b, &[("a", free_udp()?)])?;

@@ -101,6 +101,19 @@ impl ReplicationStatus {
     pub fn resolved_ts(&self, source: &str) -> u64 {
         self.source(source).map_or(0, |source| source.resolved_ts)
     }
+
+    /// The largest lag over every source region (the node's RPO), in microseconds; `None`
+    /// while a source has not reported, or when no region ships here.
+    pub fn worst_lag_us(&self) -> Option<u64> {
+        let lags: Option<Vec<u64>> = self.sources.iter().map(|source| source.lag_us(self.now_ts)).collect();
+        lags?.into_iter().max()
+    }
+
+    /// Whether every source region has resolved past `ts` (reads at `ts` see every region's
+    /// writes at or below it; true when no region ships here).
+    pub fn resolved_past(&self, ts: u64) -> bool {
+        self.sources.iter().all(|source| source.resolved_ts >= ts)
+    }
 }
 
 impl SourceStatus {

@@ -1,8 +1,10 @@
 //! `bench cluster`: the main job. On this machine, with embedded defaults: a 3-node control
 //! plane (`controlplane` processes, Raft, GLTS), three regions `a`, `b`, `c` of one `dataplane`
-//! each (joined to the control plane; `a` the home of every shard, `b` and `c` replicas), the
-//! WAN proxy on the QUIC links between regions, the device limit measured by fio first, then an
-//! open-loop workload at the home with live progress, scenario events (partitions, SIGKILLed
+//! each (joined to the control plane; by default `a` the home of every shard, `b` and `c`
+//! replicas; `--homes a,b,c` spreads the shards' homes, each node then taking the writes of its
+//! shards and replicating the others), the WAN proxy on every QUIC link between regions, the
+//! device limit measured by fio first, then an open-loop workload (each write sent to its
+//! shard's home) with live progress, scenario events (partitions, SIGKILLed
 //! nodes), a convergence and loss check in every region, and a report folder: `report.json`,
 //! `report.md`, SVG and PNG plots, CSV series, logs and data. Everything started is stopped,
 //! also on Ctrl-C (children run in their own process groups, so the terminal's SIGINT reaches
@@ -84,6 +86,11 @@ pub struct ClusterArgs {
     /// Shards per data node.
     #[arg(long, default_value_t = 1)]
     shards: usize,
+    /// The home regions of the shards in turn (shard k is homed at the k-th, modulo the
+    /// list), written to the control plane's placement; e.g. `a,b,c` with `--shards 3` gives
+    /// every region one shard to take writes for and two to replicate.
+    #[arg(long, value_delimiter = ',', default_value = "a")]
+    pub homes: Vec<String>,
     /// Take a global snapshot this often while the load runs (0s: none) and report how long
     /// each region took to read it (request to readable).
     #[arg(long, default_value = "500ms", value_parser = scenario::parse_duration)]
@@ -128,10 +135,34 @@ impl ClusterArgs {
         self.warmup + self.duration
     }
 
+    /// The home region of `shard`.
+    fn home_of(&self, shard: usize) -> &str {
+        &self.homes[shard % self.homes.len()]
+    }
+
+    /// The regions that replicate a shard homed elsewhere (whose lag is the RPO), in order.
+    pub fn replica_regions(&self) -> Vec<&'static str> {
+        REGIONS.into_iter().filter(|region| (0..self.shards).any(|shard| self.home_of(shard) != *region)).collect()
+    }
+
+    /// Whether `region` is the home of some shard.
+    fn is_home(&self, region: &str) -> bool {
+        self.homes.iter().any(|home| home == region)
+    }
+
     fn validate(&self) -> Result<()> {
         ensure!(self.rate > 0, "--rate must be positive");
         ensure!(!self.duration.is_zero(), "--duration must be positive");
         ensure!(self.shards > 0 && self.shards <= 64, "--shards must be 1..=64");
+        for home in &self.homes {
+            ensure!(REGIONS.contains(&home.as_str()), "--homes: `{home}` is not one of the regions a, b, c");
+        }
+        ensure!(
+            !self.homes.is_empty() && self.homes.len() <= self.shards,
+            "--homes names {} regions but there are {} shards: each home needs a shard",
+            self.homes.len(),
+            self.shards
+        );
         ensure!(
             self.file_min > 0 && self.file_min <= self.file_max && self.file_max <= FILE_MAX,
             "--file-min and --file-max must satisfy 0 < min <= max <= 1GiB"
@@ -384,34 +415,40 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
             .write(Command::PutRegion { name: region.into(), zones: vec!["z1".into()] }, Duration::from_secs(10))
             .await?;
     }
-    for shard in 0..u32::try_from(args.shards)? {
-        let replicas = REGIONS[1..].iter().map(|region| (*region).to_owned()).collect();
-        admin.write(Command::SetPlacement { shard, home: "a".into(), replicas }, Duration::from_secs(10)).await?;
+    for shard in 0..args.shards {
+        let home = args.home_of(shard);
+        let replicas = REGIONS.iter().filter(|region| **region != home).map(|region| (*region).to_owned()).collect();
+        let command = Command::SetPlacement { shard: u32::try_from(shard)?, home: home.to_owned(), replicas };
+        admin.write(command, Duration::from_secs(10)).await?;
     }
     let tls = control_dir.join("tls");
     controlplane::tls::generate(&tls, &REGIONS.map(str::to_owned))?;
 
-    // The WAN between the home and each replica region.
+    // The WAN: a proxy on every link a home region's node dials (to each other region's node).
     let link =
         LinkConfig { delay: args.delay, jitter: args.jitter, loss: args.loss, ..LinkConfig::with_delay(args.delay) };
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let (listen_b, listen_c) = (free_udp()?, free_udp()?);
-    let to_b = Proxy::start(any, listen_b, link, link, args.seed).await?;
-    let to_c = Proxy::start(any, listen_c, link, link, args.seed + 1).await?;
+    let listens = REGIONS.map(|_| free_udp());
+    let mut links = Vec::new();
+    for from in REGIONS.into_iter().filter(|region| args.is_home(region)) {
+        for (to, listen) in REGIONS.into_iter().zip(&listens).filter(|(to, _)| *to != from) {
+            let listen = *listen.as_ref().map_err(|error| anyhow::anyhow!("{error:#}"))?;
+            let proxy = Proxy::start(any, listen, link, link, args.seed + links.len() as u64).await?;
+            links.push(WanLink { from, to, proxy });
+        }
+    }
 
     let seeds: Vec<String> = control.members().into_iter().map(|(_, addr)| format!("{addr:?}")).collect();
     let mut nodes = Vec::new();
-    for region in REGIONS {
-        let (listen, peers) = match region {
-            "a" => (free_udp()?, vec![("b", to_b.addr()), ("c", to_c.addr())]),
-            "b" => (listen_b, vec![("a", free_udp()?)]),
-            _ => (listen_c, vec![("a", free_udp()?)]),
-        };
+    for (region, listen) in REGIONS.into_iter().zip(listens) {
+        let peers: Vec<(&str, SocketAddr)> =
+            links.iter().filter(|link| link.from == region).map(|link| (link.to, link.proxy.addr())).collect();
         let control_section = format!(
             "[control]\nseeds = [{}]\ntls_dir = {tls:?}\nnode_id = \"{region}\"\nregion = \"{region}\"\nzone = \"z1\"\n",
             seeds.join(", ")
         );
-        let config = region_config(dir, &tls, region, listen, &peers, &control_section)?;
+        // No `home`: each shard's home comes from the placement written above.
+        let config = region_config(dir, &tls, region, None, listen?, &peers, &control_section)?;
         nodes.push(RegionNode {
             region,
             config,
@@ -422,9 +459,11 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
             process: None,
         });
     }
-    say("starting the data nodes of regions a (home), b and c ...");
-    // Replicas first, so the home's shippers find them listening.
-    for index in [1, 2, 0] {
+    say(&format!("starting the data nodes of regions a, b and c (shards homed at {}) ...", args.homes.join(",")));
+    // Regions homing no shard first, so the shippers find them listening.
+    let mut order: Vec<usize> = (0..REGIONS.len()).collect();
+    order.sort_by_key(|index| args.is_home(REGIONS[*index]));
+    for index in order {
         nodes[index].start(dataplane)?;
     }
     let nodes: Nodes = Arc::new(Mutex::new(nodes));
@@ -434,7 +473,20 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     for listen in listens {
         clients.push(Client::connect(&listen, config.clone()).await?);
     }
-    wait_healthy(&control, &clients).await?;
+    // Writes go to each shard's home.
+    let homes = (0..args.shards)
+        .map(|shard| {
+            let region = REGIONS.iter().position(|region| *region == args.home_of(shard)).context("home region")?;
+            clients[region].addresses().get(shard).cloned().context("a region's node has fewer shards")
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let writer = Client::with_addresses(homes, config.clone())?;
+    let replica_regions = args.replica_regions();
+    let replica_clients: Vec<(&'static str, Client)> = replica_regions
+        .iter()
+        .map(|region| (*region, clients[REGIONS.iter().position(|known| known == region).unwrap_or(0)].clone()))
+        .collect();
+    wait_healthy(&control, &replica_clients).await?;
     say(&format!("healthy; logs in {}", dir.join("logs").display()));
 
     // The load, the samplers, the events and the progress line, until the load ends or Ctrl-C.
@@ -450,11 +502,12 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     };
     let started = Instant::now();
     let record: SharedRecord = Arc::new(Mutex::new(Record::new(started, args.warmup)));
-    let lags: Vec<Arc<AtomicU64>> = (0..2).map(|_| Arc::new(AtomicU64::new(u64::MAX))).collect();
+    let lags: Vec<(&'static str, Arc<AtomicU64>)> =
+        replica_regions.iter().map(|region| (*region, Arc::new(AtomicU64::new(u64::MAX)))).collect();
     let sampling = Arc::new(AtomicBool::new(true));
     let mut samplers = Vec::new();
-    for (index, region) in ["b", "c"].into_iter().enumerate() {
-        let (client, sampling, current) = (clients[index + 1].clone(), sampling.clone(), lags[index].clone());
+    for ((region, client), (_, current)) in replica_clients.iter().zip(&lags) {
+        let (client, sampling, current) = (client.clone(), sampling.clone(), current.clone());
         let warmup = args.warmup;
         samplers.push(tokio::spawn(sample_lag(region, client, started, warmup, sampling, current)));
     }
@@ -462,7 +515,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         args.partitions.clone(),
         args.kills.clone(),
         nodes.clone(),
-        [to_b.handle(), to_c.handle()],
+        links.iter().map(|link| (link.from, link.to, link.proxy.handle())).collect(),
         dataplane.to_owned(),
         started,
         stop.clone(),
@@ -477,7 +530,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     ));
     let chain_log: snapshots::ChainLog = Arc::default();
     let chains = (args.chains > 0).then(|| {
-        let client = clients[0].clone();
+        let client = writer.clone();
         let (stop, log) = (stop.clone(), chain_log.clone());
         tokio::spawn(snapshots::write_chains(client, args.chains, started, args.total(), stop, log))
     });
@@ -503,7 +556,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         args.warmup,
         args.delay
     ));
-    load::run(&clients[0], &plan, record.clone(), stop.clone()).await?;
+    load::run(&writer, &plan, record.clone(), stop.clone()).await?;
     let load_ended = started.elapsed();
     let mut events = events.await??;
     let interrupted = stop.load(Ordering::Relaxed);
@@ -527,7 +580,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     };
     say(&format!("load done ({} writes acknowledged); waiting for the replicas to converge ...", acked.len()));
     let converge_started = Instant::now();
-    for client in &clients[1..] {
+    for (_, client) in &replica_clients {
         wait_resolved(client, last_ts, if interrupted { Duration::from_secs(10) } else { CONVERGE_TIMEOUT }).await?;
     }
     let converged_after = converge_started.elapsed();
@@ -538,7 +591,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         lag_records.push(sampler.await?);
     }
     for event in &mut events {
-        event.recovery_ms = recovery(event, &lag_records, args.recovered_lag);
+        event.recovery_ms = recovery(event, &lag_records, args.recovered_lag, args.is_home(&event.region));
     }
     say("checking every acknowledged write in every region ...");
     let mut lost = Vec::new();
@@ -580,15 +633,27 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     report.set("chain_writes_failed", chain_failures);
     report.set("interrupted", interrupted);
     report.set("clean_shutdown", clean);
-    report.set("wire_bytes_to_b", to_b.handle().stats().0.delivered_bytes);
-    report.set("wire_bytes_to_c", to_c.handle().stats().0.delivered_bytes);
+    for region in REGIONS {
+        let into: Vec<&WanLink> = links.iter().filter(|link| link.to == region).collect();
+        if !into.is_empty() {
+            let bytes: u64 = into.iter().map(|link| link.proxy.handle().stats().0.delivered_bytes).sum();
+            report.set(&format!("wire_bytes_to_{region}"), bytes);
+        }
+    }
     report.write(&record, &lag_records, &events)?;
     Ok(report)
 }
 
-/// Waits until the control plane sees every data node up and both replicas' lag behind the home
-/// is under a second.
-async fn wait_healthy(control: &LocalCluster, clients: &[Client]) -> Result<()> {
+/// One emulated WAN link: the proxy that `from`'s node dials to reach `to`'s.
+struct WanLink {
+    from: &'static str,
+    to: &'static str,
+    proxy: Proxy,
+}
+
+/// Waits until the control plane sees every data node up and every replica region's lag behind
+/// each region shipping to it is under a second.
+async fn wait_healthy(control: &LocalCluster, replicas: &[(&'static str, Client)]) -> Result<()> {
     let started = Instant::now();
     loop {
         let registered = match control.client().read(false, Duration::from_secs(2)).await {
@@ -598,8 +663,8 @@ async fn wait_healthy(control: &LocalCluster, clients: &[Client]) -> Result<()> 
             Err(_) => false,
         };
         let mut caught_up = true;
-        for client in &clients[1..] {
-            let lag = client.replication_status().await.ok().and_then(|status| status.lag_us("a"));
+        for (_, client) in replicas {
+            let lag = client.replication_status().await.ok().and_then(|status| status.worst_lag_us());
             caught_up &= lag.is_some_and(|lag| lag < 1_000_000);
         }
         if registered && caught_up {
@@ -614,7 +679,8 @@ async fn wait_healthy(control: &LocalCluster, clients: &[Client]) -> Result<()> 
     }
 }
 
-/// Samples `region`'s lag behind the home every [`SAMPLE_EVERY`] until `sampling` clears.
+/// Samples `region`'s lag (behind the region shipping to it that it lags most) every
+/// [`SAMPLE_EVERY`] until `sampling` clears.
 async fn sample_lag(
     region: &'static str,
     client: Client,
@@ -626,7 +692,7 @@ async fn sample_lag(
     let mut lag =
         Lag { region, histogram: Histogram::new(3).expect("3 significant digits are valid"), series: Vec::new() };
     while sampling.load(Ordering::Relaxed) {
-        let sample = client.replication_status().await.ok().and_then(|status| status.lag_us("a"));
+        let sample = client.replication_status().await.ok().and_then(|status| status.worst_lag_us());
         let at = started.elapsed();
         current.store(sample.unwrap_or(u64::MAX), Ordering::Relaxed);
         if let Some(lag_us) = sample {
@@ -645,7 +711,7 @@ async fn run_events(
     partitions: Vec<Window>,
     kills: Vec<Window>,
     nodes: Nodes,
-    proxies: [ProxyHandle; 2],
+    proxies: Vec<(&'static str, &'static str, ProxyHandle)>,
     dataplane: PathBuf,
     started: Instant,
     stop: Arc<AtomicBool>,
@@ -681,16 +747,12 @@ async fn run_events(
             recovery_ms: None,
         })
         .collect();
-    // Each proxy (a-b, a-c) stays cut while any partition covering it is on.
-    let mut cuts = [0usize; 2];
+    // Each link stays cut while any partition of a region at either end is on.
+    let mut cuts = vec![0usize; proxies.len()];
     // Which cuts and kills took place (after Ctrl-C the rest are skipped, and so are their ends).
     let mut begun = vec![false; events.len()];
     let links_of = |region: &str| -> Vec<usize> {
-        match region {
-            "a" => vec![0, 1],
-            "b" => vec![0],
-            _ => vec![1],
-        }
+        (0..proxies.len()).filter(|index| proxies[*index].0 == region || proxies[*index].1 == region).collect()
     };
     for (at, action, index) in plan {
         // On Ctrl-C, heal and restart at once so the convergence check can run.
@@ -716,7 +778,7 @@ async fn run_events(
                     } else {
                         cuts[link] = cuts[link].saturating_sub(1);
                     }
-                    proxies[link].partition(cuts[link] > 0);
+                    proxies[link].2.partition(cuts[link] > 0);
                 }
                 if action == Action::Heal {
                     events[slot].restored_ms = Some(ms(started.elapsed()));
@@ -758,12 +820,13 @@ async fn run_events(
     Ok(events)
 }
 
-/// Time from an event's end until every replica it affects is back under `threshold`.
-fn recovery(event: &Event, lags: &[Lag], threshold: Duration) -> Option<u64> {
+/// Time from an event's end until every replica it affects is back under `threshold` (every
+/// region's when the event's region is the home of a shard, else its own).
+fn recovery(event: &Event, lags: &[Lag], threshold: Duration, home: bool) -> Option<u64> {
     let restored = event.restored_ms?;
     let limit = u64::try_from(threshold.as_micros()).unwrap_or(u64::MAX);
     let mut worst = 0;
-    for lag in lags.iter().filter(|lag| event.region == "a" || lag.region == event.region) {
+    for lag in lags.iter().filter(|lag| home || lag.region == event.region) {
         let back = lag.series.iter().find(|(at, lag_us)| *at >= restored && *lag_us <= limit)?;
         worst = worst.max(back.0 - restored);
     }
@@ -773,7 +836,7 @@ fn recovery(event: &Event, lags: &[Lag], threshold: Duration) -> Option<u64> {
 /// The status line: elapsed, writes/s, p99 of the last second, each replica's lag, events on.
 async fn show_progress(
     record: SharedRecord,
-    lags: Vec<Arc<AtomicU64>>,
+    lags: Vec<(&'static str, Arc<AtomicU64>)>,
     total: Duration,
     started: Instant,
     windows: Vec<Window>,
@@ -786,10 +849,13 @@ async fn show_progress(
         tick += 1;
         let elapsed = started.elapsed();
         let (writes, p99_ms) = lock(&record).last_second().unwrap_or((0, 0.0));
-        let lag = |index: usize| match lags[index].load(Ordering::Relaxed) {
-            u64::MAX => "down".to_owned(),
-            lag_us => format!("{:.0} ms", lag_us as f64 / 1000.0),
-        };
+        let rpo: Vec<String> = lags
+            .iter()
+            .map(|(region, lag)| match lag.load(Ordering::Relaxed) {
+                u64::MAX => format!("{region} {:>8}", "down"),
+                lag_us => format!("{region} {:>8}", format!("{:.0} ms", lag_us as f64 / 1000.0)),
+            })
+            .collect();
         let active: Vec<String> = windows
             .iter()
             .filter(|window| window.start <= elapsed && elapsed < window.end())
@@ -801,9 +867,8 @@ async fn show_progress(
             "converging".to_owned()
         };
         let line = format!(
-            "[{phase}] {writes:>6} writes/s  p99 {p99_ms:>7.1} ms  RPO b {:>8}  c {:>8}  {}",
-            lag(0),
-            lag(1),
+            "[{phase}] {writes:>6} writes/s  p99 {p99_ms:>7.1} ms  RPO {}  {}",
+            rpo.join("  "),
             active.join(", ")
         );
         if terminal {

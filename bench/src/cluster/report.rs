@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::load::Record;
 use super::plot::{Chart, Line, Span};
-use super::scenario::Class;
+use super::scenario::{Class, REGIONS};
 use super::{ClusterArgs, Event, Lag};
 use crate::device::FioResult;
 use crate::report::{Figures, percentile_us, set_rpo_figures};
@@ -34,7 +34,7 @@ impl Report {
         figures.set("report_dir", dir.display().to_string());
         figures.set("control_plane_nodes", 3);
         figures.set("regions", 3);
-        figures.set("home_region", "a");
+        figures.set("home_regions", args.homes.join(","));
         figures.set("shards_per_region", args.shards);
         figures.set("workload", args.workload.describe());
         figures.set("rate_per_s", args.rate);
@@ -83,7 +83,7 @@ impl Report {
         f.set_f64("device_write_p99_us", fio.write_p99_us + fio.sync_p99_us);
     }
 
-    /// The writes at the home.
+    /// The writes (each at its shard's home).
     pub fn load(&mut self, record: &Record, args: &ClusterArgs, load_ended: Duration) {
         let f = &mut self.figures;
         let measured = record.latency.len();
@@ -221,7 +221,7 @@ impl Report {
             (
                 "write_latency",
                 Chart {
-                    title: "Write latency at the home region, per second (from intended send time)".into(),
+                    title: "Write latency at the shards' homes, per second (from intended send time)".into(),
                     x_label: "seconds since the load started".into(),
                     y_label: "ms".into(),
                     lines: latency_lines,
@@ -232,7 +232,7 @@ impl Report {
             (
                 "rpo",
                 Chart {
-                    title: format!("RPO per replica region (lag behind the home, {delay} ms one way)"),
+                    title: format!("RPO per replica region (lag behind the shards' homes, {delay} ms one way)"),
                     x_label: "seconds since the load started".into(),
                     y_label: "ms".into(),
                     lines: rpo_lines,
@@ -265,9 +265,10 @@ impl Report {
         let mut md = String::from("# Meridian cluster run\n\n");
         let _ = writeln!(
             md,
-            "A 3-node control plane and regions `a` (home of every shard), `b` and `c` on one machine, {} ms one \
-             way between regions through the WAN proxy; {} writes/s open loop at the home ({}) for {} ms after {} \
-             ms of warm-up.\n",
+            "A 3-node control plane and regions `a`, `b` and `c` on one machine (shards homed at {} in turn), {} \
+             ms one way between regions through the WAN proxy; {} writes/s open loop, each at its shard's home ({}), \
+             for {} ms after {} ms of warm-up.\n",
+            f("home_regions"),
             f("one_way_delay_ms"),
             f("rate_per_s"),
             f("workload"),
@@ -293,7 +294,7 @@ impl Report {
             let _ = writeln!(md, "| {label} | {} |", f(key));
         }
         md.push_str("\n## RPO per replica region\n\n| region | p50 (ms) | p99 (ms) | max (ms) | samples |\n|---|---|---|---|---|\n");
-        for region in ["b", "c"] {
+        for region in REGIONS.into_iter().filter(|region| self.figures.get(&format!("{region}_rpo_p99_ms")).is_some()) {
             let keys = ["rpo_p50_ms", "rpo_p99_ms", "rpo_max_ms", "rpo_samples"].map(|key| format!("{region}_{key}"));
             self.row(&mut md, region, &keys);
         }
@@ -359,7 +360,7 @@ pub fn print_summary(report: &Report) {
         f("duration_ms")
     );
     println!(
-        "  writes at the home: {:.0}/s acknowledged, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {} failed",
+        "  writes (each at its shard's home): {:.0}/s acknowledged, p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, {} failed",
         f("write_throughput_per_s"),
         f("write_p50_us"),
         f("write_p99_us"),
@@ -373,7 +374,7 @@ pub fn print_summary(report: &Report) {
             f("write_p99_vs_device_ratio")
         );
     }
-    for region in ["b", "c"] {
+    for region in REGIONS.into_iter().filter(|region| report.figures.get(&format!("{region}_rpo_p99_ms")).is_some()) {
         println!(
             "  RPO {region}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             f(&format!("{region}_rpo_p50_ms")),
@@ -417,7 +418,7 @@ pub fn print_summary(report: &Report) {
         );
     }
     println!(
-        "  lost writes: {} (acknowledged at the home, missing in a region); values read back and differing: {}",
+        "  lost writes: {} (acknowledged at a home, missing in a region); values read back and differing: {}",
         f("lost_writes"),
         f("values_corrupt")
     );

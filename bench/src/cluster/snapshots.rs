@@ -3,9 +3,11 @@
 //! each one (request to readable, as the leader recorded it from the region's data node), and
 //! snapshots spread over the run are read in full in every region and compared.
 //!
-//! With `--chains N`, N writers (labelled with the regions in turn; every write goes to the
-//! home, which takes them) each write a chain of keys `chain/<writer>/<n>`, one at a time,
-//! each value naming the previous key of its chain; keys spread over all shards. Every
+//! With `--chains N`, N writers (labelled with the regions in turn) each write a chain of keys
+//! `chain/<writer>/<n>`, one at a time, each value naming the previous key of its chain; keys
+//! spread over all shards, and each write is taken by its shard's home region: with
+//! `--homes a,b,c` a chain's writes land in all three regions, so causality is checked across
+//! regions as well as shards. Every
 //! snapshot read must be a causally closed cut: if it holds a write, it holds every write
 //! acknowledged before that write started, whatever chain or shard. Start and acknowledgement
 //! instants are taken on this process's monotonic clock.
