@@ -1,8 +1,9 @@
 //! A replica shard's resume position per source region: the first LSN of the source shard's
 //! WAL not yet durable here. One small text file per (shard, source region),
-//! `<shard dir>/repl-from-<region>.pos`, replaced atomically (temporary file, rename). It is
-//! written only after the records below it are durable, and lazily: a stale position only
-//! makes the source resend records, whose application is idempotent.
+//! `<shard dir>/repl-from-<region>.pos`, replaced atomically and durably (temporary file,
+//! fsync, rename, directory fsync). It is written only after the records below it are durable,
+//! and lazily: a stale position only makes the source resend records, whose application is
+//! idempotent.
 
 use std::path::{Path, PathBuf};
 
@@ -48,12 +49,19 @@ pub fn load(shard_dir: &Path, region: &str) -> Result<u64, String> {
     }
 }
 
-/// Replaces the stored position.
+/// Replaces the stored position durably: the temporary file is synced before the rename, and
+/// the directory after it, so a crash leaves the old position or the new one, never an empty
+/// or partial file. Blocking (fsync): call it off the async threads.
 pub fn store(shard_dir: &Path, region: &str, next_lsn: u64) -> std::io::Result<()> {
+    use std::io::Write as _;
     let path = path(shard_dir, region);
     let temporary = path.with_extension("pos.tmp");
-    std::fs::write(&temporary, encode(next_lsn))?;
-    std::fs::rename(&temporary, &path)
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(encode(next_lsn).as_bytes())?;
+    file.sync_data()?;
+    drop(file);
+    std::fs::rename(&temporary, &path)?;
+    std::fs::File::open(shard_dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -78,5 +86,17 @@ mod tests {
         }
         std::fs::write(path(dir.path(), "us"), b"garbage").unwrap();
         assert!(load(dir.path(), "us").unwrap_err().contains("repl-from-us.pos"));
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_previous_position() {
+        let dir = tempfile::tempdir().unwrap();
+        store(dir.path(), "eu", 10).unwrap();
+        assert!(!path(dir.path(), "eu").with_extension("pos.tmp").exists(), "the temporary file was renamed");
+        // The temporary file cannot be created: a directory is in its way.
+        std::fs::create_dir(path(dir.path(), "eu").with_extension("pos.tmp")).unwrap();
+        assert!(store(dir.path(), "eu", 20).is_err());
+        assert_eq!(load(dir.path(), "eu"), Ok(10));
+        assert!(store(&dir.path().join("gone"), "eu", 30).is_err(), "a missing shard directory is an error");
     }
 }

@@ -57,6 +57,9 @@ struct Context {
     acked: Mutex<HashMap<(u32, String), u64>>,
     /// Per (source region, shard): position in memory and when it was last written out.
     positions: Mutex<HashMap<(String, u32), (u64, Instant)>>,
+    /// Held while a position file is written (streams write from blocking threads, and the
+    /// final flush from the runtime's), so no two writes share a temporary file.
+    position_files: Arc<Mutex<()>>,
     /// Failpoint for tests: flip a byte in the body of every Nth batch sent
     /// ([`CORRUPT_EVERY_ENV`]).
     corrupt_every: Option<u64>,
@@ -102,6 +105,7 @@ impl Replication {
             stop: stop_rx,
             acked: Mutex::default(),
             positions: Mutex::new(positions),
+            position_files: Arc::default(),
             corrupt_every: std::env::var(CORRUPT_EVERY_ENV).ok().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
             batches_sent: std::sync::atomic::AtomicU64::new(0),
             clock,
@@ -658,7 +662,18 @@ async fn receive_stream(
             }
             applied.increment(records);
             context.resolved.set_closed(&region, shard, accepted.closed_ts);
-            advance_position(context, &side, &region, accepted.next_lsn);
+            if let Some(next_lsn) = advance_position(context, &side, &region, accepted.next_lsn) {
+                // One write at a time per stream, off the runtime's thread (it syncs).
+                let (dir, source, files) = (side.dir.clone(), region.clone(), context.position_files.clone());
+                let stored = tokio::task::spawn_blocking(move || {
+                    let _writing = files.lock().unwrap_or_else(PoisonError::into_inner);
+                    position::store(&dir, &source, next_lsn)
+                })
+                .await;
+                if let Ok(Err(error)) = stored {
+                    tracing::error!(shard, %error, "cannot write the replication position");
+                }
+            }
             write_frame(&mut send, &Frame::Ack { next_lsn: accepted.next_lsn, closed_ts: accepted.closed_ts }).await?;
         }
         Ok(())
@@ -700,22 +715,23 @@ async fn receive_stream(
     }
 }
 
-fn advance_position(context: &Context, side: &ThreadSide, region: &str, next_lsn: u64) {
+/// Records the stream's new position; the position to write out when the last write is
+/// [`POSITION_WRITE_INTERVAL`] old.
+fn advance_position(context: &Context, side: &ThreadSide, region: &str, next_lsn: u64) -> Option<u64> {
     let mut positions = context.positions.lock().unwrap_or_else(PoisonError::into_inner);
     let entry = positions.entry((region.to_owned(), side.shard)).or_insert((1, Instant::now()));
     entry.0 = entry.0.max(next_lsn);
-    if entry.1.elapsed() >= POSITION_WRITE_INTERVAL {
+    (entry.1.elapsed() >= POSITION_WRITE_INTERVAL).then(|| {
         entry.1 = Instant::now();
-        if let Err(error) = position::store(&side.dir, region, entry.0) {
-            tracing::error!(shard = side.shard, %error, "cannot write the replication position");
-        }
-    }
+        entry.0
+    })
 }
 
 /// How often a stream writes its position out.
 const POSITION_WRITE_INTERVAL: Duration = Duration::from_millis(200);
 
 fn flush_positions(context: &Context) {
+    let _writing = context.position_files.lock().unwrap_or_else(PoisonError::into_inner);
     let positions = context.positions.lock().unwrap_or_else(PoisonError::into_inner);
     for ((region, shard), (lsn, _)) in positions.iter() {
         if let Some(side) = context.shards.iter().find(|side| side.shard == *shard) {
