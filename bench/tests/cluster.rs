@@ -189,8 +189,23 @@ fn a_short_scenario_with_a_partition_and_a_kill_reports_zero_lost_writes() {
 fn with_homes_in_every_region_snapshots_are_causal_cuts_of_writes_taken_everywhere() {
     let out = tempfile::tempdir().unwrap();
     let scenario = [
-        "--duration", "5s", "--warmup", "1s", "--rate", "150", "--homes", "a,b,c", "--shards", "3",
-        "--partition", "c@2s+1s", "--snapshot-every", "200ms", "--chains", "6", "--json",
+        "--duration",
+        "5s",
+        "--warmup",
+        "1s",
+        "--rate",
+        "150",
+        "--homes",
+        "a,b,c",
+        "--shards",
+        "3",
+        "--partition",
+        "c@2s+1s",
+        "--snapshot-every",
+        "200ms",
+        "--chains",
+        "6",
+        "--json",
     ];
     let output = bench(out.path(), &scenario).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -338,14 +338,17 @@ fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("no placement for shard 3"), "{stderr}");
 
-    let nodes: Vec<Node> = REGIONS.iter().map(|region| Node::start(&dir.path().join(region), &config(region, 3))).collect();
+    let nodes: Vec<Node> =
+        REGIONS.iter().map(|region| Node::start(&dir.path().join(region), &config(region, 3))).collect();
     rt.block_on(async {
         let mut clients = Vec::new();
         for node in &nodes {
             clients.push(connect(node).await);
         }
         // Each region takes the writes of its own shard only.
-        let key_of = |shard: u32| (0u32..).map(|i| format!("probe-{i}").into_bytes()).find(|key| wire::shard_for(key, 3) == shard).unwrap();
+        let key_of = |shard: u32| {
+            (0u32..).map(|i| format!("probe-{i}").into_bytes()).find(|key| wire::shard_for(key, 3) == shard).unwrap()
+        };
         for (index, client) in clients.iter().enumerate() {
             for (shard, home) in REGIONS.iter().enumerate() {
                 let result = client.put(&key_of(shard as u32), b"probe").await;
@@ -356,19 +359,27 @@ fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
                         Err(ClientError::Server { code: ErrorCode::NotHome, message }) => {
                             assert!(message.contains(&format!("region {home}")), "{message}");
                         }
-                        other => panic!("region {} took a write of shard {shard} (homed at {home}): {other:?}", REGIONS[index]),
+                        other => panic!(
+                            "region {} took a write of shard {shard} (homed at {home}): {other:?}",
+                            REGIONS[index]
+                        ),
                     }
                 }
             }
             let status = client.replication_status().await.unwrap();
-            let sources: Vec<(String, u32)> = status.sources.iter().map(|source| (source.region.clone(), source.shards)).collect();
-            let expected: Vec<(String, u32)> =
-                REGIONS.iter().filter(|region| **region != REGIONS[index]).map(|region| ((*region).to_owned(), 1)).collect();
+            let sources: Vec<(String, u32)> =
+                status.sources.iter().map(|source| (source.region.clone(), source.shards)).collect();
+            let expected: Vec<(String, u32)> = REGIONS
+                .iter()
+                .filter(|region| **region != REGIONS[index])
+                .map(|region| ((*region).to_owned(), 1))
+                .collect();
             assert_eq!(sources, expected, "region {}: one shard from each other region", REGIONS[index]);
         }
 
         // Writes over all shards, each taken at its home.
-        let homes: Vec<String> = clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
+        let homes: Vec<String> =
+            clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
         let routed = Client::with_addresses(homes, client::ClientConfig::default()).unwrap();
         let mut model = BTreeMap::new();
         for (shard, _) in REGIONS.iter().enumerate() {

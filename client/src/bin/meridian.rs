@@ -365,7 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 writeln!(stdout, "region	{}", status.region)?;
                 if sources.is_empty() {
-                    writeln!(stdout, "no region ships to this node (it is the home, or none reported yet)")?;
+                    writeln!(stdout, "no region ships to this node (every shard is homed here)")?;
                 }
                 for source in &sources {
                     let lag =

@@ -86,7 +86,7 @@ impl ReplConfig {
 
     /// Whether some shard is homed here (the node ships).
     pub fn ships(&self) -> bool {
-        self.homes.iter().any(|home| *home == self.region)
+        self.homes.contains(&self.region)
     }
 
     /// The regions whose shards this node replicates, each once.

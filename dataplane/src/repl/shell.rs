@@ -609,10 +609,12 @@ fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Resu
         .cloned()
         .ok_or_else(|| format!("shard {shard} is not on this node"))
         .and_then(|side| match config.home_of(shard) {
-            Some(home) if home == config.region => {
-                Err(format!("shard {shard} is homed in region {home}, which takes its writes here and takes no replica"))
+            Some(home) if home == config.region => Err(format!(
+                "shard {shard} is homed in region {home}, which takes its writes here and takes no replica"
+            )),
+            Some(home) if home != region => {
+                Err(format!("region {region} is not the home of shard {shard} ({home} is)"))
             }
-            Some(home) if home != region => Err(format!("region {region} is not the home of shard {shard} ({home} is)")),
             _ => Ok(side),
         })
 }
