@@ -491,6 +491,20 @@ impl NodeConfig {
         let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
         let replication =
             self.replication.as_ref().map(|section| section.resolve(shards, control.is_some())).transpose()?;
+        if let (Some(repl), Some(control)) = (&replication, &control) {
+            // The agent holds the leases of the shards homed in its region; the replication
+            // takes their writes in its own: they must be the same region.
+            if repl.homes.is_empty() && repl.region != control.region {
+                return Err(invalid(
+                    "replication.region",
+                    format!(
+                        "`{}` differs from control.region `{}`: with each shard's home from the placement \
+                         they must name the same region",
+                        repl.region, control.region
+                    ),
+                ));
+            }
+        }
         let metrics = self
             .metrics
             .as_ref()
@@ -639,6 +653,17 @@ mod tests {
             let message = error_of(&format!("{base}{text}"));
             assert!(message.contains(field), "{field}: {message}");
         }
+        // Without `home`, the placement names the homes: the two regions must agree.
+        let placed = |region: &str| {
+            format!(
+                "{}\n[replication]\n{}",
+                control(&format!("node_id = \"n1\"\nregion = \"{region}\"\nzone = \"z\"")),
+                ok.replace("home = \"a\"\n", "")
+            )
+        };
+        assert!(error_of(&placed("b")).is_empty(), "{}", error_of(&placed("b")));
+        let message = error_of(&placed("eu"));
+        assert!(message.contains("replication.region") && message.contains("control.region `eu`"), "{message}");
     }
 
     fn control(rest: &str) -> String {

@@ -228,15 +228,16 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
     let applied = sample(&scrape_b, "meridian_replication_applied_records_total", "source=\"a\"").unwrap();
     assert!(applied >= 400.0, "{applied} records applied at b");
     // 20 ms each way through the proxy.
-    let rtt = sample(&scrape_b, "meridian_quic_rtt_seconds", "peer=\"a\"").expect("QUIC RTT at b");
+    let rtt = sample(&scrape_b, "meridian_quic_rtt_seconds", "peer=\"a\",direction=\"in\"").expect("QUIC RTT at b");
     assert!((0.035..1.0).contains(&rtt), "QUIC RTT {rtt} s through a 40 ms round trip");
     let scrape_a = scrape(a.metrics.unwrap()).unwrap();
     for peer in ["b", "c"] {
         let labels = format!("peer=\"{peer}\"");
+        let quic_labels = format!("peer=\"{peer}\",direction=\"out\"");
         let raw = sample(&scrape_a, "meridian_replication_raw_bytes_total", &labels).unwrap();
         let wire = sample(&scrape_a, "meridian_replication_wire_bytes_total", &labels).unwrap();
         assert!(raw > 100_000.0 && wire > 0.0, "shipped to {peer}: {raw} raw, {wire} on the wire");
-        assert!(sample(&scrape_a, "meridian_quic_sent_bytes_total", &labels).unwrap() > 0.0);
+        assert!(sample(&scrape_a, "meridian_quic_sent_bytes_total", &quic_labels).unwrap() > 0.0);
     }
     b.stop();
 }
@@ -280,7 +281,9 @@ fn corrupted_frames_are_rejected_and_the_stream_recovers() {
 /// node takes the writes of the shard homed in its region, refuses the others (naming their
 /// home), ships its shard to the other two and replicates theirs. A client that routes each
 /// shard to its home writes over all three; every region then holds the same contents and
-/// reads the same snapshot. A node whose shard has no placement refuses to start.
+/// reads the same snapshot. A node that is the home of one shard and a replica of the others,
+/// SIGKILLed while the others take writes and restarted, catches up both ways. A node whose
+/// shard has no placement refuses to start.
 #[test]
 fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
     use controlplane::local::LocalCluster;
@@ -340,7 +343,7 @@ fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
 
     let nodes: Vec<Node> =
         REGIONS.iter().map(|region| Node::start(&dir.path().join(region), &config(region, 3))).collect();
-    rt.block_on(async {
+    let model = rt.block_on(async {
         let mut clients = Vec::new();
         for node in &nodes {
             clients.push(connect(node).await);
@@ -412,6 +415,49 @@ fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
         }
         assert_eq!(listings[0].entries.len(), model.len());
         assert!(listings.windows(2).all(|pair| pair[0] == pair[1]), "regions list the snapshot differently");
+        model
+    });
+
+    // Region b's node (home of shard 1, replica of 0 and 2) is SIGKILLed while a and c take
+    // writes, then restarts on its data: it resumes what it replicates and ships its shard
+    // again, and every region converges.
+    let mut nodes = nodes;
+    nodes[1].kill();
+    let mut model = rt.block_on(async {
+        let mut model = model;
+        let (ca, cc) = (connect(&nodes[0]).await, connect(&nodes[2]).await);
+        for i in 0..100u32 {
+            let key = format!("while-b-down-{i:03}").into_bytes();
+            let shard = wire::shard_for(&key, 3);
+            let client = match shard {
+                0 => &ca,
+                2 => &cc,
+                _ => continue,
+            };
+            client.put(&key, b"written while b was down").await.unwrap();
+            model.insert(key, b"written while b was down".to_vec());
+        }
+        model
+    });
+    nodes[1] = Node::start(&dir.path().join("b"), &config("b", 3));
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for node in &nodes {
+            clients.push(connect(node).await);
+        }
+        let homes: Vec<String> =
+            clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
+        let routed = Client::with_addresses(homes, client::ClientConfig::default()).unwrap();
+        let mut last_ts = 0;
+        for i in 0..60u32 {
+            let key = format!("after-restart-{i:03}").into_bytes();
+            last_ts = last_ts.max(routed.put(&key, b"after the restart").await.unwrap());
+            model.insert(key, b"after the restart".to_vec());
+        }
+        for (client, region) in clients.iter().zip(REGIONS) {
+            client.wait_readable(last_ts, Duration::from_secs(20)).await.unwrap();
+            assert_eq!(contents(client).await, model, "region {region} after b's restart");
+        }
     });
     for mut node in nodes {
         node.stop();

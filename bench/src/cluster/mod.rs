@@ -48,8 +48,8 @@ pub struct ClusterArgs {
     /// Warm-up: load on, not measured.
     #[arg(long, default_value = "2s", value_parser = scenario::parse_duration)]
     warmup: Duration,
-    /// Writes per second at the home region, open loop (latency counts from each write's
-    /// intended send time).
+    /// Writes per second, each sent to its shard's home region, open loop (latency counts
+    /// from each write's intended send time).
     #[arg(long, default_value_t = 2000)]
     rate: u64,
     /// The mix of writes: `small` (128 B - 4 KiB keys), `files` (4 KiB - 1 MiB), `large`

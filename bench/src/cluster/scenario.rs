@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-/// The regions the orchestrator runs; `a` is the home of every shard.
+/// The regions the orchestrator runs (`a` is the home of every shard unless `--homes` says
+/// otherwise).
 pub const REGIONS: [&str; 3] = ["a", "b", "c"];
 
 /// Parses `250ms`, `30s`, `1.5s`, `2m` (a bare number is seconds).

@@ -127,8 +127,8 @@ impl ReplConfig {
         Ok(())
     }
 
-    /// How the node's shards are placed, for the log: `home` or `replica of <region>` per
-    /// shard, runs of equal roles merged.
+    /// How the node's shards are placed, for the log: `every shard home` (or `replica of
+    /// <region>`) when all have the same role, else the role of each shard.
     pub fn roles(&self) -> String {
         let role = |home: &String| if *home == self.region { "home".to_owned() } else { format!("replica of {home}") };
         let roles: Vec<String> = self.homes.iter().map(role).collect();

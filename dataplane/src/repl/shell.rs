@@ -57,17 +57,19 @@ struct Context {
     acked: Mutex<HashMap<(u32, String), u64>>,
     /// Per (source region, shard): position in memory and when it was last written out.
     positions: Mutex<HashMap<(String, u32), (u64, Instant)>>,
-    /// Held while a position file is written (streams write from blocking threads, and the
-    /// final flush from the runtime's), so no two writes share a temporary file.
-    position_files: Arc<Mutex<()>>,
+    /// Per (source region, shard): the position last written to its file, held while the file
+    /// is written (streams write from blocking threads, the final flush from the runtime's), so
+    /// no two writes share the temporary file and a stale write never follows a newer one.
+    position_files: HashMap<(String, u32), Arc<Mutex<u64>>>,
     /// Failpoint for tests: flip a byte in the body of every Nth batch sent
     /// ([`CORRUPT_EVERY_ENV`]).
     corrupt_every: Option<u64>,
     batches_sent: std::sync::atomic::AtomicU64,
     /// The clock lag is measured against (the store's: GLTS when the node has a control plane).
     clock: Arc<dyn Clock>,
-    /// The latest QUIC connection to or from each peer region (for its statistics).
-    connections: Mutex<HashMap<String, quinn::Connection>>,
+    /// The latest QUIC connection to (`out`, shipping) and from (`in`, receiving) each peer
+    /// region, for its statistics.
+    connections: Mutex<HashMap<(String, &'static str), quinn::Connection>>,
 }
 
 /// Test failpoint: when set to N, every Nth non-empty batch leaves with one body byte flipped
@@ -92,10 +94,12 @@ impl Replication {
         let resolved = Arc::new(Resolved::new(&config.region, &config.homes));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut positions = HashMap::new();
+        let mut position_files = HashMap::new();
         for side in &shards {
             if let Some(source) = config.home_of(side.shard).filter(|home| *home != config.region) {
                 let lsn = position::load(&side.dir, source)?;
                 positions.insert((source.to_owned(), side.shard), (lsn, Instant::now()));
+                position_files.insert((source.to_owned(), side.shard), Arc::new(Mutex::new(lsn)));
             }
         }
         let context = Arc::new(Context {
@@ -105,7 +109,7 @@ impl Replication {
             stop: stop_rx,
             acked: Mutex::default(),
             positions: Mutex::new(positions),
-            position_files: Arc::default(),
+            position_files,
             corrupt_every: std::env::var(CORRUPT_EVERY_ENV).ok().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
             batches_sent: std::sync::atomic::AtomicU64::new(0),
             clock,
@@ -292,7 +296,7 @@ fn set_acked(context: &Context, side: &ThreadSide, region: &str, lsn: u64) {
 async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> Result<(), StreamError> {
     let config = &context.config;
     let connection = link.connect().await?;
-    remember_connection(context, &link.peer.region, &connection);
+    remember_connection(context, &link.peer.region, "out", &connection);
     let (mut send, mut recv) = connection.open_bi().await.map_err(io)?;
     let shards = u32::try_from(context.shards.len()).unwrap_or(u32::MAX);
     write_frame(&mut send, &Frame::Hello { shard: side.shard, shards, region: &config.region }).await?;
@@ -520,10 +524,13 @@ async fn send_batch(
 
 // ---------------------------------------------------------------- metrics
 
-fn remember_connection(context: &Context, region: &str, connection: &quinn::Connection) {
+/// Keeps `connection` for the statistics of `region` in `direction` (`out`: this node dialed
+/// it to ship, `in`: the peer dialed it to ship here).
+fn remember_connection(context: &Context, region: &str, direction: &'static str, connection: &quinn::Connection) {
     let mut connections = context.connections.lock().unwrap_or_else(PoisonError::into_inner);
-    if connections.get(region).is_none_or(|known| known.stable_id() != connection.stable_id()) {
-        connections.insert(region.to_owned(), connection.clone());
+    let key = (region.to_owned(), direction);
+    if connections.get(&key).is_none_or(|known| known.stable_id() != connection.stable_id()) {
+        connections.insert(key, connection.clone());
     }
 }
 
@@ -553,18 +560,16 @@ async fn observe(context: Arc<Context>) {
         if last_quic.elapsed() >= QUIC_SAMPLE_INTERVAL {
             last_quic = Instant::now();
             let connections = context.connections.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            for (peer, connection) in connections {
+            for ((peer, direction), connection) in connections {
                 let stats = connection.stats();
-                metrics::gauge!("meridian_quic_rtt_seconds", "peer" => peer.clone()).set(stats.path.rtt.as_secs_f64());
-                metrics::gauge!("meridian_quic_congestion_window_bytes", "peer" => peer.clone())
-                    .set(stats.path.cwnd as f64);
+                let labels = [("peer", peer), ("direction", direction.to_owned())];
+                metrics::gauge!("meridian_quic_rtt_seconds", &labels).set(stats.path.rtt.as_secs_f64());
+                metrics::gauge!("meridian_quic_congestion_window_bytes", &labels).set(stats.path.cwnd as f64);
                 // Totals of the current connection: a reconnect starts again from zero, which
                 // Prometheus' rate() reads as a counter reset.
-                metrics::counter!("meridian_quic_sent_bytes_total", "peer" => peer.clone())
-                    .absolute(stats.udp_tx.bytes);
-                metrics::counter!("meridian_quic_received_bytes_total", "peer" => peer.clone())
-                    .absolute(stats.udp_rx.bytes);
-                metrics::counter!("meridian_quic_lost_packets_total", "peer" => peer).absolute(stats.path.lost_packets);
+                metrics::counter!("meridian_quic_sent_bytes_total", &labels).absolute(stats.udp_tx.bytes);
+                metrics::counter!("meridian_quic_received_bytes_total", &labels).absolute(stats.udp_rx.bytes);
+                metrics::counter!("meridian_quic_lost_packets_total", &labels).absolute(stats.path.lost_packets);
             }
         }
     }
@@ -615,7 +620,8 @@ fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Resu
             Some(home) if home != region => {
                 Err(format!("region {region} is not the home of shard {shard} ({home} is)"))
             }
-            _ => Ok(side),
+            Some(_) => Ok(side),
+            None => Err(format!("shard {shard} has no home region here")),
         })
 }
 
@@ -638,7 +644,7 @@ async fn receive_stream(
         other => return Err(StreamError::Other(format!("expected Hello, got {other:?}"))),
     };
     let shard = side.shard;
-    remember_connection(context, &region, connection);
+    remember_connection(context, &region, "in", connection);
     let applied = metrics::counter!("meridian_replication_applied_records_total", "source" => region.clone());
     let next_lsn = context
         .positions
@@ -665,15 +671,16 @@ async fn receive_stream(
             applied.increment(records);
             context.resolved.set_closed(&region, shard, accepted.closed_ts);
             if let Some(next_lsn) = advance_position(context, &side, &region, accepted.next_lsn) {
-                // One write at a time per stream, off the runtime's thread (it syncs).
-                let (dir, source, files) = (side.dir.clone(), region.clone(), context.position_files.clone());
-                let stored = tokio::task::spawn_blocking(move || {
-                    let _writing = files.lock().unwrap_or_else(PoisonError::into_inner);
-                    position::store(&dir, &source, next_lsn)
-                })
-                .await;
-                if let Ok(Err(error)) = stored {
-                    tracing::error!(shard, %error, "cannot write the replication position");
+                // Off the runtime's thread (it syncs).
+                if let Some(file) = context.position_files.get(&(region.clone(), shard)).cloned() {
+                    let (dir, source) = (side.dir.clone(), region.clone());
+                    let stored =
+                        tokio::task::spawn_blocking(move || store_position(&file, &dir, &source, next_lsn)).await;
+                    match stored {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::error!(shard, %error, "cannot write the replication position"),
+                        Err(error) => tracing::error!(shard, %error, "the replication position write did not run"),
+                    }
                 }
             }
             write_frame(&mut send, &Frame::Ack { next_lsn: accepted.next_lsn, closed_ts: accepted.closed_ts }).await?;
@@ -732,12 +739,23 @@ fn advance_position(context: &Context, side: &ThreadSide, region: &str, next_lsn
 /// How often a stream writes its position out.
 const POSITION_WRITE_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Writes `next_lsn` to the position file guarded by `file` unless a position at least as far
+/// was written already.
+fn store_position(file: &Mutex<u64>, dir: &std::path::Path, region: &str, next_lsn: u64) -> std::io::Result<()> {
+    let mut written = file.lock().unwrap_or_else(PoisonError::into_inner);
+    if next_lsn > *written {
+        position::store(dir, region, next_lsn)?;
+        *written = next_lsn;
+    }
+    Ok(())
+}
+
 fn flush_positions(context: &Context) {
-    let _writing = context.position_files.lock().unwrap_or_else(PoisonError::into_inner);
-    let positions = context.positions.lock().unwrap_or_else(PoisonError::into_inner);
-    for ((region, shard), (lsn, _)) in positions.iter() {
-        if let Some(side) = context.shards.iter().find(|side| side.shard == *shard) {
-            if let Err(error) = position::store(&side.dir, region, *lsn) {
+    let positions = context.positions.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    for ((region, shard), (lsn, _)) in &positions {
+        let side = context.shards.iter().find(|side| side.shard == *shard);
+        if let (Some(side), Some(file)) = (side, context.position_files.get(&(region.clone(), *shard))) {
+            if let Err(error) = store_position(file, &side.dir, region, *lsn) {
                 tracing::error!(shard, %error, "cannot write the replication position");
             }
         }
