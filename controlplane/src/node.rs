@@ -26,6 +26,9 @@ use crate::types::{ControlNode, NodeId, Proposal, Raft};
 
 /// How often a leader looks for snapshots still pending that nobody here follows (created
 /// by an earlier leader).
+/// Heartbeat rounds a linearizable read may take to hear from a quorum before it fails.
+const LINEARIZABLE_ATTEMPTS: u32 = 5;
+
 const SNAPSHOT_RESUME_EVERY: Duration = Duration::from_millis(500);
 /// A snapshot the leader meant to take by itself and could not is tried again this much later.
 const SNAPSHOT_RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -774,12 +777,23 @@ impl Node {
             Request::Write(command) => self.write(command).await,
             Request::Read { linearizable } => {
                 if linearizable {
-                    match self.raft.ensure_linearizable().await {
-                        Ok(_) => {}
-                        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
-                            return self.leader_hint(forward.leader_id);
+                    // A heartbeat round that a quorum did not answer in time (a slow follower, a
+                    // busy machine) is asked again: the read is still safe, only later.
+                    let mut attempt = 1;
+                    loop {
+                        match self.raft.ensure_linearizable().await {
+                            Ok(_) => break,
+                            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                                return self.leader_hint(forward.leader_id);
+                            }
+                            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
+                                if attempt < LINEARIZABLE_ATTEMPTS =>
+                            {
+                                attempt += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            Err(error) => return Response::Error { message: error.to_string() },
                         }
-                        Err(error) => return Response::Error { message: error.to_string() },
                     }
                 }
                 let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
