@@ -35,7 +35,6 @@ use wan::{LinkConfig, Proxy, ProxyHandle};
 
 use crate::geo::{for_each_key, region_config, wait_resolved};
 use crate::kv::{Dataplane, dataplane_binary};
-use crate::process::free_udp;
 use load::{LoadPlan, Record, SharedRecord, Write};
 use scenario::{Class, Mix, REGIONS, Window};
 
@@ -205,10 +204,14 @@ struct RegionNode {
     listen: String,
     shards: usize,
     process: Option<Dataplane>,
+    /// The replication port, held until the first start so nothing else (a proxy's socket)
+    /// takes it meanwhile.
+    reserved: Option<std::net::UdpSocket>,
 }
 
 impl RegionNode {
     fn start(&mut self, binary: &Path) -> Result<()> {
+        drop(self.reserved.take());
         let process = Dataplane::start_at(binary, &self.data, self.shards, &self.log, Some(&self.config), &self.listen)
             .with_context(|| format!("starting region {}'s dataplane", self.region))?;
         self.process = Some(process);
@@ -428,19 +431,23 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     let link =
         LinkConfig { delay: args.delay, jitter: args.jitter, loss: args.loss, ..LinkConfig::with_delay(args.delay) };
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let listens = REGIONS.map(|_| free_udp());
+    // Each node's replication port, held until the node starts.
+    let mut reserved = Vec::new();
+    for _ in REGIONS {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        reserved.push((socket.local_addr()?, socket));
+    }
     let mut links = Vec::new();
     for from in REGIONS.into_iter().filter(|region| args.is_home(region)) {
-        for (to, listen) in REGIONS.into_iter().zip(&listens).filter(|(to, _)| *to != from) {
-            let listen = *listen.as_ref().map_err(|error| anyhow::anyhow!("{error:#}"))?;
-            let proxy = Proxy::start(any, listen, link, link, args.seed + links.len() as u64).await?;
+        for (to, (listen, _)) in REGIONS.into_iter().zip(&reserved).filter(|(to, _)| *to != from) {
+            let proxy = Proxy::start(any, *listen, link, link, args.seed + links.len() as u64).await?;
             links.push(WanLink { from, to, proxy });
         }
     }
 
     let seeds: Vec<String> = control.members().into_iter().map(|(_, addr)| format!("{addr:?}")).collect();
     let mut nodes = Vec::new();
-    for (region, listen) in REGIONS.into_iter().zip(listens) {
+    for (region, (listen, socket)) in REGIONS.into_iter().zip(reserved) {
         let peers: Vec<(&str, SocketAddr)> =
             links.iter().filter(|link| link.from == region).map(|link| (link.to, link.proxy.addr())).collect();
         let control_section = format!(
@@ -448,7 +455,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
             seeds.join(", ")
         );
         // No `home`: each shard's home comes from the placement written above.
-        let config = region_config(dir, &tls, region, None, listen?, &peers, &control_section)?;
+        let config = region_config(dir, &tls, region, None, listen, &peers, &control_section)?;
         nodes.push(RegionNode {
             region,
             config,
@@ -457,6 +464,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
             listen: format!("127.0.0.1:{}", free_ports(args.shards)?),
             shards: args.shards,
             process: None,
+            reserved: Some(socket),
         });
     }
     say(&format!("starting the data nodes of regions a, b and c (shards homed at {}) ...", args.homes.join(",")));
