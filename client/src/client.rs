@@ -484,8 +484,6 @@ impl Client {
         }
     }
 
-    /// Sends a request to `shard`, retrying as the request kind allows, and turns an error
-    /// response into [`ClientError::Server`].
     /// [`Client::call`] with one request.
     async fn call_request(
         &self,
@@ -501,6 +499,8 @@ impl Client {
         .await
     }
 
+    /// Sends a request to `shard`, retrying as the request kind allows, and turns an error
+    /// response into [`ClientError::Server`].
     async fn call(
         &self,
         shard: u32,
