@@ -24,11 +24,11 @@ use crate::timesource::{self, LocalBound};
 use crate::tls::Identity;
 use crate::types::{ControlNode, NodeId, Proposal, Raft};
 
-/// How often a leader looks for snapshots still pending that nobody here follows (created
-/// by an earlier leader).
 /// Heartbeat rounds a linearizable read may take to hear from a quorum before it fails.
 const LINEARIZABLE_ATTEMPTS: u32 = 5;
 
+/// How often a leader looks for snapshots still pending that nobody here follows (created
+/// by an earlier leader).
 const SNAPSHOT_RESUME_EVERY: Duration = Duration::from_millis(500);
 /// A snapshot the leader meant to take by itself and could not is tried again this much later.
 const SNAPSHOT_RETRY_AFTER: Duration = Duration::from_millis(100);

@@ -671,16 +671,15 @@ async fn receive_stream(
             applied.increment(records);
             context.resolved.set_closed(&region, shard, accepted.closed_ts);
             if let Some(next_lsn) = advance_position(context, &side, &region, accepted.next_lsn) {
-                // Off the runtime's thread (it syncs).
+                // Off the runtime's thread (it syncs), and the ack does not wait for it: a
+                // stale position only makes the source resend records.
                 if let Some(file) = context.position_files.get(&(region.clone(), shard)).cloned() {
                     let (dir, source) = (side.dir.clone(), region.clone());
-                    let stored =
-                        tokio::task::spawn_blocking(move || store_position(&file, &dir, &source, next_lsn)).await;
-                    match stored {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => tracing::error!(shard, %error, "cannot write the replication position"),
-                        Err(error) => tracing::error!(shard, %error, "the replication position write did not run"),
-                    }
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(error) = store_position(&file, &dir, &source, next_lsn) {
+                            tracing::error!(shard, %error, "cannot write the replication position");
+                        }
+                    });
                 }
             }
             write_frame(&mut send, &Frame::Ack { next_lsn: accepted.next_lsn, closed_ts: accepted.closed_ts }).await?;

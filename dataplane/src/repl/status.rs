@@ -62,7 +62,8 @@ impl Resolved {
     /// resolved timestamp (0 while one of them has not reported).
     pub fn readable_ts(&self) -> u64 {
         let local = self.local.lock().unwrap_or_else(PoisonError::into_inner).iter().flatten().copied().min();
-        let sources = self.sources().into_iter().map(|source| source.resolved_ts).min();
+        let sources =
+            self.sources.lock().unwrap_or_else(PoisonError::into_inner).values().map(|shards| resolved(shards)).min();
         match (local, sources) {
             (Some(local), Some(sources)) => local.min(sources),
             (Some(ts), None) | (None, Some(ts)) => ts,
@@ -89,17 +90,22 @@ impl Resolved {
         sources
             .iter()
             .map(|(region, shards)| {
-                let homed: Vec<u64> = shards.iter().flatten().copied().collect();
-                let closed = homed.iter().filter(|ts| **ts > 0).count();
+                let closed = shards.iter().flatten().filter(|ts| **ts > 0).count();
                 SourceState {
                     region: region.clone(),
-                    resolved_ts: if closed == homed.len() { homed.iter().copied().min().unwrap_or(0) } else { 0 },
+                    resolved_ts: resolved(shards),
                     shards_closed: u32::try_from(closed).unwrap_or(u32::MAX),
-                    shards: u32::try_from(homed.len()).unwrap_or(u32::MAX),
+                    shards: u32::try_from(shards.iter().flatten().count()).unwrap_or(u32::MAX),
                 }
             })
             .collect()
     }
+}
+
+/// A source region's resolved timestamp: the minimum closed timestamp over the shards homed
+/// there (0, the value of a shard that has not reported, until all have).
+fn resolved(shards: &[Option<u64>]) -> u64 {
+    shards.iter().flatten().copied().min().unwrap_or(0)
 }
 
 #[cfg(test)]
