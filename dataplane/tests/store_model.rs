@@ -1,6 +1,6 @@
 //! The store behaves like a `BTreeMap` of versions, across clean restarts, checkpoints and
 //! WAL segment release: random puts (inline and chunked), deletes, batches, reads at
-//! timestamps and listings are checked against a model.
+//! timestamps, range reads and listings are checked against a model.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_lossless)]
 
 mod common;
@@ -127,7 +127,22 @@ fn model_across_restarts_and_checkpoints() {
                     }
                     12..=15 => {
                         let got = store.get(&key, None).await.unwrap().map(|(ts, value)| (ts, value.to_vec()));
-                        assert_eq!(got, model_get(&model, &key, None));
+                        let want = model_get(&model, &key, None);
+                        assert_eq!(got, want);
+                        // A range anywhere in (or past) the value: the chunks holding it only.
+                        let size = want.as_ref().map_or(0, |(_, value)| value.len() as u64);
+                        let offset = rng.random_range(0..=size + 10);
+                        let len = rng.random_range(0..=size + 10);
+                        let got = store
+                            .get_range(&key, None, offset, len)
+                            .await
+                            .unwrap()
+                            .map(|(ts, value)| (ts, value.to_vec()));
+                        let want = want.map(|(ts, value)| {
+                            let from = offset.min(size) as usize;
+                            (ts, value[from..offset.saturating_add(len).min(size) as usize].to_vec())
+                        });
+                        assert_eq!(got, want, "{key:?} from {offset} for {len}");
                     }
                     16 | 17 if !timestamps.is_empty() => {
                         let at = timestamps[rng.random_range(0..timestamps.len())];

@@ -112,6 +112,11 @@ pub fn encode_header(hash: &[u8; CHUNK_HASH_BYTES], data: &[u8], sector: &mut [u
 /// Checks a chunk file's bytes against the chunk it should hold and returns its data.
 /// Pure; any input gives data or a typed error.
 pub fn verify(expected: &ChunkRef, file: &[u8]) -> Result<Bytes, ChunkError> {
+    verified_data(expected, file).map(Bytes::copy_from_slice)
+}
+
+/// [`verify`] without the copy: the chunk's data inside `file`.
+fn verified_data<'a>(expected: &ChunkRef, file: &'a [u8]) -> Result<&'a [u8], ChunkError> {
     let corrupt = |block: u32, reason: String| ChunkError::Corrupt { chunk: hex(&expected.hash), block, reason };
     let (record, _) = wire::decode(file.get(..SECTOR_BYTES).unwrap_or(file), SECTOR_U32)
         .map_err(|error| corrupt(u32::MAX, format!("header: {error}")))?;
@@ -140,7 +145,7 @@ pub fn verify(expected: &ChunkRef, file: &[u8]) -> Result<Bytes, ChunkError> {
             ));
         }
     }
-    Ok(Bytes::copy_from_slice(data))
+    Ok(data)
 }
 
 #[derive(Debug)]
@@ -348,6 +353,12 @@ impl ChunkStore {
 
     /// Reads and checks one chunk.
     pub async fn read_chunk(&self, chunk: &ChunkRef) -> Result<Bytes, ChunkError> {
+        let file = self.read_file(chunk).await?;
+        verify(chunk, &file)
+    }
+
+    /// Reads one chunk's file whole (unchecked).
+    async fn read_file(&self, chunk: &ChunkRef) -> Result<glommio::io::ReadResult, ChunkError> {
         let path = self.dir.join(file_name(&chunk.hash));
         let fail = |op: &'static str, error: &dyn std::fmt::Display| io_error(op, &path, error);
         if let Some(errno) = self.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::ChunkRead)) {
@@ -371,7 +382,7 @@ impl ChunkStore {
             let _ = file.close().await;
         })
         .detach();
-        verify(chunk, &read?)
+        read
     }
 
     /// Reads a whole chunked value, checking every block.
@@ -379,11 +390,27 @@ impl ChunkStore {
         if let [chunk] = list.chunks.as_slice() {
             return self.read_chunk(chunk).await;
         }
+        self.read_range(list, 0, list.size).await
+    }
+
+    /// Bytes `from..to` of a chunked value (clamped to its size). Every chunk holding some of
+    /// them is read and checked whole (a block's checksum covers the whole block), and only
+    /// the wanted bytes are copied out.
+    pub async fn read_range(&self, list: &ChunkList, from: u64, to: u64) -> Result<Bytes, ChunkError> {
+        let to = to.min(list.size);
+        let mut out = BytesMut::with_capacity(usize::try_from(to.saturating_sub(from)).unwrap_or(0));
         // Up to READS_IN_FLIGHT chunk reads at once: a value's chunks are independent files.
-        let mut out = BytesMut::with_capacity(usize::try_from(list.size).unwrap_or(0));
+        let mut base = 0u64;
         for group in list.chunks.chunks(READS_IN_FLIGHT) {
-            for part in wire::join_all(group.iter().map(|chunk| self.read_chunk(chunk))).await {
-                out.extend_from_slice(&part?);
+            let files = wire::join_all(group.iter().map(|chunk| self.read_file(chunk))).await;
+            for (chunk, file) in group.iter().zip(files) {
+                let end = base + u64::from(chunk.len);
+                let file = file?;
+                let data = verified_data(chunk, &file)?;
+                let start = usize::try_from(from.clamp(base, end) - base).unwrap_or(0);
+                let stop = usize::try_from(to.clamp(base, end) - base).unwrap_or(0);
+                out.extend_from_slice(&data[start..stop.max(start)]);
+                base = end;
             }
         }
         Ok(out.freeze())

@@ -400,9 +400,18 @@ impl ShardStore {
     }
 
     async fn read_chunked(&self, list: &ChunkList) -> Result<Bytes, StoreError> {
+        self.read_chunked_range(list, 0, list.size).await
+    }
+
+    /// Bytes `from..to` of a chunked value.
+    async fn read_chunked_range(&self, list: &ChunkList, from: u64, to: u64) -> Result<Bytes, StoreError> {
         // Hold the chunks so a concurrent collection cannot delete them mid-read.
         self.inner.chunks.add_refs(list);
-        let result = self.inner.chunks.read(list).await;
+        let result = if from == 0 && to >= list.size {
+            self.inner.chunks.read(list).await
+        } else {
+            self.inner.chunks.read_range(list, from, to).await
+        };
         self.inner.chunks.release(list)?;
         Ok(result?)
     }
@@ -437,14 +446,13 @@ impl ShardStore {
             None => return Ok(None),
         };
         let end = offset.saturating_add(len);
-        let slice = |value: &Bytes, base: u64| {
-            let size = base + value.len() as u64;
-            let from = usize::try_from(offset.clamp(base, size) - base).unwrap_or(0);
-            let to = usize::try_from(end.clamp(base, size) - base).unwrap_or(0);
-            value.slice(from..to.max(from))
-        };
         match body {
-            Body::Inline(value) => Ok(Some((ts, slice(&value, 0)))),
+            Body::Inline(value) => {
+                let size = value.len() as u64;
+                let from = usize::try_from(offset.min(size)).unwrap_or(0);
+                let to = usize::try_from(end.min(size)).unwrap_or(0);
+                Ok(Some((ts, value.slice(from..to.max(from)))))
+            }
             Body::Tombstone => Ok(None),
             Body::Chunked(list) => {
                 // The chunks overlapping [offset, end), and the offset of the first.
@@ -461,8 +469,8 @@ impl ShardStore {
                 }
                 let Some(base) = base else { return Ok(Some((ts, Bytes::new()))) };
                 let part = ChunkList { size: wanted.iter().map(|c| u64::from(c.len)).sum(), chunks: wanted };
-                let bytes = self.read_chunked(&part).await?;
-                Ok(Some((ts, slice(&bytes, base))))
+                let bytes = self.read_chunked_range(&part, offset.saturating_sub(base), end - base).await?;
+                Ok(Some((ts, bytes)))
             }
         }
     }
