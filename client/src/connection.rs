@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -368,13 +368,20 @@ async fn read_frame(reader: &mut BufReader<OwnedReadHalf>, payload_bytes_max: u3
     if decoded.record_type != RecordType::Response {
         return Err(format!("server sent a {:?} record instead of a response", decoded.record_type));
     }
-    let mut frame = vec![0_u8; wire::encoded_len(decoded.payload_len as usize)];
-    frame[..HEADER_BYTES].copy_from_slice(&header);
-    reader.read_exact(&mut frame[HEADER_BYTES..]).await.map_err(|error| match error.kind() {
-        std::io::ErrorKind::UnexpectedEof => "server closed the connection inside a frame".to_owned(),
-        _ => format!("read failed: {error}"),
-    })?;
+    // Read into spare capacity: a large value is not zeroed first only to be overwritten.
+    let total = wire::encoded_len(decoded.payload_len as usize);
+    let mut frame = BytesMut::with_capacity(total);
+    frame.extend_from_slice(&header);
+    while frame.len() < total {
+        let wanted = total - frame.len();
+        let mut rest = (&mut frame).limit(wanted);
+        match reader.read_buf(&mut rest).await {
+            Ok(0) => return Err("server closed the connection inside a frame".to_owned()),
+            Ok(_) => {}
+            Err(error) => return Err(format!("read failed: {error}")),
+        }
+    }
     let (record, _) = wire::decode(&frame, payload_bytes_max).map_err(|error| format!("bad frame: {error}"))?;
     let seq = record.seq;
-    Ok((seq, Bytes::from(frame).slice(HEADER_BYTES..)))
+    Ok((seq, frame.freeze().slice(HEADER_BYTES..)))
 }
