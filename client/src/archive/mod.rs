@@ -15,7 +15,7 @@
 
 pub mod format;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -25,7 +25,9 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
 
 use crate::{Client, ClientError};
-use format::{ChunkId, FormatError, KeyEntry, Location, PackId, SnapshotIndex, hex, pack_name, parse_pack_name};
+use format::{
+    ChunkId, ChunkMap, FormatError, IdHash, KeyEntry, Location, PackId, SnapshotIndex, hex, pack_name, parse_pack_name,
+};
 
 /// Content-defined chunk sizes (FastCDC): minimum, average, maximum.
 pub const CHUNK_MIN: u32 = 8 << 10;
@@ -319,7 +321,7 @@ impl Archive {
         };
         let (archived, listed) = tokio::try_join!(archived, async { listing.await.map_err(ArchiveError::from) })?;
         // Every stored chunk, for dedup, and the parent's keys, for the increment.
-        let mut known: HashMap<ChunkId, Location> = HashMap::new();
+        let mut known: ChunkMap<Location> = ChunkMap::default();
         for index in &archived {
             known.extend(index.chunks.iter().map(|(id, location)| (*id, *location)));
         }
@@ -332,7 +334,7 @@ impl Archive {
         let total = listed.len() as u64;
         let mut writer = PackWriter::new(self.store.clone());
         let mut keys = Vec::with_capacity(listed.len());
-        let mut chunks: BTreeMap<ChunkId, Location> = BTreeMap::new();
+        let mut chunks: ChunkMap<Location> = ChunkMap::default();
         let mut fetches = std::collections::VecDeque::new();
         let mut next = 0;
         for (done, entry) in listed.iter().enumerate() {
@@ -614,7 +616,7 @@ struct Piece {
 
 /// Cuts `value` into content-defined chunks, hashes each, and encodes (compresses) those the
 /// archive does not hold yet. Returns the value's size and its chunks in order.
-fn prepare(value: &[u8], known: &HashMap<ChunkId, Location>) -> (u64, Vec<Piece>) {
+fn prepare(value: &[u8], known: &ChunkMap<Location>) -> (u64, Vec<Piece>) {
     let pieces = fastcdc::v2020::FastCDC::new(value, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
         .map(|cut| piece(&value[cut.offset..cut.offset + cut.length], known))
         .collect();
@@ -631,7 +633,7 @@ struct Previous {
 
 impl Previous {
     /// `None` when the entry lacks what an incremental read needs.
-    fn of(entry: &KeyEntry, known: &HashMap<ChunkId, Location>) -> Option<Self> {
+    fn of(entry: &KeyEntry, known: &ChunkMap<Location>) -> Option<Self> {
         let mut start = 0u64;
         let mut chunks = Vec::with_capacity(entry.chunks.len());
         for id in &entry.chunks {
@@ -668,7 +670,7 @@ fn changed_ranges(old: &[([u8; 32], u32)], new: &[([u8; 32], u32)]) -> Vec<(u64,
 }
 
 /// One chunk of new bytes, hashed and (when the archive lacks it) encoded.
-fn piece(raw: &[u8], known: &HashMap<ChunkId, Location>) -> Piece {
+fn piece(raw: &[u8], known: &ChunkMap<Location>) -> Piece {
     let id: ChunkId = *blake3::hash(raw).as_bytes();
     let entry = (!known.contains_key(&id)).then(|| format::encode_entry(&id, raw, ZSTD_LEVEL));
     Piece { id, raw_len: u32::try_from(raw.len()).unwrap_or(u32::MAX), entry }
@@ -683,7 +685,7 @@ enum Cut {
 
 impl Cut {
     /// The chunk as a pack entry: an id already known, or new bytes hashed and encoded.
-    fn into_piece(self, known: &HashMap<ChunkId, Location>) -> Piece {
+    fn into_piece(self, known: &ChunkMap<Location>) -> Piece {
         match self {
             Cut::Same { id, len } => Piece { id, raw_len: len, entry: None },
             Cut::New(raw) => piece(&raw, known),
@@ -788,7 +790,7 @@ async fn read_key(
     key: Vec<u8>,
     glt: u64,
     previous: Option<Previous>,
-    known: Arc<HashMap<ChunkId, Location>>,
+    known: Arc<ChunkMap<Location>>,
 ) -> Result<(u64, Vec<Piece>, Vec<([u8; 32], u32)>), ArchiveError> {
     let refs = client.chunk_refs(&key, Some(glt)).await?.ok_or(ClientError::NotFound)?;
     let stored = refs.chunks.clone();
@@ -828,7 +830,7 @@ struct PackWriter {
     buffer: Vec<u8>,
     /// Chunks in the buffer: id, offset, entry length, raw length.
     pending: Vec<(ChunkId, u64, u32, u32)>,
-    held: HashSet<ChunkId>,
+    held: HashSet<ChunkId, IdHash>,
     /// Pack writes under way, oldest first.
     writes: std::collections::VecDeque<tokio::task::JoinHandle<Result<(), object_store::Error>>>,
     bytes_written: u64,
@@ -843,7 +845,7 @@ impl PackWriter {
             store,
             buffer: Vec::new(),
             pending: Vec::new(),
-            held: HashSet::new(),
+            held: HashSet::default(),
             writes: std::collections::VecDeque::new(),
             bytes_written: 0,
         }
@@ -932,7 +934,7 @@ mod tests {
     /// Re-cuts `new` from `base`'s chunks through `rechunk`; asserts it equals cutting the whole
     /// of `new` and covers it; returns the bytes it read.
     async fn check_rechunk(case: &str, base: &[u8], new: &[u8]) -> u64 {
-        let known = HashMap::new();
+        let known = ChunkMap::default();
         let mut start = 0u64;
         let previous: Vec<(ChunkId, u64, u32)> = prepare(base, &known)
             .1
