@@ -304,5 +304,15 @@ fn bad_scenarios_are_refused_before_anything_starts() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success() && stderr.contains(says), "{args:?}: {stderr}");
     }
+    for (args, says) in [
+        (&["--rounds", "0"][..], "--rounds must be 1 to 100"),
+        (&["--change", "0.9"], "--change must be a fraction"),
+        (&["--dataset", "1KiB"], "--dataset must be at least 1MiB"),
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bench"));
+        let output = command.arg("snapshot").arg("--out").arg(out.path()).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains(says), "snapshot {args:?}: {stderr}");
+    }
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0, "nothing was created");
 }

@@ -316,6 +316,10 @@ pub struct SnapshotArgs {
     /// Fraction of the data set's bytes changed before the incremental export.
     #[arg(long, default_value_t = 0.01)]
     change: f64,
+    /// Incremental rounds (change, export, restic, rsync), each on other files; the
+    /// incremental figures are their medians.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Skip the archive comparison (no restic or rsync needed).
     #[arg(long)]
     skip_archive: bool,
@@ -330,10 +334,16 @@ pub fn run_snapshot(args: &SnapshotArgs) -> Result<()> {
     ensure!(!args.every.is_zero(), "--every must be positive");
     ensure!(args.dataset >= 1 << 20, "--dataset must be at least 1MiB");
     ensure!(args.change > 0.0 && args.change <= 0.5, "--change must be a fraction in (0, 0.5]");
+    ensure!((1..=100).contains(&args.rounds), "--rounds must be 1 to 100");
     if !args.skip_archive && !archive::tools_available() {
         bail!("restic or rsync not found: run scripts/install-deps.sh bench, or pass --skip-archive");
     }
-    let plan = (!args.skip_archive).then_some(archive::Plan { bytes: args.dataset, change: args.change, seed: 1 });
+    let plan = (!args.skip_archive).then_some(archive::Plan {
+        bytes: args.dataset,
+        change: args.change,
+        rounds: args.rounds,
+        seed: 1,
+    });
     // `bench cluster`'s defaults, with this bench's load, delay and snapshots.
     let defaults = ClusterArgs::augment_args(clap::Command::new("cluster")).try_get_matches_from(["cluster"])?;
     let mut cluster = ClusterArgs::from_arg_matches(&defaults)?;

@@ -431,21 +431,31 @@ pub fn print_summary(report: &Report) {
         if report.figures.get("dataset_bytes").is_some() {
             println!(
                 "  archive: {:.0} MiB data set; full export {:.0} MB/s vs restic backup {:.0} MB/s (ratio {:.2}); \
-                 stored {:.1} MiB vs restic {:.1} MiB (ratio {:.2})",
+                 stored vs restic: {:.1} / {:.1} MiB after the full (ratio {:.3}), {:.1} / {:.1} MiB after the first \
+                 change (ratio {:.3}), {:.1} / {:.1} MiB after every round (ratio {:.3})",
                 f("dataset_bytes") / 1048576.0,
                 f("export_full_mb_per_s"),
                 f("restic_backup_full_mb_per_s"),
                 f("ingest_throughput_vs_restic_ratio"),
+                f("archive_stored_after_full_bytes") / 1048576.0,
+                f("restic_stored_after_full_bytes") / 1048576.0,
+                f("dedup_after_full_vs_restic_ratio"),
+                f("archive_stored_after_first_round_bytes") / 1048576.0,
+                f("restic_stored_after_first_round_bytes") / 1048576.0,
+                f("dedup_vs_restic_ratio"),
                 f("archive_stored_bytes") / 1048576.0,
                 f("restic_stored_bytes") / 1048576.0,
-                f("dedup_vs_restic_ratio")
+                f("dedup_after_rounds_vs_restic_ratio")
             );
             println!(
-                "  incremental after changing {:.1} MiB: export {:.0} ms vs rsync -a {:.0} ms (ratio {:.2}); restic {:.0} ms",
+                "  incremental, median of {} rounds each changing {:.1} MiB: export {:.0} ms vs rsync -a {:.0} ms \
+                 (ratio {:.2}, worst round {:.2}); restic {:.0} ms",
+                f("incremental_rounds"),
                 f("changed_bytes") / 1048576.0,
                 f("export_incremental_ms"),
                 f("rsync_incremental_ms"),
                 f("export_time_vs_rsync_ratio"),
+                f("export_time_vs_rsync_worst_round_ratio"),
                 f("restic_backup_incremental_ms")
             );
         }
