@@ -354,7 +354,7 @@ fn count(n: usize, what: &str) -> Result<[u8; 4], FormatError> {
 /// `chunks u32 | (chunk id (32) | pack number u32 | offset u64 | len u32 | raw u32) ... |`
 /// `keys u32 | (key_len u32 | key | ts u64 | size u64 | n u32 | chunk number u32 ... |`
 /// `stored u32 | (hash (32) | len u32) ...) ...`
-/// Chunks are in id order; keys name them by their number in that table.
+/// Each chunk is listed once, in no particular order; keys name them by their number in that table.
 pub fn encode_index(index: &SnapshotIndex) -> Result<Vec<u8>, FormatError> {
     let packs: Vec<PackId> = {
         let mut ids: Vec<PackId> = index.chunks.values().map(|at| at.pack).collect();
