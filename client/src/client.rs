@@ -215,19 +215,8 @@ impl Client {
             Reply::Error { code, message } => return Err(ClientError::Server { code, message }),
             other => return Err(unexpected(other, "Hello")),
         };
-        let shard_count = u32::try_from(addresses.len())
-            .map_err(|_| ClientError::Protocol(format!("{} shards in the shard map", addresses.len())))?;
-        if shard_count == 0 || shard >= shard_count {
-            return Err(ClientError::Protocol(format!(
-                "shard map of {shard_count} shards from shard {shard}: no shard to route to"
-            )));
-        }
         // The seed's connection serves the shard that answered, whatever address it was dialed by.
-        let mut seed = Some(Arc::new(connection));
-        let connections = (0..shard_count)
-            .map(|index| tokio::sync::Mutex::new(if index == shard { seed.take() } else { None }))
-            .collect::<Vec<_>>();
-        Ok(Self { inner: Arc::new(Inner { config, shard_count, addresses, connections }) })
+        Self::over(addresses, config, Some((shard, Arc::new(connection))))
     }
 
     /// A client whose shard `k` is at `addresses[k]`, without asking a node for its map. In a
@@ -235,11 +224,30 @@ impl Client {
     /// address (from that region's [`Client::addresses`]) so every write goes where it is
     /// taken; reads of a shard are then answered by its home too.
     pub fn with_addresses(addresses: Vec<String>, config: ClientConfig) -> Result<Self, ClientError> {
-        let shard_count = u32::try_from(addresses.len())
+        Self::over(addresses, config, None)
+    }
+
+    /// A client over the shard map `addresses`, with `seed`'s shard already connected.
+    fn over(
+        addresses: Vec<String>,
+        config: ClientConfig,
+        seed: Option<(u32, Arc<Connection>)>,
+    ) -> Result<Self, ClientError> {
+        let seed_shard = seed.as_ref().map(|(shard, _)| *shard);
+        let Some(shard_count) = u32::try_from(addresses.len())
             .ok()
-            .filter(|count| *count > 0)
-            .ok_or_else(|| ClientError::Protocol(format!("{} shard addresses: none to route to", addresses.len())))?;
-        let connections = (0..shard_count).map(|_| tokio::sync::Mutex::new(None)).collect();
+            .filter(|count| *count > 0 && seed_shard.is_none_or(|shard| shard < *count))
+        else {
+            let from = seed_shard.map(|shard| format!(" from shard {shard}")).unwrap_or_default();
+            let count = addresses.len();
+            return Err(ClientError::Protocol(format!("shard map of {count} shards{from}: no shard to route to")));
+        };
+        let mut connections: Vec<_> = (0..shard_count).map(|_| tokio::sync::Mutex::new(None)).collect();
+        if let Some((shard, connection)) = seed {
+            if let Some(slot) = usize::try_from(shard).ok().and_then(|shard| connections.get_mut(shard)) {
+                *slot.get_mut() = Some(connection);
+            }
+        }
         Ok(Self { inner: Arc::new(Inner { config, shard_count, addresses, connections }) })
     }
 

@@ -236,8 +236,18 @@ impl Archive {
 
     /// Every archived snapshot, by timestamp.
     pub async fn snapshots(&self) -> Result<Vec<SnapshotIndex>, ArchiveError> {
+        self.snapshots_besides(&HashSet::new()).await
+    }
+
+    /// The archived snapshots whose ids are not in `known` (an index, once written, never
+    /// changes), by timestamp.
+    async fn snapshots_besides(&self, known: &HashSet<u64>) -> Result<Vec<SnapshotIndex>, ArchiveError> {
         let mut out = Vec::new();
         for meta in self.objects("snapshots").await? {
+            let id = meta.location.filename().and_then(|name| name.strip_suffix(".idx")?.parse::<u64>().ok());
+            if id.is_some_and(|id| known.contains(&id)) {
+                continue;
+            }
             let bytes = self.store.get(&meta.location).await?.bytes().await?;
             let index = format::decode_index(&bytes)
                 .map_err(|error| ArchiveError::Format { object: meta.location.to_string(), error })?;
@@ -546,10 +556,16 @@ impl Archive {
             report.deferred = true;
             return Ok(report);
         }
-        // Read again after the check: an export that finished since the first read has its
-        // index in by now, and one that starts later writes only packs newer than this prune.
-        let referenced: HashSet<PackId> =
-            self.snapshots().await?.iter().flat_map(|index| index.chunks.values().map(|at| at.pack)).collect();
+        // Look again after the check: an export that finished since the first read has its
+        // index in by now (only such new indexes are read), and one that starts later writes
+        // only packs newer than this prune.
+        let read: HashSet<u64> = snapshots.iter().map(|index| index.id).collect();
+        let newer = self.snapshots_besides(&read).await?;
+        let referenced: HashSet<PackId> = snapshots[drop_count..]
+            .iter()
+            .chain(&newer)
+            .flat_map(|index| index.chunks.values().map(|at| at.pack))
+            .collect();
         for meta in self.objects("packs").await? {
             // Objects not named like a pack are not the archive's: left alone.
             let Some(pack) = meta.location.filename().and_then(parse_pack_name) else { continue };
