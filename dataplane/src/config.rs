@@ -105,6 +105,9 @@ pub struct ReplicationSection {
     pub bandwidth_mbit: Option<u64>,
     /// Round trip between regions, ms.
     pub rtt_ms: Option<u64>,
+    /// Most WAL bytes a home shard keeps for a peer that fell behind (default 1 GiB); a peer
+    /// further behind catches up from a snapshot.
+    pub wal_hold_bytes_max: Option<u64>,
     /// The other regions.
     #[serde(default)]
     pub peers: Vec<PeerSection>,
@@ -194,6 +197,7 @@ impl ReplicationSection {
         let closed_interval_ms = range("closed_interval_ms", self.closed_interval_ms, 1, 1, 10_000)?;
         let bandwidth_mbit = range("bandwidth_mbit", self.bandwidth_mbit, 1000, 1, 1_000_000)?;
         let rtt_ms = range("rtt_ms", self.rtt_ms, 100, 1, 10_000)?;
+        let wal_hold_bytes_max = range("wal_hold_bytes_max", self.wal_hold_bytes_max, 1 << 30, 0, 1 << 50)?;
         // Twice the bandwidth-delay product, so a window never stalls a stream that keeps up.
         let quic_window_bytes = (bandwidth_mbit * 1_000_000 / 8 * rtt_ms / 1000 * 2).max(1 << 20);
         let config = crate::repl::ReplConfig {
@@ -211,6 +215,7 @@ impl ReplicationSection {
             },
             closed_interval: Duration::from_millis(closed_interval_ms),
             quic_window_bytes,
+            wal_hold_bytes_max,
         };
         config.check_peers().map_err(|reason| invalid("peers", reason))?;
         Ok(config)
@@ -623,6 +628,7 @@ mod tests {
             r.closed_interval_ms.is_some(),
             r.bandwidth_mbit.is_some(),
             r.rtt_ms.is_some(),
+            r.wal_hold_bytes_max.is_some(),
             r.peers.first().is_some_and(|peer| peer.region.is_some() && peer.addr.is_some()),
         ];
         assert!(replication.iter().all(|field| *field), "the example leaves a [replication] field undocumented");

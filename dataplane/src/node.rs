@@ -162,6 +162,7 @@ async fn shard_main(
     let mut store_config = config.store_for(shard_id);
     if let (Some(side), Some(repl)) = (&side, &config.replication) {
         store_config.wal_hold = side.hold.clone();
+        store_config.wal_hold_bytes_max = repl.wal_hold_bytes_max;
         if !repl.is_home_of(shard_id) {
             store_config.replica_of = repl.home_of(shard_id).map(str::to_owned);
         }

@@ -2,8 +2,10 @@
 //! `dataplane` each), the home region's streams to the other two through the WAN proxy
 //! (20 ms one way), a 30 s partition of one region while writes go on, then heal: every
 //! acknowledged write is in every region, the contents are identical, and the lag is back
-//! under target within 2 s. Also: replicas refuse client writes, and a peer whose certificate
-//! comes from another CA is refused.
+//! under target within 2 s. The home keeps little WAL for a lagging peer, so during the
+//! partition its checkpoints release the WAL past the cut-off region's position, which then
+//! catches up from a snapshot. Also: replicas refuse client writes, and a peer whose
+//! certificate comes from another CA is refused.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
@@ -93,8 +95,16 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
     let metrics = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
     let config_b = region_config("b", listen_b, &tls, &[("a", free_udp_port())]) + metrics;
     let mut b = Node::start(&dir.path().join("b"), &config_b);
-    let mut c = Node::start(&dir.path().join("c"), &region_config("c", listen_c, &tls, &[("a", free_udp_port())]));
-    let config_a = region_config("a", free_udp_port(), &tls, &[("b", to_b.addr()), ("c", to_c.addr())]) + metrics;
+    let config_c = region_config("c", listen_c, &tls, &[("a", free_udp_port())]) + metrics;
+    let mut c = Node::start(&dir.path().join("c"), &config_c);
+    // Small segments and frequent checkpoints, and at most 64 KiB of WAL held for a peer that
+    // fell behind: the partition outlasts what the home keeps for c.
+    let small_wal = "[wal]\nsegment_bytes = 266240\nbatch_bytes_max = 262144\nrecord_payload_bytes_max = 131072\n\
+                     [store]\ncheckpoint_wal_bytes = 266240\n";
+    let config_a = region_config("a", free_udp_port(), &tls, &[("b", to_b.addr()), ("c", to_c.addr())])
+        .replace("rtt_ms = 40\n", "rtt_ms = 40\nwal_hold_bytes_max = 65536\n")
+        + metrics
+        + small_wal;
     let a = Node::start(&dir.path().join("a"), &config_a);
 
     rt.block_on(async {
@@ -184,6 +194,10 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
         }
     });
 
+    let scrape_c = scrape(c.metrics.unwrap()).unwrap();
+    let installed = sample(&scrape_c, "meridian_replication_snapshots_installed_total", "source=\"a\"");
+    assert!(installed.unwrap_or(0.0) >= 1.0, "c did not install a snapshot");
+
     // A replica restarted resumes from its durable position and stays identical.
     c.stop();
     let c = Node::start(&dir.path().join("c"), &region_config("c", listen_c, &tls, &[("a", free_udp_port())]));
@@ -231,6 +245,14 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
     let rtt = sample(&scrape_b, "meridian_quic_rtt_seconds", "peer=\"a\",direction=\"in\"").expect("QUIC RTT at b");
     assert!((0.035..1.0).contains(&rtt), "QUIC RTT {rtt} s through a 40 ms round trip");
     let scrape_a = scrape(a.metrics.unwrap()).unwrap();
+    // c came back behind what the home's WAL still held, and caught up from a snapshot; b,
+    // never cut off, did not need one.
+    let shipped =
+        |peer: &str| sample(&scrape_a, "meridian_replication_snapshots_shipped_total", &format!("peer=\"{peer}\""));
+    assert!(shipped("c").unwrap_or(0.0) >= 1.0, "no snapshot was shipped to c after its partition");
+    assert_eq!(shipped("b").unwrap_or(0.0), 0.0, "b was never behind the WAL");
+    let installed = sample(&scrape_b, "meridian_replication_snapshots_installed_total", "source=\"a\"");
+    assert_eq!(installed.unwrap_or(0.0), 0.0);
     for peer in ["b", "c"] {
         let labels = format!("peer=\"{peer}\"");
         let quic_labels = format!("peer=\"{peer}\",direction=\"out\"");

@@ -317,3 +317,47 @@ fn writes_are_stamped_at_latest_and_acknowledged_only_after_the_commit_wait() {
         store.close().await.unwrap();
     });
 }
+
+/// A peer that still needs LSN 1 holds every WAL segment through checkpoints, unless the hold
+/// is bounded: then the checkpoint releases all but `wal_hold_bytes_max` of them (whole
+/// segments), and the peer has to catch up from a snapshot.
+#[test]
+fn the_replication_hold_keeps_at_most_its_bound_of_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    // (first LSN on disk, segment files, checkpoint LSN) per bound.
+    let mut kept = Vec::new();
+    for bytes_max in [u64::MAX, 256 << 10, 0] {
+        let sub = dir.path().join(format!("bound-{bytes_max}"));
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let mut config = small_store(&sub, Arc::clone(&clock));
+        config.wal_hold = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        config.wal_hold_bytes_max = bytes_max;
+        let payload_max = config.wal.record_payload_bytes_max;
+        let wal = sub.join("wal");
+        let (first, lsn) = run(async move {
+            let store = ShardStore::open(config).await.unwrap();
+            for i in 0..400 {
+                clock.advance(1);
+                store.put(format!("k/{i:03}").as_bytes(), &[7u8; 3000]).await.unwrap();
+            }
+            let lsn = store.checkpoint().await.unwrap().unwrap();
+            let first = dataplane::wal::WalReader::new(&wal, 0, payload_max).first_lsn().unwrap().unwrap();
+            store.close().await.unwrap();
+            (first, lsn)
+        });
+        let files = std::fs::read_dir(sub.join("wal")).unwrap().count();
+        kept.push((first, files, lsn));
+    }
+    let [(all_first, all_files, _), (one_first, one_files, one_lsn), (none_first, none_files, none_lsn)] = kept[..]
+    else {
+        unreachable!()
+    };
+    assert_eq!(all_first, 1, "the unbounded hold released WAL a peer needs");
+    assert!(all_files >= 5, "1.2 MB of writes in 256 KiB segments: {all_files} files");
+    assert!(one_first > 1 && one_first <= one_lsn, "first LSN {one_first}, checkpoint at {one_lsn}");
+    assert!(none_first >= one_first && none_first <= none_lsn, "first LSN {none_first}, checkpoint at {none_lsn}");
+    assert!(
+        none_files < one_files && one_files < all_files,
+        "segment files: {all_files} unbounded, {one_files} with one segment held, {none_files} with none"
+    );
+}

@@ -1,4 +1,4 @@
-//! Replication frames, batch bodies (each codec) and replica position files decode to a value
+//! Replication frames, batch and snapshot-part bodies (each codec) and replica position files decode to a value
 //! or a typed error on any input, never panic; a decoded frame re-encodes to the same bytes.
 #![no_main]
 
@@ -11,9 +11,14 @@ fuzz_target!(|data: &[u8]| {
         let mut again = Vec::new();
         repl::encode_frame(&frame, &mut again).expect("a decoded frame encodes");
         assert_eq!(again, data[..used]);
-        if let Frame::Batch(batch) = frame {
-            if let Ok(raw) = codec::decompress(batch.codec, batch.body, batch.raw_len) {
-                if let Ok(entries) = Entries::new(&raw, batch.count) {
+        let body = match frame {
+            Frame::Batch(batch) => Some((batch.codec, batch.body, batch.raw_len, batch.count)),
+            Frame::Install(part) => Some((part.codec, part.body, part.raw_len, part.count)),
+            _ => None,
+        };
+        if let Some((codec_, body, raw_len, count)) = body {
+            if let Ok(raw) = codec::decompress(codec_, body, raw_len) {
+                if let Ok(entries) = Entries::new(&raw, count) {
                     assert_eq!(entries.iter().count() as u32, entries.len());
                 }
             }

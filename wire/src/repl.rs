@@ -12,6 +12,7 @@
 //! | `Batch`  |    3 | shard (u32), first_lsn (u64), count (u32), closed_ts (u64), codec (u8), raw_len (u32), body (rest) |
 //! | `Ack`    |    4 | next_lsn (u64), closed_ts (u64)                                          |
 //! | `Refuse` |    5 | reason (rest, UTF-8)                                                     |
+//! | `Install`|    6 | shard (u32), resume_lsn (u64), count (u32), last (u8: 0 or 1), codec (u8), raw_len (u32), body (rest) |
 //!
 //! A stream opens with the sender's `Hello` (which shard of which region, and how many shards
 //! that region has); the receiver answers `Resume` with the first LSN it lacks, or `Refuse`.
@@ -21,6 +22,13 @@
 //! batch's last one). A batch of 0 records only carries the closed timestamp. The receiver
 //! answers `Ack`s: every record below `next_lsn` is durable in its region, and `closed_ts` is
 //! the closed timestamp it has applied.
+//!
+//! When the sender's WAL no longer holds the first LSN the receiver lacks, it installs a
+//! snapshot first (the InstallSnapshot pattern): `Install` parts carry every version of the
+//! shard's newest checkpoint as entries (the version's timestamp and a one-operation payload),
+//! each part compressed like a batch. The receiver applies them (a version it has is applied
+//! again harmlessly) and answers the `last` part, once everything is durable, with an `Ack` of
+//! `resume_lsn`, the checkpoint's LSN; `Batch`es follow from there.
 //!
 //! The decompressed body is `count` entries, each glt (u64), length (u32), payload: the WAL
 //! record as written by the home shard. [`Entries`] walks them without allocating.
@@ -107,6 +115,27 @@ pub enum Frame<'a> {
         /// Why.
         reason: &'a str,
     },
+    /// Part of a snapshot installed before the batches resume.
+    Install(Install<'a>),
+}
+
+/// A part of an installed snapshot as framed (body still compressed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Install<'a> {
+    /// The shard.
+    pub shard: u32,
+    /// The snapshot's LSN: batches resume there after the last part.
+    pub resume_lsn: u64,
+    /// Number of entries (versions).
+    pub count: u32,
+    /// Whether this is the snapshot's last part.
+    pub last: bool,
+    /// How `body` is compressed.
+    pub codec: Codec,
+    /// Length of `body` once decompressed.
+    pub raw_len: u32,
+    /// The compressed entries.
+    pub body: &'a [u8],
 }
 
 /// A batch of records as framed (body still compressed).
@@ -178,6 +207,21 @@ const KIND_RESUME: u8 = 2;
 const KIND_BATCH: u8 = 3;
 const KIND_ACK: u8 = 4;
 const KIND_REFUSE: u8 = 5;
+const KIND_INSTALL: u8 = 6;
+
+/// Reads a compressed body's codec and raw length, checking them against `count` entries.
+fn body_fields(r: &mut Reader<'_>, count: u32) -> Result<(Codec, u32), ReplError> {
+    let codec = r.u8("codec")?;
+    let codec = Codec::from_u8(codec).ok_or(ReplError::UnknownCodec { codec })?;
+    let raw_len = r.u32("raw_len")?;
+    if raw_len > FRAME_PAYLOAD_BYTES_MAX {
+        return Err(ReplError::BadEntries { reason: "raw length above the frame limit" });
+    }
+    if (count as usize).saturating_mul(ENTRY_OVERHEAD_BYTES) > raw_len as usize {
+        return Err(ReplError::BadEntries { reason: "more records than the raw length can hold" });
+    }
+    Ok((codec, raw_len))
+}
 
 /// Decodes one frame from the front of `bytes`; returns it and the bytes it took.
 pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), ReplError> {
@@ -203,16 +247,20 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), ReplError> {
             let first_lsn = r.u64("first_lsn")?;
             let count = r.u32("count")?;
             let closed_ts = r.u64("closed_ts")?;
-            let codec = r.u8("codec")?;
-            let codec = Codec::from_u8(codec).ok_or(ReplError::UnknownCodec { codec })?;
-            let raw_len = r.u32("raw_len")?;
-            if raw_len > FRAME_PAYLOAD_BYTES_MAX {
-                return Err(ReplError::BadEntries { reason: "raw length above the frame limit" });
-            }
-            if (count as usize).saturating_mul(ENTRY_OVERHEAD_BYTES) > raw_len as usize {
-                return Err(ReplError::BadEntries { reason: "more records than the raw length can hold" });
-            }
+            let (codec, raw_len) = body_fields(&mut r, count)?;
             Frame::Batch(Batch { shard, first_lsn, count, closed_ts, codec, raw_len, body: r.rest() })
+        }
+        KIND_INSTALL => {
+            let shard = r.u32("shard")?;
+            let resume_lsn = r.u64("resume_lsn")?;
+            let count = r.u32("count")?;
+            let last = match r.u8("last")? {
+                0 => false,
+                1 => true,
+                _ => return Err(ReplError::BadEntries { reason: "the last flag is neither 0 nor 1" }),
+            };
+            let (codec, raw_len) = body_fields(&mut r, count)?;
+            Frame::Install(Install { shard, resume_lsn, count, last, codec, raw_len, body: r.rest() })
         }
         KIND_ACK => Frame::Ack { next_lsn: r.u64("next_lsn")?, closed_ts: r.u64("closed_ts")? },
         KIND_REFUSE => Frame::Refuse {
@@ -260,6 +308,16 @@ pub fn encode_frame(frame: &Frame<'_>, out: &mut Vec<u8>) -> Result<(), EncodeEr
         Frame::Refuse { reason } => {
             out.push(KIND_REFUSE);
             out.extend_from_slice(reason.as_bytes());
+        }
+        Frame::Install(install) => {
+            out.push(KIND_INSTALL);
+            out.extend_from_slice(&install.shard.to_le_bytes());
+            out.extend_from_slice(&install.resume_lsn.to_le_bytes());
+            out.extend_from_slice(&install.count.to_le_bytes());
+            out.push(u8::from(install.last));
+            out.push(install.codec as u8);
+            out.extend_from_slice(&install.raw_len.to_le_bytes());
+            out.extend_from_slice(install.body);
         }
     })
 }
@@ -367,6 +425,18 @@ mod tests {
             body: &raw,
         };
         roundtrip(Frame::Batch(batch));
+        for last in [false, true] {
+            let install = Install {
+                shard: 1,
+                resume_lsn: 900,
+                count: 2,
+                last,
+                codec: Codec::None,
+                raw_len: raw.len() as u32,
+                body: &raw,
+            };
+            roundtrip(Frame::Install(install));
+        }
         let entries = Entries::new(&raw, 2).unwrap();
         assert_eq!(entries.iter().collect::<Vec<_>>(), vec![(5, &b"one"[..]), (6, &b""[..])]);
         assert!(Entries::new(&raw, 3).is_err());
@@ -394,6 +464,24 @@ mod tests {
         let mut other = vec![0u8; HEADER_BYTES + 1];
         crate::encode_into(&mut other, RecordType::Data, 0, 0, &[1]).unwrap();
         assert_eq!(decode_frame(&other), Err(ReplError::NotRepl { found: RecordType::Data }));
+        // An install part's flag is 0 or 1; its count must fit its raw length.
+        let install = |last: u8, count: u32| {
+            let mut out = Vec::new();
+            crate::proto::frame(&mut out, RecordType::Repl, 0, |out| {
+                out.push(KIND_INSTALL);
+                out.extend_from_slice(&0u32.to_le_bytes());
+                out.extend_from_slice(&5u64.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+                out.push(last);
+                out.push(Codec::None as u8);
+                out.extend_from_slice(&24u32.to_le_bytes());
+            })
+            .unwrap();
+            decode_frame(&out).map(|(frame, _)| matches!(frame, Frame::Install(Install { last: true, .. })))
+        };
+        assert_eq!(install(1, 2), Ok(true));
+        assert!(matches!(install(2, 2), Err(ReplError::BadEntries { .. })));
+        assert!(matches!(install(0, 3), Err(ReplError::BadEntries { .. })));
     }
 
     proptest! {

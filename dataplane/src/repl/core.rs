@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 
 use thiserror::Error;
-use wire::repl::Batch;
+use wire::repl::{Batch, Install};
 
 /// A peer broke the protocol; the stream is closed and resumes from the last ack.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -34,6 +34,10 @@ pub enum ProtocolError {
         /// The new one.
         found: u64,
     },
+    /// A snapshot part where none may come: after a batch or after the last part, or naming
+    /// another resume point than the parts before it.
+    #[error("snapshot part out of place: {0}")]
+    InstallOutOfPlace(&'static str),
     /// An ack for records never sent, or behind an earlier ack.
     #[error("ack of LSN {found} outside the sent window {acked}..={sent}")]
     BadAck {
@@ -164,6 +168,19 @@ pub struct Accepted {
     pub next_lsn: u64,
     /// The closed timestamp to apply once every record is durable.
     pub closed_ts: u64,
+    /// Whether to acknowledge it (every batch, and a snapshot's last part only).
+    pub ack: bool,
+}
+
+/// Where a stream is with an installed snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Installing {
+    /// Nothing received yet: a snapshot may start.
+    Open,
+    /// Parts received for a snapshot resuming at this LSN.
+    Parts(u64),
+    /// A batch or a snapshot's last part came: no more parts.
+    Closed,
 }
 
 /// The receiver's side of one stream.
@@ -172,12 +189,34 @@ pub struct Inbound {
     shard: u32,
     next: u64,
     closed: u64,
+    installing: Installing,
 }
 
 impl Inbound {
     /// A stream of `shard` resumed at `next_lsn`.
     pub fn new(shard: u32, next_lsn: u64) -> Self {
-        Self { shard, next: next_lsn, closed: 0 }
+        Self { shard, next: next_lsn, closed: 0, installing: Installing::Open }
+    }
+
+    /// Checks a snapshot part: right shard, before any batch, every part naming the same
+    /// resume point. Its entries are applied like records; only the last part is acknowledged,
+    /// with the resume point (never below the stream's position), once all parts are durable.
+    pub fn install(&mut self, part: &Install<'_>) -> Result<Accepted, ProtocolError> {
+        if part.shard != self.shard {
+            return Err(ProtocolError::WrongShard { expected: self.shard, found: part.shard });
+        }
+        match self.installing {
+            Installing::Closed => return Err(ProtocolError::InstallOutOfPlace("after the batches began")),
+            Installing::Parts(resume) if resume != part.resume_lsn => {
+                return Err(ProtocolError::InstallOutOfPlace("another resume point than the parts before"));
+            }
+            Installing::Open | Installing::Parts(_) => {}
+        }
+        self.installing = if part.last { Installing::Closed } else { Installing::Parts(part.resume_lsn) };
+        if part.last {
+            self.next = self.next.max(part.resume_lsn);
+        }
+        Ok(Accepted { skip: 0, next_lsn: self.next, closed_ts: self.closed, ack: part.last })
     }
 
     /// Checks a batch against the stream: right shard, no gap, closed timestamp not going back.
@@ -185,6 +224,10 @@ impl Inbound {
         if batch.shard != self.shard {
             return Err(ProtocolError::WrongShard { expected: self.shard, found: batch.shard });
         }
+        if matches!(self.installing, Installing::Parts(_)) {
+            return Err(ProtocolError::InstallOutOfPlace("a batch before the snapshot's last part"));
+        }
+        self.installing = Installing::Closed;
         if batch.first_lsn > self.next {
             return Err(ProtocolError::Gap { expected: self.next, first: batch.first_lsn });
         }
@@ -194,7 +237,12 @@ impl Inbound {
         let skip = self.next.min(batch.next_lsn()) - batch.first_lsn;
         self.next = self.next.max(batch.next_lsn());
         self.closed = batch.closed_ts;
-        Ok(Accepted { skip: u32::try_from(skip).unwrap_or(u32::MAX), next_lsn: self.next, closed_ts: self.closed })
+        Ok(Accepted {
+            skip: u32::try_from(skip).unwrap_or(u32::MAX),
+            next_lsn: self.next,
+            closed_ts: self.closed,
+            ack: true,
+        })
     }
 }
 
@@ -241,15 +289,58 @@ mod tests {
     #[test]
     fn the_receiver_skips_overlap_and_refuses_gaps() {
         let mut inbound = Inbound::new(3, 10);
-        assert_eq!(inbound.accept(&batch(3, 10, 5, 7)), Ok(Accepted { skip: 0, next_lsn: 15, closed_ts: 7 }));
-        assert_eq!(inbound.accept(&batch(3, 12, 5, 9)), Ok(Accepted { skip: 3, next_lsn: 17, closed_ts: 9 }));
-        assert_eq!(inbound.accept(&batch(3, 11, 2, 9)), Ok(Accepted { skip: 2, next_lsn: 17, closed_ts: 9 }));
-        assert_eq!(inbound.accept(&batch(3, 17, 0, 12)), Ok(Accepted { skip: 0, next_lsn: 17, closed_ts: 12 }));
+        assert_eq!(
+            inbound.accept(&batch(3, 10, 5, 7)),
+            Ok(Accepted { skip: 0, next_lsn: 15, closed_ts: 7, ack: true })
+        );
+        assert_eq!(
+            inbound.accept(&batch(3, 12, 5, 9)),
+            Ok(Accepted { skip: 3, next_lsn: 17, closed_ts: 9, ack: true })
+        );
+        assert_eq!(
+            inbound.accept(&batch(3, 11, 2, 9)),
+            Ok(Accepted { skip: 2, next_lsn: 17, closed_ts: 9, ack: true })
+        );
+        assert_eq!(
+            inbound.accept(&batch(3, 17, 0, 12)),
+            Ok(Accepted { skip: 0, next_lsn: 17, closed_ts: 12, ack: true })
+        );
         assert_eq!(inbound.accept(&batch(3, 19, 1, 13)), Err(ProtocolError::Gap { expected: 17, first: 19 }));
         assert_eq!(inbound.accept(&batch(2, 17, 1, 13)), Err(ProtocolError::WrongShard { expected: 3, found: 2 }));
         assert_eq!(
             inbound.accept(&batch(3, 17, 1, 11)),
             Err(ProtocolError::ClosedRegressed { previous: 12, found: 11 })
         );
+    }
+
+    fn part(shard: u32, resume_lsn: u64, last: bool) -> Install<'static> {
+        Install { shard, resume_lsn, count: 0, last, codec: Codec::None, raw_len: 0, body: &[] }
+    }
+
+    #[test]
+    fn a_snapshot_moves_the_stream_to_its_resume_point_at_its_last_part_only() {
+        let mut inbound = Inbound::new(3, 10);
+        let quiet = Accepted { skip: 0, next_lsn: 10, closed_ts: 0, ack: false };
+        assert_eq!(inbound.install(&part(3, 500, false)), Ok(quiet));
+        assert_eq!(inbound.install(&part(3, 500, false)), Ok(quiet));
+        assert!(matches!(inbound.install(&part(3, 400, false)), Err(ProtocolError::InstallOutOfPlace(_))));
+        assert!(matches!(inbound.accept(&batch(3, 500, 1, 1)), Err(ProtocolError::InstallOutOfPlace(_))));
+        assert_eq!(
+            inbound.install(&part(3, 500, true)),
+            Ok(Accepted { skip: 0, next_lsn: 500, closed_ts: 0, ack: true })
+        );
+        assert!(matches!(inbound.install(&part(3, 500, true)), Err(ProtocolError::InstallOutOfPlace(_))));
+        assert_eq!(
+            inbound.accept(&batch(3, 500, 2, 9)),
+            Ok(Accepted { skip: 0, next_lsn: 502, closed_ts: 9, ack: true })
+        );
+        // A snapshot behind the stream's position does not move it back; none after a batch;
+        // none for another shard.
+        let mut ahead = Inbound::new(3, 800);
+        assert_eq!(ahead.install(&part(3, 500, true)).map(|a| a.next_lsn), Ok(800));
+        let mut started = Inbound::new(3, 10);
+        started.accept(&batch(3, 10, 1, 1)).unwrap();
+        assert!(matches!(started.install(&part(3, 500, true)), Err(ProtocolError::InstallOutOfPlace(_))));
+        assert!(matches!(Inbound::new(3, 1).install(&part(4, 5, true)), Err(ProtocolError::WrongShard { .. })));
     }
 }

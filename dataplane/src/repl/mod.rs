@@ -71,6 +71,9 @@ pub struct ReplConfig {
     pub closed_interval: Duration,
     /// QUIC flow-control window per stream and connection (the bandwidth-delay product).
     pub quic_window_bytes: u64,
+    /// Most WAL a home shard keeps for a peer that fell behind; past it, the peer catches up
+    /// from a snapshot (the shard's newest checkpoint) before the batches resume.
+    pub wal_hold_bytes_max: u64,
 }
 
 impl ReplConfig {

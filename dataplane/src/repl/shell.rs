@@ -306,6 +306,14 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
         Frame::Refuse { reason } => return Err(StreamError::Refused(reason.to_owned())),
         other => return Err(StreamError::Other(format!("expected Resume, got {other:?}"))),
     };
+    let reader = WalReader::new(side.dir.join("wal"), side.shard, side.record_payload_bytes_max);
+    let first = reader.first_lsn().map_err(|error| StreamError::Other(error.to_string()))?;
+    let next_lsn = match first {
+        Some(first) if next_lsn < first => {
+            install_snapshot(context, &link.peer.region, side, &mut send, next_lsn).await?
+        }
+        _ => next_lsn,
+    };
     set_acked(context, side, &link.peer.region, next_lsn);
     let started = Instant::now();
     let now_ns = || u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -315,7 +323,6 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
     let raw_bytes = metrics::counter!("meridian_replication_raw_bytes_total", "peer" => peer.clone());
     let wire_bytes = metrics::counter!("meridian_replication_wire_bytes_total", "peer" => peer.clone());
     let batches = metrics::counter!("meridian_replication_batches_total", "peer" => peer);
-    let reader = WalReader::new(side.dir.join("wal"), side.shard, side.record_payload_bytes_max);
     let mut points = side.points.clone();
     let mut point = *points.borrow_and_update();
     let mut cursor = reader.cursor(next_lsn, point.durable_next_lsn.max(next_lsn));
@@ -430,7 +437,7 @@ fn build_batch(cursor: &mut WalCursor, side: &ThreadSide, bytes_max: usize, unti
     while built.raw.len() < bytes_max && cursor.next_lsn() < until {
         let Some(record) = cursor.next_record().map_err(|error| {
             StreamError::Other(format!(
-                "WAL of shard {} cannot be read at LSN {}: {error} (catch-up by snapshot is not built)",
+                "WAL of shard {} cannot be read at LSN {}: {error}",
                 side.shard,
                 cursor.next_lsn()
             ))
@@ -462,23 +469,7 @@ fn inline_chunks(payload: &Bytes, side: &ThreadSide) -> Result<Option<Vec<u8>>, 
     let mut values = Vec::with_capacity(ops.len());
     for op in &ops {
         let value = match &op.body {
-            Body::Chunked(list) => {
-                let mut value = Vec::with_capacity(usize::try_from(list.size).unwrap_or(0));
-                let mut complete = true;
-                for chunk in &list.chunks {
-                    let path = side.dir.join("chunks").join(crate::store::chunks::file_name(&chunk.hash));
-                    match std::fs::read(&path) {
-                        Ok(file) => {
-                            let data = crate::store::chunks::verify(chunk, &file)
-                                .map_err(|error| StreamError::Other(error.to_string()))?;
-                            value.extend_from_slice(&data);
-                        }
-                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => complete = false,
-                        Err(error) => return Err(StreamError::Other(format!("{}: {error}", path.display()))),
-                    }
-                }
-                complete.then_some(value)
-            }
+            Body::Chunked(list) => read_chunked(list, side)?,
             _ => Some(Vec::new()),
         };
         values.push(value);
@@ -495,6 +486,185 @@ fn inline_chunks(payload: &Bytes, side: &ThreadSide) -> Result<Option<Vec<u8>>, 
     let mut out = Vec::new();
     op::encode(kept.into_iter(), &mut out).map_err(|error| StreamError::Other(error.to_string()))?;
     Ok(Some(out))
+}
+
+/// A chunked value read from its chunk files (checked); `None` when a chunk is gone (its
+/// version expired and was collected).
+fn read_chunked(list: &op::ChunkList, side: &ThreadSide) -> Result<Option<Vec<u8>>, StreamError> {
+    let mut value = Vec::with_capacity(usize::try_from(list.size).unwrap_or(0));
+    for chunk in &list.chunks {
+        let path = side.dir.join("chunks").join(crate::store::chunks::file_name(&chunk.hash));
+        match std::fs::read(&path) {
+            Ok(file) => {
+                let data = crate::store::chunks::verify(chunk, &file)
+                    .map_err(|error| StreamError::Other(error.to_string()))?;
+                value.extend_from_slice(&data);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(StreamError::Other(format!("{}: {error}", path.display()))),
+        }
+    }
+    Ok(Some(value))
+}
+
+/// One part of a snapshot: entries compressed, ready for an `Install` frame.
+struct Part {
+    count: u32,
+    raw_len: u32,
+    body: Vec<u8>,
+}
+
+/// Snapshot parts in flight between the thread reading the checkpoint and the stream.
+const INSTALL_PARTS_AHEAD: usize = 4;
+
+/// Ships the shard's newest checkpoint to `peer`, whose position `behind` the WAL no longer
+/// holds (the InstallSnapshot pattern): every version as an entry (chunked values read and
+/// put inline), in `Install` parts; returns the checkpoint's LSN, where the batches resume.
+/// The WAL is held from that LSN on while the parts go out.
+async fn install_snapshot(
+    context: &Context,
+    peer: &str,
+    side: &ThreadSide,
+    send: &mut quinn::SendStream,
+    behind: u64,
+) -> Result<u64, StreamError> {
+    let (resume_lsn, path) = newest_checkpoint(side)?.ok_or_else(|| {
+        StreamError::Other(format!(
+            "shard {}: region {peer} lacks LSN {behind}, which the WAL no longer holds, and there is no checkpoint \
+             to install",
+            side.shard
+        ))
+    })?;
+    // Checkpoints release WAL only below their own LSN: from `resume_lsn` on it is there, and
+    // the hold keeps it (unless `wal_hold_bytes_max` of newer WAL piles up meanwhile: the
+    // stream then fails at `resume_lsn` and the next one installs a newer checkpoint).
+    set_acked(context, side, peer, resume_lsn);
+    tracing::info!(
+        shard = side.shard,
+        peer,
+        behind,
+        resume_lsn,
+        "installing a snapshot: the WAL no longer holds the peer's position"
+    );
+    let (parts_tx, mut parts_rx) = mpsc::channel::<Result<Part, StreamError>>(INSTALL_PARTS_AHEAD);
+    let (reading, codec, bytes_max) = (side.clone(), context.config.codec, context.config.batch_bytes_max);
+    let producer = tokio::task::spawn_blocking(move || {
+        if let Err(error) = snapshot_parts(&path, resume_lsn, &reading, codec, bytes_max, &parts_tx) {
+            let _ = parts_tx.blocking_send(Err(error));
+        }
+    });
+    let _abort = AbortOnDrop(producer.abort_handle());
+    let (mut versions, mut parts) = (0u64, 0u64);
+    // One part is held back until the next arrives, so the last one goes out marked as such.
+    let mut pending: Option<Part> = None;
+    loop {
+        let next = parts_rx.recv().await.transpose()?;
+        let done = next.is_none();
+        let ready = match pending.take() {
+            Some(part) => Some(part),
+            // A snapshot without versions still ends with a last part.
+            None if done => Some(Part { count: 0, raw_len: 0, body: Vec::new() }),
+            None => None,
+        };
+        if let Some(part) = ready {
+            let install = repl::Install {
+                shard: side.shard,
+                resume_lsn,
+                count: part.count,
+                last: done,
+                codec,
+                raw_len: part.raw_len,
+                body: &part.body,
+            };
+            write_frame(send, &Frame::Install(install)).await?;
+            versions += u64::from(part.count);
+            parts += 1;
+        }
+        match next {
+            Some(part) => pending = Some(part),
+            None => break,
+        }
+    }
+    metrics::counter!("meridian_replication_snapshots_shipped_total", "peer" => peer.to_owned()).increment(1);
+    tracing::info!(shard = side.shard, peer, resume_lsn, versions, parts, "snapshot shipped; batches resume");
+    Ok(resume_lsn)
+}
+
+/// The newest checkpoint file of the shard: its LSN and path.
+fn newest_checkpoint(side: &ThreadSide) -> Result<Option<(u64, std::path::PathBuf)>, StreamError> {
+    let entries =
+        std::fs::read_dir(&side.dir).map_err(|error| StreamError::Other(format!("{}: {error}", side.dir.display())))?;
+    let mut newest: Option<(u64, std::path::PathBuf)> = None;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if let Some((shard, lsn)) = name.to_str().and_then(crate::store::checkpoint::parse_file_name)
+            && shard == side.shard
+            && newest.as_ref().is_none_or(|(best, _)| lsn > *best)
+        {
+            newest = Some((lsn, entry.path()));
+        }
+    }
+    Ok(newest)
+}
+
+/// Reads the checkpoint at `path` and sends its versions as compressed parts of up to
+/// `bytes_max` raw bytes (on a blocking thread).
+fn snapshot_parts(
+    path: &std::path::Path,
+    resume_lsn: u64,
+    side: &ThreadSide,
+    codec: repl::Codec,
+    bytes_max: usize,
+    parts: &mpsc::Sender<Result<Part, StreamError>>,
+) -> Result<(), StreamError> {
+    let fail = |error: &dyn std::fmt::Display| StreamError::Other(format!("{}: {error}", path.display()));
+    // A checkpoint being replaced is deleted, not changed: the bytes read stay whole.
+    let bytes = Bytes::from(std::fs::read(path).map_err(|error| fail(&error))?);
+    let mut versions = Vec::new();
+    let info =
+        crate::store::checkpoint::decode(&bytes, side.record_payload_bytes_max, |op, ts| versions.push((op, ts)))
+            .map_err(|error| fail(&error))?;
+    if info.shard_id != side.shard || info.lsn != resume_lsn {
+        return Err(fail(&format!("holds shard {} at LSN {}", info.shard_id, info.lsn)));
+    }
+    let mut raw = Vec::with_capacity(bytes_max.min(1 << 20));
+    let mut count = 0u32;
+    let mut payload = Vec::new();
+    let flush = |raw: &mut Vec<u8>, count: &mut u32| -> Result<bool, StreamError> {
+        let body = codec::compress(codec, raw);
+        let raw_len = u32::try_from(raw.len()).map_err(|_| StreamError::Other("snapshot part too large".into()))?;
+        let part = Part { count: std::mem::take(count), raw_len, body };
+        raw.clear();
+        Ok(parts.blocking_send(Ok(part)).is_ok())
+    };
+    for (op, ts) in &versions {
+        let inlined;
+        let value = match &op.body {
+            Body::Chunked(list) => match read_chunked(list, side)? {
+                Some(value) => {
+                    inlined = value;
+                    Value::Inline(&inlined)
+                }
+                None => continue, // collected since: the version is gone here too
+            },
+            body => body.view(),
+        };
+        payload.clear();
+        op::encode([(&op.key[..], value)].into_iter(), &mut payload)
+            .map_err(|error| StreamError::Other(error.to_string()))?;
+        if count > 0
+            && raw.len() + payload.len() + repl::ENTRY_OVERHEAD_BYTES > bytes_max
+            && !flush(&mut raw, &mut count)?
+        {
+            return Ok(()); // the stream ended
+        }
+        repl::encode_entry(*ts, &payload, &mut raw);
+        count += 1;
+    }
+    if count > 0 {
+        flush(&mut raw, &mut count)?;
+    }
+    Ok(())
 }
 
 async fn send_batch(
@@ -646,6 +816,7 @@ async fn receive_stream(
     let shard = side.shard;
     remember_connection(context, &region, "in", connection);
     let applied = metrics::counter!("meridian_replication_applied_records_total", "source" => region.clone());
+    let installed = metrics::counter!("meridian_replication_snapshots_installed_total", "source" => region.clone());
     let next_lsn = context
         .positions
         .lock()
@@ -656,10 +827,10 @@ async fn receive_stream(
     let mut inbound = Inbound::new(shard, next_lsn);
 
     // Applies go to the shard at once; acks follow in order once each batch is durable.
-    type Pending = (super::core::Accepted, Vec<oneshot::Receiver<Result<(), String>>>);
+    type Pending = (super::core::Accepted, bool, Vec<oneshot::Receiver<Result<(), String>>>);
     let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
     let acker = async {
-        while let Some((accepted, dones)) = pending_rx.recv().await {
+        while let Some((accepted, install, dones)) = pending_rx.recv().await {
             let records = dones.len() as u64;
             for done in dones {
                 match done.await {
@@ -669,6 +840,13 @@ async fn receive_stream(
                 }
             }
             applied.increment(records);
+            if !accepted.ack {
+                continue; // a snapshot part before the last: acknowledged with the last
+            }
+            if install {
+                installed.increment(1);
+                tracing::info!(shard, source = %region, resume_lsn = accepted.next_lsn, "snapshot installed; batches resume");
+            }
             context.resolved.set_closed(&region, shard, accepted.closed_ts);
             if let Some(next_lsn) = advance_position(context, &side, &region, accepted.next_lsn) {
                 // Off the runtime's thread (it syncs), and the ack does not wait for it: a
@@ -688,16 +866,21 @@ async fn receive_stream(
     };
     let reader = async {
         while let Some(frame) = read_frame(&mut recv).await? {
-            let batch = match repl::decode_frame(&frame)?.0 {
-                Frame::Batch(batch) => batch,
+            // A batch of WAL records, or a part of a snapshot installed before them: entries
+            // either way, applied alike (a version applied twice is one version).
+            let (accepted, install, (codec, body, raw_len, count)) = match repl::decode_frame(&frame)?.0 {
+                Frame::Batch(batch) => {
+                    (inbound.accept(&batch)?, false, (batch.codec, batch.body, batch.raw_len, batch.count))
+                }
+                Frame::Install(part) => {
+                    (inbound.install(&part)?, true, (part.codec, part.body, part.raw_len, part.count))
+                }
                 other => return Err(StreamError::Other(format!("expected Batch, got {other:?}"))),
             };
-            let accepted = inbound.accept(&batch)?;
             let raw = Bytes::from(
-                codec::decompress(batch.codec, batch.body, batch.raw_len)
-                    .map_err(|error| StreamError::Other(error.to_string()))?,
+                codec::decompress(codec, body, raw_len).map_err(|error| StreamError::Other(error.to_string()))?,
             );
-            let entries = Entries::new(&raw, batch.count)?;
+            let entries = Entries::new(&raw, count)?;
             let mut dones = Vec::new();
             for (glt, payload) in entries.iter().skip(accepted.skip as usize) {
                 let (done, wait) = oneshot::channel();
@@ -705,7 +888,7 @@ async fn receive_stream(
                 side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
                 dones.push(wait);
             }
-            if pending_tx.send((accepted, dones)).is_err() {
+            if pending_tx.send((accepted, install, dones)).is_err() {
                 break;
             }
         }
@@ -758,5 +941,103 @@ fn flush_positions(context: &Context) {
                 tracing::error!(shard, %error, "cannot write the replication position");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::checkpoint;
+    use crate::store::op::{ChunkList, ChunkRef};
+    use crate::store::versions::Version;
+    use crate::wal::format::SECTOR_BYTES;
+
+    /// A chunk file for `data` under `dir/chunks`, as the chunk store writes it.
+    fn chunk_file(dir: &std::path::Path, data: &[u8]) -> ChunkRef {
+        let hash = *blake3::hash(data).as_bytes();
+        let mut file = vec![0u8; SECTOR_BYTES + data.len().div_ceil(SECTOR_BYTES) * SECTOR_BYTES];
+        crate::store::chunks::encode_header(&hash, data, &mut file[..SECTOR_BYTES]).unwrap();
+        file[SECTOR_BYTES..SECTOR_BYTES + data.len()].copy_from_slice(data);
+        std::fs::create_dir_all(dir.join("chunks")).unwrap();
+        std::fs::write(dir.join("chunks").join(crate::store::chunks::file_name(&hash)), file).unwrap();
+        ChunkRef { hash, len: u32::try_from(data.len()).unwrap() }
+    }
+
+    /// A shipped version: glt, key, value (`None`: a tombstone).
+    type Shipped = (u64, Vec<u8>, Option<Vec<u8>>);
+
+    /// Every version the parts carry, and how many parts.
+    fn shipped(path: &std::path::Path, lsn: u64, side: &ThreadSide) -> Result<(Vec<Shipped>, usize), String> {
+        let (tx, mut rx) = mpsc::channel(1024);
+        snapshot_parts(path, lsn, side, repl::Codec::Lz4, 600, &tx).map_err(|error| error.to_string())?;
+        drop(tx);
+        let (mut out, mut parts) = (Vec::new(), 0);
+        while let Some(part) = rx.blocking_recv() {
+            let part = part.map_err(|error| error.to_string())?;
+            parts += 1;
+            let raw = codec::decompress(repl::Codec::Lz4, &part.body, part.raw_len).unwrap();
+            for (glt, payload) in Entries::new(&raw, part.count).unwrap().iter() {
+                for op in op::decode(&Bytes::copy_from_slice(payload)).unwrap() {
+                    let value = match op.body {
+                        Body::Inline(value) => Some(value.to_vec()),
+                        Body::Tombstone => None,
+                        Body::Chunked(_) => panic!("a chunk reference was shipped"),
+                    };
+                    out.push((glt, op.key.to_vec(), value));
+                }
+            }
+        }
+        Ok((out, parts))
+    }
+
+    #[test]
+    fn a_snapshot_ships_every_version_of_the_checkpoint_with_chunks_inline_and_names_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, side) = super::super::shard_link(3, dir.path().to_path_buf(), 1 << 20);
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let (first, second) = big.split_at(40_000);
+        let list = ChunkList {
+            size: big.len() as u64,
+            chunks: vec![chunk_file(dir.path(), first), chunk_file(dir.path(), second)],
+        };
+        let gone = ChunkList { size: 5, chunks: vec![ChunkRef { hash: [9; 32], len: 5 }] };
+        let versions: Vec<(&[u8], Version)> = vec![
+            (b"a", Version { ts: 10, body: Body::Inline(Bytes::from_static(b"one")) }),
+            (b"a", Version { ts: 20, body: Body::Tombstone }),
+            (b"b", Version { ts: 15, body: Body::Chunked(Arc::new(list)) }),
+            (b"c", Version { ts: 16, body: Body::Chunked(Arc::new(gone)) }),
+        ];
+        let lsn = 77;
+        let mut bytes = Vec::new();
+        checkpoint::encode_header(3, lsn, 0, &mut bytes);
+        let mut scratch = Vec::new();
+        for (key, version) in &versions {
+            checkpoint::encode_version(key, version, &mut scratch, &mut bytes).unwrap();
+        }
+        checkpoint::encode_footer(3, lsn, 0, versions.len() as u64, &mut bytes);
+        let path = dir.path().join(checkpoint::file_name(3, lsn));
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(newest_checkpoint(&side).unwrap(), Some((lsn, path.clone())));
+
+        let (got, parts) = shipped(&path, lsn, &side).unwrap();
+        // The version whose chunk was collected is gone at the home too: not shipped.
+        let want = vec![
+            (10, b"a".to_vec(), Some(b"one".to_vec())),
+            (20, b"a".to_vec(), None),
+            (15, b"b".to_vec(), Some(big.clone())),
+        ];
+        assert_eq!(got, want);
+        assert!(parts >= 2, "600-byte parts: the 70 kB value goes in a part of its own");
+
+        // Another LSN than the file's name, a damaged byte, a missing file: named errors.
+        assert!(shipped(&path, lsn + 1, &side).unwrap_err().contains("LSN 77"));
+        let mut damaged = bytes.clone();
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 1;
+        std::fs::write(&path, &damaged).unwrap();
+        assert!(shipped(&path, lsn, &side).unwrap_err().contains(&path.display().to_string()));
+        std::fs::remove_file(&path).unwrap();
+        assert!(shipped(&path, lsn, &side).is_err());
+        assert_eq!(newest_checkpoint(&side).unwrap(), None);
     }
 }

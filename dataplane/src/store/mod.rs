@@ -64,6 +64,9 @@ pub struct StoreConfig {
     /// Lowest LSN replication still needs (`u64::MAX`: none), set by the shipper; checkpoints
     /// release no WAL segment at or above it. Per shard (see `config::Resolved::store_for`).
     pub wal_hold: Arc<std::sync::atomic::AtomicU64>,
+    /// Most WAL bytes (whole segments below a checkpoint) `wal_hold` may keep; a peer further
+    /// behind catches up from a snapshot. `u64::MAX`: no bound.
+    pub wal_hold_bytes_max: u64,
 }
 
 impl StoreConfig {
@@ -87,6 +90,7 @@ impl StoreConfig {
             clock: Arc::new(SystemClock),
             replica_of: None,
             wal_hold: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            wal_hold_bytes_max: u64::MAX,
         }
     }
 

@@ -612,7 +612,9 @@ impl ShardStore {
         crate::wal::writer::sync_path(&config.dir).map_err(|error| fail(format!("sync directory: {error}")))?;
 
         remove_checkpoints(&config.dir, config.shard_id, |old| old < lsn).map_err(|error| fail(error.to_string()))?;
-        let released = inner.wal.release_before(lsn.min(inner.config.wal_hold.load(Ordering::Acquire)))?;
+        let hold = inner.config.wal_hold.load(Ordering::Acquire);
+        let hold = hold.max(inner.wal.keep_floor(lsn, inner.config.wal_hold_bytes_max));
+        let released = inner.wal.release_before(lsn.min(hold))?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
         let mut stats = inner.stats.borrow_mut();
         stats.checkpoints += 1;

@@ -44,6 +44,21 @@ impl WalReader {
         WalCursor { reader: self.clone(), next_lsn: from, until, segment: None }
     }
 
+    /// The first LSN of the oldest segment on disk (`None` when there is none, or no
+    /// directory yet): records below it were released.
+    pub fn first_lsn(&self) -> Result<Option<u64>, WalError> {
+        if !self.dir.exists() {
+            return Ok(None);
+        }
+        let probe = self.cursor(0, 0);
+        for (segment_seq, _) in list_segments(&self.dir, self.shard_id)? {
+            if let Ok(Some((header, _))) = probe.map_segment(segment_seq) {
+                return Ok(Some(header.first_lsn));
+            }
+        }
+        Ok(None)
+    }
+
     /// All records with `from <= lsn < until`, collected.
     pub fn read_range(&self, from: u64, until: u64) -> Result<Vec<WalRecord>, WalError> {
         let mut cursor = self.cursor(from, until);

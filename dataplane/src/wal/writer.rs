@@ -634,6 +634,32 @@ impl Wal {
         Ok(released)
     }
 
+    /// The lowest LSN to keep so that the full segments below `lsn` take at most `bytes_max`
+    /// bytes: the first LSN of the oldest of the newest such segments that fit, `lsn` when none
+    /// fits, 0 when they all fit (no bound). A checkpoint at `lsn` releases below
+    /// `min(lsn, max(hold, this))`: replication's hold keeps at most `bytes_max` of WAL for a
+    /// peer that fell behind, which then catches up from a snapshot.
+    pub fn keep_floor(&self, lsn: u64, bytes_max: u64) -> u64 {
+        let segments = self.inner.segments.borrow();
+        let Some(segments) = segments.as_ref() else { return 0 };
+        let next_firsts = segments.sealed.iter().skip(1).map(|(_, first)| *first).chain([segments.active_first_lsn]);
+        let below: Vec<u64> = segments
+            .sealed
+            .iter()
+            .zip(next_firsts)
+            .filter(|(_, next_first)| *next_first <= lsn)
+            .map(|((_, first), _)| *first)
+            .collect();
+        let fit = usize::try_from(bytes_max / self.inner.config.segment_bytes.max(1)).unwrap_or(usize::MAX);
+        if below.len() <= fit {
+            0
+        } else if fit == 0 {
+            lsn
+        } else {
+            below[below.len() - fit]
+        }
+    }
+
     /// LSN of the oldest record still on disk.
     pub fn first_lsn(&self) -> u64 {
         self.inner
