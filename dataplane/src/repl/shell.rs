@@ -607,8 +607,10 @@ fn newest_checkpoint(side: &ThreadSide) -> Result<Option<(u64, std::path::PathBu
     Ok(newest)
 }
 
-/// Reads the checkpoint at `path` and sends its versions as compressed parts of up to
-/// `bytes_max` raw bytes (on a blocking thread).
+/// Reads the checkpoint at `path` and sends its versions, as they are decoded, in compressed
+/// parts of up to `bytes_max` raw bytes (on a blocking thread). A damaged checkpoint fails
+/// after the parts before the damage went out: without the last part the receiver keeps its
+/// position, and what it applied are versions the shard has anyway.
 fn snapshot_parts(
     path: &std::path::Path,
     resume_lsn: u64,
@@ -618,53 +620,81 @@ fn snapshot_parts(
     parts: &mpsc::Sender<Result<Part, StreamError>>,
 ) -> Result<(), StreamError> {
     let fail = |error: &dyn std::fmt::Display| StreamError::Other(format!("{}: {error}", path.display()));
-    // A checkpoint being replaced is deleted, not changed: the bytes read stay whole.
-    let bytes = Bytes::from(std::fs::read(path).map_err(|error| fail(&error))?);
-    let mut versions = Vec::new();
-    let info =
-        crate::store::checkpoint::decode(&bytes, side.record_payload_bytes_max, |op, ts| versions.push((op, ts)))
-            .map_err(|error| fail(&error))?;
+    let file = std::fs::File::open(path).map_err(|error| fail(&error))?;
+    // SAFETY: checkpoint files are written once under a temporary name and never modified
+    // after the rename; a newer checkpoint deletes this one, which leaves the mapping whole.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| fail(&error))?;
+    let bytes = Bytes::from_owner(map);
+    let mut builder = PartBuilder { side, codec, bytes_max, parts, raw: Vec::new(), count: 0, payload: Vec::new() };
+    let mut outcome: Result<bool, StreamError> = Ok(true);
+    let info = crate::store::checkpoint::decode(&bytes, side.record_payload_bytes_max, |op, ts| {
+        if matches!(outcome, Ok(true)) {
+            outcome = builder.add(&op, ts);
+        }
+    })
+    .map_err(|error| fail(&error))?;
+    if !outcome? {
+        return Ok(()); // the stream ended
+    }
     if info.shard_id != side.shard || info.lsn != resume_lsn {
         return Err(fail(&format!("holds shard {} at LSN {}", info.shard_id, info.lsn)));
     }
-    let mut raw = Vec::with_capacity(bytes_max.min(1 << 20));
-    let mut count = 0u32;
-    let mut payload = Vec::new();
-    let flush = |raw: &mut Vec<u8>, count: &mut u32| -> Result<bool, StreamError> {
-        let body = codec::compress(codec, raw);
-        let raw_len = u32::try_from(raw.len()).map_err(|_| StreamError::Other("snapshot part too large".into()))?;
-        let part = Part { count: std::mem::take(count), raw_len, body };
-        raw.clear();
-        Ok(parts.blocking_send(Ok(part)).is_ok())
-    };
-    for (op, ts) in &versions {
+    builder.flush()?;
+    Ok(())
+}
+
+/// Collects versions into snapshot parts.
+struct PartBuilder<'a> {
+    side: &'a ThreadSide,
+    codec: repl::Codec,
+    bytes_max: usize,
+    parts: &'a mpsc::Sender<Result<Part, StreamError>>,
+    raw: Vec<u8>,
+    count: u32,
+    payload: Vec<u8>,
+}
+
+impl PartBuilder<'_> {
+    /// Adds a version (a chunked value read and put inline; skipped when its chunks were
+    /// collected since: the version is gone at the home too). `false` once the stream ended.
+    fn add(&mut self, op: &op::Op, ts: u64) -> Result<bool, StreamError> {
         let inlined;
         let value = match &op.body {
-            Body::Chunked(list) => match read_chunked(list, side)? {
+            Body::Chunked(list) => match read_chunked(list, self.side)? {
                 Some(value) => {
                     inlined = value;
                     Value::Inline(&inlined)
                 }
-                None => continue, // collected since: the version is gone here too
+                None => return Ok(true),
             },
             body => body.view(),
         };
-        payload.clear();
-        op::encode([(&op.key[..], value)].into_iter(), &mut payload)
+        self.payload.clear();
+        op::encode([(&op.key[..], value)].into_iter(), &mut self.payload)
             .map_err(|error| StreamError::Other(error.to_string()))?;
-        if count > 0
-            && raw.len() + payload.len() + repl::ENTRY_OVERHEAD_BYTES > bytes_max
-            && !flush(&mut raw, &mut count)?
+        if self.count > 0
+            && self.raw.len() + self.payload.len() + repl::ENTRY_OVERHEAD_BYTES > self.bytes_max
+            && !self.flush()?
         {
-            return Ok(()); // the stream ended
+            return Ok(false);
         }
-        repl::encode_entry(*ts, &payload, &mut raw);
-        count += 1;
+        repl::encode_entry(ts, &self.payload, &mut self.raw);
+        self.count += 1;
+        Ok(true)
     }
-    if count > 0 {
-        flush(&mut raw, &mut count)?;
+
+    /// Sends the part collected so far, if any; `false` once the stream ended.
+    fn flush(&mut self) -> Result<bool, StreamError> {
+        if self.count == 0 {
+            return Ok(true);
+        }
+        let body = codec::compress(self.codec, &self.raw);
+        let raw_len =
+            u32::try_from(self.raw.len()).map_err(|_| StreamError::Other("snapshot part too large".into()))?;
+        let part = Part { count: std::mem::take(&mut self.count), raw_len, body };
+        self.raw.clear();
+        Ok(self.parts.blocking_send(Ok(part)).is_ok())
     }
-    Ok(())
 }
 
 async fn send_batch(
