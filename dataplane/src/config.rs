@@ -549,6 +549,7 @@ impl Resolved {
         config.wal.dir = config.dir.join("wal");
         config.wal.shard_id = shard_id;
         config.wal_hold = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+        config.wal_pin = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         config
     }
 }

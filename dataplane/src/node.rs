@@ -163,6 +163,7 @@ async fn shard_main(
     if let (Some(side), Some(repl)) = (&side, &config.replication) {
         store_config.wal_hold = side.hold.clone();
         store_config.wal_hold_bytes_max = repl.wal_hold_bytes_max;
+        store_config.wal_pin = side.pin.clone();
         if !repl.is_home_of(shard_id) {
             store_config.replica_of = repl.home_of(shard_id).map(str::to_owned);
         }
@@ -266,7 +267,10 @@ fn spawn_replication(
             while let Some(apply) = applies.recv().await {
                 let store = store.clone();
                 glommio::spawn_local(async move {
-                    let result = store.apply_replicated(apply.glt, &apply.payload).await;
+                    let result = match &apply.snapshot_keys {
+                        Some(keys) => store.tombstone_absent(apply.glt, keys).await.map(|_| ()),
+                        None => store.apply_replicated(apply.glt, &apply.payload).await,
+                    };
                     let _ = apply.done.send(result.map_err(|error| error.to_string()));
                 })
                 .detach();

@@ -4,7 +4,7 @@
 //! acknowledged write is in every region, the contents are identical, and the lag is back
 //! under target within 2 s. The home keeps little WAL for a lagging peer, so during the
 //! partition its checkpoints release the WAL past the cut-off region's position, which then
-//! catches up from a snapshot. Also: replicas refuse client writes, and a peer whose
+//! catches up from a snapshot, deletes included whose tombstones the home collected meanwhile. Also: replicas refuse client writes, and a peer whose
 //! certificate comes from another CA is refused.
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
@@ -97,12 +97,13 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
     let mut b = Node::start(&dir.path().join("b"), &config_b);
     let config_c = region_config("c", listen_c, &tls, &[("a", free_udp_port())]) + metrics;
     let mut c = Node::start(&dir.path().join("c"), &config_c);
-    // Small segments and frequent checkpoints, and at most 64 KiB of WAL held for a peer that
-    // fell behind: the partition outlasts what the home keeps for c.
+    // Small segments and frequent checkpoints, and at most 1 MiB of WAL held for a peer that
+    // fell behind: the partition outlasts what the home keeps for c. Versions are kept 20 s,
+    // so the deletes early in the partition are collected, tombstones and all, before it ends.
     let small_wal = "[wal]\nsegment_bytes = 266240\nbatch_bytes_max = 262144\nrecord_payload_bytes_max = 131072\n\
-                     [store]\ncheckpoint_wal_bytes = 266240\n";
+                     [store]\ncheckpoint_wal_bytes = 266240\nretention_secs = 20\ngc_interval_ms = 500\n";
     let config_a = region_config("a", free_udp_port(), &tls, &[("b", to_b.addr()), ("c", to_c.addr())])
-        .replace("rtt_ms = 40\n", "rtt_ms = 40\nwal_hold_bytes_max = 65536\n")
+        .replace("rtt_ms = 40\n", "rtt_ms = 40\nwal_hold_bytes_max = 1048576\n")
         + metrics
         + small_wal;
     let a = Node::start(&dir.path().join("a"), &config_a);
@@ -144,6 +145,13 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
         let partition_started = Instant::now();
         let mut i = 0u32;
         while partition_started.elapsed() < Duration::from_secs(30) {
+            // Early on, deletes of keys c holds: by the heal the home has collected them.
+            if partition_started.elapsed() < Duration::from_secs(3) {
+                let old = format!("key-{:04}", i % 300).into_bytes();
+                if model.remove(&old).is_some() {
+                    ca.delete(&old).await.unwrap(); // the put below stamps later
+                }
+            }
             let key = format!("during-{i:05}").into_bytes();
             let value = format!("partitioned write {i}").into_bytes();
             last_ts = ca.put(&key, &value).await.unwrap();

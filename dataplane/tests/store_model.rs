@@ -320,18 +320,23 @@ fn writes_are_stamped_at_latest_and_acknowledged_only_after_the_commit_wait() {
 
 /// A peer that still needs LSN 1 holds every WAL segment through checkpoints, unless the hold
 /// is bounded: then the checkpoint releases all but `wal_hold_bytes_max` of them (whole
-/// segments), and the peer has to catch up from a snapshot.
+/// segments), and the peer has to catch up from a snapshot. A pin (a snapshot being shipped)
+/// keeps its LSN whatever the bound.
 #[test]
 fn the_replication_hold_keeps_at_most_its_bound_of_wal() {
     let dir = tempfile::tempdir().unwrap();
     // (first LSN on disk, segment files, checkpoint LSN) per bound.
     let mut kept = Vec::new();
-    for bytes_max in [u64::MAX, 256 << 10, 0] {
-        let sub = dir.path().join(format!("bound-{bytes_max}"));
+    // The last run bounds the hold to nothing but pins LSN 1 (a snapshot being shipped).
+    for (run_index, bytes_max) in [u64::MAX, 256 << 10, 0, 0].into_iter().enumerate() {
+        let sub = dir.path().join(format!("run-{run_index}"));
         let clock = Arc::new(ManualClock::new(1_000_000));
         let mut config = small_store(&sub, Arc::clone(&clock));
         config.wal_hold = Arc::new(std::sync::atomic::AtomicU64::new(1));
         config.wal_hold_bytes_max = bytes_max;
+        if run_index == 3 {
+            config.wal_pin = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        }
         let payload_max = config.wal.record_payload_bytes_max;
         let wal = sub.join("wal");
         let (first, lsn) = run(async move {
@@ -348,10 +353,16 @@ fn the_replication_hold_keeps_at_most_its_bound_of_wal() {
         let files = std::fs::read_dir(sub.join("wal")).unwrap().count();
         kept.push((first, files, lsn));
     }
-    let [(all_first, all_files, _), (one_first, one_files, one_lsn), (none_first, none_files, none_lsn)] = kept[..]
+    let [
+        (all_first, all_files, _),
+        (one_first, one_files, one_lsn),
+        (none_first, none_files, none_lsn),
+        (pinned_first, _, _),
+    ] = kept[..]
     else {
         unreachable!()
     };
+    assert_eq!(pinned_first, 1, "a pinned LSN was released");
     assert_eq!(all_first, 1, "the unbounded hold released WAL a peer needs");
     assert!(all_files >= 5, "1.2 MB of writes in 256 KiB segments: {all_files} files");
     assert!(one_first > 1 && one_first <= one_lsn, "first LSN {one_first}, checkpoint at {one_lsn}");
@@ -360,4 +371,50 @@ fn the_replication_hold_keeps_at_most_its_bound_of_wal() {
         none_files < one_files && one_files < all_files,
         "segment files: {all_files} unbounded, {one_files} with one segment held, {none_files} with none"
     );
+}
+
+/// The end of an installed snapshot: keys held here that the snapshot lacks get a tombstone at
+/// its horizon, durably; keys it has, keys already deleted, and keys with a version at or above
+/// the horizon are left alone; doing it again changes nothing.
+#[test]
+fn keys_a_snapshot_lacks_get_a_tombstone_at_its_horizon() {
+    use dataplane::store::op::{self, Value};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let mut config = small_store(dir.path(), clock);
+    config.replica_of = Some("a".into());
+    let reopen = config.clone();
+    let record = |key: &str, value: Option<&str>| {
+        let mut out = Vec::new();
+        let body = value.map_or(Value::Tombstone, |value| Value::Inline(value.as_bytes()));
+        op::encode(std::iter::once((key.as_bytes(), body)), &mut out).unwrap();
+        bytes::Bytes::from(out)
+    };
+    run(async move {
+        let store = ShardStore::open(config).await.unwrap();
+        for (ts, key, value) in [
+            (100, "kept", Some("1")),
+            (110, "gone-1", Some("2")),
+            (120, "gone-2", Some("3")),
+            (130, "deleted", Some("4")),
+            (140, "deleted", None),
+            (900, "newer", Some("5")),
+        ] {
+            store.apply_replicated(ts, &record(key, value)).await.unwrap();
+        }
+        let snapshot: std::collections::HashSet<bytes::Bytes> = [bytes::Bytes::from_static(b"kept")].into();
+        assert_eq!(store.tombstone_absent(500, &snapshot).await.unwrap(), 2);
+        assert_eq!(store.tombstone_absent(500, &snapshot).await.unwrap(), 0, "again: nothing left to delete");
+        store.close().await.unwrap();
+    });
+    run(async move {
+        // Durable: after a restart (WAL replay) the same.
+        let store = ShardStore::open(reopen).await.unwrap();
+        let live: Vec<_> =
+            store.list(b"", b"", 100, None).unwrap().0.into_iter().map(|item| item.key.to_vec()).collect();
+        assert_eq!(live, vec![b"kept".to_vec(), b"newer".to_vec()]);
+        // Below the horizon the old versions still read as they were.
+        assert_eq!(store.get(b"gone-1", Some(499)).await.unwrap().map(|(ts, _)| ts), Some(110));
+        assert_eq!(store.get(b"gone-1", Some(500)).await.unwrap(), None);
+    });
 }

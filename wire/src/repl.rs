@@ -12,7 +12,7 @@
 //! | `Batch`  |    3 | shard (u32), first_lsn (u64), count (u32), closed_ts (u64), codec (u8), raw_len (u32), body (rest) |
 //! | `Ack`    |    4 | next_lsn (u64), closed_ts (u64)                                          |
 //! | `Refuse` |    5 | reason (rest, UTF-8)                                                     |
-//! | `Install`|    6 | shard (u32), resume_lsn (u64), count (u32), last (u8: 0 or 1), codec (u8), raw_len (u32), body (rest) |
+//! | `Install`|    6 | shard (u32), resume_lsn (u64), horizon (u64), count (u32), last (u8: 0 or 1), codec (u8), raw_len (u32), body (rest) |
 //!
 //! A stream opens with the sender's `Hello` (which shard of which region, and how many shards
 //! that region has); the receiver answers `Resume` with the first LSN it lacks, or `Refuse`.
@@ -27,8 +27,11 @@
 //! snapshot first (the InstallSnapshot pattern): `Install` parts carry every version of the
 //! shard's newest checkpoint as entries (the version's timestamp and a one-operation payload),
 //! each part compressed like a batch. The receiver applies them (a version it has is applied
-//! again harmlessly) and answers the `last` part, once everything is durable, with an `Ack` of
-//! `resume_lsn`, the checkpoint's LSN; `Batch`es follow from there.
+//! again harmlessly). The `last` part carries the checkpoint's collection `horizon`: a key the
+//! receiver holds and the snapshot lacks was deleted and collected at the source, and gets a
+//! tombstone at the horizon. Once all of it is durable the receiver answers with an `Ack` of
+//! `resume_lsn`, the checkpoint's LSN (or its own position, if that is further); `Batch`es
+//! follow from there.
 //!
 //! The decompressed body is `count` entries, each glt (u64), length (u32), payload: the WAL
 //! record as written by the home shard. [`Entries`] walks them without allocating.
@@ -126,6 +129,9 @@ pub struct Install<'a> {
     pub shard: u32,
     /// The snapshot's LSN: batches resume there after the last part.
     pub resume_lsn: u64,
+    /// On the last part, the checkpoint's collection horizon (0 on the others): versions below
+    /// it may have been collected at the source.
+    pub horizon: u64,
     /// Number of entries (versions).
     pub count: u32,
     /// Whether this is the snapshot's last part.
@@ -253,6 +259,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), ReplError> {
         KIND_INSTALL => {
             let shard = r.u32("shard")?;
             let resume_lsn = r.u64("resume_lsn")?;
+            let horizon = r.u64("horizon")?;
             let count = r.u32("count")?;
             let last = match r.u8("last")? {
                 0 => false,
@@ -260,7 +267,7 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame<'_>, usize), ReplError> {
                 _ => return Err(ReplError::BadEntries { reason: "the last flag is neither 0 nor 1" }),
             };
             let (codec, raw_len) = body_fields(&mut r, count)?;
-            Frame::Install(Install { shard, resume_lsn, count, last, codec, raw_len, body: r.rest() })
+            Frame::Install(Install { shard, resume_lsn, horizon, count, last, codec, raw_len, body: r.rest() })
         }
         KIND_ACK => Frame::Ack { next_lsn: r.u64("next_lsn")?, closed_ts: r.u64("closed_ts")? },
         KIND_REFUSE => Frame::Refuse {
@@ -313,6 +320,7 @@ pub fn encode_frame(frame: &Frame<'_>, out: &mut Vec<u8>) -> Result<(), EncodeEr
             out.push(KIND_INSTALL);
             out.extend_from_slice(&install.shard.to_le_bytes());
             out.extend_from_slice(&install.resume_lsn.to_le_bytes());
+            out.extend_from_slice(&install.horizon.to_le_bytes());
             out.extend_from_slice(&install.count.to_le_bytes());
             out.push(u8::from(install.last));
             out.push(install.codec as u8);
@@ -429,6 +437,7 @@ mod tests {
             let install = Install {
                 shard: 1,
                 resume_lsn: 900,
+                horizon: if last { 44 } else { 0 },
                 count: 2,
                 last,
                 codec: Codec::None,
@@ -471,6 +480,7 @@ mod tests {
                 out.push(KIND_INSTALL);
                 out.extend_from_slice(&0u32.to_le_bytes());
                 out.extend_from_slice(&5u64.to_le_bytes());
+                out.extend_from_slice(&3u64.to_le_bytes());
                 out.extend_from_slice(&count.to_le_bytes());
                 out.push(last);
                 out.push(Codec::None as u8);

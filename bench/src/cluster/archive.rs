@@ -105,7 +105,7 @@ struct Round {
 }
 
 /// Rewrites 64 KiB in the middle of enough files (by `plan.change` of the data set; each round
-/// other files) in the directory and on the data node. Returns the bytes changed and the
+/// starts picking them elsewhere) in the directory and on the data node. Returns the bytes changed and the
 /// timestamp of the last write.
 async fn change(
     client: &Client,
@@ -194,7 +194,7 @@ pub async fn compare(dir: &Path, dataplane: &Path, plan: &Plan, figures: &mut Fi
     run(Command::new("rsync").arg("-a").arg(format!("{}/", source.display())).arg(&mirror))?;
 
     // Each round changes a fraction of the bytes (64 KiB rewritten in place in enough files,
-    // other files each round), then times the three tools on the change.
+    // picked from another starting point each round), then times the three tools on the change.
     let mut rounds = Vec::with_capacity(plan.rounds);
     let mut stored_after_first = (0, 0);
     for round in 0..plan.rounds {

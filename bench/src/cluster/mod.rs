@@ -313,11 +313,11 @@ pub struct SnapshotArgs {
     /// Size of the data set exported into the archive (next to restic and rsync).
     #[arg(long, default_value = "1GiB", value_parser = scenario::parse_bytes)]
     dataset: u64,
-    /// Fraction of the data set's bytes changed before the incremental export.
+    /// Fraction of the data set's bytes changed before each incremental round.
     #[arg(long, default_value_t = 0.01)]
     change: f64,
-    /// Incremental rounds (change, export, restic, rsync), each on other files; the
-    /// incremental figures are their medians.
+    /// Incremental rounds (change, export, restic, rsync), each picking the files it changes
+    /// from another starting point; the incremental figures are their medians.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Skip the archive comparison (no restic or rsync needed).

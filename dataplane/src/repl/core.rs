@@ -314,7 +314,7 @@ mod tests {
     }
 
     fn part(shard: u32, resume_lsn: u64, last: bool) -> Install<'static> {
-        Install { shard, resume_lsn, count: 0, last, codec: Codec::None, raw_len: 0, body: &[] }
+        Install { shard, resume_lsn, horizon: 0, count: 0, last, codec: Codec::None, raw_len: 0, body: &[] }
     }
 
     #[test]

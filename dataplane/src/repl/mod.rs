@@ -140,6 +140,10 @@ pub struct Apply {
     pub glt: u64,
     /// The WAL payload (store operations, values inline).
     pub payload: Bytes,
+    /// At the end of an installed snapshot, instead of a record: the snapshot's keys. Every
+    /// key the shard holds outside them was deleted and collected at the home, and gets a
+    /// tombstone at `glt`, the snapshot's collection horizon.
+    pub snapshot_keys: Option<Arc<std::collections::HashSet<Bytes>>>,
     /// Resolved once durable and applied here.
     pub done: oneshot::Sender<Result<(), String>>,
 }
@@ -154,6 +158,8 @@ pub struct ShardSide {
     pub applies: mpsc::Receiver<Apply>,
     /// The WAL hold (lowest LSN a peer still needs).
     pub hold: Arc<AtomicU64>,
+    /// The WAL pin (lowest LSN a snapshot in progress resumes at).
+    pub pin: Arc<AtomicU64>,
 }
 
 /// What the replication thread keeps of each shard.
@@ -167,6 +173,8 @@ pub struct ThreadSide {
     pub applies: mpsc::Sender<Apply>,
     /// Its WAL hold.
     pub hold: Arc<AtomicU64>,
+    /// Its WAL pin.
+    pub pin: Arc<AtomicU64>,
     /// The shard's directory (`wal/`, `chunks/`, resume positions).
     pub dir: PathBuf,
     /// WAL record payload limit (for the reader).
@@ -178,8 +186,9 @@ pub fn shard_link(shard: u32, dir: PathBuf, record_payload_bytes_max: u32) -> (S
     let (points_tx, points_rx) = watch::channel(ClosedPoint::default());
     let (applies_tx, applies_rx) = mpsc::channel(4096);
     let hold = Arc::new(AtomicU64::new(u64::MAX));
+    let pin = Arc::new(AtomicU64::new(u64::MAX));
     (
-        ShardSide { points: points_tx, applies: applies_rx, hold: hold.clone() },
-        ThreadSide { shard, points: points_rx, applies: applies_tx, hold, dir, record_payload_bytes_max },
+        ShardSide { points: points_tx, applies: applies_rx, hold: hold.clone(), pin: pin.clone() },
+        ThreadSide { shard, points: points_rx, applies: applies_tx, hold, pin, dir, record_payload_bytes_max },
     )
 }

@@ -17,7 +17,7 @@
 //! owning shard (glommio) as [`Apply`] requests without waiting; a second task awaits them in
 //! order and acknowledges (position, closed timestamp) once all are durable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -55,6 +55,8 @@ struct Context {
     stop: watch::Receiver<bool>,
     /// Per shard, the acknowledged LSN of each peer (for the WAL hold).
     acked: Mutex<HashMap<(u32, String), u64>>,
+    /// Per shard, the LSN each peer's snapshot in progress resumes at (for the WAL pin).
+    pins: Mutex<HashMap<(u32, String), u64>>,
     /// Per (source region, shard): position in memory and when it was last written out.
     positions: Mutex<HashMap<(String, u32), (u64, Instant)>>,
     /// Per (source region, shard): the position last written to its file, held while the file
@@ -108,6 +110,7 @@ impl Replication {
             resolved: resolved.clone(),
             stop: stop_rx,
             acked: Mutex::default(),
+            pins: Mutex::default(),
             positions: Mutex::new(positions),
             position_files,
             corrupt_every: std::env::var(CORRUPT_EVERY_ENV).ok().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
@@ -437,7 +440,8 @@ fn build_batch(cursor: &mut WalCursor, side: &ThreadSide, bytes_max: usize, unti
     while built.raw.len() < bytes_max && cursor.next_lsn() < until {
         let Some(record) = cursor.next_record().map_err(|error| {
             StreamError::Other(format!(
-                "WAL of shard {} cannot be read at LSN {}: {error}",
+                "WAL of shard {} cannot be read at LSN {}: {error} (if it was released meanwhile, the next \
+                 stream installs a snapshot)",
                 side.shard,
                 cursor.next_lsn()
             ))
@@ -536,8 +540,11 @@ async fn install_snapshot(
         ))
     })?;
     // Checkpoints release WAL only below their own LSN: from `resume_lsn` on it is there, and
-    // the hold keeps it (unless `wal_hold_bytes_max` of newer WAL piles up meanwhile: the
-    // stream then fails at `resume_lsn` and the next one installs a newer checkpoint).
+    // the pin keeps it while the parts go out, whatever `wal_hold_bytes_max` says. (Once the
+    // batches resume, the bounded hold applies again: if more than the bound of newer WAL
+    // piled up meanwhile, the stream fails at `resume_lsn` and the next one installs a newer
+    // checkpoint.)
+    let _pin = Pin::new(context, side, peer, resume_lsn);
     set_acked(context, side, peer, resume_lsn);
     tracing::info!(
         shard = side.shard,
@@ -546,7 +553,7 @@ async fn install_snapshot(
         resume_lsn,
         "installing a snapshot: the WAL no longer holds the peer's position"
     );
-    let (parts_tx, mut parts_rx) = mpsc::channel::<Result<Part, StreamError>>(INSTALL_PARTS_AHEAD);
+    let (parts_tx, mut parts_rx) = mpsc::channel::<Result<Produced, StreamError>>(INSTALL_PARTS_AHEAD);
     let (reading, codec, bytes_max) = (side.clone(), context.config.codec, context.config.batch_bytes_max);
     let producer = tokio::task::spawn_blocking(move || {
         if let Err(error) = snapshot_parts(&path, resume_lsn, &reading, codec, bytes_max, &parts_tx) {
@@ -555,39 +562,91 @@ async fn install_snapshot(
     });
     let _abort = AbortOnDrop(producer.abort_handle());
     let (mut versions, mut parts) = (0u64, 0u64);
-    // One part is held back until the next arrives, so the last one goes out marked as such.
+    // One part is held back until the next arrives, so the last one goes out marked as such,
+    // with the horizon that only the end of the checkpoint gives.
     let mut pending: Option<Part> = None;
-    loop {
-        let next = parts_rx.recv().await.transpose()?;
-        let done = next.is_none();
-        let ready = match pending.take() {
-            Some(part) => Some(part),
-            // A snapshot without versions still ends with a last part.
-            None if done => Some(Part { count: 0, raw_len: 0, body: Vec::new() }),
-            None => None,
-        };
-        if let Some(part) = ready {
-            let install = repl::Install {
-                shard: side.shard,
-                resume_lsn,
-                count: part.count,
-                last: done,
-                codec,
-                raw_len: part.raw_len,
-                body: &part.body,
-            };
-            write_frame(send, &Frame::Install(install)).await?;
-            versions += u64::from(part.count);
-            parts += 1;
+    let horizon = loop {
+        match parts_rx.recv().await {
+            Some(Ok(Produced::Part(part))) => {
+                if let Some(ready) = pending.replace(part) {
+                    write_part(send, side.shard, resume_lsn, codec, &ready, None).await?;
+                    versions += u64::from(ready.count);
+                    parts += 1;
+                }
+            }
+            Some(Ok(Produced::Done { horizon })) => break horizon,
+            Some(Err(error)) => return Err(error),
+            // A panic on the reading thread: without `Done`, nothing is marked last.
+            None => return Err(StreamError::Other("the checkpoint reader stopped before the checkpoint's end".into())),
         }
-        match next {
-            Some(part) => pending = Some(part),
-            None => break,
-        }
-    }
+    };
+    // A snapshot without versions still ends with a last part (an empty body, compressed).
+    let last = pending.unwrap_or_else(|| Part { count: 0, raw_len: 0, body: codec::compress(codec, &[]) });
+    write_part(send, side.shard, resume_lsn, codec, &last, Some(horizon)).await?;
+    versions += u64::from(last.count);
+    parts += 1;
     metrics::counter!("meridian_replication_snapshots_shipped_total", "peer" => peer.to_owned()).increment(1);
-    tracing::info!(shard = side.shard, peer, resume_lsn, versions, parts, "snapshot shipped; batches resume");
+    tracing::info!(shard = side.shard, peer, resume_lsn, versions, parts, horizon, "snapshot shipped; batches resume");
     Ok(resume_lsn)
+}
+
+/// Sends one snapshot part; `horizon` marks the last one.
+async fn write_part(
+    send: &mut quinn::SendStream,
+    shard: u32,
+    resume_lsn: u64,
+    codec: repl::Codec,
+    part: &Part,
+    horizon: Option<u64>,
+) -> Result<(), StreamError> {
+    let install = repl::Install {
+        shard,
+        resume_lsn,
+        horizon: horizon.unwrap_or(0),
+        count: part.count,
+        last: horizon.is_some(),
+        codec,
+        raw_len: part.raw_len,
+        body: &part.body,
+    };
+    write_frame(send, &Frame::Install(install)).await
+}
+
+/// What the checkpoint reader hands the stream: parts, then the end with the horizon.
+enum Produced {
+    Part(Part),
+    Done { horizon: u64 },
+}
+
+/// Keeps a home shard's WAL from `lsn` on while a snapshot goes to `peer` (the hold can be
+/// raised by `wal_hold_bytes_max`; the pin cannot). Released when dropped.
+struct Pin<'a> {
+    context: &'a Context,
+    side: &'a ThreadSide,
+    peer: String,
+}
+
+impl<'a> Pin<'a> {
+    fn new(context: &'a Context, side: &'a ThreadSide, peer: &str, lsn: u64) -> Self {
+        set_pin(context, side, peer, Some(lsn));
+        Self { context, side, peer: peer.to_owned() }
+    }
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        set_pin(self.context, self.side, &self.peer, None);
+    }
+}
+
+fn set_pin(context: &Context, side: &ThreadSide, peer: &str, lsn: Option<u64>) {
+    let mut pins = context.pins.lock().unwrap_or_else(PoisonError::into_inner);
+    match lsn {
+        Some(lsn) => pins.insert((side.shard, peer.to_owned()), lsn),
+        None => pins.remove(&(side.shard, peer.to_owned())),
+    };
+    let lowest = pins.iter().filter(|((shard, _), _)| *shard == side.shard).map(|(_, lsn)| *lsn).min();
+    side.pin.store(lowest.unwrap_or(u64::MAX), Ordering::Release);
 }
 
 /// The newest checkpoint file of the shard: its LSN and path.
@@ -617,7 +676,7 @@ fn snapshot_parts(
     side: &ThreadSide,
     codec: repl::Codec,
     bytes_max: usize,
-    parts: &mpsc::Sender<Result<Part, StreamError>>,
+    parts: &mpsc::Sender<Result<Produced, StreamError>>,
 ) -> Result<(), StreamError> {
     let fail = |error: &dyn std::fmt::Display| StreamError::Other(format!("{}: {error}", path.display()));
     let file = std::fs::File::open(path).map_err(|error| fail(&error))?;
@@ -639,7 +698,9 @@ fn snapshot_parts(
     if info.shard_id != side.shard || info.lsn != resume_lsn {
         return Err(fail(&format!("holds shard {} at LSN {}", info.shard_id, info.lsn)));
     }
-    builder.flush()?;
+    if builder.flush()? {
+        let _ = parts.blocking_send(Ok(Produced::Done { horizon: info.horizon }));
+    }
     Ok(())
 }
 
@@ -648,7 +709,7 @@ struct PartBuilder<'a> {
     side: &'a ThreadSide,
     codec: repl::Codec,
     bytes_max: usize,
-    parts: &'a mpsc::Sender<Result<Part, StreamError>>,
+    parts: &'a mpsc::Sender<Result<Produced, StreamError>>,
     raw: Vec<u8>,
     count: u32,
     payload: Vec<u8>,
@@ -693,7 +754,7 @@ impl PartBuilder<'_> {
             u32::try_from(self.raw.len()).map_err(|_| StreamError::Other("snapshot part too large".into()))?;
         let part = Part { count: std::mem::take(&mut self.count), raw_len, body };
         self.raw.clear();
-        Ok(self.parts.blocking_send(Ok(part)).is_ok())
+        Ok(self.parts.blocking_send(Ok(Produced::Part(part))).is_ok())
     }
 }
 
@@ -895,17 +956,20 @@ async fn receive_stream(
         Ok(())
     };
     let reader = async {
+        // The keys of a snapshot being installed, for the keys it lacks.
+        let mut snapshot_keys: Option<HashSet<Bytes>> = None;
         while let Some(frame) = read_frame(&mut recv).await? {
             // A batch of WAL records, or a part of a snapshot installed before them: entries
             // either way, applied alike (a version applied twice is one version).
             let (accepted, install, (codec, body, raw_len, count)) = match repl::decode_frame(&frame)?.0 {
                 Frame::Batch(batch) => {
-                    (inbound.accept(&batch)?, false, (batch.codec, batch.body, batch.raw_len, batch.count))
+                    (inbound.accept(&batch)?, None, (batch.codec, batch.body, batch.raw_len, batch.count))
                 }
                 Frame::Install(part) => {
-                    (inbound.install(&part)?, true, (part.codec, part.body, part.raw_len, part.count))
+                    let horizon = part.last.then_some(part.horizon);
+                    (inbound.install(&part)?, Some(horizon), (part.codec, part.body, part.raw_len, part.count))
                 }
-                other => return Err(StreamError::Other(format!("expected Batch, got {other:?}"))),
+                other => return Err(StreamError::Other(format!("expected Batch or Install, got {other:?}"))),
             };
             let raw = Bytes::from(
                 codec::decompress(codec, body, raw_len).map_err(|error| StreamError::Other(error.to_string()))?,
@@ -913,12 +977,28 @@ async fn receive_stream(
             let entries = Entries::new(&raw, count)?;
             let mut dones = Vec::new();
             for (glt, payload) in entries.iter().skip(accepted.skip as usize) {
+                let payload = raw.slice_ref(payload);
+                if install.is_some() {
+                    let ops =
+                        op::decode(&payload).map_err(|error| StreamError::Other(format!("snapshot entry: {error}")))?;
+                    let keys = snapshot_keys.get_or_insert_with(HashSet::new);
+                    keys.extend(ops.into_iter().map(|op| Bytes::copy_from_slice(&op.key)));
+                }
                 let (done, wait) = oneshot::channel();
-                let apply = Apply { glt, payload: raw.slice_ref(payload), done };
+                let apply = Apply { glt, payload, snapshot_keys: None, done };
                 side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
                 dones.push(wait);
             }
-            if pending_tx.send((accepted, install, dones)).is_err() {
+            if let Some(Some(horizon)) = install {
+                // The snapshot's end: keys held here and absent from it were deleted and
+                // collected at the home; they get a tombstone at its horizon.
+                let keys = Arc::new(snapshot_keys.take().unwrap_or_default());
+                let (done, wait) = oneshot::channel();
+                let apply = Apply { glt: horizon, payload: Bytes::new(), snapshot_keys: Some(keys), done };
+                side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
+                dones.push(wait);
+            }
+            if pending_tx.send((accepted, install.is_some(), dones)).is_err() {
                 break;
             }
         }
@@ -996,14 +1076,20 @@ mod tests {
     /// A shipped version: glt, key, value (`None`: a tombstone).
     type Shipped = (u64, Vec<u8>, Option<Vec<u8>>);
 
-    /// Every version the parts carry, and how many parts.
-    fn shipped(path: &std::path::Path, lsn: u64, side: &ThreadSide) -> Result<(Vec<Shipped>, usize), String> {
+    /// Every version the parts carry, how many parts, and the horizon at the end.
+    fn shipped(path: &std::path::Path, lsn: u64, side: &ThreadSide) -> Result<(Vec<Shipped>, usize, u64), String> {
         let (tx, mut rx) = mpsc::channel(1024);
         snapshot_parts(path, lsn, side, repl::Codec::Lz4, 600, &tx).map_err(|error| error.to_string())?;
         drop(tx);
         let (mut out, mut parts) = (Vec::new(), 0);
-        while let Some(part) = rx.blocking_recv() {
-            let part = part.map_err(|error| error.to_string())?;
+        while let Some(produced) = rx.blocking_recv() {
+            let part = match produced.map_err(|error| error.to_string())? {
+                Produced::Part(part) => part,
+                Produced::Done { horizon } => {
+                    assert!(rx.blocking_recv().is_none(), "nothing after the end");
+                    return Ok((out, parts, horizon));
+                }
+            };
             parts += 1;
             let raw = codec::decompress(repl::Codec::Lz4, &part.body, part.raw_len).unwrap();
             for (glt, payload) in Entries::new(&raw, part.count).unwrap().iter() {
@@ -1017,7 +1103,20 @@ mod tests {
                 }
             }
         }
-        Ok((out, parts))
+        Err("the parts ended without the end".into())
+    }
+
+    /// A checkpoint file of `versions` at `lsn` with `horizon`.
+    fn checkpoint_file(dir: &std::path::Path, lsn: u64, horizon: u64, versions: &[(&[u8], Version)]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        checkpoint::encode_header(3, lsn, horizon, &mut bytes);
+        let mut scratch = Vec::new();
+        for (key, version) in versions {
+            checkpoint::encode_version(key, version, &mut scratch, &mut bytes).unwrap();
+        }
+        checkpoint::encode_footer(3, lsn, horizon, versions.len() as u64, &mut bytes);
+        std::fs::write(dir.join(checkpoint::file_name(3, lsn)), &bytes).unwrap();
+        bytes
     }
 
     #[test]
@@ -1038,18 +1137,12 @@ mod tests {
             (b"c", Version { ts: 16, body: Body::Chunked(Arc::new(gone)) }),
         ];
         let lsn = 77;
-        let mut bytes = Vec::new();
-        checkpoint::encode_header(3, lsn, 0, &mut bytes);
-        let mut scratch = Vec::new();
-        for (key, version) in &versions {
-            checkpoint::encode_version(key, version, &mut scratch, &mut bytes).unwrap();
-        }
-        checkpoint::encode_footer(3, lsn, 0, versions.len() as u64, &mut bytes);
+        let bytes = checkpoint_file(dir.path(), lsn, 12, &versions);
         let path = dir.path().join(checkpoint::file_name(3, lsn));
-        std::fs::write(&path, &bytes).unwrap();
         assert_eq!(newest_checkpoint(&side).unwrap(), Some((lsn, path.clone())));
 
-        let (got, parts) = shipped(&path, lsn, &side).unwrap();
+        let (got, parts, horizon) = shipped(&path, lsn, &side).unwrap();
+        assert_eq!(horizon, 12);
         // The version whose chunk was collected is gone at the home too: not shipped.
         let want = vec![
             (10, b"a".to_vec(), Some(b"one".to_vec())),
@@ -1069,5 +1162,15 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(shipped(&path, lsn, &side).is_err());
         assert_eq!(newest_checkpoint(&side).unwrap(), None);
+
+        // A checkpoint whose every version is gone ends without a part; the stream's empty
+        // last part still decompresses.
+        let gone = ChunkList { size: 5, chunks: vec![ChunkRef { hash: [8; 32], len: 5 }] };
+        checkpoint_file(dir.path(), 90, 30, &[(b"d", Version { ts: 16, body: Body::Chunked(Arc::new(gone)) })]);
+        let path = dir.path().join(checkpoint::file_name(3, 90));
+        assert_eq!(shipped(&path, 90, &side).unwrap(), (Vec::new(), 0, 30));
+        for codec_ in [repl::Codec::None, repl::Codec::Lz4, repl::Codec::Snappy] {
+            assert_eq!(codec::decompress(codec_, &codec::compress(codec_, &[]), 0).unwrap(), Vec::<u8>::new());
+        }
     }
 }

@@ -67,6 +67,9 @@ pub struct StoreConfig {
     /// Most WAL bytes (whole segments below a checkpoint) `wal_hold` may keep; a peer further
     /// behind catches up from a snapshot. `u64::MAX`: no bound.
     pub wal_hold_bytes_max: u64,
+    /// Lowest LSN a snapshot being shipped resumes at (`u64::MAX`: none): kept whatever
+    /// `wal_hold_bytes_max` says.
+    pub wal_pin: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StoreConfig {
@@ -91,6 +94,7 @@ impl StoreConfig {
             replica_of: None,
             wal_hold: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             wal_hold_bytes_max: u64::MAX,
+            wal_pin: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
         }
     }
 

@@ -15,7 +15,7 @@ use glommio::io::{DmaStreamWriterBuilder, OpenOptions};
 use super::checkpoint::{self, CheckpointInfo};
 use super::chunks::{ChunkStats, ChunkStore};
 use super::clock::{Hlc, TimeInterval, physical_us, timestamp_at};
-use super::op::{self, Body, ChunkList};
+use super::op::{self, Body, ChunkList, Value};
 use super::versions::{Collected, VersionMap};
 use super::{StoreConfig, StoreError};
 use crate::limits;
@@ -614,6 +614,7 @@ impl ShardStore {
         remove_checkpoints(&config.dir, config.shard_id, |old| old < lsn).map_err(|error| fail(error.to_string()))?;
         let hold = inner.config.wal_hold.load(Ordering::Acquire);
         let hold = hold.max(inner.wal.keep_floor(lsn, inner.config.wal_hold_bytes_max));
+        let hold = hold.min(inner.config.wal_pin.load(Ordering::Acquire));
         let released = inner.wal.release_before(lsn.min(hold))?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
         let mut stats = inner.stats.borrow_mut();
@@ -684,6 +685,50 @@ impl ShardStore {
                 inner.hlc.get().last().max(earliest)
             }
         })
+    }
+
+    /// The end of an installed snapshot: every live key held here that `keys` (the snapshot's)
+    /// lacks was deleted at the home and its tombstone collected there; each gets a tombstone at
+    /// `horizon` (the snapshot's collection horizon, above every version such a key has), durable
+    /// in the WAL like a shipped record. Returns how many keys were deleted.
+    pub async fn tombstone_absent(
+        &self,
+        horizon: u64,
+        keys: &std::collections::HashSet<Bytes>,
+    ) -> Result<u64, StoreError> {
+        let absent: Vec<Bytes> = {
+            let versions = self.inner.versions.borrow();
+            versions
+                .iter_from(None)
+                .filter(|(key, chain)| {
+                    !keys.contains(*key)
+                        && chain.last().is_some_and(|latest| latest.body != Body::Tombstone && latest.ts < horizon)
+                })
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        // As records of at most batch_ops_max deletes and half a WAL record of keys.
+        let record_max = self.inner.config.wal.record_payload_bytes_max as usize / 2;
+        let mut deleted = 0;
+        for group in absent.chunks(self.inner.config.batch_ops_max.max(1)) {
+            let mut start = 0;
+            while start < group.len() {
+                let mut end = start;
+                let mut bytes = 0;
+                while end < group.len() && (end == start || bytes + group[end].len() + 8 <= record_max) {
+                    bytes += group[end].len() + 8;
+                    end += 1;
+                }
+                let mut payload = Vec::with_capacity(bytes + 2);
+                op::encode(group[start..end].iter().map(|key| (&key[..], Value::Tombstone)), &mut payload).map_err(
+                    |error| StoreError::BadReplica { shard_id: self.inner.config.shard_id, reason: error.to_string() },
+                )?;
+                self.apply_replicated(horizon, &Bytes::from(payload)).await?;
+                deleted += (end - start) as u64;
+                start = end;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Applies a record shipped by the shard's home region: durable in this shard's WAL under
