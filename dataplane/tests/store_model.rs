@@ -402,8 +402,16 @@ fn keys_a_snapshot_lacks_get_a_tombstone_at_its_horizon() {
         ] {
             store.apply_replicated(ts, &record(key, value)).await.unwrap();
         }
-        let snapshot: std::collections::HashSet<bytes::Bytes> = [bytes::Bytes::from_static(b"kept")].into();
-        assert_eq!(store.tombstone_absent(500, &snapshot).await.unwrap(), 2);
+        // Enough keys for several steps of the scan: the even ones are in the snapshot.
+        let bulk: Vec<String> = (0..3000).map(|i| format!("bulk-{i:04}")).collect();
+        for group in bulk.chunks(500) {
+            let mut out = Vec::new();
+            op::encode(group.iter().map(|key| (key.as_bytes(), Value::Inline(b"x"))), &mut out).unwrap();
+            store.apply_replicated(200, &bytes::Bytes::from(out)).await.unwrap();
+        }
+        let mut snapshot: std::collections::HashSet<bytes::Bytes> = [bytes::Bytes::from_static(b"kept")].into();
+        snapshot.extend(bulk.iter().step_by(2).map(|key| bytes::Bytes::from(key.clone())));
+        assert_eq!(store.tombstone_absent(500, &snapshot).await.unwrap(), 2 + 1500);
         assert_eq!(store.tombstone_absent(500, &snapshot).await.unwrap(), 0, "again: nothing left to delete");
         store.close().await.unwrap();
     });
@@ -411,8 +419,10 @@ fn keys_a_snapshot_lacks_get_a_tombstone_at_its_horizon() {
         // Durable: after a restart (WAL replay) the same.
         let store = ShardStore::open(reopen).await.unwrap();
         let live: Vec<_> =
-            store.list(b"", b"", 100, None).unwrap().0.into_iter().map(|item| item.key.to_vec()).collect();
-        assert_eq!(live, vec![b"kept".to_vec(), b"newer".to_vec()]);
+            store.list(b"", b"", 10_000, None).unwrap().0.into_iter().map(|item| item.key.to_vec()).collect();
+        let mut want: Vec<Vec<u8>> = (0..3000).step_by(2).map(|i| format!("bulk-{i:04}").into_bytes()).collect();
+        want.extend([b"kept".to_vec(), b"newer".to_vec()]);
+        assert_eq!(live, want);
         // Below the horizon the old versions still read as they were.
         assert_eq!(store.get(b"gone-1", Some(499)).await.unwrap().map(|(ts, _)| ts), Some(110));
         assert_eq!(store.get(b"gone-1", Some(500)).await.unwrap(), None);

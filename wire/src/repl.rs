@@ -24,9 +24,9 @@
 //! the closed timestamp it has applied.
 //!
 //! When the sender's WAL no longer holds the first LSN the receiver lacks, it installs a
-//! snapshot first (the InstallSnapshot pattern): `Install` parts carry every version of the
-//! shard's newest checkpoint as entries (the version's timestamp and a one-operation payload),
-//! each part compressed like a batch. The receiver applies them (a version it has is applied
+//! snapshot first (the InstallSnapshot pattern): `Install` parts carry the versions of the
+//! shard's newest checkpoint (but those whose chunks were collected since) as entries (the
+//! version's timestamp and a one-operation payload), each part compressed like a batch. The receiver applies them (a version it has is applied
 //! again harmlessly). The `last` part carries the checkpoint's collection `horizon`: a key the
 //! receiver holds and the snapshot lacks was deleted and collected at the source, and gets a
 //! tombstone at the horizon. Once all of it is durable the receiver answers with an `Ack` of

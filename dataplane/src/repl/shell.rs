@@ -9,13 +9,17 @@
 //! what closed timestamp a batch may carry. Chunked values are read from their chunk files and
 //! shipped inline. Any error closes the stream; the task reconnects and resumes from the
 //! receiver's durable position. The shard's WAL is held from the lowest acknowledged LSN of
-//! any peer.
+//! any peer, up to `wal_hold_bytes_max` below a checkpoint; a peer whose position the WAL no
+//! longer holds is sent a snapshot first (the newest checkpoint, in `Install` parts), and a
+//! pin keeps the WAL from the snapshot's LSN until that stream has caught up.
 //!
 //! Receiving (shards homed elsewhere): each stream's `Hello` is checked (the region is the
 //! shard's home and not this one, same shard count), answered with the durable position, then every batch is
 //! checked by the [`Inbound`] core, decompressed, its entries validated and handed to the
 //! owning shard (glommio) as [`Apply`] requests without waiting; a second task awaits them in
-//! order and acknowledges (position, closed timestamp) once all are durable.
+//! order and acknowledges (position, closed timestamp) once all are durable. Snapshot parts
+//! are applied the same way; their last part also has the shard tombstone, at the snapshot's
+//! horizon, the keys held here that the snapshot lacks, and is acknowledged with its LSN.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -311,11 +315,15 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
     };
     let reader = WalReader::new(side.dir.join("wal"), side.shard, side.record_payload_bytes_max);
     let first = reader.first_lsn().map_err(|error| StreamError::Other(error.to_string()))?;
-    let next_lsn = match first {
+    // After a snapshot, its pin keeps the WAL from where the batches resume, following the
+    // acks, until the stream has caught up: a bounded hold alone could release it under a
+    // stream that is still behind, which would then install again, and again.
+    let (next_lsn, mut pin) = match first {
         Some(first) if next_lsn < first => {
-            install_snapshot(context, &link.peer.region, side, &mut send, next_lsn).await?
+            let (resume_lsn, pin) = install_snapshot(context, &link.peer.region, side, &mut send, next_lsn).await?;
+            (resume_lsn, Some(pin))
         }
-        _ => next_lsn,
+        _ => (next_lsn, None),
     };
     set_acked(context, side, &link.peer.region, next_lsn);
     let started = Instant::now();
@@ -384,6 +392,11 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
                     }
                     set_acked(context, side, &link.peer.region, outbound.acked_lsn());
                     window_depth.set(outbound.unacked_batches() as f64);
+                    if pin.is_some() && outbound.acked_lsn() >= point.durable_next_lsn {
+                        pin = None; // caught up: the bounded hold will do
+                    } else if let Some(pin) = &pin {
+                        pin.move_to(outbound.acked_lsn());
+                    }
                 }
                 None => {
                     return match (&mut acks).await {
@@ -523,15 +536,15 @@ const INSTALL_PARTS_AHEAD: usize = 4;
 
 /// Ships the shard's newest checkpoint to `peer`, whose position `behind` the WAL no longer
 /// holds (the InstallSnapshot pattern): every version as an entry (chunked values read and
-/// put inline), in `Install` parts; returns the checkpoint's LSN, where the batches resume.
-/// The WAL is held from that LSN on while the parts go out.
-async fn install_snapshot(
-    context: &Context,
+/// put inline), in `Install` parts; returns the checkpoint's LSN, where the batches resume,
+/// and the pin that keeps the WAL from there.
+async fn install_snapshot<'a>(
+    context: &'a Context,
     peer: &str,
-    side: &ThreadSide,
+    side: &'a ThreadSide,
     send: &mut quinn::SendStream,
     behind: u64,
-) -> Result<u64, StreamError> {
+) -> Result<(u64, Pin<'a>), StreamError> {
     let (resume_lsn, path) = newest_checkpoint(side)?.ok_or_else(|| {
         StreamError::Other(format!(
             "shard {}: region {peer} lacks LSN {behind}, which the WAL no longer holds, and there is no checkpoint \
@@ -540,11 +553,11 @@ async fn install_snapshot(
         ))
     })?;
     // Checkpoints release WAL only below their own LSN: from `resume_lsn` on it is there, and
-    // the pin keeps it while the parts go out, whatever `wal_hold_bytes_max` says. (Once the
-    // batches resume, the bounded hold applies again: if more than the bound of newer WAL
-    // piled up meanwhile, the stream fails at `resume_lsn` and the next one installs a newer
-    // checkpoint.)
-    let _pin = Pin::new(context, side, peer, resume_lsn);
+    // the pin keeps it, whatever `wal_hold_bytes_max` says. A checkpoint completing between
+    // the choice above and the pin deletes this checkpoint file before it reads the pin
+    // (`write_checkpoint`), so either the pin holds or the file below fails to open and the
+    // stream starts over with the newer one.
+    let pin = Pin::new(context, side, peer, resume_lsn);
     set_acked(context, side, peer, resume_lsn);
     tracing::info!(
         shard = side.shard,
@@ -587,7 +600,7 @@ async fn install_snapshot(
     parts += 1;
     metrics::counter!("meridian_replication_snapshots_shipped_total", "peer" => peer.to_owned()).increment(1);
     tracing::info!(shard = side.shard, peer, resume_lsn, versions, parts, horizon, "snapshot shipped; batches resume");
-    Ok(resume_lsn)
+    Ok((resume_lsn, pin))
 }
 
 /// Sends one snapshot part; `horizon` marks the last one.
@@ -631,6 +644,11 @@ impl<'a> Pin<'a> {
         set_pin(context, side, peer, Some(lsn));
         Self { context, side, peer: peer.to_owned() }
     }
+
+    /// Keeps the WAL from `lsn` instead (the peer acknowledged up to it).
+    fn move_to(&self, lsn: u64) {
+        set_pin(self.context, self.side, &self.peer, Some(lsn));
+    }
 }
 
 impl Drop for Pin<'_> {
@@ -646,7 +664,7 @@ fn set_pin(context: &Context, side: &ThreadSide, peer: &str, lsn: Option<u64>) {
         None => pins.remove(&(side.shard, peer.to_owned())),
     };
     let lowest = pins.iter().filter(|((shard, _), _)| *shard == side.shard).map(|(_, lsn)| *lsn).min();
-    side.pin.store(lowest.unwrap_or(u64::MAX), Ordering::Release);
+    side.pin.store(lowest.unwrap_or(u64::MAX), Ordering::SeqCst);
 }
 
 /// The newest checkpoint file of the shard: its LSN and path.
@@ -966,6 +984,9 @@ async fn receive_stream(
                     (inbound.accept(&batch)?, None, (batch.codec, batch.body, batch.raw_len, batch.count))
                 }
                 Frame::Install(part) => {
+                    if part.last {
+                        check_horizon(context, part.horizon)?;
+                    }
                     let horizon = part.last.then_some(part.horizon);
                     (inbound.install(&part)?, Some(horizon), (part.codec, part.body, part.raw_len, part.count))
                 }
@@ -1013,6 +1034,18 @@ async fn receive_stream(
             result?;
             Ok(())
         }
+    }
+}
+
+/// A snapshot's horizon is in the past: one from the future would have every key here
+/// tombstoned. Unchecked while the clock cannot say.
+fn check_horizon(context: &Context, horizon: u64) -> Result<(), StreamError> {
+    match context.clock.interval() {
+        Ok(interval) if clock::physical_us(horizon) > interval.latest_us => Err(StreamError::Other(format!(
+            "snapshot horizon {horizon} is ahead of this node's clock ({} µs): refused",
+            interval.latest_us
+        ))),
+        _ => Ok(()),
     }
 }
 

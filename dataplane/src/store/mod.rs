@@ -62,13 +62,13 @@ pub struct StoreConfig {
     /// (`NotHome`) and versions arrive only through [`ShardStore::apply_replicated`].
     pub replica_of: Option<String>,
     /// Lowest LSN replication still needs (`u64::MAX`: none), set by the shipper; checkpoints
-    /// release no WAL segment at or above it. Per shard (see `config::Resolved::store_for`).
+    /// release no WAL segment at or above it, within `wal_hold_bytes_max`. Per shard (see `config::Resolved::store_for`).
     pub wal_hold: Arc<std::sync::atomic::AtomicU64>,
     /// Most WAL bytes (whole segments below a checkpoint) `wal_hold` may keep; a peer further
     /// behind catches up from a snapshot. `u64::MAX`: no bound.
     pub wal_hold_bytes_max: u64,
-    /// Lowest LSN a snapshot being shipped resumes at (`u64::MAX`: none): kept whatever
-    /// `wal_hold_bytes_max` says.
+    /// Lowest LSN a stream that installed a snapshot still needs until it has caught up
+    /// (`u64::MAX`: none): kept whatever `wal_hold_bytes_max` says.
     pub wal_pin: Arc<std::sync::atomic::AtomicU64>,
 }
 

@@ -614,7 +614,9 @@ impl ShardStore {
         remove_checkpoints(&config.dir, config.shard_id, |old| old < lsn).map_err(|error| fail(error.to_string()))?;
         let hold = inner.config.wal_hold.load(Ordering::Acquire);
         let hold = hold.max(inner.wal.keep_floor(lsn, inner.config.wal_hold_bytes_max));
-        let hold = hold.min(inner.config.wal_pin.load(Ordering::Acquire));
+        // Read after the old checkpoint files are gone: a shipper pins a checkpoint's LSN
+        // before opening its file, so either it sees that file deleted or the pin is seen here.
+        let hold = hold.min(inner.config.wal_pin.load(Ordering::SeqCst));
         let released = inner.wal.release_before(lsn.min(hold))?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
         let mut stats = inner.stats.borrow_mut();
@@ -696,39 +698,53 @@ impl ShardStore {
         horizon: u64,
         keys: &std::collections::HashSet<Bytes>,
     ) -> Result<u64, StoreError> {
-        let absent: Vec<Bytes> = {
-            let versions = self.inner.versions.borrow();
-            versions
-                .iter_from(None)
-                .filter(|(key, chain)| {
-                    !keys.contains(*key)
-                        && chain.last().is_some_and(|latest| latest.body != Body::Tombstone && latest.ts < horizon)
-                })
-                .map(|(key, _)| key.clone())
-                .collect()
-        };
-        // As records of at most batch_ops_max deletes and half a WAL record of keys.
-        let record_max = self.inner.config.wal.record_payload_bytes_max as usize / 2;
         let mut deleted = 0;
-        for group in absent.chunks(self.inner.config.batch_ops_max.max(1)) {
-            let mut start = 0;
-            while start < group.len() {
-                let mut end = start;
-                let mut bytes = 0;
-                while end < group.len() && (end == start || bytes + group[end].len() + 8 <= record_max) {
-                    bytes += group[end].len() + 8;
-                    end += 1;
+        let mut resume: Option<Bytes> = None;
+        loop {
+            // A step of keys at a time (as collection does), yielding between steps.
+            let (absent, last) = {
+                let versions = self.inner.versions.borrow();
+                let mut absent = Vec::new();
+                let mut last = None;
+                for (key, chain) in versions.iter_from(resume.as_deref()).take(limits::GC_KEYS_PER_STEP) {
+                    let live_below =
+                        chain.last().is_some_and(|latest| latest.body != Body::Tombstone && latest.ts < horizon);
+                    if live_below && !keys.contains(key) {
+                        absent.push(key.clone());
+                    }
+                    last = Some(key.clone());
                 }
-                let mut payload = Vec::with_capacity(bytes + 2);
-                op::encode(group[start..end].iter().map(|key| (&key[..], Value::Tombstone)), &mut payload).map_err(
-                    |error| StoreError::BadReplica { shard_id: self.inner.config.shard_id, reason: error.to_string() },
-                )?;
-                self.apply_replicated(horizon, &Bytes::from(payload)).await?;
-                deleted += (end - start) as u64;
-                start = end;
-            }
+                (absent, last)
+            };
+            deleted += self.tombstone(horizon, &absent).await?;
+            let Some(last) = last else { return Ok(deleted) };
+            resume = Some(last);
+            futures_lite::future::yield_now().await;
         }
-        Ok(deleted)
+    }
+
+    /// Tombstones `keys` at `ts` through the WAL, as records of at most `batch_ops_max` deletes
+    /// and half a WAL record of keys each. Returns how many.
+    async fn tombstone(&self, ts: u64, keys: &[Bytes]) -> Result<u64, StoreError> {
+        let record_max = self.inner.config.wal.record_payload_bytes_max as usize / 2;
+        let mut start = 0;
+        while start < keys.len() {
+            let (mut end, mut bytes) = (start, 0);
+            while end < keys.len()
+                && end - start < self.inner.config.batch_ops_max.max(1)
+                && (end == start || bytes + keys[end].len() + 8 <= record_max)
+            {
+                bytes += keys[end].len() + 8;
+                end += 1;
+            }
+            let mut payload = Vec::with_capacity(bytes + 2);
+            op::encode(keys[start..end].iter().map(|key| (&key[..], Value::Tombstone)), &mut payload).map_err(
+                |error| StoreError::BadReplica { shard_id: self.inner.config.shard_id, reason: error.to_string() },
+            )?;
+            self.apply_replicated(ts, &Bytes::from(payload)).await?;
+            start = end;
+        }
+        Ok(keys.len() as u64)
     }
 
     /// Applies a record shipped by the shard's home region: durable in this shard's WAL under
