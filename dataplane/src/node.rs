@@ -9,7 +9,7 @@ use glommio::net::TcpListener;
 
 use crate::config::Resolved;
 use crate::control::ControlLink;
-use crate::repl::{Replication, ShardSide};
+use crate::repl::{Replication, ShardSide, Work};
 use crate::runtime::{RuntimeConfig, run_shards};
 use crate::server::{self, ShardMap};
 use crate::store::{Progress, ShardStore};
@@ -267,9 +267,9 @@ fn spawn_replication(
             while let Some(apply) = applies.recv().await {
                 let store = store.clone();
                 glommio::spawn_local(async move {
-                    let result = match &apply.snapshot_keys {
-                        Some(keys) => store.tombstone_absent(apply.glt, keys).await.map(|_| ()),
-                        None => store.apply_replicated(apply.glt, &apply.payload).await,
+                    let result = match &apply.work {
+                        Work::Record(payload) => store.apply_replicated(apply.glt, payload).await,
+                        Work::SnapshotEnd(keys) => store.tombstone_absent(apply.glt, keys).await.map(|_| ()),
                     };
                     let _ = apply.done.send(result.map_err(|error| error.to_string()));
                 })

@@ -286,25 +286,18 @@ mod tests {
         assert!(!out.heartbeat_due(3, 5, 95), "not before the interval");
     }
 
+    /// What a batch accepted by the receiver gives.
+    fn batch_taken(skip: u32, next_lsn: u64, closed_ts: u64) -> Result<Accepted, ProtocolError> {
+        Ok(Accepted { skip, next_lsn, closed_ts, ack: true })
+    }
+
     #[test]
     fn the_receiver_skips_overlap_and_refuses_gaps() {
         let mut inbound = Inbound::new(3, 10);
-        assert_eq!(
-            inbound.accept(&batch(3, 10, 5, 7)),
-            Ok(Accepted { skip: 0, next_lsn: 15, closed_ts: 7, ack: true })
-        );
-        assert_eq!(
-            inbound.accept(&batch(3, 12, 5, 9)),
-            Ok(Accepted { skip: 3, next_lsn: 17, closed_ts: 9, ack: true })
-        );
-        assert_eq!(
-            inbound.accept(&batch(3, 11, 2, 9)),
-            Ok(Accepted { skip: 2, next_lsn: 17, closed_ts: 9, ack: true })
-        );
-        assert_eq!(
-            inbound.accept(&batch(3, 17, 0, 12)),
-            Ok(Accepted { skip: 0, next_lsn: 17, closed_ts: 12, ack: true })
-        );
+        assert_eq!(inbound.accept(&batch(3, 10, 5, 7)), batch_taken(0, 15, 7));
+        assert_eq!(inbound.accept(&batch(3, 12, 5, 9)), batch_taken(3, 17, 9));
+        assert_eq!(inbound.accept(&batch(3, 11, 2, 9)), batch_taken(2, 17, 9));
+        assert_eq!(inbound.accept(&batch(3, 17, 0, 12)), batch_taken(0, 17, 12));
         assert_eq!(inbound.accept(&batch(3, 19, 1, 13)), Err(ProtocolError::Gap { expected: 17, first: 19 }));
         assert_eq!(inbound.accept(&batch(2, 17, 1, 13)), Err(ProtocolError::WrongShard { expected: 3, found: 2 }));
         assert_eq!(
@@ -325,15 +318,9 @@ mod tests {
         assert_eq!(inbound.install(&part(3, 500, false)), Ok(quiet));
         assert!(matches!(inbound.install(&part(3, 400, false)), Err(ProtocolError::InstallOutOfPlace(_))));
         assert!(matches!(inbound.accept(&batch(3, 500, 1, 1)), Err(ProtocolError::InstallOutOfPlace(_))));
-        assert_eq!(
-            inbound.install(&part(3, 500, true)),
-            Ok(Accepted { skip: 0, next_lsn: 500, closed_ts: 0, ack: true })
-        );
+        assert_eq!(inbound.install(&part(3, 500, true)), batch_taken(0, 500, 0));
         assert!(matches!(inbound.install(&part(3, 500, true)), Err(ProtocolError::InstallOutOfPlace(_))));
-        assert_eq!(
-            inbound.accept(&batch(3, 500, 2, 9)),
-            Ok(Accepted { skip: 0, next_lsn: 502, closed_ts: 9, ack: true })
-        );
+        assert_eq!(inbound.accept(&batch(3, 500, 2, 9)), batch_taken(0, 502, 9));
         // A snapshot behind the stream's position does not move it back; none after a batch;
         // none for another shard.
         let mut ahead = Inbound::new(3, 800);

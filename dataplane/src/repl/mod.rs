@@ -93,7 +93,7 @@ impl ReplConfig {
     }
 
     /// Sets the home of each of `shards` shards from the control plane's placement (shard id
-    /// to home region), checking that it is complete (`Replication::start` checks the peers).
+    /// to home region), checking that it is complete and that a region homing a shard has peers.
     pub fn place(&mut self, shards: u32, placement: &std::collections::BTreeMap<u32, String>) -> Result<(), String> {
         let mut homes = Vec::new();
         for shard in 0..shards {
@@ -106,7 +106,7 @@ impl ReplConfig {
             homes.push(home.clone());
         }
         self.homes = homes;
-        Ok(())
+        self.check_peers().map_err(|reason| format!("replication.peers: {reason}"))
     }
 
     /// A node that is the home of a shard needs a region to ship it to (the reason, without
@@ -138,14 +138,21 @@ impl ReplConfig {
 pub struct Apply {
     /// The record's timestamp at its home.
     pub glt: u64,
-    /// The WAL payload (store operations, values inline).
-    pub payload: Bytes,
-    /// At the end of an installed snapshot, instead of a record: the snapshot's keys. Every
-    /// key the shard holds outside them was deleted and collected at the home, and gets a
-    /// tombstone at `glt`, the snapshot's collection horizon.
-    pub snapshot_keys: Option<Arc<std::collections::HashSet<Bytes>>>,
+    /// What to apply.
+    pub work: Work,
     /// Resolved once durable and applied here.
     pub done: oneshot::Sender<Result<(), String>>,
+}
+
+/// What an [`Apply`] asks of the replica shard.
+#[derive(Debug)]
+pub enum Work {
+    /// A WAL payload (store operations, values inline) stamped `glt`.
+    Record(Bytes),
+    /// The end of an installed snapshot: its keys. Every key the shard holds outside them was
+    /// deleted and collected at the home, and gets a tombstone at `glt`, the snapshot's
+    /// collection horizon.
+    SnapshotEnd(std::collections::HashSet<Bytes>),
 }
 
 /// What a shard keeps: where it publishes its closed point (home) and where shipped records

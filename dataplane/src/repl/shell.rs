@@ -1,8 +1,8 @@
 //! The replication thread: a tokio runtime with one QUIC endpoint (quinn, mutual TLS against
 //! the cluster CA) that both ships and receives.
 //!
-//! Shipping (shards homed here): per (peer region, shard) a task tails the shard's durable WAL with
-//! a [`WalCursor`] (memory-mapped, any thread), forms batches up to `batch_bytes_max`,
+//! Shipping (shards homed here): per (peer region, shard) a task tails the shard's durable WAL
+//! with a [`WalCursor`] (memory-mapped, any thread), forms batches up to `batch_bytes_max`,
 //! compresses them and writes each frame as two `Bytes` (head, body) on the shard's own
 //! bidirectional stream of the connection to that peer, so one shard's backlog never blocks
 //! another's. The [`Outbound`] core bounds the unacknowledged window (backpressure) and says
@@ -14,8 +14,8 @@
 //! pin keeps the WAL from the snapshot's LSN until that stream has caught up.
 //!
 //! Receiving (shards homed elsewhere): each stream's `Hello` is checked (the region is the
-//! shard's home and not this one, same shard count), answered with the durable position, then every batch is
-//! checked by the [`Inbound`] core, decompressed, its entries validated and handed to the
+//! shard's home and not this one, same shard count), answered with the durable position, then
+//! every batch is checked by the [`Inbound`] core, decompressed, its entries validated and handed to the
 //! owning shard (glommio) as [`Apply`] requests without waiting; a second task awaits them in
 //! order and acknowledges (position, closed timestamp) once all are durable. Snapshot parts
 //! are applied the same way; their last part also has the shard tombstone, at the snapshot's
@@ -35,7 +35,7 @@ use wire::repl::{self, Batch, Entries, Frame};
 
 use super::core::{Inbound, Outbound};
 use super::status::Resolved;
-use super::{Apply, Peer, ReplConfig, ThreadSide, codec, position};
+use super::{Apply, Peer, ReplConfig, ThreadSide, Work, codec, position};
 use crate::store::clock::{self, Clock};
 use crate::store::op::{self, Body, Value};
 use crate::wal::{WalCursor, WalReader};
@@ -57,16 +57,11 @@ struct Context {
     shards: Vec<ThreadSide>,
     resolved: Arc<Resolved>,
     stop: watch::Receiver<bool>,
-    /// Per shard, the acknowledged LSN of each peer (for the WAL hold).
-    acked: Mutex<HashMap<(u32, String), u64>>,
-    /// Per shard, the LSN each peer's snapshot in progress resumes at (for the WAL pin).
-    pins: Mutex<HashMap<(u32, String), u64>>,
-    /// Per (source region, shard): position in memory and when it was last written out.
-    positions: Mutex<HashMap<(String, u32), (u64, Instant)>>,
-    /// Per (source region, shard): the position last written to its file, held while the file
-    /// is written (streams write from blocking threads, the final flush from the runtime's), so
-    /// no two writes share the temporary file and a stale write never follows a newer one.
-    position_files: HashMap<(String, u32), Arc<Mutex<u64>>>,
+    /// Per shard, the acknowledged LSN of each peer (for the WAL hold), and whether the peer's
+    /// stream installed a snapshot and has not caught up yet (for the WAL pin).
+    acked: Mutex<HashMap<(u32, String), (u64, bool)>>,
+    /// Per (source region, shard homed there), the replica's resume position.
+    positions: HashMap<(String, u32), Arc<Position>>,
     /// Failpoint for tests: flip a byte in the body of every Nth batch sent
     /// ([`CORRUPT_EVERY_ENV`]).
     corrupt_every: Option<u64>,
@@ -96,16 +91,18 @@ impl Replication {
         if config.homes.len() != shards.len() {
             return Err(format!("replication: {} shards but {} home regions", shards.len(), config.homes.len()));
         }
-        config.check_peers().map_err(|reason| format!("replication.peers: {reason}"))?;
         let resolved = Arc::new(Resolved::new(&config.region, &config.homes));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut positions = HashMap::new();
-        let mut position_files = HashMap::new();
         for side in &shards {
             if let Some(source) = config.home_of(side.shard).filter(|home| *home != config.region) {
                 let lsn = position::load(&side.dir, source)?;
-                positions.insert((source.to_owned(), side.shard), (lsn, Instant::now()));
-                position_files.insert((source.to_owned(), side.shard), Arc::new(Mutex::new(lsn)));
+                let position = Position {
+                    dir: side.dir.clone(),
+                    current: Mutex::new((lsn, Instant::now())),
+                    written: Mutex::new(lsn),
+                };
+                positions.insert((source.to_owned(), side.shard), Arc::new(position));
             }
         }
         let context = Arc::new(Context {
@@ -114,9 +111,7 @@ impl Replication {
             resolved: resolved.clone(),
             stop: stop_rx,
             acked: Mutex::default(),
-            pins: Mutex::default(),
-            positions: Mutex::new(positions),
-            position_files,
+            positions,
             corrupt_every: std::env::var(CORRUPT_EVERY_ENV).ok().and_then(|n| n.parse().ok()).filter(|n| *n > 0),
             batches_sent: std::sync::atomic::AtomicU64::new(0),
             clock,
@@ -294,10 +289,18 @@ async fn ship(context: Arc<Context>, link: Arc<PeerLink>, side: ThreadSide) {
 }
 
 fn set_acked(context: &Context, side: &ThreadSide, region: &str, lsn: u64) {
+    update_ack(context, side, region, |ack| ack.0 = lsn);
+}
+
+/// Changes `region`'s (acknowledged LSN, pinned) for the shard, then publishes the shard's
+/// hold (the lowest LSN any peer needs) and pin (the lowest LSN a pinned peer needs).
+fn update_ack(context: &Context, side: &ThreadSide, region: &str, change: impl FnOnce(&mut (u64, bool))) {
     let mut acked = context.acked.lock().unwrap_or_else(PoisonError::into_inner);
-    acked.insert((side.shard, region.to_owned()), lsn);
-    let hold = acked.iter().filter(|((shard, _), _)| *shard == side.shard).map(|(_, lsn)| *lsn).min();
-    side.hold.store(hold.unwrap_or(u64::MAX), Ordering::Release);
+    change(acked.entry((side.shard, region.to_owned())).or_insert((0, false)));
+    let peers = || acked.iter().filter(|((shard, _), _)| *shard == side.shard).map(|(_, ack)| *ack);
+    side.hold.store(peers().map(|(lsn, _)| lsn).min().unwrap_or(u64::MAX), Ordering::Release);
+    let pin = peers().filter(|(_, pinned)| *pinned).map(|(lsn, _)| lsn).min();
+    side.pin.store(pin.unwrap_or(u64::MAX), Ordering::SeqCst);
 }
 
 async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> Result<(), StreamError> {
@@ -323,9 +326,11 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
             let (resume_lsn, pin) = install_snapshot(context, &link.peer.region, side, &mut send, next_lsn).await?;
             (resume_lsn, Some(pin))
         }
-        _ => (next_lsn, None),
+        _ => {
+            set_acked(context, side, &link.peer.region, next_lsn);
+            (next_lsn, None)
+        }
     };
-    set_acked(context, side, &link.peer.region, next_lsn);
     let started = Instant::now();
     let now_ns = || u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut outbound = Outbound::new(config.window, next_lsn, now_ns());
@@ -392,10 +397,10 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
                     }
                     set_acked(context, side, &link.peer.region, outbound.acked_lsn());
                     window_depth.set(outbound.unacked_batches() as f64);
+                    // The pin follows the acknowledged LSN until the stream has caught up;
+                    // the bounded hold will do from there.
                     if pin.is_some() && outbound.acked_lsn() >= point.durable_next_lsn {
-                        pin = None; // caught up: the bounded hold will do
-                    } else if let Some(pin) = &pin {
-                        pin.move_to(outbound.acked_lsn());
+                        pin = None;
                     }
                 }
                 None => {
@@ -513,9 +518,9 @@ fn read_chunked(list: &op::ChunkList, side: &ThreadSide) -> Result<Option<Vec<u8
         let path = side.dir.join("chunks").join(crate::store::chunks::file_name(&chunk.hash));
         match std::fs::read(&path) {
             Ok(file) => {
-                let data = crate::store::chunks::verify(chunk, &file)
+                let data = crate::store::chunks::verified_data(chunk, &file)
                     .map_err(|error| StreamError::Other(error.to_string()))?;
-                value.extend_from_slice(&data);
+                value.extend_from_slice(data);
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(error) => return Err(StreamError::Other(format!("{}: {error}", path.display()))),
@@ -558,7 +563,6 @@ async fn install_snapshot<'a>(
     // (`write_checkpoint`), so either the pin holds or the file below fails to open and the
     // stream starts over with the newer one.
     let pin = Pin::new(context, side, peer, resume_lsn);
-    set_acked(context, side, peer, resume_lsn);
     tracing::info!(
         shard = side.shard,
         peer,
@@ -631,8 +635,9 @@ enum Produced {
     Done { horizon: u64 },
 }
 
-/// Keeps a home shard's WAL from `lsn` on while a snapshot goes to `peer` (the hold can be
-/// raised by `wal_hold_bytes_max`; the pin cannot). Released when dropped.
+/// Keeps a home shard's WAL from `peer`'s acknowledged LSN on, starting at a snapshot's LSN,
+/// whatever `wal_hold_bytes_max` says (the hold can be raised by it; the pin cannot).
+/// Released when dropped.
 struct Pin<'a> {
     context: &'a Context,
     side: &'a ThreadSide,
@@ -641,47 +646,21 @@ struct Pin<'a> {
 
 impl<'a> Pin<'a> {
     fn new(context: &'a Context, side: &'a ThreadSide, peer: &str, lsn: u64) -> Self {
-        set_pin(context, side, peer, Some(lsn));
+        update_ack(context, side, peer, |ack| *ack = (lsn, true));
         Self { context, side, peer: peer.to_owned() }
-    }
-
-    /// Keeps the WAL from `lsn` instead (the peer acknowledged up to it).
-    fn move_to(&self, lsn: u64) {
-        set_pin(self.context, self.side, &self.peer, Some(lsn));
     }
 }
 
 impl Drop for Pin<'_> {
     fn drop(&mut self) {
-        set_pin(self.context, self.side, &self.peer, None);
+        update_ack(self.context, self.side, &self.peer, |ack| ack.1 = false);
     }
-}
-
-fn set_pin(context: &Context, side: &ThreadSide, peer: &str, lsn: Option<u64>) {
-    let mut pins = context.pins.lock().unwrap_or_else(PoisonError::into_inner);
-    match lsn {
-        Some(lsn) => pins.insert((side.shard, peer.to_owned()), lsn),
-        None => pins.remove(&(side.shard, peer.to_owned())),
-    };
-    let lowest = pins.iter().filter(|((shard, _), _)| *shard == side.shard).map(|(_, lsn)| *lsn).min();
-    side.pin.store(lowest.unwrap_or(u64::MAX), Ordering::SeqCst);
 }
 
 /// The newest checkpoint file of the shard: its LSN and path.
 fn newest_checkpoint(side: &ThreadSide) -> Result<Option<(u64, std::path::PathBuf)>, StreamError> {
-    let entries =
-        std::fs::read_dir(&side.dir).map_err(|error| StreamError::Other(format!("{}: {error}", side.dir.display())))?;
-    let mut newest: Option<(u64, std::path::PathBuf)> = None;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if let Some((shard, lsn)) = name.to_str().and_then(crate::store::checkpoint::parse_file_name)
-            && shard == side.shard
-            && newest.as_ref().is_none_or(|(best, _)| lsn > *best)
-        {
-            newest = Some((lsn, entry.path()));
-        }
-    }
-    Ok(newest)
+    crate::store::shard::newest_checkpoint(&side.dir, side.shard)
+        .map_err(|error| StreamError::Other(format!("{}: {error}", side.dir.display())))
 }
 
 /// Reads the checkpoint at `path` and sends its versions, as they are decoded, in compressed
@@ -697,11 +676,7 @@ fn snapshot_parts(
     parts: &mpsc::Sender<Result<Produced, StreamError>>,
 ) -> Result<(), StreamError> {
     let fail = |error: &dyn std::fmt::Display| StreamError::Other(format!("{}: {error}", path.display()));
-    let file = std::fs::File::open(path).map_err(|error| fail(&error))?;
-    // SAFETY: checkpoint files are written once under a temporary name and never modified
-    // after the rename; a newer checkpoint deletes this one, which leaves the mapping whole.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| fail(&error))?;
-    let bytes = Bytes::from_owner(map);
+    let bytes = crate::store::shard::map_checkpoint(path).map_err(|error| fail(&error))?;
     let mut builder = PartBuilder { side, codec, bytes_max, parts, raw: Vec::new(), count: 0, payload: Vec::new() };
     let mut outcome: Result<bool, StreamError> = Ok(true);
     let info = crate::store::checkpoint::decode(&bytes, side.record_payload_bytes_max, |op, ts| {
@@ -926,12 +901,13 @@ async fn receive_stream(
     remember_connection(context, &region, "in", connection);
     let applied = metrics::counter!("meridian_replication_applied_records_total", "source" => region.clone());
     let installed = metrics::counter!("meridian_replication_snapshots_installed_total", "source" => region.clone());
-    let next_lsn = context
+    // check_hello let only a shard homed in `region`, not here, through: it has a position.
+    let position = context
         .positions
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
         .get(&(region.clone(), shard))
-        .map_or(1, |(lsn, _)| *lsn);
+        .cloned()
+        .ok_or_else(|| StreamError::Other(format!("no replication position for shard {shard} from {region}")))?;
+    let next_lsn = position.lsn();
     write_frame(&mut send, &Frame::Resume { next_lsn }).await?;
     let mut inbound = Inbound::new(shard, next_lsn);
 
@@ -957,17 +933,15 @@ async fn receive_stream(
                 tracing::info!(shard, source = %region, resume_lsn = accepted.next_lsn, "snapshot installed; batches resume");
             }
             context.resolved.set_closed(&region, shard, accepted.closed_ts);
-            if let Some(next_lsn) = advance_position(context, &side, &region, accepted.next_lsn) {
+            if let Some(next_lsn) = position.advance(accepted.next_lsn) {
                 // Off the runtime's thread (it syncs), and the ack does not wait for it: a
                 // stale position only makes the source resend records.
-                if let Some(file) = context.position_files.get(&(region.clone(), shard)).cloned() {
-                    let (dir, source) = (side.dir.clone(), region.clone());
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(error) = store_position(&file, &dir, &source, next_lsn) {
-                            tracing::error!(shard, %error, "cannot write the replication position");
-                        }
-                    });
-                }
+                let (position, source) = (position.clone(), region.clone());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(error) = position.store(&source, next_lsn) {
+                        tracing::error!(shard, %error, "cannot write the replication position");
+                    }
+                });
             }
             write_frame(&mut send, &Frame::Ack { next_lsn: accepted.next_lsn, closed_ts: accepted.closed_ts }).await?;
         }
@@ -979,16 +953,17 @@ async fn receive_stream(
         while let Some(frame) = read_frame(&mut recv).await? {
             // A batch of WAL records, or a part of a snapshot installed before them: entries
             // either way, applied alike (a version applied twice is one version).
-            let (accepted, install, (codec, body, raw_len, count)) = match repl::decode_frame(&frame)?.0 {
+            // `snapshot_end`: the horizon, on a snapshot's last part.
+            let (accepted, install, snapshot_end, (codec, body, raw_len, count)) = match repl::decode_frame(&frame)?.0 {
                 Frame::Batch(batch) => {
-                    (inbound.accept(&batch)?, None, (batch.codec, batch.body, batch.raw_len, batch.count))
+                    (inbound.accept(&batch)?, false, None, (batch.codec, batch.body, batch.raw_len, batch.count))
                 }
                 Frame::Install(part) => {
                     if part.last {
                         check_horizon(context, part.horizon)?;
                     }
-                    let horizon = part.last.then_some(part.horizon);
-                    (inbound.install(&part)?, Some(horizon), (part.codec, part.body, part.raw_len, part.count))
+                    let end = part.last.then_some(part.horizon);
+                    (inbound.install(&part)?, true, end, (part.codec, part.body, part.raw_len, part.count))
                 }
                 other => return Err(StreamError::Other(format!("expected Batch or Install, got {other:?}"))),
             };
@@ -999,27 +974,27 @@ async fn receive_stream(
             let mut dones = Vec::new();
             for (glt, payload) in entries.iter().skip(accepted.skip as usize) {
                 let payload = raw.slice_ref(payload);
-                if install.is_some() {
+                if install {
                     let ops =
                         op::decode(&payload).map_err(|error| StreamError::Other(format!("snapshot entry: {error}")))?;
                     let keys = snapshot_keys.get_or_insert_with(HashSet::new);
                     keys.extend(ops.into_iter().map(|op| Bytes::copy_from_slice(&op.key)));
                 }
                 let (done, wait) = oneshot::channel();
-                let apply = Apply { glt, payload, snapshot_keys: None, done };
+                let apply = Apply { glt, work: Work::Record(payload), done };
                 side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
                 dones.push(wait);
             }
-            if let Some(Some(horizon)) = install {
+            if let Some(horizon) = snapshot_end {
                 // The snapshot's end: keys held here and absent from it were deleted and
                 // collected at the home; they get a tombstone at its horizon.
-                let keys = Arc::new(snapshot_keys.take().unwrap_or_default());
+                let keys = snapshot_keys.take().unwrap_or_default();
                 let (done, wait) = oneshot::channel();
-                let apply = Apply { glt: horizon, payload: Bytes::new(), snapshot_keys: Some(keys), done };
+                let apply = Apply { glt: horizon, work: Work::SnapshotEnd(keys), done };
                 side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
                 dones.push(wait);
             }
-            if pending_tx.send((accepted, install.is_some(), dones)).is_err() {
+            if pending_tx.send((accepted, install, dones)).is_err() {
                 break;
             }
         }
@@ -1049,40 +1024,52 @@ fn check_horizon(context: &Context, horizon: u64) -> Result<(), StreamError> {
     }
 }
 
-/// Records the stream's new position; the position to write out when the last write is
-/// [`POSITION_WRITE_INTERVAL`] old.
-fn advance_position(context: &Context, side: &ThreadSide, region: &str, next_lsn: u64) -> Option<u64> {
-    let mut positions = context.positions.lock().unwrap_or_else(PoisonError::into_inner);
-    let entry = positions.entry((region.to_owned(), side.shard)).or_insert((1, Instant::now()));
-    entry.0 = entry.0.max(next_lsn);
-    (entry.1.elapsed() >= POSITION_WRITE_INTERVAL).then(|| {
-        entry.1 = Instant::now();
-        entry.0
-    })
+/// A replica shard's resume position from one source region.
+struct Position {
+    /// The shard's directory, where the position file is.
+    dir: std::path::PathBuf,
+    /// The position in memory, and when it was last written out.
+    current: Mutex<(u64, Instant)>,
+    /// The position last written to the file, held while the file is written (streams write
+    /// from blocking threads, the final flush from the runtime's), so no two writes share the
+    /// temporary file and a stale write never follows a newer one.
+    written: Mutex<u64>,
+}
+
+impl Position {
+    fn lsn(&self) -> u64 {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner).0
+    }
+
+    /// Records the stream's new position; the position to write out when the last write is
+    /// [`POSITION_WRITE_INTERVAL`] old.
+    fn advance(&self, next_lsn: u64) -> Option<u64> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current.0 = current.0.max(next_lsn);
+        (current.1.elapsed() >= POSITION_WRITE_INTERVAL).then(|| {
+            current.1 = Instant::now();
+            current.0
+        })
+    }
+
+    /// Writes `next_lsn` to the file unless a position at least as far was written already.
+    fn store(&self, region: &str, next_lsn: u64) -> std::io::Result<()> {
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        if next_lsn > *written {
+            position::store(&self.dir, region, next_lsn)?;
+            *written = next_lsn;
+        }
+        Ok(())
+    }
 }
 
 /// How often a stream writes its position out.
 const POSITION_WRITE_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Writes `next_lsn` to the position file guarded by `file` unless a position at least as far
-/// was written already.
-fn store_position(file: &Mutex<u64>, dir: &std::path::Path, region: &str, next_lsn: u64) -> std::io::Result<()> {
-    let mut written = file.lock().unwrap_or_else(PoisonError::into_inner);
-    if next_lsn > *written {
-        position::store(dir, region, next_lsn)?;
-        *written = next_lsn;
-    }
-    Ok(())
-}
-
 fn flush_positions(context: &Context) {
-    let positions = context.positions.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    for ((region, shard), (lsn, _)) in &positions {
-        let side = context.shards.iter().find(|side| side.shard == *shard);
-        if let (Some(side), Some(file)) = (side, context.position_files.get(&(region.clone(), *shard))) {
-            if let Err(error) = store_position(file, &side.dir, region, *lsn) {
-                tracing::error!(shard, %error, "cannot write the replication position");
-            }
+    for ((region, shard), position) in &context.positions {
+        if let Err(error) = position.store(region, position.lsn()) {
+            tracing::error!(shard, %error, "cannot write the replication position");
         }
     }
 }

@@ -3,8 +3,8 @@
 //! here). A source region's resolved timestamp is the minimum over its shards: reads at or
 //! below it are consistent across shards. For each shard homed in its own region the node also
 //! records the timestamp up to which its local writes are applied; the node's readable
-//! timestamp (what snapshot reads wait for) is the minimum of both. Shared by the replication thread and the home shards
-//! (writers) and the shards' client endpoints (readers).
+//! timestamp (what snapshot reads wait for) is the minimum of both. Shared by the replication
+//! thread and the home shards (writers) and the shards' client endpoints (readers).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};

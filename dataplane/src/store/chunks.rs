@@ -116,7 +116,7 @@ pub fn verify(expected: &ChunkRef, file: &[u8]) -> Result<Bytes, ChunkError> {
 }
 
 /// [`verify`] without the copy: the chunk's data inside `file`.
-fn verified_data<'a>(expected: &ChunkRef, file: &'a [u8]) -> Result<&'a [u8], ChunkError> {
+pub fn verified_data<'a>(expected: &ChunkRef, file: &'a [u8]) -> Result<&'a [u8], ChunkError> {
     let corrupt = |block: u32, reason: String| ChunkError::Corrupt { chunk: hex(&expected.hash), block, reason };
     let (record, _) = wire::decode(file.get(..SECTOR_BYTES).unwrap_or(file), SECTOR_U32)
         .map_err(|error| corrupt(u32::MAX, format!("header: {error}")))?;
@@ -351,12 +351,6 @@ impl ChunkStore {
         Ok(())
     }
 
-    /// Reads and checks one chunk.
-    pub async fn read_chunk(&self, chunk: &ChunkRef) -> Result<Bytes, ChunkError> {
-        let file = self.read_file(chunk).await?;
-        verify(chunk, &file)
-    }
-
     /// Reads one chunk's file whole (unchecked).
     async fn read_file(&self, chunk: &ChunkRef) -> Result<glommio::io::ReadResult, ChunkError> {
         let path = self.dir.join(file_name(&chunk.hash));
@@ -383,14 +377,6 @@ impl ChunkStore {
         })
         .detach();
         read
-    }
-
-    /// Reads a whole chunked value, checking every block.
-    pub async fn read(&self, list: &ChunkList) -> Result<Bytes, ChunkError> {
-        if let [chunk] = list.chunks.as_slice() {
-            return self.read_chunk(chunk).await;
-        }
-        self.read_range(list, 0, list.size).await
     }
 
     /// Bytes `from..to` of a chunked value (clamped to its size). Every chunk holding some of

@@ -407,11 +407,7 @@ impl ShardStore {
     async fn read_chunked_range(&self, list: &ChunkList, from: u64, to: u64) -> Result<Bytes, StoreError> {
         // Hold the chunks so a concurrent collection cannot delete them mid-read.
         self.inner.chunks.add_refs(list);
-        let result = if from == 0 && to >= list.size {
-            self.inner.chunks.read(list).await
-        } else {
-            self.inner.chunks.read_range(list, from, to).await
-        };
+        let result = self.inner.chunks.read_range(list, from, to).await;
         self.inner.chunks.release(list)?;
         Ok(result?)
     }
@@ -724,23 +720,23 @@ impl ShardStore {
     }
 
     /// Tombstones `keys` at `ts` through the WAL, as records of at most `batch_ops_max` deletes
-    /// and half a WAL record of keys each. Returns how many.
+    /// that fit a WAL record each. Returns how many.
     async fn tombstone(&self, ts: u64, keys: &[Bytes]) -> Result<u64, StoreError> {
-        let record_max = self.inner.config.wal.record_payload_bytes_max as usize / 2;
+        let config = &self.inner.config;
+        let record_max = config.wal.record_payload_bytes_max as usize;
+        let empty = op::encoded_len(std::iter::empty());
+        let delete_len = |key: &Bytes| op::encoded_len([(&key[..], Value::Tombstone)]) - empty;
         let mut start = 0;
         while start < keys.len() {
-            let (mut end, mut bytes) = (start, 0);
-            while end < keys.len()
-                && end - start < self.inner.config.batch_ops_max.max(1)
-                && (end == start || bytes + keys[end].len() + 8 <= record_max)
+            let (mut end, mut bytes) = (start + 1, empty + delete_len(&keys[start]));
+            while end < keys.len() && end - start < config.batch_ops_max && bytes + delete_len(&keys[end]) <= record_max
             {
-                bytes += keys[end].len() + 8;
+                bytes += delete_len(&keys[end]);
                 end += 1;
             }
-            let mut payload = Vec::with_capacity(bytes + 2);
-            op::encode(keys[start..end].iter().map(|key| (&key[..], Value::Tombstone)), &mut payload).map_err(
-                |error| StoreError::BadReplica { shard_id: self.inner.config.shard_id, reason: error.to_string() },
-            )?;
+            let mut payload = Vec::with_capacity(bytes);
+            op::encode(keys[start..end].iter().map(|key| (&key[..], Value::Tombstone)), &mut payload)
+                .map_err(|error| StoreError::BadReplica { shard_id: config.shard_id, reason: error.to_string() })?;
             self.apply_replicated(ts, &Bytes::from(payload)).await?;
             start = end;
         }
@@ -886,29 +882,41 @@ fn remove_checkpoints(dir: &Path, shard_id: u32, doomed: impl Fn(u64) -> bool) -
     Ok(())
 }
 
-/// Loads the newest checkpoint of the shard into `versions`, zero-copy from a memory map.
-fn load_checkpoint(config: &StoreConfig, versions: &mut VersionMap) -> Result<Option<CheckpointInfo>, StoreError> {
+/// The newest checkpoint file of shard `shard_id` in `dir`: its LSN and path.
+pub fn newest_checkpoint(dir: &Path, shard_id: u32) -> std::io::Result<Option<(u64, PathBuf)>> {
     let mut newest: Option<(u64, PathBuf)> = None;
-    for entry in std::fs::read_dir(&config.dir).map_err(|error| StoreError::Recovery {
-        shard_id: config.shard_id,
-        message: format!("list {}: {error}", config.dir.display()),
-    })? {
+    for entry in std::fs::read_dir(dir)? {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name();
         if let Some((shard, lsn)) = name.to_str().and_then(checkpoint::parse_file_name)
-            && shard == config.shard_id
+            && shard == shard_id
             && newest.as_ref().is_none_or(|(best, _)| lsn > *best)
         {
             newest = Some((lsn, entry.path()));
         }
     }
+    Ok(newest)
+}
+
+/// A checkpoint file's bytes, memory-mapped (decoded zero-copy from there).
+pub fn map_checkpoint(path: &Path) -> std::io::Result<Bytes> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: checkpoint files are written once under a temporary name and never modified
+    // after the rename; nothing truncates them while mapped (a newer checkpoint deletes an
+    // older one, which leaves its mapping whole).
+    let map = unsafe { memmap2::Mmap::map(&file) }?;
+    Ok(Bytes::from_owner(map))
+}
+
+/// Loads the newest checkpoint of the shard into `versions`, zero-copy from a memory map.
+fn load_checkpoint(config: &StoreConfig, versions: &mut VersionMap) -> Result<Option<CheckpointInfo>, StoreError> {
+    let newest = newest_checkpoint(&config.dir, config.shard_id).map_err(|error| StoreError::Recovery {
+        shard_id: config.shard_id,
+        message: format!("list {}: {error}", config.dir.display()),
+    })?;
     let Some((_, path)) = newest else { return Ok(None) };
     let fail = |message: String| StoreError::Checkpoint { path: path.display().to_string(), message };
-    let file = std::fs::File::open(&path).map_err(|error| fail(format!("open: {error}")))?;
-    // SAFETY: checkpoint files are written once under a temporary name and never modified
-    // after the rename; nothing truncates them while mapped.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| fail(format!("map: {error}")))?;
-    let bytes = Bytes::from_owner(map);
+    let bytes = map_checkpoint(&path).map_err(|error| fail(format!("open: {error}")))?;
     let info = checkpoint::decode(&bytes, config.wal.record_payload_bytes_max, |op, ts| {
         versions.apply(op.key, ts, op.body);
     })
