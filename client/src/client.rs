@@ -231,7 +231,7 @@ impl Client {
     fn over(
         addresses: Vec<String>,
         config: ClientConfig,
-        seed: Option<(u32, Arc<Connection>)>,
+        mut seed: Option<(u32, Arc<Connection>)>,
     ) -> Result<Self, ClientError> {
         let seed_shard = seed.as_ref().map(|(shard, _)| *shard);
         let Some(shard_count) = u32::try_from(addresses.len())
@@ -242,12 +242,11 @@ impl Client {
             let count = addresses.len();
             return Err(ClientError::Protocol(format!("shard map of {count} shards{from}: no shard to route to")));
         };
-        let mut connections: Vec<_> = (0..shard_count).map(|_| tokio::sync::Mutex::new(None)).collect();
-        if let Some((shard, connection)) = seed {
-            if let Some(slot) = usize::try_from(shard).ok().and_then(|shard| connections.get_mut(shard)) {
-                *slot.get_mut() = Some(connection);
-            }
-        }
+        let connections = (0..shard_count)
+            .map(|index| {
+                tokio::sync::Mutex::new(seed.take_if(|(shard, _)| *shard == index).map(|(_, connection)| connection))
+            })
+            .collect();
         Ok(Self { inner: Arc::new(Inner { config, shard_count, addresses, connections }) })
     }
 

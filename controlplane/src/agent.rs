@@ -162,16 +162,14 @@ impl Agent {
                 next_lease_round = Instant::now() + self.config.lease / 3;
             }
             // Early only after a heartbeat that went through, and at most four times a period.
-            let early = registered && heartbeat_ok;
+            // (A heartbeat goes through only once registered.)
+            let early = heartbeat_ok;
             let wal_grew = async {
+                if !early {
+                    return std::future::pending().await;
+                }
                 tokio::time::sleep(self.config.heartbeat / 4).await;
-                loop {
-                    if early
-                        && self.config.wal_bytes.load(Ordering::Relaxed)
-                            >= wal_reported.saturating_add(WAL_REPORT_BYTES)
-                    {
-                        break;
-                    }
+                while self.config.wal_bytes.load(Ordering::Relaxed) < wal_reported.saturating_add(WAL_REPORT_BYTES) {
                     tokio::time::sleep(WAL_REPORT_CHECK).await;
                 }
             };

@@ -491,19 +491,21 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     for listen in listens {
         clients.push(Client::connect(&listen, config.clone()).await?);
     }
+    let client_of = |region: &str| {
+        REGIONS.iter().position(|known| *known == region).map(|index| &clients[index]).context("unknown region")
+    };
     // Writes go to each shard's home.
     let homes = (0..args.shards)
         .map(|shard| {
-            let region = REGIONS.iter().position(|region| *region == args.home_of(shard)).context("home region")?;
-            clients[region].addresses().get(shard).cloned().context("a region's node has fewer shards")
+            client_of(args.home_of(shard))?.addresses().get(shard).cloned().context("a region's node has fewer shards")
         })
         .collect::<Result<Vec<String>>>()?;
     let writer = Client::with_addresses(homes, config.clone())?;
-    let replica_regions = args.replica_regions();
-    let replica_clients: Vec<(&'static str, Client)> = replica_regions
-        .iter()
-        .map(|region| (*region, clients[REGIONS.iter().position(|known| known == region).unwrap_or(0)].clone()))
-        .collect();
+    let replica_clients = args
+        .replica_regions()
+        .into_iter()
+        .map(|region| Ok((region, client_of(region)?.clone())))
+        .collect::<Result<Vec<(&'static str, Client)>>>()?;
     wait_healthy(&control, &replica_clients).await?;
     say(&format!("healthy; logs in {}", dir.join("logs").display()));
 
@@ -521,7 +523,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     let started = Instant::now();
     let record: SharedRecord = Arc::new(Mutex::new(Record::new(started, args.warmup)));
     let lags: Vec<(&'static str, Arc<AtomicU64>)> =
-        replica_regions.iter().map(|region| (*region, Arc::new(AtomicU64::new(u64::MAX)))).collect();
+        replica_clients.iter().map(|(region, _)| (*region, Arc::new(AtomicU64::new(u64::MAX)))).collect();
     let sampling = Arc::new(AtomicBool::new(true));
     let mut samplers = Vec::new();
     for ((region, client), (_, current)) in replica_clients.iter().zip(&lags) {

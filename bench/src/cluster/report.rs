@@ -61,6 +61,11 @@ impl Report {
         write_file(&self.dir.join("report.json"), &self.to_json())
     }
 
+    /// The regions with RPO figures (the replica regions of the run), in order.
+    fn rpo_regions(&self) -> impl Iterator<Item = &'static str> + use<'_> {
+        REGIONS.into_iter().filter(|region| self.figures.get(&format!("{region}_rpo_p99_ms")).is_some())
+    }
+
     /// Every figure, to add to.
     pub fn figures_mut(&mut self) -> &mut Figures {
         &mut self.figures
@@ -294,7 +299,7 @@ impl Report {
             let _ = writeln!(md, "| {label} | {} |", f(key));
         }
         md.push_str("\n## RPO per replica region\n\n| region | p50 (ms) | p99 (ms) | max (ms) | samples |\n|---|---|---|---|---|\n");
-        for region in REGIONS.into_iter().filter(|region| self.figures.get(&format!("{region}_rpo_p99_ms")).is_some()) {
+        for region in self.rpo_regions() {
             let keys = ["rpo_p50_ms", "rpo_p99_ms", "rpo_max_ms", "rpo_samples"].map(|key| format!("{region}_{key}"));
             self.row(&mut md, region, &keys);
         }
@@ -374,7 +379,7 @@ pub fn print_summary(report: &Report) {
             f("write_p99_vs_device_ratio")
         );
     }
-    for region in REGIONS.into_iter().filter(|region| report.figures.get(&format!("{region}_rpo_p99_ms")).is_some()) {
+    for region in report.rpo_regions() {
         println!(
             "  RPO {region}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             f(&format!("{region}_rpo_p50_ms")),

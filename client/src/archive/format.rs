@@ -13,7 +13,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 
 use thiserror::Error;
 
@@ -90,53 +89,8 @@ pub enum FormatError {
 /// A chunk id: BLAKE3 of the raw chunk.
 pub type ChunkId = [u8; 32];
 
-/// Hashing for maps keyed by chunk and pack ids (tens of thousands of them per export): the
-/// ids are BLAKE3 output already, so a multiply-and-fold over their words spreads them as well
-/// as SipHash does, at a fraction of the time. Not for keys an adversary picks freely: a
-/// forged archive could slow its own reading down, nothing more.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct IdHash;
-
-/// The hasher of [`IdHash`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct IdHasher(u64);
-
-impl BuildHasher for IdHash {
-    type Hasher = IdHasher;
-
-    fn build_hasher(&self) -> IdHasher {
-        IdHasher(0)
-    }
-}
-
-impl IdHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for IdHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            self.add(u64::from_le_bytes(word.try_into().unwrap_or_default()));
-        }
-        let mut tail = [0u8; 8];
-        tail[..words.remainder().len()].copy_from_slice(words.remainder());
-        self.add(u64::from_le_bytes(tail));
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// A map keyed by chunk id.
-pub type ChunkMap<V> = HashMap<ChunkId, V, IdHash>;
+/// A map keyed by chunk id (tens of thousands per export), with the workspace's fast hasher.
+pub type ChunkMap<V> = HashMap<ChunkId, V, ahash::RandomState>;
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -362,7 +316,6 @@ pub fn encode_index(index: &SnapshotIndex) -> Result<Vec<u8>, FormatError> {
         ids.dedup();
         ids
     };
-    let pack_numbers: HashMap<PackId, u32, IdHash> = packs.iter().copied().zip(0u32..).collect();
     let numbers: ChunkMap<u32> = index.chunks.keys().copied().zip(0u32..).collect();
     let refs: usize =
         index.keys.iter().map(|entry| entry.key.len() + entry.chunks.len() * 4 + entry.stored.len() * 36).sum();
@@ -381,7 +334,11 @@ pub fn encode_index(index: &SnapshotIndex) -> Result<Vec<u8>, FormatError> {
     body.extend_from_slice(&count(index.chunks.len(), "chunks")?);
     for (id, at) in &index.chunks {
         body.extend_from_slice(id);
-        body.extend_from_slice(&pack_numbers[&at.pack].to_le_bytes());
+        // `packs` is sorted and holds every chunk's pack: its index is the pack's number.
+        let number = packs
+            .binary_search(&at.pack)
+            .map_err(|_| FormatError::Body(format!("chunk {}: its pack is not listed", hex(id))))?;
+        body.extend_from_slice(&count(number, "packs")?);
         body.extend_from_slice(&at.offset.to_le_bytes());
         body.extend_from_slice(&at.len.to_le_bytes());
         body.extend_from_slice(&at.raw.to_le_bytes());
@@ -495,7 +452,7 @@ pub fn decode_index(bytes: &[u8]) -> Result<SnapshotIndex, FormatError> {
     let packs = (0..r.count("pack count", 16)?).map(|_| r.array::<16>("pack id")).collect::<Result<Vec<_>, _>>()?;
     let n_chunks = r.count("chunk count", CHUNK_ROW_BYTES)?;
     let mut ids = Vec::with_capacity(n_chunks);
-    let mut chunks = ChunkMap::with_capacity_and_hasher(n_chunks, IdHash);
+    let mut chunks = ChunkMap::with_capacity_and_hasher(n_chunks, ahash::RandomState::new());
     for _ in 0..n_chunks {
         let at = r.at;
         let id: ChunkId = r.array("chunk id")?;

@@ -26,7 +26,7 @@ use thiserror::Error;
 
 use crate::{Client, ClientError};
 use format::{
-    ChunkId, ChunkMap, FormatError, IdHash, KeyEntry, Location, PackId, SnapshotIndex, hex, pack_name, parse_pack_name,
+    ChunkId, ChunkMap, FormatError, KeyEntry, Location, PackId, SnapshotIndex, hex, pack_name, parse_pack_name,
 };
 
 /// Content-defined chunk sizes (FastCDC): minimum, average, maximum.
@@ -185,6 +185,11 @@ fn index_path(id: u64) -> ObjectPath {
     ObjectPath::from(format!("snapshots/{id:020}.idx"))
 }
 
+/// The snapshot id of an index file's name (see [`index_path`]).
+fn parse_index_name(name: &str) -> Option<u64> {
+    name.strip_suffix(".idx")?.parse().ok()
+}
+
 impl Archive {
     /// Opens the archive at `location`: a directory (created if missing), `file:///dir`, or
     /// with the `s3` feature `s3://bucket/prefix` (credentials from the environment).
@@ -244,7 +249,7 @@ impl Archive {
     async fn snapshots_besides(&self, known: &HashSet<u64>) -> Result<Vec<SnapshotIndex>, ArchiveError> {
         let mut out = Vec::new();
         for meta in self.objects("snapshots").await? {
-            let id = meta.location.filename().and_then(|name| name.strip_suffix(".idx")?.parse::<u64>().ok());
+            let id = meta.location.filename().and_then(parse_index_name);
             if id.is_some_and(|id| known.contains(&id)) {
                 continue;
             }
@@ -846,7 +851,7 @@ struct PackWriter {
     buffer: Vec<u8>,
     /// Chunks in the buffer: id, offset, entry length, raw length.
     pending: Vec<(ChunkId, u64, u32, u32)>,
-    held: HashSet<ChunkId, IdHash>,
+    held: HashSet<ChunkId, ahash::RandomState>,
     /// Pack writes under way, oldest first.
     writes: std::collections::VecDeque<tokio::task::JoinHandle<Result<(), object_store::Error>>>,
     bytes_written: u64,
