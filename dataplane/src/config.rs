@@ -108,6 +108,10 @@ pub struct ReplicationSection {
     /// Most WAL bytes a home shard keeps for a peer that fell behind (default 1 GiB); a peer
     /// further behind catches up from a snapshot.
     pub wal_hold_bytes_max: Option<u64>,
+    /// Key prefixes of the multi-master keyspaces, the same on every node: their keys are
+    /// written in any region and the last writer wins.
+    #[serde(default)]
+    pub multi_master: Vec<String>,
     /// The other regions.
     #[serde(default)]
     pub peers: Vec<PeerSection>,
@@ -198,6 +202,14 @@ impl ReplicationSection {
         let bandwidth_mbit = range("bandwidth_mbit", self.bandwidth_mbit, 1000, 1, 1_000_000)?;
         let rtt_ms = range("rtt_ms", self.rtt_ms, 100, 1, 10_000)?;
         let wal_hold_bytes_max = range("wal_hold_bytes_max", self.wal_hold_bytes_max, 1 << 30, 0, 1 << 50)?;
+        for (index, prefix) in self.multi_master.iter().enumerate() {
+            if prefix.is_empty() || prefix.len() > crate::limits::KEY_BYTES_LIMIT {
+                return Err(invalid(
+                    &format!("multi_master[{index}]"),
+                    format!("a key prefix must be 1 to {} bytes", crate::limits::KEY_BYTES_LIMIT),
+                ));
+            }
+        }
         // Twice the bandwidth-delay product, so a window never stalls a stream that keeps up.
         let quic_window_bytes = (bandwidth_mbit * 1_000_000 / 8 * rtt_ms / 1000 * 2).max(1 << 20);
         let config = crate::repl::ReplConfig {
@@ -216,6 +228,7 @@ impl ReplicationSection {
             closed_interval: Duration::from_millis(closed_interval_ms),
             quic_window_bytes,
             wal_hold_bytes_max,
+            multi_master: self.multi_master.clone(),
         };
         config.check_peers().map_err(|reason| invalid("peers", reason))?;
         Ok(config)
@@ -635,6 +648,7 @@ mod tests {
         assert!(replication.iter().all(|field| *field), "the example leaves a [replication] field undocumented");
         assert!(set.iter().all(|field| *field), "the example leaves a field undocumented");
         assert!(text.contains("# shards ="));
+        assert!(text.contains("\n# multi_master = [\""), "the example leaves [replication] multi_master undocumented");
     }
 
     #[test]
@@ -656,6 +670,9 @@ mod tests {
                 "replication.peers[0].region",
             ),
             (&format!("{ok}colour = 1\n"), "colour"),
+            (&format!("{ok}multi_master = [\"mm/\", \"\"]\n"), "replication.multi_master[1]"),
+            // With multi-master keyspaces every region takes writes, so it needs peers.
+            (&format!("{ok}multi_master = [\"mm/\"]\n"), "replication.peers"),
         ] {
             let message = error_of(&format!("{base}{text}"));
             assert!(message.contains(field), "{field}: {message}");

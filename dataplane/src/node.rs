@@ -162,11 +162,16 @@ async fn shard_main(
     let mut store_config = config.store_for(shard_id);
     if let (Some(side), Some(repl)) = (&side, &config.replication) {
         store_config.wal_hold = side.hold.clone();
-        store_config.wal_hold_bytes_max = repl.wal_hold_bytes_max;
+        // With multi-master keyspaces a snapshot cannot tell a key deleted at its source from
+        // one the source has not received yet: the WAL is kept for every peer, however far
+        // behind, so that no stream needs one.
+        store_config.wal_hold_bytes_max = if repl.is_multi_master() { u64::MAX } else { repl.wal_hold_bytes_max };
         store_config.wal_pin = side.pin.clone();
         if !repl.is_home_of(shard_id) {
             store_config.replica_of = repl.home_of(shard_id).map(str::to_owned);
         }
+        store_config.multi_master = repl.multi_master.iter().map(|prefix| prefix.as_bytes().to_vec()).collect();
+        store_config.origin = repl.origin_of(&repl.region);
     }
     let started = std::time::Instant::now();
     let store = ShardStore::open(store_config).await.map_err(|error| format!("shard {shard_id}: {error}"))?;
@@ -191,13 +196,14 @@ async fn shard_main(
     let heartbeat = spawn_heartbeat(&store, watchdog.clone(), shard_id);
     let replication_task = match (side, &config.replication) {
         (Some(side), Some(repl)) => {
-            Some(spawn_replication(&store, side, repl.closed_interval, repl.is_home_of(shard_id)))
+            let receives = !repl.sources_of(shard_id).is_empty();
+            Some(spawn_replication(&store, side, repl.closed_interval, repl.ships_shard(shard_id), receives))
         }
         _ => None,
     };
     // A shard that takes writes here publishes how far they are applied, for snapshot reads.
     let applied_task = match (&config.replication, map.readable()) {
-        (Some(repl), Some(table)) if repl.is_home_of(shard_id) => {
+        (Some(repl), Some(table)) if repl.ships_shard(shard_id) => {
             Some(spawn_applied(&store, shard_id, table, repl.closed_interval))
         }
         (None, Some(table)) => Some(spawn_applied(&store, shard_id, table, APPLIED_INTERVAL)),
@@ -236,48 +242,56 @@ fn spawn_applied(
     .detach()
 }
 
-/// The shard's half of replication: at the home, publishes its closed point every `interval`
-/// (the shipper tails the WAL up to it); at a replica, applies the records shipped to it,
-/// each in its own task so they share WAL barriers.
+/// The shard's half of replication. Where it `ships` (its home; every region with
+/// multi-master keyspaces), publishes its closed point every `interval` (the shipper tails
+/// the WAL up to it); where it `receives` (a replica; every region with multi-master
+/// keyspaces), applies the records shipped to it, each in its own task so they share WAL
+/// barriers.
 fn spawn_replication(
     store: &ShardStore,
     side: ShardSide,
     interval: Duration,
-    home: bool,
+    ships: bool,
+    receives: bool,
 ) -> glommio::task::JoinHandle<()> {
     let ShardSide { points, mut applies, .. } = side;
-    let store = store.clone();
-    if home {
-        // Only a home shard ships, so only it publishes closed points.
-        glommio::spawn_local(async move {
-            loop {
-                if let Ok(point) = store.closed_point() {
-                    points.send_if_modified(|current| {
-                        let changed = *current != point;
-                        *current = point;
-                        changed
-                    });
-                }
-                glommio::timer::sleep(interval).await;
+    let publisher = store.clone();
+    let publish = async move {
+        loop {
+            if let Ok(point) = publisher.closed_point() {
+                points.send_if_modified(|current| {
+                    let changed = *current != point;
+                    *current = point;
+                    changed
+                });
             }
-        })
-        .detach()
-    } else {
-        glommio::spawn_local(async move {
-            while let Some(apply) = applies.recv().await {
-                let store = store.clone();
-                glommio::spawn_local(async move {
-                    let result = match &apply.work {
-                        Work::Record(payload) => store.apply_replicated(apply.glt, payload).await,
-                        Work::SnapshotEnd(keys) => store.tombstone_absent(apply.glt, keys).await.map(|_| ()),
-                    };
-                    let _ = apply.done.send(result.map_err(|error| error.to_string()));
-                })
-                .detach();
+            glommio::timer::sleep(interval).await;
+        }
+    };
+    let applier = store.clone();
+    let apply = async move {
+        while let Some(apply) = applies.recv().await {
+            let store = applier.clone();
+            glommio::spawn_local(async move {
+                let result = match &apply.work {
+                    Work::Record(payload) => store.apply_replicated(apply.glt, payload).await,
+                    Work::SnapshotEnd(keys) => store.tombstone_absent(apply.glt, keys).await.map(|_| ()),
+                };
+                let _ = apply.done.send(result.map_err(|error| error.to_string()));
+            })
+            .detach();
+        }
+    };
+    glommio::spawn_local(async move {
+        match (ships, receives) {
+            (true, true) => {
+                futures_lite::future::zip(publish, apply).await;
             }
-        })
-        .detach()
-    }
+            (true, false) => publish.await,
+            (false, _) => apply.await,
+        }
+    })
+    .detach()
 }
 
 /// Takes an exclusive `flock` on `<data_dir>/LOCK` for the life of the returned file, so two

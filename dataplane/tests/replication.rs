@@ -493,3 +493,184 @@ fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
         node.stop();
     }
 }
+
+/// Multi-master keys (`[replication] multi_master = ["mm/"]`, every shard homed at a): all
+/// three regions write the same keys at once, each through its own node, over a 20 ms WAN
+/// (one proxy per direction of each pair of regions). Region c is then cut off entirely while
+/// all three keep writing (conflicting writes on both sides of the partition), then healed.
+/// Every region ends with the same contents, and each key holds the write with the greatest
+/// (timestamp, origin region) among all acknowledged ones, deletes included. Keys outside the
+/// keyspace are still written at their home only and replicated from there.
+#[test]
+fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
+    const REGIONS: [&str; 3] = ["a", "b", "c"];
+    const KEYS: u32 = 12;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    controlplane::tls::generate(&tls, &REGIONS.map(str::to_owned)).unwrap();
+    let rt = runtime();
+    let listens: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp_port()).collect();
+    // proxies[from][to]: what region `from` dials to reach `to`.
+    let link = LinkConfig::with_delay(ONE_WAY);
+    let proxies: Vec<Vec<Option<Proxy>>> = rt.block_on(async {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut proxies = Vec::new();
+        for from in 0..REGIONS.len() {
+            let mut row = Vec::new();
+            for (to, listen) in listens.iter().enumerate() {
+                let seed = (from * 3 + to) as u64;
+                row.push(if from == to {
+                    None
+                } else {
+                    Some(Proxy::start(any, *listen, link, link, seed).await.unwrap())
+                });
+            }
+            proxies.push(row);
+        }
+        proxies
+    });
+    let config = |index: usize| {
+        let region = REGIONS[index];
+        let mut text = format!(
+            "shards = 2\n[replication]\nregion = \"{region}\"\nhome = \"a\"\nlisten = \"{}\"\ntls_dir = {tls:?}\n\
+             name = \"{region}\"\nrtt_ms = 40\nmulti_master = [\"mm/\"]\n",
+            listens[index]
+        );
+        for (to, peer) in REGIONS.iter().enumerate().filter(|(to, _)| *to != index) {
+            let addr = proxies[index][to].as_ref().unwrap().addr();
+            text.push_str(&format!("[[replication.peers]]\nregion = \"{peer}\"\naddr = \"{addr}\"\n"));
+        }
+        text
+    };
+    let nodes: Vec<Node> =
+        (0..REGIONS.len()).map(|index| Node::start(&dir.path().join(REGIONS[index]), &config(index))).collect();
+    let cut_c = |cut: bool| {
+        for (from, row) in proxies.iter().enumerate() {
+            for (to, proxy) in row.iter().enumerate() {
+                if let Some(proxy) = proxy.as_ref().filter(|_| from == 2 || to == 2) {
+                    proxy.handle().partition(cut);
+                }
+            }
+        }
+    };
+
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for node in &nodes {
+            clients.push(connect(node).await);
+        }
+        // Outside the keyspace a replica still takes no writes; inside it, it does.
+        match clients[1].put(b"plain", b"v").await {
+            Err(ClientError::Server { code: ErrorCode::NotHome, message }) => assert!(message.contains("region a")),
+            other => panic!("a replica took a write outside the multi-master keyspace: {other:?}"),
+        }
+        let plain_ts = clients[0].put(b"plain", b"written at the home").await.unwrap();
+
+        // Every acknowledged write: (key, timestamp, value; None for a delete), by region.
+        type Written = Vec<(Vec<u8>, u64, Option<Vec<u8>>)>;
+        // From round 50 on, key i is written only by region i % 3: the last writes of the
+        // partition decide, c's included, so each region wins a third of the keys.
+        async fn write_rounds(client: &Client, index: usize, rounds: std::ops::Range<u32>) -> Written {
+            let region = REGIONS[index];
+            let mut written = Vec::new();
+            for round in rounds {
+                for i in 0..KEYS {
+                    if round >= 50 && i as usize % 3 != index {
+                        continue;
+                    }
+                    let key = format!("mm/key-{i:02}").into_bytes();
+                    if (round + i) % 7 == 3 {
+                        match client.delete(&key).await {
+                            Ok(ts) => written.push((key, ts, None)),
+                            Err(ClientError::NotFound) => {} // not here (yet): nothing written
+                            Err(error) => panic!("delete at {region}: {error}"),
+                        }
+                        continue;
+                    }
+                    let value = format!("{region} round {round} key {i}").into_bytes();
+                    let ts = client.put(&key, &value).await.unwrap();
+                    written.push((key, ts, Some(value)));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            written
+        }
+        let clients = &clients;
+        let all_write = |rounds: std::ops::Range<u32>| async move {
+            let (a, b, c) = tokio::join!(
+                write_rounds(&clients[0], 0, rounds.clone()),
+                write_rounds(&clients[1], 1, rounds.clone()),
+                write_rounds(&clients[2], 2, rounds),
+            );
+            vec![a, b, c]
+        };
+        // Connected: writes race on the same keys from three regions.
+        let mut written: Vec<Written> = all_write(0..20).await;
+        // c cut off from both others for 3 s (longer than the connections' idle timeout), all
+        // three writing: both sides of the partition take conflicting writes.
+        cut_c(true);
+        let partitioned = Instant::now();
+        for (region, more) in written.iter_mut().zip(all_write(20..60).await) {
+            region.extend(more);
+        }
+        tokio::time::sleep(Duration::from_secs(3).saturating_sub(partitioned.elapsed())).await;
+        assert!(lag_us(&clients[2], "a").await.unwrap_or(u64::MAX) > 1_000_000, "c was cut off from a");
+        cut_c(false);
+
+        // Stamps carry their region (origins by sorted region name: a 0, b 1, c 2), so no two
+        // regions ever issue the same timestamp.
+        let mut stamps = std::collections::HashSet::new();
+        for (origin, writes) in written.iter().enumerate() {
+            assert!(writes.len() > 400, "region {} wrote only {}", REGIONS[origin], writes.len());
+            for (_, ts, _) in writes {
+                assert_eq!(wire::glt::origin_of(*ts), origin as u8);
+                assert!(stamps.insert(*ts));
+            }
+        }
+        // The winner of each key: the greatest timestamp.
+        let mut winners: BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)> = BTreeMap::new();
+        for (key, ts, value) in written.into_iter().flatten() {
+            if winners.get(&key).is_none_or(|(best, _)| ts > *best) {
+                winners.insert(key, (ts, value));
+            }
+        }
+        let last_ts = winners.values().map(|(ts, _)| *ts).max().unwrap();
+        for (key, (ts, _)) in &winners {
+            let i: usize = std::str::from_utf8(&key[7..]).unwrap().parse().unwrap();
+            assert_eq!(
+                wire::glt::origin_of(*ts) as usize,
+                i % 3,
+                "key {i} was last written by region {}",
+                REGIONS[i % 3]
+            );
+        }
+
+        let mut everywhere = Vec::new();
+        for (client, region) in clients.iter().zip(REGIONS) {
+            // Readable at the last write: every region's writes up to it are applied here.
+            let readable = client.wait_readable(last_ts, Duration::from_secs(20)).await.unwrap();
+            assert!(readable.readable_ts >= last_ts.max(plain_ts), "region {region}");
+            for (key, (ts, value)) in &winners {
+                let got = client.get(key, None).await.unwrap();
+                match (value, got) {
+                    (Some(value), Some(got)) => {
+                        assert_eq!((got.ts, &got.value[..]), (*ts, &value[..]), "region {region}, key {key:?}");
+                    }
+                    (None, None) => {}
+                    (value, got) => panic!("region {region}, key {key:?}: expected {value:?} at {ts}, got {got:?}"),
+                }
+            }
+            let held = contents(client).await;
+            assert_eq!(
+                held.get(&b"plain"[..]).map(Vec::as_slice),
+                Some(&b"written at the home"[..]),
+                "region {region}"
+            );
+            everywhere.push(held);
+        }
+        assert!(everywhere.windows(2).all(|pair| pair[0] == pair[1]), "the regions diverged");
+    });
+    for mut node in nodes {
+        node.stop();
+    }
+}

@@ -428,3 +428,69 @@ fn keys_a_snapshot_lacks_get_a_tombstone_at_its_horizon() {
         assert_eq!(store.get(b"gone-1", Some(500)).await.unwrap(), None);
     });
 }
+
+/// A replica shard with a multi-master keyspace: it takes client writes of keys in the
+/// keyspace (stamped with its origin), refuses the others (`NotHome`), and versions shipped
+/// from other regions land in timestamp order whatever order they arrive in, so the newest
+/// stamp is the value, before and after a restart. The closed point promises only this
+/// region's writes: a shipped record still waiting for its WAL barrier does not hold it back.
+/// An installed snapshot's end never tombstones a multi-master key (it may be a write the
+/// snapshot's source has not received yet).
+#[test]
+fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
+    use dataplane::store::op::{self, Value};
+    use wire::glt::{origin_of, timestamp_at, with_origin};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let mut config = small_store(dir.path(), clock);
+    config.replica_of = Some("a".into());
+    config.multi_master = vec![b"mm/".to_vec()];
+    config.origin = Some(1);
+    let reopen = config.clone();
+    let record = |key: &str, value: &str| {
+        let mut out = Vec::new();
+        op::encode(std::iter::once((key.as_bytes(), Value::Inline(value.as_bytes()))), &mut out).unwrap();
+        bytes::Bytes::from(out)
+    };
+    // `later` is a little ahead of this region's clock (1 s), `earlier` long before it.
+    let (later, earlier) = (with_origin(timestamp_at(1_000_200), 0), with_origin(timestamp_at(1_000), 2));
+    run(async move {
+        let store = ShardStore::open(config).await.unwrap();
+        let not_home = |result| matches!(result, Err(dataplane::store::StoreError::NotHome { .. }));
+        assert!(not_home(store.put(b"plain", b"x").await));
+        let mixed = [(&b"mm/k"[..], Some(&b"1"[..])), (&b"plain"[..], Some(&b"2"[..]))];
+        assert!(not_home(store.write(mixed.into_iter()).await), "a batch with a key outside the keyspace");
+        let local = store.put(b"mm/k", b"local").await.unwrap();
+        assert_eq!(origin_of(local), 1);
+        assert_eq!(store.get(b"mm/k", None).await.unwrap().unwrap().1, &b"local"[..]);
+        // A newer write from region 0, then an older one from region 2: the newer stays.
+        store.apply_replicated(later, &record("mm/k", "from a")).await.unwrap();
+        store.apply_replicated(earlier, &record("mm/k", "from c")).await.unwrap();
+        assert_eq!(store.get(b"mm/k", None).await.unwrap(), Some((later, bytes::Bytes::from_static(b"from a"))));
+        assert_eq!(store.get(b"mm/k", Some(local)).await.unwrap().unwrap().1, &b"local"[..]);
+        // Local stamps go on above what was observed.
+        let next = store.put(b"mm/j", b"after").await.unwrap();
+        assert!(next > later && origin_of(next) == 1);
+        // The closed point is about this region's writes: an old record shipped from region 2,
+        // still waiting for its WAL barrier, does not pull it back below them.
+        let shipped = glommio::spawn_local({
+            let (store, record) = (store.clone(), record("mm/old", "from c"));
+            async move { store.apply_replicated(earlier + 16, &record).await }
+        });
+        futures_lite::future::yield_now().await;
+        assert!(store.progress().waiting, "the shipped record is not waiting for its barrier");
+        assert!(store.closed_point().unwrap().closed_ts >= next);
+        assert!(store.applied_ts().unwrap() >= next);
+        shipped.await.unwrap();
+        // A snapshot's end leaves multi-master keys alone.
+        assert_eq!(store.tombstone_absent(with_origin(later + 1, 0), &Default::default()).await.unwrap(), 0);
+        store.close().await.unwrap();
+    });
+    run(async move {
+        let store = ShardStore::open(reopen).await.unwrap();
+        assert_eq!(store.get(b"mm/k", None).await.unwrap(), Some((later, bytes::Bytes::from_static(b"from a"))));
+        let next = store.put(b"mm/k", b"newest").await.unwrap();
+        assert!(next > later && origin_of(next) == 1, "recovery observed every stamp");
+        assert_eq!(store.get(b"mm/k", None).await.unwrap().unwrap().1, &b"newest"[..]);
+    });
+}

@@ -34,7 +34,10 @@
 //! follow from there.
 //!
 //! The decompressed body is `count` entries, each glt (u64), length (u32), payload: the WAL
-//! record as written by the home shard. [`Entries`] walks them without allocating.
+//! record as written by the source shard. An empty payload keeps the place of a record the
+//! stream does not carry (with multi-master keyspaces a region ships only the records it
+//! stamped itself; the others reach each region from their own origin). [`Entries`] walks them
+//! without allocating.
 //!
 //! Decoding is total: any byte sequence gives a frame or a typed [`ReplError`] (fuzz target
 //! `repl_decode`).

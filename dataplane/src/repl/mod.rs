@@ -3,6 +3,9 @@
 //! region to every peer region over QUIC (mutual TLS), compressed, with the shard's closed
 //! timestamp; the other regions' nodes make the records durable in their own WAL, apply them
 //! and acknowledge. One node can be the home of some shards and a replica of the others.
+//! With multi-master keyspaces (`[replication] multi_master`) every region takes writes of
+//! their keys on every shard and ships its own records of every shard to every peer; stamps
+//! carry their origin region, so timestamp order is last-writer-wins everywhere.
 //!
 //! - `core`: the stream protocol, sans-IO (window, acks, gaps, closed timestamps).
 //! - `codec`: LZ4 / Snappy / none for batch bodies.
@@ -74,6 +77,10 @@ pub struct ReplConfig {
     /// Most WAL a home shard keeps for a peer that fell behind; past it, the peer catches up
     /// from a snapshot (the shard's newest checkpoint) before the batches resume.
     pub wal_hold_bytes_max: u64,
+    /// Key prefixes of the multi-master keyspaces (the same on every node): written in any
+    /// region, last writer wins by (timestamp, origin region). With any, every region ships
+    /// its own writes of every shard to every peer and receives every shard from each.
+    pub multi_master: Vec<String>,
 }
 
 impl ReplConfig {
@@ -82,14 +89,47 @@ impl ReplConfig {
         self.homes.get(shard as usize).map(String::as_str)
     }
 
-    /// Whether `shard` takes its writes here (and ships them) rather than holding a replica.
+    /// Whether `shard` takes its writes here rather than holding a replica.
     pub fn is_home_of(&self, shard: u32) -> bool {
         self.home_of(shard) == Some(self.region.as_str())
     }
 
-    /// Whether some shard is homed here (the node ships).
+    /// Whether the cluster has multi-master keyspaces.
+    pub fn is_multi_master(&self) -> bool {
+        !self.multi_master.is_empty()
+    }
+
+    /// Whether `shard` takes writes here and ships them: at its home, and everywhere with
+    /// multi-master keyspaces.
+    pub fn ships_shard(&self, shard: u32) -> bool {
+        self.is_multi_master() || self.is_home_of(shard)
+    }
+
+    /// The regions that ship `shard` here: its home when that is elsewhere, and every peer
+    /// with multi-master keyspaces.
+    pub fn sources_of(&self, shard: u32) -> Vec<&str> {
+        if self.is_multi_master() {
+            return self.peers.iter().map(|peer| peer.region.as_str()).collect();
+        }
+        self.home_of(shard).filter(|home| *home != self.region).into_iter().collect()
+    }
+
+    /// Whether some shard ships from here.
     pub fn ships(&self) -> bool {
-        self.homes.contains(&self.region)
+        self.is_multi_master() || self.homes.contains(&self.region)
+    }
+
+    /// The origin `region` stamps into its timestamps with multi-master keyspaces (its place
+    /// among this region and the peers, by name, so every node agrees when they list the same
+    /// regions); `None` without them or for a region not known here.
+    pub fn origin_of(&self, region: &str) -> Option<u8> {
+        if !self.is_multi_master() {
+            return None;
+        }
+        let mut regions: Vec<&str> = self.peers.iter().map(|peer| peer.region.as_str()).collect();
+        regions.push(&self.region);
+        regions.sort_unstable();
+        regions.iter().position(|known| *known == region).and_then(|index| u8::try_from(index).ok())
     }
 
     /// Sets the home of each of `shards` shards from the control plane's placement (shard id
@@ -114,8 +154,15 @@ impl ReplConfig {
     pub fn check_peers(&self) -> Result<(), String> {
         if self.ships() && self.peers.is_empty() {
             return Err(format!(
-                "region {} is the home of a shard and needs at least one peer region to ship to",
+                "region {} takes writes of a shard and needs at least one peer region to ship to",
                 self.region
+            ));
+        }
+        if self.is_multi_master() && self.peers.len() >= wire::glt::ORIGINS_MAX {
+            return Err(format!(
+                "multi-master keyspaces allow at most {} regions (the origin takes {} bits of a timestamp)",
+                wire::glt::ORIGINS_MAX,
+                wire::glt::ORIGIN_BITS
             ));
         }
         Ok(())

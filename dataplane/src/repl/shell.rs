@@ -13,8 +13,12 @@
 //! longer holds is sent a snapshot first (the newest checkpoint, in `Install` parts), and a
 //! pin keeps the WAL from the snapshot's LSN until that stream has caught up.
 //!
+//! With multi-master keyspaces every shard ships from every region, each stream carrying only
+//! the records its region stamped (the others as empty entries), and every shard receives from
+//! every peer.
+//!
 //! Receiving (shards homed elsewhere): each stream's `Hello` is checked (the region is the
-//! shard's home and not this one, same shard count), answered with the durable position, then
+//! shard's home and not this one, or any peer with multi-master keyspaces; same shard count), answered with the durable position, then
 //! every batch is checked by the [`Inbound`] core, decompressed, its entries validated and handed to the
 //! owning shard (glommio) as [`Apply`] requests without waiting; a second task awaits them in
 //! order and acknowledges (position, closed timestamp) once all are durable. Snapshot parts
@@ -91,20 +95,23 @@ impl Replication {
         if config.homes.len() != shards.len() {
             return Err(format!("replication: {} shards but {} home regions", shards.len(), config.homes.len()));
         }
-        let resolved = Arc::new(Resolved::new(&config.region, &config.homes));
+        let sources: Vec<Vec<&str>> = shards.iter().map(|side| config.sources_of(side.shard)).collect();
+        let local: Vec<bool> = shards.iter().map(|side| config.ships_shard(side.shard)).collect();
+        let resolved = Arc::new(Resolved::with_sources(&config.region, &sources, &local));
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut positions = HashMap::new();
-        for side in &shards {
-            if let Some(source) = config.home_of(side.shard).filter(|home| *home != config.region) {
+        for (side, sources) in shards.iter().zip(&sources) {
+            for source in sources {
                 let lsn = position::load(&side.dir, source)?;
                 let position = Position {
                     dir: side.dir.clone(),
                     current: Mutex::new((lsn, Instant::now())),
                     written: Mutex::new(lsn),
                 };
-                positions.insert((source.to_owned(), side.shard), Arc::new(position));
+                positions.insert(((*source).to_owned(), side.shard), Arc::new(position));
             }
         }
+        drop(sources);
         let context = Arc::new(Context {
             config,
             shards,
@@ -191,7 +198,7 @@ async fn run(
             let mut connector = Connector::new(endpoint.clone());
             connector.connect_timeout = CONNECT_TIMEOUT;
             let link = Arc::new(PeerLink { peer: peer.clone(), connector });
-            for side in context.shards.iter().filter(|side| context.config.is_home_of(side.shard)) {
+            for side in context.shards.iter().filter(|side| context.config.ships_shard(side.shard)) {
                 tasks.spawn(ship(context.clone(), link.clone(), side.clone()));
             }
         }
@@ -342,6 +349,9 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
     let mut points = side.points.clone();
     let mut point = *points.borrow_and_update();
     let mut cursor = reader.cursor(next_lsn, point.durable_next_lsn.max(next_lsn));
+    // With multi-master keyspaces the WAL also holds what other regions shipped here: the
+    // stream carries this region's own writes only.
+    let origin = config.origin_of(&config.region);
 
     // Acks arrive on their own task so a full window never blocks reading them.
     let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
@@ -371,7 +381,7 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
     loop {
         // Ship what is durable while the window has room.
         while outbound.has_room() && outbound.next_lsn() < point.durable_next_lsn {
-            let built = build_batch(&mut cursor, side, config.batch_bytes_max, point.durable_next_lsn)?;
+            let built = build_batch(&mut cursor, side, config.batch_bytes_max, point.durable_next_lsn, origin)?;
             let ends_at_durable = cursor.next_lsn() >= point.durable_next_lsn;
             let closed = outbound.closed_for(built.last_glt, ends_at_durable, point.closed_ts);
             let sent = send_batch(context, &mut send, &mut head, side.shard, &built, closed).await?;
@@ -452,7 +462,16 @@ struct Built {
     last_glt: Option<u64>,
 }
 
-fn build_batch(cursor: &mut WalCursor, side: &ThreadSide, bytes_max: usize, until: u64) -> Result<Built, StreamError> {
+/// The next batch of WAL records from `cursor`, up to `until`. With `origin`, a record
+/// stamped by another region goes as an empty entry (it keeps its LSN's place; the receiver
+/// has it from its own origin's stream).
+fn build_batch(
+    cursor: &mut WalCursor,
+    side: &ThreadSide,
+    bytes_max: usize,
+    until: u64,
+    origin: Option<u8>,
+) -> Result<Built, StreamError> {
     let first_lsn = cursor.next_lsn();
     let mut built = Built { first_lsn, count: 0, raw: Vec::with_capacity(bytes_max.min(1 << 20)), last_glt: None };
     while built.raw.len() < bytes_max && cursor.next_lsn() < until {
@@ -467,6 +486,11 @@ fn build_batch(cursor: &mut WalCursor, side: &ThreadSide, bytes_max: usize, unti
         else {
             break;
         };
+        if origin.is_some_and(|origin| clock::origin_of(record.glt) != origin) {
+            repl::encode_entry(0, &[], &mut built.raw);
+            built.count += 1;
+            continue;
+        }
         let payload = inline_chunks(&record.payload, side)?;
         let payload = match &payload {
             Some(inlined) => &inlined[..],
@@ -868,6 +892,13 @@ fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Resu
         .cloned()
         .ok_or_else(|| format!("shard {shard} is not on this node"))
         .and_then(|side| match config.home_of(shard) {
+            Some(_) if config.is_multi_master() => {
+                if config.sources_of(shard).contains(&region) {
+                    Ok(side)
+                } else {
+                    Err(format!("region {region} is not a peer of region {}", config.region))
+                }
+            }
             Some(home) if home == config.region => Err(format!(
                 "shard {shard} is homed in region {home}, which takes its writes here and takes no replica"
             )),
@@ -909,6 +940,13 @@ async fn receive_stream(
         .ok_or_else(|| StreamError::Other(format!("no replication position for shard {shard} from {region}")))?;
     let next_lsn = position.lsn();
     write_frame(&mut send, &Frame::Resume { next_lsn }).await?;
+    // With multi-master keyspaces every record the source ships carries its origin, and only
+    // the shard's home may have keys tombstoned at the end of a snapshot (another region's
+    // snapshot may lack keys it has not received yet); the tombstones carry the home's origin,
+    // so no region ships them as its own writes.
+    let source_origin = context.config.origin_of(&region);
+    let from_home = context.config.home_of(shard) == Some(region.as_str());
+    let snapshot_horizon = |horizon: u64| source_origin.map_or(horizon, |origin| clock::with_origin(horizon, origin));
     let mut inbound = Inbound::new(shard, next_lsn);
 
     // Applies go to the shard at once; acks follow in order once each batch is durable.
@@ -962,7 +1000,7 @@ async fn receive_stream(
                     if part.last {
                         check_horizon(context, part.horizon)?;
                     }
-                    let end = part.last.then_some(part.horizon);
+                    let end = (part.last && from_home).then(|| snapshot_horizon(part.horizon));
                     (inbound.install(&part)?, true, end, (part.codec, part.body, part.raw_len, part.count))
                 }
                 other => return Err(StreamError::Other(format!("expected Batch or Install, got {other:?}"))),
@@ -973,6 +1011,18 @@ async fn receive_stream(
             let entries = Entries::new(&raw, count)?;
             let mut dones = Vec::new();
             for (glt, payload) in entries.iter().skip(accepted.skip as usize) {
+                if payload.is_empty() {
+                    continue; // another region's record, in the source's WAL: not carried here
+                }
+                if let Some(expected) = source_origin.filter(|_| !install) {
+                    if clock::origin_of(glt) != expected {
+                        return Err(StreamError::Other(format!(
+                            "region {region} shipped a record stamped by origin {}, not its own {expected}: the \
+                             nodes disagree on [replication] peers or multi_master",
+                            clock::origin_of(glt)
+                        )));
+                    }
+                }
                 let payload = raw.slice_ref(payload);
                 if install {
                     let ops =

@@ -39,14 +39,24 @@ impl Resolved {
     /// id): shards homed in `region` count with their applied points, the others with the
     /// closed timestamps their home region ships.
     pub fn new(region: &str, homes: &[String]) -> Self {
-        let mut sources: BTreeMap<String, Vec<Option<u64>>> = BTreeMap::new();
-        for (shard, home) in homes.iter().enumerate() {
-            if home != region {
-                sources.entry(home.clone()).or_insert_with(|| vec![None; homes.len()])[shard] = Some(0);
+        let sources: Vec<Vec<&str>> =
+            homes.iter().map(|home| if home == region { Vec::new() } else { vec![home.as_str()] }).collect();
+        let local: Vec<bool> = homes.iter().map(|home| home == region).collect();
+        Self::with_sources(region, &sources, &local)
+    }
+
+    /// The table of a node in `region` that receives each shard (by id) from the regions in
+    /// `sources` and takes local writes on the shards marked in `local` (with multi-master
+    /// keyspaces: every shard from every peer, and local writes on all).
+    pub fn with_sources(region: &str, sources: &[Vec<&str>], local: &[bool]) -> Self {
+        let mut table: BTreeMap<String, Vec<Option<u64>>> = BTreeMap::new();
+        for (shard, regions) in sources.iter().enumerate() {
+            for source in regions {
+                table.entry((*source).to_owned()).or_insert_with(|| vec![None; sources.len()])[shard] = Some(0);
             }
         }
-        let local = homes.iter().map(|home| (home == region).then_some(0)).collect();
-        Self { region: region.to_owned(), sources: Mutex::new(sources), local: Mutex::new(local) }
+        let local = local.iter().map(|local| local.then_some(0)).collect();
+        Self { region: region.to_owned(), sources: Mutex::new(table), local: Mutex::new(local) }
     }
 
     /// Shard `shard`, homed here, has applied every local write at or below `ts`.
@@ -167,5 +177,23 @@ mod tests {
         assert_eq!(table.readable_ts(), 80, "min(a's shards 90, b 80, c 120); shard 1's applied point is ignored");
         table.set_closed("b", 1, 200);
         assert_eq!(table.readable_ts(), 90);
+    }
+
+    #[test]
+    fn with_multi_master_keyspaces_every_peer_ships_every_shard_and_every_shard_is_local() {
+        let table = Resolved::with_sources("b", &[vec!["a", "c"], vec!["a", "c"]], &[true, true]);
+        let shards: Vec<(String, u32)> =
+            table.sources().iter().map(|source| (source.region.clone(), source.shards)).collect();
+        assert_eq!(shards, [("a".to_owned(), 2), ("c".to_owned(), 2)]);
+        for shard in 0..2 {
+            table.set_closed("a", shard, 50);
+            table.set_applied(shard, 70);
+        }
+        table.set_closed("c", 0, 60);
+        assert_eq!(table.readable_ts(), 0, "c's shard 1 has not reported");
+        table.set_closed("c", 1, 40);
+        assert_eq!(table.readable_ts(), 40);
+        table.set_applied(0, 30);
+        assert_eq!(table.readable_ts(), 40, "applied points never go back");
     }
 }

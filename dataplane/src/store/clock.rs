@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bits of a timestamp that hold the logical counter.
-pub use wire::glt::{LOGICAL_BITS, physical_us, timestamp_at};
+pub use wire::glt::{LOGICAL_BITS, origin_of, physical_us, timestamp_at, with_origin};
 
 /// Physical time bounds, in microseconds since the Unix epoch: true time lies inside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,24 +105,37 @@ impl Clock for ManualClock {
     }
 }
 
-/// A hybrid logical clock: strictly increasing stamps that track physical time.
+/// A hybrid logical clock: strictly increasing stamps that track physical time. With an
+/// origin (a multi-master cluster, see [`wire::glt`]) every stamp carries it in its lowest
+/// bits, so no other region ever issues the same stamp.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Hlc {
     last: u64,
+    origin: Option<u8>,
 }
 
 impl Hlc {
+    /// A clock whose stamps carry `origin` (`None`: plain stamps).
+    pub fn with_origin(origin: Option<u8>) -> Self {
+        Self { last: 0, origin }
+    }
+
+    /// The first stamp this clock may issue at or above `ts`.
+    fn stamp_from(&self, ts: u64) -> u64 {
+        self.origin.map_or(ts, |origin| with_origin(ts, origin))
+    }
+
     /// A new stamp, greater than every stamp issued or observed before.
     pub fn tick(&mut self, now_us: u64) -> u64 {
-        self.last = timestamp_at(now_us).max(self.last.saturating_add(1));
+        self.last = self.stamp_from(timestamp_at(now_us).max(self.last.saturating_add(1)));
         self.last
     }
 
     /// How long until the next stamp fits inside `interval` (its physical part at most
     /// `latest`): 0 when it fits now. Nonzero only after observing a timestamp from a clock that
-    /// ran ahead, or after 4096 stamps in one microsecond.
+    /// ran ahead, or after 4096 stamps (256 with an origin) in one microsecond.
     pub fn wait_us(&self, interval: TimeInterval) -> u64 {
-        physical_us(self.last.saturating_add(1)).saturating_sub(interval.latest_us)
+        physical_us(self.stamp_from(self.last.saturating_add(1))).saturating_sub(interval.latest_us)
     }
 
     /// Takes note of a timestamp seen elsewhere (recovery, a peer) so later stamps exceed it.
@@ -168,6 +181,24 @@ mod tests {
         hlc.observe(timestamp_at(1_250) + 3);
         assert_eq!(hlc.wait_us(interval), 250);
         assert_eq!(hlc.wait_us(TimeInterval { earliest_us: 1_100, latest_us: 1_250 }), 0);
+    }
+
+    #[test]
+    fn stamps_with_an_origin_carry_it_and_exceed_what_other_regions_stamped() {
+        let mut hlc = Hlc::with_origin(Some(2));
+        let a = hlc.tick(1_000);
+        assert_eq!(a, timestamp_at(1_000) + 2);
+        let b = hlc.tick(1_000);
+        assert_eq!(b, a + 16);
+        hlc.observe(timestamp_at(5_000) + 7); // stamped by origin 7
+        let c = hlc.tick(10);
+        assert_eq!(c, timestamp_at(5_000) + 18);
+        assert!([a, b, c].iter().all(|ts| origin_of(*ts) == 2));
+        // The wait accounts for the step to the origin.
+        let mut full = Hlc::with_origin(Some(15));
+        full.observe(timestamp_at(77) + (1 << LOGICAL_BITS) - 1);
+        assert_eq!(full.wait_us(TimeInterval::exact(77)), 1);
+        assert_eq!(physical_us(full.tick(77)), 78);
     }
 
     #[test]

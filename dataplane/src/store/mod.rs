@@ -61,6 +61,12 @@ pub struct StoreConfig {
     /// `Some(home)` when this shard is a replica of region `home`: client writes are refused
     /// (`NotHome`) and versions arrive only through [`ShardStore::apply_replicated`].
     pub replica_of: Option<String>,
+    /// Key prefixes of the multi-master keyspaces: their keys are written in every region,
+    /// a replica shard's included, and the newest timestamp wins (last-writer-wins).
+    pub multi_master: Vec<Vec<u8>>,
+    /// This region's origin, stamped into every timestamp (see [`wire::glt`]) when the cluster
+    /// has multi-master keyspaces; `None` otherwise.
+    pub origin: Option<u8>,
     /// Lowest LSN replication still needs (`u64::MAX`: none), set by the shipper; checkpoints
     /// release no WAL segment at or above it, within `wal_hold_bytes_max`. Per shard (see `config::Resolved::store_for`).
     pub wal_hold: Arc<std::sync::atomic::AtomicU64>,
@@ -92,10 +98,17 @@ impl StoreConfig {
             checkpoint_wal_bytes: limits::CHECKPOINT_WAL_BYTES_DEFAULT,
             clock: Arc::new(SystemClock),
             replica_of: None,
+            multi_master: Vec::new(),
+            origin: None,
             wal_hold: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             wal_hold_bytes_max: u64::MAX,
             wal_pin: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
         }
+    }
+
+    /// Whether `key` is in a multi-master keyspace.
+    pub fn is_multi_master(&self, key: &[u8]) -> bool {
+        self.multi_master.iter().any(|prefix| key.starts_with(prefix))
     }
 
     /// Checks every limit against the others; the error names the field.

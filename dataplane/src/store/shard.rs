@@ -93,8 +93,9 @@ struct Inner {
     versions: RefCell<VersionMap>,
     chunks: ChunkStore,
     hlc: Cell<Hlc>,
-    /// LSNs reserved in the WAL and not yet applied, with their timestamps: a checkpoint
-    /// starts below the first; the closed timestamp stays below the first not yet durable.
+    /// LSNs reserved in the WAL and not yet applied, with their timestamps ([`REPLICATED`]
+    /// for records shipped from another region): a checkpoint starts below the first; the
+    /// closed timestamp stays below the first local write not yet durable.
     inflight: RefCell<BTreeMap<u64, u64>>,
     checkpointing: Cell<bool>,
     wal_bytes_carried: u64,
@@ -134,6 +135,11 @@ pub struct ClosedPoint {
     /// No record at or below this timestamp will be written from `durable_next_lsn` on.
     pub closed_ts: u64,
 }
+
+/// The timestamp `inflight` keeps for a replicated record: the closed and applied points
+/// promise nothing about other regions' writes (their own streams do), and local stamps
+/// follow LSN order only among themselves.
+const REPLICATED: u64 = u64::MAX;
 
 /// One shard's store. Cheap to clone; lives on one glommio executor.
 #[derive(Clone)]
@@ -197,7 +203,7 @@ impl ShardStore {
         }
         chunks.remove_unreferenced()?;
 
-        let mut hlc = Hlc::default();
+        let mut hlc = Hlc::with_origin(config.origin);
         hlc.observe(versions.max_ts());
         let stats = StoreStats {
             checkpoint_lsn,
@@ -257,7 +263,7 @@ impl ShardStore {
         items: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
     ) -> Result<u64, StoreError> {
         let config = &self.inner.config;
-        if let Some(home) = &config.replica_of {
+        if let Some(home) = config.replica_of.as_ref().filter(|_| config.multi_master.is_empty()) {
             return Err(StoreError::NotHome { shard_id: config.shard_id, home: home.clone() });
         }
         if items.len() == 0 || items.len() > config.batch_ops_max {
@@ -292,6 +298,10 @@ impl ShardStore {
         for (key, value) in items {
             if key.is_empty() || key.len() > config.key_bytes_max {
                 return Err(StoreError::BadKey { len: key.len(), max: config.key_bytes_max });
+            }
+            // A replica takes writes of multi-master keys only.
+            if let Some(home) = config.replica_of.as_ref().filter(|_| !config.is_multi_master(key)) {
+                return Err(StoreError::NotHome { shard_id: config.shard_id, home: home.clone() });
             }
             let body = match value {
                 None => Staged::Tombstone,
@@ -633,10 +643,10 @@ impl ShardStore {
         stats
     }
 
-    /// The timestamp of the first reserved record at or after `durable_next_lsn` (reserved,
-    /// not yet durable), if any.
+    /// The timestamp of the first local write reserved at or after `durable_next_lsn` (not yet
+    /// durable), if any.
     fn first_pending(&self, durable_next_lsn: u64) -> Option<u64> {
-        self.inner.inflight.borrow().range(durable_next_lsn..).next().map(|(_, ts)| *ts)
+        self.inner.inflight.borrow().range(durable_next_lsn..).map(|(_, ts)| *ts).find(|ts| *ts != REPLICATED)
     }
 
     /// Where the WAL stands, for the watchdog (see [`Progress`]).
@@ -645,15 +655,16 @@ impl ShardStore {
         let durable_next_lsn = inner.wal.durable_next_lsn();
         Progress {
             durable_next_lsn,
-            waiting: self.first_pending(durable_next_lsn).is_some(),
+            waiting: inner.inflight.borrow().range(durable_next_lsn..).next().is_some(),
             fenced: inner.wal.fenced().is_some(),
         }
     }
 
     /// What replication may ship and promise now: every record below `durable_next_lsn` is
     /// durable, and no record with a timestamp at or below `closed_ts` will be written at or
-    /// after it. Records are stamped in LSN order, so the first reserved record not yet
-    /// durable bounds the promise; with none, every later stamp is above both the last one
+    /// after it, among this region's own writes (what its streams ship; a multi-master
+    /// shard's WAL holds other regions' records too). Local writes are stamped in LSN order,
+    /// so the first one reserved and not yet durable bounds the promise; with none, every later stamp is above both the last one
     /// issued and the clock's `earliest` now (stamps are taken at an interval's `latest`).
     pub fn closed_point(&self) -> Result<ClosedPoint, StoreError> {
         let inner = &self.inner;
@@ -675,7 +686,7 @@ impl ShardStore {
     /// issued and the clock's `earliest` now. What snapshot reads at a home wait for.
     pub fn applied_ts(&self) -> Result<u64, StoreError> {
         let inner = &self.inner;
-        let first_unapplied = inner.inflight.borrow().first_key_value().map(|(_, ts)| *ts);
+        let first_unapplied = inner.inflight.borrow().values().copied().find(|ts| *ts != REPLICATED);
         Ok(match first_unapplied {
             Some(ts) => ts.saturating_sub(1),
             None => {
@@ -686,7 +697,8 @@ impl ShardStore {
     }
 
     /// The end of an installed snapshot: every live key held here that `keys` (the snapshot's)
-    /// lacks was deleted at the home and its tombstone collected there; each gets a tombstone at
+    /// lacks, outside the multi-master keyspaces, was deleted at the home and its tombstone
+    /// collected there; each gets a tombstone at
     /// `horizon` (the snapshot's collection horizon, above every version such a key has), durable
     /// in the WAL like a shipped record. Returns how many keys were deleted.
     pub async fn tombstone_absent(
@@ -705,7 +717,9 @@ impl ShardStore {
                 for (key, chain) in versions.iter_from(resume.as_deref()).take(limits::GC_KEYS_PER_STEP) {
                     let live_below =
                         chain.last().is_some_and(|latest| latest.body != Body::Tombstone && latest.ts < horizon);
-                    if live_below && !keys.contains(key) {
+                    // A multi-master key the home lacks may be another region's write the home
+                    // has not received yet: only its own stream can delete it.
+                    if live_below && !keys.contains(key) && !self.inner.config.is_multi_master(key) {
                         absent.push(key.clone());
                     }
                     last = Some(key.clone());
@@ -779,7 +793,7 @@ impl ShardStore {
         let appended = inner
             .wal
             .append_stamped(record, |lsn| {
-                inner.inflight.borrow_mut().insert(lsn, glt);
+                inner.inflight.borrow_mut().insert(lsn, REPLICATED);
                 reserved.set(Some(lsn));
                 glt
             })
