@@ -368,6 +368,8 @@ pub struct StoreSection {
     pub gc_interval_ms: Option<u64>,
     /// WAL bytes between checkpoints.
     pub checkpoint_wal_bytes: Option<u64>,
+    /// Most MB/s a checkpoint is written at (0: unpaced).
+    pub checkpoint_mb_per_s: Option<u64>,
 }
 
 /// `[wal]`.
@@ -469,6 +471,12 @@ impl NodeConfig {
         set(&mut store.inline_bytes_max, s.inline_bytes_max);
         set(&mut store.chunk_bytes, s.chunk_bytes);
         set(&mut store.checkpoint_wal_bytes, s.checkpoint_wal_bytes);
+        if let Some(mb) = s.checkpoint_mb_per_s {
+            if mb > 1_000_000 {
+                return Err(invalid("store.checkpoint_mb_per_s", format!("{mb} is outside 0..=1000000")));
+            }
+            store.checkpoint_bytes_per_sec = mb * 1_000_000;
+        }
         if let Some(secs) = s.retention_secs {
             store.retention = Duration::from_secs(secs);
         }
@@ -608,6 +616,7 @@ mod tests {
             s.retention_secs.is_some(),
             s.gc_interval_ms.is_some(),
             s.checkpoint_wal_bytes.is_some(),
+            s.checkpoint_mb_per_s.is_some(),
             w.segment_bytes.is_some(),
             w.batch_bytes_max.is_some(),
             w.batch_linger_us.is_some(),

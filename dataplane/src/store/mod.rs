@@ -56,6 +56,9 @@ pub struct StoreConfig {
     pub gc_interval: Duration,
     /// Write a checkpoint after this many WAL bytes.
     pub checkpoint_wal_bytes: u64,
+    /// Most bytes per second a checkpoint is written at (0: as fast as it goes); the last
+    /// checkpoint, at close, is not paced.
+    pub checkpoint_bytes_per_sec: u64,
     /// Physical time for the HLC.
     pub clock: Arc<dyn Clock>,
     /// `Some(home)` when this shard is a replica of region `home`: client writes are refused
@@ -96,6 +99,7 @@ impl StoreConfig {
             retention: limits::RETENTION_DEFAULT,
             gc_interval: limits::GC_INTERVAL_DEFAULT,
             checkpoint_wal_bytes: limits::CHECKPOINT_WAL_BYTES_DEFAULT,
+            checkpoint_bytes_per_sec: limits::CHECKPOINT_BYTES_PER_SEC_DEFAULT,
             clock: Arc::new(SystemClock),
             replica_of: None,
             multi_master: Vec::new(),

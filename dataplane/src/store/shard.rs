@@ -583,6 +583,7 @@ impl ShardStore {
         checkpoint::encode_header(config.shard_id, lsn, horizon, &mut piece);
         let mut count = 0u64;
         let mut resume: Option<Bytes> = None;
+        let (started, mut written) = (std::time::Instant::now(), 0u64);
         loop {
             // Encode a piece while holding the map, write it without.
             let mut last = None;
@@ -605,11 +606,21 @@ impl ShardStore {
                 checkpoint::encode_footer(config.shard_id, lsn, horizon, count, &mut piece);
             }
             writer.write_all(&piece).await.map_err(|error| fail(format!("write: {error}")))?;
+            written += piece.len() as u64;
             piece.clear();
             if done {
                 break;
             }
             resume = last;
+            // Paced, so the writes beside it keep the CPU and the disk queue; a closing store
+            // finishes at full speed.
+            let pace = config.checkpoint_bytes_per_sec;
+            if pace > 0 && !inner.closed.get() {
+                let due = std::time::Duration::from_secs_f64(written as f64 / pace as f64);
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    glommio::timer::sleep(ahead).await;
+                }
+            }
         }
         // Close flushes, fdatasyncs and trims the padding; sync again for the new size.
         writer.close().await.map_err(|error| fail(format!("close: {error}")))?;
