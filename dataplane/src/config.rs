@@ -112,6 +112,9 @@ pub struct ReplicationSection {
     /// written in any region and the last writer wins.
     #[serde(default)]
     pub multi_master: Vec<String>,
+    /// This region's origin with multi-master keyspaces (0..=15, unique among the regions,
+    /// never changed): stamped into every timestamp, it breaks ties between regions.
+    pub origin: Option<u8>,
     /// The other regions.
     #[serde(default)]
     pub peers: Vec<PeerSection>,
@@ -125,6 +128,8 @@ pub struct PeerSection {
     pub region: Option<String>,
     /// Its replication endpoint (`ip:port`).
     pub addr: Option<String>,
+    /// Its origin (with multi-master keyspaces).
+    pub origin: Option<u8>,
 }
 
 /// A required `ip:port` field.
@@ -185,7 +190,7 @@ impl ReplicationSection {
                 ));
             }
             let peer_addr = addr(&format!("peers[{index}].addr"), peer.addr.as_ref())?;
-            peers.push(crate::repl::Peer { region: peer_region, addr: peer_addr });
+            peers.push(crate::repl::Peer { region: peer_region, addr: peer_addr, origin: peer.origin });
         }
         let range = |field: &str, value: Option<u64>, default: u64, min: u64, max: u64| {
             let value = value.unwrap_or(default);
@@ -202,6 +207,23 @@ impl ReplicationSection {
         let bandwidth_mbit = range("bandwidth_mbit", self.bandwidth_mbit, 1000, 1, 1_000_000)?;
         let rtt_ms = range("rtt_ms", self.rtt_ms, 100, 1, 10_000)?;
         let wal_hold_bytes_max = range("wal_hold_bytes_max", self.wal_hold_bytes_max, 1 << 30, 0, 1 << 50)?;
+        // Origins: with multi-master keyspaces one per region, distinct, in range; else none.
+        let mut origins = vec![("origin".to_owned(), self.origin)];
+        origins.extend(peers.iter().enumerate().map(|(index, peer)| (format!("peers[{index}].origin"), peer.origin)));
+        let mut seen = std::collections::HashSet::new();
+        for (field, origin) in &origins {
+            match (origin, self.multi_master.is_empty()) {
+                (None, false) => return Err(invalid(field, "is required with multi_master".into())),
+                (Some(_), true) => return Err(invalid(field, "is only used with multi_master".into())),
+                (Some(origin), false) if usize::from(*origin) >= wire::glt::ORIGINS_MAX => {
+                    return Err(invalid(field, format!("{origin} is outside 0..={}", wire::glt::ORIGINS_MAX - 1)));
+                }
+                (Some(origin), false) if !seen.insert(*origin) => {
+                    return Err(invalid(field, format!("{origin} is another region's origin")));
+                }
+                _ => {}
+            }
+        }
         for (index, prefix) in self.multi_master.iter().enumerate() {
             if prefix.is_empty() || prefix.len() > crate::limits::KEY_BYTES_LIMIT {
                 return Err(invalid(
@@ -229,6 +251,7 @@ impl ReplicationSection {
             quic_window_bytes,
             wal_hold_bytes_max,
             multi_master: self.multi_master.clone(),
+            origin: self.origin,
         };
         config.check_peers().map_err(|reason| invalid("peers", reason))?;
         Ok(config)
@@ -657,7 +680,9 @@ mod tests {
         assert!(replication.iter().all(|field| *field), "the example leaves a [replication] field undocumented");
         assert!(set.iter().all(|field| *field), "the example leaves a field undocumented");
         assert!(text.contains("# shards ="));
-        assert!(text.contains("\n# multi_master = [\""), "the example leaves [replication] multi_master undocumented");
+        for commented in ["\n# multi_master = [\"", "\n# origin = "] {
+            assert!(text.contains(commented), "the example leaves [replication] {commented:?} undocumented");
+        }
     }
 
     #[test]
@@ -679,9 +704,24 @@ mod tests {
                 "replication.peers[0].region",
             ),
             (&format!("{ok}colour = 1\n"), "colour"),
-            (&format!("{ok}multi_master = [\"mm/\", \"\"]\n"), "replication.multi_master[1]"),
+            (&format!("{ok}multi_master = [\"mm/\", \"\"]\norigin = 1\n"), "replication.multi_master[1]"),
             // With multi-master keyspaces every region takes writes, so it needs peers.
-            (&format!("{ok}multi_master = [\"mm/\"]\n"), "replication.peers"),
+            (&format!("{ok}multi_master = [\"mm/\"]\norigin = 1\n"), "replication.peers"),
+            (&format!("{ok}multi_master = [\"mm/\"]\n"), "replication.origin"),
+            (&format!("{ok}origin = 1\n"), "replication.origin"),
+            (&format!("{ok}multi_master = [\"mm/\"]\norigin = 16\n"), "replication.origin"),
+            (
+                &format!(
+                    "{ok}multi_master = [\"mm/\"]\norigin = 1\n[[replication.peers]]\nregion = \"a\"\naddr = \"127.0.0.1:2\"\n"
+                ),
+                "replication.peers[0].origin",
+            ),
+            (
+                &format!(
+                    "{ok}multi_master = [\"mm/\"]\norigin = 1\n[[replication.peers]]\nregion = \"a\"\naddr = \"127.0.0.1:2\"\norigin = 1\n"
+                ),
+                "replication.peers[0].origin",
+            ),
         ] {
             let message = error_of(&format!("{base}{text}"));
             assert!(message.contains(field), "{field}: {message}");

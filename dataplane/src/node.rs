@@ -45,6 +45,7 @@ pub fn run(
     on_ready: impl Fn(&[String]) + Send + Sync + 'static,
 ) -> Result<(), String> {
     let _lock = lock_data_dir(&config.data_dir)?;
+    check_origin(&config.data_dir, config.replication.as_ref().and_then(|repl| repl.origin))?;
     let mut config = config.clone();
     let link = match &config.control {
         Some(control) => {
@@ -172,6 +173,9 @@ async fn shard_main(
         }
         store_config.multi_master = repl.multi_master.iter().map(|prefix| prefix.as_bytes().to_vec()).collect();
         store_config.origin = repl.origin_of(&repl.region);
+        if repl.is_multi_master() {
+            store_config.collect_floor = side.floor.clone();
+        }
     }
     let started = std::time::Instant::now();
     let store = ShardStore::open(store_config).await.map_err(|error| format!("shard {shard_id}: {error}"))?;
@@ -292,6 +296,45 @@ fn spawn_replication(
         }
     })
     .detach()
+}
+
+/// The file in the data directory that records the node's origin (multi-master keyspaces).
+const ORIGIN_FILE: &str = "ORIGIN";
+
+/// A region's origin is in every timestamp it stamped, so it never changes, and a data
+/// directory is either multi-master from its first write or never: checks `origin` (`None`:
+/// no multi-master keyspaces) against `<data_dir>/ORIGIN`, and records it on a new directory.
+fn check_origin(data_dir: &std::path::Path, origin: Option<u8>) -> Result<(), String> {
+    let path = data_dir.join(ORIGIN_FILE);
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim().parse::<u8>().map_err(|_| format!("{} is damaged: {text:?}", path.display()))?),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
+    };
+    let holds_writes =
+        crate::store::shard::shard_dir(data_dir, 0).join("wal").read_dir().is_ok_and(|mut dir| dir.next().is_some());
+    match (recorded, origin) {
+        (Some(recorded), Some(origin)) if recorded != origin => Err(format!(
+            "replication.origin: data_dir {} holds writes stamped with origin {recorded}, not {origin}: a region's \
+             origin never changes",
+            data_dir.display()
+        )),
+        (Some(recorded), None) => Err(format!(
+            "replication.multi_master: data_dir {} holds multi-master writes (origin {recorded}); the keyspaces and \
+             the origin must stay configured",
+            data_dir.display()
+        )),
+        (None, Some(_)) if holds_writes => Err(format!(
+            "replication.multi_master: data_dir {} holds writes stamped without an origin; multi-master keyspaces \
+             are set up with a new cluster",
+            data_dir.display()
+        )),
+        (None, Some(origin)) => std::fs::write(&path, format!("{origin}\n"))
+            .and_then(|()| crate::wal::writer::sync_path(&path))
+            .and_then(|()| crate::wal::writer::sync_path(data_dir))
+            .map_err(|error| format!("cannot record the origin in {}: {error}", path.display())),
+        _ => Ok(()),
+    }
 }
 
 /// Takes an exclusive `flock` on `<data_dir>/LOCK` for the life of the returned file, so two

@@ -533,12 +533,12 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
         let region = REGIONS[index];
         let mut text = format!(
             "shards = 2\n[replication]\nregion = \"{region}\"\nhome = \"a\"\nlisten = \"{}\"\ntls_dir = {tls:?}\n\
-             name = \"{region}\"\nrtt_ms = 40\nmulti_master = [\"mm/\"]\n",
+             name = \"{region}\"\nrtt_ms = 40\nmulti_master = [\"mm/\"]\norigin = {index}\n",
             listens[index]
         );
         for (to, peer) in REGIONS.iter().enumerate().filter(|(to, _)| *to != index) {
             let addr = proxies[index][to].as_ref().unwrap().addr();
-            text.push_str(&format!("[[replication.peers]]\nregion = \"{peer}\"\naddr = \"{addr}\"\n"));
+            text.push_str(&format!("[[replication.peers]]\nregion = \"{peer}\"\naddr = \"{addr}\"\norigin = {to}\n"));
         }
         text
     };
@@ -617,8 +617,8 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
         assert!(lag_us(&clients[2], "a").await.unwrap_or(u64::MAX) > 1_000_000, "c was cut off from a");
         cut_c(false);
 
-        // Stamps carry their region (origins by sorted region name: a 0, b 1, c 2), so no two
-        // regions ever issue the same timestamp.
+        // Stamps carry their region's origin (a 0, b 1, c 2), so no two regions ever issue the
+        // same timestamp.
         let mut stamps = std::collections::HashSet::new();
         for (origin, writes) in written.iter().enumerate() {
             assert!(writes.len() > 400, "region {} wrote only {}", REGIONS[origin], writes.len());
@@ -670,7 +670,17 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
         }
         assert!(everywhere.windows(2).all(|pair| pair[0] == pair[1]), "the regions diverged");
     });
-    for mut node in nodes {
+    let mut nodes = nodes;
+    nodes[2].stop();
+    // A region's origin is in every stamp it issued: its data directory refuses another one.
+    let renumbered = dir.path().join("c.renumbered.toml");
+    let text = std::fs::read_to_string(dir.path().join("c.toml")).unwrap();
+    std::fs::write(&renumbered, text.replace("origin = 2\n", "origin = 5\n")).unwrap();
+    let output =
+        std::process::Command::new(env!("CARGO_BIN_EXE_dataplane")).arg("--config").arg(&renumbered).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("stamped with origin 2, not 5"), "{stderr}");
+    for mut node in nodes.into_iter().take(2) {
         node.stop();
     }
 }

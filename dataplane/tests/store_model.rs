@@ -494,3 +494,46 @@ fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
         assert_eq!(store.get(b"mm/k", None).await.unwrap().unwrap().1, &b"newest"[..]);
     });
 }
+
+/// With multi-master keyspaces nothing at or above the collection floor (what every source
+/// region has shipped) is collected, whatever the retention says: a deleted key's tombstone
+/// stays until no region can still send an older write, which it then outdates. Past the
+/// floor it goes like any.
+#[test]
+fn collection_stays_below_the_floor_every_region_has_shipped() {
+    use dataplane::store::op::{self, Value};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use wire::glt::{timestamp_at, with_origin};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let mut config = small_store(dir.path(), clock.clone());
+    config.replica_of = Some("a".into());
+    config.multi_master = vec![b"mm/".to_vec()];
+    config.origin = Some(1);
+    config.retention = std::time::Duration::from_secs(1);
+    let floor = Arc::new(AtomicU64::new(0));
+    config.collect_floor = floor.clone();
+    let record = |value: Option<&str>| {
+        let mut out = Vec::new();
+        let body = value.map_or(Value::Tombstone, |value| Value::Inline(value.as_bytes()));
+        op::encode(std::iter::once((&b"mm/k"[..], body)), &mut out).unwrap();
+        bytes::Bytes::from(out)
+    };
+    run(async move {
+        let store = ShardStore::open(config).await.unwrap();
+        let (written, deleted) = (with_origin(timestamp_at(1_000_000), 0), with_origin(timestamp_at(2_000_000), 0));
+        store.apply_replicated(written, &record(Some("v"))).await.unwrap();
+        store.apply_replicated(deleted, &record(None)).await.unwrap();
+        // Both are 8 s older than the retention allows, but region 2 has not shipped past them.
+        store.collect_garbage().await.unwrap();
+        assert_eq!(store.stats().versions_collected, 0);
+        // Region 2's write from before the delete arrives: the kept tombstone outdates it.
+        store.apply_replicated(with_origin(timestamp_at(1_500_000), 2), &record(Some("late"))).await.unwrap();
+        assert_eq!(store.get(b"mm/k", None).await.unwrap(), None);
+        // Once every region has shipped past them, they go.
+        floor.store(u64::MAX, Ordering::Release);
+        store.collect_garbage().await.unwrap();
+        assert_eq!(store.stats().versions_collected, 3);
+        assert_eq!(store.stats().keys, 0);
+    });
+}

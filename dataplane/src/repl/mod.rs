@@ -44,6 +44,8 @@ pub struct Peer {
     pub region: String,
     /// Its node's QUIC address.
     pub addr: SocketAddr,
+    /// The origin it stamps into its timestamps (with multi-master keyspaces).
+    pub origin: Option<u8>,
 }
 
 /// `[replication]`, resolved.
@@ -81,6 +83,9 @@ pub struct ReplConfig {
     /// region, last writer wins by (timestamp, origin region). With any, every region ships
     /// its own writes of every shard to every peer and receives every shard from each.
     pub multi_master: Vec<String>,
+    /// This region's origin (`[replication] origin`, with multi-master keyspaces): stamped into
+    /// the low bits of every timestamp, unique among the regions and never changed.
+    pub origin: Option<u8>,
 }
 
 impl ReplConfig {
@@ -119,17 +124,14 @@ impl ReplConfig {
         self.is_multi_master() || self.homes.contains(&self.region)
     }
 
-    /// The origin `region` stamps into its timestamps with multi-master keyspaces (its place
-    /// among this region and the peers, by name, so every node agrees when they list the same
-    /// regions); `None` without them or for a region not known here.
+    /// The origin `region` stamps into its timestamps with multi-master keyspaces (as
+    /// configured: `[replication] origin` here, each peer's `origin`); `None` without them or
+    /// for a region not known here.
     pub fn origin_of(&self, region: &str) -> Option<u8> {
-        if !self.is_multi_master() {
-            return None;
+        if region == self.region {
+            return self.origin;
         }
-        let mut regions: Vec<&str> = self.peers.iter().map(|peer| peer.region.as_str()).collect();
-        regions.push(&self.region);
-        regions.sort_unstable();
-        regions.iter().position(|known| *known == region).and_then(|index| u8::try_from(index).ok())
+        self.peers.iter().find(|peer| peer.region == region).and_then(|peer| peer.origin)
     }
 
     /// Sets the home of each of `shards` shards from the control plane's placement (shard id
@@ -156,13 +158,6 @@ impl ReplConfig {
             return Err(format!(
                 "region {} takes writes of a shard and needs at least one peer region to ship to",
                 self.region
-            ));
-        }
-        if self.is_multi_master() && self.peers.len() >= wire::glt::ORIGINS_MAX {
-            return Err(format!(
-                "multi-master keyspaces allow at most {} regions (the origin takes {} bits of a timestamp)",
-                wire::glt::ORIGINS_MAX,
-                wire::glt::ORIGIN_BITS
             ));
         }
         Ok(())
@@ -214,6 +209,9 @@ pub struct ShardSide {
     pub hold: Arc<AtomicU64>,
     /// The WAL pin (lowest LSN a snapshot in progress resumes at).
     pub pin: Arc<AtomicU64>,
+    /// With multi-master keyspaces, the collection floor: every source has shipped all of the
+    /// shard at or below it (0 until each has said so).
+    pub floor: Arc<AtomicU64>,
 }
 
 /// What the replication thread keeps of each shard.
@@ -229,6 +227,8 @@ pub struct ThreadSide {
     pub hold: Arc<AtomicU64>,
     /// Its WAL pin.
     pub pin: Arc<AtomicU64>,
+    /// Its collection floor.
+    pub floor: Arc<AtomicU64>,
     /// The shard's directory (`wal/`, `chunks/`, resume positions).
     pub dir: PathBuf,
     /// WAL record payload limit (for the reader).
@@ -241,8 +241,15 @@ pub fn shard_link(shard: u32, dir: PathBuf, record_payload_bytes_max: u32) -> (S
     let (applies_tx, applies_rx) = mpsc::channel(4096);
     let hold = Arc::new(AtomicU64::new(u64::MAX));
     let pin = Arc::new(AtomicU64::new(u64::MAX));
+    let floor = Arc::new(AtomicU64::new(0));
     (
-        ShardSide { points: points_tx, applies: applies_rx, hold: hold.clone(), pin: pin.clone() },
-        ThreadSide { shard, points: points_rx, applies: applies_tx, hold, pin, dir, record_payload_bytes_max },
+        ShardSide {
+            points: points_tx,
+            applies: applies_rx,
+            hold: hold.clone(),
+            pin: pin.clone(),
+            floor: floor.clone(),
+        },
+        ThreadSide { shard, points: points_rx, applies: applies_tx, hold, pin, floor, dir, record_payload_bytes_max },
     )
 }

@@ -824,6 +824,13 @@ async fn observe(context: Arc<Context>) {
     let mut last_quic = Instant::now();
     loop {
         tokio::time::sleep(LAG_SAMPLE_INTERVAL).await;
+        if context.config.is_multi_master() {
+            for side in &context.shards {
+                if let Some(floor) = context.resolved.shard_floor(side.shard) {
+                    side.floor.store(floor, Ordering::Release);
+                }
+            }
+        }
         if let Ok(interval) = context.clock.interval() {
             for source in context.resolved.sources() {
                 if source.resolved_ts == 0 {
@@ -998,7 +1005,7 @@ async fn receive_stream(
                 }
                 Frame::Install(part) => {
                     if part.last {
-                        check_horizon(context, part.horizon)?;
+                        check_ahead(context, part.horizon, "snapshot horizon")?;
                     }
                     let end = (part.last && from_home).then(|| snapshot_horizon(part.horizon));
                     (inbound.install(&part)?, true, end, (part.codec, part.body, part.raw_len, part.count))
@@ -1011,20 +1018,23 @@ async fn receive_stream(
             let entries = Entries::new(&raw, count)?;
             let mut dones = Vec::new();
             for (glt, payload) in entries.iter().skip(accepted.skip as usize) {
-                if payload.is_empty() {
-                    continue; // another region's record, in the source's WAL: not carried here
-                }
                 if let Some(expected) = source_origin.filter(|_| !install) {
+                    if payload.is_empty() && glt == 0 {
+                        continue; // another region's record, in the source's WAL: not carried here
+                    }
                     if clock::origin_of(glt) != expected {
                         return Err(StreamError::Other(format!(
                             "region {region} shipped a record stamped by origin {}, not its own {expected}: the \
-                             nodes disagree on [replication] peers or multi_master",
+                             nodes disagree on [replication] origins or multi_master",
                             clock::origin_of(glt)
                         )));
                     }
+                    // A stamp far ahead of this clock would hold every local write back until
+                    // the clock reaches it (later stamps must exceed it).
+                    check_ahead(context, glt, "record")?;
                 }
                 let payload = raw.slice_ref(payload);
-                if install {
+                if install && from_home {
                     let ops =
                         op::decode(&payload).map_err(|error| StreamError::Other(format!("snapshot entry: {error}")))?;
                     let keys = snapshot_keys.get_or_insert_with(HashSet::new);
@@ -1062,14 +1072,23 @@ async fn receive_stream(
     }
 }
 
-/// A snapshot's horizon is in the past: one from the future would have every key here
-/// tombstoned. Unchecked while the clock cannot say.
-fn check_horizon(context: &Context, horizon: u64) -> Result<(), StreamError> {
+/// How far a shipped stamp may be ahead of this node's clock (`latest`): a sender stamps at
+/// most at its own interval's `latest`, so by more than its interval's width only when a
+/// clock is wrong.
+const AHEAD_US_MAX: u64 = 500_000;
+
+/// Refuses a timestamp further than [`AHEAD_US_MAX`] ahead of this node's clock: a snapshot's
+/// horizon from the future would have every key here tombstoned, and a multi-master record's
+/// stamp would hold back every local write until the clock caught up. The stream fails and
+/// retries; unchecked while the clock cannot say.
+fn check_ahead(context: &Context, ts: u64, what: &str) -> Result<(), StreamError> {
     match context.clock.interval() {
-        Ok(interval) if clock::physical_us(horizon) > interval.latest_us => Err(StreamError::Other(format!(
-            "snapshot horizon {horizon} is ahead of this node's clock ({} µs): refused",
-            interval.latest_us
-        ))),
+        Ok(interval) if clock::physical_us(ts) > interval.latest_us.saturating_add(AHEAD_US_MAX) => {
+            Err(StreamError::Other(format!(
+                "{what} {ts} is ahead of this node's clock ({} µs): refused (are the regions' clocks synchronised?)",
+                interval.latest_us
+            )))
+        }
         _ => Ok(()),
     }
 }

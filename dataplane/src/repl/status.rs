@@ -5,6 +5,8 @@
 //! records the timestamp up to which its local writes are applied; the node's readable
 //! timestamp (what snapshot reads wait for) is the minimum of both. Shared by the replication
 //! thread and the home shards (writers) and the shards' client endpoints (readers).
+//! With multi-master keyspaces every peer is a source of every shard and every shard takes
+//! local writes.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
@@ -92,6 +94,13 @@ impl Resolved {
         if let Some(Some(slot)) = sources.get_mut(source).and_then(|shards| shards.get_mut(shard as usize)) {
             *slot = (*slot).max(closed_ts);
         }
+    }
+
+    /// The lowest closed timestamp of `shard` over the regions that ship it here (`None` when
+    /// none does; 0 until each has reported).
+    pub fn shard_floor(&self, shard: u32) -> Option<u64> {
+        let sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        sources.values().filter_map(|shards| shards.get(shard as usize).copied().flatten()).min()
     }
 
     /// Every source region, by name.
@@ -195,5 +204,6 @@ mod tests {
         assert_eq!(table.readable_ts(), 40);
         table.set_applied(0, 30);
         assert_eq!(table.readable_ts(), 40, "applied points never go back");
+        assert_eq!((table.shard_floor(0), table.shard_floor(1), table.shard_floor(7)), (Some(50), Some(40), None));
     }
 }

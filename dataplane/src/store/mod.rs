@@ -76,6 +76,12 @@ pub struct StoreConfig {
     /// Most WAL bytes (whole segments below a checkpoint) `wal_hold` may keep; a peer further
     /// behind catches up from a snapshot. `u64::MAX`: no bound.
     pub wal_hold_bytes_max: u64,
+    /// No version at or above this timestamp is collected (`u64::MAX`: no floor besides the
+    /// retention). With multi-master keyspaces, what every source region has shipped: a version
+    /// collected below it can never be outdated by a write still on its way (a collected
+    /// tombstone would let an older write from a region away longer than the retention revive
+    /// the key here and not where it was deleted).
+    pub collect_floor: Arc<std::sync::atomic::AtomicU64>,
     /// Lowest LSN a stream that installed a snapshot still needs until it has caught up
     /// (`u64::MAX`: none): kept whatever `wal_hold_bytes_max` says.
     pub wal_pin: Arc<std::sync::atomic::AtomicU64>,
@@ -107,6 +113,7 @@ impl StoreConfig {
             wal_hold: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
             wal_hold_bytes_max: u64::MAX,
             wal_pin: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            collect_floor: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
         }
     }
 

@@ -518,7 +518,8 @@ impl ShardStore {
     pub async fn collect_garbage(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         let retention_us = u64::try_from(inner.config.retention.as_micros()).unwrap_or(u64::MAX);
-        let horizon = timestamp_at(inner.config.clock.interval()?.earliest_us.saturating_sub(retention_us));
+        let horizon = timestamp_at(inner.config.clock.interval()?.earliest_us.saturating_sub(retention_us))
+            .min(inner.config.collect_floor.load(Ordering::Acquire));
         let mut resume: Option<Bytes> = None;
         loop {
             let Collected { versions, released, resume_after, .. } =
