@@ -606,9 +606,11 @@ impl Wal {
     }
 
     /// Deletes full segments whose records all have LSNs below `lsn` (a checkpoint covers
-    /// them), oldest first, then syncs the directory. Returns how many were deleted.
-    pub fn release_before(&self, lsn: u64) -> Result<u64, WalError> {
-        let mut released = 0;
+    /// them), oldest first, then syncs the directory. Returns how many were deleted. The
+    /// unlinks and the sync run on glommio's blocking pool: unlinking four 64 MiB segments
+    /// took 80 ms, which on the executor stalled every write of the shard.
+    pub async fn release_before(&self, lsn: u64) -> Result<u64, WalError> {
+        let mut paths = Vec::new();
         loop {
             let segment_seq = {
                 let mut segments = self.inner.segments.borrow_mut();
@@ -622,16 +624,22 @@ impl Wal {
                     _ => break,
                 }
             };
-            let path = segment_path(&self.inner.config, segment_seq);
-            std::fs::remove_file(&path)
-                .map_err(|error| WalError::io("remove released segment", path.display(), &error))?;
-            released += 1;
+            paths.push(segment_path(&self.inner.config, segment_seq));
         }
-        if released > 0 {
-            sync_path(&self.inner.config.dir)
-                .map_err(|error| WalError::io("sync directory", self.inner.config.dir.display(), &error))?;
+        if paths.is_empty() {
+            return Ok(0);
         }
-        Ok(released)
+        let dir = self.inner.config.dir.clone();
+        glommio::executor()
+            .spawn_blocking(move || {
+                for path in &paths {
+                    std::fs::remove_file(path)
+                        .map_err(|error| WalError::io("remove released segment", path.display(), &error))?;
+                }
+                sync_path(&dir).map_err(|error| WalError::io("sync directory", dir.display(), &error))?;
+                Ok(paths.len() as u64)
+            })
+            .await
     }
 
     /// The lowest LSN to keep so that the full segments below `lsn` take at most `bytes_max`
