@@ -171,6 +171,12 @@ fn transport(config: &ReplConfig) -> quinn::TransportConfig {
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     transport.keep_alive_interval(Some(IDLE_TIMEOUT / 5));
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    // Path MTU discovery up to the largest UDP payload (quinn stops at 1452 by default): a
+    // path with jumbo frames, or loopback, carries the same bytes in far fewer packets, and
+    // probing a smaller path costs only a few lost probes.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(u16::MAX);
+    transport.mtu_discovery_config(Some(mtu));
     transport
 }
 
