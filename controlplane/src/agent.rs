@@ -121,10 +121,11 @@ impl Agent {
         }
     }
 
-    /// The home region of every placed shard (a linearizable read, within `deadline`).
-    pub async fn homes(&self, deadline: Duration) -> Result<BTreeMap<u32, String>> {
+    /// The placement (home and replica regions) of every placed shard (a linearizable read,
+    /// within `deadline`).
+    pub async fn placement(&self, deadline: Duration) -> Result<BTreeMap<u32, crate::meta::Placement>> {
         let state = self.client.read(true, deadline).await.context("cannot read the placement")?;
-        Ok(state.placement.into_iter().map(|(shard, place)| (shard, place.home)).collect())
+        Ok(state.placement)
     }
 
     /// Registers with client address `addr`, then heartbeats and keeps the leases until

@@ -237,6 +237,7 @@ impl ReplicationSection {
         let config = crate::repl::ReplConfig {
             region,
             homes,
+            replicas: None,
             listen,
             tls_dir,
             name,

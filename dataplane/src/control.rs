@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 
 use controlplane::agent::{Agent, AgentConfig};
 use controlplane::glts_client::IntervalSource;
+use controlplane::meta::Placement;
 use controlplane::tls::Identity;
 
 use crate::config::ControlResolved;
@@ -34,7 +35,7 @@ impl Clock for GltsClock {
 #[derive(Debug)]
 pub struct ControlLink {
     clock: Arc<GltsClock>,
-    homes: Option<BTreeMap<u32, String>>,
+    placement: Option<BTreeMap<u32, Placement>>,
     serving: Mutex<Option<tokio::sync::oneshot::Sender<String>>>,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
@@ -42,8 +43,8 @@ pub struct ControlLink {
 
 impl ControlLink {
     /// Finds the control plane from the seeds and waits for a GLTS interval (up to the
-    /// configured start timeout); with `read_homes`, also reads the shards' home regions from
-    /// the placement ([`ControlLink::homes`]). The node registers once
+    /// configured start timeout); with `read_placement`, also reads the shards' home and
+    /// replica regions ([`ControlLink::placement`]). The node registers once
     /// [`ControlLink::serving`] gives its address. Heartbeats report `wal_bytes`, the node's
     /// WAL volume.
     pub fn start(
@@ -51,7 +52,7 @@ impl ControlLink {
         shards: u32,
         capacity_bytes: u64,
         wal_bytes: Arc<std::sync::atomic::AtomicU64>,
-        read_homes: bool,
+        read_placement: bool,
     ) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.node_id);
         identity.require_files("control.tls_dir", &config.tls_dir, &config.node_id)?;
@@ -71,30 +72,31 @@ impl ControlLink {
         let start_timeout = config.start_timeout;
         let (serving_tx, serving_rx) = tokio::sync::oneshot::channel::<String>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let (thread, (clock, homes)) = crate::runtime::spawn_tokio_thread("control-agent", move |ready| async move {
-            let started = async {
-                let agent = Agent::start(&identity, agent_config, start_timeout).await?;
-                agent.wait_interval(start_timeout).await?;
-                let homes = if read_homes { Some(agent.homes(start_timeout).await?) } else { None };
-                anyhow::Ok((agent, homes))
-            };
-            let (agent, homes) = match started.await {
-                Ok(started) => started,
-                Err(error) => {
-                    let _ = ready.send(Err(format!("{error:#}")));
-                    return;
+        let (thread, (clock, placement)) =
+            crate::runtime::spawn_tokio_thread("control-agent", move |ready| async move {
+                let started = async {
+                    let agent = Agent::start(&identity, agent_config, start_timeout).await?;
+                    agent.wait_interval(start_timeout).await?;
+                    let placement = if read_placement { Some(agent.placement(start_timeout).await?) } else { None };
+                    anyhow::Ok((agent, placement))
+                };
+                let (agent, placement) = match started.await {
+                    Ok(started) => started,
+                    Err(error) => {
+                        let _ = ready.send(Err(format!("{error:#}")));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok((agent.clock(), placement)));
+                // The node failed before serving when the sender is dropped.
+                if let Ok(addr) = serving_rx.await {
+                    agent.run(addr, stop_rx).await;
                 }
-            };
-            let _ = ready.send(Ok((agent.clock(), homes)));
-            // The node failed before serving when the sender is dropped.
-            if let Ok(addr) = serving_rx.await {
-                agent.run(addr, stop_rx).await;
-            }
-        })
-        .map_err(|message| format!("control plane: {message}"))?;
+            })
+            .map_err(|message| format!("control plane: {message}"))?;
         Ok(Self {
             clock: Arc::new(GltsClock(clock)),
-            homes,
+            placement,
             serving: Mutex::new(Some(serving_tx)),
             stop: stop_tx,
             thread: Some(thread),
@@ -106,9 +108,10 @@ impl ControlLink {
         self.clock.clone()
     }
 
-    /// The home region of every placed shard, as the control plane said at start (when asked).
-    pub fn homes(&self) -> Option<&BTreeMap<u32, String>> {
-        self.homes.as_ref()
+    /// The home and replica regions of every placed shard, as the control plane said at start
+    /// (when asked).
+    pub fn placement(&self) -> Option<&BTreeMap<u32, Placement>> {
+        self.placement.as_ref()
     }
 
     /// The node serves clients at `addr` (shard 0's address): register and heartbeat.

@@ -67,8 +67,8 @@ pub fn run(
     let mut map = ShardMap::new(config.shards);
     let mut shard_sides = Vec::new();
     if let Some(repl) = config.replication.as_mut().filter(|repl| repl.homes.is_empty()) {
-        let homes = link.as_ref().and_then(|link| link.homes()).ok_or("replication: no home regions")?;
-        repl.place(shard_count, homes)?;
+        let placement = link.as_ref().and_then(|link| link.placement()).ok_or("replication: no home regions")?;
+        repl.place(shard_count, placement)?;
     }
     let replication = match &config.replication {
         Some(repl) => {
@@ -170,6 +170,17 @@ async fn shard_main(
         store_config.wal_pin = side.pin.clone();
         if !repl.is_home_of(shard_id) {
             store_config.replica_of = repl.home_of(shard_id).map(str::to_owned);
+        }
+        if !repl.holds(shard_id) {
+            let home = repl.home_of(shard_id).unwrap_or_default();
+            let replicas = repl.replicas.as_ref().and_then(|replicas| replicas.get(shard_id as usize));
+            store_config.not_held = Some(format!(
+                "shard {shard_id} is not kept in region {}: it takes writes in region {home} and is replicated to {}",
+                repl.region,
+                replicas
+                    .filter(|regions| !regions.is_empty())
+                    .map_or("no region".to_owned(), |regions| regions.join(", "))
+            ));
         }
         store_config.multi_master = repl.multi_master.iter().map(|prefix| prefix.as_bytes().to_vec()).collect();
         store_config.origin = repl.origin_of(&repl.region);

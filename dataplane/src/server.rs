@@ -401,6 +401,10 @@ impl Endpoint {
                 | Request::Stat { .. }
                 | Request::List { .. }
         );
+        if let Some(not_held) = self.store.config().not_held.as_ref().filter(|_| read || write) {
+            self.metrics.refused.increment(1);
+            return respond_error(out, seq, ErrorCode::NotHome, not_held);
+        }
         if let Err((code, message)) = self.run(seq, request, out).await {
             respond_error(out, seq, code, &message);
         }

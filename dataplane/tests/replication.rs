@@ -307,6 +307,62 @@ fn corrupted_frames_are_rejected_and_the_stream_recovers() {
     assert!(log.contains("checksum"), "the replica never saw a damaged frame:\n{log}");
 }
 
+/// A control plane (3 members) holding a placement for three regions `a`, `b`, `c`, and the
+/// data nodes' configs that join it and take their homes and replicas from it.
+struct Placed {
+    _cluster: controlplane::local::LocalCluster,
+    tls: std::path::PathBuf,
+    seeds: Vec<String>,
+    listens: Vec<SocketAddr>,
+}
+
+impl Placed {
+    const REGIONS: [&'static str; 3] = ["a", "b", "c"];
+
+    /// `placement[shard]` is (home, replica regions).
+    fn start(rt: &tokio::runtime::Runtime, dir: &Path, placement: &[(&str, Vec<&str>)]) -> Self {
+        use controlplane::local::LocalCluster;
+        use controlplane::meta::Command;
+        let binary = LocalCluster::binary().unwrap();
+        let cluster = rt.block_on(LocalCluster::start(&binary, dir, 3, &[])).unwrap();
+        rt.block_on(cluster.wait_leader(Duration::from_secs(15))).unwrap();
+        rt.block_on(async {
+            let admin = cluster.client();
+            for region in Self::REGIONS {
+                let command = Command::PutRegion { name: region.into(), zones: vec!["z1".into()] };
+                admin.write(command, Duration::from_secs(10)).await.unwrap();
+            }
+            for (shard, (home, replicas)) in placement.iter().enumerate() {
+                let replicas = replicas.iter().map(|region| (*region).to_owned()).collect();
+                let command = Command::SetPlacement { shard: shard as u32, home: (*home).to_owned(), replicas };
+                admin.write(command, Duration::from_secs(10)).await.unwrap();
+            }
+        });
+        let tls = dir.join("tls");
+        controlplane::tls::generate(&tls, &Self::REGIONS.map(str::to_owned)).unwrap();
+        let seeds =
+            cluster.ids().into_iter().filter_map(|id| cluster.addr(id)).map(|addr| format!("{addr:?}")).collect();
+        let listens = Self::REGIONS.iter().map(|_| free_udp_port()).collect();
+        Self { _cluster: cluster, tls, seeds, listens }
+    }
+
+    /// The config of `region`'s node with `shards` shards.
+    fn config(&self, region: &str, shards: usize) -> String {
+        let tls = &self.tls;
+        let mut text = format!(
+            "shards = {shards}\n[control]\nseeds = [{}]\ntls_dir = {tls:?}\nnode_id = \"{region}\"\nregion = \
+             \"{region}\"\nzone = \"z1\"\nheartbeat_ms = 100\n[replication]\nregion = \"{region}\"\nlisten = \"{}\"\n\
+             tls_dir = {tls:?}\nname = \"{region}\"\nrtt_ms = 2\n",
+            self.seeds.join(","),
+            self.listens[Self::REGIONS.iter().position(|known| *known == region).unwrap()]
+        );
+        for (peer, addr) in Self::REGIONS.iter().zip(&self.listens).filter(|(peer, _)| **peer != region) {
+            text.push_str(&format!("[[replication.peers]]\nregion = \"{peer}\"\naddr = \"{addr}\"\n"));
+        }
+        text
+    }
+}
+
 /// Shards homed in three regions by the control plane's placement (shard k at region k): each
 /// node takes the writes of the shard homed in its region, refuses the others (naming their
 /// home), ships its shard to the other two and replicates theirs. A client that routes each
@@ -316,45 +372,14 @@ fn corrupted_frames_are_rejected_and_the_stream_recovers() {
 /// shard has no placement refuses to start.
 #[test]
 fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
-    use controlplane::local::LocalCluster;
-    use controlplane::meta::Command;
-
     const REGIONS: [&str; 3] = ["a", "b", "c"];
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
-    let binary = LocalCluster::binary().unwrap();
-    let cluster = rt.block_on(LocalCluster::start(&binary, dir.path(), 3, &[])).unwrap();
-    rt.block_on(cluster.wait_leader(Duration::from_secs(15))).unwrap();
-    rt.block_on(async {
-        let admin = cluster.client();
-        for region in REGIONS {
-            let command = Command::PutRegion { name: region.into(), zones: vec!["z1".into()] };
-            admin.write(command, Duration::from_secs(10)).await.unwrap();
-        }
-        for (shard, home) in REGIONS.iter().enumerate() {
-            let replicas = REGIONS.iter().filter(|region| *region != home).map(|region| (*region).to_owned()).collect();
-            let command = Command::SetPlacement { shard: shard as u32, home: (*home).to_owned(), replicas };
-            admin.write(command, Duration::from_secs(10)).await.unwrap();
-        }
-    });
-    let tls = dir.path().join("tls");
-    controlplane::tls::generate(&tls, &REGIONS.map(str::to_owned)).unwrap();
-    let seeds: Vec<String> =
-        cluster.ids().into_iter().filter_map(|id| cluster.addr(id)).map(|addr| format!("{addr:?}")).collect();
-    let listens: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp_port()).collect();
-    let config = |region: &str, shards: usize| {
-        let mut text = format!(
-            "shards = {shards}\n[control]\nseeds = [{}]\ntls_dir = {tls:?}\nnode_id = \"{region}\"\nregion = \
-             \"{region}\"\nzone = \"z1\"\nheartbeat_ms = 100\n[replication]\nregion = \"{region}\"\nlisten = \"{}\"\n\
-             tls_dir = {tls:?}\nname = \"{region}\"\nrtt_ms = 2\n",
-            seeds.join(","),
-            listens[REGIONS.iter().position(|known| *known == region).unwrap()]
-        );
-        for (peer, addr) in REGIONS.iter().zip(&listens).filter(|(peer, _)| **peer != region) {
-            text.push_str(&format!("[[replication.peers]]\nregion = \"{peer}\"\naddr = \"{addr}\"\n"));
-        }
-        text
-    };
+    // Shard k homed at region k, replicated to the other two.
+    let placement: Vec<(&str, Vec<&str>)> =
+        REGIONS.iter().map(|home| (*home, REGIONS.iter().copied().filter(|region| region != home).collect())).collect();
+    let placed = Placed::start(&rt, dir.path(), &placement);
+    let config = |region: &str, shards: usize| placed.config(region, shards);
 
     // A fourth shard has no placement: the node says so and does not start.
     let unplaced = dir.path().join("unplaced");
@@ -681,6 +706,80 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("stamped with origin 2, not 5"), "{stderr}");
     for mut node in nodes.into_iter().take(2) {
+        node.stop();
+    }
+}
+
+/// The placement's replica regions decide where a shard is kept: shard 0 (home a) is
+/// replicated to b and c, shard 1 (home b) to a only, shard 2 (home c) nowhere. Each home
+/// ships only to its shard's replicas; a region that keeps no copy of a shard refuses its
+/// reads and writes (`NotHome`, naming where it is) and counts no source for it; each region
+/// holds exactly its shards' acknowledged writes and reads them at the last write's timestamp.
+#[test]
+fn shards_are_kept_only_in_their_placements_replica_regions() {
+    const REGIONS: [&str; 3] = Placed::REGIONS;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let placement = [("a", vec!["b", "c"]), ("b", vec!["a"]), ("c", vec![])];
+    let placed = Placed::start(&rt, dir.path(), &placement);
+    let nodes: Vec<Node> =
+        REGIONS.iter().map(|region| Node::start(&dir.path().join(region), &placed.config(region, 3))).collect();
+    // Which shards each region keeps.
+    let kept = |region: &str, shard: usize| {
+        let (home, replicas) = &placement[shard];
+        *home == region || replicas.contains(&region)
+    };
+    rt.block_on(async {
+        let mut clients = Vec::new();
+        for node in &nodes {
+            clients.push(connect(node).await);
+        }
+        let homes: Vec<String> =
+            clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
+        let routed = Client::with_addresses(homes, client::ClientConfig::default()).unwrap();
+        let mut model = BTreeMap::new();
+        let mut last_ts = 0;
+        for i in 0..150u32 {
+            let (key, value) = (format!("key-{i:03}").into_bytes(), format!("value {i}").into_bytes());
+            last_ts = last_ts.max(routed.put(&key, &value).await.unwrap());
+            model.insert(key, value);
+        }
+        for (client, region) in clients.iter().zip(REGIONS) {
+            let status = client.replication_status().await.unwrap();
+            let sources: Vec<(String, u32)> =
+                status.sources.iter().map(|source| (source.region.clone(), source.shards)).collect();
+            let expected: Vec<(String, u32)> = (0..3)
+                .filter(|shard| placement[*shard].0 != region && kept(region, *shard))
+                .map(|shard| (placement[shard].0.to_owned(), 1))
+                .collect();
+            assert_eq!(sources, expected, "region {region} receives only the shards it keeps");
+            client.wait_readable(last_ts, Duration::from_secs(20)).await.unwrap();
+            for (key, value) in &model {
+                let shard = wire::shard_for(key, 3) as usize;
+                let got = client.get(key, None).await;
+                if kept(region, shard) {
+                    assert_eq!(got.unwrap().map(|got| got.value.to_vec()).as_ref(), Some(value), "region {region}");
+                } else {
+                    match got {
+                        Err(ClientError::Server { code: ErrorCode::NotHome, message }) => assert!(
+                            message.contains(&format!("shard {shard} is not kept in region {region}")),
+                            "{message}"
+                        ),
+                        other => panic!("region {region} answered a read of shard {shard}, kept elsewhere: {other:?}"),
+                    }
+                }
+            }
+        }
+        // A region that keeps no copy takes no writes either.
+        let key = (0u32..).map(|i| format!("k{i}").into_bytes()).find(|key| wire::shard_for(key, 3) == 2).unwrap();
+        match clients[0].put(&key, b"v").await {
+            Err(ClientError::Server { code: ErrorCode::NotHome, message }) => {
+                assert!(message.contains("takes writes in region c and is replicated to no region"), "{message}");
+            }
+            other => panic!("region a took a write of shard 2: {other:?}"),
+        }
+    });
+    for mut node in nodes {
         node.stop();
     }
 }

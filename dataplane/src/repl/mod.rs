@@ -57,6 +57,9 @@ pub struct ReplConfig {
     /// known: `[replication] home` fills it for every shard, otherwise the node takes it from
     /// the control plane's placement at start ([`ReplConfig::place`]).
     pub homes: Vec<String>,
+    /// The regions holding a replica of each shard, by shard id, from the control plane's
+    /// placement; `None` (`[replication] home`): every region but the home.
+    pub replicas: Option<Vec<Vec<String>>>,
     /// UDP address of the replication endpoint.
     pub listen: SocketAddr,
     /// Directory with `ca.pem`, `<name>.pem`, `<name>.key`.
@@ -99,6 +102,30 @@ impl ReplConfig {
         self.home_of(shard) == Some(self.region.as_str())
     }
 
+    /// Whether this region holds a replica of `shard` (receives its stream from the home).
+    pub fn replicates(&self, shard: u32) -> bool {
+        !self.is_home_of(shard)
+            && self.replicas.as_ref().is_none_or(|replicas| {
+                replicas.get(shard as usize).is_some_and(|regions| regions.contains(&self.region))
+            })
+    }
+
+    /// Whether this region holds `shard` at all: its home, a replica, or any region with
+    /// multi-master keyspaces (which hold every shard everywhere).
+    pub fn holds(&self, shard: u32) -> bool {
+        self.is_multi_master() || self.is_home_of(shard) || self.replicates(shard)
+    }
+
+    /// Whether `shard` is shipped from here to `peer`: from its home to its replica regions;
+    /// with multi-master keyspaces from every region to every other.
+    pub fn ships_to(&self, shard: u32, peer: &str) -> bool {
+        self.is_multi_master()
+            || (self.is_home_of(shard)
+                && self.replicas.as_ref().is_none_or(|replicas| {
+                    replicas.get(shard as usize).is_some_and(|regions| regions.iter().any(|region| region == peer))
+                }))
+    }
+
     /// Whether the cluster has multi-master keyspaces.
     pub fn is_multi_master(&self) -> bool {
         !self.multi_master.is_empty()
@@ -116,7 +143,7 @@ impl ReplConfig {
         if self.is_multi_master() {
             return self.peers.iter().map(|peer| peer.region.as_str()).collect();
         }
-        self.home_of(shard).filter(|home| *home != self.region).into_iter().collect()
+        self.home_of(shard).filter(|_| self.replicates(shard)).into_iter().collect()
     }
 
     /// Whether some shard ships from here.
@@ -134,20 +161,37 @@ impl ReplConfig {
         self.peers.iter().find(|peer| peer.region == region).and_then(|peer| peer.origin)
     }
 
-    /// Sets the home of each of `shards` shards from the control plane's placement (shard id
-    /// to home region), checking that it is complete and that a region homing a shard has peers.
-    pub fn place(&mut self, shards: u32, placement: &std::collections::BTreeMap<u32, String>) -> Result<(), String> {
-        let mut homes = Vec::new();
+    /// Sets the home and replica regions of each of `shards` shards from the control plane's
+    /// placement, checking that it is complete and that every region it ships to is a peer.
+    pub fn place(
+        &mut self,
+        shards: u32,
+        placement: &std::collections::BTreeMap<u32, controlplane::meta::Placement>,
+    ) -> Result<(), String> {
+        let (mut homes, mut replicas) = (Vec::new(), Vec::new());
         for shard in 0..shards {
-            let home = placement.get(&shard).ok_or_else(|| {
+            let place = placement.get(&shard).ok_or_else(|| {
                 format!(
                     "replication: the control plane has no placement for shard {shard} (`meridian cluster \
                      place {shard} --home REGION --replicas ...`), and [replication] names no `home`"
                 )
             })?;
-            homes.push(home.clone());
+            if place.home == self.region && !self.is_multi_master() {
+                if let Some(unknown) =
+                    place.replicas.iter().find(|region| !self.peers.iter().any(|peer| peer.region == **region))
+                {
+                    return Err(format!(
+                        "replication.peers: the placement replicates shard {shard} to region {unknown}, which is not \
+                         a peer of region {}",
+                        self.region
+                    ));
+                }
+            }
+            homes.push(place.home.clone());
+            replicas.push(place.replicas.clone());
         }
         self.homes = homes;
+        self.replicas = Some(replicas);
         self.check_peers().map_err(|reason| format!("replication.peers: {reason}"))
     }
 
@@ -166,8 +210,17 @@ impl ReplConfig {
     /// How the node's shards are placed, for the log: `every shard home` (or `replica of
     /// <region>`) when all have the same role, else the role of each shard.
     pub fn roles(&self) -> String {
-        let role = |home: &String| if *home == self.region { "home".to_owned() } else { format!("replica of {home}") };
-        let roles: Vec<String> = self.homes.iter().map(role).collect();
+        let role = |(shard, home): (usize, &String)| {
+            let shard = u32::try_from(shard).unwrap_or(u32::MAX);
+            if *home == self.region {
+                "home".to_owned()
+            } else if self.holds(shard) {
+                format!("replica of {home}")
+            } else {
+                format!("not held (home {home})")
+            }
+        };
+        let roles: Vec<String> = self.homes.iter().enumerate().map(role).collect();
         if roles.windows(2).all(|pair| pair[0] == pair[1]) {
             return roles.first().map_or_else(String::new, |role| format!("every shard {role}"));
         }

@@ -204,7 +204,7 @@ async fn run(
             let mut connector = Connector::new(endpoint.clone());
             connector.connect_timeout = CONNECT_TIMEOUT;
             let link = Arc::new(PeerLink { peer: peer.clone(), connector });
-            for side in context.shards.iter().filter(|side| context.config.ships_shard(side.shard)) {
+            for side in context.shards.iter().filter(|side| context.config.ships_to(side.shard, &peer.region)) {
                 tasks.spawn(ship(context.clone(), link.clone(), side.clone()));
             }
         }
@@ -917,6 +917,9 @@ fn check_hello(context: &Context, shard: u32, shards: u32, region: &str) -> Resu
             )),
             Some(home) if home != region => {
                 Err(format!("region {region} is not the home of shard {shard} ({home} is)"))
+            }
+            Some(_) if !config.replicates(shard) => {
+                Err(format!("the placement keeps no replica of shard {shard} in region {}", config.region))
             }
             Some(_) => Ok(side),
             None => Err(format!("shard {shard} has no home region here")),

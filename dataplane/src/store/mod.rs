@@ -64,6 +64,9 @@ pub struct StoreConfig {
     /// `Some(home)` when this shard is a replica of region `home`: client writes are refused
     /// (`NotHome`) and versions arrive only through [`ShardStore::apply_replicated`].
     pub replica_of: Option<String>,
+    /// `Some(why)` when the placement keeps no copy of this shard in this region: the client
+    /// endpoint refuses every read and write of it (`NotHome`, saying where it is).
+    pub not_held: Option<String>,
     /// Key prefixes of the multi-master keyspaces: their keys are written in every region,
     /// a replica shard's included, and the newest timestamp wins (last-writer-wins).
     pub multi_master: Vec<Vec<u8>>,
@@ -108,6 +111,7 @@ impl StoreConfig {
             checkpoint_bytes_per_sec: limits::CHECKPOINT_BYTES_PER_SEC_DEFAULT,
             clock: Arc::new(SystemClock),
             replica_of: None,
+            not_held: None,
             multi_master: Vec::new(),
             origin: None,
             wal_hold: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
