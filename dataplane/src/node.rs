@@ -177,9 +177,7 @@ async fn shard_main(
             store_config.not_held = Some(format!(
                 "shard {shard_id} is not kept in region {}: it takes writes in region {home} and is replicated to {}",
                 repl.region,
-                replicas
-                    .filter(|regions| !regions.is_empty())
-                    .map_or("no region".to_owned(), |regions| regions.join(", "))
+                replicas.map_or_else(String::new, |regions| regions.join(", "))
             ));
         }
         store_config.multi_master = repl.multi_master.iter().map(|prefix| prefix.as_bytes().to_vec()).collect();

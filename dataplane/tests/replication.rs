@@ -711,16 +711,16 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
 }
 
 /// The placement's replica regions decide where a shard is kept: shard 0 (home a) is
-/// replicated to b and c, shard 1 (home b) to a only, shard 2 (home c) nowhere. Each home
+/// replicated to b and c, shard 1 (home b) to a only, shard 2 (home c) to b only. Each home
 /// ships only to its shard's replicas; a region that keeps no copy of a shard refuses its
-/// reads and writes (`NotHome`, naming where it is) and counts no source for it; each region
-/// holds exactly its shards' acknowledged writes and reads them at the last write's timestamp.
+/// reads and writes (`NotHome`, naming where it is) and counts no source for it; each region,
+/// readable at the last write's timestamp, holds exactly its shards' acknowledged writes.
 #[test]
 fn shards_are_kept_only_in_their_placements_replica_regions() {
     const REGIONS: [&str; 3] = Placed::REGIONS;
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime();
-    let placement = [("a", vec!["b", "c"]), ("b", vec!["a"]), ("c", vec![])];
+    let placement = [("a", vec!["b", "c"]), ("b", vec!["a"]), ("c", vec!["b"])];
     let placed = Placed::start(&rt, dir.path(), &placement);
     let nodes: Vec<Node> =
         REGIONS.iter().map(|region| Node::start(&dir.path().join(region), &placed.config(region, 3))).collect();
@@ -774,7 +774,7 @@ fn shards_are_kept_only_in_their_placements_replica_regions() {
         let key = (0u32..).map(|i| format!("k{i}").into_bytes()).find(|key| wire::shard_for(key, 3) == 2).unwrap();
         match clients[0].put(&key, b"v").await {
             Err(ClientError::Server { code: ErrorCode::NotHome, message }) => {
-                assert!(message.contains("takes writes in region c and is replicated to no region"), "{message}");
+                assert!(message.contains("takes writes in region c and is replicated to b"), "{message}");
             }
             other => panic!("region a took a write of shard 2: {other:?}"),
         }

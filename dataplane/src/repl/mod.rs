@@ -58,7 +58,8 @@ pub struct ReplConfig {
     /// the control plane's placement at start ([`ReplConfig::place`]).
     pub homes: Vec<String>,
     /// The regions holding a replica of each shard, by shard id, from the control plane's
-    /// placement; `None` (`[replication] home`): every region but the home.
+    /// placement (a placement that names none: every region but the home); `None`
+    /// (`[replication] home`): every region but the home.
     pub replicas: Option<Vec<Vec<String>>>,
     /// UDP address of the replication endpoint.
     pub listen: SocketAddr,
@@ -187,8 +188,16 @@ impl ReplConfig {
                     ));
                 }
             }
+            // A placement without replica regions (`cluster place --home` alone) keeps the
+            // shard in every region, as before replica lists were read.
+            let regions = if place.replicas.is_empty() {
+                let every = self.peers.iter().map(|peer| &peer.region).chain([&self.region]);
+                every.filter(|region| **region != place.home).cloned().collect()
+            } else {
+                place.replicas.clone()
+            };
             homes.push(place.home.clone());
-            replicas.push(place.replicas.clone());
+            replicas.push(regions);
         }
         self.homes = homes;
         self.replicas = Some(replicas);
