@@ -247,6 +247,8 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
     figures.set_f64("rpo_target_p99_ms", RPO_TARGET_MS);
     figures.set("lost_writes", lost);
     figures.set("wire_bytes_to_b", forward_b.delivered_bytes);
+    figures
+        .set_f64("wire_datagram_mean_bytes_to_b", forward_b.delivered_bytes as f64 / forward_b.delivered.max(1) as f64);
     figures.set_f64("raw_bytes_written", raw_bytes);
     figures.set_f64("wire_vs_raw_ratio", forward_b.delivered_bytes as f64 / raw_bytes);
     for (codec, name) in [(Codec::Lz4, "lz4"), (Codec::Snappy, "snap")] {
@@ -255,8 +257,10 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
 
     if args.catch_up_mib > 0 {
         eprintln!("bench geo: catch-up of {} MiB on loopback without delay ...", args.catch_up_mib);
-        let quic = catch_up(&home, &replicas[0].1, &to_b, args.catch_up_mib, args.value_bytes).await?;
+        let (quic, datagram_bytes) =
+            catch_up(&home, &replicas[0].1, &to_b, args.catch_up_mib, args.value_bytes).await?;
         figures.set_f64("quic_catch_up_mb_per_s", quic);
+        figures.set_f64("catch_up_datagram_mean_bytes", datagram_bytes);
         if !args.skip_iperf {
             let tcp = iperf3()?;
             figures.set_f64("iperf3_tcp_mb_per_s", tcp);
@@ -433,7 +437,10 @@ fn codec_ratio(codec: Codec, value_bytes: usize) -> f64 {
 
 /// Cuts `replica` off, writes `mib` MiB at the home, removes the delay and heals: the raw
 /// MB/s until the replica has it all durably.
-async fn catch_up(home: &Client, replica: &Client, proxy: &Proxy, mib: u64, value_bytes: usize) -> Result<f64> {
+/// Writes `mib` MiB at the home while the replica behind `proxy` is cut off, then heals the
+/// link without delay: MB/s from the heal until the replica has resolved the last write, and
+/// the mean datagram size meanwhile.
+async fn catch_up(home: &Client, replica: &Client, proxy: &Proxy, mib: u64, value_bytes: usize) -> Result<(f64, f64)> {
     let handle = proxy.handle();
     handle.partition(true);
     let count = (mib << 20) / value_bytes as u64;
@@ -447,9 +454,13 @@ async fn catch_up(home: &Client, replica: &Client, proxy: &Proxy, mib: u64, valu
         last_ts = last_ts.max(home.batch_put(&refs).await?);
     }
     handle.set(LinkConfig::default(), LinkConfig::default())?;
+    let (before, _) = handle.stats();
     handle.partition(false);
     let took = wait_resolved(replica, last_ts, Duration::from_secs(600)).await?;
-    Ok(bytes as f64 / 1e6 / took.as_secs_f64())
+    let (after, _) = handle.stats();
+    let datagrams = after.delivered.saturating_sub(before.delivered).max(1);
+    let datagram_bytes = after.delivered_bytes.saturating_sub(before.delivered_bytes) as f64 / datagrams as f64;
+    Ok((bytes as f64 / 1e6 / took.as_secs_f64(), datagram_bytes))
 }
 
 /// iperf3 TCP on loopback, MB/s received (3 s, one stream).

@@ -124,6 +124,7 @@ impl Proxy {
         };
         let shared = Arc::new(Shared { links: Mutex::new(links), queued: Notify::new(), origin: Instant::now() });
         let front = Arc::new(UdpSocket::bind(listen).await?);
+        deep_buffers(&front);
         let addr = front.local_addr()?;
         let mut tasks = JoinSet::new();
         tasks.spawn(deliver(shared.clone(), front.clone()));
@@ -148,6 +149,17 @@ impl Drop for Proxy {
     }
 }
 
+/// Socket buffers the proxy asks for (the kernel caps them at `net.core.{r,w}mem_max`).
+const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// Gives `socket` deep kernel buffers: with the default (about 200 KiB) a burst of large
+/// datagrams overflows it, and a loss the emulated link did not decide on is not emulation.
+fn deep_buffers(socket: &UdpSocket) {
+    let socket = socket2::SockRef::from(socket);
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+}
+
 /// Receives from clients; opens one upstream socket per client, whose replies go back.
 async fn accept(shared: Arc<Shared>, front: Arc<UdpSocket>, upstream: SocketAddr) {
     let mut sessions: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
@@ -161,6 +173,7 @@ async fn accept(shared: Arc<Shared>, front: Arc<UdpSocket>, upstream: SocketAddr
             None => {
                 let any = if upstream.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
                 let Ok(socket) = UdpSocket::bind(any).await else { continue };
+                deep_buffers(&socket);
                 if socket.connect(upstream).await.is_err() {
                     continue;
                 }
