@@ -1,7 +1,7 @@
 //! The replication thread: a tokio runtime with one QUIC endpoint (quinn, mutual TLS against
 //! the cluster CA) that both ships and receives.
 //!
-//! Shipping (shards homed here): per (peer region, shard) a task tails the shard's durable WAL
+//! Shipping (shards homed here): per (replica region, shard) a task tails the shard's durable WAL
 //! with a [`WalCursor`] (memory-mapped, any thread), forms batches up to `batch_bytes_max`,
 //! compresses them and writes each frame as two `Bytes` (head, body) on the shard's own
 //! bidirectional stream of the connection to that peer, so one shard's backlog never blocks
@@ -17,8 +17,10 @@
 //! the records its region stamped (the others as empty entries), and every shard receives from
 //! every peer.
 //!
-//! Receiving (shards homed elsewhere): each stream's `Hello` is checked (the region is the
-//! shard's home and not this one, or any peer with multi-master keyspaces; same shard count), answered with the durable position, then
+//! Receiving (shards homed elsewhere and replicated here): each stream's `Hello` is checked
+//! (the region is the shard's home and not this one, and the placement keeps a replica here;
+//! or any peer with multi-master keyspaces; same shard count), answered with the durable
+//! position, then
 //! every batch is checked by the [`Inbound`] core, decompressed, its entries validated and handed to the
 //! owning shard (glommio) as [`Apply`] requests without waiting; a second task awaits them in
 //! order and acknowledges (position, closed timestamp) once all are durable. Snapshot parts

@@ -610,36 +610,46 @@ impl Wal {
     /// unlinks and the sync run on glommio's blocking pool: unlinking four 64 MiB segments
     /// took 80 ms, which on the executor stalled every write of the shard.
     pub async fn release_before(&self, lsn: u64) -> Result<u64, WalError> {
-        let mut paths = Vec::new();
-        loop {
-            let segment_seq = {
-                let mut segments = self.inner.segments.borrow_mut();
-                let Some(segments) = segments.as_mut() else { break };
-                let next_first_lsn = segments.sealed.get(1).map_or(segments.active_first_lsn, |next| next.1);
-                match segments.sealed.front() {
-                    Some(&(segment_seq, _)) if next_first_lsn <= lsn => {
-                        segments.sealed.pop_front();
-                        segment_seq
+        let mut released = Vec::new();
+        {
+            let mut segments = self.inner.segments.borrow_mut();
+            if let Some(segments) = segments.as_mut() {
+                loop {
+                    let next_first_lsn = segments.sealed.get(1).map_or(segments.active_first_lsn, |next| next.1);
+                    match segments.sealed.front() {
+                        Some(&segment) if next_first_lsn <= lsn => {
+                            segments.sealed.pop_front();
+                            released.push(segment);
+                        }
+                        _ => break,
                     }
-                    _ => break,
                 }
-            };
-            paths.push(segment_path(&self.inner.config, segment_seq));
+            }
         }
-        if paths.is_empty() {
+        if released.is_empty() {
             return Ok(0);
         }
-        let dir = self.inner.config.dir.clone();
-        glommio::executor()
+        let (config, dir) = (self.inner.config.clone(), self.inner.config.dir.clone());
+        let paths: Vec<PathBuf> = released.iter().map(|(segment_seq, _)| segment_path(&config, *segment_seq)).collect();
+        let (removed, result) = glommio::executor()
             .spawn_blocking(move || {
-                for path in &paths {
-                    std::fs::remove_file(path)
-                        .map_err(|error| WalError::io("remove released segment", path.display(), &error))?;
+                for (removed, path) in paths.iter().enumerate() {
+                    if let Err(error) = std::fs::remove_file(path) {
+                        return (removed, Err(WalError::io("remove released segment", path.display(), &error)));
+                    }
                 }
-                sync_path(&dir).map_err(|error| WalError::io("sync directory", dir.display(), &error))?;
-                Ok(paths.len() as u64)
+                (paths.len(), sync_path(&dir).map_err(|error| WalError::io("sync directory", dir.display(), &error)))
             })
-            .await
+            .await;
+        if removed < released.len() {
+            // The segments not removed are still on disk: keep them listed, oldest first.
+            if let Some(segments) = self.inner.segments.borrow_mut().as_mut() {
+                for segment in released[removed..].iter().rev() {
+                    segments.sealed.push_front(*segment);
+                }
+            }
+        }
+        result.map(|()| removed as u64)
     }
 
     /// The lowest LSN to keep so that the full segments below `lsn` take at most `bytes_max`
