@@ -912,7 +912,7 @@ fn remove_checkpoints(dir: &Path, shard_id: u32, doomed: impl Fn(u64) -> bool) -
         let stale_temporary = name.ends_with(".ckpt.tmp");
         let old = checkpoint::parse_file_name(name).is_some_and(|(shard, lsn)| shard == shard_id && doomed(lsn));
         if stale_temporary || old {
-            std::fs::remove_file(entry.path())?;
+            crate::wal::writer::delete_gradually(&entry.path())?;
         }
     }
     Ok(())
