@@ -593,8 +593,9 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
 
         // Every acknowledged write: (key, timestamp, value; None for a delete), by region.
         type Written = Vec<(Vec<u8>, u64, Option<Vec<u8>>)>;
-        // From round 50 on, key i is written only by region i % 3: the last writes of the
-        // partition decide, c's included, so each region wins a third of the keys.
+        // From round 50 on (after every region finished round 49), key i is written only by
+        // region i % 3: the last writes of the partition decide, c's included, so each region
+        // wins a third of the keys.
         async fn write_rounds(client: &Client, index: usize, rounds: std::ops::Range<u32>) -> Written {
             let region = REGIONS[index];
             let mut written = Vec::new();
@@ -635,8 +636,12 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
         // three writing: both sides of the partition take conflicting writes.
         cut_c(true);
         let partitioned = Instant::now();
-        for (region, more) in written.iter_mut().zip(all_write(20..60).await) {
-            region.extend(more);
+        // Rounds 50.. start once every region's earlier rounds are acknowledged, so (commit
+        // wait) their stamps are above all of those.
+        for rounds in [20..50, 50..60] {
+            for (region, more) in written.iter_mut().zip(all_write(rounds).await) {
+                region.extend(more);
+            }
         }
         tokio::time::sleep(Duration::from_secs(3).saturating_sub(partitioned.elapsed())).await;
         assert!(lag_us(&clients[2], "a").await.unwrap_or(u64::MAX) > 1_000_000, "c was cut off from a");
