@@ -181,7 +181,7 @@ async fn shard_main(
             ));
         }
         store_config.multi_master = repl.multi_master.iter().map(|prefix| prefix.as_bytes().to_vec()).collect();
-        store_config.origin = repl.origin_of(&repl.region);
+        store_config.origin = repl.origin;
         if repl.is_multi_master() {
             store_config.collect_floor = side.floor.clone();
         }

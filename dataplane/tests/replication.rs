@@ -55,6 +55,22 @@ async fn contents(client: &Client) -> BTreeMap<Vec<u8>, Vec<u8>> {
     }
 }
 
+/// A client of each node, in order.
+async fn connect_all(nodes: &[Node]) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for node in nodes {
+        clients.push(connect(node).await);
+    }
+    clients
+}
+
+/// A client that sends shard k to the k-th client's node (shard k's home when region k homes
+/// it).
+fn routed_to_homes(clients: &[Client]) -> Client {
+    let homes = clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
+    Client::with_addresses(homes, client::ClientConfig::default()).unwrap()
+}
+
 async fn lag_us(client: &Client, source: &str) -> Option<u64> {
     client.replication_status().await.ok()?.lag_us(source)
 }
@@ -399,10 +415,7 @@ fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
     let nodes: Vec<Node> =
         REGIONS.iter().map(|region| Node::start(&dir.path().join(region), &config(region, 3))).collect();
     let model = rt.block_on(async {
-        let mut clients = Vec::new();
-        for node in &nodes {
-            clients.push(connect(node).await);
-        }
+        let clients = connect_all(&nodes).await;
         // Each region takes the writes of its own shard only.
         let key_of = |shard: u32| {
             (0u32..).map(|i| format!("probe-{i}").into_bytes()).find(|key| wire::shard_for(key, 3) == shard).unwrap()
@@ -436,9 +449,7 @@ fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
         }
 
         // Writes over all shards, each taken at its home.
-        let homes: Vec<String> =
-            clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
-        let routed = Client::with_addresses(homes, client::ClientConfig::default()).unwrap();
+        let routed = routed_to_homes(&clients);
         let mut model = BTreeMap::new();
         for (shard, _) in REGIONS.iter().enumerate() {
             model.insert(key_of(shard as u32), b"probe".to_vec());
@@ -496,13 +507,8 @@ fn shards_homed_in_three_regions_take_writes_at_home_and_converge_everywhere() {
     });
     nodes[1] = Node::start(&dir.path().join("b"), &config("b", 3));
     rt.block_on(async {
-        let mut clients = Vec::new();
-        for node in &nodes {
-            clients.push(connect(node).await);
-        }
-        let homes: Vec<String> =
-            clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
-        let routed = Client::with_addresses(homes, client::ClientConfig::default()).unwrap();
+        let clients = connect_all(&nodes).await;
+        let routed = routed_to_homes(&clients);
         let mut last_ts = 0;
         for i in 0..60u32 {
             let key = format!("after-restart-{i:03}").into_bytes();
@@ -580,10 +586,7 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
     };
 
     rt.block_on(async {
-        let mut clients = Vec::new();
-        for node in &nodes {
-            clients.push(connect(node).await);
-        }
+        let clients = connect_all(&nodes).await;
         // Outside the keyspace a replica still takes no writes; inside it, it does.
         match clients[1].put(b"plain", b"v").await {
             Err(ClientError::Server { code: ErrorCode::NotHome, message }) => assert!(message.contains("region a")),
@@ -735,13 +738,8 @@ fn shards_are_kept_only_in_their_placements_replica_regions() {
         *home == region || replicas.contains(&region)
     };
     rt.block_on(async {
-        let mut clients = Vec::new();
-        for node in &nodes {
-            clients.push(connect(node).await);
-        }
-        let homes: Vec<String> =
-            clients.iter().enumerate().map(|(shard, client)| client.addresses()[shard].clone()).collect();
-        let routed = Client::with_addresses(homes, client::ClientConfig::default()).unwrap();
+        let clients = connect_all(&nodes).await;
+        let routed = routed_to_homes(&clients);
         let mut model = BTreeMap::new();
         let mut last_ts = 0;
         for i in 0..150u32 {

@@ -29,6 +29,16 @@ fn small_store(dir: &Path, clock: Arc<ManualClock>) -> StoreConfig {
     config
 }
 
+/// A WAL payload of one operation on `key`: a put of `value`, or a delete (`None`), as a
+/// home ships it.
+fn record(key: &str, value: Option<&str>) -> bytes::Bytes {
+    use dataplane::store::op::{self, Value};
+    let mut out = Vec::new();
+    let body = value.map_or(Value::Tombstone, |value| Value::Inline(value.as_bytes()));
+    op::encode(std::iter::once((key.as_bytes(), body)), &mut out).unwrap();
+    bytes::Bytes::from(out)
+}
+
 /// key -> versions (ts, value or None for a tombstone), as the model sees them.
 type Model = BTreeMap<Vec<u8>, Vec<(u64, Option<Vec<u8>>)>>;
 
@@ -384,12 +394,6 @@ fn keys_a_snapshot_lacks_get_a_tombstone_at_its_horizon() {
     let mut config = small_store(dir.path(), clock);
     config.replica_of = Some("a".into());
     let reopen = config.clone();
-    let record = |key: &str, value: Option<&str>| {
-        let mut out = Vec::new();
-        let body = value.map_or(Value::Tombstone, |value| Value::Inline(value.as_bytes()));
-        op::encode(std::iter::once((key.as_bytes(), body)), &mut out).unwrap();
-        bytes::Bytes::from(out)
-    };
     run(async move {
         let store = ShardStore::open(config).await.unwrap();
         for (ts, key, value) in [
@@ -438,7 +442,6 @@ fn keys_a_snapshot_lacks_get_a_tombstone_at_its_horizon() {
 /// snapshot's source has not received yet).
 #[test]
 fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
-    use dataplane::store::op::{self, Value};
     use wire::glt::{origin_of, timestamp_at, with_origin};
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_000_000));
@@ -447,11 +450,6 @@ fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
     config.multi_master = vec![b"mm/".to_vec()];
     config.origin = Some(1);
     let reopen = config.clone();
-    let record = |key: &str, value: &str| {
-        let mut out = Vec::new();
-        op::encode(std::iter::once((key.as_bytes(), Value::Inline(value.as_bytes()))), &mut out).unwrap();
-        bytes::Bytes::from(out)
-    };
     // `later` is a little ahead of this region's clock (1 s), `earlier` long before it.
     let (later, earlier) = (with_origin(timestamp_at(1_000_200), 0), with_origin(timestamp_at(1_000), 2));
     run(async move {
@@ -464,8 +462,8 @@ fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
         assert_eq!(origin_of(local), 1);
         assert_eq!(store.get(b"mm/k", None).await.unwrap().unwrap().1, &b"local"[..]);
         // A newer write from region 0, then an older one from region 2: the newer stays.
-        store.apply_replicated(later, &record("mm/k", "from a")).await.unwrap();
-        store.apply_replicated(earlier, &record("mm/k", "from c")).await.unwrap();
+        store.apply_replicated(later, &record("mm/k", Some("from a"))).await.unwrap();
+        store.apply_replicated(earlier, &record("mm/k", Some("from c"))).await.unwrap();
         assert_eq!(store.get(b"mm/k", None).await.unwrap(), Some((later, bytes::Bytes::from_static(b"from a"))));
         assert_eq!(store.get(b"mm/k", Some(local)).await.unwrap().unwrap().1, &b"local"[..]);
         // Local stamps go on above what was observed.
@@ -474,7 +472,7 @@ fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
         // The closed point is about this region's writes: an old record shipped from region 2,
         // still waiting for its WAL barrier, does not pull it back below them.
         let shipped = glommio::spawn_local({
-            let (store, record) = (store.clone(), record("mm/old", "from c"));
+            let (store, record) = (store.clone(), record("mm/old", Some("from c")));
             async move { store.apply_replicated(earlier + 16, &record).await }
         });
         futures_lite::future::yield_now().await;
@@ -501,7 +499,6 @@ fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
 /// floor it goes like any.
 #[test]
 fn collection_stays_below_the_floor_every_region_has_shipped() {
-    use dataplane::store::op::{self, Value};
     use std::sync::atomic::{AtomicU64, Ordering};
     use wire::glt::{timestamp_at, with_origin};
     let dir = tempfile::tempdir().unwrap();
@@ -513,22 +510,16 @@ fn collection_stays_below_the_floor_every_region_has_shipped() {
     config.retention = std::time::Duration::from_secs(1);
     let floor = Arc::new(AtomicU64::new(0));
     config.collect_floor = floor.clone();
-    let record = |value: Option<&str>| {
-        let mut out = Vec::new();
-        let body = value.map_or(Value::Tombstone, |value| Value::Inline(value.as_bytes()));
-        op::encode(std::iter::once((&b"mm/k"[..], body)), &mut out).unwrap();
-        bytes::Bytes::from(out)
-    };
     run(async move {
         let store = ShardStore::open(config).await.unwrap();
         let (written, deleted) = (with_origin(timestamp_at(1_000_000), 0), with_origin(timestamp_at(2_000_000), 0));
-        store.apply_replicated(written, &record(Some("v"))).await.unwrap();
-        store.apply_replicated(deleted, &record(None)).await.unwrap();
+        store.apply_replicated(written, &record("mm/k", Some("v"))).await.unwrap();
+        store.apply_replicated(deleted, &record("mm/k", None)).await.unwrap();
         // Both are 8 s older than the retention allows, but region 2 has not shipped past them.
         store.collect_garbage().await.unwrap();
         assert_eq!(store.stats().versions_collected, 0);
         // Region 2's write from before the delete arrives: the kept tombstone outdates it.
-        store.apply_replicated(with_origin(timestamp_at(1_500_000), 2), &record(Some("late"))).await.unwrap();
+        store.apply_replicated(with_origin(timestamp_at(1_500_000), 2), &record("mm/k", Some("late"))).await.unwrap();
         assert_eq!(store.get(b"mm/k", None).await.unwrap(), None);
         // Once every region has shipped past them, they go.
         floor.store(u64::MAX, Ordering::Release);

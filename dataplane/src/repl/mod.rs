@@ -105,10 +105,15 @@ impl ReplConfig {
 
     /// Whether this region holds a replica of `shard` (receives its stream from the home).
     pub fn replicates(&self, shard: u32) -> bool {
-        !self.is_home_of(shard)
-            && self.replicas.as_ref().is_none_or(|replicas| {
-                replicas.get(shard as usize).is_some_and(|regions| regions.contains(&self.region))
-            })
+        !self.is_home_of(shard) && self.is_replica_region(shard, &self.region)
+    }
+
+    /// Whether `region` is one of `shard`'s replica regions (every region but the home when the
+    /// placement does not say).
+    fn is_replica_region(&self, shard: u32, region: &str) -> bool {
+        self.replicas.as_ref().is_none_or(|replicas| {
+            replicas.get(shard as usize).is_some_and(|regions| regions.iter().any(|known| known == region))
+        })
     }
 
     /// Whether this region holds `shard` at all: its home, a replica, or any region with
@@ -120,11 +125,7 @@ impl ReplConfig {
     /// Whether `shard` is shipped from here to `peer`: from its home to its replica regions;
     /// with multi-master keyspaces from every region to every other.
     pub fn ships_to(&self, shard: u32, peer: &str) -> bool {
-        self.is_multi_master()
-            || (self.is_home_of(shard)
-                && self.replicas.as_ref().is_none_or(|replicas| {
-                    replicas.get(shard as usize).is_some_and(|regions| regions.iter().any(|region| region == peer))
-                }))
+        self.is_multi_master() || (self.is_home_of(shard) && self.is_replica_region(shard, peer))
     }
 
     /// Whether the cluster has multi-master keyspaces.

@@ -373,7 +373,7 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
     let mut cursor = reader.cursor(next_lsn, point.durable_next_lsn.max(next_lsn));
     // With multi-master keyspaces the WAL also holds what other regions shipped here: the
     // stream carries this region's own writes only.
-    let origin = config.origin_of(&config.region);
+    let origin = config.origin;
 
     // Acks arrive on their own task so a full window never blocks reading them.
     let (acks_tx, mut acks_rx) = mpsc::unbounded_channel();
@@ -1031,7 +1031,7 @@ async fn receive_stream(
                 }
                 Frame::Install(part) => {
                     if part.last {
-                        check_ahead(context, part.horizon, "snapshot horizon")?;
+                        check_ahead(part.horizon, ahead_limit(context), "snapshot horizon")?;
                     }
                     let end = (part.last && from_home).then(|| snapshot_horizon(part.horizon));
                     (inbound.install(&part)?, true, end, (part.codec, part.body, part.raw_len, part.count))
@@ -1043,6 +1043,8 @@ async fn receive_stream(
             );
             let entries = Entries::new(&raw, count)?;
             let mut dones = Vec::new();
+            // The clock once per frame, not per record.
+            let limit = source_origin.and_then(|_| ahead_limit(context));
             for (glt, payload) in entries.iter().skip(accepted.skip as usize) {
                 if let Some(expected) = source_origin.filter(|_| !install) {
                     if payload.is_empty() && glt == 0 {
@@ -1057,7 +1059,7 @@ async fn receive_stream(
                     }
                     // A stamp far ahead of this clock would hold every local write back until
                     // the clock reaches it (later stamps must exceed it).
-                    check_ahead(context, glt, "record")?;
+                    check_ahead(glt, limit, "record")?;
                 }
                 let payload = raw.slice_ref(payload);
                 if install && from_home {
@@ -1103,18 +1105,21 @@ async fn receive_stream(
 /// clock is wrong.
 const AHEAD_US_MAX: u64 = 500_000;
 
-/// Refuses a timestamp further than [`AHEAD_US_MAX`] ahead of this node's clock: a snapshot's
-/// horizon from the future would have every key here tombstoned, and a multi-master record's
-/// stamp would hold back every local write until the clock caught up. The stream fails and
-/// retries; unchecked while the clock cannot say.
-fn check_ahead(context: &Context, ts: u64, what: &str) -> Result<(), StreamError> {
-    match context.clock.interval() {
-        Ok(interval) if clock::physical_us(ts) > interval.latest_us.saturating_add(AHEAD_US_MAX) => {
-            Err(StreamError::Other(format!(
-                "{what} {ts} is ahead of this node's clock ({} µs): refused (are the regions' clocks synchronised?)",
-                interval.latest_us
-            )))
-        }
+/// The latest physical time (µs) a shipped stamp may have now: [`AHEAD_US_MAX`] past this
+/// node's clock; `None` while the clock cannot say.
+fn ahead_limit(context: &Context) -> Option<u64> {
+    context.clock.interval().ok().map(|interval| interval.latest_us.saturating_add(AHEAD_US_MAX))
+}
+
+/// Refuses a timestamp past `limit` ([`ahead_limit`]): a snapshot's horizon from the future
+/// would have every key here tombstoned, and a multi-master record's stamp would hold back
+/// every local write until the clock caught up. The stream fails and retries.
+fn check_ahead(ts: u64, limit: Option<u64>, what: &str) -> Result<(), StreamError> {
+    match limit {
+        Some(limit) if clock::physical_us(ts) > limit => Err(StreamError::Other(format!(
+            "{what} {ts} is more than {AHEAD_US_MAX} µs ahead of this node's clock: refused (are the regions' \
+             clocks synchronised?)"
+        ))),
         _ => Ok(()),
     }
 }

@@ -538,10 +538,15 @@ impl ShardStore {
         }
     }
 
+    /// WAL bytes this shard has written, across restarts.
+    fn wal_bytes_written(&self) -> u64 {
+        self.inner.wal.stats().batch_bytes + self.inner.wal_bytes_carried
+    }
+
     /// Whether enough WAL was written since the last checkpoint to write another.
     pub fn checkpoint_due(&self) -> bool {
-        let written = self.inner.wal.stats().batch_bytes + self.inner.wal_bytes_carried;
-        written.saturating_sub(self.inner.wal_bytes_at_checkpoint.get()) >= self.inner.config.checkpoint_wal_bytes
+        let since = self.wal_bytes_written().saturating_sub(self.inner.wal_bytes_at_checkpoint.get());
+        since >= self.inner.config.checkpoint_wal_bytes
     }
 
     /// Writes a checkpoint, then deletes older checkpoints and the WAL segments it covers.
@@ -559,7 +564,7 @@ impl ShardStore {
     async fn write_checkpoint(&self) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let config = &inner.config;
-        let wal_bytes = inner.wal.stats().batch_bytes + inner.wal_bytes_carried;
+        let wal_bytes = self.wal_bytes_written();
         let durable = inner.wal.durable_next_lsn();
         let lsn = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
         let horizon = inner.versions.borrow().horizon();
@@ -617,8 +622,7 @@ impl ShardStore {
             // finishes at full speed, and so does a checkpoint that half an interval of WAL has
             // overtaken: the WAL replayed at a restart stays within 1.5 intervals.
             let pace = config.checkpoint_bytes_per_sec;
-            let overtaken = (inner.wal.stats().batch_bytes + inner.wal_bytes_carried).saturating_sub(wal_bytes)
-                >= config.checkpoint_wal_bytes / 2;
+            let overtaken = self.wal_bytes_written().saturating_sub(wal_bytes) >= config.checkpoint_wal_bytes / 2;
             if pace > 0 && !inner.closed.get() && !overtaken {
                 let due = std::time::Duration::from_secs_f64(written as f64 / pace as f64);
                 if let Some(ahead) = due.checked_sub(started.elapsed()) {
@@ -686,8 +690,9 @@ impl ShardStore {
     /// durable, and no record with a timestamp at or below `closed_ts` will be written at or
     /// after it, among this region's own writes (what its streams ship; a multi-master
     /// shard's WAL holds other regions' records too). Local writes are stamped in LSN order,
-    /// so the first one reserved and not yet durable bounds the promise; with none, every later stamp is above both the last one
-    /// issued and the clock's `earliest` now (stamps are taken at an interval's `latest`).
+    /// so the first one reserved and not yet durable bounds the promise; with none, every
+    /// later stamp is above both the last one issued and the clock's `earliest` now (stamps are
+    /// taken at an interval's `latest`).
     pub fn closed_point(&self) -> Result<ClosedPoint, StoreError> {
         let inner = &self.inner;
         let durable_next_lsn = inner.wal.durable_next_lsn();
@@ -720,9 +725,9 @@ impl ShardStore {
 
     /// The end of an installed snapshot: every live key held here that `keys` (the snapshot's)
     /// lacks, outside the multi-master keyspaces, was deleted at the home and its tombstone
-    /// collected there; each gets a tombstone at
-    /// `horizon` (the snapshot's collection horizon, above every version such a key has), durable
-    /// in the WAL like a shipped record. Returns how many keys were deleted.
+    /// collected there; each gets a tombstone at `horizon` (the snapshot's collection horizon,
+    /// above every version such a key has), durable in the WAL like a shipped record. Returns
+    /// how many keys were deleted.
     pub async fn tombstone_absent(
         &self,
         horizon: u64,

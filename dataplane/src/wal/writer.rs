@@ -662,8 +662,9 @@ impl Wal {
         if released.is_empty() {
             return Ok(0);
         }
-        let (config, dir) = (self.inner.config.clone(), self.inner.config.dir.clone());
-        let paths: Vec<PathBuf> = released.iter().map(|(segment_seq, _)| segment_path(&config, *segment_seq)).collect();
+        let paths: Vec<PathBuf> =
+            released.iter().map(|(segment_seq, _)| segment_path(&self.inner.config, *segment_seq)).collect();
+        let dir = self.inner.config.dir.clone();
         let (removed, result) = glommio::executor()
             .spawn_blocking(move || {
                 for (removed, path) in paths.iter().enumerate() {
