@@ -435,8 +435,6 @@ fn codec_ratio(codec: Codec, value_bytes: usize) -> f64 {
     raw_total as f64 / compressed_total.max(1) as f64
 }
 
-/// Cuts `replica` off, writes `mib` MiB at the home, removes the delay and heals: the raw
-/// MB/s until the replica has it all durably.
 /// Writes `mib` MiB at the home while the replica behind `proxy` is cut off, then heals the
 /// link without delay: MB/s from the heal until the replica has resolved the last write, and
 /// the mean datagram size meanwhile.
