@@ -94,6 +94,21 @@ pub struct Op {
     pub body: Body,
 }
 
+impl Op {
+    /// The operation with its key and inline value copied into memory of their own. Recovery
+    /// decodes from memory-mapped checkpoint and WAL files, and a later checkpoint frees those
+    /// files by punching holes in them (`wal::writer::delete_gradually`): a version that kept
+    /// pointing into such a map would read zeros from then on.
+    #[must_use]
+    pub fn detached(self) -> Self {
+        let body = match self.body {
+            Body::Inline(value) => Body::Inline(Bytes::copy_from_slice(&value)),
+            other => other,
+        };
+        Self { key: Bytes::copy_from_slice(&self.key), body }
+    }
+}
+
 const KIND_INLINE: u8 = 1;
 const KIND_CHUNKED: u8 = 2;
 const KIND_TOMBSTONE: u8 = 3;

@@ -185,6 +185,7 @@ impl ShardStore {
             let ops = op::decode(&record.payload)
                 .map_err(|error| recovery(format!("WAL record {} does not decode: {error}", record.lsn)))?;
             for op in ops {
+                let op = op.detached();
                 versions.apply(op.key, record.glt, op.body);
             }
             replayed += 1;
@@ -939,12 +940,14 @@ pub fn newest_checkpoint(dir: &Path, shard_id: u32) -> std::io::Result<Option<(u
     Ok(newest)
 }
 
-/// A checkpoint file's bytes, memory-mapped (decoded zero-copy from there).
+/// A checkpoint file's bytes, memory-mapped. What outlives the reading must be copied out
+/// ([`op::Op::detached`]): a newer checkpoint frees this file by punching holes in it, and the
+/// map then reads zeros there (which fail the records' checksums).
 pub fn map_checkpoint(path: &Path) -> std::io::Result<Bytes> {
     let file = std::fs::File::open(path)?;
     // SAFETY: checkpoint files are written once under a temporary name and never modified
-    // after the rename; nothing truncates them while mapped (a newer checkpoint deletes an
-    // older one, which leaves its mapping whole).
+    // after the rename, and never truncated: a newer checkpoint deletes an older one by
+    // punching holes (zeros, not SIGBUS) and unlinking it.
     let map = unsafe { memmap2::Mmap::map(&file) }?;
     Ok(Bytes::from_owner(map))
 }
@@ -959,6 +962,7 @@ fn load_checkpoint(config: &StoreConfig, versions: &mut VersionMap) -> Result<Op
     let fail = |message: String| StoreError::Checkpoint { path: path.display().to_string(), message };
     let bytes = map_checkpoint(&path).map_err(|error| fail(format!("open: {error}")))?;
     let info = checkpoint::decode(&bytes, config.wal.record_payload_bytes_max, |op, ts| {
+        let op = op.detached();
         versions.apply(op.key, ts, op.body);
     })
     .map_err(|error| fail(error.to_string()))?;

@@ -393,8 +393,9 @@ pub(crate) fn sync_path(dir: &Path) -> std::io::Result<()> {
 /// discard it all, and every `fdatasync` of every WAL on the disk waited for it: the home's
 /// write p99 in `bench geo` went from 15 to 45 ms. Holes, not truncation: a reader that still
 /// maps the file (a WAL cursor, a snapshot being shipped) reads zeros, which fail their
-/// checksums, instead of taking SIGBUS past a shortened end. Blocking: call it off the
-/// executors.
+/// checksums, instead of taking SIGBUS past a shortened end. Nothing may keep bytes of such a
+/// map beyond a read: recovery copies what it applies (`store::op::Op::detached`). Blocking:
+/// call it off the executors.
 pub(crate) fn delete_gradually(path: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let file = std::fs::OpenOptions::new().write(true).open(path)?;
@@ -445,7 +446,9 @@ pub(crate) fn map_file(path: &Path) -> Result<Option<memmap2::Mmap>, WalError> {
         return Ok(None);
     }
     // SAFETY: WAL segments are only written by this process's writer, at offsets past the
-    // bytes this map is used to read, and are never truncated while mapped.
+    // bytes this map is used to read, and are never truncated: a released segment is freed by
+    // punching holes (zeros, not SIGBUS) and unlinking it. So nothing read from this map may
+    // be kept past its use without a copy (`store::op::Op::detached`).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| WalError::io("mmap", path.display(), &error))?;
     Ok(Some(map))
 }
