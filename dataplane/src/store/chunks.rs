@@ -281,7 +281,9 @@ impl ChunkStore {
             if wrote_any {
                 // New directory entries must be durable before a WAL record names them.
                 let dir = &self.dir;
-                crate::wal::writer::sync_path(dir).map_err(|error| io_error("sync directory", dir, &error))?;
+                crate::wal::writer::sync_path_off_executor(dir.clone())
+                    .await
+                    .map_err(|error| io_error("sync directory", dir, &error))?;
             }
             Ok(())
         }

@@ -332,7 +332,8 @@ async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize
     if let Some(errno) = config.faults.as_deref().and_then(FaultInjector::on_create) {
         return Err(fail(Some(errno), &format!("{} (injected)", std::io::Error::from_raw_os_error(errno))));
     }
-    match std::fs::remove_file(&path) {
+    let stale = path.clone();
+    match glommio::executor().spawn_blocking(move || std::fs::remove_file(stale)).await {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(fail(error.raw_os_error(), &error)),
@@ -349,7 +350,7 @@ async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize
             other => other,
         })?;
         file.fdatasync().await.map_err(fail_glommio)?;
-        sync_path(&config.dir).map_err(|error| fail(error.raw_os_error(), &error))
+        sync_path_off_executor(config.dir.clone()).await.map_err(|error| fail(error.raw_os_error(), &error))
     }
     .await;
     if let Err(error) = result {
@@ -385,6 +386,14 @@ pub(crate) async fn calibrate_iopoll(dir: &Path) {
 /// `fsync` of a file or directory by path (directories: makes new or removed entries durable).
 pub(crate) fn sync_path(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// [`sync_path`] on glommio's blocking pool. A directory `fsync` commits the file system's
+/// journal: 0.4 to 1.2 ms here with a shard writing beside it. On the shard's thread it held
+/// every request of the shard that long, at each new segment and at each put that stored new
+/// chunks.
+pub(crate) async fn sync_path_off_executor(dir: PathBuf) -> std::io::Result<()> {
+    glommio::executor().spawn_blocking(move || sync_path(&dir)).await
 }
 
 /// Deletes a large file a step at a time: a hole of [`limits::DELETE_STEP_BYTES`] punched,
