@@ -29,6 +29,21 @@ fn small_store(dir: &Path, clock: Arc<ManualClock>) -> StoreConfig {
     config
 }
 
+/// [`small_store`] for a replica of shard 0, whose home is region `a`.
+fn replica_store(dir: &Path, clock: Arc<ManualClock>) -> StoreConfig {
+    let mut config = small_store(dir, clock);
+    config.replica_of = Some("a".into());
+    config
+}
+
+/// [`replica_store`] taking writes under `mm/` in region origin 1.
+fn multi_master_replica(dir: &Path, clock: Arc<ManualClock>) -> StoreConfig {
+    let mut config = replica_store(dir, clock);
+    config.multi_master = vec![b"mm/".to_vec()];
+    config.origin = Some(1);
+    config
+}
+
 /// A WAL payload of one operation on `key`: a put of `value`, or a delete (`None`), as a
 /// home ships it.
 fn record(key: &str, value: Option<&str>) -> bytes::Bytes {
@@ -391,8 +406,7 @@ fn keys_a_snapshot_lacks_get_a_tombstone_at_its_horizon() {
     use dataplane::store::op::{self, Value};
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_000_000));
-    let mut config = small_store(dir.path(), clock);
-    config.replica_of = Some("a".into());
+    let config = replica_store(dir.path(), clock);
     let reopen = config.clone();
     run(async move {
         let store = ShardStore::open(config).await.unwrap();
@@ -445,10 +459,7 @@ fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
     use wire::glt::{origin_of, timestamp_at, with_origin};
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(1_000_000));
-    let mut config = small_store(dir.path(), clock);
-    config.replica_of = Some("a".into());
-    config.multi_master = vec![b"mm/".to_vec()];
-    config.origin = Some(1);
+    let config = multi_master_replica(dir.path(), clock);
     let reopen = config.clone();
     // `later` is a little ahead of this region's clock (1 s), `earlier` long before it.
     let (later, earlier) = (with_origin(timestamp_at(1_000_200), 0), with_origin(timestamp_at(1_000), 2));
@@ -503,10 +514,7 @@ fn collection_stays_below_the_floor_every_region_has_shipped() {
     use wire::glt::{timestamp_at, with_origin};
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(10_000_000));
-    let mut config = small_store(dir.path(), clock.clone());
-    config.replica_of = Some("a".into());
-    config.multi_master = vec![b"mm/".to_vec()];
-    config.origin = Some(1);
+    let mut config = multi_master_replica(dir.path(), clock.clone());
     config.retention = std::time::Duration::from_secs(1);
     let floor = Arc::new(AtomicU64::new(0));
     config.collect_floor = floor.clone();
