@@ -59,8 +59,12 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    let allocator_tuned = dataplane::runtime::tune_allocator();
     let args = Args::parse();
     ops::logging::init();
+    if !allocator_tuned {
+        tracing::warn!("could not set malloc's trim and mmap thresholds; running with the C library's defaults");
+    }
     let mut config = match &args.config {
         Some(path) => NodeConfig::from_file(path)?,
         None => NodeConfig::default(),
