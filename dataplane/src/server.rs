@@ -17,9 +17,8 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use futures_lite::io::{BufReader, BufWriter};
+use futures_lite::io::BufReader;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 use wire::RecordType;
 use wire::proto::{self, ErrorCode, ListEntry, Request};
@@ -181,6 +180,117 @@ impl Drop for StopSlot<'_> {
     }
 }
 
+/// Response bytes of one connection waiting to be written, past which its reader stops
+/// reading requests until the client takes them.
+const PENDING_RESPONSE_BYTES_MAX: usize = 1 << 20;
+
+/// The response side of one connection. A request's task appends its response frame and, when
+/// no write is running, writes it itself together with whatever others append meanwhile: the
+/// common case (one response ready, socket writable) costs one `send` and no other task. While
+/// a write waits for the socket, responses gather and go out in one write after it.
+struct Outbox<W> {
+    /// Frames not yet handed to the socket.
+    pending: RefCell<Vec<u8>>,
+    /// The write half; `None` while a write runs (it holds it) or after a write failed.
+    writer: RefCell<Option<W>>,
+    /// A write failed: the connection is broken and later frames are dropped.
+    failed: Cell<bool>,
+    /// Request tasks running (counted against `inflight_per_connection`).
+    handlers: Cell<usize>,
+    /// The connection's own task, waiting for the backlog to shrink or for the end.
+    waiter: RefCell<Option<Waker>>,
+}
+
+impl<W: futures_lite::AsyncWrite + Unpin> Outbox<W> {
+    fn new(writer: W) -> Self {
+        Self {
+            pending: RefCell::default(),
+            writer: RefCell::new(Some(writer)),
+            failed: Cell::new(false),
+            handlers: Cell::new(0),
+            waiter: RefCell::default(),
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.failed.get()
+    }
+
+    /// Queues `frame` and writes the queue unless a write is already running (which then
+    /// writes it too). Returns once the frame is written or handed to that write.
+    async fn send(&self, frame: &[u8]) {
+        if self.failed.get() {
+            return;
+        }
+        self.pending.borrow_mut().extend_from_slice(frame);
+        let Some(mut writer) = self.writer.borrow_mut().take() else { return };
+        let mut batch = Vec::new();
+        loop {
+            std::mem::swap(&mut *self.pending.borrow_mut(), &mut batch);
+            if batch.is_empty() {
+                break;
+            }
+            let written = writer.write_all(&batch).await;
+            batch.clear();
+            if written.is_err() {
+                self.failed.set(true);
+                self.pending.borrow_mut().clear();
+                self.wake_waiter();
+                return;
+            }
+            self.wake_waiter();
+        }
+        // The spare buffer keeps its capacity for the next write.
+        std::mem::swap(&mut *self.pending.borrow_mut(), &mut batch);
+        *self.writer.borrow_mut() = Some(writer);
+        self.wake_waiter();
+    }
+
+    /// A request task answered.
+    fn handler_done(&self) {
+        self.handlers.set(self.handlers.get() - 1);
+        if self.handlers.get() == 0 {
+            self.wake_waiter();
+        }
+    }
+
+    fn wake_waiter(&self) {
+        if let Some(waker) = self.waiter.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    /// Waits until `ready` holds, woken by the writes and the request tasks.
+    async fn wait_until(&self, ready: impl Fn(&Self) -> bool) {
+        std::future::poll_fn(|context| {
+            if ready(self) {
+                return Poll::Ready(());
+            }
+            *self.waiter.borrow_mut() = Some(context.waker().clone());
+            Poll::Pending
+        })
+        .await;
+    }
+
+    /// Waits while more than `max` bytes wait to be written.
+    async fn drained(&self, max: usize) {
+        self.wait_until(|outbox| outbox.failed.get() || outbox.pending.borrow().len() <= max).await;
+    }
+
+    /// Waits until every request task has answered and its response is written, then closes
+    /// the write half.
+    async fn close(&self) {
+        let done = |outbox: &Self| {
+            outbox.failed.get() || (outbox.handlers.get() == 0 && outbox.writer.borrow().is_some())
+        };
+        self.wait_until(done).await;
+        let writer = self.writer.borrow_mut().take();
+        if let Some(mut writer) = writer {
+            let _ = writer.close().await;
+        }
+    }
+}
+
 /// How long a stopping shard waits for its connections to answer what they received.
 pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -253,34 +363,17 @@ impl Endpoint {
         self.metrics.accepted.increment(1);
         let (reader, writer) = futures_lite::io::split(stream);
         let mut reader = BufReader::with_capacity(64 << 10, reader);
-        let (responses, queue) = local_channel::new_bounded::<Vec<u8>>(self.limits.inflight_per_connection + 1);
-        let responses = Rc::new(responses);
-        let pending = Rc::downgrade(&responses);
-        let writer_task = glommio::spawn_local(async move {
-            let mut writer = BufWriter::with_capacity(64 << 10, writer);
-            while let Some(frame) = queue.recv().await {
-                if writer.write_all(&frame).await.is_err() {
-                    return;
-                }
-                if pending.upgrade().is_none_or(|sender| sender.len() == 0) && writer.flush().await.is_err() {
-                    return;
-                }
-            }
-            let _ = writer.flush().await;
-            let _ = writer.close().await;
-        });
-
+        let outbox = Rc::new(Outbox::new(writer));
         if self.open_connections.get() >= self.limits.connections_max {
             let message = format!("shard {} serves at most {} connections", self.shard_id, self.limits.connections_max);
-            self.refuse(&responses, 0, ErrorCode::Unavailable, &message).await;
+            self.refuse(&outbox, 0, ErrorCode::Unavailable, &message).await;
         } else {
             self.open_connections.set(self.open_connections.get() + 1);
-            self.read_requests(&mut reader, &responses).await;
+            self.read_requests(&mut reader, &outbox).await;
             self.open_connections.set(self.open_connections.get() - 1);
         }
-        // In-flight handlers hold clones of the sender; the writer ends when they are done.
-        drop(responses);
-        writer_task.await;
+        // Every request received is answered and written before the connection closes.
+        outbox.close().await;
         self.live_connections.set(self.live_connections.get() - 1);
         self.metrics.connections.set(self.live_connections.get() as f64);
     }
@@ -291,20 +384,21 @@ impl Endpoint {
     }
 
     /// Reads frames until EOF or a malformed frame; each request runs in its own task.
-    async fn read_requests(
+    async fn read_requests<W: futures_lite::AsyncWrite + Unpin + 'static>(
         self: &Rc<Self>,
         reader: &mut (impl futures_lite::AsyncRead + Unpin),
-        responses: &Rc<LocalSender<Vec<u8>>>,
+        outbox: &Rc<Outbox<W>>,
     ) {
-        let inflight = Rc::new(Cell::new(0usize));
         let mut header = [0u8; wire::HEADER_BYTES];
         let connection = self.next_connection_id.get();
         self.next_connection_id.set(connection + 1);
         let _slot = StopSlot { endpoint: self, connection };
         loop {
+            // A client that does not read its responses is not read from either.
+            outbox.drained(PENDING_RESPONSE_BYTES_MAX).await;
             // Between requests a stop ends the connection (also when more requests are already
             // buffered); a request being read is finished.
-            if self.stopping.get() {
+            if self.stopping.get() || outbox.failed() {
                 return;
             }
             let stop = async {
@@ -321,9 +415,9 @@ impl Endpoint {
                 Ok(parsed) => parsed,
                 Err(wire::DecodeError::PayloadTooLarge { len, max }) => {
                     let message = format!("frame payload of {len} bytes exceeds the limit of {max}");
-                    return self.refuse(responses, seq, ErrorCode::FrameTooLarge, &message).await;
+                    return self.refuse(outbox, seq, ErrorCode::FrameTooLarge, &message).await;
                 }
-                Err(error) => return self.refuse(responses, seq, ErrorCode::BadRequest, &error.to_string()).await,
+                Err(error) => return self.refuse(outbox, seq, ErrorCode::BadRequest, &error.to_string()).await,
             };
             let mut frame = vec![0u8; wire::HEADER_BYTES + parsed.payload_len as usize];
             frame[..wire::HEADER_BYTES].copy_from_slice(&header);
@@ -332,41 +426,46 @@ impl Endpoint {
                 return;
             }
             if let Err(error) = wire::decode(&frame, self.limits.frame_payload_bytes_max) {
-                return self.refuse(responses, seq, ErrorCode::BadRequest, &error.to_string()).await;
+                return self.refuse(outbox, seq, ErrorCode::BadRequest, &error.to_string()).await;
             }
             if parsed.record_type != RecordType::Request {
                 let message = format!("expected a request frame, got {:?}", parsed.record_type);
-                return self.refuse(responses, seq, ErrorCode::BadRequest, &message).await;
+                return self.refuse(outbox, seq, ErrorCode::BadRequest, &message).await;
             }
-            if inflight.get() >= self.limits.inflight_per_connection {
+            if outbox.handlers.get() >= self.limits.inflight_per_connection {
                 let message = format!("more than {} requests in flight", self.limits.inflight_per_connection);
-                self.refuse(responses, seq, ErrorCode::TooManyInFlight, &message).await;
+                self.refuse(outbox, seq, ErrorCode::TooManyInFlight, &message).await;
                 continue;
             }
-            inflight.set(inflight.get() + 1);
+            outbox.handlers.set(outbox.handlers.get() + 1);
             self.requests_in_flight.set(self.requests_in_flight.get() + 1);
             self.metrics.in_flight.set(self.requests_in_flight.get() as f64);
             let endpoint = Rc::clone(self);
-            let responses = Rc::clone(responses);
-            let inflight = Rc::clone(&inflight);
+            let outbox = Rc::clone(outbox);
             glommio::spawn_local(async move {
                 let mut out = Vec::new();
                 endpoint.handle(seq, &frame[wire::HEADER_BYTES..], &mut out).await;
                 endpoint.metrics.requests.increment(1);
-                inflight.set(inflight.get() - 1);
                 endpoint.requests_in_flight.set(endpoint.requests_in_flight.get() - 1);
                 endpoint.metrics.in_flight.set(endpoint.requests_in_flight.get() as f64);
-                let _ = responses.send(out).await;
+                outbox.send(&out).await;
+                outbox.handler_done();
             })
             .detach();
         }
     }
 
-    async fn refuse(&self, responses: &LocalSender<Vec<u8>>, seq: u64, code: ErrorCode, message: &str) {
+    async fn refuse<W: futures_lite::AsyncWrite + Unpin>(
+        &self,
+        outbox: &Outbox<W>,
+        seq: u64,
+        code: ErrorCode,
+        message: &str,
+    ) {
         self.metrics.refused.increment(1);
         let mut out = Vec::new();
         respond_error(&mut out, seq, code, message);
-        let _ = responses.send(out).await;
+        outbox.send(&out).await;
     }
 
     fn check_owner(&self, key: &[u8]) -> Result<(), (ErrorCode, String)> {
