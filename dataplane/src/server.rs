@@ -280,9 +280,8 @@ impl<W: futures_lite::AsyncWrite + Unpin> Outbox<W> {
     /// Waits until every request task has answered and its response is written, then closes
     /// the write half.
     async fn close(&self) {
-        let done = |outbox: &Self| {
-            outbox.failed.get() || (outbox.handlers.get() == 0 && outbox.writer.borrow().is_some())
-        };
+        let done =
+            |outbox: &Self| outbox.failed.get() || (outbox.handlers.get() == 0 && outbox.writer.borrow().is_some());
         self.wait_until(done).await;
         let writer = self.writer.borrow_mut().take();
         if let Some(mut writer) = writer {
@@ -696,4 +695,116 @@ pub fn map_error(error: StoreError) -> (ErrorCode, String) {
         | StoreError::Recovery { .. } => ErrorCode::Internal,
     };
     (code, error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::pin::{Pin, pin};
+    use std::rc::Rc;
+    use std::task::{Context, Poll, Waker};
+
+    use super::Outbox;
+
+    /// A socket's write half that records each write, can be made to wait (a full socket) or
+    /// to fail (a peer gone).
+    #[derive(Default, Clone)]
+    struct Socket {
+        writes: Rc<RefCell<Vec<Vec<u8>>>>,
+        full: Rc<Cell<bool>>,
+        broken: Rc<Cell<bool>>,
+        closed: Rc<Cell<bool>>,
+    }
+
+    impl futures_lite::AsyncWrite for Socket {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            if self.broken.get() {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            if self.full.get() {
+                return Poll::Pending;
+            }
+            self.writes.borrow_mut().push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.closed.set(true);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn poll_once<F: std::future::Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+        future.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn a_ready_response_is_written_by_its_own_task_at_once() {
+        let socket = Socket::default();
+        let outbox = Outbox::new(socket.clone());
+        assert!(poll_once(pin!(outbox.send(b"one"))).is_ready());
+        assert!(poll_once(pin!(outbox.send(b"two"))).is_ready());
+        assert_eq!(*socket.writes.borrow(), [b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    #[test]
+    fn responses_finished_during_a_write_go_out_together_after_it() {
+        let socket = Socket::default();
+        let outbox = Outbox::new(socket.clone());
+        socket.full.set(true);
+        let mut first = pin!(outbox.send(b"first"));
+        assert!(poll_once(first.as_mut()).is_pending(), "the socket is full");
+        // Others hand their responses to the running write and are done.
+        assert!(poll_once(pin!(outbox.send(b"second"))).is_ready());
+        assert!(poll_once(pin!(outbox.send(b"third"))).is_ready());
+        assert!(poll_once(pin!(outbox.drained(16))).is_ready(), "11 bytes wait");
+        assert!(poll_once(pin!(outbox.drained(10))).is_pending(), "11 bytes wait");
+        socket.full.set(false);
+        assert!(poll_once(first.as_mut()).is_ready());
+        assert_eq!(*socket.writes.borrow(), [b"first".to_vec(), b"secondthird".to_vec()]);
+        assert!(poll_once(pin!(outbox.drained(0))).is_ready());
+    }
+
+    #[test]
+    fn close_waits_for_every_request_task_and_its_response() {
+        let socket = Socket::default();
+        let outbox = Outbox::new(socket.clone());
+        outbox.handlers.set(1);
+        let mut close = pin!(outbox.close());
+        assert!(poll_once(close.as_mut()).is_pending(), "a request task still runs");
+        socket.full.set(true);
+        let mut answer = pin!(outbox.send(b"answer"));
+        assert!(poll_once(answer.as_mut()).is_pending());
+        outbox.handler_done();
+        assert!(poll_once(close.as_mut()).is_pending(), "its response is not written yet");
+        socket.full.set(false);
+        assert!(poll_once(answer.as_mut()).is_ready());
+        assert!(poll_once(close.as_mut()).is_ready());
+        assert_eq!(*socket.writes.borrow(), [b"answer".to_vec()]);
+        assert!(socket.closed.get());
+    }
+
+    #[test]
+    fn a_failed_write_drops_the_backlog_and_marks_the_connection_broken() {
+        let socket = Socket::default();
+        let outbox = Outbox::new(socket.clone());
+        socket.full.set(true);
+        let mut first = pin!(outbox.send(b"first"));
+        assert!(poll_once(first.as_mut()).is_pending());
+        assert!(poll_once(pin!(outbox.send(b"second"))).is_ready());
+        socket.full.set(false);
+        socket.broken.set(true);
+        assert!(poll_once(first.as_mut()).is_ready());
+        assert!(outbox.failed());
+        assert!(outbox.pending.borrow().is_empty(), "nothing is kept for a broken connection");
+        assert!(poll_once(pin!(outbox.send(b"later"))).is_ready());
+        assert!(outbox.pending.borrow().is_empty());
+        assert!(poll_once(pin!(outbox.drained(0))).is_ready(), "the reader is not held up");
+        assert!(poll_once(pin!(outbox.close())).is_ready());
+        assert!(socket.writes.borrow().is_empty());
+    }
 }
