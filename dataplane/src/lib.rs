@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod limits;
 pub mod node;
+pub mod readiness;
 pub mod repl;
 pub mod runtime;
 pub mod server;

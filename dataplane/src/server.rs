@@ -12,6 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
@@ -23,6 +24,7 @@ use glommio::net::{TcpListener, TcpStream};
 use wire::RecordType;
 use wire::proto::{self, ErrorCode, ListEntry, Request};
 
+use crate::readiness::{Readiness, SocketReader};
 use crate::store::{ShardStore, StoreError};
 use crate::wal::WalError;
 
@@ -144,6 +146,8 @@ struct Endpoint {
     /// grew with every poll would overflow glommio's 16-bit task reference count).
     stop_wakers: RefCell<HashMap<u64, Waker>>,
     next_connection_id: Cell<u64>,
+    /// The epoll set the connections are read through (`None`: glommio reads them).
+    readiness: Option<Rc<Readiness>>,
     metrics: EndpointMetrics,
 }
 
@@ -191,7 +195,7 @@ const PENDING_RESPONSE_BYTES_MAX: usize = 1 << 20;
 struct Outbox<W> {
     /// Frames not yet handed to the socket.
     pending: RefCell<Vec<u8>>,
-    /// The write half; `None` while a write runs (it holds it) or after a write failed.
+    /// The write half; `None` while a write runs (it holds it) or once closed.
     writer: RefCell<Option<W>>,
     /// A write failed: the connection is broken and later frames are dropped.
     failed: Cell<bool>,
@@ -233,8 +237,10 @@ impl<W: futures_lite::AsyncWrite + Unpin> Outbox<W> {
             let written = writer.write_all(&batch).await;
             batch.clear();
             if written.is_err() {
+                // The writer goes back (its descriptor may still be read) and writes no more.
                 self.failed.set(true);
                 self.pending.borrow_mut().clear();
+                *self.writer.borrow_mut() = Some(writer);
                 self.wake_waiter();
                 return;
             }
@@ -311,6 +317,20 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let shard_id = store.config().shard_id;
+    let readiness = match Readiness::new() {
+        Ok(readiness) => Some(Rc::new(readiness)),
+        Err(error) => {
+            tracing::warn!(shard = shard_id, %error, "no epoll set; connections are read through glommio");
+            None
+        }
+    };
+    let driver = readiness.clone().map(|readiness| {
+        glommio::spawn_local(async move {
+            if let Err(error) = readiness.drive().await {
+                tracing::error!(shard = shard_id, %error, "waiting on the connections' epoll set failed");
+            }
+        })
+    });
     let endpoint = Rc::new(Endpoint {
         shard_id,
         shard_count,
@@ -323,6 +343,7 @@ pub async fn serve(
         stopping: Cell::new(false),
         stop_wakers: RefCell::default(),
         next_connection_id: Cell::new(0),
+        readiness,
         metrics: EndpointMetrics::new(shard_id),
     });
     let accept = async {
@@ -354,27 +375,54 @@ pub async fn serve(
             "connections still busy after the drain timeout; closing anyway"
         );
     }
+    drop(driver);
 }
 
 impl Endpoint {
     async fn connection(self: Rc<Self>, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
         self.metrics.accepted.increment(1);
-        let (reader, writer) = futures_lite::io::split(stream);
-        let mut reader = BufReader::with_capacity(64 << 10, reader);
-        let outbox = Rc::new(Outbox::new(writer));
-        if self.open_connections.get() >= self.limits.connections_max {
-            let message = format!("shard {} serves at most {} connections", self.shard_id, self.limits.connections_max);
-            self.refuse(&outbox, 0, ErrorCode::Unavailable, &message).await;
+        let fd = stream.as_raw_fd();
+        let registered = self.readiness.as_ref().and_then(|readiness| match readiness.register(fd) {
+            Ok(token) => Some((Rc::clone(readiness), token)),
+            Err(error) => {
+                tracing::warn!(shard = self.shard_id, %error, "epoll refused a connection; it is read through glommio");
+                None
+            }
+        });
+        if let Some((readiness, token)) = registered {
+            // The outbox holds the stream, so the descriptor stays open while it is read.
+            let outbox = Rc::new(Outbox::new(stream));
+            let mut reader = BufReader::with_capacity(64 << 10, SocketReader::new(Rc::clone(&readiness), token, fd));
+            self.converse(&mut reader, &outbox).await;
+            readiness.deregister(token, fd);
+            outbox.close().await;
         } else {
-            self.open_connections.set(self.open_connections.get() + 1);
-            self.read_requests(&mut reader, &outbox).await;
-            self.open_connections.set(self.open_connections.get() - 1);
+            let (reader, writer) = futures_lite::io::split(stream);
+            let outbox = Rc::new(Outbox::new(writer));
+            self.converse(&mut BufReader::with_capacity(64 << 10, reader), &outbox).await;
+            outbox.close().await;
         }
-        // Every request received is answered and written before the connection closes.
-        outbox.close().await;
         self.live_connections.set(self.live_connections.get() - 1);
         self.metrics.connections.set(self.live_connections.get() as f64);
+    }
+
+    /// Reads and answers requests until the client or the shard ends the conversation (or
+    /// refuses the connection over `connections_max`). Every request received is answered and
+    /// written by the time `outbox.close()` returns.
+    async fn converse<W: futures_lite::AsyncWrite + Unpin + 'static>(
+        self: &Rc<Self>,
+        reader: &mut (impl futures_lite::AsyncRead + Unpin),
+        outbox: &Rc<Outbox<W>>,
+    ) {
+        if self.open_connections.get() >= self.limits.connections_max {
+            let message = format!("shard {} serves at most {} connections", self.shard_id, self.limits.connections_max);
+            self.refuse(outbox, 0, ErrorCode::Unavailable, &message).await;
+        } else {
+            self.open_connections.set(self.open_connections.get() + 1);
+            self.read_requests(reader, outbox).await;
+            self.open_connections.set(self.open_connections.get() - 1);
+        }
     }
 
     /// Resolves once the shard stops; `connection` names the waiter's slot.
@@ -700,6 +748,7 @@ pub fn map_error(error: StoreError) -> (ErrorCode, String) {
 #[cfg(test)]
 mod tests {
     use std::cell::{Cell, RefCell};
+    use std::os::fd::AsRawFd;
     use std::pin::{Pin, pin};
     use std::rc::Rc;
     use std::task::{Context, Poll, Waker};

@@ -8,6 +8,17 @@ use crate::sys;
 use nix::sys::socket::{MsgFlags, SockaddrLike};
 use std::{io, os::unix::io::RawFd};
 
+/// Resolves once `fd` is readable, through one io_uring poll (Meridian addition, see
+/// `MERIDIAN.md`): for descriptors the caller drives itself, such as an epoll set.
+///
+/// # Errors
+/// The poll failed (for example, `fd` is not open).
+pub async fn readable(fd: RawFd) -> io::Result<()> {
+    let reactor = crate::executor().reactor();
+    let source = reactor.poll_read_ready(fd);
+    source.collect_rw().await.map(|_| ())
+}
+
 fn yolo_accept(fd: RawFd) -> Option<io::Result<RawFd>> {
     let flags =
         nix::fcntl::OFlag::from_bits(nix::fcntl::fcntl(fd, nix::fcntl::F_GETFL).unwrap()).unwrap();
