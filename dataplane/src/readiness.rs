@@ -75,8 +75,10 @@ impl Readiness {
             slots.push(Slot::default());
             slots.len() - 1
         });
-        let mut event =
-            libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32, u64: index as u64 };
+        let mut event = libc::epoll_event {
+            events: u32::from_ne_bytes((libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET).to_ne_bytes()),
+            u64: index as u64,
+        };
         // SAFETY: `event` is a valid epoll_event for the duration of the call.
         let added = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &raw mut event) };
         if let Err(error) = check(added) {
@@ -120,7 +122,12 @@ impl Readiness {
                 // SAFETY: `events` has room for `EVENTS_PER_WAIT` entries; a zero timeout never
                 // blocks the executor.
                 let count = unsafe {
-                    libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), EVENTS_PER_WAIT as libc::c_int, 0)
+                    libc::epoll_wait(
+                        self.epoll.as_raw_fd(),
+                        events.as_mut_ptr(),
+                        libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX),
+                        0,
+                    )
                 };
                 if count < 0 {
                     let error = io::Error::last_os_error();

@@ -748,7 +748,6 @@ pub fn map_error(error: StoreError) -> (ErrorCode, String) {
 #[cfg(test)]
 mod tests {
     use std::cell::{Cell, RefCell};
-    use std::os::fd::AsRawFd;
     use std::pin::{Pin, pin};
     use std::rc::Rc;
     use std::task::{Context, Poll, Waker};
