@@ -18,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 /// Events taken from the set per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Slot {
     /// The socket may have something to read (or an end or error to report).
     ready: bool,
@@ -28,18 +28,13 @@ struct Slot {
 }
 
 /// One shard's epoll set of client sockets.
+#[derive(Debug)]
 pub struct Readiness {
     epoll: OwnedFd,
     slots: RefCell<Vec<Slot>>,
     free: RefCell<Vec<usize>>,
     /// Waiting on the set failed: every reader gets an error instead of waiting forever.
     failed: Cell<bool>,
-}
-
-impl std::fmt::Debug for Readiness {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("Readiness").field("epoll", &self.epoll).finish_non_exhaustive()
-    }
 }
 
 /// A socket's place in a [`Readiness`] set.

@@ -188,6 +188,9 @@ impl Drop for StopSlot<'_> {
 /// reading requests until the client takes them.
 const PENDING_RESPONSE_BYTES_MAX: usize = 1 << 20;
 
+/// Read buffer of one connection.
+const READ_BUFFER_BYTES: usize = 64 << 10;
+
 /// The response side of one connection. A request's task appends its response frame and, when
 /// no write is running, writes it itself together with whatever others append meanwhile: the
 /// common case (one response ready, socket writable) costs one `send` and no other task. While
@@ -393,14 +396,15 @@ impl Endpoint {
         if let Some((readiness, token)) = registered {
             // The outbox holds the stream, so the descriptor stays open while it is read.
             let outbox = Rc::new(Outbox::new(stream));
-            let mut reader = BufReader::with_capacity(64 << 10, SocketReader::new(Rc::clone(&readiness), token, fd));
+            let mut reader =
+                BufReader::with_capacity(READ_BUFFER_BYTES, SocketReader::new(Rc::clone(&readiness), token, fd));
             self.converse(&mut reader, &outbox).await;
             readiness.deregister(token, fd);
             outbox.close().await;
         } else {
             let (reader, writer) = futures_lite::io::split(stream);
             let outbox = Rc::new(Outbox::new(writer));
-            self.converse(&mut BufReader::with_capacity(64 << 10, reader), &outbox).await;
+            self.converse(&mut BufReader::with_capacity(READ_BUFFER_BYTES, reader), &outbox).await;
             outbox.close().await;
         }
         self.live_connections.set(self.live_connections.get() - 1);
@@ -748,6 +752,7 @@ pub fn map_error(error: StoreError) -> (ErrorCode, String) {
 #[cfg(test)]
 mod tests {
     use std::cell::{Cell, RefCell};
+    use std::future::Future;
     use std::pin::{Pin, pin};
     use std::rc::Rc;
     use std::task::{Context, Poll, Waker};
@@ -786,14 +791,28 @@ mod tests {
         }
     }
 
-    fn poll_once<F: std::future::Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+    fn poll_once<F: Future + ?Sized>(future: Pin<&mut F>) -> Poll<F::Output> {
         future.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// A socket and the outbox writing to it.
+    fn socket_and_outbox() -> (Socket, Outbox<Socket>) {
+        let socket = Socket::default();
+        let outbox = Outbox::new(socket.clone());
+        (socket, outbox)
+    }
+
+    /// Fills `socket` and starts writing "first" through `outbox`: that write waits for it.
+    fn stalled_first<'a>(socket: &Socket, outbox: &'a Outbox<Socket>) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        socket.full.set(true);
+        let mut first = Box::pin(outbox.send(b"first"));
+        assert!(poll_once(first.as_mut()).is_pending(), "the socket is full");
+        first
     }
 
     #[test]
     fn a_ready_response_is_written_by_its_own_task_at_once() {
-        let socket = Socket::default();
-        let outbox = Outbox::new(socket.clone());
+        let (socket, outbox) = socket_and_outbox();
         assert!(poll_once(pin!(outbox.send(b"one"))).is_ready());
         assert!(poll_once(pin!(outbox.send(b"two"))).is_ready());
         assert_eq!(*socket.writes.borrow(), [b"one".to_vec(), b"two".to_vec()]);
@@ -801,11 +820,8 @@ mod tests {
 
     #[test]
     fn responses_finished_during_a_write_go_out_together_after_it() {
-        let socket = Socket::default();
-        let outbox = Outbox::new(socket.clone());
-        socket.full.set(true);
-        let mut first = pin!(outbox.send(b"first"));
-        assert!(poll_once(first.as_mut()).is_pending(), "the socket is full");
+        let (socket, outbox) = socket_and_outbox();
+        let mut first = stalled_first(&socket, &outbox);
         // Others hand their responses to the running write and are done.
         assert!(poll_once(pin!(outbox.send(b"second"))).is_ready());
         assert!(poll_once(pin!(outbox.send(b"third"))).is_ready());
@@ -819,8 +835,7 @@ mod tests {
 
     #[test]
     fn close_waits_for_every_request_task_and_its_response() {
-        let socket = Socket::default();
-        let outbox = Outbox::new(socket.clone());
+        let (socket, outbox) = socket_and_outbox();
         outbox.handlers.set(1);
         let mut close = pin!(outbox.close());
         assert!(poll_once(close.as_mut()).is_pending(), "a request task still runs");
@@ -838,11 +853,8 @@ mod tests {
 
     #[test]
     fn a_failed_write_drops_the_backlog_and_marks_the_connection_broken() {
-        let socket = Socket::default();
-        let outbox = Outbox::new(socket.clone());
-        socket.full.set(true);
-        let mut first = pin!(outbox.send(b"first"));
-        assert!(poll_once(first.as_mut()).is_pending());
+        let (socket, outbox) = socket_and_outbox();
+        let mut first = stalled_first(&socket, &outbox);
         assert!(poll_once(pin!(outbox.send(b"second"))).is_ready());
         socket.full.set(false);
         socket.broken.set(true);
