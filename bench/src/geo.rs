@@ -23,7 +23,7 @@ use wan::{LinkConfig, Proxy};
 use wire::repl::Codec;
 
 use crate::kv::{Dataplane, dataplane_binary};
-use crate::process::{RunDir, free_udp};
+use crate::process::{RunDir, WanThread, free_udp};
 use crate::report::{Figures, percentile_us, set_rpo_figures};
 
 /// Options of `bench geo`.
@@ -168,8 +168,9 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
     let (listen_b, listen_c) = (free_udp()?, free_udp()?);
     let link = LinkConfig::with_delay(Duration::from_millis(args.delay_ms));
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let to_b = Proxy::start(any, listen_b, link, link, 1).await?;
-    let to_c = Proxy::start(any, listen_c, link, link, 2).await?;
+    let wan = WanThread::start()?;
+    let to_b = wan.proxy(any, listen_b, link, link, 1).await?;
+    let to_c = wan.proxy(any, listen_c, link, link, 2).await?;
     let start = |region: &str, listen: SocketAddr, peers: &[(&str, SocketAddr)]| -> Result<Dataplane> {
         let config = region_config(dir, &dir.join("tls"), region, Some("a"), listen, peers, "")?;
         Dataplane::start_with(binary, &dir.join(region), args.shards, &dir.join(format!("{region}.log")), Some(&config))

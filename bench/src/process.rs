@@ -156,3 +156,41 @@ pub fn children_cpu_time() -> Duration {
     };
     time(usage.ru_utime) + time(usage.ru_stime)
 }
+
+/// The WAN proxies' own tokio runtime, on a thread of its own. On the bench's runtime the
+/// emulated network waited whenever the load generator (thousands of tasks a second) held the
+/// worker, and every replica's lag grew at once: a delay the network did not have.
+#[derive(Debug)]
+pub struct WanThread(Option<tokio::runtime::Runtime>);
+
+impl WanThread {
+    /// Starts the thread.
+    pub fn start() -> Result<Self> {
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("wan").enable_all().build()?;
+        Ok(Self(Some(runtime)))
+    }
+
+    /// Starts a proxy (see [`wan::Proxy::start`]) whose tasks run on this thread.
+    pub async fn proxy(
+        &self,
+        listen: std::net::SocketAddr,
+        upstream: std::net::SocketAddr,
+        forward: wan::LinkConfig,
+        backward: wan::LinkConfig,
+        seed: u64,
+    ) -> Result<wan::Proxy> {
+        let runtime = self.0.as_ref().context("the WAN thread has stopped")?;
+        let started = runtime.spawn(wan::Proxy::start(listen, upstream, forward, backward, seed)).await?;
+        Ok(started.with_context(|| format!("starting the WAN proxy to {upstream}"))?)
+    }
+}
+
+impl Drop for WanThread {
+    fn drop(&mut self) {
+        // Without blocking: the owner may be inside another runtime.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}

@@ -35,6 +35,7 @@ use wan::{LinkConfig, Proxy, ProxyHandle};
 
 use crate::geo::{for_each_key, region_config, wait_resolved};
 use crate::kv::{Dataplane, dataplane_binary};
+use crate::process::WanThread;
 use load::{LoadPlan, Record, SharedRecord, Write};
 use scenario::{Class, Mix, REGIONS, Window};
 
@@ -447,10 +448,11 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
         reserved.push((socket.local_addr()?, socket));
     }
+    let wan = WanThread::start()?;
     let mut links = Vec::new();
     for from in REGIONS.into_iter().filter(|region| args.is_home(region)) {
         for (to, (listen, _)) in REGIONS.into_iter().zip(&reserved).filter(|(to, _)| *to != from) {
-            let proxy = Proxy::start(any, *listen, link, link, args.seed + links.len() as u64).await?;
+            let proxy = wan.proxy(any, *listen, link, link, args.seed + links.len() as u64).await?;
             links.push(WanLink { from, to, proxy });
         }
     }
