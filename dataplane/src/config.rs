@@ -392,7 +392,7 @@ pub struct StoreSection {
     pub gc_interval_ms: Option<u64>,
     /// WAL bytes between checkpoints.
     pub checkpoint_wal_bytes: Option<u64>,
-    /// Most MB/s a checkpoint is written at (0: unpaced).
+    /// MB/s a checkpoint is written at while ahead of the WAL (0: unpaced).
     pub checkpoint_mb_per_s: Option<u64>,
 }
 

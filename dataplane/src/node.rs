@@ -168,6 +168,9 @@ async fn shard_main(
         // behind, so that no stream needs one.
         store_config.wal_hold_bytes_max = if repl.is_multi_master() { u64::MAX } else { repl.wal_hold_bytes_max };
         store_config.wal_pin = side.pin.clone();
+        if repl.ships_shard(shard_id) {
+            store_config.wal.tail = Some(side.tail.clone());
+        }
         if !repl.is_home_of(shard_id) {
             store_config.replica_of = repl.home_of(shard_id).map(str::to_owned);
         }

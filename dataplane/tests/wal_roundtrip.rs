@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use common::{check_payload, payload, read_all, run, small_config};
-use dataplane::wal::{Wal, WalConfig, WalError, WalReader};
+use dataplane::wal::{Wal, WalConfig, WalError, WalReader, WalTail};
 
 #[test]
 fn concurrent_appends_recover_in_order_across_rotations() {
@@ -184,4 +184,85 @@ fn batches_larger_than_one_io_are_split_and_recovered() {
     let mut ids: Vec<u64> = records.iter().map(|record| check_payload(&record.payload).unwrap()).collect();
     ids.sort_unstable();
     assert_eq!(ids, (0..64).collect::<Vec<_>>());
+}
+
+/// Writes 400 records of 900 bytes through a WAL that fills `tail`; returns the durable end.
+fn write_with_tail(config: &WalConfig, tail: &std::sync::Arc<WalTail>) -> u64 {
+    let mut config = config.clone();
+    config.tail = Some(tail.clone());
+    run(async move {
+        let wal = Wal::open(config).await.unwrap();
+        let mut handles = Vec::new();
+        for task in 0..4_u64 {
+            let wal = wal.clone();
+            handles.push(glommio::spawn_local(async move {
+                for index in 0..100 {
+                    let id = task * 100 + index;
+                    wal.append(id, &payload(id, 900)).await.unwrap();
+                }
+            }));
+        }
+        for handle in handles {
+            handle.await;
+        }
+        let end = wal.durable_next_lsn();
+        wal.close().await.unwrap();
+        end
+    })
+}
+
+#[test]
+fn a_reader_with_the_tail_cache_reads_what_the_segments_hold_and_the_cache_alone_serves_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    // Room for a few batches only: the older ones are evicted and read from the segments.
+    let tail = std::sync::Arc::new(WalTail::new(64 << 10));
+    let end = write_with_tail(&config, &tail);
+    assert_eq!(end, 401);
+    let cached_from = (1..end).find(|lsn| tail.batch_at(*lsn).is_some()).expect("the cache holds the newest batches");
+    assert!(cached_from > 1, "the bound evicted the oldest batches");
+    let disk = WalReader::new(dir.path(), 0, config.record_payload_bytes_max);
+    let cached = disk.clone().with_tail(tail.clone());
+    for from in [1_u64, 2, cached_from - 1, cached_from, cached_from + 1, 400] {
+        let expected = disk.read_range(from, end).unwrap();
+        assert_eq!(cached.read_range(from, end).unwrap(), expected, "from {from}");
+        assert_eq!(expected.len() as u64, end - from);
+    }
+    // With the segments gone, only the cache can answer: the newest records come from memory.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        std::fs::remove_file(entry.unwrap().path()).unwrap();
+    }
+    let records = cached.read_range(cached_from, end).unwrap();
+    assert_eq!(records.len() as u64, end - cached_from);
+    for record in &records {
+        assert!(check_payload(&record.payload).is_some(), "record {} intact", record.lsn);
+    }
+    assert!(cached.read_range(cached_from - 1, end).is_err(), "an evicted batch needs its segment");
+}
+
+#[test]
+fn a_damaged_cached_batch_is_read_from_its_segment_instead() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let tail = std::sync::Arc::new(WalTail::new(16 << 20));
+    let end = write_with_tail(&config, &tail);
+    // A copy of the cache whose middle batch has a flipped byte in a record.
+    let damaged = std::sync::Arc::new(WalTail::new(16 << 20));
+    let mut lsn = 1;
+    let mut flipped = None;
+    while lsn < end {
+        let mut batch = tail.batch_at(lsn).unwrap();
+        if flipped.is_none() && batch.first_lsn > 100 {
+            let mut bytes = batch.bytes.to_vec();
+            bytes[600] ^= 0x40;
+            batch.bytes = bytes.into();
+            flipped = Some(batch.first_lsn);
+        }
+        lsn = batch.next_lsn;
+        damaged.push(batch);
+    }
+    assert!(flipped.is_some());
+    let disk = WalReader::new(dir.path(), 0, config.record_payload_bytes_max);
+    let expected = disk.read_range(1, end).unwrap();
+    assert_eq!(disk.with_tail(damaged).read_range(1, end).unwrap(), expected);
 }

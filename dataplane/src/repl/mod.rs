@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use wire::repl::Codec;
 
 use crate::store::ClosedPoint;
+use crate::wal::WalTail;
 pub use core::Window;
 pub use shell::Replication;
 pub use status::Resolved;
@@ -275,6 +276,8 @@ pub struct ShardSide {
     /// With multi-master keyspaces, the collection floor: every source has shipped all of the
     /// shard at or below it (0 until each has said so).
     pub floor: Arc<AtomicU64>,
+    /// The newest durable WAL batches, which the shard's WAL fills where it ships.
+    pub tail: Arc<WalTail>,
 }
 
 /// What the replication thread keeps of each shard.
@@ -292,6 +295,8 @@ pub struct ThreadSide {
     pub pin: Arc<AtomicU64>,
     /// Its collection floor.
     pub floor: Arc<AtomicU64>,
+    /// Its WAL's newest durable batches, which shippers read before the segment files.
+    pub tail: Arc<WalTail>,
     /// The shard's directory (`wal/`, `chunks/`, resume positions).
     pub dir: PathBuf,
     /// WAL record payload limit (for the reader).
@@ -305,6 +310,7 @@ pub fn shard_link(shard: u32, dir: PathBuf, record_payload_bytes_max: u32) -> (S
     let hold = Arc::new(AtomicU64::new(u64::MAX));
     let pin = Arc::new(AtomicU64::new(u64::MAX));
     let floor = Arc::new(AtomicU64::new(0));
+    let tail = Arc::new(WalTail::new(crate::limits::WAL_TAIL_BYTES));
     (
         ShardSide {
             points: points_tx,
@@ -312,7 +318,18 @@ pub fn shard_link(shard: u32, dir: PathBuf, record_payload_bytes_max: u32) -> (S
             hold: hold.clone(),
             pin: pin.clone(),
             floor: floor.clone(),
+            tail: tail.clone(),
         },
-        ThreadSide { shard, points: points_rx, applies: applies_tx, hold, pin, floor, dir, record_payload_bytes_max },
+        ThreadSide {
+            shard,
+            points: points_rx,
+            applies: applies_tx,
+            hold,
+            pin,
+            floor,
+            tail,
+            dir,
+            record_payload_bytes_max,
+        },
     )
 }

@@ -568,7 +568,10 @@ impl ShardStore {
         let wal_bytes = self.wal_bytes_written();
         let durable = inner.wal.durable_next_lsn();
         let lsn = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
-        let horizon = inner.versions.borrow().horizon();
+        let (horizon, versions_total) = {
+            let versions = inner.versions.borrow();
+            (versions.horizon(), versions.version_total())
+        };
         let name = checkpoint::file_name(config.shard_id, lsn);
         let path = config.dir.join(&name);
         let temporary = config.dir.join(format!("{name}.tmp"));
@@ -620,11 +623,15 @@ impl ShardStore {
             }
             resume = last;
             // Paced, so the writes beside it keep the CPU and the disk queue. A closing store
-            // finishes at full speed, and so does a checkpoint that half an interval of WAL has
-            // overtaken: the WAL replayed at a restart stays within 1.5 intervals.
+            // finishes at full speed. A checkpoint must be done before half an interval of WAL
+            // has overtaken it (the WAL replayed at a restart stays within 1.5 intervals): one
+            // whose share of the versions written trails that half interval's share written
+            // since it began goes on without pausing until it is back ahead.
             let pace = config.checkpoint_bytes_per_sec;
-            let overtaken = self.wal_bytes_written().saturating_sub(wal_bytes) >= config.checkpoint_wal_bytes / 2;
-            if pace > 0 && !inner.closed.get() && !overtaken {
+            let half_interval = (config.checkpoint_wal_bytes / 2).max(1) as f64;
+            let wal_share = self.wal_bytes_written().saturating_sub(wal_bytes) as f64 / half_interval;
+            let behind = count as f64 / versions_total.max(1) as f64 <= wal_share;
+            if pace > 0 && !inner.closed.get() && !behind {
                 let due = std::time::Duration::from_secs_f64(written as f64 / pace as f64);
                 if let Some(ahead) = due.checked_sub(started.elapsed()) {
                     glommio::timer::sleep(ahead).await;

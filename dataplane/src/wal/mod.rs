@@ -13,6 +13,7 @@ pub mod faults;
 pub mod format;
 pub mod reader;
 pub mod recovery;
+pub mod tail;
 pub mod torture;
 pub mod writer;
 
@@ -23,6 +24,7 @@ use std::time::Duration;
 pub use faults::{FaultInjector, StoreFault, WriteFault};
 pub use reader::{WalCursor, WalReader, WalRecord};
 pub use recovery::{RecoveryError, RecoveryMode};
+pub use tail::{TailBatch, WalTail};
 pub use writer::{Wal, WalStats};
 
 use crate::limits;
@@ -55,6 +57,9 @@ pub struct WalConfig {
     /// Every durable batch's bytes are added here too: the node's WAL volume, which the
     /// control plane's leader counts for snapshots taken on WAL volume.
     pub volume: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Every durable batch's bytes are handed here too, for a shipper to read the fresh tail
+    /// from memory (see [`tail`]).
+    pub tail: Option<Arc<WalTail>>,
 }
 
 impl WalConfig {
@@ -72,6 +77,7 @@ impl WalConfig {
             recovery_mode: RecoveryMode::default(),
             faults: None,
             volume: None,
+            tail: None,
         }
     }
 

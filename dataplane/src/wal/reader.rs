@@ -1,17 +1,20 @@
 //! Iterates durable WAL records from a position, through read-only `memmap2` maps of the
-//! segment files. Payloads are `Bytes` slices of the map: no copy.
+//! segment files, or from the in-memory [`WalTail`] for the batches it still holds. Payloads
+//! are `Bytes` slices of the map or of the cached batch: no copy.
 //!
 //! The caller bounds the iteration with the WAL's `durable_next_lsn` (a live WAL) or with a
 //! recovery scan's `next_lsn` (offline): bytes below that bound are acknowledged and must be
 //! valid, so damage there is an error, never an early end.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::WalError;
 use super::format::{BATCH_BEGIN_BYTES, SECTOR_BYTES, SegmentHeader, segment_file_name};
 use super::recovery::{Damage, RecoveryError, scan_batch};
+use super::tail::{TailBatch, WalTail};
 use super::writer::{list_segments, map_file};
 
 /// One durable record.
@@ -31,17 +34,25 @@ pub struct WalReader {
     dir: PathBuf,
     shard_id: u32,
     payload_bytes_max: u32,
+    tail: Option<Arc<WalTail>>,
 }
 
 impl WalReader {
     /// A reader of `shard_id`'s segments in `dir`; `payload_bytes_max` as configured.
     pub fn new(dir: impl Into<PathBuf>, shard_id: u32, payload_bytes_max: u32) -> Self {
-        Self { dir: dir.into(), shard_id, payload_bytes_max }
+        Self { dir: dir.into(), shard_id, payload_bytes_max, tail: None }
+    }
+
+    /// Reads the batches `tail` holds from memory, the rest from the segment files.
+    #[must_use]
+    pub fn with_tail(mut self, tail: Arc<WalTail>) -> Self {
+        self.tail = Some(tail);
+        self
     }
 
     /// A cursor yielding records with `from <= lsn < until`.
     pub fn cursor(&self, from: u64, until: u64) -> WalCursor {
-        WalCursor { reader: self.clone(), next_lsn: from, until, segment: None }
+        WalCursor { reader: self.clone(), next_lsn: from, until, segment: None, tail_refused_below: 0 }
     }
 
     /// The first LSN of the oldest segment on disk (`None` when there is none, or no
@@ -72,7 +83,10 @@ impl WalReader {
 
 struct OpenSegment {
     segment_seq: u64,
+    /// A segment file's map, or (`cached`) one batch from the tail cache.
     bytes: Bytes,
+    /// `Some(next LSN after the batch)` for a batch from the tail cache.
+    cached: Option<u64>,
     /// Offset of the batch being read.
     batch_offset: usize,
     /// LSN of the first record of that batch.
@@ -93,6 +107,9 @@ pub struct WalCursor {
     next_lsn: u64,
     until: u64,
     segment: Option<OpenSegment>,
+    /// A cached batch that did not scan is read from its segment instead: the cache is not
+    /// asked again below the LSN after it.
+    tail_refused_below: u64,
 }
 
 impl std::fmt::Debug for WalCursor {
@@ -170,10 +187,35 @@ impl WalCursor {
         Ok((next, header, bytes))
     }
 
+    /// The tail cache's batch holding `self.next_lsn`, if the reader has a cache, it holds that
+    /// batch and it was not refused.
+    fn cached_batch(&self) -> Option<TailBatch> {
+        let tail = self.reader.tail.as_ref()?;
+        if self.next_lsn < self.tail_refused_below {
+            return None;
+        }
+        tail.batch_at(self.next_lsn)
+    }
+
+    fn open_cached(&mut self, batch: TailBatch) {
+        self.segment = Some(OpenSegment {
+            segment_seq: 0,
+            bytes: batch.bytes,
+            cached: Some(batch.next_lsn),
+            batch_offset: 0,
+            batch_first_lsn: batch.first_lsn,
+            batch_records: 0,
+            batch_extent: 0,
+            record_index: 0,
+            record_offset: 0,
+        });
+    }
+
     fn open_segment(&mut self, (segment_seq, header, bytes): (u64, SegmentHeader, Bytes)) {
         self.segment = Some(OpenSegment {
             segment_seq,
             bytes,
+            cached: None,
             batch_offset: SECTOR_BYTES,
             batch_first_lsn: header.first_lsn,
             batch_records: 0,
@@ -187,6 +229,18 @@ impl WalCursor {
     pub fn next_record(&mut self) -> Result<Option<WalRecord>, WalError> {
         let payload_max = self.reader.payload_bytes_max;
         while self.next_lsn < self.until {
+            // Between two batches (or with none open) the next one comes from memory when the
+            // tail cache holds it; after the last cached one, the segment files hold the rest.
+            let between = self.segment.as_ref().is_none_or(|segment| {
+                segment.batch_records == 0 && !(segment.cached.is_some() && segment.batch_offset == 0)
+            });
+            if between {
+                if let Some(batch) = self.cached_batch() {
+                    self.open_cached(batch);
+                } else if self.segment.as_ref().is_some_and(|segment| segment.cached.is_some()) {
+                    self.segment = None;
+                }
+            }
             if self.segment.is_none() {
                 let found = self.find_segment()?;
                 self.open_segment(found);
@@ -195,8 +249,9 @@ impl WalCursor {
             if segment.batch_records == 0 {
                 // Validate the batch at `batch_offset` as a whole before yielding from it.
                 let bytes = &segment.bytes[..];
-                if segment.batch_offset + BATCH_BEGIN_BYTES > bytes.len()
-                    || bytes[segment.batch_offset..segment.batch_offset + BATCH_BEGIN_BYTES].iter().all(|b| *b == 0)
+                if segment.cached.is_none()
+                    && (segment.batch_offset + BATCH_BEGIN_BYTES > bytes.len()
+                        || bytes[segment.batch_offset..segment.batch_offset + BATCH_BEGIN_BYTES].iter().all(|b| *b == 0))
                 {
                     // End of this segment's data: the next segment continues the log.
                     let (segment_seq, segment_bytes) = (segment.segment_seq, bytes.len());
@@ -204,8 +259,20 @@ impl WalCursor {
                     self.open_segment(next);
                     continue;
                 }
-                let (begin, extent) = scan_batch(bytes, segment.batch_offset, segment.batch_first_lsn, payload_max)
-                    .map_err(|(offset, damage)| Self::corruption(segment.segment_seq, offset, damage))?;
+                let (begin, extent) = match scan_batch(bytes, segment.batch_offset, segment.batch_first_lsn, payload_max)
+                {
+                    Ok(scanned) => scanned,
+                    Err((offset, damage)) => {
+                        if let Some(cached_until) = segment.cached {
+                            // Not what the writer made durable: read it from its segment.
+                            tracing::warn!(lsn = segment.batch_first_lsn, offset, %damage, "a cached WAL batch does not scan; reading it from disk");
+                            self.tail_refused_below = cached_until;
+                            self.segment = None;
+                            continue;
+                        }
+                        return Err(Self::corruption(segment.segment_seq, offset, damage));
+                    }
+                };
                 segment.batch_records = begin.record_count;
                 segment.batch_extent = extent;
                 segment.record_index = 0;

@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 use glommio::{GlommioError, Task};
 
@@ -20,6 +21,7 @@ use super::format::{
     BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader, parse_segment_file_name, segment_file_name,
 };
 use super::recovery::{self, SegmentBytes};
+use super::tail::TailBatch;
 use super::{WalConfig, WalError};
 use crate::limits;
 use crate::sync::{Latch, Notify};
@@ -133,6 +135,17 @@ struct SealedBatch {
     payload_bytes: u64,
 }
 
+impl SealedBatch {
+    /// A copy of the batch's bytes (its extent), for the tail cache.
+    fn image(&self) -> Bytes {
+        let mut image = Vec::with_capacity(usize::try_from(self.extent).unwrap_or(0));
+        for chunk in &self.chunks {
+            image.extend_from_slice(chunk.as_bytes());
+        }
+        Bytes::from(image)
+    }
+}
+
 /// The segment being appended to and the one prepared next.
 struct Segments {
     active: Rc<DmaFile>,
@@ -142,6 +155,8 @@ struct Segments {
     sealed: VecDeque<(u64, u64)>,
     active_bytes: u64,
     frontier: u64,
+    /// `frontier`, shared with the task zero-filling the spare, which keeps ahead of it.
+    active_frontier: Rc<Cell<u64>>,
     spare: Option<Task<Result<DmaFile, WalError>>>,
 }
 
@@ -321,9 +336,37 @@ async fn fdatasync(file: &DmaFile, faults: Option<&FaultInjector>) -> Result<(),
     file.fdatasync().await.map_err(|error| fenced_by("fdatasync", &error))
 }
 
+/// Zero-fills `0..bytes` of a spare segment without crowding the device: at
+/// [`limits::WAL_ZERO_FILL_BYTES_PER_SEC`], and at once whatever keeps it twice as far along as
+/// the active segment (`active_frontier`), so it is ready before the writer needs it.
+async fn zero_fill_paced(file: &DmaFile, bytes: u64, step: usize, active_frontier: &Cell<u64>) -> Result<(), WalError> {
+    let rate = limits::WAL_ZERO_FILL_BYTES_PER_SEC as f64;
+    let started = std::time::Instant::now();
+    let mut offset = 0;
+    while offset < bytes {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let by_pace = (started.elapsed().as_secs_f64() * rate) as u64;
+        let by_use = active_frontier.get().saturating_mul(2);
+        if offset >= by_pace.max(by_use) {
+            glommio::timer::sleep(std::time::Duration::from_secs_f64(step as f64 / rate)).await;
+            continue;
+        }
+        let end = (offset + step as u64).min(bytes);
+        write_zeros(file, offset, end, step, None).await?;
+        offset = end;
+    }
+    Ok(())
+}
+
 /// Creates a segment file: preallocated, filled with zeros through O_DIRECT, synced, and its
-/// directory entry synced, so later appends' `fdatasync` never write metadata.
-async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize) -> Result<DmaFile, WalError> {
+/// directory entry synced, so later appends' `fdatasync` never write metadata. A spare made
+/// while a segment is active (`active_frontier`) is filled paced.
+async fn create_segment(
+    config: WalConfig,
+    segment_seq: u64,
+    io_bytes_max: usize,
+    active_frontier: Option<Rc<Cell<u64>>>,
+) -> Result<DmaFile, WalError> {
     let path = segment_path(&config, segment_seq);
     let fail = |errno: Option<i32>, message: &dyn std::fmt::Display| {
         WalError::fenced("create segment", errno, format!("{}: {message}", path.display()))
@@ -345,7 +388,11 @@ async fn create_segment(config: WalConfig, segment_seq: u64, io_bytes_max: usize
         // Failpoints count data writes only: zero-filling runs in the background and must not
         // shift which write a test's fault hits.
         let step = io_bytes_max.min(limits::WAL_ZERO_FILL_IO_BYTES);
-        write_zeros(&file, 0, config.segment_bytes, step, None).await.map_err(|error| match error {
+        let filled = match &active_frontier {
+            Some(active) => zero_fill_paced(&file, config.segment_bytes, step, active).await,
+            None => write_zeros(&file, 0, config.segment_bytes, step, None).await,
+        };
+        filled.map_err(|error| match error {
             WalError::Fenced { errno, message, .. } => fail(errno, &message),
             other => other,
         })?;
@@ -487,6 +534,9 @@ impl Wal {
         calibrate_iopoll(&config.dir).await;
         let plan = scan(&config)?;
         let faults = config.faults.clone();
+        if let Some(tail) = &config.tail {
+            tail.clear();
+        }
 
         for segment_seq in &plan.unused {
             let path = segment_path(&config, *segment_seq);
@@ -522,11 +572,12 @@ impl Wal {
                         .collect(),
                     active_bytes: last.segment_bytes,
                     frontier: last.frontier,
+                    active_frontier: Rc::new(Cell::new(last.frontier)),
                     spare: None,
                 }
             }
             None => {
-                let file = create_segment(config.clone(), next_seq, io_bytes_max).await?;
+                let file = create_segment(config.clone(), next_seq, io_bytes_max, None).await?;
                 write_segment_header(&file, &config, next_seq, plan.next_lsn).await?;
                 fdatasync(&file, faults.as_deref()).await?;
                 Segments {
@@ -536,6 +587,7 @@ impl Wal {
                     sealed: VecDeque::new(),
                     active_bytes: config.segment_bytes,
                     frontier: SECTOR_BYTES as u64,
+                    active_frontier: Rc::new(Cell::new(SECTOR_BYTES as u64)),
                     spare: None,
                 }
             }
@@ -811,7 +863,8 @@ impl Inner {
             let config = self.config.clone();
             let next = segments.active_seq + 1;
             let io_bytes_max = self.io_bytes_max;
-            segments.spare = Some(glommio::spawn_local(create_segment(config, next, io_bytes_max)));
+            let active = Some(Rc::clone(&segments.active_frontier));
+            segments.spare = Some(glommio::spawn_local(create_segment(config, next, io_bytes_max, active)));
         }
     }
 
@@ -824,7 +877,7 @@ impl Inner {
         };
         let file = match spare {
             Some(task) => task.await?,
-            None => create_segment(self.config.clone(), next_seq, self.io_bytes_max).await?,
+            None => create_segment(self.config.clone(), next_seq, self.io_bytes_max, None).await?,
         };
         write_segment_header(&file, &self.config, next_seq, first_lsn).await?;
         let old = {
@@ -836,6 +889,7 @@ impl Inner {
             segments.active_first_lsn = first_lsn;
             segments.active_bytes = self.config.segment_bytes;
             segments.frontier = SECTOR_BYTES as u64;
+            segments.active_frontier.set(segments.frontier);
             std::mem::replace(&mut segments.active, Rc::new(file))
         };
         self.state.borrow_mut().stats.rotations += 1;
@@ -896,6 +950,7 @@ impl Inner {
         self.metrics.fdatasync.record(sync_started.elapsed().as_secs_f64());
         if let Some(segments) = self.segments.borrow_mut().as_mut() {
             segments.frontier = position + batch.extent;
+            segments.active_frontier.set(segments.frontier);
         }
         Ok(())
     }
@@ -945,6 +1000,8 @@ async fn writer_loop(inner: Rc<Inner>) {
         inner.space.notify_all();
         let mut batch = open.finish();
         inner.metrics.waiting.set((batch.next_lsn - batch.first_lsn) as f64);
+        // Copied before the write takes the buffers; cached only once durable.
+        let image = inner.config.tail.as_ref().map(|_| batch.image());
         match inner.write_batch(&mut batch).await {
             Ok(()) => {
                 let records = batch.next_lsn - batch.first_lsn;
@@ -966,6 +1023,9 @@ async fn writer_loop(inner: Rc<Inner>) {
                     volume.fetch_add(batch.extent, std::sync::atomic::Ordering::Relaxed);
                 }
                 inner.metrics.records.increment(records);
+                if let (Some(tail), Some(bytes)) = (&inner.config.tail, image) {
+                    tail.push(TailBatch { first_lsn: batch.first_lsn, next_lsn: batch.next_lsn, bytes });
+                }
                 batch.latch.set(Ok(()));
                 inner.durable.notify_all();
             }
