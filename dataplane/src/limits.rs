@@ -65,10 +65,17 @@ pub const CHECKPOINT_WAL_BYTES_DEFAULT: u64 = 256 << 20;
 /// beside (their p99 grew sixfold in `bench geo`). A checkpoint that the WAL would overtake
 /// goes faster (`ShardStore::write_checkpoint`).
 pub const CHECKPOINT_BYTES_PER_SEC_DEFAULT: u64 = 32 << 20;
-/// Bytes of checkpoint encoded before each write (and yield). Small, so each write queued on
-/// the disk ahead of a WAL barrier is short: with 1 MiB writes, the replicas' apply p99
-/// during checkpoints was 16 ms in `bench geo`, with 256 KiB 7 ms.
-pub const CHECKPOINT_PIECE_BYTES: usize = 256 << 10;
+/// Bytes of checkpoint encoded before each write (and yield) while writes run beside it.
+/// Small, so each write queued on the disk ahead of a WAL barrier is short: with 1 MiB writes,
+/// four at a time, the replicas' apply p99 during checkpoints was 16 ms in `bench geo`, with
+/// 256 KiB 7 ms.
+pub const CHECKPOINT_PIECE_BYTES: usize = 128 << 10;
+/// Checkpoint writes queued on the device at once while writes run beside it.
+pub const CHECKPOINT_WRITES_IN_FLIGHT: usize = 1;
+/// Bytes per write of the checkpoint at close, which nothing runs beside.
+pub const CHECKPOINT_CLOSING_PIECE_BYTES: usize = 1 << 20;
+/// Writes of the checkpoint at close queued at once.
+pub const CHECKPOINT_CLOSING_WRITES_IN_FLIGHT: usize = 4;
 /// Default requests in flight per client connection.
 pub const INFLIGHT_PER_CONNECTION_DEFAULT: usize = 1024;
 /// Default open client connections per shard.

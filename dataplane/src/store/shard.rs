@@ -587,8 +587,16 @@ impl ShardStore {
             .dma_open(&temporary)
             .await
             .map_err(|error| fail(format!("create: {error}")))?;
-        let mut writer = DmaStreamWriterBuilder::new(file).with_buffer_size(limits::CHECKPOINT_PIECE_BYTES).build();
-        let mut piece = Vec::with_capacity(limits::CHECKPOINT_PIECE_BYTES + 4096);
+        // Paced: small writes, one at a time, so little sits on the disk ahead of a WAL
+        // barrier. At close nothing waits on the disk but the close itself.
+        let (piece_bytes, in_flight) = if inner.closed.get() {
+            (limits::CHECKPOINT_CLOSING_PIECE_BYTES, limits::CHECKPOINT_CLOSING_WRITES_IN_FLIGHT)
+        } else {
+            (limits::CHECKPOINT_PIECE_BYTES, limits::CHECKPOINT_WRITES_IN_FLIGHT)
+        };
+        let mut writer =
+            DmaStreamWriterBuilder::new(file).with_buffer_size(piece_bytes).with_write_behind(in_flight).build();
+        let mut piece = Vec::with_capacity(piece_bytes + 4096);
         let mut scratch = Vec::new();
         checkpoint::encode_header(config.shard_id, lsn, horizon, &mut piece);
         let mut count = 0u64;
@@ -606,12 +614,12 @@ impl ShardStore {
                         count += 1;
                     }
                     last = Some(key.clone());
-                    if piece.len() >= limits::CHECKPOINT_PIECE_BYTES {
+                    if piece.len() >= piece_bytes {
                         break;
                     }
                 }
             }
-            let done = last.is_none() || piece.len() < limits::CHECKPOINT_PIECE_BYTES;
+            let done = last.is_none() || piece.len() < piece_bytes;
             if done {
                 checkpoint::encode_footer(config.shard_id, lsn, horizon, count, &mut piece);
             }
