@@ -603,6 +603,7 @@ impl ShardStore {
         let mut resume: Option<Bytes> = None;
         let (started, mut written) = (std::time::Instant::now(), 0u64);
         loop {
+            let piece_started = std::time::Instant::now();
             // Encode a piece while holding the map, write it without.
             let mut last = None;
             {
@@ -625,23 +626,27 @@ impl ShardStore {
             }
             writer.write_all(&piece).await.map_err(|error| fail(format!("write: {error}")))?;
             written += piece.len() as u64;
+            let piece_len = piece.len();
             piece.clear();
             if done {
                 break;
             }
             resume = last;
-            // Paced, so the writes beside it keep the CPU and the disk queue. A closing store
-            // finishes at full speed. A checkpoint must be done before half an interval of WAL
-            // has overtaken it (the WAL replayed at a restart stays within 1.5 intervals): one
-            // whose share of the versions written trails that half interval's share written
-            // since it began goes on without pausing until it is back ahead.
-            let pace = config.checkpoint_bytes_per_sec;
+            // Paced, so the writes beside it keep the CPU and the disk queue; a closing store
+            // finishes at full speed.
             let half_interval = (config.checkpoint_wal_bytes / 2).max(1) as f64;
             let wal_share = self.wal_bytes_written().saturating_sub(wal_bytes) as f64 / half_interval;
-            let behind = count as f64 / versions_total.max(1) as f64 <= wal_share;
-            if pace > 0 && !inner.closed.get() && !behind {
-                let due = std::time::Duration::from_secs_f64(written as f64 / pace as f64);
-                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+            let done_share = count as f64 / versions_total.max(1) as f64;
+            let rate = checkpoint::pace_bytes_per_sec(
+                config.checkpoint_bytes_per_sec,
+                written,
+                done_share,
+                wal_share,
+                started.elapsed().as_secs_f64(),
+            );
+            if let Some(rate) = rate.filter(|_| !inner.closed.get()) {
+                let due = std::time::Duration::from_secs_f64(piece_len as f64 / rate);
+                if let Some(ahead) = due.checked_sub(piece_started.elapsed()) {
                     glommio::timer::sleep(ahead).await;
                 }
             }
