@@ -6,7 +6,7 @@
 //! each socket is registered once ([`Readiness::register`]); one task ([`Readiness::drive`])
 //! waits for the set itself with a single io_uring poll, reads every ready socket from
 //! `epoll_wait` and wakes its reader. A reader ([`SocketReader`]) reads with `recv` until
-//! `EAGAIN`, then waits for the socket's next edge.
+//! `EAGAIN` or a short read, then waits for the socket's next edge.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -17,6 +17,8 @@ use std::task::{Context, Poll, Waker};
 
 /// Events taken from the set per `epoll_wait`.
 const EVENTS_PER_WAIT: usize = 256;
+/// Event bits that say the peer shut down or the socket failed.
+const HANG_UP: u32 = u32::from_ne_bytes((libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR).to_ne_bytes());
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -25,6 +27,9 @@ struct Slot {
     /// The reader waiting for it.
     waker: Option<Waker>,
     in_use: bool,
+    /// The peer shut down (or the socket failed): an edge that a short read does not consume,
+    /// so from then on the reader reads until EOF or EAGAIN.
+    hung_up: bool,
 }
 
 /// One shard's epoll set of client sockets.
@@ -80,7 +85,7 @@ impl Readiness {
             self.free.borrow_mut().push(index);
             return Err(error);
         }
-        self.slots.borrow_mut()[index] = Slot { ready: true, waker: None, in_use: true };
+        self.slots.borrow_mut()[index] = Slot { ready: true, waker: None, in_use: true, hung_up: false };
         Ok(Token(index))
     }
 
@@ -137,6 +142,7 @@ impl Readiness {
                     if let Some(slot) = usize::try_from(event.u64).ok().and_then(|index| slots.get_mut(index)) {
                         if slot.in_use {
                             slot.ready = true;
+                            slot.hung_up |= event.events & HANG_UP != 0;
                             if let Some(waker) = slot.waker.take() {
                                 waker.wake();
                             }
@@ -165,9 +171,20 @@ impl Readiness {
     fn not_ready(&self, token: Token) {
         self.slots.borrow_mut()[token.0].ready = false;
     }
+
+    /// After a short read: the socket's queue is empty, and data arriving later raises a new
+    /// edge; unless the peer hung up, whose edge may already have been taken.
+    fn drained(&self, token: Token) {
+        let mut slots = self.slots.borrow_mut();
+        let slot = &mut slots[token.0];
+        if !slot.hung_up {
+            slot.ready = false;
+        }
+    }
 }
 
-/// The reading side of a registered socket: `recv` until `EAGAIN`, then wait for the next edge.
+/// The reading side of a registered socket: `recv` until `EAGAIN` or a short read, then wait
+/// for the next edge.
 #[derive(Debug)]
 pub struct SocketReader {
     readiness: Rc<Readiness>,
@@ -196,7 +213,14 @@ impl futures_lite::AsyncRead for SocketReader {
             // keeps it so while reading).
             let read = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             if read >= 0 {
-                return Poll::Ready(Ok(usize::try_from(read).unwrap_or(0)));
+                let read = usize::try_from(read).unwrap_or(0);
+                // A short read emptied the socket's queue: what arrives after it raises a new
+                // edge, so the `recv` that would only answer EAGAIN is skipped (one system call
+                // per request with one in flight).
+                if read > 0 && read < buf.len() {
+                    self.readiness.drained(self.token);
+                }
+                return Poll::Ready(Ok(read));
             }
             let error = io::Error::last_os_error();
             match error.kind() {
@@ -264,6 +288,47 @@ mod tests {
             let mut rest = Vec::new();
             reader.read_to_end(&mut rest).await.expect("read to the end");
             assert_eq!(rest, b"last");
+            readiness.deregister(token, ours.as_raw_fd());
+        });
+    }
+
+    #[test]
+    fn bytes_sent_while_short_reads_drain_the_socket_all_arrive_in_order() {
+        with_set(async |readiness| {
+            let (ours, theirs) = UnixStream::pair().expect("socket pair");
+            let token = readiness.register(ours.as_raw_fd()).expect("register");
+            let mut reader = SocketReader::new(Rc::clone(&readiness), token, ours.as_raw_fd());
+            // Writes of 1 to 150 bytes from another thread, some paused: the reader's 64-byte
+            // reads are full, short, and racing the writes.
+            let sent: Vec<u8> = (0..60_000u32).map(|n| (n.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+            let writer = std::thread::spawn({
+                let (mut theirs, sent) = (theirs, sent.clone());
+                move || {
+                    let mut at = 0;
+                    let mut size = 1;
+                    while at < sent.len() {
+                        let end = (at + size).min(sent.len());
+                        theirs.write_all(&sent[at..end]).expect("write");
+                        at = end;
+                        size = size % 150 + 7;
+                        if size % 5 == 0 {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                    }
+                }
+            });
+            let mut received = Vec::new();
+            let mut buf = [0u8; 64];
+            while received.len() < sent.len() {
+                let read = futures_lite::future::or(async { Some(reader.read(&mut buf).await) }, async {
+                    glommio::timer::sleep(Duration::from_secs(5)).await;
+                    None
+                });
+                let read = read.await.expect("a read waited 5 s: an edge was missed").expect("read");
+                received.extend_from_slice(&buf[..read]);
+            }
+            writer.join().expect("writer");
+            assert!(received == sent, "bytes arrived out of order or changed");
             readiness.deregister(token, ours.as_raw_fd());
         });
     }
