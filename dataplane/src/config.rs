@@ -390,7 +390,7 @@ pub struct StoreSection {
     pub retention_secs: Option<u64>,
     /// Milliseconds between garbage-collection passes.
     pub gc_interval_ms: Option<u64>,
-    /// WAL bytes between checkpoints.
+    /// WAL bytes between checkpoints (each comes due after a random 3/4 to all of it).
     pub checkpoint_wal_bytes: Option<u64>,
     /// MB/s a checkpoint is written at while ahead of the WAL (0: unpaced).
     pub checkpoint_mb_per_s: Option<u64>,
