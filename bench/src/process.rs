@@ -182,7 +182,7 @@ impl WanThread {
     ) -> Result<wan::Proxy> {
         let runtime = self.0.as_ref().context("the WAN thread has stopped")?;
         let started = runtime.spawn(wan::Proxy::start(listen, upstream, forward, backward, seed)).await?;
-        Ok(started.with_context(|| format!("starting the WAN proxy to {upstream}"))?)
+        started.with_context(|| format!("starting the WAN proxy to {upstream}"))
     }
 }
 

@@ -345,8 +345,8 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
         Frame::Refuse { reason } => return Err(StreamError::Refused(reason.to_owned())),
         other => return Err(StreamError::Other(format!("expected Resume, got {other:?}"))),
     };
-    let reader = WalReader::new(side.dir.join("wal"), side.shard, side.record_payload_bytes_max)
-        .with_tail(side.tail.clone());
+    let reader =
+        WalReader::new(side.dir.join("wal"), side.shard, side.record_payload_bytes_max).with_tail(side.tail.clone());
     let first = reader.first_lsn().map_err(|error| StreamError::Other(error.to_string()))?;
     // After a snapshot, its pin keeps the WAL from where the batches resume, following the
     // acks, until the stream has caught up: a bounded hold alone could release it under a

@@ -251,7 +251,9 @@ impl WalCursor {
                 let bytes = &segment.bytes[..];
                 if segment.cached.is_none()
                     && (segment.batch_offset + BATCH_BEGIN_BYTES > bytes.len()
-                        || bytes[segment.batch_offset..segment.batch_offset + BATCH_BEGIN_BYTES].iter().all(|b| *b == 0))
+                        || bytes[segment.batch_offset..segment.batch_offset + BATCH_BEGIN_BYTES]
+                            .iter()
+                            .all(|b| *b == 0))
                 {
                     // End of this segment's data: the next segment continues the log.
                     let (segment_seq, segment_bytes) = (segment.segment_seq, bytes.len());
@@ -259,8 +261,12 @@ impl WalCursor {
                     self.open_segment(next);
                     continue;
                 }
-                let (begin, extent) = match scan_batch(bytes, segment.batch_offset, segment.batch_first_lsn, payload_max)
-                {
+                let (begin, extent) = match scan_batch(
+                    bytes,
+                    segment.batch_offset,
+                    segment.batch_first_lsn,
+                    payload_max,
+                ) {
                     Ok(scanned) => scanned,
                     Err((offset, damage)) => {
                         if let Some(cached_until) = segment.cached {
