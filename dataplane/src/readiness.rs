@@ -258,12 +258,18 @@ mod tests {
         .expect("executor");
     }
 
+    /// A socket pair whose first end is registered in `readiness`, with its reader.
+    fn registered_pair(readiness: &Rc<Readiness>) -> (UnixStream, UnixStream, super::Token, SocketReader) {
+        let (ours, theirs) = UnixStream::pair().expect("socket pair");
+        let token = readiness.register(ours.as_raw_fd()).expect("register");
+        let reader = SocketReader::new(Rc::clone(readiness), token, ours.as_raw_fd());
+        (ours, theirs, token, reader)
+    }
+
     #[test]
     fn a_reader_wakes_for_each_write_and_sees_the_end() {
         with_set(async |readiness| {
-            let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
-            let token = readiness.register(ours.as_raw_fd()).expect("register");
-            let mut reader = SocketReader::new(Rc::clone(&readiness), token, ours.as_raw_fd());
+            let (ours, mut theirs, token, mut reader) = registered_pair(&readiness);
             let mut buf = [0u8; 64];
             // Nothing yet: the read waits (and is still waiting after a while).
             let waited = futures_lite::future::or(async { Some(reader.read(&mut buf).await) }, async {
@@ -295,9 +301,7 @@ mod tests {
     #[test]
     fn bytes_sent_while_short_reads_drain_the_socket_all_arrive_in_order() {
         with_set(async |readiness| {
-            let (ours, theirs) = UnixStream::pair().expect("socket pair");
-            let token = readiness.register(ours.as_raw_fd()).expect("register");
-            let mut reader = SocketReader::new(Rc::clone(&readiness), token, ours.as_raw_fd());
+            let (ours, theirs, token, mut reader) = registered_pair(&readiness);
             // Writes of 1 to 150 bytes from another thread, some paused: the reader's 64-byte
             // reads are full, short, and racing the writes.
             let sent: Vec<u8> = (0..60_000u32).map(|n| (n.wrapping_mul(2_654_435_761) >> 24) as u8).collect();

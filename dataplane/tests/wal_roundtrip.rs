@@ -186,12 +186,16 @@ fn batches_larger_than_one_io_are_split_and_recovered() {
     assert_eq!(ids, (0..64).collect::<Vec<_>>());
 }
 
-/// Writes 400 records of 900 bytes through a WAL that fills `tail`; returns the durable end.
-fn write_with_tail(config: &WalConfig, tail: &std::sync::Arc<WalTail>) -> u64 {
-    let mut config = config.clone();
-    config.tail = Some(tail.clone());
-    run(async move {
-        let wal = Wal::open(config).await.unwrap();
+/// Writes 400 records of 900 bytes, from 4 tasks, through a new WAL (small limits) that fills
+/// a tail cache of `cache_bytes`: its directory, configuration, cache and durable end.
+fn written_with_tail(cache_bytes: usize) -> (tempfile::TempDir, WalConfig, std::sync::Arc<WalTail>, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = small_config(dir.path());
+    let tail = std::sync::Arc::new(WalTail::new(cache_bytes));
+    let mut cached = config.clone();
+    cached.tail = Some(tail.clone());
+    let end = run(async move {
+        let wal = Wal::open(cached).await.unwrap();
         let mut handles = Vec::new();
         for task in 0..4_u64 {
             let wal = wal.clone();
@@ -208,16 +212,14 @@ fn write_with_tail(config: &WalConfig, tail: &std::sync::Arc<WalTail>) -> u64 {
         let end = wal.durable_next_lsn();
         wal.close().await.unwrap();
         end
-    })
+    });
+    (dir, config, tail, end)
 }
 
 #[test]
 fn a_reader_with_the_tail_cache_reads_what_the_segments_hold_and_the_cache_alone_serves_the_newest() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = small_config(dir.path());
     // Room for a few batches only: the older ones are evicted and read from the segments.
-    let tail = std::sync::Arc::new(WalTail::new(64 << 10));
-    let end = write_with_tail(&config, &tail);
+    let (dir, config, tail, end) = written_with_tail(64 << 10);
     assert_eq!(end, 401);
     let cached_from = (1..end).find(|lsn| tail.batch_at(*lsn).is_some()).expect("the cache holds the newest batches");
     assert!(cached_from > 1, "the bound evicted the oldest batches");
@@ -242,10 +244,7 @@ fn a_reader_with_the_tail_cache_reads_what_the_segments_hold_and_the_cache_alone
 
 #[test]
 fn a_damaged_cached_batch_is_read_from_its_segment_instead() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = small_config(dir.path());
-    let tail = std::sync::Arc::new(WalTail::new(16 << 20));
-    let end = write_with_tail(&config, &tail);
+    let (dir, config, tail, end) = written_with_tail(16 << 20);
     // A copy of the cache whose middle batch has a flipped byte in a record.
     let damaged = std::sync::Arc::new(WalTail::new(16 << 20));
     let mut lsn = 1;

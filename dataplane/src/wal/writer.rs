@@ -154,9 +154,9 @@ struct Segments {
     /// Full segments still on disk, oldest first: (sequence, first LSN).
     sealed: VecDeque<(u64, u64)>,
     active_bytes: u64,
-    frontier: u64,
-    /// `frontier`, shared with the task zero-filling the spare, which keeps ahead of it.
-    active_frontier: Rc<Cell<u64>>,
+    /// End of the active segment's data; shared with the task zero-filling the spare, which
+    /// keeps ahead of it.
+    frontier: Rc<Cell<u64>>,
     spare: Option<Task<Result<DmaFile, WalError>>>,
 }
 
@@ -571,8 +571,7 @@ impl Wal {
                         .map(|segment| (segment.segment_seq, segment.first_lsn))
                         .collect(),
                     active_bytes: last.segment_bytes,
-                    frontier: last.frontier,
-                    active_frontier: Rc::new(Cell::new(last.frontier)),
+                    frontier: Rc::new(Cell::new(last.frontier)),
                     spare: None,
                 }
             }
@@ -586,8 +585,7 @@ impl Wal {
                     active_first_lsn: plan.next_lsn,
                     sealed: VecDeque::new(),
                     active_bytes: config.segment_bytes,
-                    frontier: SECTOR_BYTES as u64,
-                    active_frontier: Rc::new(Cell::new(SECTOR_BYTES as u64)),
+                    frontier: Rc::new(Cell::new(SECTOR_BYTES as u64)),
                     spare: None,
                 }
             }
@@ -863,7 +861,7 @@ impl Inner {
             let config = self.config.clone();
             let next = segments.active_seq + 1;
             let io_bytes_max = self.io_bytes_max;
-            let active = Some(Rc::clone(&segments.active_frontier));
+            let active = Some(Rc::clone(&segments.frontier));
             segments.spare = Some(glommio::spawn_local(create_segment(config, next, io_bytes_max, active)));
         }
     }
@@ -888,8 +886,7 @@ impl Inner {
             segments.active_seq = next_seq;
             segments.active_first_lsn = first_lsn;
             segments.active_bytes = self.config.segment_bytes;
-            segments.frontier = SECTOR_BYTES as u64;
-            segments.active_frontier.set(segments.frontier);
+            segments.frontier.set(SECTOR_BYTES as u64);
             std::mem::replace(&mut segments.active, Rc::new(file))
         };
         self.state.borrow_mut().stats.rotations += 1;
@@ -908,7 +905,7 @@ impl Inner {
         let needs_rotation = {
             let segments = self.segments.borrow();
             let segments = segments.as_ref().ok_or(WalError::Closed)?;
-            segments.frontier + batch.extent > segments.active_bytes
+            segments.frontier.get() + batch.extent > segments.active_bytes
         };
         if needs_rotation {
             self.rotate(batch.first_lsn).await?;
@@ -916,7 +913,7 @@ impl Inner {
         let (file, position) = {
             let segments = self.segments.borrow();
             let segments = segments.as_ref().ok_or(WalError::Closed)?;
-            (Rc::clone(&segments.active), segments.frontier)
+            (Rc::clone(&segments.active), segments.frontier.get())
         };
         let mut chunks = std::mem::take(&mut batch.chunks);
         if chunks.len() == 1
@@ -949,8 +946,7 @@ impl Inner {
         fdatasync(&file, self.faults()).await?;
         self.metrics.fdatasync.record(sync_started.elapsed().as_secs_f64());
         if let Some(segments) = self.segments.borrow_mut().as_mut() {
-            segments.frontier = position + batch.extent;
-            segments.active_frontier.set(segments.frontier);
+            segments.frontier.set(position + batch.extent);
         }
         Ok(())
     }
