@@ -63,9 +63,13 @@ fn notify_watchdog_and_metrics_of_a_running_member() {
     let ready = all.iter().position(|(_, text)| text.contains("READY=1")).unwrap();
     assert!(recovering < ready, "{all:?}");
 
-    // It elects itself; the Raft series say so.
-    wait_until("a leader in the metrics", Duration::from_secs(10), || {
-        scrape(metrics).is_ok_and(|text| sample(&text, "meridian_raft_is_leader", "") == Some(1.0))
+    // It elects itself and applies its first entry; the Raft series say so. (Leadership shows
+    // a moment before the leader's first entry is applied.)
+    wait_until("a leader that applied its first entry in the metrics", Duration::from_secs(10), || {
+        scrape(metrics).is_ok_and(|text| {
+            sample(&text, "meridian_raft_is_leader", "") == Some(1.0)
+                && sample(&text, "meridian_raft_applied_index", "").is_some_and(|index| index >= 1.0)
+        })
     });
     let first = scrape(metrics).unwrap();
     assert_eq!(sample(&first, "meridian_raft_leader_id", ""), Some(1.0));
