@@ -111,13 +111,16 @@ fn model_across_restarts_and_checkpoints() {
     let mut timestamps = Vec::new();
     let mut checkpoints = 0;
     let mut released = 0;
-    for round in 0..6 {
+    for round in 0..6u64 {
         let config = config.clone();
         let clock = Arc::clone(&clock);
         let (next_model, next_timestamps, next_rng, stats) = run(async move {
+            // Marks for the watchdog: round * 1000 + step; + 500 opening, + 600 closing.
+            common::mark(round * 1000 + 500);
             let store = ShardStore::open(config).await.unwrap();
             check_all(&store, &model, &timestamps).await;
-            for _ in 0..400 {
+            for step in 0..400 {
+                common::mark(round * 1000 + step);
                 clock.advance(rng.random_range(0..50));
                 let key = format!("k/{:02}", rng.random_range(0..40)).into_bytes();
                 match rng.random_range(0..20) {
@@ -194,6 +197,7 @@ fn model_across_restarts_and_checkpoints() {
                 }
             }
             let stats = store.stats();
+            common::mark(round * 1000 + 600);
             if round % 2 == 0 {
                 store.close().await.unwrap();
             } else {

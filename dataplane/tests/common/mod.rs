@@ -22,9 +22,78 @@ pub fn fill(config: &WalConfig, count: u64, length: usize) {
     });
 }
 
-/// Runs `future` on a fresh glommio executor.
+/// Runs `future` on a fresh glommio executor, under a [`Watchdog`].
 pub fn run<F: Future<Output = T> + 'static, T>(future: F) -> T {
+    let _watchdog = Watchdog::start(RUN_DEADLINE);
     dataplane::runtime::run_local("test", future).unwrap()
+}
+
+/// No single `run` of these tests takes a tenth of this, even on a loaded machine.
+pub const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// The last progress mark a test set ([`mark`]), printed by a watchdog that fires.
+static MARK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records how far a long test got, for the watchdog's report.
+pub fn mark(value: u64) {
+    MARK.store(value, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Aborts the test process when it outlives `deadline`, after printing each thread's state,
+/// kernel stack and (with gdb) user stack: a hung test reports where it hangs instead of
+/// waiting silently for the runner's timeout.
+pub struct Watchdog {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn start(deadline: std::time::Duration) -> Self {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(deadline) {
+                report_hang(deadline);
+                std::process::abort();
+            }
+        });
+        Self { done: Some(done), thread: Some(thread) }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn report_hang(deadline: std::time::Duration) {
+    let mark = MARK.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("WATCHDOG: still running after {deadline:?} (last mark {mark}); thread states follow");
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let path = task.path();
+            let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?").to_owned();
+            eprintln!(
+                "--- task {} ({}), state {state}, wchan {}; kernel stack:\n{}",
+                task.file_name().to_string_lossy(),
+                read("comm").trim(),
+                read("wchan"),
+                read("stack")
+            );
+        }
+    }
+    let pid = std::process::id().to_string();
+    let gdb =
+        std::process::Command::new("gdb").args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt 40"]).output();
+    match gdb {
+        Ok(output) => eprintln!("{}", String::from_utf8_lossy(&output.stdout)),
+        Err(error) => eprintln!("(no gdb for user stacks: {error})"),
+    }
 }
 
 /// Small limits so rotation, multi-chunk batches and full batches happen in tests.
