@@ -262,10 +262,26 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
             catch_up(&home, &replicas[0].1, &to_b, args.catch_up_mib, args.value_bytes).await?;
         figures.set_f64("quic_catch_up_mb_per_s", quic);
         figures.set_f64("catch_up_datagram_mean_bytes", datagram_bytes);
+        // The transport's own ceiling here: quinn with the replication's TLS and settings,
+        // nothing compressed, logged or applied.
+        eprintln!("bench geo: quinn alone on loopback ({LOOPBACK_CEILING_MIB} MiB over one stream) ...");
+        let window = dataplane::config::quic_window_bytes(
+            dataplane::config::DEFAULT_BANDWIDTH_MBIT,
+            dataplane::config::DEFAULT_RTT_MS,
+        );
+        let tls = dir.join("tls");
+        let quinn = tokio::task::spawn_blocking(move || {
+            dataplane::repl::shell::loopback_ceiling(&tls, "a", "b", window, LOOPBACK_CEILING_MIB << 20)
+        })
+        .await?
+        .map_err(anyhow::Error::msg)?;
+        figures.set_f64("quinn_loopback_mb_per_s", quinn);
+        figures.set_f64("catch_up_vs_quinn_loopback_ratio", quic / quinn);
         if !args.skip_iperf {
             let tcp = iperf3()?;
             figures.set_f64("iperf3_tcp_mb_per_s", tcp);
             figures.set_f64("quic_vs_tcp_throughput_ratio", quic / tcp);
+            figures.set_f64("quinn_loopback_vs_tcp_ratio", quinn / tcp);
         }
     }
     let series_path = dir.join("rpo.csv");
@@ -327,6 +343,12 @@ fn print_summary(figures: &Figures, rpo: &[RegionLag]) {
             f("quic_catch_up_mb_per_s"),
             f("iperf3_tcp_mb_per_s"),
             f("quic_vs_tcp_throughput_ratio")
+        );
+        println!(
+            "  quinn alone on loopback (same TLS and transport settings): {:.1} MB/s = {:.3} of iperf3; catch-up is {:.3} of it",
+            f("quinn_loopback_mb_per_s"),
+            f("quinn_loopback_vs_tcp_ratio"),
+            f("catch_up_vs_quinn_loopback_ratio")
         );
     }
     let p99 = f("rpo_p99_ms");
@@ -461,6 +483,9 @@ async fn catch_up(home: &Client, replica: &Client, proxy: &Proxy, mib: u64, valu
     let datagram_bytes = after.delivered_bytes.saturating_sub(before.delivered_bytes) as f64 / datagrams as f64;
     Ok((bytes as f64 / 1e6 / took.as_secs_f64(), datagram_bytes))
 }
+
+/// Bytes quinn alone carries for its loopback ceiling (a few seconds at its rate here).
+const LOOPBACK_CEILING_MIB: u64 = 1024;
 
 /// iperf3 TCP on loopback, MB/s received (3 s, one stream).
 fn iperf3() -> Result<f64> {

@@ -204,8 +204,8 @@ impl ReplicationSection {
         let window_batches = range("window_batches", self.window_batches.map(|v| v as u64), 64, 1, 65_536)?;
         let window_bytes = range("window_bytes", self.window_bytes.map(|v| v as u64), 16 << 20, 4096, 1 << 32)?;
         let closed_interval_ms = range("closed_interval_ms", self.closed_interval_ms, 1, 1, 10_000)?;
-        let bandwidth_mbit = range("bandwidth_mbit", self.bandwidth_mbit, 1000, 1, 1_000_000)?;
-        let rtt_ms = range("rtt_ms", self.rtt_ms, 100, 1, 10_000)?;
+        let bandwidth_mbit = range("bandwidth_mbit", self.bandwidth_mbit, DEFAULT_BANDWIDTH_MBIT, 1, 1_000_000)?;
+        let rtt_ms = range("rtt_ms", self.rtt_ms, DEFAULT_RTT_MS, 1, 10_000)?;
         let wal_hold_bytes_max = range("wal_hold_bytes_max", self.wal_hold_bytes_max, 1 << 30, 0, 1 << 50)?;
         // Origins: with multi-master keyspaces one per region, distinct, in range; else none.
         let mut origins = vec![("origin".to_owned(), self.origin)];
@@ -232,8 +232,7 @@ impl ReplicationSection {
                 ));
             }
         }
-        // Twice the bandwidth-delay product, so a window never stalls a stream that keeps up.
-        let quic_window_bytes = (bandwidth_mbit * 1_000_000 / 8 * rtt_ms / 1000 * 2).max(1 << 20);
+        let quic_window_bytes = quic_window_bytes(bandwidth_mbit, rtt_ms);
         let config = crate::repl::ReplConfig {
             region,
             homes,
@@ -597,6 +596,17 @@ impl Resolved {
         config.wal_pin = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         config
     }
+}
+
+/// `replication.bandwidth_mbit` and `replication.rtt_ms` when the config leaves them out.
+pub const DEFAULT_BANDWIDTH_MBIT: u64 = 1000;
+pub const DEFAULT_RTT_MS: u64 = 100;
+
+/// The QUIC stream window for a link: twice the bandwidth-delay product, so a window never
+/// stalls a stream that keeps up (1 MiB at least).
+#[must_use]
+pub fn quic_window_bytes(bandwidth_mbit: u64, rtt_ms: u64) -> u64 {
+    (bandwidth_mbit * 1_000_000 / 8 * rtt_ms / 1000 * 2).max(1 << 20)
 }
 
 #[cfg(test)]
