@@ -14,9 +14,19 @@ use controlplane::ops::notify::Collector;
 
 const BIN: &str = env!("CARGO_BIN_EXE_controlplane");
 
+/// A started member, killed when dropped: a failing assertion leaves no process behind.
+struct Member(Child);
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts a one-member cluster under `dir` with notify and metrics; returns the process and
 /// the metrics address once it printed both lines.
-fn start(dir: &Path, notify: &Path) -> (Child, SocketAddr) {
+fn start(dir: &Path, notify: &Path) -> (Member, SocketAddr) {
     let tls = dir.join("tls");
     if !tls.exists() {
         controlplane::tls::generate(&tls, &["cp1".to_owned()]).unwrap();
@@ -35,7 +45,9 @@ fn start(dir: &Path, notify: &Path) -> (Child, SocketAddr) {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stdout = child.stdout.take().unwrap();
+    let child = Member(child);
+    let mut lines = BufReader::new(stdout).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let metrics = lines.next().unwrap().unwrap();
     let addr = metrics.strip_prefix("METRICS http://").unwrap().strip_suffix("/metrics").unwrap().parse().unwrap();
@@ -96,8 +108,8 @@ fn notify_watchdog_and_metrics_of_a_running_member() {
 
     // SIGTERM: STOPPING=1, then a clean exit.
     // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    unsafe { libc::kill(i32::try_from(child.0.id()).unwrap(), libc::SIGTERM) };
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "controlplane exited with {status}");
     notifications.wait_for("STOPPING=1", Duration::from_secs(2)).unwrap();
 }
