@@ -262,8 +262,22 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
             catch_up(&home, &replicas[0].1, &to_b, args.catch_up_mib, args.value_bytes).await?;
         figures.set_f64("quic_catch_up_mb_per_s", quic);
         figures.set_f64("catch_up_datagram_mean_bytes", datagram_bytes);
-        // The transport's own ceiling here: quinn with the replication's TLS and settings,
-        // nothing compressed, logged or applied.
+    }
+    let series_path = dir.join("rpo.csv");
+    let mut csv = String::from("region,elapsed_ms,lag_us\n");
+    for (region, _, series) in &rpo {
+        for (at, lag) in series {
+            csv.push_str(&format!("{region},{at},{lag}\n"));
+        }
+    }
+    std::fs::write(&series_path, csv)?;
+
+    for node in [a, b, c] {
+        node.stop()?;
+    }
+    // With the nodes stopped, the same idle machine for both: iperf3's TCP and quinn alone
+    // (the replication's TLS and transport settings, nothing compressed, logged or applied).
+    if let Some(quic) = figures.get_f64("quic_catch_up_mb_per_s") {
         eprintln!("bench geo: quinn alone on loopback ({LOOPBACK_CEILING_MIB} MiB over one stream) ...");
         let window = dataplane::config::quic_window_bytes(
             dataplane::config::DEFAULT_BANDWIDTH_MBIT,
@@ -283,18 +297,6 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
             figures.set_f64("quic_vs_tcp_throughput_ratio", quic / tcp);
             figures.set_f64("quinn_loopback_vs_tcp_ratio", quinn / tcp);
         }
-    }
-    let series_path = dir.join("rpo.csv");
-    let mut csv = String::from("region,elapsed_ms,lag_us\n");
-    for (region, _, series) in &rpo {
-        for (at, lag) in series {
-            csv.push_str(&format!("{region},{at},{lag}\n"));
-        }
-    }
-    std::fs::write(&series_path, csv)?;
-
-    for node in [a, b, c] {
-        node.stop()?;
     }
     if args.json {
         println!("{}", figures.to_json());
