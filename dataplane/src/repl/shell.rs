@@ -200,6 +200,9 @@ fn endpoint(server: Option<quinn::ServerConfig>, listen: SocketAddr) -> std::io:
 /// Kernel buffers the replication socket asks for.
 const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
+/// The longest [`loopback_ceiling`] waits for its bytes.
+const LOOPBACK_CEILING_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// What this transport itself carries on loopback: `bytes` sent over one stream from an
 /// endpoint of identity `sender` to one of `receiver` (both in `tls_dir`), with the
 /// replication's mutual TLS, transport settings (`window_bytes`) and sockets, each endpoint on
@@ -208,7 +211,8 @@ const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// beside iperf3's TCP and the replication's own catch-up.
 ///
 /// # Errors
-/// The identities cannot be loaded, a socket cannot be bound, or the connection fails.
+/// The identities cannot be loaded, a socket cannot be bound, the connection fails, or not
+/// every byte arrives within [`LOOPBACK_CEILING_TIMEOUT`].
 pub fn loopback_ceiling(
     tls_dir: &std::path::Path,
     sender: &str,
@@ -242,17 +246,27 @@ pub fn loopback_ceiling(
                     return Err(text(&error));
                 }
             };
-            let incoming = listening.accept().await.ok_or_else(|| text(&"endpoint closed"))?;
-            let connection = incoming.await.map_err(|error| text(&error))?;
-            let mut stream = connection.accept_uni().await.map_err(|error| text(&error))?;
-            let (mut received, mut first) = (0u64, None);
-            while let Some(chunk) = stream.read_chunk(usize::MAX, true).await.map_err(|error| text(&error))? {
-                first.get_or_insert_with(Instant::now);
-                received += chunk.bytes.len() as u64;
-            }
-            let seconds = first.map_or(0.0, |first: Instant| first.elapsed().as_secs_f64());
-            connection.close(quinn::VarInt::from_u32(0), b"done");
+            // Bounded, so a sender that never connects cannot leave this thread waiting.
+            let receive = async {
+                let incoming = listening.accept().await.ok_or_else(|| text(&"endpoint closed"))?;
+                let connection = incoming.await.map_err(|error| text(&error))?;
+                let mut stream = connection.accept_uni().await.map_err(|error| text(&error))?;
+                let (mut received, mut first) = (0u64, None);
+                while let Some(chunk) = stream.read_chunk(usize::MAX, true).await.map_err(|error| text(&error))? {
+                    first.get_or_insert_with(Instant::now);
+                    received += chunk.bytes.len() as u64;
+                }
+                let seconds = first.map_or(0.0, |first: Instant| first.elapsed().as_secs_f64());
+                connection.close(quinn::VarInt::from_u32(0), b"done");
+                Ok::<_, String>((received, seconds))
+            };
+            let outcome = tokio::time::timeout(LOOPBACK_CEILING_TIMEOUT, receive).await;
+            listening.close(quinn::VarInt::from_u32(0), b"done");
             listening.wait_idle().await;
+            let (received, seconds) = outcome.map_err(|_| text(&"nothing received within the time limit"))??;
+            if received != bytes {
+                return Err(text(&format!("received {received} of {bytes} bytes")));
+            }
             Ok(received as f64 / 1e6 / seconds.max(1e-9))
         })
     });
@@ -1383,5 +1397,15 @@ mod tests {
         for codec_ in [repl::Codec::None, repl::Codec::Lz4, repl::Codec::Snappy] {
             assert_eq!(codec::decompress(codec_, &codec::compress(codec_, &[]), 0).unwrap(), Vec::<u8>::new());
         }
+    }
+
+    #[test]
+    fn the_loopback_ceiling_delivers_every_byte_and_names_a_missing_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        controlplane::tls::generate(dir.path(), &["a".into(), "b".into()]).unwrap();
+        let rate = loopback_ceiling(dir.path(), "a", "b", 1 << 20, 3 << 20).unwrap();
+        assert!(rate > 0.0 && rate.is_finite(), "{rate}");
+        let error = loopback_ceiling(dir.path(), "a", "nobody", 1 << 20, 1 << 20).unwrap_err();
+        assert!(error.contains("nobody"), "{error}");
     }
 }
