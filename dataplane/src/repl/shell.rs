@@ -233,19 +233,9 @@ pub fn loopback_ceiling(
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
     let receiving = std::thread::spawn(move || -> Result<f64, String> {
         runtime()?.block_on(async move {
-            let listening = match endpoint(Some(server), loopback).and_then(|listening| {
-                let addr = listening.local_addr()?;
-                Ok((listening, addr))
-            }) {
-                Ok((listening, addr)) => {
-                    let _ = bound_tx.send(Ok(addr));
-                    listening
-                }
-                Err(error) => {
-                    let _ = bound_tx.send(Err(text(&error)));
-                    return Err(text(&error));
-                }
-            };
+            let bound = endpoint(Some(server), loopback).and_then(|listening| Ok((listening.local_addr()?, listening)));
+            let _ = bound_tx.send(bound.as_ref().map(|(addr, _)| *addr).map_err(|error| text(error)));
+            let (_, listening) = bound.map_err(|error| text(&error))?;
             // Bounded, so a sender that never connects cannot leave this thread waiting.
             let receive = async {
                 let incoming = listening.accept().await.ok_or_else(|| text(&"endpoint closed"))?;
