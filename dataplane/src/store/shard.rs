@@ -687,6 +687,15 @@ impl ShardStore {
         let released = inner.wal.release_before(lsn.min(hold)).await?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
         inner.checkpoint_after.set(checkpoint_threshold(config.checkpoint_wal_bytes));
+        tracing::info!(
+            shard = config.shard_id,
+            lsn,
+            versions = count,
+            bytes = written,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            segments_released = released,
+            "checkpoint written"
+        );
         let mut stats = inner.stats.borrow_mut();
         stats.checkpoints += 1;
         stats.checkpoint_lsn = lsn;
