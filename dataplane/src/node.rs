@@ -9,7 +9,7 @@ use glommio::net::TcpListener;
 
 use crate::config::Resolved;
 use crate::control::ControlLink;
-use crate::repl::{Replication, ShardSide, Work};
+use crate::repl::{Apply, Replication, ShardSide, Work};
 use crate::runtime::{RuntimeConfig, run_shards};
 use crate::server::{self, ShardMap};
 use crate::store::{Progress, ShardStore};
@@ -286,16 +286,39 @@ fn spawn_replication(
     };
     let applier = store.clone();
     let apply = async move {
-        while let Some(apply) = applies.recv().await {
+        while let Some(Apply { work, done }) = applies.recv().await {
             let store = applier.clone();
-            glommio::spawn_local(async move {
-                let result = match &apply.work {
-                    Work::Record(payload) => store.apply_replicated(apply.glt, payload).await,
-                    Work::SnapshotEnd(keys) => store.tombstone_absent(apply.glt, keys).await.map(|_| ()),
-                };
-                let _ = apply.done.send(result.map_err(|error| error.to_string()));
-            })
-            .detach();
+            match work {
+                Work::Records(records) => {
+                    // A task per record, spawned in log order, so every one is appended
+                    // before any awaits its barrier; one answer for them all.
+                    let applying: Vec<_> = records
+                        .into_iter()
+                        .map(|(glt, payload)| {
+                            let store = store.clone();
+                            glommio::spawn_local(async move { store.apply_replicated(glt, &payload).await })
+                        })
+                        .collect();
+                    glommio::spawn_local(async move {
+                        let mut result = Ok(());
+                        for task in applying {
+                            let applied = task.await;
+                            if result.is_ok() {
+                                result = applied.map_err(|error| error.to_string());
+                            }
+                        }
+                        let _ = done.send(result);
+                    })
+                    .detach();
+                }
+                Work::SnapshotEnd { horizon, keys } => {
+                    glommio::spawn_local(async move {
+                        let result = store.tombstone_absent(horizon, &keys).await;
+                        let _ = done.send(result.map(|_| ()).map_err(|error| error.to_string()));
+                    })
+                    .detach();
+                }
+            }
         }
     };
     glommio::spawn_local(async move {

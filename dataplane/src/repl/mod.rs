@@ -239,27 +239,36 @@ impl ReplConfig {
     }
 }
 
-/// A shipped record handed to the replica shard that owns it.
+/// Shipped records handed to the replica shard that owns them: one frame's worth, so a frame
+/// costs one hand-off between threads and one answer, not one per record.
 #[derive(Debug)]
 pub struct Apply {
-    /// The record's timestamp at its home.
-    pub glt: u64,
     /// What to apply.
     pub work: Work,
-    /// Resolved once durable and applied here.
+    /// Resolved once all of it is durable and applied here (the first error otherwise).
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
 /// What an [`Apply`] asks of the replica shard.
 #[derive(Debug)]
 pub enum Work {
-    /// A WAL payload (store operations, values inline) stamped `glt`.
-    Record(Bytes),
+    /// WAL payloads (store operations, values inline), each with its timestamp at its home, in
+    /// log order. They are appended together, so they share WAL barriers.
+    Records(Vec<(u64, Bytes)>),
     /// The end of an installed snapshot: its keys. Every key the shard holds outside them was
-    /// deleted and collected at the home, and gets a tombstone at `glt`, the snapshot's
+    /// deleted and collected at the home, and gets a tombstone at `horizon`, the snapshot's
     /// collection horizon.
-    SnapshotEnd(std::collections::HashSet<Bytes>),
+    SnapshotEnd {
+        /// The snapshot's collection horizon.
+        horizon: u64,
+        /// The snapshot's keys.
+        keys: std::collections::HashSet<Bytes>,
+    },
 }
+
+/// Frames queued for a replica shard before the receiver waits (backpressure); the sender's
+/// window bounds them too.
+const APPLIES_QUEUED: usize = 256;
 
 /// What a shard keeps: where it publishes its closed point (home) and where shipped records
 /// arrive (replica).
@@ -306,7 +315,7 @@ pub struct ThreadSide {
 /// The two sides of one shard's link.
 pub fn shard_link(shard: u32, dir: PathBuf, record_payload_bytes_max: u32) -> (ShardSide, ThreadSide) {
     let (points_tx, points_rx) = watch::channel(ClosedPoint::default());
-    let (applies_tx, applies_rx) = mpsc::channel(4096);
+    let (applies_tx, applies_rx) = mpsc::channel(APPLIES_QUEUED);
     let hold = Arc::new(AtomicU64::new(u64::MAX));
     let pin = Arc::new(AtomicU64::new(u64::MAX));
     let floor = Arc::new(AtomicU64::new(0));

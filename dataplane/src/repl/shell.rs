@@ -1078,11 +1078,12 @@ async fn receive_stream(
     let mut inbound = Inbound::new(shard, next_lsn);
 
     // Applies go to the shard at once; acks follow in order once each batch is durable.
-    type Pending = (super::core::Accepted, bool, Vec<oneshot::Receiver<Result<(), String>>>);
+    // A frame's acceptance, whether it installs a snapshot, its record count and the answers
+    // to its hand-offs.
+    type Pending = (super::core::Accepted, bool, u64, Vec<oneshot::Receiver<Result<(), String>>>);
     let (pending_tx, mut pending_rx) = mpsc::unbounded_channel::<Pending>();
     let acker = async {
-        while let Some((accepted, install, dones)) = pending_rx.recv().await {
-            let records = dones.len() as u64;
+        while let Some((accepted, install, records, dones)) = pending_rx.recv().await {
             for done in dones {
                 match done.await {
                     Ok(Ok(())) => {}
@@ -1137,6 +1138,7 @@ async fn receive_stream(
                 codec::decompress(codec, body, raw_len).map_err(|error| StreamError::Other(error.to_string()))?,
             );
             let entries = Entries::new(&raw, count)?;
+            let mut records = Vec::with_capacity(count as usize);
             let mut dones = Vec::new();
             // The clock once per frame, not per record.
             let limit = source_origin.and_then(|_| ahead_limit(context));
@@ -1163,8 +1165,12 @@ async fn receive_stream(
                     let keys = snapshot_keys.get_or_insert_with(HashSet::new);
                     keys.extend(ops.into_iter().map(|op| Bytes::copy_from_slice(&op.key)));
                 }
+                records.push((glt, payload));
+            }
+            let record_count = records.len() as u64;
+            if !records.is_empty() {
                 let (done, wait) = oneshot::channel();
-                let apply = Apply { glt, work: Work::Record(payload), done };
+                let apply = Apply { work: Work::Records(records), done };
                 side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
                 dones.push(wait);
             }
@@ -1173,11 +1179,11 @@ async fn receive_stream(
                 // collected at the home; they get a tombstone at its horizon.
                 let keys = snapshot_keys.take().unwrap_or_default();
                 let (done, wait) = oneshot::channel();
-                let apply = Apply { glt: horizon, work: Work::SnapshotEnd(keys), done };
+                let apply = Apply { work: Work::SnapshotEnd { horizon, keys }, done };
                 side.applies.send(apply).await.map_err(|_| StreamError::Other(format!("shard {shard} stopped")))?;
                 dones.push(wait);
             }
-            if pending_tx.send((accepted, install, dones)).is_err() {
+            if pending_tx.send((accepted, install, record_count, dones)).is_err() {
                 break;
             }
         }
