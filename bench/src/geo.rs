@@ -470,7 +470,9 @@ async fn catch_up(home: &Client, replica: &Client, proxy: &Proxy, mib: u64, valu
     let mut last_ts = 0;
     let base = 1u64 << 40;
     let mut bytes = 0u64;
-    for chunk in (0..count).collect::<Vec<_>>().chunks(256) {
+    // Batches of up to 256 writes and about 1 MiB, well inside a WAL record.
+    let per_batch = (CATCH_UP_BATCH_BYTES / value_bytes.max(1)).clamp(1, 256);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(per_batch) {
         let items: Vec<(Vec<u8>, Vec<u8>)> = chunk.iter().map(|n| (key(base + n), value(*n, value_bytes))).collect();
         bytes += items.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
         let refs: Vec<(&[u8], &[u8])> = items.iter().map(|(k, v)| (&k[..], &v[..])).collect();
@@ -485,6 +487,9 @@ async fn catch_up(home: &Client, replica: &Client, proxy: &Proxy, mib: u64, valu
     let datagram_bytes = after.delivered_bytes.saturating_sub(before.delivered_bytes) as f64 / datagrams as f64;
     Ok((bytes as f64 / 1e6 / took.as_secs_f64(), datagram_bytes))
 }
+
+/// Value bytes per batch written for the catch-up.
+const CATCH_UP_BATCH_BYTES: usize = 1 << 20;
 
 /// Bytes quinn alone carries for its loopback ceiling (a few seconds at its rate here).
 const LOOPBACK_CEILING_MIB: u64 = 1024;
