@@ -692,7 +692,7 @@ impl ShardStore {
             lsn,
             versions = count,
             bytes = written,
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             segments_released = released,
             "checkpoint written"
         );
