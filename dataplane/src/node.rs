@@ -300,12 +300,10 @@ fn spawn_replication(
                         })
                         .collect();
                     glommio::spawn_local(async move {
+                        // Every task is awaited; the first error is the answer.
                         let mut result = Ok(());
                         for task in applying {
-                            let applied = task.await;
-                            if result.is_ok() {
-                                result = applied.map_err(|error| error.to_string());
-                            }
+                            result = result.and(task.await.map_err(|error| error.to_string()));
                         }
                         let _ = done.send(result);
                     })
