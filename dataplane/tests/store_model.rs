@@ -293,6 +293,46 @@ fn chunk_and_checkpoint_io_errors_fail_the_request_and_keep_the_store_consistent
     });
 }
 
+/// Two puts of one chunked value run together: the second finds the first one's chunks in the
+/// index (deduplicated) while the first has written the files but not yet synced their
+/// directory. The directory sync failing stands for a crash at that point: the chunk's name may
+/// not survive, so no put that references it may be acknowledged.
+#[test]
+fn a_deduplicated_chunk_is_durable_before_a_second_put_is_acknowledged() {
+    use dataplane::wal::{FaultInjector, StoreFault};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let mut config = small_store(dir.path(), clock);
+    let faults = Arc::new(FaultInjector::default());
+    config.wal.faults = Some(Arc::clone(&faults));
+    let chunk_dir = dir.path().join("chunks");
+    run(async move {
+        let store = ShardStore::open(config.clone()).await.unwrap();
+        let shared: Vec<u8> = (0..150_000u32).map(|index| (index % 251) as u8).collect();
+        // The first put's directory sync fails: neither put may succeed.
+        faults.fail_store(StoreFault::ChunkDirSync, libc::EIO);
+        let (first, second) =
+            futures_lite::future::zip(store.put(b"first", &shared), store.put(b"second", &shared)).await;
+        assert!(first.is_err(), "the put whose directory sync failed: {first:?}");
+        assert!(
+            second.is_err(),
+            "a put was acknowledged referencing chunks whose directory entries were not durable: {second:?}"
+        );
+        assert_eq!(store.get(b"first", None).await.unwrap(), None);
+        assert_eq!(store.get(b"second", None).await.unwrap(), None);
+        assert_eq!(std::fs::read_dir(&chunk_dir).unwrap().count(), 0, "the unreferenced chunks are gone");
+        // With the sync working, both succeed, and the chunks are stored once.
+        let (first, second) =
+            futures_lite::future::zip(store.put(b"first", &shared), store.put(b"second", &shared)).await;
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(std::fs::read_dir(&chunk_dir).unwrap().count(), shared.len().div_ceil(64 << 10));
+        drop(store);
+        let store = ShardStore::open(config).await.unwrap();
+        assert_eq!(store.get(b"first", None).await.unwrap().unwrap(), (first, bytes::Bytes::from(shared.clone())));
+        assert_eq!(store.get(b"second", None).await.unwrap().unwrap(), (second, bytes::Bytes::from(shared)));
+    });
+}
+
 /// A clock whose interval can be taken away.
 #[derive(Debug)]
 struct LosableClock {

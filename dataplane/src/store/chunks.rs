@@ -13,7 +13,9 @@
 //!
 //! A chunk is durable (data `fdatasync`ed, directory synced) before the WAL record that
 //! references it is appended, so a recovered version never points at a missing chunk. A crash
-//! between the two leaves an unreferenced file, deleted when the shard opens.
+//! between the two leaves an unreferenced file, deleted when the shard opens. A put that finds
+//! its chunk already stored by a put still in flight waits for that put's directory sync
+//! before it returns: a deduplicated chunk is durable before anyone references it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -152,6 +154,20 @@ pub fn verified_data<'a>(expected: &ChunkRef, file: &'a [u8]) -> Result<&'a [u8]
 struct Entry {
     /// Versions and in-flight writes holding the chunk.
     refs: u32,
+    /// While the put that wrote the file has not synced its directory: set to whether that
+    /// sync succeeded. `None` once the chunk is durable (and for chunks found at open).
+    durable: Option<Rc<Latch<bool>>>,
+}
+
+/// How [`ChunkStore::store_one`] took its reference.
+#[derive(Debug)]
+enum Stored {
+    /// This call wrote the file; its directory entry is not durable until the caller syncs.
+    Written,
+    /// The chunk was stored and durable.
+    Durable,
+    /// Another put wrote the file and has not synced its directory yet: the latch says when.
+    Pending(Rc<Latch<bool>>),
 }
 
 /// Counters of a chunk store.
@@ -220,7 +236,7 @@ impl ChunkStore {
     pub fn add_refs(&self, list: &ChunkList) {
         let mut index = self.index.borrow_mut();
         for chunk in &list.chunks {
-            index.entry(chunk.hash).or_insert(Entry { refs: 0 }).refs += 1;
+            index.entry(chunk.hash).or_insert(Entry { refs: 0, durable: None }).refs += 1;
         }
     }
 
@@ -267,23 +283,39 @@ impl ChunkStore {
 
     /// Cuts `value` into chunks and makes every chunk durable, storing each new one once.
     /// The returned list holds one reference per chunk (the caller's); hand it to a version
-    /// or [`ChunkStore::release`] it.
+    /// or [`ChunkStore::release`] it. It returns only once every chunk is durable, also the
+    /// ones another put in flight wrote: a WAL record may name them from then on.
     pub async fn store(&self, value: &[u8]) -> Result<Arc<ChunkList>, ChunkError> {
         let mut list = ChunkList { size: value.len() as u64, chunks: Vec::new() };
-        let mut wrote_any = false;
         let result = async {
+            let mut written = Vec::new();
+            let mut pending = Vec::new();
             for data in value.chunks(self.chunk_bytes) {
                 let hash = *blake3::hash(data).as_bytes();
                 let chunk = ChunkRef { hash, len: u32::try_from(data.len()).unwrap_or(u32::MAX) };
-                wrote_any |= self.store_one(&chunk, data).await?;
+                match self.store_one(&chunk, data).await? {
+                    Stored::Written => written.push(hash),
+                    Stored::Durable => {}
+                    Stored::Pending(latch) => pending.push(latch),
+                }
                 list.chunks.push(chunk);
             }
-            if wrote_any {
+            if !written.is_empty() {
                 // New directory entries must be durable before a WAL record names them.
-                let dir = &self.dir;
-                crate::wal::writer::sync_path_off_executor(dir.clone())
-                    .await
-                    .map_err(|error| io_error("sync directory", dir, &error))?;
+                let synced = self.sync_dir().await;
+                self.settle(&written, synced.is_ok());
+                synced?;
+            }
+            // Only after this put's own sync, so two puts waiting on each other's chunks
+            // cannot wait forever.
+            for latch in pending {
+                if !latch.wait().await {
+                    return Err(io_error(
+                        "sync directory",
+                        &self.dir,
+                        &"the directory sync of the put that wrote a shared chunk failed",
+                    ));
+                }
             }
             Ok(())
         }
@@ -297,13 +329,39 @@ impl ChunkStore {
         }
     }
 
-    /// Takes a reference on `chunk`, writing its file if no one has. Returns whether it wrote.
-    async fn store_one(&self, chunk: &ChunkRef, data: &[u8]) -> Result<bool, ChunkError> {
+    /// Syncs the chunk directory (new entries durable).
+    async fn sync_dir(&self) -> Result<(), ChunkError> {
+        let dir = &self.dir;
+        let synced = crate::wal::writer::sync_path_off_executor(dir.clone()).await;
+        let injected = self.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::ChunkDirSync));
+        synced
+            .and_then(|()| injected.map_or(Ok(()), |errno| Err(std::io::Error::from_raw_os_error(errno))))
+            .map_err(|error| io_error("sync directory", dir, &error))
+    }
+
+    /// Tells the puts that share chunks this put wrote whether their directory entries are
+    /// durable; once they are, later puts need not wait.
+    fn settle(&self, written: &[[u8; CHUNK_HASH_BYTES]], durable: bool) {
+        let mut index = self.index.borrow_mut();
+        for hash in written {
+            if let Some(entry) = index.get_mut(hash) {
+                if let Some(latch) = &entry.durable {
+                    latch.set(durable);
+                }
+                if durable {
+                    entry.durable = None;
+                }
+            }
+        }
+    }
+
+    /// Takes a reference on `chunk`, writing its file if no one has.
+    async fn store_one(&self, chunk: &ChunkRef, data: &[u8]) -> Result<Stored, ChunkError> {
         loop {
             if let Some(entry) = self.index.borrow_mut().get_mut(&chunk.hash) {
                 entry.refs += 1;
                 self.stats.borrow_mut().deduplicated += 1;
-                return Ok(false);
+                return Ok(entry.durable.as_ref().map_or(Stored::Durable, |latch| Stored::Pending(Rc::clone(latch))));
             }
             let pending = self.writing.borrow().get(&chunk.hash).cloned();
             match pending {
@@ -318,12 +376,12 @@ impl ChunkStore {
         self.writing.borrow_mut().insert(chunk.hash, Rc::clone(&latch));
         let result = self.write_file(chunk, data).await;
         if result.is_ok() {
-            self.index.borrow_mut().insert(chunk.hash, Entry { refs: 1 });
+            self.index.borrow_mut().insert(chunk.hash, Entry { refs: 1, durable: Some(Latch::new()) });
             self.stats.borrow_mut().written += 1;
         }
         self.writing.borrow_mut().remove(&chunk.hash);
         latch.set(result.is_ok());
-        result.map(|()| true)
+        result.map(|()| Stored::Written)
     }
 
     async fn write_file(&self, chunk: &ChunkRef, data: &[u8]) -> Result<(), ChunkError> {

@@ -28,7 +28,7 @@ pub struct FaultInjector {
     sync_fault_at: AtomicU64,
     sync_fault_errno: AtomicI32,
     create_fault_errno: AtomicI32,
-    store_fault_errno: [AtomicI32; 3],
+    store_fault_errno: [AtomicI32; 4],
 }
 
 /// Failpoints of the store shell above the WAL (one-shot: the next such call fails).
@@ -40,6 +40,9 @@ pub enum StoreFault {
     ChunkRead = 1,
     /// Writing a checkpoint.
     Checkpoint = 2,
+    /// Syncing the chunk directory after new chunk files (the sync runs; its result is
+    /// replaced by the error, as a failed fsync reports after the fact).
+    ChunkDirSync = 3,
 }
 
 impl FaultInjector {
