@@ -13,6 +13,7 @@
 //! export that started before prune looked is seen (prune leaves the packs for next time);
 //! one that started after cannot know the dropped chunks and writes only newer packs.
 
+mod durable;
 pub mod format;
 
 use std::collections::{HashMap, HashSet};
@@ -25,6 +26,7 @@ use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 use thiserror::Error;
 
 use crate::{Client, ClientError};
+use durable::Durability;
 use format::{
     ChunkId, ChunkMap, FormatError, KeyEntry, Location, PackId, SnapshotIndex, hex, pack_name, parse_pack_name,
 };
@@ -171,6 +173,7 @@ pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 pub struct Archive {
     store: Arc<dyn ObjectStore>,
     location: String,
+    durability: Durability,
 }
 
 fn unix_ns() -> u64 {
@@ -195,8 +198,9 @@ impl Archive {
     /// with the `s3` feature `s3://bucket/prefix` (credentials from the environment).
     pub fn open(location: &str) -> Result<Self, ArchiveError> {
         let bad = |reason: String| ArchiveError::Location { location: location.to_owned(), reason };
-        let store: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
-            open_s3(location, rest).map_err(bad)?
+        let (store, durability): (Arc<dyn ObjectStore>, Durability) = if let Some(rest) = location.strip_prefix("s3://")
+        {
+            (open_s3(location, rest).map_err(bad)?, Durability::remote())
         } else if location.contains("://") && !location.starts_with("file://") {
             return Err(bad("only directories, file:// and s3:// (with the s3 feature) are supported".into()));
         } else {
@@ -205,11 +209,12 @@ impl Archive {
                 return Err(bad("empty path".into()));
             }
             std::fs::create_dir_all(dir).map_err(|error| bad(error.to_string()))?;
-            Arc::new(
-                object_store::local::LocalFileSystem::new_with_prefix(dir).map_err(|error| bad(error.to_string()))?,
-            )
+            let root = std::fs::canonicalize(dir).map_err(|error| bad(error.to_string()))?;
+            let store =
+                object_store::local::LocalFileSystem::new_with_prefix(&root).map_err(|error| bad(error.to_string()))?;
+            (Arc::new(store), Durability::local(&root))
         };
-        Ok(Self { store, location: location.to_owned() })
+        Ok(Self { store, location: location.to_owned(), durability })
     }
 
     /// Where it is.
@@ -347,7 +352,7 @@ impl Archive {
         let mut stats = ExportStats { parent: parent.map(|p| p.id), ..ExportStats::default() };
 
         let total = listed.len() as u64;
-        let mut writer = PackWriter::new(self.store.clone());
+        let mut writer = PackWriter::new(self.store.clone(), self.durability.clone());
         let mut keys = Vec::with_capacity(listed.len());
         let mut chunks: ChunkMap<Location> = ChunkMap::default();
         let mut fetches = std::collections::VecDeque::new();
@@ -411,21 +416,27 @@ impl Archive {
         for (flushed_id, location) in writer.flush().await? {
             chunks.insert(flushed_id, location);
         }
-        stats.bytes_written = writer.bytes_written;
-        // Encoded while the last packs are written; put once every pack is stored.
         let index = SnapshotIndex { id, glt, parent: stats.parent, created_ms: unix_ns() / 1_000_000, keys, chunks };
-        let bytes = format::encode_index(&index)
-            .map_err(|error| ArchiveError::Format { object: index_path(id).to_string(), error })?;
-        stats.bytes_written += bytes.len() as u64;
-        writer.wait_written().await?;
-        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
-        match self.store.put_opts(&index_path(id), PutPayload::from(bytes), options).await {
-            Err(object_store::Error::AlreadyExists { .. }) => return Err(ArchiveError::Exists(id)),
-            other => other?,
-        };
+        stats.bytes_written = self.finish_export(writer, &index).await?;
         stats.keys = total;
         stats.elapsed = started.elapsed();
         Ok(stats)
+    }
+
+    /// The end of an export: waits until every pack `writer` started is durable, then writes
+    /// `index` (which names them) durably. Returns the bytes written, packs and index.
+    async fn finish_export(&self, mut writer: PackWriter, index: &SnapshotIndex) -> Result<u64, ArchiveError> {
+        // Encoded while the last packs are written.
+        let bytes = format::encode_index(index)
+            .map_err(|error| ArchiveError::Format { object: index_path(index.id).to_string(), error })?;
+        let written = writer.bytes_written + bytes.len() as u64;
+        // Each pack write returned only once the pack was durable.
+        writer.wait_written().await?;
+        let options = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.durability.put(&*self.store, &index_path(index.id), PutPayload::from(bytes), options).await {
+            Err(ArchiveError::Store(object_store::Error::AlreadyExists { .. })) => Err(ArchiveError::Exists(index.id)),
+            other => other.map(|()| written),
+        }
     }
 
     /// Reads one chunk, checking its CRC and hash.
@@ -554,7 +565,8 @@ impl Archive {
         let snapshots = self.snapshots().await?;
         let drop_count = snapshots.len().saturating_sub(keep_last);
         for index in &snapshots[..drop_count] {
-            self.store.delete(&index_path(index.id)).await?;
+            // Durably gone before any pack only it named is deleted.
+            self.durability.delete(&*self.store, &index_path(index.id)).await?;
             report.snapshots_deleted.push(index.id);
         }
         if !self.locks("export").await?.is_empty() {
@@ -848,12 +860,13 @@ async fn read_key(
 /// writes.
 struct PackWriter {
     store: Arc<dyn ObjectStore>,
+    durability: Durability,
     buffer: Vec<u8>,
     /// Chunks in the buffer: id, offset, entry length, raw length.
     pending: Vec<(ChunkId, u64, u32, u32)>,
     held: HashSet<ChunkId, ahash::RandomState>,
     /// Pack writes under way, oldest first.
-    writes: std::collections::VecDeque<tokio::task::JoinHandle<Result<(), object_store::Error>>>,
+    writes: std::collections::VecDeque<tokio::task::JoinHandle<Result<(), ArchiveError>>>,
     bytes_written: u64,
 }
 
@@ -861,9 +874,10 @@ struct PackWriter {
 const PACK_WRITES_IN_FLIGHT: usize = 2;
 
 impl PackWriter {
-    fn new(store: Arc<dyn ObjectStore>) -> Self {
+    fn new(store: Arc<dyn ObjectStore>, durability: Durability) -> Self {
         Self {
             store,
+            durability,
             buffer: Vec::new(),
             pending: Vec::new(),
             held: HashSet::default(),
@@ -905,8 +919,10 @@ impl PackWriter {
         let mut pack = PackId::default();
         pack.copy_from_slice(&blake3::hash(&bytes).as_bytes()[..16]);
         self.bytes_written += bytes.len() as u64;
-        let (store, path) = (self.store.clone(), pack_path(&pack));
-        self.writes.push_back(tokio::spawn(async move { store.put(&path, PutPayload::from(bytes)).await.map(|_| ()) }));
+        let (store, durability, path) = (self.store.clone(), self.durability.clone(), pack_path(&pack));
+        self.writes.push_back(tokio::spawn(async move {
+            durability.put(&*store, &path, PutPayload::from(bytes), PutOptions::default()).await
+        }));
         self.held.clear();
         Ok(std::mem::take(&mut self.pending)
             .into_iter()
@@ -1033,7 +1049,7 @@ mod tests {
     async fn prune_spares_packs_while_an_export_holds_its_lock() {
         let dir = tempfile::tempdir().expect("temp dir");
         let archive = Archive::open(dir.path().to_str().expect("utf-8")).expect("open");
-        let mut writer = PackWriter::new(archive.store.clone());
+        let mut writer = PackWriter::new(archive.store.clone(), archive.durability.clone());
         let id = *blake3::hash(b"orphan").as_bytes();
         writer.add(&id, &format::encode_entry(&id, b"orphan", ZSTD_LEVEL), 6).await.expect("add");
         writer.flush().await.expect("flush");
@@ -1048,6 +1064,46 @@ mod tests {
         assert!(!report.deferred);
         assert_eq!(report.packs_deleted, 1, "an unreferenced pack older than the prune goes");
         assert!(archive.locks("prune").await.expect("locks").is_empty(), "prune let go of its lock");
+    }
+
+    /// The end of an export on a local archive: every pack the index names is synced (file,
+    /// its directory, the archive's directory) before the index is written, and the index is
+    /// synced before the export returns.
+    #[tokio::test]
+    async fn an_export_syncs_its_packs_before_the_index_that_names_them() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut archive = Archive::open(dir.path().to_str().expect("utf-8")).expect("open");
+        archive.durability = archive.durability.clone().logged();
+        let mut writer = PackWriter::new(archive.store.clone(), archive.durability.clone());
+        let mut chunks = ChunkMap::default();
+        // Two packs: each chunk (incompressible) fills one.
+        for seed in 0..2u64 {
+            let mut data = vec![0u8; PACK_BYTES + 1024];
+            blake3::Hasher::new().update(&seed.to_le_bytes()).finalize_xof().fill(&mut data);
+            let id = *blake3::hash(&data).as_bytes();
+            let entry = format::encode_entry(&id, &data, ZSTD_LEVEL);
+            chunks.extend(writer.add(&id, &entry, data.len() as u32).await.expect("add"));
+        }
+        chunks.extend(writer.flush().await.expect("flush"));
+        let packs: HashSet<String> = chunks.values().map(|at| pack_path(&at.pack).to_string()).collect();
+        assert_eq!(packs.len(), 2);
+        let index = SnapshotIndex { id: 1, glt: 5, parent: None, created_ms: 0, keys: Vec::new(), chunks };
+        archive.finish_export(writer, &index).await.expect("finish");
+        let steps = archive.durability.steps();
+        let at = |step: &str| steps.iter().position(|s| s == step);
+        let index_put = at(&format!("put {}", index_path(1))).expect("the index was written");
+        for pack in &packs {
+            let synced = at(&format!("synced {pack}")).unwrap_or_else(|| panic!("{pack} never synced: {steps:?}"));
+            let dir_synced = steps.iter().skip(synced).position(|s| s == "synced packs").map(|n| n + synced);
+            assert!(
+                dir_synced.is_some_and(|n| n < index_put),
+                "packs/ synced after {pack}, before the index: {steps:?}"
+            );
+            assert!(synced < index_put, "{pack} synced before the index is written: {steps:?}");
+        }
+        let index_synced = at(&format!("synced {}", index_path(1))).expect("index synced");
+        assert!(steps[index_synced..].iter().any(|s| s == "synced snapshots"), "{steps:?}");
+        assert_eq!(steps.last().map(String::as_str), Some("synced ."), "{steps:?}");
     }
 
     #[test]
