@@ -534,6 +534,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
                 // Its AOF rewrite would share the disk with our cell.
                 redis.wait_idle()?;
             }
+            crate::device::quiesce();
             let [puts, gets] = match runtime.block_on(our_cell(&dataplane, &cell, value_bytes, clients, args)) {
                 Ok(phases) => phases,
                 Err(error) => {
@@ -564,6 +565,11 @@ pub fn run(args: &KvArgs) -> Result<()> {
             }
             let mut peers: [Option<PeerRun>; 2] = [None, None];
             if let Some(redis) = &redis {
+                // Our node's leftover work (a checkpoint, a segment being zero-filled, files
+                // being deleted) would share the machine with the peer.
+                let waited = dataplane.process.wait_idle()?;
+                figures.set_f64(format!("dataplane_{cell}_idle_wait_ms"), waited.as_secs_f64() * 1000.0);
+                crate::device::quiesce();
                 eprintln!(
                     "bench kv: {} values, {clients} clients: redis-benchmark set, get ...",
                     size_text(value_bytes)

@@ -36,6 +36,11 @@ impl ChildGuard {
         cpu_time(self.child.id())
     }
 
+    /// Waits until the child is idle ([`wait_idle`]); how long that took.
+    pub fn wait_idle(&self) -> Result<Duration> {
+        wait_idle(self.child.id(), self.name)
+    }
+
     /// Fails if the child has exited, quoting its log.
     pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
@@ -140,6 +145,46 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     // SAFETY: sysconf has no preconditions.
     let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100).max(1);
     Ok(Duration::from_micros(total * 1_000_000 / per_second))
+}
+
+/// Bytes process `pid` has caused to be written to storage (`write_bytes` of `/proc/<pid>/io`).
+pub fn written_bytes(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/io");
+    let io = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|value| value.trim().parse().ok())
+        .with_context(|| format!("{path} has no write_bytes"))
+}
+
+/// One window of [`wait_idle`].
+const IDLE_WINDOW: Duration = Duration::from_millis(250);
+/// CPU a process may use in an idle window: 2% of a core (timers, metrics, heartbeats).
+const IDLE_CPU_MAX: Duration = Duration::from_millis(5);
+/// Idle windows in a row that count as idle.
+const IDLE_WINDOWS: u32 = 2;
+/// How long a process may stay busy before the bench gives up on it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Waits until process `pid` is idle: [`IDLE_WINDOWS`] windows in a row of [`IDLE_WINDOW`] in
+/// which it used at most [`IDLE_CPU_MAX`] of CPU and wrote nothing to storage (no checkpoint,
+/// segment fill or deletion under way), so the peer measured next does not share the machine
+/// with work left over from the system under test. Returns how long that took.
+pub fn wait_idle(pid: u32, name: &str) -> Result<Duration> {
+    let started = Instant::now();
+    let mut quiet = 0;
+    let (mut cpu, mut written) = (cpu_time(pid)?, written_bytes(pid)?);
+    while quiet < IDLE_WINDOWS {
+        if started.elapsed() > IDLE_TIMEOUT {
+            bail!("{name} was still busy (CPU or disk writes) after {} s", IDLE_TIMEOUT.as_secs());
+        }
+        std::thread::sleep(IDLE_WINDOW);
+        let (cpu_now, written_now) = (cpu_time(pid)?, written_bytes(pid)?);
+        let idle = cpu_now.saturating_sub(cpu) <= IDLE_CPU_MAX && written_now == written;
+        quiet = if idle { quiet + 1 } else { 0 };
+        (cpu, written) = (cpu_now, written_now);
+    }
+    Ok(started.elapsed())
 }
 
 /// CPU time (user + system) of every child this process has waited for.
