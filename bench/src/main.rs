@@ -8,6 +8,7 @@ mod device;
 mod etcd;
 mod geo;
 mod kv;
+mod lag;
 mod process;
 mod redis;
 mod report;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, FromArgMatches};
-use client::{Client, ClientConfig};
+use client::{Client, ClientConfig, ReplicationStatus};
 use controlplane::local::LocalCluster;
 use controlplane::meta::{Command, NodeState};
 use hdrhistogram::Histogram;
@@ -35,6 +35,7 @@ use wan::{LinkConfig, Proxy, ProxyHandle};
 
 use crate::geo::{for_each_key, region_config, wait_resolved};
 use crate::kv::{Dataplane, dataplane_binary};
+use crate::lag::LagSampler;
 use crate::process::WanThread;
 use load::{LoadPlan, Record, SharedRecord, Write};
 use scenario::{Class, Mix, REGIONS, Window};
@@ -105,7 +106,8 @@ pub struct ClusterArgs {
     recovered_lag: Duration,
     #[command(flatten)]
     paths: RunPaths,
-    /// Skip the device-limit measurement (fio), e.g. where fio is not installed.
+    /// Skip the device-limit measurement (the write+fdatasync probe and fio beside it), e.g.
+    /// where fio is not installed.
     #[arg(long)]
     skip_fio: bool,
     /// Seed of the workload's draws (classes, sizes).
@@ -126,9 +128,9 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(180);
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 /// Acknowledged writes read back and compared byte for byte, per region.
 const VERIFY_PER_REGION: usize = 64;
-/// The device-limit measurement: fio's block size and run time.
-const FIO_BLOCK_BYTES: u64 = 4096;
-const FIO_TIME: Duration = Duration::from_secs(3);
+/// The device-limit measurement: the block size and run time of the probe and of fio.
+const DEVICE_BLOCK_BYTES: u64 = 4096;
+const DEVICE_TIME: Duration = Duration::from_secs(3);
 
 impl ClusterArgs {
     fn total(&self) -> Duration {
@@ -412,10 +414,14 @@ fn say(text: &str) {
 async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, dir: &Path) -> Result<report::Report> {
     let mut report = report::Report::new(args, dir);
     if !args.skip_fio {
-        say(&format!("device limit: fio, {FIO_BLOCK_BYTES} B O_DIRECT writes + fdatasync, {FIO_TIME:?} ..."));
+        say(&format!(
+            "device limit: {DEVICE_BLOCK_BYTES} B O_DIRECT writes + fdatasync, {DEVICE_TIME:?} each by the probe and fio ..."
+        ));
         crate::device::quiesce();
-        let fio = crate::device::fio(dir, FIO_BLOCK_BYTES, FIO_TIME)?;
-        report.device(&fio);
+        let probe = crate::device::probe(dir, usize::try_from(DEVICE_BLOCK_BYTES)?, DEVICE_TIME)?;
+        crate::device::quiesce();
+        let fio = crate::device::fio(dir, DEVICE_BLOCK_BYTES, DEVICE_TIME)?;
+        report.device(&probe, &fio);
     }
 
     // The control plane, its regions and the placement of every shard.
@@ -713,8 +719,11 @@ async fn sample_lag(
 ) -> Lag {
     let mut lag =
         Lag { region, histogram: Histogram::new(3).expect("3 significant digits are valid"), series: Vec::new() };
+    let mut sampler = LagSampler::new(client, ReplicationStatus::worst_lag_us);
+    let mut ticks = crate::lag::schedule(SAMPLE_EVERY);
     while sampling.load(Ordering::Relaxed) {
-        let sample = client.replication_status().await.ok().and_then(|status| status.worst_lag_us());
+        ticks.tick().await;
+        let sample = sampler.sample(SAMPLE_EVERY).await;
         let at = started.elapsed();
         current.store(sample.unwrap_or(u64::MAX), Ordering::Relaxed);
         if let Some(lag_us) = sample {
@@ -723,7 +732,6 @@ async fn sample_lag(
                 let _ = lag.histogram.record(lag_us.saturating_mul(1000));
             }
         }
-        tokio::time::sleep(SAMPLE_EVERY).await;
     }
     lag
 }
