@@ -223,7 +223,7 @@ fn with_homes_in_every_region_snapshots_are_causal_cuts_of_writes_taken_everywhe
     }
     assert!(report["c_rpo_max_ms"].as_f64().unwrap() >= 800.0, "{report:#}");
     assert!(report["a_rpo_max_ms"].as_f64().unwrap() >= 800.0, "a lags on c's shard while c is cut off: {report:#}");
-    // The consistency check of the issue: writers in every region, every snapshot a causal cut
+    // The consistency check: writers in every region, every snapshot a causal cut
     // read identically everywhere.
     assert_eq!(report["snapshot_create_errors"], 0, "{report:#}");
     assert_eq!(report["snapshots_failed"], 0, "{report:#}");

@@ -111,7 +111,7 @@ fn metrics_series_exist_and_move_under_a_workload() {
     });
     let after = scrape(metrics).unwrap();
     let value = |scrape: &str, name: &str, labels: &str| sample(scrape, name, labels).unwrap_or(0.0);
-    // Summed over both shards: every series named in the operations issue, moving.
+    // Summed over both shards: every series an operator watches (README, "Metrics"), moving.
     let moved = |name: &str| {
         let sum = |scrape: &str| (0..2).map(|shard| value(scrape, name, &format!("shard=\"{shard}\""))).sum::<f64>();
         (sum(&before), sum(&after))

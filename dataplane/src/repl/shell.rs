@@ -1191,7 +1191,9 @@ async fn receive_stream(
     };
     tokio::pin!(acker);
     tokio::pin!(reader);
-    // The reader ends first on a clean close; the acker then drains what is pending.
+    // Whichever ends first ends the stream: when the reader ends (the source closed it), the
+    // acknowledgements still pending are dropped with the acker. The source resends from the
+    // last position this node acknowledged, and applying a record twice is a no-op.
     tokio::select! {
         result = &mut acker => result,
         result = &mut reader => {
