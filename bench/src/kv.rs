@@ -530,11 +530,19 @@ pub fn run(args: &KvArgs) -> Result<()> {
         for &clients in &args.clients {
             let cell = format!("{size}_c{clients}");
             eprintln!("bench kv: {} values, {clients} clients: dataplane puts, gets ...", size_text(value_bytes));
-            if let Some(redis) = &redis {
-                // Its AOF rewrite would share the disk with our cell.
-                redis.wait_idle()?;
-            }
-            crate::device::quiesce();
+            // Redis's AOF rewrite would share the disk with our cell: wait for it, then stop
+            // redis-server while our cell runs.
+            let paused = match &redis {
+                Some(redis) => {
+                    redis.wait_idle()?;
+                    crate::device::quiesce();
+                    Some(redis.pause()?)
+                }
+                None => {
+                    crate::device::quiesce();
+                    None
+                }
+            };
             let [puts, gets] = match runtime.block_on(our_cell(&dataplane, &cell, value_bytes, clients, args)) {
                 Ok(phases) => phases,
                 Err(error) => {
@@ -543,6 +551,7 @@ pub fn run(args: &KvArgs) -> Result<()> {
                     return Err(error);
                 }
             };
+            drop(paused);
             let mut ours = Vec::new();
             for (operation, result) in [("put", &puts), ("get", &gets)] {
                 let side = Side {
@@ -566,10 +575,12 @@ pub fn run(args: &KvArgs) -> Result<()> {
             let mut peers: [Option<PeerRun>; 2] = [None, None];
             if let Some(redis) = &redis {
                 // Our node's leftover work (a checkpoint, a segment being zero-filled, files
-                // being deleted) would share the machine with the peer.
+                // being deleted) would share the machine with the peer: wait for it to end,
+                // then stop the node while the peer runs.
                 let waited = dataplane.process.wait_idle()?;
                 figures.set_f64(format!("dataplane_{cell}_idle_wait_ms"), waited.as_secs_f64() * 1000.0);
                 crate::device::quiesce();
+                let _paused = dataplane.process.pause()?;
                 eprintln!(
                     "bench kv: {} values, {clients} clients: redis-benchmark set, get ...",
                     size_text(value_bytes)

@@ -163,6 +163,11 @@ impl Redis {
     /// Waits until no AOF rewrite runs or is scheduled: Redis rewrites its AOF in a forked
     /// child once it doubled, which writes to the same disk as whatever is measured next.
     /// Returns how long it waited.
+    /// Stops redis-server (SIGSTOP) until the guard is dropped, while the other side runs.
+    pub fn pause(&self) -> Result<crate::process::Paused> {
+        self.process.pause()
+    }
+
     pub fn wait_idle(&self) -> Result<Duration> {
         let started = Instant::now();
         while self.info("persistence", "aof_rewrite_in_progress")? != 0
