@@ -592,8 +592,6 @@ impl Resolved {
         config.shard_id = shard_id;
         config.wal.dir = config.dir.join("wal");
         config.wal.shard_id = shard_id;
-        config.wal_hold = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-        config.wal_pin = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         config
     }
 }

@@ -9,10 +9,10 @@ use glommio::net::TcpListener;
 
 use crate::config::Resolved;
 use crate::control::ControlLink;
-use crate::repl::{Apply, Replication, ShardSide, Work};
+use crate::repl::{Replication, ShardSide};
 use crate::runtime::{RuntimeConfig, run_shards};
 use crate::server::{self, ShardMap};
-use crate::store::{Progress, ShardStore};
+use crate::store::{Progress, ShardFiles, ShardStore};
 use controlplane::ops::notify;
 
 /// Set to stop the node (by a signal handler thread or a test).
@@ -75,8 +75,9 @@ pub fn run(
             let mut thread_sides = Vec::new();
             for shard in 0..shard_count {
                 let store = config.store_for(shard);
-                let (shard_side, thread_side) =
-                    crate::repl::shard_link(shard, store.dir.clone(), store.wal.record_payload_bytes_max);
+                let (shard_side, thread_side) = crate::repl::shard_link(|tail| {
+                    ShardFiles::new(store.dir.clone(), shard, store.wal.record_payload_bytes_max, Some(tail))
+                });
                 shard_sides.push(Some(shard_side));
                 thread_sides.push(thread_side);
             }
@@ -162,13 +163,13 @@ async fn shard_main(
     let Supervision { on_ready, stop, watchdog } = supervision;
     let mut store_config = config.store_for(shard_id);
     if let (Some(side), Some(repl)) = (&side, &config.replication) {
-        store_config.wal_hold = side.hold.clone();
         // With multi-master keyspaces a snapshot cannot tell a key deleted at its source from
         // one the source has not received yet: the WAL is kept for every peer, however far
         // behind, so that no stream needs one.
         store_config.wal_hold_bytes_max = if repl.is_multi_master() { u64::MAX } else { repl.wal_hold_bytes_max };
-        store_config.wal_pin = side.pin.clone();
         if repl.ships_shard(shard_id) {
+            // Nothing is released before the shard's streams said what their peers need.
+            store_config.wal_hold_lsn = 0;
             store_config.wal.tail = Some(side.tail.clone());
         }
         if !repl.is_home_of(shard_id) {
@@ -186,7 +187,8 @@ async fn shard_main(
         store_config.multi_master = repl.multi_master.iter().map(|prefix| prefix.as_bytes().to_vec()).collect();
         store_config.origin = repl.origin;
         if repl.is_multi_master() {
-            store_config.collect_floor = side.floor.clone();
+            // Nothing is collected before every source said what it has shipped.
+            store_config.collect_floor = 0;
         }
     }
     let started = std::time::Instant::now();
@@ -213,7 +215,7 @@ async fn shard_main(
     let replication_task = match (side, &config.replication) {
         (Some(side), Some(repl)) => {
             let receives = !repl.sources_of(shard_id).is_empty();
-            Some(spawn_replication(&store, side, repl.closed_interval, repl.ships_shard(shard_id), receives))
+            Some(crate::repl::shard::spawn(&store, side, repl.closed_interval, repl.ships_shard(shard_id), receives))
         }
         _ => None,
     };
@@ -253,79 +255,6 @@ fn spawn_applied(
                 table.set_applied(shard_id, ts);
             }
             glommio::timer::sleep(interval).await;
-        }
-    })
-    .detach()
-}
-
-/// The shard's half of replication. Where it `ships` (its home; every region with
-/// multi-master keyspaces), publishes its closed point every `interval` (the shipper tails
-/// the WAL up to it); where it `receives` (a replica; every region with multi-master
-/// keyspaces), applies the records shipped to it, each in its own task so they share WAL
-/// barriers.
-fn spawn_replication(
-    store: &ShardStore,
-    side: ShardSide,
-    interval: Duration,
-    ships: bool,
-    receives: bool,
-) -> glommio::task::JoinHandle<()> {
-    let ShardSide { points, mut applies, .. } = side;
-    let publisher = store.clone();
-    let publish = async move {
-        loop {
-            if let Ok(point) = publisher.closed_point() {
-                points.send_if_modified(|current| {
-                    let changed = *current != point;
-                    *current = point;
-                    changed
-                });
-            }
-            glommio::timer::sleep(interval).await;
-        }
-    };
-    let applier = store.clone();
-    let apply = async move {
-        while let Some(Apply { work, done }) = applies.recv().await {
-            let store = applier.clone();
-            match work {
-                Work::Records(records) => {
-                    // A task per record, spawned in log order, so every one is appended
-                    // before any awaits its barrier; one answer for them all.
-                    let applying: Vec<_> = records
-                        .into_iter()
-                        .map(|(glt, payload)| {
-                            let store = store.clone();
-                            glommio::spawn_local(async move { store.apply_replicated(glt, &payload).await })
-                        })
-                        .collect();
-                    glommio::spawn_local(async move {
-                        // Every task is awaited; the first error is the answer.
-                        let mut result = Ok(());
-                        for task in applying {
-                            result = result.and(task.await.map_err(|error| error.to_string()));
-                        }
-                        let _ = done.send(result);
-                    })
-                    .detach();
-                }
-                Work::SnapshotEnd { horizon, keys } => {
-                    glommio::spawn_local(async move {
-                        let result = store.tombstone_absent(horizon, &keys).await;
-                        let _ = done.send(result.map(|_| ()).map_err(|error| error.to_string()));
-                    })
-                    .detach();
-                }
-            }
-        }
-    };
-    glommio::spawn_local(async move {
-        match (ships, receives) {
-            (true, true) => {
-                futures_lite::future::zip(publish, apply).await;
-            }
-            (true, false) => publish.await,
-            (false, _) => apply.await,
         }
     })
     .detach()

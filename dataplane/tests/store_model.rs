@@ -401,15 +401,15 @@ fn the_replication_hold_keeps_at_most_its_bound_of_wal() {
         let sub = dir.path().join(format!("run-{run_index}"));
         let clock = Arc::new(ManualClock::new(1_000_000));
         let mut config = small_store(&sub, Arc::clone(&clock));
-        config.wal_hold = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        config.wal_hold_lsn = 1;
         config.wal_hold_bytes_max = bytes_max;
-        if run_index == 3 {
-            config.wal_pin = Arc::new(std::sync::atomic::AtomicU64::new(1));
-        }
         let payload_max = config.wal.record_payload_bytes_max;
         let wal = sub.join("wal");
         let (first, lsn) = run(async move {
             let store = ShardStore::open(config).await.unwrap();
+            if run_index == 3 {
+                store.set_wal_hold(1, 1);
+            }
             for i in 0..400 {
                 clock.advance(1);
                 store.put(format!("k/{i:03}").as_bytes(), &[7u8; 3000]).await.unwrap();
@@ -554,14 +554,12 @@ fn a_replica_takes_multi_master_writes_and_the_newest_stamp_wins() {
 /// floor it goes like any.
 #[test]
 fn collection_stays_below_the_floor_every_region_has_shipped() {
-    use std::sync::atomic::{AtomicU64, Ordering};
     use wire::glt::{timestamp_at, with_origin};
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(10_000_000));
     let mut config = multi_master_replica(dir.path(), clock.clone());
     config.retention = std::time::Duration::from_secs(1);
-    let floor = Arc::new(AtomicU64::new(0));
-    config.collect_floor = floor.clone();
+    config.collect_floor = 0;
     run(async move {
         let store = ShardStore::open(config).await.unwrap();
         let (written, deleted) = (with_origin(timestamp_at(1_000_000), 0), with_origin(timestamp_at(2_000_000), 0));
@@ -574,7 +572,7 @@ fn collection_stays_below_the_floor_every_region_has_shipped() {
         store.apply_replicated(with_origin(timestamp_at(1_500_000), 2), &record("mm/k", Some("late"))).await.unwrap();
         assert_eq!(store.get(b"mm/k", None).await.unwrap(), None);
         // Once every region has shipped past them, they go.
-        floor.store(u64::MAX, Ordering::Release);
+        store.set_collect_floor(u64::MAX);
         store.collect_garbage().await.unwrap();
         assert_eq!(store.stats().versions_collected, 3);
         assert_eq!(store.stats().keys, 0);

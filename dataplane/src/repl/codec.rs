@@ -6,7 +6,7 @@ use thiserror::Error;
 use wire::repl::{Codec, FRAME_PAYLOAD_BYTES_MAX};
 
 /// Why a body does not decompress.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum CodecError {
     /// The announced length is above the frame limit.
     #[error("announced raw length {len} exceeds {max}")]

@@ -7,34 +7,38 @@
 //! their keys on every shard and ships its own records of every shard to every peer; stamps
 //! carry their origin region, so timestamp order is last-writer-wins everywhere.
 //!
-//! - `core`: the stream protocol, sans-IO (window, acks, gaps, closed timestamps).
+//! - `core`: the protocol, sans-IO: the shipping and receiving sides of a stream (window,
+//!   acks, gaps, closed timestamps, snapshot installs, admission), WAL holds and positions.
 //! - `codec`: LZ4 / Snappy / none for batch bodies.
 //! - `status`: resolved timestamps per source region (minimum closed timestamp over shards).
-//! - `position`: the replica's durable resume position per (source region, shard).
-//! - `shell`: the tokio + quinn thread: shippers, the receiving endpoint, the hand-off to the
-//!   glommio shards ([`ShardSide`] on the shard, [`ThreadSide`] on the replication thread).
+//! - `position`: the replica's resume position file per (source region, shard).
+//! - `shell`: the tokio + quinn thread: it moves the cores' frames and timers.
+//! - `shard`: the shard's end on its glommio executor: closed points out, applies and holds in.
+//!
+//! A shard's link has two sides, [`ShardSide`] on the shard and [`ThreadSide`] on the
+//! replication thread; what crosses it are messages (points, [`Apply`], [`ShardNotice`]).
 //!
 //! Frames are defined in `wire::repl`.
 
 pub mod codec;
 pub mod core;
 pub mod position;
+pub mod shard;
 pub mod shell;
 pub mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use wire::repl::Codec;
 
-use crate::store::ClosedPoint;
+use crate::store::{ClosedPoint, ShardFiles, StoreError};
 use crate::wal::WalTail;
-pub use core::Window;
+use core::{Hold, Holds, WalHold};
+pub use core::{Window, Work};
 pub use shell::Replication;
 pub use status::Resolved;
 
@@ -239,52 +243,48 @@ impl ReplConfig {
     }
 }
 
-/// Shipped records handed to the replica shard that owns them: one frame's worth, so a frame
-/// costs one hand-off between threads and one answer, not one per record.
+/// Shipped records handed to the replica shard that owns them: one frame's worth of work, so a
+/// frame costs one hand-off between threads and one answer, not one per record.
 #[derive(Debug)]
 pub struct Apply {
     /// What to apply.
     pub work: Work,
-    /// Resolved once all of it is durable and applied here (the first error otherwise).
-    pub done: oneshot::Sender<Result<(), String>>,
+    /// Answered once all of it is durable and applied here (the first error otherwise).
+    pub done: oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// What an [`Apply`] asks of the replica shard.
+/// What the replication thread tells a shard besides the records to apply: values the cores
+/// computed, which the shard takes as they come (nothing is shared between the two).
 #[derive(Debug)]
-pub enum Work {
-    /// WAL payloads (store operations, values inline), each with its timestamp at its home, in
-    /// log order. They are appended together, so they share WAL barriers.
-    Records(Vec<(u64, Bytes)>),
-    /// The end of an installed snapshot: its keys. Every key the shard holds outside them was
-    /// deleted and collected at the home, and gets a tombstone at `horizon`, the snapshot's
-    /// collection horizon.
-    SnapshotEnd {
-        /// The snapshot's collection horizon.
-        horizon: u64,
-        /// The snapshot's keys.
-        keys: std::collections::HashSet<Bytes>,
+pub enum ShardNotice {
+    /// The WAL to keep for the peers; `seen` is answered once the shard holds it.
+    WalHold {
+        /// The hold and the pin.
+        hold: WalHold,
+        /// Answered after the shard took it.
+        seen: Option<oneshot::Sender<()>>,
     },
+    /// With multi-master keyspaces, the collection floor: every source has shipped all of the
+    /// shard at or below it.
+    CollectFloor(u64),
 }
 
 /// Frames queued for a replica shard before the receiver waits (backpressure); the sender's
 /// window bounds them too.
 const APPLIES_QUEUED: usize = 256;
+/// Notices queued for a shard before a stream waits.
+const NOTICES_QUEUED: usize = 64;
 
-/// What a shard keeps: where it publishes its closed point (home) and where shipped records
-/// arrive (replica).
+/// What a shard keeps of its link: where it publishes its closed point (home), where shipped
+/// records arrive (replica), what the replication thread tells it.
 #[derive(Debug)]
 pub struct ShardSide {
     /// The closed point, published every `closed_interval`.
     pub points: watch::Sender<ClosedPoint>,
     /// Records to apply.
     pub applies: mpsc::Receiver<Apply>,
-    /// The WAL hold (lowest LSN a peer still needs).
-    pub hold: Arc<AtomicU64>,
-    /// The WAL pin (lowest LSN a snapshot in progress resumes at).
-    pub pin: Arc<AtomicU64>,
-    /// With multi-master keyspaces, the collection floor: every source has shipped all of the
-    /// shard at or below it (0 until each has said so).
-    pub floor: Arc<AtomicU64>,
+    /// Holds and floors.
+    pub notices: mpsc::Receiver<ShardNotice>,
     /// The newest durable WAL batches, which the shard's WAL fills where it ships.
     pub tail: Arc<WalTail>,
 }
@@ -298,47 +298,83 @@ pub struct ThreadSide {
     pub points: watch::Receiver<ClosedPoint>,
     /// Where to hand records to apply.
     pub applies: mpsc::Sender<Apply>,
-    /// Its WAL hold.
-    pub hold: Arc<AtomicU64>,
-    /// Its WAL pin.
-    pub pin: Arc<AtomicU64>,
-    /// Its collection floor.
-    pub floor: Arc<AtomicU64>,
-    /// Its WAL's newest durable batches, which shippers read before the segment files.
-    pub tail: Arc<WalTail>,
-    /// The shard's directory (`wal/`, `chunks/`, resume positions).
-    pub dir: PathBuf,
-    /// WAL record payload limit (for the reader).
-    pub record_payload_bytes_max: u32,
+    /// Its streams' holds, told to the shard.
+    pub holds: Arc<HoldLink>,
+    /// Its files (WAL, chunks, checkpoints), read-only.
+    pub files: ShardFiles,
 }
 
-/// The two sides of one shard's link.
-pub fn shard_link(shard: u32, dir: PathBuf, record_payload_bytes_max: u32) -> (ShardSide, ThreadSide) {
+/// One shard's WAL holds on the replication thread: every stream's [`Hold`] goes in, and the
+/// shard is told the resulting [`WalHold`] whenever it changes.
+#[derive(Debug)]
+pub struct HoldLink {
+    holds: Mutex<(Holds, WalHold)>,
+    notices: mpsc::Sender<ShardNotice>,
+    shard: u32,
+}
+
+impl HoldLink {
+    /// `peer`'s stream holds `hold`; tells the shard when the shard's hold changed. With
+    /// `wait`, returns once the shard holds it (a pin must be in place before the checkpoint
+    /// it protects is opened).
+    pub async fn update(&self, peer: &str, hold: Hold, wait: bool) -> Result<(), shell::StreamError> {
+        let changed = {
+            let mut holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+            let value = holds.0.update(peer, hold);
+            std::mem::replace(&mut holds.1, value) != value
+        };
+        self.tell(changed, wait).await
+    }
+
+    /// `peer`'s stream ended: its pin goes.
+    pub async fn unpin(&self, peer: &str) -> Result<(), shell::StreamError> {
+        let changed = {
+            let mut holds = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+            let value = holds.0.unpin(peer);
+            std::mem::replace(&mut holds.1, value) != value
+        };
+        self.tell(changed, false).await
+    }
+
+    /// Tells the shard its collection floor.
+    pub async fn set_floor(&self, floor: u64) -> Result<(), shell::StreamError> {
+        self.notices
+            .send(ShardNotice::CollectFloor(floor))
+            .await
+            .map_err(|_| shell::StreamError::ShardStopped(self.shard))
+    }
+
+    async fn tell(&self, changed: bool, wait: bool) -> Result<(), shell::StreamError> {
+        if !changed && !wait {
+            return Ok(());
+        }
+        let hold = self.holds.lock().unwrap_or_else(PoisonError::into_inner).1;
+        let stopped = || shell::StreamError::ShardStopped(self.shard);
+        let (seen, taken) = if wait {
+            let (seen, taken) = oneshot::channel();
+            (Some(seen), Some(taken))
+        } else {
+            (None, None)
+        };
+        self.notices.send(ShardNotice::WalHold { hold, seen }).await.map_err(|_| stopped())?;
+        if let Some(taken) = taken {
+            taken.await.map_err(|_| stopped())?;
+        }
+        Ok(())
+    }
+}
+
+/// The two sides of one shard's link; `files` are the shard's files, `tail` its WAL tail.
+pub fn shard_link(files: impl FnOnce(Arc<WalTail>) -> ShardFiles) -> (ShardSide, ThreadSide) {
     let (points_tx, points_rx) = watch::channel(ClosedPoint::default());
     let (applies_tx, applies_rx) = mpsc::channel(APPLIES_QUEUED);
-    let hold = Arc::new(AtomicU64::new(u64::MAX));
-    let pin = Arc::new(AtomicU64::new(u64::MAX));
-    let floor = Arc::new(AtomicU64::new(0));
+    let (notices_tx, notices_rx) = mpsc::channel(NOTICES_QUEUED);
     let tail = Arc::new(WalTail::new(crate::limits::WAL_TAIL_BYTES));
+    let files = files(tail.clone());
+    let shard = files.shard_id();
+    let holds = HoldLink { holds: Mutex::default(), notices: notices_tx, shard };
     (
-        ShardSide {
-            points: points_tx,
-            applies: applies_rx,
-            hold: hold.clone(),
-            pin: pin.clone(),
-            floor: floor.clone(),
-            tail: tail.clone(),
-        },
-        ThreadSide {
-            shard,
-            points: points_rx,
-            applies: applies_tx,
-            hold,
-            pin,
-            floor,
-            tail,
-            dir,
-            record_payload_bytes_max,
-        },
+        ShardSide { points: points_tx, applies: applies_rx, notices: notices_rx, tail },
+        ThreadSide { shard, points: points_rx, applies: applies_tx, holds: Arc::new(holds), files },
     )
 }

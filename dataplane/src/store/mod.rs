@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod chunks;
 pub mod clock;
+pub mod files;
 pub mod op;
 pub mod shard;
 pub mod versions;
@@ -24,6 +25,7 @@ use thiserror::Error;
 
 pub use chunks::ChunkError;
 pub use clock::{Clock, ClockUnavailable, Hlc, ManualClock, SystemClock, TimeInterval};
+pub use files::{FileError, ShardFiles};
 pub use shard::{ClosedPoint, KeyStat, ListItem, Progress, ShardStore, StoreStats, ValueChunks};
 pub use versions::TooOld;
 
@@ -73,21 +75,21 @@ pub struct StoreConfig {
     /// This region's origin, stamped into every timestamp (see [`wire::glt`]) when the cluster
     /// has multi-master keyspaces; `None` otherwise.
     pub origin: Option<u8>,
-    /// Lowest LSN replication still needs (`u64::MAX`: none), set by the shipper; checkpoints
-    /// release no WAL segment at or above it, within `wal_hold_bytes_max`. Per shard (see `config::Resolved::store_for`).
-    pub wal_hold: Arc<std::sync::atomic::AtomicU64>,
-    /// Most WAL bytes (whole segments below a checkpoint) `wal_hold` may keep; a peer further
+    /// Lowest LSN replication needs at open, until it says otherwise
+    /// ([`ShardStore::set_wal_hold`]; `u64::MAX`: none; 0 where the shard ships, so nothing
+    /// goes before its streams said where their peers are). Checkpoints release no WAL segment
+    /// at or above the hold, within `wal_hold_bytes_max`.
+    pub wal_hold_lsn: u64,
+    /// Most WAL bytes (whole segments below a checkpoint) the hold may keep; a peer further
     /// behind catches up from a snapshot. `u64::MAX`: no bound.
     pub wal_hold_bytes_max: u64,
-    /// No version at or above this timestamp is collected (`u64::MAX`: no floor besides the
+    /// No version at or above this timestamp is collected at open, until replication says
+    /// otherwise ([`ShardStore::set_collect_floor`]; `u64::MAX`: no floor besides the
     /// retention). With multi-master keyspaces, what every source region has shipped: a version
     /// collected below it can never be outdated by a write still on its way (a collected
     /// tombstone would let an older write from a region away longer than the retention revive
     /// the key here and not where it was deleted).
-    pub collect_floor: Arc<std::sync::atomic::AtomicU64>,
-    /// Lowest LSN a stream that installed a snapshot still needs until it has caught up
-    /// (`u64::MAX`: none): kept whatever `wal_hold_bytes_max` says.
-    pub wal_pin: Arc<std::sync::atomic::AtomicU64>,
+    pub collect_floor: u64,
 }
 
 impl StoreConfig {
@@ -114,10 +116,9 @@ impl StoreConfig {
             not_held: None,
             multi_master: Vec::new(),
             origin: None,
-            wal_hold: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            wal_hold_lsn: u64::MAX,
             wal_hold_bytes_max: u64::MAX,
-            wal_pin: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
-            collect_floor: Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            collect_floor: u64::MAX,
         }
     }
 

@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -105,6 +104,12 @@ struct Inner {
     checkpoint_after: Cell<u64>,
     stats: RefCell<StoreStats>,
     closed: Cell<bool>,
+    /// What replication needs kept, as last told ([`ShardStore::set_wal_hold`]): the lowest
+    /// LSN a peer still needs, and the lowest LSN a stream installing a snapshot resumes at
+    /// (`u64::MAX`: none).
+    wal_hold: Cell<(u64, u64)>,
+    /// No version at or above it is collected ([`ShardStore::set_collect_floor`]).
+    collect_floor: Cell<u64>,
 }
 
 /// Where a shard's WAL stands: how far it is durable, whether writes wait for it, and
@@ -231,6 +236,8 @@ impl ShardStore {
                 wal_bytes_carried: replayed_bytes,
                 wal_bytes_at_checkpoint: Cell::new(0),
                 checkpoint_after: Cell::new(checkpoint_threshold(config.checkpoint_wal_bytes)),
+                wal_hold: Cell::new((config.wal_hold_lsn, u64::MAX)),
+                collect_floor: Cell::new(config.collect_floor),
                 config,
                 wal,
                 versions: RefCell::new(versions),
@@ -244,6 +251,19 @@ impl ShardStore {
         };
         store.collect_garbage().await?;
         Ok(store)
+    }
+
+    /// Replication needs the WAL from `hold_lsn` on (`u64::MAX`: nothing), within
+    /// `wal_hold_bytes_max`, and from `pin_lsn` on whatever the bound says (`u64::MAX`: none).
+    /// Checkpoints release no WAL they need.
+    pub fn set_wal_hold(&self, hold_lsn: u64, pin_lsn: u64) {
+        self.inner.wal_hold.set((hold_lsn, pin_lsn));
+    }
+
+    /// No version at or above `floor` is collected from now on (with multi-master keyspaces:
+    /// what every source region has shipped).
+    pub fn set_collect_floor(&self, floor: u64) {
+        self.inner.collect_floor.set(floor);
     }
 
     /// The configuration in force.
@@ -533,7 +553,7 @@ impl ShardStore {
         let inner = &self.inner;
         let retention_us = u64::try_from(inner.config.retention.as_micros()).unwrap_or(u64::MAX);
         let horizon = timestamp_at(inner.config.clock.interval()?.earliest_us.saturating_sub(retention_us))
-            .min(inner.config.collect_floor.load(Ordering::Acquire));
+            .min(inner.collect_floor.get());
         let mut resume: Option<Bytes> = None;
         loop {
             let Collected { versions, released, resume_after, .. } =
@@ -679,11 +699,11 @@ impl ShardStore {
             })
             .await
             .map_err(fail)?;
-        let hold = inner.config.wal_hold.load(Ordering::Acquire);
-        let hold = hold.max(inner.wal.keep_floor(lsn, inner.config.wal_hold_bytes_max));
-        // Read after the old checkpoint files are gone: a shipper pins a checkpoint's LSN
-        // before opening its file, so either it sees that file deleted or the pin is seen here.
-        let hold = hold.min(inner.config.wal_pin.load(Ordering::SeqCst));
+        // Read after the old checkpoint files are gone: a shipper has the shard take its pin
+        // of a checkpoint's LSN before it opens that file, so either it finds the file deleted
+        // or the pin is seen here.
+        let (hold, pin) = inner.wal_hold.get();
+        let hold = hold.max(inner.wal.keep_floor(lsn, inner.config.wal_hold_bytes_max)).min(pin);
         let released = inner.wal.release_before(lsn.min(hold)).await?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
         inner.checkpoint_after.set(checkpoint_threshold(config.checkpoint_wal_bytes));

@@ -1,6 +1,5 @@
-//! The protocol cores of one replication stream, sans-IO: what the sender may send and what
-//! an acknowledgement means ([`Outbound`]), and what the receiver accepts ([`Inbound`]). The
-//! QUIC shell (`shell.rs`) feeds them frames and the time; tests drive them directly.
+//! The window and the acceptance rules of one stream: what the sender may send and what an
+//! acknowledgement means ([`Outbound`]), and what the receiver accepts ([`Inbound`]).
 
 use std::collections::VecDeque;
 
@@ -98,6 +97,11 @@ impl Outbound {
     /// First LSN not acknowledged: the WAL must keep it for this peer.
     pub fn acked_lsn(&self) -> u64 {
         self.acked
+    }
+
+    /// When a batch was last sent (ns).
+    pub fn last_sent_ns(&self) -> u64 {
+        self.sent_at_ns
     }
 
     /// Batches sent and not yet acknowledged (the window's depth).

@@ -1,0 +1,81 @@
+//! The architecture's boundaries, checked: the pure modules (formats, decoders, protocol cores,
+//! models) do no I/O, read no clock and import no runtime, so a simulator can drive them and a
+//! fuzzer can feed them. A change that breaks one fails here, naming the file and the line.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+/// Files and directories (every `.rs` under them) that must stay pure.
+const PURE: &[&str] = &[
+    "wire/src",
+    "dataplane/src/repl/core",
+    "dataplane/src/wal/format.rs",
+    "dataplane/src/wal/recovery.rs",
+    "controlplane/src/glts",
+    "wan/src/link.rs",
+    "client/src/archive/format.rs",
+];
+
+/// What a pure module must not name: runtimes and transports, clocks, the file system and the
+/// network.
+const FORBIDDEN: &[&str] =
+    &["glommio", "tokio", "quinn", "Instant::now", "SystemTime", "std::fs", "std::net", "std::thread", "libc::"];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            rust_files(&entry.unwrap().path(), out);
+        }
+    } else if path.extension().is_some_and(|extension| extension == "rs") {
+        out.push(path.to_path_buf());
+    }
+}
+
+/// The code of a line, without its comment (doc comments may name what the module avoids).
+fn code(line: &str) -> &str {
+    let trimmed = line.trim_start();
+    if trimmed.starts_with("//") {
+        return "";
+    }
+    line.split(" //").next().unwrap_or(line)
+}
+
+#[test]
+fn pure_modules_import_no_runtime_clock_or_io() {
+    let root = workspace();
+    let mut files = Vec::new();
+    for pure in PURE {
+        let path = root.join(pure);
+        assert!(path.exists(), "{pure} is listed as pure but does not exist: update the list");
+        rust_files(&path, &mut files);
+    }
+    assert!(files.len() > 10, "found only {} pure files", files.len());
+    let mut violations = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        // Unit tests at the end of a module may use what they like.
+        let body = text.split("#[cfg(test)]").next().unwrap_or(&text);
+        for (number, line) in body.lines().enumerate() {
+            for word in FORBIDDEN {
+                if code(line).contains(word) {
+                    let shown = file.strip_prefix(&root).unwrap_or(file).display();
+                    violations.push(format!("{shown}:{}: `{word}` in a pure module: {}", number + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(violations.is_empty(), "pure modules must stay pure:\n{}", violations.join("\n"));
+}
+
+/// The check itself catches what it is meant to.
+#[test]
+fn the_purity_check_sees_a_runtime_import_and_ignores_comments() {
+    assert_eq!(code("use tokio::sync::mpsc;"), "use tokio::sync::mpsc;");
+    assert_eq!(code("    // no tokio here"), "");
+    assert_eq!(code("let x = 1; // tokio"), "let x = 1;");
+    assert!(FORBIDDEN.iter().any(|word| code("    let now = std::time::Instant::now();").contains(word)));
+}
