@@ -265,29 +265,16 @@ impl MetaState {
                 Outcome::Done
             }
             Command::RegisterDataNode { id, addr, region, zone, shards, capacity_bytes } => {
-                let Some(known) = self.regions.get(region) else {
-                    return rejected(format!("unknown region {region:?}"));
+                let node = DataNode {
+                    addr: addr.clone(),
+                    region: region.clone(),
+                    zone: zone.clone(),
+                    shards: *shards,
+                    capacity_bytes: *capacity_bytes,
+                    state: NodeState::Up,
+                    registered_ms: self.data_nodes.get(id).map_or(at_ms, |node| node.registered_ms),
                 };
-                if !known.zones.contains(zone) {
-                    return rejected(format!("region {region:?} has no zone {zone:?}"));
-                }
-                if *shards == 0 {
-                    return rejected("a data node needs at least one shard");
-                }
-                let registered_ms = self.data_nodes.get(id).map_or(at_ms, |node| node.registered_ms);
-                self.data_nodes.insert(
-                    id.clone(),
-                    DataNode {
-                        addr: addr.clone(),
-                        region: region.clone(),
-                        zone: zone.clone(),
-                        shards: *shards,
-                        capacity_bytes: *capacity_bytes,
-                        state: NodeState::Up,
-                        registered_ms,
-                    },
-                );
-                Outcome::Done
+                self.register_data_node(id, node)
             }
             Command::SetDataNodeState { id, state } => match self.data_nodes.get_mut(id) {
                 Some(node) => {
@@ -329,33 +316,9 @@ impl MetaState {
                 )),
                 None => rejected(format!("shard {shard} has no lease")),
             },
-            Command::CreateSnapshot { glt } => {
-                let id = self.next_snapshot_id;
-                self.next_snapshot_id += 1;
-                let regions = self.regions.keys().map(|name| (name.clone(), SnapshotStatus::Pending)).collect();
-                let snapshot = Snapshot { glt: *glt, regions, created_ms: at_ms, readable_after_us: BTreeMap::new() };
-                self.snapshots.insert(id, snapshot);
-                // The catalog keeps the newest SNAPSHOTS_KEPT (scheduled snapshots never end).
-                while self.snapshots.len() > SNAPSHOTS_KEPT {
-                    self.snapshots.pop_first();
-                }
-                Outcome::SnapshotCreated { id }
-            }
+            Command::CreateSnapshot { glt } => self.create_snapshot(at_ms, *glt),
             Command::SetSnapshotStatus { id, region, status, after_us } => {
-                let Some(snapshot) = self.snapshots.get_mut(id) else {
-                    return rejected(format!("unknown snapshot {id}"));
-                };
-                let Some(current) = snapshot.regions.get_mut(region) else {
-                    return rejected(format!("snapshot {id} does not cover region {region:?}"));
-                };
-                if *current != SnapshotStatus::Pending && *current != *status {
-                    return rejected(format!("snapshot {id} is already {current:?} in {region:?}"));
-                }
-                *current = *status;
-                if let (SnapshotStatus::Readable, Some(after_us)) = (status, after_us) {
-                    snapshot.readable_after_us.entry(region.clone()).or_insert(*after_us);
-                }
-                Outcome::Done
+                self.set_snapshot_status(*id, region, *status, *after_us)
             }
             Command::SetConfig { key, value } => {
                 if key.is_empty() {
@@ -365,6 +328,50 @@ impl MetaState {
                 Outcome::Done
             }
         }
+    }
+
+    fn register_data_node(&mut self, id: &str, node: DataNode) -> Outcome {
+        let Some(known) = self.regions.get(&node.region) else {
+            return rejected(format!("unknown region {:?}", node.region));
+        };
+        if !known.zones.contains(&node.zone) {
+            return rejected(format!("region {:?} has no zone {:?}", node.region, node.zone));
+        }
+        if node.shards == 0 {
+            return rejected("a data node needs at least one shard");
+        }
+        self.data_nodes.insert(id.to_owned(), node);
+        Outcome::Done
+    }
+
+    fn create_snapshot(&mut self, at_ms: u64, glt: u64) -> Outcome {
+        let id = self.next_snapshot_id;
+        self.next_snapshot_id += 1;
+        let regions = self.regions.keys().map(|name| (name.clone(), SnapshotStatus::Pending)).collect();
+        let snapshot = Snapshot { glt, regions, created_ms: at_ms, readable_after_us: BTreeMap::new() };
+        self.snapshots.insert(id, snapshot);
+        // The catalog keeps the newest SNAPSHOTS_KEPT (scheduled snapshots never end).
+        while self.snapshots.len() > SNAPSHOTS_KEPT {
+            self.snapshots.pop_first();
+        }
+        Outcome::SnapshotCreated { id }
+    }
+
+    fn set_snapshot_status(&mut self, id: u64, region: &str, status: SnapshotStatus, after_us: Option<u64>) -> Outcome {
+        let Some(snapshot) = self.snapshots.get_mut(&id) else {
+            return rejected(format!("unknown snapshot {id}"));
+        };
+        let Some(current) = snapshot.regions.get_mut(region) else {
+            return rejected(format!("snapshot {id} does not cover region {region:?}"));
+        };
+        if *current != SnapshotStatus::Pending && *current != status {
+            return rejected(format!("snapshot {id} is already {current:?} in {region:?}"));
+        }
+        *current = status;
+        if let (SnapshotStatus::Readable, Some(after_us)) = (status, after_us) {
+            snapshot.readable_after_us.entry(region.to_owned()).or_insert(after_us);
+        }
+        Outcome::Done
     }
 
     fn acquire_lease(&mut self, at_ms: u64, shard: u32, holder: &str, duration_ms: u64) -> Outcome {

@@ -775,75 +775,10 @@ impl Node {
                 Response::Time { interval, hold_ns: timesource::mono_ns().saturating_sub(received) }
             }
             Request::Write(command) => self.write(command).await,
-            Request::Read { linearizable } => {
-                if linearizable {
-                    // A heartbeat round that a quorum did not answer in time (a slow follower, a
-                    // busy machine) is asked again: the read is still safe, only later.
-                    let mut attempt = 1;
-                    loop {
-                        match self.raft.ensure_linearizable().await {
-                            Ok(_) => break,
-                            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
-                                return self.leader_hint(forward.leader_id);
-                            }
-                            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
-                                if attempt < LINEARIZABLE_ATTEMPTS =>
-                            {
-                                attempt += 1;
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                            Err(error) => return Response::Error { message: error.to_string() },
-                        }
-                    }
-                }
-                let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
-                Response::State {
-                    meta: applied.meta.clone(),
-                    applied_index: applied.last_applied.map(|id| id.index),
-                    members: applied.membership.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
-                }
-            }
+            Request::Read { linearizable } => self.read(linearizable).await,
             Request::Status => Response::Status(Box::new(self.status())),
-            Request::Heartbeat { id, wal_bytes } => {
-                let metrics = self.raft.metrics().borrow().clone();
-                if metrics.state != ServerState::Leader {
-                    return self.leader_hint(metrics.current_leader);
-                }
-                if !self.applied.read().unwrap_or_else(PoisonError::into_inner).meta.data_nodes.contains_key(&id) {
-                    return Response::Error { message: format!("data node {id:?} is not registered") };
-                }
-                let every = self.config.snapshots.every_wal_bytes;
-                if lock(&self.wal_volume).report(metrics.current_term, &id, wal_bytes, every) {
-                    self.snapshot_due.notify_one();
-                }
-                lock(&self.heartbeats).insert(id, timesource::unix_ms());
-                Response::Ok
-            }
-            Request::AddVoter { id, addr } => {
-                // Only a running node with that id may become a voter: an unreachable voter
-                // would weaken the quorum from the moment it is added.
-                match self.connector.call(&addr, &Request::Status, Duration::from_secs(2)).await {
-                    Ok(Response::Status(status)) if status.node_id == id => {}
-                    Ok(Response::Status(status)) => {
-                        return Response::Error {
-                            message: format!("the node at {addr} is node {}, not node {id}", status.node_id),
-                        };
-                    }
-                    Ok(other) => return Response::Error { message: format!("node {id} at {addr} answered {other:?}") },
-                    Err(error) => {
-                        return Response::Error { message: format!("node {id} does not answer at {addr}: {error}") };
-                    }
-                }
-                let node = ControlNode { addr };
-                match self.raft.add_learner(id, node, true).await {
-                    Ok(_) => {}
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                        return self.leader_hint(forward.leader_id);
-                    }
-                    Err(error) => return Response::Error { message: format!("adding learner {id}: {error}") },
-                }
-                self.change_membership(ChangeMembers::AddVoterIds([id].into())).await
-            }
+            Request::Heartbeat { id, wal_bytes } => self.heartbeat(id, wal_bytes),
+            Request::AddVoter { id, addr } => self.add_voter(id, addr).await,
             Request::RemoveVoter { id } => {
                 if !self.members().iter().any(|member| member.id == id && member.voter) {
                     return Response::Error { message: format!("node {id} is not a voter") };
@@ -860,6 +795,81 @@ impl Node {
                 Response::Ok
             }
         }
+    }
+
+    /// The metadata as applied here; `linearizable`: first confirmed current by a quorum.
+    async fn read(&self, linearizable: bool) -> Response {
+        if linearizable {
+            // A heartbeat round that a quorum did not answer in time (a slow follower, a busy
+            // machine) is asked again: the read is still safe, only later.
+            let mut attempt = 1;
+            loop {
+                match self.raft.ensure_linearizable().await {
+                    Ok(_) => break,
+                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                        return self.leader_hint(forward.leader_id);
+                    }
+                    Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
+                        if attempt < LINEARIZABLE_ATTEMPTS =>
+                    {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(error) => return Response::Error { message: error.to_string() },
+                }
+            }
+        }
+        let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+        Response::State {
+            meta: applied.meta.clone(),
+            applied_index: applied.last_applied.map(|id| id.index),
+            members: applied.membership.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
+        }
+    }
+
+    /// A data node's heartbeat (at the leader): its liveness, and its WAL volume for
+    /// snapshots taken on volume.
+    fn heartbeat(&self, id: String, wal_bytes: u64) -> Response {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return self.leader_hint(metrics.current_leader);
+        }
+        if !self.applied.read().unwrap_or_else(PoisonError::into_inner).meta.data_nodes.contains_key(&id) {
+            return Response::Error { message: format!("data node {id:?} is not registered") };
+        }
+        let every = self.config.snapshots.every_wal_bytes;
+        if lock(&self.wal_volume).report(metrics.current_term, &id, wal_bytes, every) {
+            self.snapshot_due.notify_one();
+        }
+        lock(&self.heartbeats).insert(id, timesource::unix_ms());
+        Response::Ok
+    }
+
+    /// Adds node `id` at `addr` as a learner, then a voter, once it answers there as `id`.
+    async fn add_voter(&self, id: NodeId, addr: String) -> Response {
+        // Only a running node with that id may become a voter: an unreachable voter would
+        // weaken the quorum from the moment it is added.
+        match self.connector.call(&addr, &Request::Status, Duration::from_secs(2)).await {
+            Ok(Response::Status(status)) if status.node_id == id => {}
+            Ok(Response::Status(status)) => {
+                return Response::Error {
+                    message: format!("the node at {addr} is node {}, not node {id}", status.node_id),
+                };
+            }
+            Ok(other) => return Response::Error { message: format!("node {id} at {addr} answered {other:?}") },
+            Err(error) => {
+                return Response::Error { message: format!("node {id} does not answer at {addr}: {error}") };
+            }
+        }
+        let node = ControlNode { addr };
+        match self.raft.add_learner(id, node, true).await {
+            Ok(_) => {}
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                return self.leader_hint(forward.leader_id);
+            }
+            Err(error) => return Response::Error { message: format!("adding learner {id}: {error}") },
+        }
+        self.change_membership(ChangeMembers::AddVoterIds([id].into())).await
     }
 
     async fn change_membership(&self, change: ChangeMembers<NodeId, ControlNode>) -> Response {

@@ -464,7 +464,36 @@ impl NodeConfig {
         if port != 0 && usize::from(port) + shards > usize::from(u16::MAX) {
             return Err(invalid("listen", format!("ports {port}..{port}+{shards} exceed 65535")));
         }
+        let store = self.resolve_store()?;
+        let server = self.resolve_server(&store)?;
+        let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
+        let replication =
+            self.replication.as_ref().map(|section| section.resolve(shards, control.is_some())).transpose()?;
+        if let (Some(repl), Some(control)) = (&replication, &control) {
+            // The agent holds the leases of the shards homed in its region; the replication
+            // takes their writes in its own: they must be the same region.
+            if repl.homes.is_empty() && repl.region != control.region {
+                return Err(invalid(
+                    "replication.region",
+                    format!(
+                        "`{}` differs from control.region `{}`: with each shard's home from the placement \
+                         they must name the same region",
+                        repl.region, control.region
+                    ),
+                ));
+            }
+        }
+        let metrics = self
+            .metrics
+            .as_ref()
+            .map(|section| socket_addr("metrics.listen", section.listen.as_ref(), &invalid))
+            .transpose()?;
+        Ok(Resolved { data_dir, host, port, shards, server, store, control, replication, metrics })
+    }
 
+    /// `[wal]`, `[store]` and the store's `[limits]`, checked.
+    fn resolve_store(&self) -> Result<StoreConfig, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid { field: field.to_string(), reason };
         let mut wal = WalConfig::new(PathBuf::new(), 0);
         wal.record_payload_bytes_max = limits::STORE_RECORD_BYTES_MAX_DEFAULT;
         let w = &self.wal;
@@ -510,7 +539,13 @@ impl NodeConfig {
             crate::store::StoreError::Config { field, reason } => invalid(section_of(field), reason),
             other => invalid("store", other.to_string()),
         })?;
+        Ok(store)
+    }
 
+    /// The endpoint's `[limits]`, checked against the store's.
+    fn resolve_server(&self, store: &StoreConfig) -> Result<ServerLimits, ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid { field: field.to_string(), reason };
+        let l = &self.limits;
         let mut server = ServerLimits::default();
         set(&mut server.frame_payload_bytes_max, l.frame_bytes_max);
         set(&mut server.inflight_per_connection, l.inflight_per_connection);
@@ -537,29 +572,7 @@ impl NodeConfig {
         if server.connections_max == 0 {
             return Err(invalid("limits.connections_max", "must be at least 1".into()));
         }
-        let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
-        let replication =
-            self.replication.as_ref().map(|section| section.resolve(shards, control.is_some())).transpose()?;
-        if let (Some(repl), Some(control)) = (&replication, &control) {
-            // The agent holds the leases of the shards homed in its region; the replication
-            // takes their writes in its own: they must be the same region.
-            if repl.homes.is_empty() && repl.region != control.region {
-                return Err(invalid(
-                    "replication.region",
-                    format!(
-                        "`{}` differs from control.region `{}`: with each shard's home from the placement \
-                         they must name the same region",
-                        repl.region, control.region
-                    ),
-                ));
-            }
-        }
-        let metrics = self
-            .metrics
-            .as_ref()
-            .map(|section| socket_addr("metrics.listen", section.listen.as_ref(), &invalid))
-            .transpose()?;
-        Ok(Resolved { data_dir, host, port, shards, server, store, control, replication, metrics })
+        Ok(server)
     }
 }
 

@@ -47,57 +47,10 @@ pub fn run(
     let _lock = lock_data_dir(&config.data_dir)?;
     check_origin(&config.data_dir, config.replication.as_ref().and_then(|repl| repl.origin))?;
     let mut config = config.clone();
-    let link = match &config.control {
-        Some(control) => {
-            let shards = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
-            let capacity = crate::control::capacity_bytes(&config.data_dir);
-            // Every shard's WAL adds its bytes here; heartbeats report the sum.
-            let wal_volume = Arc::new(std::sync::atomic::AtomicU64::new(0));
-            config.store.wal.volume = Some(wal_volume.clone());
-            let read_homes = config.replication.as_ref().is_some_and(|repl| repl.homes.is_empty());
-            let link = ControlLink::start(control, shards, capacity, wal_volume, read_homes)?;
-            tracing::info!(seeds = %control.seeds.join(","), "GLTS interval from the control plane");
-            config.store.clock = link.clock();
-            Some(Arc::new(link))
-        }
-        None => None,
-    };
+    let link = start_control_link(&mut config)?;
     let runtime = RuntimeConfig { shards: config.shards, name: "meridian-shard".into(), ..RuntimeConfig::default() };
     let shard_count = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
-    let mut map = ShardMap::new(config.shards);
-    let mut shard_sides = Vec::new();
-    if let Some(repl) = config.replication.as_mut().filter(|repl| repl.homes.is_empty()) {
-        let placement = link.as_ref().and_then(|link| link.placement()).ok_or("replication: no home regions")?;
-        repl.place(shard_count, placement)?;
-    }
-    let replication = match &config.replication {
-        Some(repl) => {
-            let mut thread_sides = Vec::new();
-            for shard in 0..shard_count {
-                let store = config.store_for(shard);
-                let (shard_side, thread_side) = crate::repl::shard_link(|tail| {
-                    ShardFiles::new(store.dir.clone(), shard, store.wal.record_payload_bytes_max, Some(tail))
-                });
-                shard_sides.push(Some(shard_side));
-                thread_sides.push(thread_side);
-            }
-            let replication = Replication::start(repl.clone(), thread_sides, config.store.clock.clone())?;
-            tracing::info!(
-                region = %repl.region,
-                roles = %repl.roles(),
-                endpoint = %replication.addr(),
-                "replication started"
-            );
-            map = map.with_replication(replication.resolved());
-            Some(replication)
-        }
-        None => {
-            // Snapshot reads on a node that does not replicate wait for its own shards only.
-            let homes = vec!["local".to_owned(); config.shards];
-            map = map.with_readable(Arc::new(crate::repl::Resolved::new("local", &homes)));
-            None
-        }
-    };
+    let Replicating { replication, shard_sides, map } = start_replication(&mut config, link.as_deref(), shard_count)?;
     let shard_sides = Arc::new(std::sync::Mutex::new(shard_sides));
     notify::status("recovering");
     let serving = link.clone();
@@ -142,6 +95,63 @@ pub fn run(
     let results = results?;
     let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
+}
+
+/// With `[control]`: joins the control plane (agent thread, GLTS clock, WAL volume for the
+/// heartbeats) and makes its clock the store's.
+fn start_control_link(config: &mut Resolved) -> Result<Option<Arc<ControlLink>>, String> {
+    let Some(control) = &config.control else { return Ok(None) };
+    let shards = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
+    let capacity = crate::control::capacity_bytes(&config.data_dir);
+    // Every shard's WAL adds its bytes here; heartbeats report the sum.
+    let wal_volume = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    config.store.wal.volume = Some(wal_volume.clone());
+    let read_homes = config.replication.as_ref().is_some_and(|repl| repl.homes.is_empty());
+    let link = ControlLink::start(control, shards, capacity, wal_volume, read_homes)?;
+    tracing::info!(seeds = %control.seeds.join(","), "GLTS interval from the control plane");
+    config.store.clock = link.clock();
+    Ok(Some(Arc::new(link)))
+}
+
+/// The replication thread, each shard's side of its link, and the shard map that knows what
+/// is readable.
+struct Replicating {
+    replication: Option<Replication>,
+    shard_sides: Vec<Option<ShardSide>>,
+    map: ShardMap,
+}
+
+/// With `[replication]`: places the shards (from the control plane when the config names no
+/// home) and starts the replication thread; without, snapshot reads wait for the node's own
+/// shards only.
+fn start_replication(
+    config: &mut Resolved,
+    link: Option<&ControlLink>,
+    shard_count: u32,
+) -> Result<Replicating, String> {
+    if let Some(repl) = config.replication.as_mut().filter(|repl| repl.homes.is_empty()) {
+        let placement = link.and_then(ControlLink::placement).ok_or("replication: no home regions")?;
+        repl.place(shard_count, placement)?;
+    }
+    let map = ShardMap::new(config.shards);
+    let Some(repl) = &config.replication else {
+        let homes = vec!["local".to_owned(); config.shards];
+        let map = map.with_readable(Arc::new(crate::repl::Resolved::new("local", &homes)));
+        return Ok(Replicating { replication: None, shard_sides: Vec::new(), map });
+    };
+    let (mut shard_sides, mut thread_sides) = (Vec::new(), Vec::new());
+    for shard in 0..shard_count {
+        let store = config.store_for(shard);
+        let (shard_side, thread_side) = crate::repl::shard_link(|tail| {
+            ShardFiles::new(store.dir.clone(), shard, store.wal.record_payload_bytes_max, Some(tail))
+        });
+        shard_sides.push(Some(shard_side));
+        thread_sides.push(thread_side);
+    }
+    let replication = Replication::start(repl.clone(), thread_sides, config.store.clock.clone())?;
+    tracing::info!(region = %repl.region, roles = %repl.roles(), endpoint = %replication.addr(), "replication started");
+    let map = map.with_replication(replication.resolved());
+    Ok(Replicating { replication: Some(replication), shard_sides, map })
 }
 
 /// What a shard reports to and hears from the node: readiness, the stop request, progress.

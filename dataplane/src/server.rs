@@ -597,93 +597,113 @@ impl Endpoint {
     }
 
     async fn run(&self, seq: u64, request: Request<'_>, out: &mut Vec<u8>) -> Result<(), (ErrorCode, String)> {
-        let store = &self.store;
-        let respond = |out: &mut Vec<u8>, body: &dyn Fn(&mut Vec<u8>)| {
-            // Responses are bounded by the value limit, far below the record limit.
-            let _ = proto::frame(out, RecordType::Response, seq, |out| body(out));
-        };
         match request {
             Request::Hello => {
                 let addresses = self.map.addresses();
-                respond(out, &|out| proto::encode_hello(self.shard_id, addresses.iter().map(String::as_str), out));
+                respond(out, seq, &|out| proto::encode_hello(self.shard_id, addresses.iter().map(String::as_str), out));
             }
-            Request::Replication => {
-                let Some(resolved) = &self.map.replication else {
-                    return Err((ErrorCode::Unavailable, "this node has no [replication] section".into()));
-                };
-                let interval = store.config().clock.interval().map_err(|error| map_error(error.into()))?;
-                let now_ts = crate::store::clock::timestamp_at(interval.earliest_us);
-                let sources = resolved.sources();
-                let statuses: Vec<proto::SourceStatus<'_>> = sources
-                    .iter()
-                    .map(|source| proto::SourceStatus {
-                        region: &source.region,
-                        resolved_ts: source.resolved_ts,
-                        shards_closed: source.shards_closed,
-                        shards: source.shards,
-                    })
-                    .collect();
-                respond(out, &|out| proto::encode_replication(now_ts, resolved.region(), &statuses, out));
-            }
+            Request::Replication => self.replication_status(seq, out)?,
             Request::WaitReadable { ts, timeout_ms } => {
                 let (readable_ts, at_us) = self.wait_readable(ts, timeout_ms).await?;
-                respond(out, &|out| proto::encode_readable(readable_ts, at_us, out));
+                respond(out, seq, &|out| proto::encode_readable(readable_ts, at_us, out));
             }
+            Request::Put { .. } | Request::Delete { .. } | Request::BatchPut { .. } => {
+                self.run_write(seq, request, out).await?;
+            }
+            read => self.run_read(seq, read, out).await?,
+        }
+        Ok(())
+    }
+
+    /// The replication status: per source region, its resolved timestamp, against this node's
+    /// clock.
+    fn replication_status(&self, seq: u64, out: &mut Vec<u8>) -> Result<(), (ErrorCode, String)> {
+        let Some(resolved) = &self.map.replication else {
+            return Err((ErrorCode::Unavailable, "this node has no [replication] section".into()));
+        };
+        let interval = self.store.config().clock.interval().map_err(|error| map_error(error.into()))?;
+        let now_ts = crate::store::clock::timestamp_at(interval.earliest_us);
+        let sources = resolved.sources();
+        let statuses: Vec<proto::SourceStatus<'_>> = sources
+            .iter()
+            .map(|source| proto::SourceStatus {
+                region: &source.region,
+                resolved_ts: source.resolved_ts,
+                shards_closed: source.shards_closed,
+                shards: source.shards,
+            })
+            .collect();
+        respond(out, seq, &|out| proto::encode_replication(now_ts, resolved.region(), &statuses, out));
+        Ok(())
+    }
+
+    /// A put, delete or batch put: answered with the version's timestamp once durable.
+    async fn run_write(&self, seq: u64, request: Request<'_>, out: &mut Vec<u8>) -> Result<(), (ErrorCode, String)> {
+        let store = &self.store;
+        let ts = match request {
             Request::Put { key, value } => {
                 self.check_owner(key)?;
-                let ts = store.put(key, value).await.map_err(map_error)?;
-                respond(out, &|out| proto::encode_written(ts, out));
+                store.put(key, value).await
             }
             Request::Delete { key } => {
                 self.check_owner(key)?;
-                let ts = store.delete(key).await.map_err(map_error)?;
-                respond(out, &|out| proto::encode_written(ts, out));
+                store.delete(key).await
             }
             Request::BatchPut { items } => {
                 for (key, _) in items.iter() {
                     self.check_owner(key)?;
                 }
-                let ts = store.write(BatchIter { inner: items.iter(), len: items.len() }).await.map_err(map_error)?;
-                respond(out, &|out| proto::encode_written(ts, out));
+                store.write(BatchIter { inner: items.iter(), len: items.len() }).await
             }
+            _ => return Err((ErrorCode::BadRequest, "not a write".into())),
+        }
+        .map_err(map_error)?;
+        respond(out, seq, &|out| proto::encode_written(ts, out));
+        Ok(())
+    }
+
+    /// A read: get, range, chunk references, stat or listing.
+    async fn run_read(&self, seq: u64, request: Request<'_>, out: &mut Vec<u8>) -> Result<(), (ErrorCode, String)> {
+        let store = &self.store;
+        let value = |out: &mut Vec<u8>, ts: u64, value: &[u8]| {
+            respond(out, seq, &|out| {
+                out.reserve(value.len() + 9);
+                proto::encode_value_head(ts, out);
+                out.extend_from_slice(value);
+            });
+        };
+        let not_found = |out: &mut Vec<u8>| respond(out, seq, &proto::encode_not_found);
+        match request {
             Request::Get { key, at } => {
                 self.check_owner(key)?;
                 match store.get(key, at).await.map_err(map_error)? {
-                    Some((ts, value)) => respond(out, &|out| {
-                        out.reserve(value.len() + 9);
-                        proto::encode_value_head(ts, out);
-                        out.extend_from_slice(&value);
-                    }),
-                    None => respond(out, &proto::encode_not_found),
+                    Some((ts, found)) => value(out, ts, &found),
+                    None => not_found(out),
                 }
             }
             Request::ChunkRefs { key, at } => {
                 self.check_owner(key)?;
                 match store.chunk_refs(key, at).map_err(map_error)? {
                     Some(found) => {
-                        respond(out, &|out| proto::encode_chunk_refs(found.ts, found.size, &found.chunks, out))
+                        respond(out, seq, &|out| proto::encode_chunk_refs(found.ts, found.size, &found.chunks, out));
                     }
-                    None => respond(out, &proto::encode_not_found),
+                    None => not_found(out),
                 }
             }
             Request::GetRange { key, at, offset, len } => {
                 self.check_owner(key)?;
                 match store.get_range(key, at, offset, u64::from(len)).await.map_err(map_error)? {
-                    Some((ts, value)) => respond(out, &|out| {
-                        out.reserve(value.len() + 9);
-                        proto::encode_value_head(ts, out);
-                        out.extend_from_slice(&value);
-                    }),
-                    None => respond(out, &proto::encode_not_found),
+                    Some((ts, found)) => value(out, ts, &found),
+                    None => not_found(out),
                 }
             }
             Request::Stat { key, at } => {
                 self.check_owner(key)?;
                 match store.stat(key, at).map_err(map_error)? {
-                    Some(stat) => {
-                        respond(out, &|out| proto::encode_stat(stat.ts, stat.size, stat.chunks, stat.versions, out));
-                    }
-                    None => respond(out, &proto::encode_not_found),
+                    Some(stat) => respond(out, seq, &|out| {
+                        proto::encode_stat(stat.ts, stat.size, stat.chunks, stat.versions, out);
+                    }),
+                    None => not_found(out),
                 }
             }
             Request::List { prefix, start_after, limit, at } => {
@@ -695,11 +715,18 @@ impl Endpoint {
                     (true, Some(last)) => &last.key,
                     _ => &[],
                 };
-                respond(out, &|out| proto::encode_listing(&entries, next, out));
+                respond(out, seq, &|out| proto::encode_listing(&entries, next, out));
             }
+            _ => return Err((ErrorCode::BadRequest, "not a read".into())),
         }
         Ok(())
     }
+}
+
+/// Frames the response to request `seq`, its body written by `body`. Responses are bounded by
+/// the value limit, far below the record limit.
+fn respond(out: &mut Vec<u8>, seq: u64, body: &dyn Fn(&mut Vec<u8>)) {
+    let _ = proto::frame(out, RecordType::Response, seq, |out| body(out));
 }
 
 /// The pairs of a batch put as (key, Some(value)).

@@ -327,19 +327,7 @@ impl Archive {
         if !self.locks("prune").await?.is_empty() {
             return Err(ArchiveError::Busy("a prune is running; export again when it is done".into()));
         }
-        // The archive's indexes are read while the cluster is asked for the snapshot's keys.
-        let listing = async {
-            client.wait_readable(glt, Duration::from_secs(60)).await?;
-            client.list_all(b"", Some(glt)).await
-        };
-        let archived = async {
-            let archived = self.snapshots().await?;
-            if archived.iter().any(|index| index.id == id) {
-                return Err(ArchiveError::Exists(id));
-            }
-            Ok(archived)
-        };
-        let (archived, listed) = tokio::try_join!(archived, async { listing.await.map_err(ArchiveError::from) })?;
+        let (archived, listed) = self.archived_and_listed(client, id, glt).await?;
         // Every stored chunk, for dedup, and the parent's keys, for the increment.
         let mut known: ChunkMap<Location> = ChunkMap::default();
         for index in &archived {
@@ -395,21 +383,7 @@ impl Archive {
             }
             stats.keys_read += 1;
             stats.bytes_read += size;
-            let mut ids = Vec::with_capacity(pieces.len());
-            for piece in pieces {
-                if let Some(location) = known.get(&piece.id).or_else(|| chunks.get(&piece.id)).copied() {
-                    stats.chunks_reused += 1;
-                    chunks.insert(piece.id, location);
-                } else if let (false, Some(entry)) = (writer.holds(&piece.id), piece.entry) {
-                    stats.chunks_new += 1;
-                    for (flushed_id, location) in writer.add(&piece.id, &entry, piece.raw_len).await? {
-                        chunks.insert(flushed_id, location);
-                    }
-                } else {
-                    stats.chunks_reused += 1;
-                }
-                ids.push(piece.id);
-            }
+            let ids = writer.place(pieces, &known, &mut chunks, &mut stats).await?;
             keys.push(KeyEntry { key: entry.key.clone(), ts: entry.ts, size, chunks: ids, stored });
             progress(done as u64 + 1, total);
         }
@@ -421,6 +395,28 @@ impl Archive {
         stats.keys = total;
         stats.elapsed = started.elapsed();
         Ok(stats)
+    }
+
+    /// The archived snapshots (none of them `id`) and the cluster's keys at `glt` once readable
+    /// there: the indexes are read while the cluster is asked.
+    async fn archived_and_listed(
+        &self,
+        client: &Client,
+        id: u64,
+        glt: u64,
+    ) -> Result<(Vec<SnapshotIndex>, Vec<crate::Entry>), ArchiveError> {
+        let listing = async {
+            client.wait_readable(glt, Duration::from_secs(60)).await?;
+            client.list_all(b"", Some(glt)).await
+        };
+        let archived = async {
+            let archived = self.snapshots().await?;
+            if archived.iter().any(|index| index.id == id) {
+                return Err(ArchiveError::Exists(id));
+            }
+            Ok(archived)
+        };
+        tokio::try_join!(archived, async { listing.await.map_err(ArchiveError::from) })
     }
 
     /// The end of an export: waits until every pack `writer` started is durable, then writes
@@ -905,6 +901,33 @@ impl PackWriter {
         self.held.insert(*id);
         self.pending.push((*id, offset, len, raw_len));
         if self.buffer.len() >= PACK_BYTES { self.flush().await } else { Ok(Vec::new()) }
+    }
+
+    /// Places a value's chunks: each is stored already (an earlier snapshot, or this one), or
+    /// goes into a pack; returns their ids in order and counts them in `stats`.
+    async fn place(
+        &mut self,
+        pieces: Vec<Piece>,
+        known: &ChunkMap<Location>,
+        chunks: &mut ChunkMap<Location>,
+        stats: &mut ExportStats,
+    ) -> Result<Vec<ChunkId>, ArchiveError> {
+        let mut ids = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            if let Some(location) = known.get(&piece.id).or_else(|| chunks.get(&piece.id)).copied() {
+                stats.chunks_reused += 1;
+                chunks.insert(piece.id, location);
+            } else if let (false, Some(entry)) = (self.holds(&piece.id), piece.entry) {
+                stats.chunks_new += 1;
+                for (flushed_id, location) in self.add(&piece.id, &entry, piece.raw_len).await? {
+                    chunks.insert(flushed_id, location);
+                }
+            } else {
+                stats.chunks_reused += 1;
+            }
+            ids.push(piece.id);
+        }
+        Ok(ids)
     }
 
     /// Starts writing the pack (named by its content's hash) and returns where its chunks are.

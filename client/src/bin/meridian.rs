@@ -258,34 +258,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let value_bytes_max = u64::from(config.frame_payload_bytes_max);
     let client = Client::connect(&cli.addr, config).await?;
     let mut stdout = std::io::stdout().lock();
+    let json = cli.json;
     match &cli.command {
-        Command::Put { key, file, value } => {
-            let (value, progress) = match (value, file.as_deref()) {
-                (Some(value), _) => (value.clone().into_bytes(), None),
-                (None, Some(path)) if path != Path::new("-") => read_file(path, value_bytes_max)?,
-                (None, _) => (read_stdin(value_bytes_max)?, None),
-            };
-            if let Some(progress) = &progress {
-                progress.set_message("writing");
-            }
-            let result = client.put(key.as_bytes(), &value).await;
-            if let Some(progress) = progress {
-                progress.finish_and_clear();
-            }
-            let ts = result.with_context(|| format!("put {key:?}"))?;
-            if cli.json {
-                print_json(&mut stdout, &Written { key, ts, size: Some(value.len()) })?;
-            } else {
-                writeln!(stdout, "{ts}")?;
-            }
-        }
+        Command::Put { key, file, value } => put(&client, key, file.as_deref(), value, value_bytes_max, json).await?,
         Command::Get { key, at, output } => {
             let found = client.get(key.as_bytes(), *at).await.with_context(|| format!("get {key:?}"))?;
             let versioned = found.ok_or(ClientError::NotFound).with_context(|| format!("get {key:?}"))?;
             match output {
                 Some(path) => {
                     write_file(path, &versioned.value)?;
-                    if cli.json {
+                    if json {
                         let fetched = Fetched { key, ts: versioned.ts, size: versioned.value.len(), path };
                         print_json(&mut stdout, &fetched)?;
                     }
@@ -297,36 +279,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Ls { prefix, limit, start_after, at, all } => {
-            let mut start_after = start_after.clone().unwrap_or_default().into_bytes();
-            let mut listed = Vec::new();
-            let next = loop {
-                let page = client
-                    .list(prefix.as_bytes(), &start_after, *limit, *at)
-                    .await
-                    .with_context(|| format!("ls {prefix:?}"))?;
-                if cli.json {
-                    listed.extend(page.entries.iter().map(listed_entry));
-                } else {
-                    for entry in &page.entries {
-                        writeln!(stdout, "{}\t{}\t{}", String::from_utf8_lossy(&entry.key), entry.size, entry.ts)?;
-                    }
-                }
-                match page.next {
-                    Some(next) if *all => start_after = next,
-                    next => break next.map(|next| String::from_utf8_lossy(&next).into_owned()),
-                }
-            };
-            if cli.json {
-                print_json(&mut stdout, &ListOutput { entries: listed, next })?;
-            } else if let Some(next) = next {
-                eprintln!(
-                    "meridian: more keys follow; continue with --start-after {next:?} or list them all with --all"
-                );
-            }
+            let start_after = start_after.clone().unwrap_or_default().into_bytes();
+            list(&client, prefix, *limit, start_after, *at, *all, json).await?;
         }
         Command::Rm { key } => {
             let ts = client.delete(key.as_bytes()).await.with_context(|| format!("rm {key:?}"))?;
-            if cli.json {
+            if json {
                 print_json(&mut stdout, &Written { key, ts, size: None })?;
             } else {
                 writeln!(stdout, "{ts}")?;
@@ -335,7 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stat { key, at } => {
             let found = client.stat(key.as_bytes(), *at).await.with_context(|| format!("stat {key:?}"))?;
             let stat = found.ok_or(ClientError::NotFound).with_context(|| format!("stat {key:?}"))?;
-            if cli.json {
+            if json {
                 let output =
                     StatOutput { key, ts: stat.ts, size: stat.size, chunks: stat.chunks, versions: stat.versions };
                 print_json(&mut stdout, &output)?;
@@ -347,40 +305,109 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(stdout, "versions\t{}", stat.versions)?;
             }
         }
-        Command::Replication { command: ReplicationCommand::Status } => {
-            let status = client.replication_status().await.context("replication status")?;
-            let sources: Vec<SourceOutput> = status
-                .sources
-                .iter()
-                .map(|source| SourceOutput {
-                    region: source.region.clone(),
-                    resolved_ts: source.resolved_ts,
-                    lag_us: source.lag_us(status.now_ts),
-                    shards_closed: source.shards_closed,
-                    shards: source.shards,
-                })
-                .collect();
-            if cli.json {
-                print_json(&mut stdout, &ReplicationOutput { region: status.region, now_ts: status.now_ts, sources })?;
-            } else {
-                writeln!(stdout, "region	{}", status.region)?;
-                if sources.is_empty() {
-                    writeln!(stdout, "no region ships to this node (every shard is homed here)")?;
-                }
-                for source in &sources {
-                    let lag =
-                        source.lag_us.map_or("unknown".to_string(), |lag| format!("{:.1} ms", lag as f64 / 1000.0));
-                    writeln!(
-                        stdout,
-                        "from {}	resolved_ts {}	lag {lag}	shards {}/{}",
-                        source.region, source.resolved_ts, source.shards_closed, source.shards
-                    )?;
-                }
-            }
-        }
+        Command::Replication { command: ReplicationCommand::Status } => replication_status(&client, json).await?,
         Command::Cluster(_) | Command::Snapshot(_) => {
             unreachable!("main runs control-plane commands with cluster::run and cluster::run_snapshot")
         }
+    }
+    Ok(())
+}
+
+/// `meridian put`: the value from the argument, a file (with progress) or stdin.
+async fn put(
+    client: &Client,
+    key: &str,
+    file: Option<&Path>,
+    value: &Option<String>,
+    value_bytes_max: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (value, progress) = match (value, file) {
+        (Some(value), _) => (value.clone().into_bytes(), None),
+        (None, Some(path)) if path != Path::new("-") => read_file(path, value_bytes_max)?,
+        (None, _) => (read_stdin(value_bytes_max)?, None),
+    };
+    if let Some(progress) = &progress {
+        progress.set_message("writing");
+    }
+    let result = client.put(key.as_bytes(), &value).await;
+    if let Some(progress) = progress {
+        progress.finish_and_clear();
+    }
+    let ts = result.with_context(|| format!("put {key:?}"))?;
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        print_json(&mut stdout, &Written { key, ts, size: Some(value.len()) })?;
+    } else {
+        writeln!(stdout, "{ts}")?;
+    }
+    Ok(())
+}
+
+/// `meridian ls`: one page, or every page with `all`.
+async fn list(
+    client: &Client,
+    prefix: &str,
+    limit: u32,
+    mut start_after: Vec<u8>,
+    at: Option<u64>,
+    all: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    let mut listed = Vec::new();
+    let next = loop {
+        let page =
+            client.list(prefix.as_bytes(), &start_after, limit, at).await.with_context(|| format!("ls {prefix:?}"))?;
+        if json {
+            listed.extend(page.entries.iter().map(listed_entry));
+        } else {
+            for entry in &page.entries {
+                writeln!(stdout, "{}\t{}\t{}", String::from_utf8_lossy(&entry.key), entry.size, entry.ts)?;
+            }
+        }
+        match page.next {
+            Some(next) if all => start_after = next,
+            next => break next.map(|next| String::from_utf8_lossy(&next).into_owned()),
+        }
+    };
+    if json {
+        print_json(&mut stdout, &ListOutput { entries: listed, next })?;
+    } else if let Some(next) = next {
+        eprintln!("meridian: more keys follow; continue with --start-after {next:?} or list them all with --all");
+    }
+    Ok(())
+}
+
+/// `meridian replication status`: the resolved timestamp and lag of every source region.
+async fn replication_status(client: &Client, json: bool) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    let status = client.replication_status().await.context("replication status")?;
+    let sources: Vec<SourceOutput> = status
+        .sources
+        .iter()
+        .map(|source| SourceOutput {
+            region: source.region.clone(),
+            resolved_ts: source.resolved_ts,
+            lag_us: source.lag_us(status.now_ts),
+            shards_closed: source.shards_closed,
+            shards: source.shards,
+        })
+        .collect();
+    if json {
+        return print_json(&mut stdout, &ReplicationOutput { region: status.region, now_ts: status.now_ts, sources });
+    }
+    writeln!(stdout, "region\t{}", status.region)?;
+    if sources.is_empty() {
+        writeln!(stdout, "no region ships to this node (every shard is homed here)")?;
+    }
+    for source in &sources {
+        let lag = source.lag_us.map_or("unknown".to_string(), |lag| format!("{:.1} ms", lag as f64 / 1000.0));
+        writeln!(
+            stdout,
+            "from {}\tresolved_ts {}\tlag {lag}\tshards {}/{}",
+            source.region, source.resolved_ts, source.shards_closed, source.shards
+        )?;
     }
     Ok(())
 }

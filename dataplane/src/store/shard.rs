@@ -602,91 +602,12 @@ impl ShardStore {
         let wal_bytes = self.wal_bytes_written();
         let durable = inner.wal.durable_next_lsn();
         let lsn = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
-        let (horizon, versions_total) = {
-            let versions = inner.versions.borrow();
-            (versions.horizon(), versions.version_total())
-        };
         let name = checkpoint::file_name(config.shard_id, lsn);
         let path = config.dir.join(&name);
         let temporary = config.dir.join(format!("{name}.tmp"));
         let fail = |message: String| StoreError::Checkpoint { path: path.display().to_string(), message };
-
-        if let Some(errno) = config.wal.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::Checkpoint)) {
-            return Err(fail(format!("create: {}", std::io::Error::from_raw_os_error(errno))));
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .dma_open(&temporary)
-            .await
-            .map_err(|error| fail(format!("create: {error}")))?;
-        // Paced: small writes, one at a time, so little sits on the disk ahead of a WAL
-        // barrier. At close nothing waits on the disk but the close itself.
-        let (piece_bytes, in_flight) = if inner.closed.get() {
-            (limits::CHECKPOINT_CLOSING_PIECE_BYTES, limits::CHECKPOINT_CLOSING_WRITES_IN_FLIGHT)
-        } else {
-            (limits::CHECKPOINT_PIECE_BYTES, limits::CHECKPOINT_WRITES_IN_FLIGHT)
-        };
-        let mut writer =
-            DmaStreamWriterBuilder::new(file).with_buffer_size(piece_bytes).with_write_behind(in_flight).build();
-        let mut piece = Vec::with_capacity(piece_bytes + 4096);
-        let mut scratch = Vec::new();
-        checkpoint::encode_header(config.shard_id, lsn, horizon, &mut piece);
-        let mut count = 0u64;
-        let mut resume: Option<Bytes> = None;
-        let (started, mut written) = (std::time::Instant::now(), 0u64);
-        loop {
-            let piece_started = std::time::Instant::now();
-            // Encode a piece while holding the map, write it without.
-            let mut last = None;
-            {
-                let versions = inner.versions.borrow();
-                for (key, chain) in versions.iter_from(resume.as_deref()) {
-                    for version in chain {
-                        checkpoint::encode_version(key, version, &mut scratch, &mut piece)
-                            .map_err(|error| fail(error.to_string()))?;
-                        count += 1;
-                    }
-                    last = Some(key.clone());
-                    if piece.len() >= piece_bytes {
-                        break;
-                    }
-                }
-            }
-            let done = last.is_none() || piece.len() < piece_bytes;
-            if done {
-                checkpoint::encode_footer(config.shard_id, lsn, horizon, count, &mut piece);
-            }
-            writer.write_all(&piece).await.map_err(|error| fail(format!("write: {error}")))?;
-            written += piece.len() as u64;
-            let piece_len = piece.len();
-            piece.clear();
-            if done {
-                break;
-            }
-            resume = last;
-            // Paced, so the writes beside it keep the CPU and the disk queue; a closing store
-            // finishes at full speed.
-            let half_interval = (config.checkpoint_wal_bytes / 2).max(1) as f64;
-            let wal_share = self.wal_bytes_written().saturating_sub(wal_bytes) as f64 / half_interval;
-            let done_share = count as f64 / versions_total.max(1) as f64;
-            let rate = checkpoint::pace_bytes_per_sec(
-                config.checkpoint_bytes_per_sec,
-                written,
-                done_share,
-                wal_share,
-                started.elapsed().as_secs_f64(),
-            );
-            if let Some(rate) = rate.filter(|_| !inner.closed.get()) {
-                let due = std::time::Duration::from_secs_f64(piece_len as f64 / rate);
-                if let Some(ahead) = due.checked_sub(piece_started.elapsed()) {
-                    glommio::timer::sleep(ahead).await;
-                }
-            }
-        }
-        // Close flushes, fdatasyncs and trims the padding; sync again for the new size.
-        writer.close().await.map_err(|error| fail(format!("close: {error}")))?;
+        let started = std::time::Instant::now();
+        let (count, written) = self.write_checkpoint_file(&temporary, lsn, wal_bytes).await.map_err(fail)?;
         // The syncs, the rename and the unlink of the previous checkpoint (hundreds of MB:
         // 90 ms) run on glommio's blocking pool, not on the executor that serves the writes.
         let (dir, shard_id, finished) = (config.dir.clone(), config.shard_id, path.clone());
@@ -699,12 +620,7 @@ impl ShardStore {
             })
             .await
             .map_err(fail)?;
-        // Read after the old checkpoint files are gone: a shipper has the shard take its pin
-        // of a checkpoint's LSN before it opens that file, so either it finds the file deleted
-        // or the pin is seen here.
-        let (hold, pin) = inner.wal_hold.get();
-        let hold = hold.max(inner.wal.keep_floor(lsn, inner.config.wal_hold_bytes_max)).min(pin);
-        let released = inner.wal.release_before(lsn.min(hold)).await?;
+        let released = self.release_wal_after_checkpoint(lsn).await?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
         inner.checkpoint_after.set(checkpoint_threshold(config.checkpoint_wal_bytes));
         tracing::info!(
@@ -721,6 +637,119 @@ impl ShardStore {
         stats.checkpoint_lsn = lsn;
         stats.segments_released += released;
         Ok(lsn)
+    }
+
+    /// Writes every version into `temporary`, a checkpoint replaying from `lsn`, in paced
+    /// pieces (`wal_bytes`: the WAL's bytes when it began, to pace against); the file is
+    /// flushed and synced. Returns the versions and bytes written.
+    async fn write_checkpoint_file(&self, temporary: &Path, lsn: u64, wal_bytes: u64) -> Result<(u64, u64), String> {
+        let inner = &self.inner;
+        let config = &inner.config;
+        if let Some(errno) = config.wal.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::Checkpoint)) {
+            return Err(format!("create: {}", std::io::Error::from_raw_os_error(errno)));
+        }
+        let (horizon, versions_total) = {
+            let versions = inner.versions.borrow();
+            (versions.horizon(), versions.version_total())
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .dma_open(temporary)
+            .await
+            .map_err(|error| format!("create: {error}"))?;
+        // Paced: small writes, one at a time, so little sits on the disk ahead of a WAL
+        // barrier. At close nothing waits on the disk but the close itself.
+        let (piece_bytes, in_flight) = if inner.closed.get() {
+            (limits::CHECKPOINT_CLOSING_PIECE_BYTES, limits::CHECKPOINT_CLOSING_WRITES_IN_FLIGHT)
+        } else {
+            (limits::CHECKPOINT_PIECE_BYTES, limits::CHECKPOINT_WRITES_IN_FLIGHT)
+        };
+        let mut writer =
+            DmaStreamWriterBuilder::new(file).with_buffer_size(piece_bytes).with_write_behind(in_flight).build();
+        let mut piece = Vec::with_capacity(piece_bytes + 4096);
+        let mut scratch = Vec::new();
+        checkpoint::encode_header(config.shard_id, lsn, horizon, &mut piece);
+        let (mut count, mut written) = (0u64, 0u64);
+        let mut resume: Option<Bytes> = None;
+        let started = std::time::Instant::now();
+        loop {
+            let piece_started = std::time::Instant::now();
+            let last = self.encode_piece(&mut resume, piece_bytes, &mut count, &mut scratch, &mut piece)?;
+            let done = last.is_none() || piece.len() < piece_bytes;
+            if done {
+                checkpoint::encode_footer(config.shard_id, lsn, horizon, count, &mut piece);
+            }
+            writer.write_all(&piece).await.map_err(|error| format!("write: {error}"))?;
+            written += piece.len() as u64;
+            let piece_len = piece.len();
+            piece.clear();
+            if done {
+                break;
+            }
+            resume = last;
+            // Paced, so the writes beside it keep the CPU and the disk queue; a closing store
+            // finishes at full speed.
+            let half_interval = (config.checkpoint_wal_bytes / 2).max(1) as f64;
+            let wal_share = self.wal_bytes_written().saturating_sub(wal_bytes) as f64 / half_interval;
+            let done_share = count as f64 / versions_total.max(1) as f64;
+            let elapsed = started.elapsed().as_secs_f64();
+            let rate = checkpoint::pace_bytes_per_sec(
+                config.checkpoint_bytes_per_sec,
+                written,
+                done_share,
+                wal_share,
+                elapsed,
+            );
+            if let Some(rate) = rate.filter(|_| !inner.closed.get()) {
+                let due = std::time::Duration::from_secs_f64(piece_len as f64 / rate);
+                if let Some(ahead) = due.checked_sub(piece_started.elapsed()) {
+                    glommio::timer::sleep(ahead).await;
+                }
+            }
+        }
+        // Close flushes, fdatasyncs and trims the padding; the caller syncs again for the size.
+        writer.close().await.map_err(|error| format!("close: {error}"))?;
+        Ok((count, written))
+    }
+
+    /// Encodes the versions of the keys after `resume` into `piece` until it holds
+    /// `piece_bytes`, holding the version map only meanwhile (the piece is written without).
+    /// Returns the last key encoded (`None`: no key was left).
+    fn encode_piece(
+        &self,
+        resume: &mut Option<Bytes>,
+        piece_bytes: usize,
+        count: &mut u64,
+        scratch: &mut Vec<u8>,
+        piece: &mut Vec<u8>,
+    ) -> Result<Option<Bytes>, String> {
+        let versions = self.inner.versions.borrow();
+        let mut last = None;
+        for (key, chain) in versions.iter_from(resume.as_deref()) {
+            for version in chain {
+                checkpoint::encode_version(key, version, scratch, piece).map_err(|error| error.to_string())?;
+                *count += 1;
+            }
+            last = Some(key.clone());
+            if piece.len() >= piece_bytes {
+                break;
+            }
+        }
+        Ok(last)
+    }
+
+    /// Releases the WAL a checkpoint at `lsn` made redundant, but what replication holds: the
+    /// hold within `wal_hold_bytes_max`, the pin whatever the bound. Returns the segments
+    /// released. Read after the old checkpoint files are gone: a shipper has the shard take its
+    /// pin of a checkpoint's LSN before it opens that file, so either it finds the file deleted
+    /// or the pin is seen here.
+    async fn release_wal_after_checkpoint(&self, lsn: u64) -> Result<u64, StoreError> {
+        let inner = &self.inner;
+        let (hold, pin) = inner.wal_hold.get();
+        let hold = hold.max(inner.wal.keep_floor(lsn, inner.config.wal_hold_bytes_max)).min(pin);
+        Ok(inner.wal.release_before(lsn.min(hold)).await?)
     }
 
     /// Counters and gauges.
