@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use controlplane::client::ControlClient;
-use controlplane::local::LocalCluster;
-use controlplane::meta::Command;
+use controlapi::client::ControlClient;
+use controlapi::meta::Command;
 use hdrhistogram::Histogram;
+use testkit::LocalCluster;
 
 use crate::etcd;
 use crate::process::RunDir;
@@ -145,9 +145,9 @@ async fn glts_widths(cluster: &LocalCluster, sample_for: Duration) -> Result<(Ve
     let start = Instant::now();
     while start.elapsed() < sample_for {
         tokio::time::sleep(Duration::from_millis(2)).await;
-        let before = controlplane::timesource::realtime_ns();
+        let before = controlapi::timesource::realtime_ns();
         let Ok(interval) = glts.now() else { continue };
-        let after = controlplane::timesource::realtime_ns();
+        let after = controlapi::timesource::realtime_ns();
         if interval.earliest_ns > after || before > interval.latest_ns {
             outside += 1;
         }

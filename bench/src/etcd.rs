@@ -22,9 +22,9 @@ use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::process::ChildGuard;
 use crate::redis::BenchmarkResult;
 use crate::report::percentile_us;
+use testkit::process::ChildGuard;
 
 /// Member names, also the names of their data directories (`<base>/etcd-N`) and logs
 /// (`<base>/etcd-N.log`).

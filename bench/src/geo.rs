@@ -24,8 +24,9 @@ use wire::repl::Codec;
 
 use crate::kv::{Dataplane, dataplane_binary};
 use crate::lag::{self, LagSampler};
-use crate::process::{RunDir, WanThread, free_udp};
+use crate::process::{RunDir, WanThread};
 use crate::report::{Figures, percentile_us, set_rpo_figures};
+use testkit::ports::free_udp;
 
 /// Options of `bench geo`.
 #[derive(Debug, Args)]
@@ -165,7 +166,7 @@ pub fn run(args: &GeoArgs) -> Result<()> {
 }
 
 async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
-    controlplane::tls::generate(&dir.join("tls"), &["a".into(), "b".into(), "c".into()])?;
+    platform::tls::generate(&dir.join("tls"), &["a".into(), "b".into(), "c".into()])?;
     let (listen_b, listen_c) = (free_udp()?, free_udp()?);
     let link = LinkConfig::with_delay(Duration::from_millis(args.delay_ms));
     let any: SocketAddr = "127.0.0.1:0".parse()?;
@@ -518,14 +519,14 @@ const LOOPBACK_CEILING_MIB: u64 = 1024;
 
 /// iperf3 TCP on loopback, MB/s received (3 s, one stream).
 fn iperf3() -> Result<f64> {
-    let port = crate::process::free_port()?.to_string();
+    let port = testkit::ports::free_tcp_port()?.to_string();
     let server = std::process::Command::new("iperf3")
         .args(["-s", "-1", "-p", &port])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .context("starting iperf3 -s")?;
-    let mut server = crate::process::ChildGuard::new("iperf3", server, PathBuf::from("/dev/null"));
+    let mut server = testkit::process::ChildGuard::new("iperf3", server, PathBuf::from("/dev/null"));
     std::thread::sleep(Duration::from_millis(300));
     let output = std::process::Command::new("iperf3")
         .args(["-c", "127.0.0.1", "-p", &port, "-t", "3", "-J"])

@@ -20,9 +20,10 @@ use clap::Args;
 use client::{Client, ClientConfig};
 use hdrhistogram::Histogram;
 
-use crate::process::{ChildGuard, RunDir, cpu_time};
+use crate::process::RunDir;
 use crate::redis::{self, PeerRun, Redis};
 use crate::report::{Figures, percentile_us};
+use testkit::process::{ChildGuard, cpu_time};
 
 /// Values above this size are chunked by the dataplane (its default `inline_bytes_max`); each
 /// client then cycles through [`LARGE_VALUE_KEYS_PER_CLIENT`] keys.

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::process::{ChildGuard, children_cpu_time, free_port};
+use crate::process::children_cpu_time;
+use testkit::ports::free_tcp_port as free_port;
+use testkit::process::ChildGuard;
 
 /// Longest wait for a fresh redis-server to answer PING.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -164,7 +166,7 @@ impl Redis {
     /// child once it doubled, which writes to the same disk as whatever is measured next.
     /// Returns how long it waited.
     /// Stops redis-server (SIGSTOP) until the guard is dropped, while the other side runs.
-    pub fn pause(&self) -> Result<crate::process::Paused> {
+    pub fn pause(&self) -> Result<testkit::process::Paused> {
         self.process.pause()
     }
 

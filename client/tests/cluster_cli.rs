@@ -8,9 +8,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use client::exit_code;
-use controlplane::local::LocalCluster;
 use output::{code, json, stderr, stdout};
 use serde_json::Value;
+use testkit::LocalCluster;
 
 struct Fixture {
     cluster: LocalCluster,
@@ -149,7 +149,7 @@ fn status_add_and_remove_against_a_real_control_plane() {
     assert!(meta["placement"].get("4").is_none(), "{meta}");
 
     // A node that does not run is not added (it would count against the quorum).
-    let port = controlplane::local::free_udp_port().expect("free port");
+    let port = testkit::ports::free_udp_port().expect("free port");
     let down = fixture.meridian(&["add-node", "--id", "9", "--addr", &format!("127.0.0.1:{port}")]);
     assert_eq!(code(&down), exit_code::UNAVAILABLE, "{}", stderr(&down));
     assert!(stderr(&down).contains("node 9 does not answer"), "{}", stderr(&down));

@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use controlplane::config::NodeConfig;
 use controlplane::node::Node;
-use controlplane::ops;
 use controlplane::raftlog::LogIo;
+use platform as ops;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -222,7 +222,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     ops::logging::init();
     let result = match cli.command {
-        Commands::Certs { out, names } => controlplane::tls::generate(&out, &names)
+        Commands::Certs { out, names } => platform::tls::generate(&out, &names)
             .map(|()| println!("wrote {} certificates and ca.pem to {}", names.len(), out.display())),
         Commands::Run(args) => {
             let check_only = args.check_config;

@@ -10,8 +10,11 @@ use openraft::raft::{
     VoteResponse,
 };
 
-use crate::net::{CallError, Connector};
-use crate::rpc::{Request, Response};
+use controlapi::net::CallError;
+use controlapi::rpc::Response;
+use platform::quic::Connector;
+
+use crate::rpc::{Outgoing, RaftRequest, RaftResponse};
 use crate::types::{ControlNode, NodeId, TypeConfig};
 
 /// Makes a [`PeerNetwork`] per target.
@@ -56,24 +59,29 @@ pub struct PeerNetwork {
 struct Unexpected(String);
 
 impl PeerNetwork {
-    async fn call<E>(&self, request: Request, option: &RPCOption) -> Result<Response, RPCError<NodeId, ControlNode, E>>
+    async fn call<E>(
+        &self,
+        request: RaftRequest,
+        option: &RPCOption,
+    ) -> Result<RaftResponse, RPCError<NodeId, ControlNode, E>>
     where
         E: std::error::Error,
     {
         if self.isolated.load(Ordering::Relaxed) {
             return Err(RPCError::Unreachable(Unreachable::new(&Unexpected("isolated by fault injection".into()))));
         }
-        match self.connector.call(&self.addr, &request, option.hard_ttl()).await {
-            Ok(Response::Error { message }) => Err(RPCError::Network(NetworkError::new(&Unexpected(message)))),
-            Ok(response) => Ok(response),
-            Err(error @ (CallError::Connect { .. } | CallError::Resolve { .. })) => {
-                Err(RPCError::Unreachable(Unreachable::new(&error)))
+        match controlapi::net::call(&self.connector, &self.addr, &request, option.hard_ttl()).await {
+            Ok(Outgoing::Raft(response)) => Ok(response),
+            Ok(Outgoing::Api(Response::Error { message })) => {
+                Err(RPCError::Network(NetworkError::new(&Unexpected(message))))
             }
+            Ok(Outgoing::Api(other)) => Err(self.unexpected(&other)),
+            Err(error @ CallError::Connect(_)) => Err(RPCError::Unreachable(Unreachable::new(&error))),
             Err(error) => Err(RPCError::Network(NetworkError::new(&error))),
         }
     }
 
-    fn unexpected<E: std::error::Error>(&self, response: &Response) -> RPCError<NodeId, ControlNode, E> {
+    fn unexpected<E: std::error::Error>(&self, response: &dyn std::fmt::Debug) -> RPCError<NodeId, ControlNode, E> {
         RPCError::Network(NetworkError::new(&Unexpected(format!(
             "unexpected response from {}: {response:?}",
             self.addr
@@ -91,8 +99,8 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, ControlNode, RaftError<NodeId>>> {
-        match self.call(Request::AppendEntries(rpc), &option).await? {
-            Response::AppendEntries(result) => result.map_err(|e| self.remote(e)),
+        match self.call(RaftRequest::AppendEntries(rpc), &option).await? {
+            RaftResponse::AppendEntries(result) => result.map_err(|e| self.remote(e)),
             other => Err(self.unexpected(&other)),
         }
     }
@@ -103,8 +111,8 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, ControlNode, RaftError<NodeId, InstallSnapshotError>>>
     {
-        match self.call(Request::InstallSnapshot(rpc), &option).await? {
-            Response::InstallSnapshot(result) => result.map_err(|e| self.remote(e)),
+        match self.call(RaftRequest::InstallSnapshot(rpc), &option).await? {
+            RaftResponse::InstallSnapshot(result) => result.map_err(|e| self.remote(e)),
             other => Err(self.unexpected(&other)),
         }
     }
@@ -115,8 +123,8 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, ControlNode, RaftError<NodeId>>> {
         let ours = rpc.last_log_id;
-        match self.call(Request::Vote(rpc), &option).await? {
-            Response::Vote(result) => {
+        match self.call(RaftRequest::Vote(rpc), &option).await? {
+            RaftResponse::Vote(result) => {
                 if let Ok(response) = &result {
                     if !response.vote_granted && response.last_log_id > ours {
                         self.greater_log_seen.store(true, Ordering::Relaxed);

@@ -12,17 +12,19 @@ use openraft::{ChangeMembers, ServerState};
 use rand::Rng;
 
 use crate::config::NodeConfig;
-use crate::glts::{Estimator, EstimatorConfig};
-use crate::glts_client::exchange_all;
-use crate::meta::{Command, NodeState, Outcome, SnapshotStatus};
-use crate::net::Connector;
 use crate::network::NetworkFactory;
 use crate::raftlog::{self, LogStore, LogWriter};
-use crate::rpc::{Member, Request, Response, Status};
+use controlapi::glts::{Estimator, EstimatorConfig};
+use controlapi::glts_client::exchange_all;
+use controlapi::meta::{Command, NodeState, Outcome, SnapshotStatus};
+use controlapi::rpc::{Member, Request, Response, Status};
+use platform::quic::Connector;
+
+use crate::rpc::{Incoming, Outgoing, RaftRequest, RaftResponse};
 use crate::sm::{Applied, StateMachine};
-use crate::timesource::{self, LocalBound};
-use crate::tls::Identity;
 use crate::types::{ControlNode, NodeId, Proposal, Raft};
+use controlapi::timesource::{self, LocalBound};
+use platform::tls::Identity;
 
 /// Heartbeat rounds a linearizable read may take to hear from a quorum before it fails.
 const LINEARIZABLE_ATTEMPTS: u32 = 5;
@@ -198,10 +200,15 @@ impl Node {
             snapshot_due: tokio::sync::Notify::new(),
         });
         let handler = node.clone();
-        tokio::spawn(crate::net::serve(endpoint, move |request| {
-            let node = handler.clone();
-            async move { node.handle(request).await }
-        }));
+        let serving = controlapi::net::serve(
+            endpoint,
+            move |request| {
+                let node = handler.clone();
+                async move { node.handle(request).await }
+            },
+            Outgoing::error,
+        );
+        tokio::spawn(serving);
         tokio::spawn(node.clone().batch_proposals(pending));
         tokio::spawn(node.clone().election_timer());
         tokio::spawn(node.clone().observe_raft());
@@ -239,7 +246,7 @@ impl Node {
     /// answers a state query, and keeps `STATUS=` current. A wedged core stops the pings, and
     /// systemd restarts the process.
     pub async fn watchdog(self: Arc<Self>) {
-        let Some(period) = crate::ops::notify::watchdog_interval() else { return };
+        let Some(period) = platform::notify::watchdog_interval() else { return };
         // Pings on a fixed cadence; a slow answer delays at most half a period.
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -249,8 +256,8 @@ impl Node {
             match tokio::time::timeout(period / 2, query).await {
                 Ok(Ok(_)) => {
                     let metrics = self.raft.metrics().borrow().clone();
-                    crate::ops::notify::watchdog();
-                    crate::ops::notify::status(&format!(
+                    platform::notify::watchdog();
+                    platform::notify::status(&format!(
                         "{:?} in term {}, leader {:?}, applied {}",
                         metrics.state,
                         metrics.current_term,
@@ -264,7 +271,7 @@ impl Node {
                         "the raft core did not answer within {:?}; withholding the watchdog ping",
                         period / 2
                     );
-                    crate::ops::notify::status("raft core not answering");
+                    platform::notify::status("raft core not answering");
                 }
             }
         }
@@ -294,7 +301,7 @@ impl Node {
         if members.is_empty() {
             // Join through the seeds: ask them who leads, then ask the leader to add us.
             let client =
-                crate::client::ControlClient::with_connector(self.connector.clone(), self.config.seeds.clone());
+                controlapi::client::ControlClient::with_connector(self.connector.clone(), self.config.seeds.clone());
             let request = Request::AddVoter { id: self.id, addr: self.config.advertised() };
             let node = self.clone();
             tokio::spawn(async move {
@@ -757,15 +764,26 @@ impl Node {
         }
     }
 
-    /// Answers one request.
-    pub async fn handle(self: Arc<Self>, request: Request) -> Response {
+    /// Answers one request: a peer's Raft message, or the API.
+    pub async fn handle(self: Arc<Self>, request: Incoming) -> Outgoing {
         if request.is_peer_traffic() && self.isolated.load(Ordering::Relaxed) {
-            return Response::Error { message: "isolated by fault injection".into() };
+            return Outgoing::error("isolated by fault injection".into());
         }
         match request {
-            Request::AppendEntries(rpc) => Response::AppendEntries(self.raft.append_entries(rpc).await),
-            Request::Vote(rpc) => Response::Vote(self.raft.vote(rpc).await),
-            Request::InstallSnapshot(rpc) => Response::InstallSnapshot(self.raft.install_snapshot(rpc).await),
+            Incoming::Raft(RaftRequest::AppendEntries(rpc)) => {
+                Outgoing::Raft(RaftResponse::AppendEntries(self.raft.append_entries(rpc).await))
+            }
+            Incoming::Raft(RaftRequest::Vote(rpc)) => Outgoing::Raft(RaftResponse::Vote(self.raft.vote(rpc).await)),
+            Incoming::Raft(RaftRequest::InstallSnapshot(rpc)) => {
+                Outgoing::Raft(RaftResponse::InstallSnapshot(self.raft.install_snapshot(rpc).await))
+            }
+            Incoming::Api(request) => Outgoing::Api(self.handle_api(request).await),
+        }
+    }
+
+    /// Answers one API request.
+    async fn handle_api(self: Arc<Self>, request: Request) -> Response {
+        match request {
             Request::TimeSync => {
                 // The bound read by `glts_exchanges`, not a fresh read: no file or syscall work
                 // per request beyond the clock itself.
@@ -849,7 +867,7 @@ impl Node {
     async fn add_voter(&self, id: NodeId, addr: String) -> Response {
         // Only a running node with that id may become a voter: an unreachable voter would
         // weaken the quorum from the moment it is added.
-        match self.connector.call(&addr, &Request::Status, Duration::from_secs(2)).await {
+        match controlapi::net::call(&self.connector, &addr, &Request::Status, Duration::from_secs(2)).await {
             Ok(Response::Status(status)) if status.node_id == id => {}
             Ok(Response::Status(status)) => {
                 return Response::Error {

@@ -139,7 +139,7 @@ impl LogImage {
 
 /// Encodes one record.
 pub fn encode_record(record: &LogRecord) -> io::Result<Vec<u8>> {
-    crate::rpc::json_record(RecordType::RaftLog, 0, record).map_err(io::Error::other)
+    controlapi::rpc::json_record(RecordType::RaftLog, 0, record).map_err(io::Error::other)
 }
 
 /// Runs once an append is durable (or has failed), in submission order.

@@ -1,276 +1,142 @@
-//! The control plane's messages and their frames.
-//!
-//! One request and one response per QUIC bidirectional stream. Each is one `wire` record of
-//! type [`RecordType::Control`] (CRC32C over header and payload) whose payload is the message
-//! in JSON. Metadata traffic is small and infrequent next to the data path, so JSON's cost
-//! buys readable captures and serde support for openraft's own types.
-//!
-//! [`decode_request`] and [`decode_response`] return a typed [`FrameError`] for any bytes
-//! (fuzz target `control_frame`).
+//! What members say to each other for Raft, beside the API (`controlapi::rpc`): both travel
+//! in the same control frames on the same endpoint, told apart by their `kind`.
 
-use std::collections::BTreeMap;
-
+use controlapi::NodeId;
+use controlapi::rpc::{Request, Response};
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use serde::{Deserialize, Serialize};
-use thiserror::Error;
-use wire::{DecodeError, RecordType};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::glts::Interval;
-use crate::meta::{Command, MetaState, Outcome};
-use crate::types::{NodeId, TypeConfig};
+use crate::types::TypeConfig;
 
-/// The largest control frame: a snapshot chunk (openraft's default 3 MiB) plus headroom.
-pub const FRAME_BYTES_MAX: u32 = 8 << 20;
-
-/// What one control-plane node asks another, or a client asks a node.
+/// A Raft message from another member.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "body", rename_all = "snake_case")]
-pub enum Request {
-    /// Raft: replicate entries / heartbeat.
+pub enum RaftRequest {
+    /// Replicate entries / heartbeat.
     AppendEntries(AppendEntriesRequest<TypeConfig>),
-    /// Raft: ask for a vote.
+    /// Ask for a vote.
     Vote(VoteRequest<NodeId>),
-    /// Raft: one chunk of a snapshot.
+    /// One chunk of a snapshot.
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
-    /// GLTS: the four-timestamp exchange; the reply carries the node's interval.
-    TimeSync,
-    /// Propose a metadata change (leader only).
-    Write(Command),
-    /// Read the metadata; `linearizable` confirms leadership with a quorum first.
-    Read {
-        /// Confirm leadership and wait for the read index to apply before answering.
-        linearizable: bool,
-    },
-    /// Cluster status as this node sees it.
-    Status,
-    /// A data node's heartbeat (leader only).
-    Heartbeat {
-        /// Data node id.
-        id: String,
-        /// Bytes its WAL has written since it started (the leader counts the growth for
-        /// snapshots on WAL volume).
-        #[serde(default)]
-        wal_bytes: u64,
-    },
-    /// Add a control-plane voter (leader only): learner first, then joint consensus.
-    AddVoter {
-        /// The new node's id.
-        id: NodeId,
-        /// Its QUIC address.
-        addr: String,
-    },
-    /// Remove a control-plane voter through joint consensus (leader only).
-    RemoveVoter {
-        /// The node's id.
-        id: NodeId,
-    },
-    /// Take a global snapshot (leader only): its timestamp is the leader's GLTS latest bound
-    /// plus `lead_us`; the leader then tracks when each region can read it.
-    CreateSnapshot {
-        /// Added to the timestamp, for regions too far apart to resolve `latest` soon.
-        #[serde(default)]
-        lead_us: u64,
-    },
-    /// Fault injection (only with `fault_injection = true`): drop all Raft and GLTS traffic to
-    /// and from peers while `isolated`, as a network partition would.
-    Isolate {
-        /// Whether to isolate.
-        isolated: bool,
-    },
 }
 
-impl Request {
-    /// Whether this is node-to-node traffic that a partition cuts.
-    pub fn is_peer_traffic(&self) -> bool {
-        matches!(self, Self::AppendEntries(_) | Self::Vote(_) | Self::InstallSnapshot(_) | Self::TimeSync)
-    }
-}
-
-/// A member of the Raft group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
-    /// Node id.
-    pub id: NodeId,
-    /// QUIC address.
-    pub addr: String,
-    /// Voter (true) or learner.
-    pub voter: bool,
-}
-
-/// The node's view of the cluster, for `meridian cluster status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    /// The answering node.
-    pub node_id: NodeId,
-    /// Its Raft role: Leader, Follower, Candidate or Learner.
-    pub role: String,
-    /// The leader it knows of.
-    pub leader: Option<NodeId>,
-    /// Current term.
-    pub term: u64,
-    /// Last log index.
-    pub last_log_index: Option<u64>,
-    /// Last applied index.
-    pub applied_index: Option<u64>,
-    /// Members of the group.
-    pub members: Vec<Member>,
-    /// The metadata as applied here.
-    pub meta: MetaState,
-    /// This node's GLTS interval width, µs (None when its sources disagree).
-    pub glts_width_us: Option<f64>,
-    /// Where its local time bound comes from.
-    pub glts_local_source: String,
-    /// Whether fault injection has isolated it.
-    pub isolated: bool,
-}
-
-/// A reply.
+/// The answer to a [`RaftRequest`].
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "body", rename_all = "snake_case")]
-pub enum Response {
-    /// Raft append result.
+pub enum RaftResponse {
+    /// Append result.
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
-    /// Raft vote result.
+    /// Vote result.
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    /// Raft snapshot chunk result.
+    /// Snapshot chunk result.
     InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
-    /// GLTS reply: the node's local interval when it replied, and how long it held the
-    /// request on its monotonic clock.
-    Time {
-        /// Interval at reply time.
-        interval: Interval,
-        /// Receipt to reply, ns.
-        hold_ns: u64,
-    },
-    /// A write committed and applied.
-    Written {
-        /// What applying it gave.
-        outcome: Outcome,
-        /// Its log index.
-        index: u64,
-    },
-    /// The metadata.
-    State {
-        /// Metadata as applied.
-        meta: MetaState,
-        /// Applied index it reflects.
-        applied_index: Option<u64>,
-        /// Control-plane members.
-        members: BTreeMap<NodeId, String>,
-    },
-    /// A global snapshot was recorded.
-    Snapshot {
-        /// Its id in the catalog.
-        id: u64,
-        /// The timestamp it reads at.
-        glt: u64,
-        /// Log index of the entry that created it.
-        index: u64,
-    },
-    /// Status.
-    Status(Box<Status>),
-    /// Done, nothing to report.
-    Ok,
-    /// This node does not lead; ask the leader (when known).
-    NotLeader {
-        /// Leader id and address, when known.
-        leader: Option<(NodeId, String)>,
-    },
-    /// Failed; the message says why.
-    Error {
-        /// What went wrong.
-        message: String,
-    },
 }
 
-/// Why bytes are not a control frame.
-#[derive(Debug, Error)]
-pub enum FrameError {
-    /// The record is not valid.
-    #[error("bad control frame: {0}")]
-    Record(#[from] DecodeError),
-    /// A valid record of another type.
-    #[error("expected a control record, found {0:?}")]
-    WrongType(RecordType),
-    /// Bytes after the record.
-    #[error("{0} bytes after the control record")]
-    Trailing(usize),
-    /// The payload is not a message.
-    #[error("bad control message: {0}")]
-    Json(#[from] serde_json::Error),
-    /// Too large to send.
-    #[error("control message too large: {0}")]
-    Encode(#[from] wire::EncodeError),
-}
+/// The `kind`s of the Raft messages (the API's are all others).
+const RAFT_KINDS: [&str; 3] = ["append_entries", "vote", "install_snapshot"];
 
-/// A `wire` record of `record_type` whose payload is `value` in JSON: the shape of every
-/// control-plane frame and file (Raft log records, snapshot files).
-pub fn json_record<T: Serialize>(record_type: RecordType, seq: u64, value: &T) -> Result<Vec<u8>, FrameError> {
-    let payload = serde_json::to_vec(value)?;
-    let mut bytes = vec![0; wire::encoded_len(payload.len())];
-    wire::encode_into(&mut bytes, record_type, 0, seq, &payload)?;
-    Ok(bytes)
-}
-
-fn encode<T: Serialize>(message: &T, seq: u64) -> Result<Vec<u8>, FrameError> {
-    json_record(RecordType::Control, seq, message)
-}
-
-fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, FrameError> {
-    let (record, used) = wire::decode(bytes, FRAME_BYTES_MAX)?;
-    if record.record_type != RecordType::Control {
-        return Err(FrameError::WrongType(record.record_type));
+/// Reads a message's JSON text once to see its `kind`, then as Raft's or the API's (serde's
+/// untagged enums cannot carry openraft's types through their buffering: its maps keyed by
+/// node id need the JSON text itself).
+fn by_kind<'de, D, R, A, T>(deserializer: D, raft: impl FnOnce(R) -> T, api: impl FnOnce(A) -> T) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    R: serde::de::DeserializeOwned,
+    A: serde::de::DeserializeOwned,
+{
+    #[derive(Deserialize)]
+    struct Kind {
+        kind: String,
     }
-    if used != bytes.len() {
-        return Err(FrameError::Trailing(bytes.len() - used));
+    let text = Box::<serde_json::value::RawValue>::deserialize(deserializer)?;
+    let kind: Kind = serde_json::from_str(text.get()).map_err(serde::de::Error::custom)?;
+    let decoded = if RAFT_KINDS.contains(&kind.kind.as_str()) {
+        serde_json::from_str(text.get()).map(raft)
+    } else {
+        serde_json::from_str(text.get()).map(api)
+    };
+    decoded.map_err(serde::de::Error::custom)
+}
+
+/// Whatever a member is asked: Raft by its peers, the API by anyone.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Incoming {
+    /// From a peer, for Raft.
+    Raft(RaftRequest),
+    /// The API.
+    Api(Request),
+}
+
+impl<'de> Deserialize<'de> for Incoming {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        by_kind(deserializer, Self::Raft, Self::Api)
     }
-    Ok(serde_json::from_slice(record.payload)?)
 }
 
-/// Frames a request.
-pub fn encode_request(request: &Request) -> Result<Vec<u8>, FrameError> {
-    encode(request, 0)
+impl Incoming {
+    /// Whether this is node-to-node traffic that a partition cuts.
+    pub fn is_peer_traffic(&self) -> bool {
+        matches!(self, Self::Raft(_) | Self::Api(Request::TimeSync))
+    }
 }
 
-/// Frames a response.
-pub fn encode_response(response: &Response) -> Result<Vec<u8>, FrameError> {
-    encode(response, 1)
+/// Whatever a member answers.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Outgoing {
+    /// To a peer, for Raft.
+    Raft(RaftResponse),
+    /// The API's answer (an error to a Raft request too).
+    Api(Response),
 }
 
-/// Reads a request frame.
-pub fn decode_request(bytes: &[u8]) -> Result<Request, FrameError> {
-    decode(bytes)
+impl<'de> Deserialize<'de> for Outgoing {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        by_kind(deserializer, Self::Raft, Self::Api)
+    }
 }
 
-/// Reads a response frame.
-pub fn decode_response(bytes: &[u8]) -> Result<Response, FrameError> {
-    decode(bytes)
+impl Outgoing {
+    /// An error answer.
+    pub fn error(message: String) -> Self {
+        Self::Api(Response::Error { message })
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use controlapi::meta::Command;
+    use controlapi::rpc::{decode, encode};
+
     use super::*;
 
     #[test]
-    fn frames_round_trip_and_reject_damage() -> Result<(), FrameError> {
-        let request = Request::Write(Command::SetConfig { key: "k".into(), value: "v".into() });
-        let frame = encode_request(&request)?;
-        assert!(matches!(decode_request(&frame)?, Request::Write(Command::SetConfig { .. })));
-        for at in 0..frame.len() {
-            let mut damaged = frame.clone();
-            damaged[at] ^= 0x40;
-            assert!(decode_request(&damaged).is_err(), "flip at {at} accepted");
-        }
-        assert!(matches!(decode_request(&frame[..frame.len() - 1]), Err(FrameError::Record(_))));
-        let mut long = frame.clone();
-        long.push(0);
-        assert!(matches!(decode_request(&long), Err(FrameError::Trailing(1))));
-        let response = encode_response(&Response::NotLeader { leader: Some((3, "127.0.0.1:9".into())) })?;
-        assert!(matches!(decode_response(&response)?, Response::NotLeader { leader: Some((3, _)) }));
-        Ok(())
+    fn raft_and_api_messages_share_the_frames_and_are_told_apart() {
+        let write = Request::Write(Command::SetConfig { key: "k".into(), value: "v".into() });
+        let frame = encode(&write, 0).unwrap();
+        assert!(matches!(decode::<Incoming>(&frame).unwrap(), Incoming::Api(Request::Write(_))));
+        let vote = RaftRequest::Vote(VoteRequest::new(openraft::Vote::new(3, 1), None));
+        let frame = encode(&Incoming::Raft(vote), 0).unwrap();
+        assert!(matches!(decode::<Incoming>(&frame).unwrap(), Incoming::Raft(RaftRequest::Vote(_))));
+        assert!(matches!(decode::<RaftRequest>(&frame).unwrap(), RaftRequest::Vote(_)), "the same bytes either way");
+        let append = RaftRequest::AppendEntries(AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(3, 1),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        });
+        let frame = encode(&Incoming::Raft(append), 0).unwrap();
+        assert!(matches!(decode::<Incoming>(&frame).unwrap(), Incoming::Raft(RaftRequest::AppendEntries(_))));
+        let granted = RaftResponse::Vote(Ok(VoteResponse::new(openraft::Vote::new(3, 1), None, true)));
+        let frame = encode(&Outgoing::Raft(granted), 1).unwrap();
+        assert!(matches!(decode::<Outgoing>(&frame).unwrap(), Outgoing::Raft(RaftResponse::Vote(Ok(_)))));
+        let frame = encode(&Outgoing::error("no".into()), 1).unwrap();
+        assert!(matches!(decode::<Outgoing>(&frame).unwrap(), Outgoing::Api(Response::Error { .. })));
+        assert!(decode::<Incoming>(&encode(&"nonsense", 0).unwrap()).is_err());
     }
 }

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use wire::RecordType;
 
-use crate::meta::MetaState;
 use crate::types::{ControlNode, Entry, LogId, NodeId, Outcomes, StorageError, StoredMembership, TypeConfig};
+use controlapi::meta::MetaState;
 
 /// The state machine's data, shared with the read path.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -69,7 +69,7 @@ pub fn decode_snapshot_file(bytes: &[u8]) -> Result<(SnapshotFile, MetaState), S
 }
 
 fn encode_snapshot_file(file: &SnapshotFile) -> io::Result<Vec<u8>> {
-    crate::rpc::json_record(RecordType::Checkpoint, 0, file).map_err(io::Error::other)
+    controlapi::rpc::json_record(RecordType::Checkpoint, 0, file).map_err(io::Error::other)
 }
 
 fn io_error(verb: ErrorVerb, error: impl std::fmt::Display) -> StorageError {

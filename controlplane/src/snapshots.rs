@@ -1,6 +1,6 @@
 //! Global snapshots: the coordinator's choice of a snapshot timestamp (pure) and its question
 //! to a region's data node, "are reads at `ts` consistent on you yet?" (the data plane's
-//! `WaitReadable` request over its client protocol, plain TCP framed with `wire`).
+//! `WaitReadable` request, through the `client` crate).
 //!
 //! The leader picks `t` at its GLTS interval's latest bound (plus a lead for far regions),
 //! records the snapshot in Raft, then asks one data node per region to answer once its
@@ -10,13 +10,9 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use wire::RecordType;
-use wire::proto::{self, Request, Response};
-
-/// The largest response frame the question can get (an error message at most).
-const RESPONSE_PAYLOAD_MAX: u32 = 64 << 10;
+use anyhow::{Context, Result};
+pub use client::Readable;
+use client::{Client, ClientConfig};
 
 /// The snapshot timestamp for a request seen when the GLTS interval's latest bound was
 /// `latest_ns`: that bound plus `lead_us`, with the largest logical part, so every write
@@ -27,44 +23,17 @@ pub fn snapshot_glt(latest_ns: u64, lead_us: u64) -> u64 {
     wire::glt::timestamp_at(physical_us) | ((1 << wire::glt::LOGICAL_BITS) - 1)
 }
 
-/// A data node's answer: its readable timestamp and when it saw it pass the asked one (unix
-/// µs, its clock).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Readable {
-    /// Readable timestamp when it answered.
-    pub readable_ts: u64,
-    /// When it was seen readable.
-    pub at_us: u64,
-}
-
 /// Asks the data node at `addr` (a shard's client address) to answer once reads at `ts` are
 /// consistent there, waiting at most `timeout` (the node's limit too).
 pub async fn wait_readable(addr: &str, ts: u64, timeout: Duration) -> Result<Readable> {
     let exchange = async {
-        let mut stream =
-            tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to data node {addr}"))?;
-        stream.set_nodelay(true)?;
-        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        let mut frame = Vec::new();
-        proto::frame(&mut frame, RecordType::Request, 1, |out| Request::WaitReadable { ts, timeout_ms }.encode(out))?;
-        stream.write_all(&frame).await?;
-        let mut header = [0u8; wire::HEADER_BYTES];
-        stream.read_exact(&mut header).await.context("reading the answer")?;
-        let parsed = wire::decode_header(&header, RESPONSE_PAYLOAD_MAX)?;
-        let mut frame = vec![0u8; wire::encoded_len(parsed.payload_len as usize)];
-        frame[..wire::HEADER_BYTES].copy_from_slice(&header);
-        stream.read_exact(&mut frame[wire::HEADER_BYTES..]).await.context("reading the answer")?;
-        let (record, _) = wire::decode(&frame, RESPONSE_PAYLOAD_MAX)?;
-        if record.record_type != RecordType::Response {
-            bail!("data node {addr} answered with a {:?} record", record.record_type);
-        }
-        match Response::decode(record.payload)? {
-            Response::Readable { readable_ts, at_us } => Ok(Readable { readable_ts, at_us }),
-            Response::Error { code, message } => bail!("data node {addr}: {code:?}: {message}"),
-            other => bail!("data node {addr} answered WaitReadable with {other:?}"),
-        }
+        // The node's own limit answers first; the one below covers a node that does not.
+        let slack = timeout + Duration::from_secs(5);
+        let config =
+            ClientConfig { connect_timeout: slack, request_timeout: slack, retries: 0, ..ClientConfig::default() };
+        let client = Client::connect(addr, config).await.with_context(|| format!("connecting to data node {addr}"))?;
+        client.wait_readable(ts, timeout).await.with_context(|| format!("data node {addr}"))
     };
-    // The node's own limit answers first; this only covers a node that does not answer.
     tokio::time::timeout(timeout + Duration::from_secs(1), exchange)
         .await
         .with_context(|| format!("no answer from data node {addr} within {} ms", timeout.as_millis()))?
@@ -72,6 +41,8 @@ pub async fn wait_readable(addr: &str, ts: u64, timeout: Duration) -> Result<Rea
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncWriteExt;
+
     use super::*;
 
     #[test]

@@ -5,10 +5,9 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::meta::{Command, Outcome};
+use controlapi::meta::{Command, Outcome};
 
-/// A control-plane node id (a voter or learner of the Raft group).
-pub type NodeId = u64;
+pub use controlapi::NodeId;
 
 /// What the Raft group knows of a control-plane node: where its QUIC endpoint listens.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use controlplane::local::LocalCluster;
-use controlplane::meta::{Command, SnapshotStatus};
-use controlplane::rpc::{Request, Response};
+use controlapi::meta::{Command, SnapshotStatus};
+use controlapi::rpc::{Request, Response};
+use testkit::LocalCluster;
 
 const SECOND: Duration = Duration::from_secs(1);
 const BIN: &str = env!("CARGO_BIN_EXE_controlplane");
@@ -52,7 +52,7 @@ async fn leader_kills_elect_a_new_leader_within_2s_and_lose_nothing() -> Result<
         let leader = cluster.wait_leader(Duration::from_secs(5)).await?;
         cluster.kill(leader)?;
         let killed_at = Instant::now();
-        println!("[{}] killed {leader}", controlplane::timesource::unix_ms());
+        println!("[{}] killed {leader}", controlapi::timesource::unix_ms());
         let new_leader = cluster.wait_leader(Duration::from_secs(5)).await?;
         let elected = killed_at.elapsed();
         assert_ne!(new_leader, leader);
@@ -155,9 +155,9 @@ async fn glts_on_loopback_holds_true_time_and_reports_its_width() -> Result<()> 
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(2) {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let before = controlplane::timesource::realtime_ns();
+        let before = controlapi::timesource::realtime_ns();
         let Ok(interval) = glts.now() else { continue };
-        let after = controlplane::timesource::realtime_ns();
+        let after = controlapi::timesource::realtime_ns();
         assert!(
             interval.earliest_ns <= after && before <= interval.latest_ns,
             "{interval:?} misses [{before}, {after}]"
@@ -179,7 +179,7 @@ async fn glts_on_loopback_holds_true_time_and_reports_its_width() -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_nodes_register_heartbeat_hold_leases_and_go_suspect_then_dead() -> Result<()> {
-    use controlplane::meta::{NodeState, Outcome};
+    use controlapi::meta::{NodeState, Outcome};
     let (_dir, cluster) = cluster_with(3, &["--suspect-after-ms", "600", "--dead-after-ms", "1500"]).await?;
     let client = cluster.client();
     let deadline = 10 * SECOND;

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use controlplane::ops::metrics::{sample, scrape};
-use controlplane::ops::notify::Collector;
+use platform::metrics::{sample, scrape};
+use platform::notify::Collector;
 
 const BIN: &str = env!("CARGO_BIN_EXE_controlplane");
 
@@ -29,9 +29,9 @@ impl Drop for Member {
 fn start(dir: &Path, notify: &Path) -> (Member, SocketAddr) {
     let tls = dir.join("tls");
     if !tls.exists() {
-        controlplane::tls::generate(&tls, &["cp1".to_owned()]).unwrap();
+        platform::tls::generate(&tls, &["cp1".to_owned()]).unwrap();
     }
-    let addr = format!("127.0.0.1:{}", controlplane::local::free_udp_port().unwrap());
+    let addr = format!("127.0.0.1:{}", testkit::ports::free_udp_port().unwrap());
     let mut child = Command::new(BIN)
         .arg("run")
         .args(["--id", "1", "--listen", &addr, "--initial-member", &format!("1={addr}")])

@@ -5,7 +5,7 @@ use std::io;
 use std::path::Path;
 
 use anyhow::Result;
-use controlplane::meta::Command;
+use controlapi::meta::Command;
 use controlplane::raftlog::{
     self, Completion, LogFile, LogIo, LogRecord, LogStore, LogWriter, ReplayError, encode_record, read_and_repair,
     replay,

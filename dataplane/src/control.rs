@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use controlplane::agent::{Agent, AgentConfig};
-use controlplane::glts_client::IntervalSource;
-use controlplane::meta::Placement;
-use controlplane::tls::Identity;
+use controlapi::agent::{Agent, AgentConfig};
+use controlapi::glts_client::IntervalSource;
+use controlapi::meta::Placement;
+use platform::tls::Identity;
 
 use crate::config::ControlResolved;
 use crate::store::{Clock, ClockUnavailable, TimeInterval};

@@ -13,7 +13,7 @@ use crate::repl::{Replication, ShardSide};
 use crate::runtime::{RuntimeConfig, run_shards};
 use crate::server::{self, ShardMap};
 use crate::store::{Progress, ShardFiles, ShardStore};
-use controlplane::ops::notify;
+use platform::notify;
 
 /// Set to stop the node (by a signal handler thread or a test).
 #[derive(Debug, Default, Clone)]

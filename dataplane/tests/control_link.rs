@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command as Process;
 use std::time::{Duration, Instant};
 
-use controlplane::local::LocalCluster;
-use controlplane::meta::{Command, MetaState, NodeState};
+use controlapi::meta::{Command, MetaState, NodeState};
+use testkit::LocalCluster;
 
 mod common;
 
@@ -59,7 +59,7 @@ fn a_data_node_registers_holds_its_lease_and_stamps_writes_inside_the_glts_inter
     runtime.block_on(cluster.wait_leader(15 * SECOND)).unwrap();
     // The data node's certificate, issued later by the same CA.
     let tls = dir.path().join("tls");
-    controlplane::tls::generate(&tls, &["dn1".to_owned()]).unwrap();
+    platform::tls::generate(&tls, &["dn1".to_owned()]).unwrap();
     runtime.block_on(async {
         let admin = cluster.client();
         for command in [
@@ -106,7 +106,7 @@ fn a_data_node_registers_holds_its_lease_and_stamps_writes_inside_the_glts_inter
             let before = glts.now().unwrap();
             let ts = client.put(key.as_bytes(), b"v").await.unwrap();
             let after = glts.now().unwrap();
-            let physical_ns = (ts >> controlplane::glts::LOGICAL_BITS) * 1000;
+            let physical_ns = (ts >> controlapi::glts::LOGICAL_BITS) * 1000;
             assert!(before.earliest_ns < physical_ns + 1000, "put {i}: stamp {physical_ns} ns before {before:?}");
             assert!(physical_ns + 1000 <= after.latest_ns, "put {i}: stamp {physical_ns} ns after {after:?}");
             assert!(ts > last, "put {i}: stamp {ts} not above the previous acknowledged {last}");
@@ -139,7 +139,7 @@ fn a_data_node_registers_holds_its_lease_and_stamps_writes_inside_the_glts_inter
 fn a_node_whose_control_plane_cannot_be_reached_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
-    controlplane::tls::generate(&tls, &["dn1".to_owned()]).unwrap();
+    platform::tls::generate(&tls, &["dn1".to_owned()]).unwrap();
     // A UDP port nobody answers on.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let seed = silent.local_addr().unwrap().to_string();
@@ -174,7 +174,7 @@ fn the_leader_takes_a_snapshot_each_time_the_wals_wrote_the_configured_volume() 
         runtime.block_on(LocalCluster::start(&binary, dir.path(), 3, &["--snapshot-every-wal-bytes", &every])).unwrap();
     runtime.block_on(cluster.wait_leader(15 * SECOND)).unwrap();
     let tls = dir.path().join("tls");
-    controlplane::tls::generate(&tls, &["dn1".to_owned()]).unwrap();
+    platform::tls::generate(&tls, &["dn1".to_owned()]).unwrap();
     runtime.block_on(async {
         let admin = cluster.client();
         admin.write(Command::PutRegion { name: "eu".into(), zones: vec!["a".into()] }, 10 * SECOND).await.unwrap();

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use controlplane::ops::metrics::{sample, scrape};
-use controlplane::ops::notify::Collector;
+use platform::metrics::{sample, scrape};
+use platform::notify::Collector;
 
 mod common;
 

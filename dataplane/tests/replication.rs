@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use client::{Client, ClientError, ErrorCode};
 use common::process::{Node, connect, runtime};
-use controlplane::ops::metrics::{sample, scrape};
+use platform::metrics::{sample, scrape};
 use wan::{LinkConfig, Proxy};
 
 const ONE_WAY: Duration = Duration::from_millis(20);
@@ -97,7 +97,7 @@ async fn wait_resolved(client: &Client, ts: u64, limit: Duration) -> Duration {
 fn three_regions_converge_after_a_partition_and_refuse_strangers() {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
-    controlplane::tls::generate(&tls, &["a".into(), "b".into(), "c".into()]).unwrap();
+    platform::tls::generate(&tls, &["a".into(), "b".into(), "c".into()]).unwrap();
     let rt = runtime();
     let (listen_b, listen_c) = (free_udp_port(), free_udp_port());
     let link = LinkConfig::with_delay(ONE_WAY);
@@ -234,14 +234,14 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
 
     // A peer with a certificate from another CA does not get a connection.
     let rogue = dir.path().join("rogue");
-    controlplane::tls::generate(&rogue, &["b".into()]).unwrap();
+    platform::tls::generate(&rogue, &["b".into()]).unwrap();
     rt.block_on(async {
-        let identity = controlplane::tls::Identity::in_dir(&rogue, "b");
+        let identity = platform::tls::Identity::in_dir(&rogue, "b");
         let config =
             identity.client_config_for(dataplane::repl::shell::ALPN, quinn::TransportConfig::default()).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
-        let connecting = endpoint.connect(listen_b, controlplane::tls::SERVER_NAME).unwrap();
+        let connecting = endpoint.connect(listen_b, platform::tls::SERVER_NAME).unwrap();
         let result = tokio::time::timeout(Duration::from_secs(5), async {
             let connection = connecting.await?;
             // The server may finish its side first; its refusal then ends the first stream.
@@ -294,7 +294,7 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
 fn corrupted_frames_are_rejected_and_the_stream_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
-    controlplane::tls::generate(&tls, &["a".into(), "b".into()]).unwrap();
+    platform::tls::generate(&tls, &["a".into(), "b".into()]).unwrap();
     let listen_b = free_udp_port();
     let b = Node::start_logged(&dir.path().join("b"), &region_config("b", listen_b, &tls, &[]), &[]);
     let a = Node::start_logged(
@@ -326,7 +326,7 @@ fn corrupted_frames_are_rejected_and_the_stream_recovers() {
 /// A control plane (3 members) holding a placement for three regions `a`, `b`, `c`, and the
 /// data nodes' configs that join it and take their homes and replicas from it.
 struct Placed {
-    _cluster: controlplane::local::LocalCluster,
+    _cluster: testkit::LocalCluster,
     tls: std::path::PathBuf,
     seeds: Vec<String>,
     listens: Vec<SocketAddr>,
@@ -337,8 +337,8 @@ impl Placed {
 
     /// `placement[shard]` is (home, replica regions).
     fn start(rt: &tokio::runtime::Runtime, dir: &Path, placement: &[(&str, Vec<&str>)]) -> Self {
-        use controlplane::local::LocalCluster;
-        use controlplane::meta::Command;
+        use controlapi::meta::Command;
+        use testkit::LocalCluster;
         let binary = LocalCluster::binary().unwrap();
         let cluster = rt.block_on(LocalCluster::start(&binary, dir, 3, &[])).unwrap();
         rt.block_on(cluster.wait_leader(Duration::from_secs(15))).unwrap();
@@ -355,7 +355,7 @@ impl Placed {
             }
         });
         let tls = dir.join("tls");
-        controlplane::tls::generate(&tls, &Self::REGIONS.map(str::to_owned)).unwrap();
+        platform::tls::generate(&tls, &Self::REGIONS.map(str::to_owned)).unwrap();
         let seeds =
             cluster.ids().into_iter().filter_map(|id| cluster.addr(id)).map(|addr| format!("{addr:?}")).collect();
         let listens = Self::REGIONS.iter().map(|_| free_udp_port()).collect();
@@ -538,7 +538,7 @@ fn multi_master_keys_converge_to_the_last_writer_in_every_region() {
     const KEYS: u32 = 12;
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
-    controlplane::tls::generate(&tls, &REGIONS.map(str::to_owned)).unwrap();
+    platform::tls::generate(&tls, &REGIONS.map(str::to_owned)).unwrap();
     let rt = runtime();
     let listens: Vec<SocketAddr> = REGIONS.iter().map(|_| free_udp_port()).collect();
     // proxies[from][to]: what region `from` dials to reach `to`.

@@ -4,7 +4,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(reading) = controlplane::glts::clockbound::decode(data) {
+    if let Ok(reading) = controlapi::glts::clockbound::decode(data) {
         let _ = reading.bound_at(reading.as_of_ns);
     }
 });

@@ -5,9 +5,10 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(request) = controlplane::rpc::decode_request(data) {
-        let frame = controlplane::rpc::encode_request(&request).expect("a decoded request re-encodes");
-        assert!(controlplane::rpc::decode_request(&frame).is_ok());
+    use controlplane::rpc::{Incoming, Outgoing};
+    if let Ok(request) = controlapi::rpc::decode::<Incoming>(data) {
+        let frame = controlapi::rpc::encode(&request, 0).expect("a decoded request re-encodes");
+        assert!(controlapi::rpc::decode::<Incoming>(&frame).is_ok());
     }
-    let _ = controlplane::rpc::decode_response(data);
+    let _ = controlapi::rpc::decode::<Outgoing>(data);
 });

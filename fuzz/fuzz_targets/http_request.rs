@@ -2,7 +2,7 @@
 //! panics, and never accepts a head longer than its limit.
 #![no_main]
 
-use controlplane::ops::http::{self, HEAD_BYTES_MAX, HttpError};
+use platform::http::{self, HEAD_BYTES_MAX, HttpError};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -28,9 +28,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, FromArgMatches};
 use client::{Client, ClientConfig, ReplicationStatus};
-use controlplane::local::LocalCluster;
-use controlplane::meta::{Command, NodeState};
+use controlapi::meta::{Command, NodeState};
 use hdrhistogram::Histogram;
+use testkit::LocalCluster;
 use wan::{LinkConfig, Proxy, ProxyHandle};
 
 use crate::geo::{for_each_key, region_config, wait_resolved};
@@ -244,7 +244,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `count` consecutive free TCP ports on 127.0.0.1 (a shard listens on base + shard id).
 fn free_ports(count: usize) -> Result<u16> {
     for _ in 0..100 {
-        let base = crate::process::free_port()?;
+        let base = testkit::ports::free_tcp_port()?;
         let all_free = (1..count).all(|offset| {
             u16::try_from(offset)
                 .ok()
@@ -442,7 +442,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         admin.write(command, Duration::from_secs(10)).await?;
     }
     let tls = control_dir.join("tls");
-    controlplane::tls::generate(&tls, &REGIONS.map(str::to_owned))?;
+    platform::tls::generate(&tls, &REGIONS.map(str::to_owned))?;
 
     // The WAN: a proxy on every link a home region's node dials (to each other region's node).
     let link =

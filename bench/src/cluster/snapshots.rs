@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use client::Client;
-use controlplane::client::ControlClient;
-use controlplane::meta::SnapshotStatus;
+use controlapi::client::ControlClient;
+use controlapi::meta::SnapshotStatus;
 use hdrhistogram::Histogram;
 
 use super::scenario::REGIONS;

@@ -1,6 +1,6 @@
 //! `meridian`: the command line of a Meridian cluster. Talks to the data nodes through
 //! [`client::Client`] and, for `meridian cluster ...`, to the control plane through
-//! [`controlplane::client::ControlClient`]; see `meridian --help` for commands and exit codes.
+//! [`controlapi::client::ControlClient`]; see `meridian --help` for commands and exit codes.
 
 #[path = "meridian/archive.rs"]
 mod archive;

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use controlplane::ops;
 use dataplane::config::NodeConfig;
 use dataplane::node::{self, StopFlag};
+use platform as ops;
 
 /// Runs a Meridian data node: one shard per core, each with its WAL, versioned store, chunk
 /// server and client port.

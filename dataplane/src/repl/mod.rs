@@ -173,7 +173,7 @@ impl ReplConfig {
     pub fn place(
         &mut self,
         shards: u32,
-        placement: &std::collections::BTreeMap<u32, controlplane::meta::Placement>,
+        placement: &std::collections::BTreeMap<u32, controlapi::meta::Placement>,
     ) -> Result<(), String> {
         let (mut homes, mut replicas) = (Vec::new(), Vec::new());
         for shard in 0..shards {

@@ -9,12 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, anyhow, bail};
 use clap::Subcommand;
 use client::exit_code;
-use controlplane::client::ControlClient;
-use controlplane::meta::{Command, Outcome};
-use controlplane::net::Connector;
-use controlplane::rpc::{Request, Response, Status};
-use controlplane::tls::Identity;
-use controlplane::types::NodeId;
+use controlapi::NodeId;
+use controlapi::client::ControlClient;
+use controlapi::meta::{Command, Outcome};
+use controlapi::rpc::{Request, Response, Status};
+use platform::quic::Connector;
+use platform::tls::Identity;
 use serde::Serialize;
 use tokio::task::JoinSet;
 
@@ -327,7 +327,7 @@ struct MemberStatus {
 }
 
 impl MemberStatus {
-    fn new(member: &controlplane::rpc::Member, answer: anyhow::Result<&Status>) -> Self {
+    fn new(member: &controlapi::rpc::Member, answer: anyhow::Result<&Status>) -> Self {
         let mut status = Self {
             id: member.id,
             addr: member.addr.clone(),
@@ -467,13 +467,13 @@ struct SnapshotOutput {
     glt: u64,
     created_ms: u64,
     /// Per region: `pending`, `readable` or `failed`.
-    regions: BTreeMap<String, controlplane::meta::SnapshotStatus>,
+    regions: BTreeMap<String, controlapi::meta::SnapshotStatus>,
     /// Per readable region: ms from the request until it could be read there.
     readable_after_ms: BTreeMap<String, f64>,
 }
 
 impl SnapshotOutput {
-    fn new(id: u64, snapshot: &controlplane::meta::Snapshot) -> Self {
+    fn new(id: u64, snapshot: &controlapi::meta::Snapshot) -> Self {
         Self {
             id,
             glt: snapshot.glt,
@@ -561,7 +561,7 @@ async fn snapshot_command(
             let snapshot = loop {
                 let snapshots = catalog(true).await?;
                 let snapshot = snapshots.get(&id).with_context(|| format!("snapshot {id} is not in the catalog"))?;
-                let pending = snapshot.regions.values().any(|s| *s == controlplane::meta::SnapshotStatus::Pending);
+                let pending = snapshot.regions.values().any(|s| *s == controlapi::meta::SnapshotStatus::Pending);
                 if !*wait || !pending {
                     break SnapshotOutput::new(id, snapshot);
                 }
@@ -973,8 +973,8 @@ fn print_status(out: &mut impl Write, leader: &Status, members: &[MemberStatus],
 
 #[cfg(test)]
 mod tests {
-    use controlplane::meta::{DataNode, Lease, MetaState, NodeState, Placement, Region, Snapshot, SnapshotStatus};
-    use controlplane::rpc::Member;
+    use controlapi::meta::{DataNode, Lease, MetaState, NodeState, Placement, Region, Snapshot, SnapshotStatus};
+    use controlapi::rpc::Member;
 
     use super::*;
 

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use controlplane::tls::Identity;
+use platform::tls::Identity;
 
 use super::{ALPN, endpoint, transport_config};
 
@@ -74,7 +74,7 @@ pub fn loopback_ceiling(
             let mut dialing = endpoint(None, loopback).map_err(|error| text(&error))?;
             dialing.set_default_client_config(client);
             let connection = dialing
-                .connect(addr, controlplane::tls::SERVER_NAME)
+                .connect(addr, platform::tls::SERVER_NAME)
                 .map_err(|error| text(&error))?
                 .await
                 .map_err(|error| text(&error))?;
@@ -105,7 +105,7 @@ mod tests {
     #[test]
     fn the_loopback_ceiling_delivers_every_byte_and_names_a_missing_identity() {
         let dir = tempfile::tempdir().unwrap();
-        controlplane::tls::generate(dir.path(), &["a".into(), "b".into()]).unwrap();
+        platform::tls::generate(dir.path(), &["a".into(), "b".into()]).unwrap();
         let rate = loopback_ceiling(dir.path(), "a", "b", 1 << 20, 3 << 20).unwrap();
         assert!(rate > 0.0 && rate.is_finite(), "{rate}");
         let error = loopback_ceiling(dir.path(), "a", "nobody", 1 << 20, 1 << 20).unwrap_err();

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use controlplane::tls::Identity;
+use platform::tls::Identity;
 use tokio::sync::watch;
 
 use super::core::{self, Position, ReceiveError, ShipError};
@@ -328,7 +328,7 @@ async fn run(
     tasks.spawn(observe::observe(context.clone()));
     if context.config.ships() {
         for peer in &context.config.peers {
-            let mut connector = controlplane::net::Connector::new(endpoint.clone());
+            let mut connector = platform::quic::Connector::new(endpoint.clone());
             connector.connect_timeout = CONNECT_TIMEOUT;
             let link = Arc::new(ship::PeerLink { peer: peer.clone(), connector });
             for side in context.shards.iter().filter(|side| context.config.ships_to(side.shard, &peer.region)) {

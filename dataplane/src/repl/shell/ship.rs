@@ -20,7 +20,7 @@ use crate::wal::WalCursor;
 /// streams.
 pub(super) struct PeerLink {
     pub(super) peer: Peer,
-    pub(super) connector: controlplane::net::Connector,
+    pub(super) connector: platform::quic::Connector,
 }
 
 impl PeerLink {

@@ -19,10 +19,10 @@ use crate::client::ControlClient;
 use crate::glts::{EstimatorConfig, Interval};
 use crate::glts_client::{GltsClient, IntervalSource};
 use crate::meta::{Command, Outcome};
+use crate::rpc::NodeId;
 use crate::rpc::Response;
 use crate::timesource::mono_ns;
-use crate::tls::Identity;
-use crate::types::NodeId;
+use platform::tls::Identity;
 
 /// How a data node joins the control plane.
 #[derive(Debug, Clone)]

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::glts::{Estimator, EstimatorConfig, Exchange, GltsError, Interval, IntervalClock, StampError};
-use crate::net::Connector;
+use crate::rpc::NodeId;
 use crate::rpc::{Request, Response};
 use crate::timesource::mono_ns;
-use crate::types::NodeId;
+use platform::quic::Connector;
 
 /// A running GLTS client.
 #[derive(Debug)]
@@ -91,7 +91,7 @@ impl IntervalSource {
 /// One four-timestamp exchange with the control-plane node at `addr`.
 pub async fn exchange(connector: &Connector, addr: &str, timeout: Duration) -> Option<Exchange> {
     let sent_ns = mono_ns();
-    match connector.call(addr, &Request::TimeSync, timeout).await {
+    match crate::net::call(connector, addr, &Request::TimeSync, timeout).await {
         Ok(Response::Time { interval, hold_ns }) => {
             Some(Exchange { sent_ns, received_ns: mono_ns(), hold_ns, peer: interval })
         }

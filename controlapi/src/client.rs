@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{Result, anyhow, bail};
 
 use crate::meta::{Command, MetaState, Outcome};
-use crate::net::Connector;
 use crate::rpc::{Request, Response, Status};
-use crate::tls::Identity;
+use platform::quic::Connector;
+use platform::tls::Identity;
 
 /// Calls the cluster's leader (or a given node) with retries on redirects and unreachable
 /// nodes, until a deadline.
@@ -75,7 +75,7 @@ impl ControlClient {
         loop {
             let mut redirected = false;
             for addr in self.candidates(&failed) {
-                match self.connector.call(&addr, request, self.attempt_timeout).await {
+                match crate::net::call(&self.connector, &addr, request, self.attempt_timeout).await {
                     Ok(Response::NotLeader { leader }) => {
                         let hint = leader.map(|(_, addr)| addr);
                         last_error = anyhow!("{addr} is not the leader (leader: {hint:?})");
@@ -155,7 +155,7 @@ impl ControlClient {
 
     /// The status of the node at `addr` (not redirected).
     pub async fn status_of(&self, addr: &str) -> Result<Status> {
-        match self.connector.call(addr, &Request::Status, self.attempt_timeout).await? {
+        match crate::net::call(&self.connector, addr, &Request::Status, self.attempt_timeout).await? {
             Response::Status(status) => Ok(*status),
             other => bail!("unexpected response {other:?}"),
         }
@@ -163,6 +163,6 @@ impl ControlClient {
 
     /// Sends `request` to the node at `addr` only, waiting up to `timeout`.
     pub async fn call_node(&self, addr: &str, request: &Request, timeout: Duration) -> Result<Response> {
-        Ok(self.connector.call(addr, request, timeout).await?)
+        Ok(crate::net::call(&self.connector, addr, request, timeout).await?)
     }
 }

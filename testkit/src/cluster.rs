@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::client::ControlClient;
-use crate::rpc::Status;
-use crate::tls::Identity;
-use crate::types::NodeId;
+use controlapi::NodeId;
+use controlapi::client::ControlClient;
+use controlapi::rpc::Status;
+use platform::tls::Identity;
+
+use crate::ports::free_udp_port;
 
 /// One process slot.
 #[derive(Debug)]
@@ -32,12 +34,6 @@ pub struct LocalCluster {
     initial_members: Vec<String>,
     extra_args: Vec<String>,
     client: ControlClient,
-}
-
-/// A free UDP port on 127.0.0.1 (released before use: a small race, as with any test port).
-pub fn free_udp_port() -> Result<u16> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    Ok(socket.local_addr()?.port())
 }
 
 impl LocalCluster {
@@ -69,7 +65,7 @@ impl LocalCluster {
         let tls = dir.join("tls");
         let mut names: Vec<String> = (1..=size + 2).map(|id| format!("cp{id}")).collect();
         names.push("admin".into());
-        crate::tls::generate(&tls, &names)?;
+        platform::tls::generate(&tls, &names)?;
         let mut nodes = BTreeMap::new();
         for id in 1..=size {
             nodes.insert(id, Slot { addr: format!("127.0.0.1:{}", free_udp_port()?), child: None });
@@ -151,16 +147,16 @@ impl LocalCluster {
     }
 
     /// A GLTS client of this cluster, as a data node runs it, exchanging every `period`.
-    pub fn glts_client(&self, period: Duration) -> Result<crate::glts_client::GltsClient> {
-        let config = crate::glts::EstimatorConfig::for_sources(self.nodes.len());
-        Ok(crate::glts_client::GltsClient::start(self.client.connector().clone(), self.members(), config, period)?)
+    pub fn glts_client(&self, period: Duration) -> Result<controlapi::glts_client::GltsClient> {
+        let config = controlapi::glts::EstimatorConfig::for_sources(self.nodes.len());
+        Ok(controlapi::glts_client::GltsClient::start(self.client.connector().clone(), self.members(), config, period)?)
     }
 
     /// Waits until node `id` has applied the same metadata as `expected`.
     pub async fn wait_caught_up(
         &self,
         id: NodeId,
-        expected: &crate::meta::MetaState,
+        expected: &controlapi::meta::MetaState,
         deadline: Duration,
     ) -> Result<()> {
         let addr = self.addr(id).context("no such node")?;

@@ -15,7 +15,7 @@
     reason = "simulated clock rates are floats applied to small positive spans"
 )]
 
-use controlplane::glts::{Estimator, EstimatorConfig, Exchange, Interval, IntervalClock, StampError, glt_physical_ns};
+use controlapi::glts::{Estimator, EstimatorConfig, Exchange, Interval, IntervalClock, StampError, glt_physical_ns};
 
 /// splitmix64: small, seedable, good enough for a simulation.
 struct Random(u64);
