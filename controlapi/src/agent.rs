@@ -307,7 +307,7 @@ async fn discover(client: &ControlClient, seeds: &[String], deadline: Duration) 
                     return Ok(status.members.into_iter().map(|member| (member.id, member.addr)).collect());
                 }
                 Ok(_) => last_error = Some(anyhow::anyhow!("{seed} knows no members yet")),
-                Err(error) => last_error = Some(error.context(format!("seed {seed}"))),
+                Err(error) => last_error = Some(anyhow::Error::new(error).context(format!("seed {seed}"))),
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

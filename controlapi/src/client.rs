@@ -4,12 +4,48 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow, bail};
-
-use crate::meta::{Command, MetaState, Outcome};
-use crate::rpc::{Request, Response, Status};
 use platform::quic::Connector;
 use platform::tls::Identity;
+use thiserror::Error;
+
+use crate::meta::{Command, MetaState, Outcome};
+use crate::net::CallError;
+use crate::rpc::{Request, Response, Role, Status};
+
+/// Pause between rounds of looking for the leader.
+const LEADER_RETRY: Duration = Duration::from_millis(100);
+
+/// Why a control-plane request failed: callers match on it (the CLI's exit codes).
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// No node answered as the leader in time: the control plane is unavailable from here.
+    #[error("no leader answered within {deadline:?}: {last}")]
+    NoLeader {
+        /// How long it tried.
+        deadline: Duration,
+        /// The last thing that went wrong.
+        last: String,
+    },
+    /// The request reached a node and its answer was lost: it may or may not have been
+    /// applied (not retried, as it is not idempotent).
+    #[error("the request may or may not have been applied: {0}")]
+    MaybeApplied(CallError),
+    /// The one node asked did not answer.
+    #[error(transparent)]
+    Call(#[from] CallError),
+    /// The leader refused the request (a rejected command, an error answer).
+    #[error("refused by the control plane: {0}")]
+    Refused(String),
+    /// An answer that does not fit the request.
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+    /// The client's TLS identity or endpoint could not be set up.
+    #[error("control client: {0}")]
+    Setup(String),
+}
+
+/// What [`ControlClient`] returns.
+pub type Result<T, E = ControlError> = std::result::Result<T, E>;
 
 /// Calls the cluster's leader (or a given node) with retries on redirects and unreachable
 /// nodes, until a deadline.
@@ -25,7 +61,8 @@ pub struct ControlClient {
 impl ControlClient {
     /// A client with its own endpoint and TLS identity.
     pub fn new(identity: &Identity, seeds: Vec<String>) -> Result<Self> {
-        let connector = Connector::client(identity.client_config()?)?;
+        let config = identity.client_config().map_err(|error| ControlError::Setup(format!("{error:#}")))?;
+        let connector = Connector::client(config).map_err(|error| ControlError::Setup(error.to_string()))?;
         Ok(Self::with_connector(connector, seeds))
     }
 
@@ -70,7 +107,7 @@ impl ControlClient {
             _ => false,
         };
         let give_up = tokio::time::Instant::now() + deadline;
-        let mut last_error = anyhow!("no seed addresses");
+        let mut last_error = String::from("no seed addresses");
         let mut failed: Vec<String> = Vec::new();
         loop {
             let mut redirected = false;
@@ -78,7 +115,7 @@ impl ControlClient {
                 match crate::net::call(&self.connector, &addr, request, self.attempt_timeout).await {
                     Ok(Response::NotLeader { leader }) => {
                         let hint = leader.map(|(_, addr)| addr);
-                        last_error = anyhow!("{addr} is not the leader (leader: {hint:?})");
+                        last_error = format!("{addr} is not the leader (leader: {hint:?})");
                         if let Some(hint) = hint {
                             *self.leader.lock().unwrap_or_else(PoisonError::into_inner) = Some(hint);
                             redirected = true;
@@ -96,9 +133,9 @@ impl ControlClient {
                     }
                     Err(error) => {
                         if !error.not_sent() && !retry_anything {
-                            return Err(anyhow!(error).context("the request may or may not have been applied"));
+                            return Err(ControlError::MaybeApplied(error));
                         }
-                        last_error = anyhow!(error);
+                        last_error = error.to_string();
                         if !failed.contains(&addr) {
                             failed.push(addr.clone());
                         }
@@ -110,7 +147,7 @@ impl ControlClient {
                 }
             }
             if tokio::time::Instant::now() >= give_up {
-                return Err(last_error.context(format!("no leader answered within {deadline:?}")));
+                return Err(ControlError::NoLeader { deadline, last: last_error });
             }
             if !redirected {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -121,7 +158,7 @@ impl ControlClient {
     /// Proposes `command` and returns its outcome and log index; a rejection is an error.
     pub async fn write(&self, command: Command, deadline: Duration) -> Result<(Outcome, u64)> {
         match self.propose(command, deadline).await? {
-            (Outcome::Rejected { reason }, _) => bail!("rejected: {reason}"),
+            (Outcome::Rejected { reason }, _) => Err(ControlError::Refused(reason)),
             written => Ok(written),
         }
     }
@@ -130,8 +167,8 @@ impl ControlClient {
     pub async fn propose(&self, command: Command, deadline: Duration) -> Result<(Outcome, u64)> {
         match self.call(&Request::Write(command), deadline).await? {
             Response::Written { outcome, index } => Ok((outcome, index)),
-            Response::Error { message } => bail!("{message}"),
-            other => bail!("unexpected response {other:?}"),
+            Response::Error { message } => Err(ControlError::Refused(message)),
+            other => Err(ControlError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -139,8 +176,8 @@ impl ControlClient {
     pub async fn create_snapshot(&self, lead_us: u64, deadline: Duration) -> Result<(u64, u64)> {
         match self.call(&Request::CreateSnapshot { lead_us }, deadline).await? {
             Response::Snapshot { id, glt, .. } => Ok((id, glt)),
-            Response::Error { message } => bail!("{message}"),
-            other => bail!("unexpected response {other:?}"),
+            Response::Error { message } => Err(ControlError::Refused(message)),
+            other => Err(ControlError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -148,8 +185,8 @@ impl ControlClient {
     pub async fn read(&self, linearizable: bool, deadline: Duration) -> Result<MetaState> {
         match self.call(&Request::Read { linearizable }, deadline).await? {
             Response::State { meta, .. } => Ok(meta),
-            Response::Error { message } => bail!("{message}"),
-            other => bail!("unexpected response {other:?}"),
+            Response::Error { message } => Err(ControlError::Refused(message)),
+            other => Err(ControlError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -157,8 +194,81 @@ impl ControlClient {
     pub async fn status_of(&self, addr: &str) -> Result<Status> {
         match crate::net::call(&self.connector, addr, &Request::Status, self.attempt_timeout).await? {
             Response::Status(status) => Ok(*status),
-            other => bail!("unexpected response {other:?}"),
+            other => Err(ControlError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// The status of the leader, the one way every tool finds it: asks the seeds (a node
+    /// answers `Status` itself, whatever its role), follows the leader it names, and failing
+    /// that asks every node it heard of and takes the newest leader; until `timeout`.
+    pub async fn leader_status(&self, timeout: Duration) -> Result<Status> {
+        let give_up = tokio::time::Instant::now() + timeout;
+        let mut budget = timeout;
+        loop {
+            let first = match self.call(&Request::Status, budget).await? {
+                Response::Status(status) => *status,
+                Response::Error { message } => return Err(ControlError::Refused(message)),
+                other => return Err(ControlError::Unexpected(format!("{other:?}"))),
+            };
+            if first.role == Role::Leader && !first.isolated {
+                return Ok(first);
+            }
+            let hint = first.leader.and_then(|id| first.members.iter().find(|m| m.id == id && id != first.node_id));
+            if let Some(leader) = hint {
+                if let Ok(status) = self.status_of(&leader.addr).await {
+                    if status.role == Role::Leader && !status.isolated {
+                        return Ok(status);
+                    }
+                }
+            }
+            // The node asked knows no (reachable) leader: ask everyone, take the newest leader.
+            let mut addrs: Vec<String> = self.seeds.clone();
+            for member in &first.members {
+                if !addrs.contains(&member.addr) {
+                    addrs.push(member.addr.clone());
+                }
+            }
+            let newest = self
+                .statuses(addrs)
+                .await
+                .into_values()
+                .filter_map(Result::ok)
+                .filter(|status| status.role == Role::Leader && !status.isolated)
+                .max_by_key(|status| status.term);
+            if let Some(leader) = newest {
+                return Ok(leader);
+            }
+            if tokio::time::Instant::now() >= give_up {
+                let known = first.leader.map_or_else(
+                    || "no leader".to_owned(),
+                    |id| format!("leader {id}, which did not answer as leader"),
+                );
+                let last = format!("node {} is {} in term {} and knows {known}", first.node_id, first.role, first.term);
+                return Err(ControlError::NoLeader { deadline: timeout, last });
+            }
+            tokio::time::sleep(LEADER_RETRY).await;
+            let remaining = give_up.saturating_duration_since(tokio::time::Instant::now());
+            budget = Duration::from_millis(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
+        }
+    }
+
+    /// Every address's status, asked concurrently.
+    pub async fn statuses(&self, addrs: Vec<String>) -> std::collections::BTreeMap<String, Result<Status>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for addr in addrs {
+            let client = self.clone();
+            tasks.spawn(async move {
+                let answer = client.status_of(&addr).await;
+                (addr, answer)
+            });
+        }
+        let mut answers = std::collections::BTreeMap::new();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((addr, answer)) = joined {
+                answers.insert(addr, answer);
+            }
+        }
+        answers
     }
 
     /// Sends `request` to the node at `addr` only, waiting up to `timeout`.

@@ -1,11 +1,12 @@
 //! The GLTS client a data node runs: exchanges with every control-plane node on a period,
-//! keeps the estimator and the interval clock (strictly increasing GLTs inside the interval)
-//! and answers `now`, `stamp` and `commit_wait`.
+//! keeps the estimator and answers `now`, the interval holding true time. Stamps and commit
+//! waits are the store's, over that interval ([`crate::glts::Hlc`],
+//! [`crate::glts::Interval::has_passed`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::glts::{Estimator, EstimatorConfig, Exchange, GltsError, Interval, IntervalClock, StampError};
+use crate::glts::{Estimator, EstimatorConfig, Exchange, GltsError, Interval};
 use crate::rpc::NodeId;
 use crate::rpc::{Request, Response};
 use crate::timesource::mono_ns;
@@ -14,7 +15,7 @@ use platform::quic::Connector;
 /// A running GLTS client.
 #[derive(Debug)]
 pub struct GltsClient {
-    clock: Arc<Mutex<IntervalClock>>,
+    estimator: Arc<Mutex<Estimator>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,54 +33,35 @@ impl GltsClient {
         config: EstimatorConfig,
         period: Duration,
     ) -> Result<Self, GltsError> {
-        let estimator = Estimator::new(config)?;
-        let clock = Arc::new(Mutex::new(IntervalClock::new(estimator, 0)));
-        let shared = clock.clone();
+        let estimator = Arc::new(Mutex::new(Estimator::new(config)?));
+        let shared = estimator.clone();
         let task = tokio::spawn(async move {
             let timeout = period.max(Duration::from_millis(50));
             loop {
                 for (id, exchange) in exchange_all(&connector, &servers, timeout).await {
-                    let mut clock = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                    let _ = clock.estimator_mut().observe_peer(id, exchange);
+                    let mut estimator = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                    let _ = estimator.observe_peer(id, exchange);
                 }
                 tokio::time::sleep(period).await;
             }
         });
-        Ok(Self { clock, task })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, IntervalClock> {
-        self.clock.lock().unwrap_or_else(PoisonError::into_inner)
+        Ok(Self { estimator, task })
     }
 
     /// A handle through which other threads (a data node's shards) read the interval.
     pub fn source(&self) -> IntervalSource {
-        IntervalSource(self.clock.clone())
+        IntervalSource(self.estimator.clone())
     }
 
     /// The interval holding true time now.
     pub fn now(&self) -> Result<Interval, GltsError> {
-        self.lock().now(mono_ns())
-    }
-
-    /// A GLT inside the interval, greater than every one returned or observed before.
-    pub fn stamp(&self) -> Result<u64, StampError> {
-        self.lock().stamp(mono_ns())
-    }
-
-    /// Waits until the interval's earliest bound is past `glt`.
-    pub async fn commit_wait(&self, glt: u64) -> Result<(), GltsError> {
-        loop {
-            let until = self.lock().commit_wait_until(glt, mono_ns())?;
-            let Some(until) = until else { return Ok(()) };
-            tokio::time::sleep(Duration::from_nanos(until.saturating_sub(mono_ns()).max(1000))).await;
-        }
+        self.source().now()
     }
 }
 
 /// Reads a running [`GltsClient`]'s interval from any thread.
 #[derive(Debug, Clone)]
-pub struct IntervalSource(Arc<Mutex<IntervalClock>>);
+pub struct IntervalSource(Arc<Mutex<Estimator>>);
 
 impl IntervalSource {
     /// The interval holding true time now.

@@ -87,13 +87,48 @@ pub struct Member {
     pub voter: bool,
 }
 
+/// A member's Raft role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// It leads: writes go through it.
+    Leader,
+    /// It follows a leader.
+    Follower,
+    /// It stands for election.
+    Candidate,
+    /// It replicates the log without a vote.
+    Learner,
+    /// It is stopping.
+    Shutdown,
+}
+
+impl Role {
+    /// The role's name, as `meridian cluster status` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Leader => "leader",
+            Self::Follower => "follower",
+            Self::Candidate => "candidate",
+            Self::Learner => "learner",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The node's view of the cluster, for `meridian cluster status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     /// The answering node.
     pub node_id: NodeId,
-    /// Its Raft role: Leader, Follower, Candidate or Learner.
-    pub role: String,
+    /// Its Raft role.
+    pub role: Role,
     /// The leader it knows of.
     pub leader: Option<NodeId>,
     /// Current term.

@@ -15,7 +15,7 @@
     reason = "simulated clock rates are floats applied to small positive spans"
 )]
 
-use controlapi::glts::{Estimator, EstimatorConfig, Exchange, Interval, IntervalClock, StampError, glt_physical_ns};
+use controlapi::glts::{Estimator, EstimatorConfig, Exchange, Hlc, Interval, glt_physical_ns};
 
 /// splitmix64: small, seedable, good enough for a simulation.
 struct Random(u64);
@@ -89,7 +89,8 @@ fn scenario(seed: u64) -> Outcome {
         })
         .collect();
     let config = EstimatorConfig { drift_ppm: DRIFT_PPM, ..EstimatorConfig::for_sources(peers.len()) };
-    let mut clock = IntervalClock::new(Estimator::new(config).expect("config"), 0);
+    let mut estimator = Estimator::new(config).expect("config");
+    let mut hlc = Hlc::default();
     let mut now_true_ns = start_true_ns;
     let mut last_glt = 0;
     let mut outcome = Outcome { checks: 0, widths_ns: Vec::new() };
@@ -121,34 +122,37 @@ fn scenario(seed: u64) -> Outcome {
                 hold_ns: (hold_real_ns as f64 / peer.rate) as u64,
                 peer: peer_interval,
             };
-            clock.estimator_mut().observe_peer(index as u64, exchange).expect("valid exchange");
+            estimator.observe_peer(index as u64, exchange).expect("valid exchange");
         }
         // Until the next round (10 ms to 2 s later), check at random instants.
         let next_round_true_ns = now_true_ns + random.between(10_000_000, 2_000_000_000);
         while now_true_ns < next_round_true_ns {
             now_true_ns += random.between(1_000, 300_000_000);
             let mono_ns = local.mono(now_true_ns);
-            let interval = clock.now(mono_ns).unwrap_or_else(|error| panic!("seed {seed}: {error}"));
+            let interval = estimator.now(mono_ns).unwrap_or_else(|error| panic!("seed {seed}: {error}"));
             assert!(interval.contains(now_true_ns), "seed {seed}: true {now_true_ns} outside {interval:?}");
             outcome.widths_ns.push(interval.width_ns());
             outcome.checks += 1;
-            let glt = match clock.stamp(mono_ns) {
-                Ok(glt) => glt,
-                Err(StampError::AheadOfInterval { .. }) => continue,
-                Err(error) => panic!("seed {seed}: {error}"),
-            };
+            // The store's stamp: at the interval's latest bound, once the next one fits.
+            if hlc.wait_us(interval) > 0 {
+                continue;
+            }
+            let glt = hlc.tick(interval.latest_us());
             assert!(glt > last_glt, "seed {seed}: GLT {glt} after {last_glt}");
             last_glt = glt;
             assert!(interval.contains(glt_physical_ns(glt)), "seed {seed}: GLT {glt} outside {interval:?}");
             // Commit wait: once it ends, true time is past the GLT's microsecond.
             if random.between(0, 3) == 0 {
-                if let Some(until_mono_ns) = clock.commit_wait_until(glt, mono_ns).expect("interval") {
+                let passed_ns = glt_physical_ns(glt) + 999;
+                if let Some(until_mono_ns) = estimator.earliest_passes_at(passed_ns, mono_ns).expect("interval") {
                     // Advance true time until the local clock reaches `until_mono_ns`.
                     let waited_true_ns = ((until_mono_ns - mono_ns) as f64 * local.rate).ceil() as u64;
                     now_true_ns += waited_true_ns + 1;
                     assert!(local.mono(now_true_ns) >= until_mono_ns);
                 }
                 assert!(now_true_ns > glt_physical_ns(glt) + 999, "seed {seed}: commit wait ended early");
+                let after = estimator.now(local.mono(now_true_ns)).expect("interval");
+                assert!(after.has_passed(glt), "seed {seed}: the store's commit wait would not have ended");
             }
         }
     }

@@ -17,7 +17,7 @@ use crate::raftlog::{self, LogStore, LogWriter};
 use controlapi::glts::{Estimator, EstimatorConfig};
 use controlapi::glts_client::exchange_all;
 use controlapi::meta::{Command, NodeState, Outcome, SnapshotStatus};
-use controlapi::rpc::{Member, Request, Response, Status};
+use controlapi::rpc::{Member, Request, Response, Role, Status};
 use platform::quic::Connector;
 
 use crate::rpc::{Incoming, Outgoing, RaftRequest, RaftResponse};
@@ -742,16 +742,16 @@ impl Node {
     fn status(&self) -> Status {
         let metrics = self.raft.metrics().borrow().clone();
         let role = match metrics.state {
-            ServerState::Leader => "leader",
-            ServerState::Follower => "follower",
-            ServerState::Candidate => "candidate",
-            ServerState::Learner => "learner",
-            ServerState::Shutdown => "shutdown",
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
         };
         let glts_width_us = self.glts_width_ns().map(|ns| ns as f64 / 1000.0);
         Status {
             node_id: self.id,
-            role: role.into(),
+            role,
             leader: metrics.current_leader,
             term: metrics.current_term,
             last_log_index: metrics.last_log_index,

@@ -14,19 +14,15 @@ use controlapi::meta::Placement;
 use platform::tls::Identity;
 
 use crate::config::ControlResolved;
-use crate::store::{Clock, ClockUnavailable, TimeInterval};
+use crate::store::{Clock, ClockUnavailable, Interval};
 
 /// The GLTS interval as a store clock.
 #[derive(Debug, Clone)]
 pub struct GltsClock(IntervalSource);
 
 impl Clock for GltsClock {
-    fn interval(&self) -> Result<TimeInterval, ClockUnavailable> {
-        let interval = self.0.now().map_err(|error| ClockUnavailable(error.to_string()))?;
-        // Rounded down: `earliest_us` stays a true lower bound, so a commit wait until it has
-        // passed a stamp's microsecond waits out the whole microsecond; a stamp at `latest_us`
-        // is at most the interval's latest bound.
-        Ok(TimeInterval { earliest_us: interval.earliest_ns / 1000, latest_us: interval.latest_ns / 1000 })
+    fn interval(&self) -> Result<Interval, ClockUnavailable> {
+        self.0.now().map_err(|error| ClockUnavailable(error.to_string()))
     }
 }
 

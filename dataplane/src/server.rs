@@ -622,7 +622,7 @@ impl Endpoint {
             return Err((ErrorCode::Unavailable, "this node has no [replication] section".into()));
         };
         let interval = self.store.config().clock.interval().map_err(|error| map_error(error.into()))?;
-        let now_ts = crate::store::clock::timestamp_at(interval.earliest_us);
+        let now_ts = crate::store::clock::timestamp_at(interval.earliest_us());
         let sources = resolved.sources();
         let statuses: Vec<proto::SourceStatus<'_>> = sources
             .iter()

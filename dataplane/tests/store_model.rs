@@ -341,7 +341,7 @@ struct LosableClock {
 }
 
 impl dataplane::store::Clock for LosableClock {
-    fn interval(&self) -> Result<dataplane::store::TimeInterval, dataplane::store::ClockUnavailable> {
+    fn interval(&self) -> Result<dataplane::store::Interval, dataplane::store::ClockUnavailable> {
         if self.lost.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(dataplane::store::ClockUnavailable("sources disagree".into()));
         }

@@ -217,7 +217,7 @@ impl LocalCluster {
         let start = Instant::now();
         loop {
             let statuses = self.statuses().await;
-            if let Some(leader) = statuses.iter().find(|s| s.role == "leader" && !s.isolated) {
+            if let Some(leader) = statuses.iter().find(|s| s.role == controlapi::rpc::Role::Leader && !s.isolated) {
                 let agreeing =
                     statuses.iter().filter(|s| s.leader == Some(leader.node_id) && s.term == leader.term).count();
                 if agreeing * 2 > leader.members.iter().filter(|m| m.voter).count() {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use chunks::ChunkError;
-pub use clock::{Clock, ClockUnavailable, Hlc, ManualClock, SystemClock, TimeInterval};
+pub use clock::{Clock, ClockUnavailable, Hlc, Interval, ManualClock, SystemClock};
 pub use files::{FileError, ShardFiles};
 pub use shard::{ClosedPoint, KeyStat, ListItem, Progress, ShardStore, StoreStats, ValueChunks};
 pub use versions::TooOld;

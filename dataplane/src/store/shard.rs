@@ -13,7 +13,7 @@ use glommio::io::{DmaStreamWriterBuilder, OpenOptions};
 
 use super::checkpoint::{self, CheckpointInfo};
 use super::chunks::{ChunkStats, ChunkStore};
-use super::clock::{Hlc, TimeInterval, physical_us, timestamp_at};
+use super::clock::{Hlc, Interval, physical_us, timestamp_at};
 use super::op::{self, Body, ChunkList, Value};
 use super::versions::{Collected, VersionMap};
 use super::{StoreConfig, StoreError};
@@ -373,9 +373,9 @@ impl ShardStore {
                 // The clock again, at reservation: waiting for room in a full batch may have
                 // let the closed and applied points (published meanwhile from the clock) pass
                 // the interval read before it, and a stamp must stay above them.
-                let latest_us = inner.config.clock.interval().map_or(interval.latest_us, |now| now.latest_us);
+                let latest_us = inner.config.clock.interval().map_or(interval.latest_us(), |now| now.latest_us());
                 let mut hlc = inner.hlc.get();
-                let ts = hlc.tick(latest_us.max(interval.latest_us));
+                let ts = hlc.tick(latest_us.max(interval.latest_us()));
                 inner.hlc.set(hlc);
                 inner.inflight.borrow_mut().insert(lsn, ts);
                 reserved.set(Some((lsn, ts)));
@@ -406,7 +406,7 @@ impl ShardStore {
 
     /// The clock's interval once the next stamp fits inside it (stamps are taken at its latest
     /// bound; see [`super::clock`]).
-    async fn stamp_interval(&self) -> Result<TimeInterval, StoreError> {
+    async fn stamp_interval(&self) -> Result<Interval, StoreError> {
         loop {
             let interval = self.inner.config.clock.interval()?;
             match self.inner.hlc.get().wait_us(interval) {
@@ -421,11 +421,12 @@ impl ShardStore {
     /// system clock this has always passed by the time the WAL barrier returns.
     async fn commit_wait(&self, ts: u64) -> Result<(), StoreError> {
         loop {
-            let earliest_us = self.inner.config.clock.interval()?.earliest_us;
-            if earliest_us > physical_us(ts) {
+            let interval = self.inner.config.clock.interval()?;
+            if interval.has_passed(ts) {
                 return Ok(());
             }
-            glommio::timer::sleep(Duration::from_micros(physical_us(ts) + 1 - earliest_us)).await;
+            let left_us = physical_us(ts) + 1 - interval.earliest_us();
+            glommio::timer::sleep(Duration::from_micros(left_us)).await;
         }
     }
 
@@ -552,7 +553,7 @@ impl ShardStore {
     pub async fn collect_garbage(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         let retention_us = u64::try_from(inner.config.retention.as_micros()).unwrap_or(u64::MAX);
-        let horizon = timestamp_at(inner.config.clock.interval()?.earliest_us.saturating_sub(retention_us))
+        let horizon = timestamp_at(inner.config.clock.interval()?.earliest_us().saturating_sub(retention_us))
             .min(inner.collect_floor.get());
         let mut resume: Option<Bytes> = None;
         loop {
@@ -794,7 +795,7 @@ impl ShardStore {
         let closed_ts = match pending {
             Some(ts) => ts.saturating_sub(1),
             None => {
-                let earliest = timestamp_at(inner.config.clock.interval()?.earliest_us).saturating_sub(1);
+                let earliest = timestamp_at(inner.config.clock.interval()?.earliest_us()).saturating_sub(1);
                 inner.hlc.get().last().max(earliest)
             }
         };
@@ -811,7 +812,7 @@ impl ShardStore {
         Ok(match first_unapplied {
             Some(ts) => ts.saturating_sub(1),
             None => {
-                let earliest = timestamp_at(inner.config.clock.interval()?.earliest_us).saturating_sub(1);
+                let earliest = timestamp_at(inner.config.clock.interval()?.earliest_us()).saturating_sub(1);
                 inner.hlc.get().last().max(earliest)
             }
         })

@@ -12,11 +12,10 @@ use client::exit_code;
 use controlapi::NodeId;
 use controlapi::client::ControlClient;
 use controlapi::meta::{Command, Outcome};
-use controlapi::rpc::{Request, Response, Status};
+use controlapi::rpc::{Request, Response, Role, Status};
 use platform::quic::Connector;
 use platform::tls::Identity;
 use serde::Serialize;
-use tokio::task::JoinSet;
 
 use crate::print_json;
 
@@ -25,8 +24,6 @@ use crate::print_json;
 const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 /// Longest wait for one node's status (it is answered at once by a live node).
 const STATUS_ATTEMPT_MAX: Duration = Duration::from_secs(3);
-/// Pause between rounds of looking for the leader.
-const LEADER_RETRY: Duration = Duration::from_millis(100);
 
 const CLUSTER_HELP: &str = "\
 The control plane is reached over QUIC with mutual TLS: --tls-dir holds the cluster CA
@@ -316,7 +313,7 @@ struct MemberStatus {
     addr: String,
     voter: bool,
     reachable: bool,
-    role: Option<String>,
+    role: Option<Role>,
     term: Option<u64>,
     leader: Option<NodeId>,
     last_log_index: Option<u64>,
@@ -344,7 +341,7 @@ impl MemberStatus {
         match answer {
             Ok(own) => {
                 status.reachable = true;
-                status.role = Some(own.role.clone());
+                status.role = Some(own.role);
                 status.term = Some(own.term);
                 status.leader = own.leader;
                 status.last_log_index = own.last_log_index;
@@ -413,7 +410,7 @@ async fn execute(command: &ClusterCommand, target: &Target, json: bool, timeout:
     let result = match command {
         ClusterCommand::Status => {
             client.attempt_timeout = timeout.min(STATUS_ATTEMPT_MAX);
-            status(&client, &target.seeds, timeout, json, &mut stdout).await
+            status(&client, timeout, json, &mut stdout).await
         }
         ClusterCommand::AddNode { id, addr } => {
             // The leader answers once the node caught up and the change committed: no
@@ -635,12 +632,14 @@ async fn snapshot_glt(client: &ControlClient, id: u64, timeout: Duration) -> any
     Ok(snapshot.glt)
 }
 
-/// A leader's refusal is `Refused`; anything else means no leader answered.
-fn classify(error: anyhow::Error) -> anyhow::Error {
-    if format!("{error:#}").contains("no leader answered") {
-        error.context(ControlError::Unavailable)
-    } else {
-        ControlError::Refused(format!("{error:#}")).into()
+/// No leader answering is `Unavailable`; anything else (a refusal, an answer lost after the
+/// request reached the leader) is `Refused`.
+fn classify(error: controlapi::client::ControlError) -> anyhow::Error {
+    match error {
+        controlapi::client::ControlError::NoLeader { .. } => {
+            anyhow::Error::new(error).context(ControlError::Unavailable)
+        }
+        other => ControlError::Refused(other.to_string()).into(),
     }
 }
 
@@ -690,92 +689,11 @@ async fn membership_change(client: &ControlClient, request: &Request, timeout: D
     }
 }
 
-/// The status of the leader: asks the seeds (a node answers `Status` itself, whatever its
-/// role), follows the leader it names, and failing that asks every node it heard of.
-async fn leader_status(client: &ControlClient, seeds: &[String], timeout: Duration) -> anyhow::Result<Status> {
-    let give_up = tokio::time::Instant::now() + timeout;
-    let mut budget = timeout;
-    loop {
-        let first = match client.call(&Request::Status, budget).await.context(ControlError::Unavailable)? {
-            Response::Status(status) => *status,
-            Response::Error { message } => return Err(ControlError::Refused(message).into()),
-            other => bail!("unexpected response {other:?}"),
-        };
-        if first.role == "leader" && !first.isolated {
-            return Ok(first);
-        }
-        let hint = first.leader.and_then(|id| first.members.iter().find(|m| m.id == id && id != first.node_id));
-        if let Some(leader) = hint {
-            if let Ok(status) = client.status_of(&leader.addr).await {
-                if status.role == "leader" && !status.isolated {
-                    return Ok(status);
-                }
-            }
-        }
-        // The node asked knows no (reachable) leader: ask everyone, take the newest leader.
-        let mut addrs: Vec<String> = seeds.to_vec();
-        for member in &first.members {
-            if !addrs.contains(&member.addr) {
-                addrs.push(member.addr.clone());
-            }
-        }
-        let answers = statuses(client, addrs).await;
-        let newest = answers
-            .into_values()
-            .filter_map(Result::ok)
-            .filter(|status| status.role == "leader" && !status.isolated)
-            .max_by_key(|status| status.term);
-        if let Some(leader) = newest {
-            return Ok(leader);
-        }
-        if tokio::time::Instant::now() >= give_up {
-            let known = first
-                .leader
-                .map_or_else(|| "no leader".to_owned(), |id| format!("leader {id}, which did not answer as leader"));
-            return Err(anyhow!(
-                "no leader within {timeout:?}: node {} is {} in term {} and knows {known}",
-                first.node_id,
-                first.role,
-                first.term
-            )
-            .context(ControlError::Unavailable));
-        }
-        tokio::time::sleep(LEADER_RETRY).await;
-        let remaining = give_up.saturating_duration_since(tokio::time::Instant::now());
-        budget = Duration::from_millis(u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX));
-    }
-}
-
-/// Asks every address for its status, concurrently.
-async fn statuses(client: &ControlClient, addrs: Vec<String>) -> BTreeMap<String, anyhow::Result<Status>> {
-    let mut tasks = JoinSet::new();
-    for addr in addrs {
-        let client = client.clone();
-        tasks.spawn(async move {
-            let answer = client.status_of(&addr).await;
-            (addr, answer)
-        });
-    }
-    let mut answers = BTreeMap::new();
-    while let Some(joined) = tasks.join_next().await {
-        if let Ok((addr, answer)) = joined {
-            answers.insert(addr, answer);
-        }
-    }
-    answers
-}
-
-async fn status(
-    client: &ControlClient,
-    seeds: &[String],
-    timeout: Duration,
-    json: bool,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
-    let leader = leader_status(client, seeds, timeout).await?;
+async fn status(client: &ControlClient, timeout: Duration, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    let leader = client.leader_status(timeout).await.map_err(classify)?;
     let others: Vec<String> =
         leader.members.iter().filter(|m| m.id != leader.node_id).map(|m| m.addr.clone()).collect();
-    let mut answers = statuses(client, others).await;
+    let mut answers = client.statuses(others).await;
     let members_status: Vec<MemberStatus> = leader
         .members
         .iter()
@@ -783,7 +701,8 @@ async fn status(
             if member.id == leader.node_id {
                 return MemberStatus::new(member, Ok(&leader));
             }
-            let answer = answers.remove(&member.addr).unwrap_or_else(|| Err(anyhow!("status query failed")));
+            let answer = answers.remove(&member.addr).map(|answer| answer.map_err(anyhow::Error::new));
+            let answer = answer.unwrap_or_else(|| Err(anyhow!("status query failed")));
             MemberStatus::new(member, answer.as_ref().map_err(|error| anyhow!("{error:#}")))
         })
         .collect();
@@ -901,7 +820,7 @@ fn print_status(out: &mut impl Write, leader: &Status, members: &[MemberStatus],
                 (None, Some(true)) => "isolated (fault injection)".to_owned(),
                 _ => String::new(),
             };
-            let role = if m.reachable { or_dash(m.role.as_deref()) } else { "unreachable".to_owned() };
+            let role = if m.reachable { or_dash(m.role.map(Role::name)) } else { "unreachable".to_owned() };
             vec![
                 m.id.to_string(),
                 m.addr.clone(),
@@ -999,7 +918,7 @@ mod tests {
         let member = |id, voter| Member { id, addr: format!("127.0.0.1:710{id}"), voter };
         Status {
             node_id: 2,
-            role: "leader".into(),
+            role: Role::Leader,
             leader: Some(2),
             term: 5,
             last_log_index: Some(40),

@@ -193,7 +193,7 @@ impl Context {
     /// The latest physical time (µs) a shipped stamp may have now: [`core::AHEAD_US_MAX`] past
     /// this node's clock; `None` while the clock cannot say.
     fn ahead_limit(&self) -> Option<u64> {
-        self.clock.interval().ok().map(|interval| interval.latest_us.saturating_add(core::AHEAD_US_MAX))
+        self.clock.interval().ok().map(|interval| interval.latest_us().saturating_add(core::AHEAD_US_MAX))
     }
 }
 

@@ -34,7 +34,7 @@ pub(super) async fn observe(context: Arc<Context>) {
                 if source.resolved_ts == 0 {
                     continue;
                 }
-                let lag_us = interval.earliest_us.saturating_sub(clock::physical_us(source.resolved_ts));
+                let lag_us = interval.earliest_us().saturating_sub(clock::physical_us(source.resolved_ts));
                 let lag = lag_us as f64 / 1e6;
                 metrics::gauge!("meridian_replication_lag_seconds", "source" => source.region.clone()).set(lag);
                 metrics::histogram!("meridian_replication_rpo_seconds", "source" => source.region).record(lag);
