@@ -294,7 +294,7 @@ async fn run_async(args: &GeoArgs, binary: &Path, dir: &Path) -> Result<()> {
         );
         let tls = dir.join("tls");
         let quinn = tokio::task::spawn_blocking(move || {
-            dataplane::repl::shell::loopback_ceiling(&tls, "a", "b", window, LOOPBACK_CEILING_MIB << 20)
+            dataplane::repl::loopback_ceiling(&tls, "a", "b", window, LOOPBACK_CEILING_MIB << 20)
         })
         .await?
         .map_err(anyhow::Error::msg)?;

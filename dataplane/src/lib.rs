@@ -1,9 +1,15 @@
 //! The Meridian data plane: one process per data machine, one glommio executor ("shard") per
-//! core. This crate owns, per shard, the durable write-ahead log ([`wal`]) and the
-//! thread-per-core runtime that hosts shards and lets them message each other ([`runtime`]).
+//! core. Per shard it owns the durable write-ahead log ([`wal`]), the versioned store and its
+//! chunk server ([`store`]), the client endpoint ([`server`]) and its end of replication
+//! ([`repl`]); the node ([`node`]) starts them on the thread-per-core runtime ([`runtime`]),
+//! joined to the control plane ([`control`]).
 //!
-//! **Architecture Invariant:** the pure cores (`wal::format`, `wal::recovery`) do no I/O and
-//! never import glommio; glommio lives only in the shells (`wal::writer`, `runtime`).
+//! Each subsystem shows a curated surface (`pub use` in its `mod.rs`); its shells and helpers
+//! are private. It must never link openraft or the control plane's server (it talks to it
+//! through `controlapi`).
+//!
+//! **Architecture Invariant:** the pure cores (`wal::format`, `wal::recovery`, `repl::core`)
+//! do no I/O, read no clock and import no runtime (`tests/architecture.rs`).
 //!
 //! **Architecture Invariant:** no append is acknowledged before its bytes and an `fdatasync`
 //! barrier completed; a failed write or barrier fences the WAL for good.
@@ -11,9 +17,10 @@
 
 pub mod config;
 pub mod control;
+pub(crate) mod files;
 pub mod limits;
 pub mod node;
-pub mod readiness;
+mod readiness;
 pub mod repl;
 pub mod runtime;
 pub mod server;

@@ -16,7 +16,7 @@ pub const WAL_BATCH_LINGER_MAX: Duration = Duration::from_millis(10);
 /// Default largest record payload (values above the chunk threshold go to the chunk store).
 pub const WAL_RECORD_PAYLOAD_BYTES_MAX_DEFAULT: u32 = 1 << 20;
 /// A released WAL segment or an old checkpoint is freed this much at a time before it is
-/// unlinked (see `wal::writer::delete_gradually`).
+/// unlinked (see `files::delete_gradually`).
 pub const DELETE_STEP_BYTES: u64 = 8 << 20;
 /// Pause between two such steps.
 pub const DELETE_STEP_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);

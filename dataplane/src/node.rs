@@ -302,8 +302,8 @@ fn check_origin(data_dir: &std::path::Path, origin: Option<u8>) -> Result<(), St
             data_dir.display()
         )),
         (None, Some(origin)) => std::fs::write(&path, format!("{origin}\n"))
-            .and_then(|()| crate::wal::writer::sync_path(&path))
-            .and_then(|()| crate::wal::writer::sync_path(data_dir))
+            .and_then(|()| crate::files::sync_path(&path))
+            .and_then(|()| crate::files::sync_path(data_dir))
             .map_err(|error| format!("cannot record the origin in {}: {error}", path.display())),
         _ => Ok(()),
     }

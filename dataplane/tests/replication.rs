@@ -237,8 +237,7 @@ fn three_regions_converge_after_a_partition_and_refuse_strangers() {
     platform::tls::generate(&rogue, &["b".into()]).unwrap();
     rt.block_on(async {
         let identity = platform::tls::Identity::in_dir(&rogue, "b");
-        let config =
-            identity.client_config_for(dataplane::repl::shell::ALPN, quinn::TransportConfig::default()).unwrap();
+        let config = identity.client_config_for(dataplane::repl::ALPN, quinn::TransportConfig::default()).unwrap();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         endpoint.set_default_client_config(config);
         let connecting = endpoint.connect(listen_b, platform::tls::SERVER_NAME).unwrap();
@@ -300,7 +299,7 @@ fn corrupted_frames_are_rejected_and_the_stream_recovers() {
     let a = Node::start_logged(
         &dir.path().join("a"),
         &region_config("a", free_udp_port(), &tls, &[("b", listen_b)]),
-        &[(dataplane::repl::shell::CORRUPT_EVERY_ENV, "5")],
+        &[(dataplane::repl::CORRUPT_EVERY_ENV, "5")],
     );
     let rt = runtime();
     rt.block_on(async {

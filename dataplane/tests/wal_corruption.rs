@@ -7,7 +7,7 @@ mod common;
 use common::{fill, payload, run, small_config, strict};
 use dataplane::wal::format::segment_file_name;
 use dataplane::wal::recovery::Damage;
-use dataplane::wal::writer::scan;
+use dataplane::wal::scan;
 use dataplane::wal::{RecoveryError, Wal, WalConfig, WalError};
 
 /// Writes `batches` batches of 3 records each; returns the (offset, used bytes) of each batch

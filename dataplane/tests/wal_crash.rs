@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::check_payload;
+use dataplane::wal::scan;
 use dataplane::wal::torture::split_record_id;
-use dataplane::wal::writer::scan;
 use dataplane::wal::{WalConfig, WalReader};
 use rand::{Rng, SeedableRng};
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::{check_payload, payload, read_all, run, small_config, strict};
 use dataplane::wal::format::SECTOR_BYTES;
-use dataplane::wal::writer::scan;
+use dataplane::wal::scan;
 use dataplane::wal::{RecoveryError, Wal, WalConfig, WalError};
 
 const BASE_RECORDS: u64 = 20;

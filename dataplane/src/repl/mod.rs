@@ -22,10 +22,10 @@
 
 pub mod codec;
 pub mod core;
-pub mod position;
-pub mod shard;
-pub mod shell;
-pub mod status;
+mod position;
+pub(crate) mod shard;
+mod shell;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ use crate::store::{ClosedPoint, ShardFiles, StoreError};
 use crate::wal::WalTail;
 use core::{Hold, Holds, WalHold};
 pub use core::{Window, Work};
-pub use shell::Replication;
+pub use shell::{ALPN, CORRUPT_EVERY_ENV, Replication, StreamError, loopback_ceiling};
 pub use status::Resolved;
 
 /// One peer region and where its node's replication endpoint is.

@@ -61,7 +61,7 @@ pub fn store(shard_dir: &Path, region: &str, next_lsn: u64) -> std::io::Result<(
     file.sync_data()?;
     drop(file);
     std::fs::rename(&temporary, &path)?;
-    crate::wal::writer::sync_path(shard_dir)
+    crate::files::sync_path(shard_dir)
 }
 
 #[cfg(test)]

@@ -332,7 +332,7 @@ impl ChunkStore {
     /// Syncs the chunk directory (new entries durable).
     async fn sync_dir(&self) -> Result<(), ChunkError> {
         let dir = &self.dir;
-        let synced = crate::wal::writer::sync_path_off_executor(dir.clone()).await;
+        let synced = crate::files::sync_path_off_executor(dir.clone()).await;
         let injected = self.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::ChunkDirSync));
         synced
             .and_then(|()| injected.map_or(Ok(()), |errno| Err(std::io::Error::from_raw_os_error(errno))))

@@ -12,10 +12,10 @@
 pub mod checkpoint;
 pub mod chunks;
 pub mod clock;
-pub mod files;
+mod files;
 pub mod op;
-pub mod shard;
-pub mod versions;
+pub(crate) mod shard;
+pub(crate) mod versions;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use thiserror::Error;
 pub use chunks::ChunkError;
 pub use clock::{Clock, ClockUnavailable, Hlc, Interval, ManualClock, SystemClock};
 pub use files::{FileError, ShardFiles};
-pub use shard::{ClosedPoint, KeyStat, ListItem, Progress, ShardStore, StoreStats, ValueChunks};
+pub use shard::{ClosedPoint, KeyStat, ListItem, Progress, ShardStore, StoreStats, ValueChunks, shard_dir};
 pub use versions::TooOld;
 
 use crate::limits;

@@ -97,7 +97,7 @@ pub struct Op {
 impl Op {
     /// The operation with its key and inline value copied into memory of their own. Recovery
     /// decodes from memory-mapped checkpoint and WAL files, and a later checkpoint frees those
-    /// files by punching holes in them (`wal::writer::delete_gradually`): a version that kept
+    /// files by punching holes in them (`files::delete_gradually`): a version that kept
     /// pointing into such a map would read zeros from then on.
     #[must_use]
     pub fn detached(self) -> Self {

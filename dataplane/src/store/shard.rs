@@ -211,7 +211,7 @@ impl ShardStore {
         let chunks = ChunkStore::open(config.dir.join("chunks"), config.chunk_bytes, config.wal.faults.clone())?;
         // Chunk files are O_DIRECT both ways: glommio's iopoll probe must see a real sector on
         // their device too (the WAL's directory may be elsewhere).
-        crate::wal::writer::calibrate_iopoll(&config.dir.join("chunks")).await;
+        crate::files::calibrate_iopoll(&config.dir.join("chunks")).await;
         for (_, chain) in versions.iter_from(None) {
             for version in chain {
                 if let Body::Chunked(list) = &version.body {
@@ -614,9 +614,9 @@ impl ShardStore {
         let (dir, shard_id, finished) = (config.dir.clone(), config.shard_id, path.clone());
         glommio::executor()
             .spawn_blocking(move || {
-                crate::wal::writer::sync_path(&temporary).map_err(|error| format!("sync: {error}"))?;
+                crate::files::sync_path(&temporary).map_err(|error| format!("sync: {error}"))?;
                 std::fs::rename(&temporary, &finished).map_err(|error| format!("rename: {error}"))?;
-                crate::wal::writer::sync_path(&dir).map_err(|error| format!("sync directory: {error}"))?;
+                crate::files::sync_path(&dir).map_err(|error| format!("sync directory: {error}"))?;
                 remove_checkpoints(&dir, shard_id, |old| old < lsn).map_err(|error| error.to_string())
             })
             .await
@@ -1012,7 +1012,7 @@ fn remove_checkpoints(dir: &Path, shard_id: u32, doomed: impl Fn(u64) -> bool) -
         let stale_temporary = name.ends_with(".ckpt.tmp");
         let old = checkpoint::parse_file_name(name).is_some_and(|(shard, lsn)| shard == shard_id && doomed(lsn));
         if stale_temporary || old {
-            crate::wal::writer::delete_gradually(&entry.path())?;
+            crate::files::delete_gradually(&entry.path())?;
         }
     }
     Ok(())

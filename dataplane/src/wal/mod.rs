@@ -11,11 +11,11 @@
 
 pub mod faults;
 pub mod format;
-pub mod reader;
+mod reader;
 pub mod recovery;
-pub mod tail;
+mod tail;
 pub mod torture;
-pub mod writer;
+pub(crate) mod writer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,7 +25,7 @@ pub use faults::{FaultInjector, StoreFault, WriteFault};
 pub use reader::{WalCursor, WalReader, WalRecord};
 pub use recovery::{RecoveryError, RecoveryMode};
 pub use tail::{TailBatch, WalTail};
-pub use writer::{Wal, WalStats};
+pub use writer::{Wal, WalStats, scan};
 
 use crate::limits;
 use format::SECTOR_BYTES;

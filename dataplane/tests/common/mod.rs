@@ -110,7 +110,7 @@ pub use dataplane::wal::torture::{check_payload, payload};
 
 /// Every record recovery considers valid, read through the offline path (scan + reader).
 pub fn read_all(config: &WalConfig) -> Vec<WalRecord> {
-    let plan = dataplane::wal::writer::scan(config).unwrap();
+    let plan = dataplane::wal::scan(config).unwrap();
     let first = plan.segments.first().map_or(1, |segment| segment.first_lsn);
     WalReader::new(&config.dir, config.shard_id, config.record_payload_bytes_max)
         .read_range(first, plan.next_lsn)
