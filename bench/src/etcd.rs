@@ -93,15 +93,6 @@ pub fn version() -> Result<String> {
         .with_context(|| format!("no `etcd Version:` in the output of etcd --version: {stdout}"))
 }
 
-/// `count` TCP ports on 127.0.0.1 that were free, and distinct, a moment ago (all bound to
-/// port 0 at once, then released).
-fn free_ports(count: usize) -> Result<Vec<u16>> {
-    let listeners = (0..count)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0"))
-        .collect::<Result<Vec<_>>>()?;
-    listeners.iter().map(|listener| Ok(listener.local_addr()?.port())).collect()
-}
-
 /// A cluster token unique to this process and moment, so members of another cluster (another
 /// run) can never join this one.
 fn cluster_token() -> String {
@@ -118,7 +109,7 @@ impl EtcdCluster {
         std::fs::create_dir_all(base_dir).with_context(|| format!("creating {}", base_dir.display()))?;
         let version = version()?;
         let token = cluster_token();
-        let ports = free_ports(2 * MEMBER_NAMES.len())?;
+        let ports = testkit::ports::free_tcp_ports(2 * MEMBER_NAMES.len())?;
         let (client_ports, peer_ports) = ports.split_at(MEMBER_NAMES.len());
         let client_urls: Vec<String> = client_ports.iter().map(|port| format!("http://127.0.0.1:{port}")).collect();
         let peer_urls: Vec<String> = peer_ports.iter().map(|port| format!("http://127.0.0.1:{port}")).collect();

@@ -214,7 +214,7 @@ fn snapshots_are_created_listed_and_shown_through_the_leader() {
 /// A standalone `dataplane` (built next to the test, as `LocalCluster::binary` does); its
 /// shard 0 address and the child, killed on drop.
 struct DataNode {
-    child: std::process::Child,
+    _child: testkit::process::ChildGuard,
     addr: String,
 }
 
@@ -241,14 +241,7 @@ impl DataNode {
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("READY line");
         let addr = line.trim().strip_prefix("READY ").expect("READY").split(',').next().expect("shard 0").to_owned();
-        Self { child, addr }
-    }
-}
-
-impl Drop for DataNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Self { _child: testkit::process::ChildGuard::new("dataplane", child, dir.with_extension("log")), addr }
     }
 }
 

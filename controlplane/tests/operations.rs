@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use platform::metrics::{sample, scrape};
@@ -15,14 +15,7 @@ use platform::notify::Collector;
 const BIN: &str = env!("CARGO_BIN_EXE_controlplane");
 
 /// A started member, killed when dropped: a failing assertion leaves no process behind.
-struct Member(Child);
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+type Member = testkit::process::ChildGuard;
 
 /// Starts a one-member cluster under `dir` with notify and metrics; returns the process and
 /// the metrics address once it printed both lines.
@@ -46,7 +39,7 @@ fn start(dir: &Path, notify: &Path) -> (Member, SocketAddr) {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let child = Member(child);
+    let child = Member::new("controlplane", child, dir.join("controlplane.log"));
     let mut lines = BufReader::new(stdout).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
     let metrics = lines.next().unwrap().unwrap();
@@ -107,9 +100,8 @@ fn notify_watchdog_and_metrics_of_a_running_member() {
     );
 
     // SIGTERM: STOPPING=1, then a clean exit.
-    // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(i32::try_from(child.0.id()).unwrap(), libc::SIGTERM) };
-    let status = child.0.wait().unwrap();
+    child.send_sigterm().unwrap();
+    let status = child.wait().unwrap();
     assert!(status.success(), "controlplane exited with {status}");
     notifications.wait_for("STOPPING=1", Duration::from_secs(2)).unwrap();
 }

@@ -26,7 +26,7 @@ const ONE_WAY: Duration = Duration::from_millis(20);
 const LAG_TARGET_US: u64 = 200_000;
 
 fn free_udp_port() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    testkit::ports::free_udp().unwrap()
 }
 
 fn region_config(region: &str, listen: SocketAddr, tls: &Path, peers: &[(&str, SocketAddr)]) -> String {

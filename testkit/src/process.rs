@@ -90,6 +90,31 @@ impl ChildGuard {
     }
 }
 
+impl ChildGuard {
+    /// Sends SIGTERM (a graceful stop) without waiting.
+    pub fn send_sigterm(&self) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).context("child pid")?;
+        // SAFETY: plain kill(2) on the pid of a child this guard has not reaped yet.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            bail!("cannot send SIGTERM to {}: {}", self.name, std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Kills the child (SIGKILL) and reaps it, if it still runs.
+    pub fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the child to exit.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        self.child.wait().with_context(|| format!("waiting for {}", self.name))
+    }
+}
+
 impl Drop for ChildGuard {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {

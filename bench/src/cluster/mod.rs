@@ -241,23 +241,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `count` consecutive free TCP ports on 127.0.0.1 (a shard listens on base + shard id).
-fn free_ports(count: usize) -> Result<u16> {
-    for _ in 0..100 {
-        let base = testkit::ports::free_tcp_port()?;
-        let all_free = (1..count).all(|offset| {
-            u16::try_from(offset)
-                .ok()
-                .and_then(|offset| base.checked_add(offset))
-                .is_some_and(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
-        });
-        if all_free {
-            return Ok(base);
-        }
-    }
-    bail!("no {count} consecutive free ports on 127.0.0.1")
-}
-
 /// What happened during the run, for the report.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Event {
@@ -479,7 +462,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
             config,
             data: dir.join(format!("region-{region}")),
             log: dir.join("logs").join(format!("dataplane-{region}.log")),
-            listen: format!("127.0.0.1:{}", free_ports(args.shards)?),
+            listen: format!("127.0.0.1:{}", testkit::ports::consecutive_free_tcp_ports(args.shards)?),
             shards: args.shards,
             process: None,
             reserved: Some(socket),

@@ -3,14 +3,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use client::{Client, ClientConfig};
 
 /// A running `dataplane` process; killed on drop.
 pub struct Node {
-    pub child: Child,
+    pub child: testkit::process::ChildGuard,
     pub addresses: Vec<String>,
     /// The Prometheus endpoint, when the config has a `[metrics]` section.
     pub metrics: Option<std::net::SocketAddr>,
@@ -53,18 +53,17 @@ impl Node {
             let url = line.strip_prefix("METRICS http://").expect("METRICS line");
             url.strip_suffix("/metrics").expect("a /metrics url").parse().expect("an ip:port")
         });
+        let child = testkit::process::ChildGuard::new("dataplane", child, data_dir.with_extension("log"));
         Self { child, addresses, metrics }
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
     }
 
     /// Sends SIGTERM (a graceful stop) without waiting.
     pub fn terminate(&self) {
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.send_sigterm().unwrap();
     }
 
     /// SIGTERM and wait for a clean exit.
@@ -72,12 +71,6 @@ impl Node {
         self.terminate();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "dataplane exited with {status}");
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
