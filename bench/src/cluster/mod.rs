@@ -397,17 +397,55 @@ fn say(text: &str) {
 async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, dir: &Path) -> Result<report::Report> {
     let mut report = report::Report::new(args, dir);
     if !args.skip_fio {
-        say(&format!(
-            "device limit: {DEVICE_BLOCK_BYTES} B O_DIRECT writes + fdatasync, {DEVICE_TIME:?} each by the probe and fio ..."
-        ));
-        crate::device::quiesce();
-        let probe = crate::device::probe(dir, usize::try_from(DEVICE_BLOCK_BYTES)?, DEVICE_TIME)?;
-        crate::device::quiesce();
-        let fio = crate::device::fio(dir, DEVICE_BLOCK_BYTES, DEVICE_TIME)?;
-        report.device(&probe, &fio);
+        measure_device(dir, &mut report)?;
     }
+    let (control, tls) = start_control_plane(args, controlplane, dir).await?;
+    let (wan, links, reserved) = start_wan(args).await?;
+    let nodes = start_regions(args, dir, dataplane, &control, &tls, &links, reserved)?;
+    let fleet = connect_fleet(args, &nodes).await?;
+    wait_healthy(&control, &fleet.replicas).await?;
+    say(&format!("healthy; logs in {}", dir.join("logs").display()));
+    let mut run = drive_load(args, dataplane, &control, &nodes, &links, &fleet).await?;
+    converge(args, &fleet, &mut run).await?;
+    say("checking every acknowledged write in every region ...");
+    let mut lost = Vec::new();
+    for (client, region) in fleet.clients.iter().zip(REGIONS) {
+        let missing = count_missing(client, &run.acked, args.part_size).await?;
+        let corrupt = verify_sample(client, &run.acked, args.part_size, args.seed).await?;
+        lost.push((region, missing, corrupt));
+    }
+    let snapshot_figures = match &run.taken {
+        Some((ids, errors)) => {
+            say(&format!(
+                "{} snapshots taken; reading the catalog and comparing the last ones in every region ...",
+                ids.len()
+            ));
+            Some(snapshots::collect(control.client(), ids, *errors, &fleet.clients, &run.chain_writes).await?)
+        }
+        None => None,
+    };
+    let clean = stop_all(&nodes, control);
+    write_report(args, &mut report, &run, &lost, snapshot_figures.as_ref(), clean, &links)?;
+    drop(wan);
+    Ok(report)
+}
 
-    // The control plane, its regions and the placement of every shard.
+/// The device limit on the run's file system: the probe, then fio beside it.
+fn measure_device(dir: &Path, report: &mut report::Report) -> Result<()> {
+    say(&format!(
+        "device limit: {DEVICE_BLOCK_BYTES} B O_DIRECT writes + fdatasync, {DEVICE_TIME:?} each by the probe and fio ..."
+    ));
+    crate::device::quiesce();
+    let probe = crate::device::probe(dir, usize::try_from(DEVICE_BLOCK_BYTES)?, DEVICE_TIME)?;
+    crate::device::quiesce();
+    let fio = crate::device::fio(dir, DEVICE_BLOCK_BYTES, DEVICE_TIME)?;
+    report.device(&probe, &fio);
+    Ok(())
+}
+
+/// Three control-plane nodes with the regions and every shard's placement written, and the
+/// regions' TLS identities (returned: where they are).
+async fn start_control_plane(args: &ClusterArgs, controlplane: &Path, dir: &Path) -> Result<(LocalCluster, PathBuf)> {
     say("starting 3 control-plane nodes ...");
     let control_dir = dir.join("control");
     let control = LocalCluster::start(controlplane, &control_dir, 3, &[]).await?;
@@ -426,12 +464,15 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     }
     let tls = control_dir.join("tls");
     platform::tls::generate(&tls, &REGIONS.map(str::to_owned))?;
+    Ok((control, tls))
+}
 
-    // The WAN: a proxy on every link a home region's node dials (to each other region's node).
+/// Each region's replication port (held until its node starts) and a proxy on every link a
+/// home region's node dials, on the WAN thread.
+async fn start_wan(args: &ClusterArgs) -> Result<(WanThread, Vec<WanLink>, Vec<(SocketAddr, std::net::UdpSocket)>)> {
     let link =
         LinkConfig { delay: args.delay, jitter: args.jitter, loss: args.loss, ..LinkConfig::with_delay(args.delay) };
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    // Each node's replication port, held until the node starts.
     let mut reserved = Vec::new();
     for _ in REGIONS {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
@@ -445,7 +486,20 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
             links.push(WanLink { from, to, proxy });
         }
     }
+    Ok((wan, links, reserved))
+}
 
+/// One data node per region, joined to the control plane, its peers behind the proxies;
+/// regions homing no shard first, so the shippers find them listening.
+fn start_regions(
+    args: &ClusterArgs,
+    dir: &Path,
+    dataplane: &Path,
+    control: &LocalCluster,
+    tls: &Path,
+    links: &[WanLink],
+    reserved: Vec<(SocketAddr, std::net::UdpSocket)>,
+) -> Result<Nodes> {
     let seeds: Vec<String> = control.members().into_iter().map(|(_, addr)| format!("{addr:?}")).collect();
     let mut nodes = Vec::new();
     for (region, (listen, socket)) in REGIONS.into_iter().zip(reserved) {
@@ -456,7 +510,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
             seeds.join(", ")
         );
         // No `home`: each shard's home comes from the placement written above.
-        let config = region_config(dir, &tls, region, None, listen, &peers, &control_section)?;
+        let config = region_config(dir, tls, region, None, listen, &peers, &control_section)?;
         nodes.push(RegionNode {
             region,
             config,
@@ -469,38 +523,75 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         });
     }
     say(&format!("starting the data nodes of regions a, b and c (shards homed at {}) ...", args.homes.join(",")));
-    // Regions homing no shard first, so the shippers find them listening.
     let mut order: Vec<usize> = (0..REGIONS.len()).collect();
     order.sort_by_key(|index| args.is_home(REGIONS[*index]));
     for index in order {
         nodes[index].start(dataplane)?;
     }
-    let nodes: Nodes = Arc::new(Mutex::new(nodes));
+    Ok(Arc::new(Mutex::new(nodes)))
+}
+
+/// The clients of a run: one per region's node, the writer that sends each shard's writes to
+/// its home, and the replica regions' (for their lag).
+struct Fleet {
+    clients: Vec<Client>,
+    writer: Client,
+    replicas: Vec<(&'static str, Client)>,
+}
+
+async fn connect_fleet(args: &ClusterArgs, nodes: &Nodes) -> Result<Fleet> {
     let config = ClientConfig { retries: 0, request_timeout: Duration::from_secs(30), ..ClientConfig::default() };
     let mut clients = Vec::new();
-    let listens: Vec<String> = lock(&nodes).iter().map(|node| node.listen.clone()).collect();
+    let listens: Vec<String> = lock(nodes).iter().map(|node| node.listen.clone()).collect();
     for listen in listens {
         clients.push(Client::connect(&listen, config.clone()).await?);
     }
     let client_of = |region: &str| {
         REGIONS.iter().position(|known| *known == region).map(|index| &clients[index]).context("unknown region")
     };
-    // Writes go to each shard's home.
     let homes = (0..args.shards)
         .map(|shard| {
             client_of(args.home_of(shard))?.addresses().get(shard).cloned().context("a region's node has fewer shards")
         })
         .collect::<Result<Vec<String>>>()?;
     let writer = Client::with_addresses(homes, config.clone())?;
-    let replica_clients = args
+    let replicas = args
         .replica_regions()
         .into_iter()
         .map(|region| Ok((region, client_of(region)?.clone())))
         .collect::<Result<Vec<(&'static str, Client)>>>()?;
-    wait_healthy(&control, &replica_clients).await?;
-    say(&format!("healthy; logs in {}", dir.join("logs").display()));
+    Ok(Fleet { clients, writer, replicas })
+}
 
-    // The load, the samplers, the events and the progress line, until the load ends or Ctrl-C.
+/// What the load phase left: the writes, the events, the snapshots, and the lag samplers
+/// still running until the replicas converge.
+struct Run {
+    record: SharedRecord,
+    acked: Vec<Write>,
+    last_ts: u64,
+    load_ended: Duration,
+    interrupted: bool,
+    events: Vec<Event>,
+    taken: Option<(Vec<u64>, u64)>,
+    chain_failures: u64,
+    chain_writes: Vec<snapshots::ChainWrite>,
+    sampling: Arc<AtomicBool>,
+    samplers: Vec<tokio::task::JoinHandle<Lag>>,
+    progress: Option<tokio::task::JoinHandle<()>>,
+    lags: Vec<Lag>,
+    converged_after: Duration,
+}
+
+/// The open-loop load until it ends or Ctrl-C, beside the lag samplers, the scenario's events,
+/// the progress line, the chain writers and the snapshots.
+async fn drive_load(
+    args: &ClusterArgs,
+    dataplane: &Path,
+    control: &LocalCluster,
+    nodes: &Nodes,
+    links: &[WanLink],
+    fleet: &Fleet,
+) -> Result<Run> {
     let stop = Arc::new(AtomicBool::new(false));
     let interrupt = {
         let stop = stop.clone();
@@ -514,13 +605,12 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     let started = Instant::now();
     let record: SharedRecord = Arc::new(Mutex::new(Record::new(started, args.warmup)));
     let lags: Vec<(&'static str, Arc<AtomicU64>)> =
-        replica_clients.iter().map(|(region, _)| (*region, Arc::new(AtomicU64::new(u64::MAX)))).collect();
+        fleet.replicas.iter().map(|(region, _)| (*region, Arc::new(AtomicU64::new(u64::MAX)))).collect();
     let sampling = Arc::new(AtomicBool::new(true));
     let mut samplers = Vec::new();
-    for ((region, client), (_, current)) in replica_clients.iter().zip(&lags) {
+    for ((region, client), (_, current)) in fleet.replicas.iter().zip(&lags) {
         let (client, sampling, current) = (client.clone(), sampling.clone(), current.clone());
-        let warmup = args.warmup;
-        samplers.push(tokio::spawn(sample_lag(region, client, started, warmup, sampling, current)));
+        samplers.push(tokio::spawn(sample_lag(region, client, started, args.warmup, sampling, current)));
     }
     let events = tokio::spawn(run_events(
         args.partitions.clone(),
@@ -541,8 +631,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     ));
     let chain_log: snapshots::ChainLog = Arc::default();
     let chains = (args.chains > 0).then(|| {
-        let client = writer.clone();
-        let (stop, log) = (stop.clone(), chain_log.clone());
+        let (client, stop, log) = (fleet.writer.clone(), stop.clone(), chain_log.clone());
         tokio::spawn(snapshots::write_chains(client, args.chains, started, args.total(), stop, log))
     });
     let snapshots = (!args.snapshot_every.is_zero()).then(|| {
@@ -567,9 +656,9 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
         args.warmup,
         args.delay
     ));
-    load::run(&writer, &plan, record.clone(), stop.clone()).await?;
+    load::run(&fleet.writer, &plan, record.clone(), stop.clone()).await?;
     let load_ended = started.elapsed();
-    let mut events = events.await??;
+    let events = events.await??;
     let interrupted = stop.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let taken = match snapshots {
@@ -582,67 +671,85 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
     };
     let chain_writes = lock(&chain_log).clone();
     interrupt.abort();
-
-    // Convergence: the replicas resolve past the last acknowledged write, then every
-    // acknowledged write is looked for in every region.
     let (acked, last_ts) = {
         let record = lock(&record);
         (record.acked.clone(), record.last_ts)
     };
-    say(&format!("load done ({} writes acknowledged); waiting for the replicas to converge ...", acked.len()));
+    Ok(Run {
+        record,
+        acked,
+        last_ts,
+        load_ended,
+        interrupted,
+        events,
+        taken,
+        chain_failures,
+        chain_writes,
+        sampling,
+        samplers,
+        progress: Some(progress),
+        lags: Vec::new(),
+        converged_after: Duration::ZERO,
+    })
+}
+
+/// Waits until every replica region resolved past the last acknowledged write, then ends the
+/// samplers and times each event's recovery from their samples.
+async fn converge(args: &ClusterArgs, fleet: &Fleet, run: &mut Run) -> Result<()> {
+    say(&format!("load done ({} writes acknowledged); waiting for the replicas to converge ...", run.acked.len()));
     let converge_started = Instant::now();
-    for (_, client) in &replica_clients {
-        wait_resolved(client, last_ts, if interrupted { Duration::from_secs(10) } else { CONVERGE_TIMEOUT }).await?;
+    let limit = if run.interrupted { Duration::from_secs(10) } else { CONVERGE_TIMEOUT };
+    for (_, client) in &fleet.replicas {
+        wait_resolved(client, run.last_ts, limit).await?;
     }
-    let converged_after = converge_started.elapsed();
-    sampling.store(false, Ordering::Relaxed);
-    progress.await?;
-    let mut lag_records = Vec::new();
-    for sampler in samplers {
-        lag_records.push(sampler.await?);
+    run.converged_after = converge_started.elapsed();
+    run.sampling.store(false, Ordering::Relaxed);
+    if let Some(progress) = run.progress.take() {
+        progress.await?;
     }
-    for event in &mut events {
-        event.recovery_ms = recovery(event, &lag_records, args.recovered_lag, args.is_home(&event.region));
+    for sampler in std::mem::take(&mut run.samplers) {
+        run.lags.push(sampler.await?);
     }
-    say("checking every acknowledged write in every region ...");
-    let mut lost = Vec::new();
-    for (client, region) in clients.iter().zip(REGIONS) {
-        let missing = count_missing(client, &acked, args.part_size).await?;
-        let corrupt = verify_sample(client, &acked, args.part_size, args.seed).await?;
-        lost.push((region, missing, corrupt));
+    for event in &mut run.events {
+        event.recovery_ms = recovery(event, &run.lags, args.recovered_lag, args.is_home(&event.region));
     }
+    Ok(())
+}
 
-    let snapshot_figures = match &taken {
-        Some((ids, errors)) => {
-            say(&format!(
-                "{} snapshots taken; reading the catalog and comparing the last ones in every region ...",
-                ids.len()
-            ));
-            Some(snapshots::collect(admin, ids, *errors, &clients, &chain_writes).await?)
-        }
-        None => None,
-    };
-
+/// SIGTERM to every data node, then the control plane; whether every node stopped cleanly.
+fn stop_all(nodes: &Nodes, control: LocalCluster) -> bool {
     say("stopping the data nodes (SIGTERM) and the control plane ...");
     let mut clean = true;
-    for node in lock(&nodes).iter_mut() {
+    for node in lock(nodes).iter_mut() {
         if let Err(error) = node.stop() {
             say(&format!("region {}: {error:#}", node.region));
             clean = false;
         }
     }
     drop(control);
+    clean
+}
 
-    let record = lock(&record);
-    report.load(&record, args, load_ended);
-    report.replication(&lag_records, &lost, converged_after);
-    report.events(&events);
-    if let Some(figures) = &snapshot_figures {
+/// Every figure of the run into the report, and its files.
+fn write_report(
+    args: &ClusterArgs,
+    report: &mut report::Report,
+    run: &Run,
+    lost: &[(&'static str, u64, u64)],
+    snapshot_figures: Option<&snapshots::Figures>,
+    clean: bool,
+    links: &[WanLink],
+) -> Result<()> {
+    let record = lock(&run.record);
+    report.load(&record, args, run.load_ended);
+    report.replication(&run.lags, lost, run.converged_after);
+    report.events(&run.events);
+    if let Some(figures) = snapshot_figures {
         report.snapshots(figures);
     }
     report.set("chain_writers", args.chains);
-    report.set("chain_writes_failed", chain_failures);
-    report.set("interrupted", interrupted);
+    report.set("chain_writes_failed", run.chain_failures);
+    report.set("interrupted", run.interrupted);
     report.set("clean_shutdown", clean);
     for region in REGIONS {
         let into: Vec<&WanLink> = links.iter().filter(|link| link.to == region).collect();
@@ -651,8 +758,7 @@ async fn run_async(args: &ClusterArgs, dataplane: &Path, controlplane: &Path, di
             report.set(&format!("wire_bytes_to_{region}"), bytes);
         }
     }
-    report.write(&record, &lag_records, &events)?;
-    Ok(report)
+    report.write(&record, &run.lags, &run.events)
 }
 
 /// One emulated WAN link: the proxy that `from`'s node dials to reach `to`'s.
