@@ -29,6 +29,14 @@ fn small_store(dir: &Path, clock: Arc<ManualClock>) -> StoreConfig {
     config
 }
 
+/// [`small_store`] with failpoints armed by the test.
+fn faulty_small_store(dir: &Path) -> (StoreConfig, Arc<dataplane::wal::FaultInjector>) {
+    let mut config = small_store(dir, Arc::new(ManualClock::new(1_000_000)));
+    let faults = Arc::new(dataplane::wal::FaultInjector::default());
+    config.wal.faults = Some(Arc::clone(&faults));
+    (config, faults)
+}
+
 /// [`small_store`] for a replica of shard 0, whose home is region `a`.
 fn replica_store(dir: &Path, clock: Arc<ManualClock>) -> StoreConfig {
     let mut config = small_store(dir, clock);
@@ -260,12 +268,9 @@ fn old_versions_and_their_chunks_are_collected_after_retention() {
 
 #[test]
 fn chunk_and_checkpoint_io_errors_fail_the_request_and_keep_the_store_consistent() {
-    use dataplane::wal::{FaultInjector, StoreFault};
+    use dataplane::wal::StoreFault;
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(1_000_000));
-    let mut config = small_store(dir.path(), clock);
-    let faults = Arc::new(FaultInjector::default());
-    config.wal.faults = Some(Arc::clone(&faults));
+    let (config, faults) = faulty_small_store(dir.path());
     let chunk_dir = dir.path().join("chunks");
     run(async move {
         let store = ShardStore::open(config.clone()).await.unwrap();
@@ -299,12 +304,9 @@ fn chunk_and_checkpoint_io_errors_fail_the_request_and_keep_the_store_consistent
 /// not survive, so no put that references it may be acknowledged.
 #[test]
 fn a_deduplicated_chunk_is_durable_before_a_second_put_is_acknowledged() {
-    use dataplane::wal::{FaultInjector, StoreFault};
+    use dataplane::wal::StoreFault;
     let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new(1_000_000));
-    let mut config = small_store(dir.path(), clock);
-    let faults = Arc::new(FaultInjector::default());
-    config.wal.faults = Some(Arc::clone(&faults));
+    let (config, faults) = faulty_small_store(dir.path());
     let chunk_dir = dir.path().join("chunks");
     run(async move {
         let store = ShardStore::open(config.clone()).await.unwrap();
