@@ -409,6 +409,8 @@ pub struct WalSection {
     pub record_payload_bytes_max: Option<u32>,
     /// `tolerate-torn-tail` (default) or `strict`.
     pub recovery_mode: Option<String>,
+    /// Released segments each shard keeps to reuse instead of zero-filling new ones.
+    pub reuse_segments: Option<usize>,
 }
 
 /// Everything a node needs, resolved and validated.
@@ -500,6 +502,7 @@ impl NodeConfig {
         set(&mut wal.segment_bytes, w.segment_bytes);
         set(&mut wal.batch_bytes_max, w.batch_bytes_max);
         set(&mut wal.record_payload_bytes_max, w.record_payload_bytes_max);
+        set(&mut wal.reuse_segments_max, w.reuse_segments);
         if let Some(us) = w.batch_linger_us {
             wal.batch_linger = Duration::from_micros(us);
         }
@@ -667,6 +670,7 @@ mod tests {
             w.batch_linger_us.is_some(),
             w.record_payload_bytes_max.is_some(),
             w.recovery_mode.is_some(),
+            w.reuse_segments.is_some(),
         ];
         let c = config.control.clone().unwrap_or_default();
         let control = [

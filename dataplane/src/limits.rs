@@ -23,6 +23,9 @@ pub const DELETE_STEP_PAUSE: std::time::Duration = std::time::Duration::from_mil
 /// Newest durable WAL bytes a shard that ships kept in memory for its shippers (see
 /// `wal::tail`): a stream that keeps up reads from here, one far behind from the segments.
 pub const WAL_TAIL_BYTES: usize = 32 << 20;
+/// Released WAL segments a shard keeps for reuse: what one default flush interval
+/// (`CHECKPOINT_WAL_BYTES_DEFAULT`) releases, so steady writing never zero-fills.
+pub const WAL_REUSE_SEGMENTS_DEFAULT: usize = 4;
 /// Largest single write when zero-filling a new segment.
 pub const WAL_ZERO_FILL_IO_BYTES: usize = 256 << 10;
 /// Pace of zero-filling the next WAL segment while the active one has room (faster when the

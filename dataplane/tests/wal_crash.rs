@@ -27,6 +27,17 @@ fn config(dir: &std::path::Path) -> WalConfig {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_acknowledged() {
+    crash_rounds(false);
+}
+
+/// Each round first releases the segments of the rounds before (as a flush would), so its
+/// segments are released files reused with their stale batches in them.
+#[test]
+fn sigkill_while_reusing_released_segments_loses_nothing_acknowledged() {
+    crash_rounds(true);
+}
+
+fn crash_rounds(reuse: bool) {
     let rounds: u64 = std::env::var("MERIDIAN_CRASH_ROUNDS").ok().and_then(|value| value.parse().ok()).unwrap_or(50);
     let seed: u64 =
         std::env::var("MERIDIAN_CRASH_SEED").ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
@@ -40,10 +51,14 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let mut acked: HashMap<(u64, u64), u64> = HashMap::new();
     let mut total_acked = 0_u64;
     let mut verified_until = 1_u64;
+    let mut round_starts = Vec::new();
+    let mut rounds_on_reused_files = 0;
     for round in 0..rounds {
+        round_starts.push(verified_until);
         let mut child = Command::new(env!("CARGO_BIN_EXE_wal-torture"))
             .args(["--dir", dir.path().to_str().unwrap(), "--round", &round.to_string()])
             .args(["--tasks", &TASKS.to_string(), "--segment-bytes", &(1_u64 << 20).to_string()])
+            .args(["--release-before-start", if reuse { "1" } else { "0" }])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -117,15 +132,27 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         }
         verified_until = plan.next_lsn;
         let _ = started;
+        rounds_on_reused_files += u64::from(plan.segments.iter().any(|segment| {
+            let path = dir.path().join(dataplane::wal::format::segment_file_name(0, segment.segment_seq));
+            let sector = std::fs::read(path).unwrap();
+            dataplane::wal::format::SegmentHeader::decode(&sector).is_ok_and(|header| header.reused)
+        }));
     }
-    // Finally the whole log, from the first record, through a real recovery (with repair).
-    let whole = WalReader::new(dir.path(), 0, config.record_payload_bytes_max).read_range(1, verified_until).unwrap();
+    if reuse {
+        eprintln!("crash test: {rounds_on_reused_files} of {rounds} rounds ended with a reused segment in use");
+        assert!(rounds_on_reused_files > 0, "released segments were reused");
+    }
+    // Finally the whole log still on disk (released rounds are gone when reusing).
+    let plan = scan(&config).unwrap();
+    let first = plan.segments.first().map_or(1, |segment| segment.first_lsn);
+    let whole =
+        WalReader::new(dir.path(), 0, config.record_payload_bytes_max).read_range(first, verified_until).unwrap();
     let mut present: HashMap<(u64, u64), u64> = HashMap::new();
     for record in &whole {
         let (round, task, _) = split_record_id(check_payload(&record.payload).unwrap());
         *present.entry((round, task)).or_default() += 1;
     }
-    for (key, count) in &acked {
+    for (key, count) in acked.iter().filter(|((round, _), _)| round_starts[*round as usize] >= first) {
         assert!(present.get(key).copied().unwrap_or(0) >= *count, "{key:?} lost records");
     }
     eprintln!("crash test: {total_acked} acknowledged records over {rounds} SIGKILLs, all present");

@@ -160,6 +160,43 @@ fn segment_creation_failure_fences_at_rotation() {
     assert_eq!(ids, acked, "exactly the acknowledged records survive");
 }
 
+#[test]
+fn segment_reuse_failure_fences_at_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (faults, config) = faulty(dir.path());
+    let acked = run({
+        let config = config.clone();
+        let faults = Arc::clone(&faults);
+        async move {
+            let wal = Wal::open(config).await.unwrap();
+            let mut acked = Vec::new();
+            for id in 0..300_u64 {
+                wal.append(id, &payload(id, 3000)).await.unwrap();
+                acked.push(id);
+            }
+            assert!(wal.release_before(wal.durable_next_lsn()).await.unwrap() > 0);
+            faults.fail_segment_create(libc::EIO);
+            for id in 300..2_000_u64 {
+                match wal.append(id, &payload(id, 3000)).await {
+                    Ok(_) => acked.push(id),
+                    Err(error) => {
+                        assert!(
+                            matches!(error, WalError::Fenced { op: "reuse segment", errno: Some(libc::EIO), .. }),
+                            "{error:?}"
+                        );
+                        break;
+                    }
+                }
+            }
+            assert!(wal.fenced().is_some(), "a failed rename must stop the WAL before 2000 records");
+            acked
+        }
+    });
+    faults.fail_segment_create(0);
+    let ids: Vec<u64> = read_all(&config).iter().map(|record| check_payload(&record.payload).unwrap_or(0)).collect();
+    assert_eq!(&ids[ids.len() - (acked.len() - 300)..], &acked[300..], "exactly the acknowledged records survive");
+}
+
 /// A real, small ext4 file system on a loop device, unmounted on drop.
 struct LoopFs {
     mount_point: PathBuf,

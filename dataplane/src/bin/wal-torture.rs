@@ -13,10 +13,12 @@ use std::process::ExitCode;
 use dataplane::wal::torture::{payload, record_id};
 use dataplane::wal::{Wal, WalConfig};
 
-const USAGE: &str = "usage: wal-torture --dir DIR --round N [--tasks N] [--segment-bytes N] [--max-payload N]
+const USAGE: &str = "usage: wal-torture --dir DIR --round N [--tasks N] [--segment-bytes N] [--max-payload N] [--release-before-start 0|1]
 
 Appends records from --tasks concurrent tasks to the WAL of shard 0 in DIR until killed,
-printing `ack <round> <task> <index> <lsn>` for each acknowledged record.";
+printing `ack <round> <task> <index> <lsn>` for each acknowledged record. With
+--release-before-start 1 it first releases the segments below the LSN it started at (as a
+flush would), so this round's segments reuse released files.";
 
 struct Args {
     dir: PathBuf,
@@ -24,10 +26,18 @@ struct Args {
     tasks: u64,
     segment_bytes: u64,
     max_payload: u64,
+    release_before_start: bool,
 }
 
 fn parse() -> Result<Args, String> {
-    let mut args = Args { dir: PathBuf::new(), round: u64::MAX, tasks: 64, segment_bytes: 1 << 20, max_payload: 1024 };
+    let mut args = Args {
+        dir: PathBuf::new(),
+        round: u64::MAX,
+        tasks: 64,
+        segment_bytes: 1 << 20,
+        max_payload: 1024,
+        release_before_start: false,
+    };
     let mut iter = std::env::args().skip(1);
     while let Some(flag) = iter.next() {
         if flag == "--help" || flag == "-h" {
@@ -41,6 +51,7 @@ fn parse() -> Result<Args, String> {
             "--tasks" => args.tasks = number()?,
             "--segment-bytes" => args.segment_bytes = number()?,
             "--max-payload" => args.max_payload = number()?.max(16),
+            "--release-before-start" => args.release_before_start = number()? != 0,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -70,7 +81,11 @@ fn main() -> ExitCode {
     config.record_payload_bytes_max = 64 << 10;
     let outcome = dataplane::runtime::run_local("wal-torture", async move {
         let wal = Wal::open(config).await.map_err(|error| error.to_string())?;
-        println!("ready {}", wal.durable_next_lsn());
+        let start = wal.durable_next_lsn();
+        if args.release_before_start {
+            wal.release_before(start).await.map_err(|error| error.to_string())?;
+        }
+        println!("ready {start}");
         let mut handles = Vec::new();
         for task in 0..args.tasks {
             let wal = wal.clone();

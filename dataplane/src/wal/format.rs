@@ -1,21 +1,25 @@
 //! The WAL's on-disk layout. Pure: no I/O.
 //!
 //! A shard's WAL is a sequence of segment files `wal-s{shard:03}-{segment:010}.seg`, each
-//! preallocated to `segment_bytes` and filled with zeros before its first use, so that
-//! `fdatasync` on an append never has to write file-system metadata.
+//! `segment_bytes` long and fully written before its first use (filled with zeros when new, or
+//! a released segment renamed for reuse, still holding its old batches), so that `fdatasync` on
+//! an append never has to write file-system metadata.
 //!
 //! ```text
 //! segment file
 //! +--------------------+------------------------------+----------------+---------- - -
-//! | sector 0           | batch                        | batch          | zeros ...
-//! | SegmentHeader rec. | BatchBegin, Data x n, zeros  | ...            |
+//! | sector 0           | batch                        | batch          | zeros, or a
+//! | SegmentHeader rec. | BatchBegin, Data x n, zeros  | ...            | reused file's
+//! |                    |                              |                | stale batches
 //! +--------------------+------------------------------+----------------+---------- - -
 //! ```
 //!
 //! * Sector 0 holds one `SegmentHeader` record (shard, segment sequence, first LSN, segment
-//!   size, WAL format) and zeros.
+//!   size, WAL format, whether the file is reused) and zeros.
 //! * Every batch starts on a sector boundary with a `BatchBegin` record whose `seq` is the
-//!   LSN of its first entry and whose payload holds the record count and the batch extent.
+//!   LSN of its first entry and whose payload holds the record count, the batch extent and the
+//!   segment's sequence. A reused file's old batches name an older sequence (and lower LSNs),
+//!   so the log's end is where the next sector holds no batch of this segment.
 //!   `Data` records follow back to back with consecutive LSNs in `seq`; zeros pad the batch
 //!   to its extent, a whole number of sectors. The next batch starts at the extent's end.
 //! * Because each batch is padded to the sector, a sector that holds acknowledged data is
@@ -30,7 +34,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 /// The I/O unit the WAL aligns to and never rewrites once it holds acknowledged data.
 pub const SECTOR_BYTES: usize = 4096;
 /// The WAL layout version written in every segment header.
-pub const WAL_FORMAT: u32 = 1;
+/// Format 2 added the segment sequence to every `BatchBegin` and the reused flag to the
+/// segment header; format 1 segments are refused with [`SegmentHeaderError::UnsupportedFormat`].
+pub const WAL_FORMAT: u32 = 2;
+
+/// `SegmentHeader` flag: the file was a released segment, reused without zero-filling.
+const FLAG_REUSED: u32 = 1;
 
 /// Rounds `value` up to the next multiple of [`SECTOR_BYTES`].
 pub const fn align_up(value: usize) -> usize {
@@ -45,6 +54,8 @@ struct SegmentHeaderPayload {
     segment_seq: U64,
     first_lsn: U64,
     segment_bytes: U64,
+    flags: U32,
+    reserved: U32,
 }
 
 /// What sector 0 of a segment says about it.
@@ -58,6 +69,9 @@ pub struct SegmentHeader {
     pub first_lsn: u64,
     /// Size of the segment file.
     pub segment_bytes: u64,
+    /// The file was a released segment reused without zero-filling: bytes past the log's end
+    /// are stale batches of an older segment, not a torn write.
+    pub reused: bool,
 }
 
 /// Why sector 0 of a segment is not a valid segment header.
@@ -86,6 +100,8 @@ impl SegmentHeader {
             segment_seq: U64::new(self.segment_seq),
             first_lsn: U64::new(self.first_lsn),
             segment_bytes: U64::new(self.segment_bytes),
+            flags: U32::new(if self.reused { FLAG_REUSED } else { 0 }),
+            reserved: U32::new(0),
         };
         wire::encode_into(sector, RecordType::SegmentHeader, 0, self.segment_seq, payload.as_bytes()).map(|_| ())
     }
@@ -106,6 +122,7 @@ impl SegmentHeader {
             segment_seq: payload.segment_seq.get(),
             first_lsn: payload.first_lsn.get(),
             segment_bytes: payload.segment_bytes.get(),
+            reused: payload.flags.get() & FLAG_REUSED != 0,
         })
     }
 }
@@ -115,6 +132,7 @@ impl SegmentHeader {
 struct BatchBeginPayload {
     record_count: U32,
     extent_bytes: U32,
+    segment_seq: U64,
 }
 
 /// Bytes the `BatchBegin` record takes at the start of every batch.
@@ -129,15 +147,20 @@ pub struct BatchBegin {
     pub record_count: u32,
     /// Bytes from the batch start to the next batch: a multiple of [`SECTOR_BYTES`].
     pub extent_bytes: u32,
+    /// The segment the batch was written to (0 until the writer places it).
+    pub segment_seq: u64,
 }
 
 impl BatchBegin {
     /// Encodes the record (exactly [`BATCH_BEGIN_BYTES`]).
     pub fn encode(&self) -> [u8; BATCH_BEGIN_BYTES] {
-        let payload =
-            BatchBeginPayload { record_count: U32::new(self.record_count), extent_bytes: U32::new(self.extent_bytes) };
+        let payload = BatchBeginPayload {
+            record_count: U32::new(self.record_count),
+            extent_bytes: U32::new(self.extent_bytes),
+            segment_seq: U64::new(self.segment_seq),
+        };
         let mut out = [0_u8; BATCH_BEGIN_BYTES];
-        // The payload is 8 bytes: encoding cannot fail.
+        // The payload is 16 bytes: encoding cannot fail.
         if let Ok(header) = wire::encode_header(RecordType::BatchBegin, 0, self.first_lsn, payload.as_bytes()) {
             out[..HEADER_BYTES].copy_from_slice(&header);
             out[HEADER_BYTES..].copy_from_slice(payload.as_bytes());
@@ -156,6 +179,7 @@ impl BatchBegin {
             first_lsn: record.seq,
             record_count: payload.record_count.get(),
             extent_bytes: payload.extent_bytes.get(),
+            segment_seq: payload.segment_seq.get(),
         }))
     }
 }
@@ -260,6 +284,7 @@ impl BatchBuilder {
             record_count: self.record_count,
             // The extent is bounded by `limits.bytes_max`, itself checked to fit in u32.
             extent_bytes: u32::try_from(extent).unwrap_or(u32::MAX),
+            segment_seq: 0,
         };
         (begin, extent)
     }
@@ -280,7 +305,8 @@ mod tests {
 
     #[test]
     fn segment_header_round_trip() {
-        let header = SegmentHeader { shard_id: 3, segment_seq: 9, first_lsn: 1234, segment_bytes: 1 << 20 };
+        let header =
+            SegmentHeader { shard_id: 3, segment_seq: 9, first_lsn: 1234, segment_bytes: 1 << 20, reused: true };
         let mut sector = vec![0_u8; SECTOR_BYTES];
         header.encode_into(&mut sector).unwrap();
         assert_eq!(SegmentHeader::decode(&sector), Ok(header));
@@ -308,7 +334,7 @@ mod tests {
 
     #[test]
     fn batch_begin_round_trip() {
-        let begin = BatchBegin { first_lsn: 5, record_count: 2, extent_bytes: 8192 };
+        let begin = BatchBegin { first_lsn: 5, record_count: 2, extent_bytes: 8192, segment_seq: 7 };
         assert_eq!(BatchBegin::decode(&begin.encode()), Ok(Some(begin)));
     }
 }

@@ -60,6 +60,9 @@ pub struct WalConfig {
     /// Every durable batch's bytes are handed here too, for a shipper to read the fresh tail
     /// from memory (see [`tail`]).
     pub tail: Option<Arc<WalTail>>,
+    /// Released segments kept on disk to be reused as the next segments (renamed, not
+    /// zero-filled); 0 deletes every released segment.
+    pub reuse_segments_max: usize,
 }
 
 impl WalConfig {
@@ -78,6 +81,7 @@ impl WalConfig {
             faults: None,
             volume: None,
             tail: None,
+            reuse_segments_max: limits::WAL_REUSE_SEGMENTS_DEFAULT,
         }
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::WalError;
-use super::format::{BATCH_BEGIN_BYTES, SECTOR_BYTES, SegmentHeader, segment_file_name};
+use super::format::{BATCH_BEGIN_BYTES, BatchBegin, SECTOR_BYTES, SegmentHeader, segment_file_name};
 use super::recovery::{Damage, RecoveryError, scan_batch};
 use super::tail::{TailBatch, WalTail};
 use super::writer::{list_segments, map_file};
@@ -142,7 +142,9 @@ impl WalCursor {
         }
     }
 
-    /// Maps a segment whose header decodes; `None` if the file is missing or empty.
+    /// Maps a segment whose header decodes; `None` if the file is missing or empty, or is a
+    /// released file renamed for reuse whose own header is not written yet (it holds no
+    /// records of its new place).
     fn map_segment(&self, segment_seq: u64) -> Result<Option<(SegmentHeader, Bytes)>, WalError> {
         let path = self.reader.dir.join(segment_file_name(self.reader.shard_id, segment_seq));
         if !path.exists() {
@@ -151,6 +153,9 @@ impl WalCursor {
         let Some(map) = map_file(&path)? else { return Ok(None) };
         let header = SegmentHeader::decode(&map[..map.len().min(SECTOR_BYTES)])
             .map_err(|error| Self::corruption(segment_seq, 0, Damage::SegmentHeader(error.to_string())))?;
+        if header.segment_seq != segment_seq {
+            return Ok(None);
+        }
         Ok(Some((header, Bytes::from_owner(map))))
     }
 
@@ -251,20 +256,22 @@ impl WalCursor {
                 let bytes = &segment.bytes[..];
                 if segment.cached.is_none()
                     && (segment.batch_offset + BATCH_BEGIN_BYTES > bytes.len()
-                        || bytes[segment.batch_offset..segment.batch_offset + BATCH_BEGIN_BYTES]
-                            .iter()
-                            .all(|b| *b == 0))
+                        || !matches!(BatchBegin::decode(&bytes[segment.batch_offset..]),
+                            Ok(Some(begin)) if begin.segment_seq == segment.segment_seq))
                 {
-                    // End of this segment's data: the next segment continues the log.
+                    // End of this segment's data (zeros, or a reused file's stale batches): the
+                    // next segment continues the log. Damage here shows there as an LSN gap.
                     let (segment_seq, segment_bytes) = (segment.segment_seq, bytes.len());
                     let next = self.next_segment(segment_seq, segment_bytes)?;
                     self.open_segment(next);
                     continue;
                 }
+                let segment_seq = segment.cached.is_none().then_some(segment.segment_seq);
                 let (begin, extent) = match scan_batch(
                     bytes,
                     segment.batch_offset,
                     segment.batch_first_lsn,
+                    segment_seq,
                     payload_max,
                 ) {
                     Ok(scanned) => scanned,
@@ -295,6 +302,16 @@ impl WalCursor {
             let (record, used) = wire::decode(&bytes[segment.record_offset..], payload_max)
                 .map_err(|error| Self::corruption(segment.segment_seq, segment.record_offset, Damage::Record(error)))?;
             let lsn = record.seq;
+            let expected = segment.batch_first_lsn + u64::from(segment.record_index);
+            if lsn != expected {
+                // The batch validated as a whole; its bytes changed since (a released segment
+                // freed or reused under this reader).
+                return Err(Self::corruption(
+                    segment.segment_seq,
+                    segment.record_offset,
+                    Damage::LsnGap { expected, found: lsn },
+                ));
+            }
             let glt = record.glt;
             let start = segment.record_offset + wire::HEADER_BYTES;
             let payload = bytes.slice(start..start + record.payload.len());

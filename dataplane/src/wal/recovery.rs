@@ -10,6 +10,12 @@
 //! `BatchBegin` in its segment with a larger LSN and no later segment in use. Anything else is
 //! corruption. (A bit flip in the very last, acknowledged batch looks the same as a torn
 //! write; only a replica can tell, see ARCHITECTURE.md.)
+//!
+//! A reused segment (a released file renamed, not zero-filled) holds stale batches of its
+//! earlier use after the log's end. Every `BatchBegin` names its segment, so the end is the
+//! first place without a batch of this segment; what lies there (stale bytes, or the unwritten
+//! start of a batch torn by a crash) was never acknowledged. A renamed file whose new header
+//! was never written still carries its old header: as the last file it is unused.
 
 use std::fmt;
 
@@ -57,6 +63,13 @@ pub enum Damage {
     },
     /// Zeros where a batch should start, with non-zero bytes after them.
     MissingBatchStart,
+    /// A `BatchBegin` that names another segment where this segment's next batch starts.
+    ForeignBatch {
+        /// The segment being scanned.
+        expected: u64,
+        /// The segment the batch names.
+        found: u64,
+    },
     /// The segment header is not valid.
     SegmentHeader(String),
     /// The segment header names another shard, sequence or size than the file.
@@ -76,6 +89,9 @@ impl fmt::Display for Damage {
                 write!(f, "batch extent {extent_bytes} bytes but its records take {actual_bytes}")
             }
             Self::MissingBatchStart => write!(f, "zeros where a batch starts, data after them"),
+            Self::ForeignBatch { expected, found } => {
+                write!(f, "a batch of segment {found} where segment {expected} continues")
+            }
             Self::SegmentHeader(reason) => write!(f, "bad segment header: {reason}"),
             Self::SegmentMismatch(reason) => write!(f, "segment header mismatch: {reason}"),
         }
@@ -177,11 +193,13 @@ fn is_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|byte| *byte == 0)
 }
 
-/// Checks one batch. On damage returns the offset of the bad record and what was wrong.
+/// Checks one batch (of segment `segment_seq` when given). On damage returns the offset of the
+/// bad record and what was wrong.
 pub(crate) fn scan_batch(
     segment: &[u8],
     offset: usize,
     expected_lsn: u64,
+    segment_seq: Option<u64>,
     payload_bytes_max: u32,
 ) -> Result<(BatchBegin, usize), (usize, Damage)> {
     let begin = match BatchBegin::decode(&segment[offset..]) {
@@ -194,6 +212,11 @@ pub(crate) fn scan_batch(
         }
         Err(error) => return Err((offset, Damage::Record(error))),
     };
+    if let Some(expected) = segment_seq
+        && begin.segment_seq != expected
+    {
+        return Err((offset, Damage::ForeignBatch { expected, found: begin.segment_seq }));
+    }
     if begin.first_lsn != expected_lsn {
         return Err((offset, Damage::LsnGap { expected: expected_lsn, found: begin.first_lsn }));
     }
@@ -230,11 +253,26 @@ enum SegmentEnd {
     Damaged { offset: usize, record_offset: usize, damage: Damage, later_data: bool, nonzero_end: usize },
 }
 
-fn scan_segment(segment: &[u8], first_lsn: u64, payload_bytes_max: u32) -> (u64, usize, SegmentEnd) {
-    let mut lsn = first_lsn;
+/// Whether a sector after `offset` starts a batch of segment `segment_seq` at or after `lsn`:
+/// evidence that damage at `offset` is not the log's tail.
+fn later_batch(segment: &[u8], offset: usize, segment_seq: u64, lsn: u64) -> bool {
+    (offset + SECTOR_BYTES..segment.len()).step_by(SECTOR_BYTES).any(|later| {
+        matches!(BatchBegin::decode(&segment[later..]),
+            Ok(Some(begin)) if begin.first_lsn >= lsn && begin.segment_seq == segment_seq)
+    })
+}
+
+fn scan_segment(segment: &[u8], header: &SegmentHeader, payload_bytes_max: u32) -> (u64, usize, SegmentEnd) {
+    let mut lsn = header.first_lsn;
     let mut offset = SECTOR_BYTES;
     loop {
         if offset + BATCH_BEGIN_BYTES > segment.len() {
+            return (lsn, offset, SegmentEnd::Clean);
+        }
+        let begin = BatchBegin::decode(&segment[offset..]);
+        let ours = matches!(begin, Ok(Some(begin)) if begin.segment_seq == header.segment_seq);
+        if header.reused && !ours && !later_batch(segment, offset, header.segment_seq, lsn) {
+            // Stale bytes of the file's earlier use, or the unwritten start of a torn batch.
             return (lsn, offset, SegmentEnd::Clean);
         }
         let damaged = if is_zero(&segment[offset..offset + HEADER_BYTES]) {
@@ -243,7 +281,7 @@ fn scan_segment(segment: &[u8], first_lsn: u64, payload_bytes_max: u32) -> (u64,
             }
             (offset, Damage::MissingBatchStart)
         } else {
-            match scan_batch(segment, offset, lsn, payload_bytes_max) {
+            match scan_batch(segment, offset, lsn, Some(header.segment_seq), payload_bytes_max) {
                 Ok((begin, extent)) => {
                     lsn += u64::from(begin.record_count);
                     offset += extent;
@@ -252,11 +290,18 @@ fn scan_segment(segment: &[u8], first_lsn: u64, payload_bytes_max: u32) -> (u64,
                 Err(damaged) => damaged,
             }
         };
-        let later_data = (offset + SECTOR_BYTES..segment.len())
-            .step_by(SECTOR_BYTES)
-            .any(|later| matches!(BatchBegin::decode(&segment[later..]), Ok(Some(begin)) if begin.first_lsn >= lsn));
-        let nonzero_end =
-            segment[offset..].iter().rposition(|byte| *byte != 0).map_or(offset, |last| align_up(offset + last + 1));
+        let later_data = later_batch(segment, offset, header.segment_seq, lsn);
+        // A fresh file is zeros past the tail: erase every non-zero byte. A reused one keeps
+        // stale bytes there: erase the torn batch's announced extent.
+        let nonzero_end = match begin {
+            Ok(Some(begin)) if header.reused => {
+                align_up((offset + begin.extent_bytes as usize).min(segment.len())).min(segment.len())
+            }
+            _ if header.reused => (offset + SECTOR_BYTES).min(segment.len()),
+            _ => {
+                segment[offset..].iter().rposition(|byte| *byte != 0).map_or(offset, |last| align_up(offset + last + 1))
+            }
+        };
         let (record_offset, damage) = damaged;
         return (lsn, offset, SegmentEnd::Damaged { offset, record_offset, damage, later_data, nonzero_end });
     }
@@ -313,6 +358,15 @@ pub fn plan(
                 continue;
             }
         };
+        if header.shard_id == shard_id
+            && header.segment_seq < segment.segment_seq
+            && !later_in_use
+            && !later_batch(segment.bytes, 0, segment.segment_seq, 0)
+        {
+            // Renamed for reuse; its own header and batches were never written.
+            plan.unused.push(segment.segment_seq);
+            continue;
+        }
         let mismatch = if header.shard_id != shard_id {
             Some(format!("shard {} in a file of shard {shard_id}", header.shard_id))
         } else if header.segment_seq != segment.segment_seq {
@@ -332,7 +386,7 @@ pub fn plan(
         {
             return Err(corruption(0, Damage::LsnGap { expected, found: header.first_lsn }));
         }
-        let (end_lsn, frontier, end) = scan_segment(segment.bytes, header.first_lsn, payload_bytes_max);
+        let (end_lsn, frontier, end) = scan_segment(segment.bytes, &header, payload_bytes_max);
         if let SegmentEnd::Damaged { offset, record_offset, damage, later_data, nonzero_end } = end {
             if later_data || later_in_use {
                 return Err(corruption(record_offset, damage));
@@ -374,7 +428,20 @@ mod tests {
     /// A segment image holding `batches` (payload lengths per batch), starting at `first_lsn`.
     fn image(segment_seq: u64, first_lsn: u64, batches: &[Vec<usize>]) -> (Vec<u8>, Vec<usize>) {
         let mut bytes = vec![0_u8; SEGMENT_BYTES];
-        SegmentHeader { shard_id: 0, segment_seq, first_lsn, segment_bytes: SEGMENT_BYTES as u64 }
+        let starts = write_image(&mut bytes, segment_seq, first_lsn, false, batches);
+        (bytes, starts)
+    }
+
+    /// Writes a header and `batches` over `bytes` (a fresh or a reused file's image).
+    fn write_image(
+        bytes: &mut [u8],
+        segment_seq: u64,
+        first_lsn: u64,
+        reused: bool,
+        batches: &[Vec<usize>],
+    ) -> Vec<usize> {
+        bytes[..SECTOR_BYTES].fill(0);
+        SegmentHeader { shard_id: 0, segment_seq, first_lsn, segment_bytes: SEGMENT_BYTES as u64, reused }
             .encode_into(&mut bytes[..SECTOR_BYTES])
             .unwrap();
         let mut offset = SECTOR_BYTES;
@@ -388,7 +455,9 @@ mod tests {
                 let payload = vec![(slot.lsn % 251) as u8; *length];
                 records.push((slot, payload));
             }
-            let (begin, extent) = builder.seal();
+            let (mut begin, extent) = builder.seal();
+            begin.segment_seq = segment_seq;
+            bytes[offset..offset + extent].fill(0);
             bytes[offset..offset + BATCH_BEGIN_BYTES].copy_from_slice(&begin.encode());
             for (slot, payload) in records {
                 wire::encode_into(&mut bytes[offset + slot.offset..], RecordType::Data, 7, slot.lsn, &payload).unwrap();
@@ -397,7 +466,85 @@ mod tests {
             offset += extent;
             lsn = builder.next_lsn();
         }
+        starts
+    }
+
+    /// A file used as segment 1 to its end, then reused as segment 5 for `batches` from LSN 500.
+    fn reused_image(batches: &[Vec<usize>]) -> (Vec<u8>, Vec<usize>) {
+        let old: Vec<Vec<usize>> = (0..7).map(|_| vec![3000, 3000]).collect();
+        let (mut bytes, _) = image(1, 1, &old);
+        let starts = write_image(&mut bytes, 5, 500, true, batches);
         (bytes, starts)
+    }
+
+    fn at(segment_seq: u64, bytes: &[u8], mode: RecoveryMode) -> Result<RecoveryPlan, RecoveryError> {
+        plan(0, &[SegmentBytes { segment_seq, bytes }], mode, 1 << 16)
+    }
+
+    #[test]
+    fn a_reused_segment_ends_where_its_own_batches_end() {
+        // Same shapes as the old batches, so new batches end where stale ones begin.
+        let (bytes, starts) = reused_image(&[vec![3000, 3000], vec![3000, 3000]]);
+        let recovered = at(5, &bytes, RecoveryMode::Strict).unwrap();
+        assert_eq!(recovered.next_lsn, 504);
+        assert_eq!(recovered.torn_tail, None);
+        assert_eq!(recovered.segments[0].frontier as usize, starts[1] + 2 * SECTOR_BYTES);
+        // Other shapes: the end falls inside a stale batch.
+        let (bytes, starts) = reused_image(&[vec![1000, 1000], vec![1000, 1000]]);
+        let recovered = at(5, &bytes, RecoveryMode::Strict).unwrap();
+        assert_eq!((recovered.next_lsn, recovered.segments[0].frontier as usize), (504, starts[1] + SECTOR_BYTES));
+    }
+
+    #[test]
+    fn a_torn_batch_in_a_reused_segment_is_erased_to_its_extent() {
+        let (clean, starts) = reused_image(&[vec![100], vec![3000, 3000, 3000]]);
+        let (stale, _) = reused_image(&[]);
+        for tear in [starts[1] + 100, starts[1] + SECTOR_BYTES, starts[1] + 2 * SECTOR_BYTES + 7] {
+            let mut torn = clean.clone();
+            // The write stopped at `tear`: the old bytes are still there after it.
+            torn[tear..].copy_from_slice(&stale[tear..]);
+            let recovered = at(5, &torn, RecoveryMode::TolerateTornTail).unwrap();
+            assert_eq!(recovered.next_lsn, 501, "tear at {tear}");
+            assert_eq!(
+                recovered.torn_tail,
+                Some(TornTail { segment_seq: 5, offset: starts[1] as u64, zero_bytes: 3 * SECTOR_BYTES as u64 }),
+                "tear at {tear}"
+            );
+            assert!(matches!(at(5, &torn, RecoveryMode::Strict), Err(RecoveryError::TornTailStrict { .. })));
+        }
+        // The batch's first sector never written: stale bytes where it starts, nothing to erase.
+        let mut torn = clean.clone();
+        torn[starts[1]..starts[1] + SECTOR_BYTES].copy_from_slice(&stale[starts[1]..starts[1] + SECTOR_BYTES]);
+        let recovered = at(5, &torn, RecoveryMode::Strict).unwrap();
+        assert_eq!((recovered.next_lsn, recovered.torn_tail), (501, None));
+    }
+
+    #[test]
+    fn damage_before_later_batches_of_a_reused_segment_is_corruption() {
+        let (bytes, starts) = reused_image(&[vec![100], vec![100], vec![100]]);
+        let mut damaged = bytes.clone();
+        damaged[starts[1] + 3] ^= 1;
+        for mode in [RecoveryMode::Strict, RecoveryMode::TolerateTornTail] {
+            let error = at(5, &damaged, mode).unwrap_err();
+            assert!(
+                matches!(error, RecoveryError::Corruption { segment_seq: 5, offset, .. } if offset as usize == starts[1]),
+                "{error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_renamed_file_whose_new_header_was_never_written_is_unused() {
+        let (stale, _) = image(1, 1, &[vec![100], vec![200]]);
+        let recovered = at(5, &stale, RecoveryMode::Strict).unwrap();
+        assert_eq!((recovered.unused.clone(), recovered.segments.len()), (vec![5], 0));
+        // Before a segment in use, the same file is corruption.
+        let (used, _) = image(6, 1, &[vec![100]]);
+        let segments = [SegmentBytes { segment_seq: 5, bytes: &stale }, SegmentBytes { segment_seq: 6, bytes: &used }];
+        assert!(matches!(
+            plan(0, &segments, RecoveryMode::TolerateTornTail, 1 << 16),
+            Err(RecoveryError::Corruption { segment_seq: 5, .. })
+        ));
     }
 
     fn one(bytes: &[u8], mode: RecoveryMode) -> Result<RecoveryPlan, RecoveryError> {
@@ -465,6 +612,26 @@ mod tests {
                 if let Ok(recovered) = one(&bytes, mode) {
                     let total: u64 = batches.iter().map(|batch| batch.len() as u64).sum();
                     prop_assert!(recovered.next_lsn <= total + 1);
+                }
+            }
+        }
+
+        /// In a reused file, damage anywhere never makes stale batches count as records.
+        #[test]
+        fn damaged_reused_images_never_read_stale_batches(
+            batches in proptest::collection::vec(proptest::collection::vec(1_usize..3000, 1..4), 0..4),
+            damage_at in 0_usize..SEGMENT_BYTES,
+            damage_len in 1_usize..64,
+            value: u8,
+        ) {
+            let (mut bytes, _) = reused_image(&batches);
+            let end = (damage_at + damage_len).min(bytes.len());
+            bytes[damage_at..end].fill(value);
+            let total: u64 = batches.iter().map(|batch| batch.len() as u64).sum();
+            for mode in [RecoveryMode::Strict, RecoveryMode::TolerateTornTail] {
+                if let Ok(recovered) = at(5, &bytes, mode) {
+                    prop_assert!(recovered.next_lsn <= 500 + total || recovered.segments.is_empty());
+                    prop_assert!(recovered.segments.iter().all(|segment| segment.frontier <= segment.segment_bytes));
                 }
             }
         }

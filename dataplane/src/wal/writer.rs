@@ -18,7 +18,8 @@ use glommio::{GlommioError, Task};
 
 use super::faults::{FaultInjector, WriteFault};
 use super::format::{
-    BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader, parse_segment_file_name, segment_file_name,
+    BatchBegin, BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader, parse_segment_file_name,
+    segment_file_name,
 };
 use super::recovery::{self, SegmentBytes};
 use super::tail::TailBatch;
@@ -44,6 +45,8 @@ pub struct WalStats {
     pub batch_bytes: u64,
     /// Segment rotations.
     pub rotations: u64,
+    /// Rotations onto a released segment reused without zero-filling.
+    pub reused_segments: u64,
 }
 
 /// The batch appenders are filling.
@@ -115,6 +118,7 @@ impl OpenBatch {
             last.trim_to_size(remainder);
         }
         SealedBatch {
+            begin,
             first_lsn: begin.first_lsn,
             next_lsn: self.builder.next_lsn(),
             extent: extent as u64,
@@ -127,6 +131,7 @@ impl OpenBatch {
 }
 
 struct SealedBatch {
+    begin: BatchBegin,
     first_lsn: u64,
     next_lsn: u64,
     extent: u64,
@@ -137,6 +142,15 @@ struct SealedBatch {
 }
 
 impl SealedBatch {
+    /// Names the segment the batch goes to in its `BatchBegin`.
+    fn place(&mut self, segment_seq: u64) {
+        self.begin.segment_seq = segment_seq;
+        let begin = self.begin.encode();
+        if let Some(first) = self.chunks.first_mut() {
+            first.as_bytes_mut()[..begin.len()].copy_from_slice(&begin);
+        }
+    }
+
     /// A copy of the batch's bytes (its extent), for the tail cache.
     fn image(&self) -> Bytes {
         let mut image = Vec::with_capacity(usize::try_from(self.extent).unwrap_or(0));
@@ -154,11 +168,20 @@ struct Segments {
     active_first_lsn: u64,
     /// Full segments still on disk, oldest first: (sequence, first LSN).
     sealed: VecDeque<(u64, u64)>,
+    /// Released segments kept on disk to become spares again, oldest first (sequence).
+    reusable: VecDeque<u64>,
     active_bytes: u64,
     /// End of the active segment's data; shared with the task zero-filling the spare, which
     /// keeps ahead of it.
     frontier: Rc<Cell<u64>>,
-    spare: Option<Task<Result<DmaFile, WalError>>>,
+    spare: Option<Task<Result<Spare, WalError>>>,
+}
+
+/// The next segment's file, ready for its header: new and zero-filled, or a released segment
+/// renamed (its old batches still in it).
+struct Spare {
+    file: DmaFile,
+    reused: bool,
 }
 
 struct State {
@@ -196,6 +219,8 @@ struct WalMetrics {
     /// Records reserved and not yet durable: the appenders waiting on the writer.
     waiting: metrics::Gauge,
     fenced: metrics::Gauge,
+    /// Rotations onto a released segment (no zero-fill).
+    reused_segments: metrics::Counter,
 }
 
 impl WalMetrics {
@@ -208,7 +233,8 @@ impl WalMetrics {
             bytes_written: metrics::counter!("meridian_wal_written_bytes_total", "shard" => shard.clone()),
             records: metrics::counter!("meridian_wal_records_total", "shard" => shard.clone()),
             waiting: metrics::gauge!("meridian_wal_appends_waiting", "shard" => shard.clone()),
-            fenced: metrics::gauge!("meridian_wal_fenced", "shard" => shard),
+            fenced: metrics::gauge!("meridian_wal_fenced", "shard" => shard.clone()),
+            reused_segments: metrics::counter!("meridian_wal_segments_reused_total", "shard" => shard),
         }
     }
 }
@@ -393,6 +419,49 @@ async fn create_segment(
     Ok(file)
 }
 
+/// Renames released segment `old_seq` to `segment_seq` and syncs the directory: a file whose
+/// every byte was written before, so appends' `fdatasync` write no metadata, without the
+/// zero-fill. A file of another size (the segment size changed) is deleted and a new one made.
+async fn reuse_segment(
+    config: WalConfig,
+    old_seq: u64,
+    segment_seq: u64,
+    io_bytes_max: usize,
+    active_frontier: Rc<Cell<u64>>,
+) -> Result<Spare, WalError> {
+    let (from, to) = (segment_path(&config, old_seq), segment_path(&config, segment_seq));
+    let fail = |errno: Option<i32>, message: &dyn std::fmt::Display| {
+        WalError::fenced("reuse segment", errno, format!("{} as {}: {message}", from.display(), to.display()))
+    };
+    if let Some(errno) = config.faults.as_deref().and_then(FaultInjector::on_create) {
+        return Err(fail(Some(errno), &format!("{} (injected)", std::io::Error::from_raw_os_error(errno))));
+    }
+    let (source, target, dir, segment_bytes) = (from.clone(), to.clone(), config.dir.clone(), config.segment_bytes);
+    let renamed = glommio::executor()
+        .spawn_blocking(move || -> std::io::Result<bool> {
+            if std::fs::metadata(&source)?.len() != segment_bytes {
+                std::fs::remove_file(&source)?;
+                return Ok(false);
+            }
+            std::fs::rename(&source, &target)?;
+            sync_path(&dir)?;
+            Ok(true)
+        })
+        .await
+        .map_err(|error| fail(error.raw_os_error(), &error))?;
+    if !renamed {
+        let file = create_segment(config, segment_seq, io_bytes_max, Some(active_frontier)).await?;
+        return Ok(Spare { file, reused: false });
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .dma_open(&to)
+        .await
+        .map_err(|error| fail(error.raw_os_error(), &error))?;
+    Ok(Spare { file, reused: true })
+}
+
 /// Segment files of `shard_id` in `dir`, sorted by sequence.
 pub(crate) fn list_segments(dir: &Path, shard_id: u32) -> Result<Vec<(u64, PathBuf)>, WalError> {
     let entries = std::fs::read_dir(dir).map_err(|error| WalError::io("list", dir.display(), &error))?;
@@ -486,6 +555,7 @@ impl Wal {
                         .iter()
                         .map(|segment| (segment.segment_seq, segment.first_lsn))
                         .collect(),
+                    reusable: VecDeque::new(),
                     active_bytes: last.segment_bytes,
                     frontier: Rc::new(Cell::new(last.frontier)),
                     spare: None,
@@ -493,13 +563,14 @@ impl Wal {
             }
             None => {
                 let file = create_segment(config.clone(), next_seq, io_bytes_max, None).await?;
-                write_segment_header(&file, &config, next_seq, plan.next_lsn).await?;
+                write_segment_header(&file, &config, next_seq, plan.next_lsn, false).await?;
                 fdatasync(&file, faults.as_deref()).await?;
                 Segments {
                     active: Rc::new(file),
                     active_seq: next_seq,
                     active_first_lsn: plan.next_lsn,
                     sealed: VecDeque::new(),
+                    reusable: VecDeque::new(),
                     active_bytes: config.segment_bytes,
                     frontier: Rc::new(Cell::new(SECTOR_BYTES as u64)),
                     spare: None,
@@ -616,32 +687,37 @@ impl Wal {
         }
     }
 
-    /// Deletes full segments whose records all have LSNs below `lsn` (a checkpoint covers
-    /// them), oldest first, then syncs the directory. Returns how many were deleted. The
-    /// unlinks and the sync run on glommio's blocking pool: unlinking four 64 MiB segments
-    /// took 80 ms, which on the executor stalled every write of the shard.
+    /// Releases full segments whose records all have LSNs below `lsn` (a flush covers them),
+    /// oldest first. Up to `reuse_segments_max` of the newest released stay on disk to become
+    /// spares again (renamed, not zero-filled); older ones are deleted and the directory
+    /// synced. Returns how many were released. The unlinks and the sync run on glommio's
+    /// blocking pool: unlinking four 64 MiB segments took 80 ms, which on the executor stalled
+    /// every write of the shard.
     pub async fn release_before(&self, lsn: u64) -> Result<u64, WalError> {
-        let mut released = Vec::new();
-        {
+        let (released, doomed) = {
             let mut segments = self.inner.segments.borrow_mut();
-            if let Some(segments) = segments.as_mut() {
-                loop {
-                    let next_first_lsn = segments.sealed.get(1).map_or(segments.active_first_lsn, |next| next.1);
-                    match segments.sealed.front() {
-                        Some(&segment) if next_first_lsn <= lsn => {
-                            segments.sealed.pop_front();
-                            released.push(segment);
-                        }
-                        _ => break,
+            let Some(segments) = segments.as_mut() else { return Ok(0) };
+            let mut released = 0;
+            loop {
+                let next_first_lsn = segments.sealed.get(1).map_or(segments.active_first_lsn, |next| next.1);
+                match segments.sealed.front() {
+                    Some(&(segment_seq, _)) if next_first_lsn <= lsn => {
+                        segments.sealed.pop_front();
+                        segments.reusable.push_back(segment_seq);
+                        released += 1;
                     }
+                    _ => break,
                 }
             }
-        }
-        if released.is_empty() {
-            return Ok(0);
+            // Files leave the front only (the oldest first), so those on disk stay contiguous.
+            let excess = segments.reusable.len().saturating_sub(self.inner.config.reuse_segments_max);
+            (released, segments.reusable.drain(..excess).collect::<Vec<u64>>())
+        };
+        if doomed.is_empty() {
+            return Ok(released);
         }
         let paths: Vec<PathBuf> =
-            released.iter().map(|(segment_seq, _)| segment_path(&self.inner.config, *segment_seq)).collect();
+            doomed.iter().map(|segment_seq| segment_path(&self.inner.config, *segment_seq)).collect();
         let dir = self.inner.config.dir.clone();
         let (removed, result) = glommio::executor()
             .spawn_blocking(move || {
@@ -653,15 +729,15 @@ impl Wal {
                 (paths.len(), sync_path(&dir).map_err(|error| WalError::io("sync directory", dir.display(), &error)))
             })
             .await;
-        if removed < released.len() {
-            // The segments not removed are still on disk: keep them listed, oldest first.
-            if let Some(segments) = self.inner.segments.borrow_mut().as_mut() {
-                for segment in released[removed..].iter().rev() {
-                    segments.sealed.push_front(*segment);
-                }
+        if removed < doomed.len()
+            && let Some(segments) = self.inner.segments.borrow_mut().as_mut()
+        {
+            // The segments not removed are still on disk, older than every other: first in line.
+            for segment_seq in doomed[removed..].iter().rev() {
+                segments.reusable.push_front(*segment_seq);
             }
         }
-        result.map(|()| removed as u64)
+        result.map(|()| released)
     }
 
     /// The lowest LSN to keep so that the full segments below `lsn` take at most `bytes_max`
@@ -735,8 +811,8 @@ impl Wal {
         if let Some(segments) = segments {
             if let Some(spare) = segments.spare {
                 // The spare stays on disk as an unused segment; recovery removes it.
-                if let Ok(file) = spare.await {
-                    let _ = file.close().await;
+                if let Ok(spare) = spare.await {
+                    let _ = spare.file.close().await;
                 }
             }
             if let Ok(file) = Rc::try_unwrap(segments.active) {
@@ -755,10 +831,16 @@ async fn write_segment_header(
     config: &WalConfig,
     segment_seq: u64,
     first_lsn: u64,
+    reused: bool,
 ) -> Result<(), WalError> {
     let mut sector = zeroed_buffer(SECTOR_BYTES);
-    let header =
-        SegmentHeader { shard_id: config.shard_id, segment_seq, first_lsn, segment_bytes: config.segment_bytes };
+    let header = SegmentHeader {
+        shard_id: config.shard_id,
+        segment_seq,
+        first_lsn,
+        segment_bytes: config.segment_bytes,
+        reused,
+    };
     header.encode_into(sector.as_bytes_mut()).map_err(|error| WalError::fenced("write", None, error.to_string()))?;
     write_fully(file, Rc::new(sector), 0, config.faults.as_deref()).await
 }
@@ -768,7 +850,8 @@ impl Inner {
         self.config.faults.as_deref()
     }
 
-    /// Starts creating the next segment in the background.
+    /// Starts preparing the next segment in the background: a released one renamed when one is
+    /// kept, else a new one zero-filled.
     fn prepare_spare(&self) {
         let mut segments = self.segments.borrow_mut();
         if let Some(segments) = segments.as_mut()
@@ -777,8 +860,15 @@ impl Inner {
             let config = self.config.clone();
             let next = segments.active_seq + 1;
             let io_bytes_max = self.io_bytes_max;
-            let active = Some(Rc::clone(&segments.frontier));
-            segments.spare = Some(glommio::spawn_local(create_segment(config, next, io_bytes_max, active)));
+            let active = Rc::clone(&segments.frontier);
+            let spare = match segments.reusable.pop_front() {
+                Some(old) => glommio::spawn_local(reuse_segment(config, old, next, io_bytes_max, active)),
+                None => glommio::spawn_local(async move {
+                    let file = create_segment(config, next, io_bytes_max, Some(active)).await?;
+                    Ok(Spare { file, reused: false })
+                }),
+            };
+            segments.spare = Some(spare);
         }
     }
 
@@ -789,11 +879,14 @@ impl Inner {
             let segments = segments.as_mut().ok_or(WalError::Closed)?;
             (segments.spare.take(), segments.active_seq + 1)
         };
-        let file = match spare {
+        let Spare { file, reused } = match spare {
             Some(task) => task.await?,
-            None => create_segment(self.config.clone(), next_seq, self.io_bytes_max, None).await?,
+            None => Spare {
+                file: create_segment(self.config.clone(), next_seq, self.io_bytes_max, None).await?,
+                reused: false,
+            },
         };
-        write_segment_header(&file, &self.config, next_seq, first_lsn).await?;
+        write_segment_header(&file, &self.config, next_seq, first_lsn, reused).await?;
         let old = {
             let mut segments = self.segments.borrow_mut();
             let segments = segments.as_mut().ok_or(WalError::Closed)?;
@@ -805,7 +898,14 @@ impl Inner {
             segments.frontier.set(SECTOR_BYTES as u64);
             std::mem::replace(&mut segments.active, Rc::new(file))
         };
-        self.state.borrow_mut().stats.rotations += 1;
+        {
+            let stats = &mut self.state.borrow_mut().stats;
+            stats.rotations += 1;
+            stats.reused_segments += u64::from(reused);
+        }
+        if reused {
+            self.metrics.reused_segments.increment(1);
+        }
         // Every batch of the old segment is already durable; closing it needs no barrier.
         if let Ok(old) = Rc::try_unwrap(old) {
             glommio::spawn_local(async move {
@@ -817,7 +917,9 @@ impl Inner {
         Ok(())
     }
 
-    async fn write_batch(&self, batch: &mut SealedBatch) -> Result<(), WalError> {
+    /// Writes the batch to the active segment (rotating first when it does not fit) and syncs
+    /// it. Returns a copy of its bytes when the WAL has a tail cache.
+    async fn write_batch(&self, batch: &mut SealedBatch) -> Result<Option<Bytes>, WalError> {
         let needs_rotation = {
             let segments = self.segments.borrow();
             let segments = segments.as_ref().ok_or(WalError::Closed)?;
@@ -826,11 +928,14 @@ impl Inner {
         if needs_rotation {
             self.rotate(batch.first_lsn).await?;
         }
-        let (file, position) = {
+        let (file, position, segment_seq) = {
             let segments = self.segments.borrow();
             let segments = segments.as_ref().ok_or(WalError::Closed)?;
-            (Rc::clone(&segments.active), segments.frontier.get())
+            (Rc::clone(&segments.active), segments.frontier.get(), segments.active_seq)
         };
+        batch.place(segment_seq);
+        // Copied before the write takes the buffers; cached only once durable.
+        let image = self.config.tail.as_ref().map(|_| batch.image());
         let mut chunks = std::mem::take(&mut batch.chunks);
         if chunks.len() == 1
             && let Some(chunk) = chunks.pop()
@@ -864,7 +969,7 @@ impl Inner {
         if let Some(segments) = self.segments.borrow_mut().as_mut() {
             segments.frontier.set(position + batch.extent);
         }
-        Ok(())
+        Ok(image)
     }
 
     fn fence(&self, error: &WalError) {
@@ -912,10 +1017,8 @@ async fn writer_loop(inner: Rc<Inner>) {
         inner.space.notify_all();
         let mut batch = open.finish();
         inner.metrics.waiting.set((batch.next_lsn - batch.first_lsn) as f64);
-        // Copied before the write takes the buffers; cached only once durable.
-        let image = inner.config.tail.as_ref().map(|_| batch.image());
         match inner.write_batch(&mut batch).await {
-            Ok(()) => {
+            Ok(image) => {
                 let records = batch.next_lsn - batch.first_lsn;
                 let queued = {
                     let mut state = inner.state.borrow_mut();
