@@ -389,9 +389,9 @@ async fn our_cell(
 
 /// `128b`, `4kib`, `1mib`: the value size in figure keys.
 fn size_key(bytes: usize) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{}mib", bytes >> 20)
-    } else if bytes >= 1 << 10 && bytes % (1 << 10) == 0 {
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
         format!("{}kib", bytes >> 10)
     } else {
         format!("{bytes}b")

@@ -214,12 +214,12 @@ impl ControlClient {
                 return Ok(first);
             }
             let hint = first.leader.and_then(|id| first.members.iter().find(|m| m.id == id && id != first.node_id));
-            if let Some(leader) = hint {
-                if let Ok(status) = self.status_of(&leader.addr).await {
-                    if status.role == Role::Leader && !status.isolated {
-                        return Ok(status);
-                    }
-                }
+            if let Some(leader) = hint
+                && let Ok(status) = self.status_of(&leader.addr).await
+                && status.role == Role::Leader
+                && !status.isolated
+            {
+                return Ok(status);
             }
             // The node asked knows no (reachable) leader: ask everyone, take the newest leader.
             let mut addrs: Vec<String> = self.seeds.clone();

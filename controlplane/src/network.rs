@@ -125,10 +125,11 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         let ours = rpc.last_log_id;
         match self.call(RaftRequest::Vote(rpc), &option).await? {
             RaftResponse::Vote(result) => {
-                if let Ok(response) = &result {
-                    if !response.vote_granted && response.last_log_id > ours {
-                        self.greater_log_seen.store(true, Ordering::Relaxed);
-                    }
+                if let Ok(response) = &result
+                    && !response.vote_granted
+                    && response.last_log_id > ours
+                {
+                    self.greater_log_seen.store(true, Ordering::Relaxed);
                 }
                 result.map_err(|e| self.remote(e))
             }

@@ -139,13 +139,13 @@ impl Readiness {
                 let count = usize::try_from(count).unwrap_or(0);
                 let mut slots = self.slots.borrow_mut();
                 for event in &events[..count] {
-                    if let Some(slot) = usize::try_from(event.u64).ok().and_then(|index| slots.get_mut(index)) {
-                        if slot.in_use {
-                            slot.ready = true;
-                            slot.hung_up |= event.events & HANG_UP != 0;
-                            if let Some(waker) = slot.waker.take() {
-                                waker.wake();
-                            }
+                    if let Some(slot) = usize::try_from(event.u64).ok().and_then(|index| slots.get_mut(index))
+                        && slot.in_use
+                    {
+                        slot.ready = true;
+                        slot.hung_up |= event.events & HANG_UP != 0;
+                        if let Some(waker) = slot.waker.take() {
+                            waker.wake();
                         }
                     }
                 }

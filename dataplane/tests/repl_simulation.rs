@@ -373,10 +373,10 @@ impl World {
             Event::Wake { replica, epoch } => {
                 if epoch == self.epochs[replica] {
                     let now = self.now();
-                    if let Some(ship) = &mut self.ships[replica] {
-                        if ship.wake_at.is_some_and(|at| at <= now) {
-                            ship.wake_at = None;
-                        }
+                    if let Some(ship) = &mut self.ships[replica]
+                        && ship.wake_at.is_some_and(|at| at <= now)
+                    {
+                        ship.wake_at = None;
                     }
                     self.ship_ready(replica);
                 }
@@ -621,11 +621,11 @@ impl World {
             Ok(start) => {
                 let hold = ship.shipper.hold();
                 self.tell_hold(replica, hold);
-                if let Some(Start::Snapshot { resume_lsn }) = start {
-                    if let Err(error) = self.send_snapshot(replica, resume_lsn) {
-                        self.reset(replica, &error);
-                        return;
-                    }
+                if let Some(Start::Snapshot { resume_lsn }) = start
+                    && let Err(error) = self.send_snapshot(replica, resume_lsn)
+                {
+                    self.reset(replica, &error);
+                    return;
                 }
                 self.ship_ready(replica);
             }
@@ -834,10 +834,11 @@ impl World {
             for (key, glt, value) in versions {
                 here.durable.entry(key).or_default().insert(glt, value);
             }
-            if frame_epoch == epoch && here.waiting.remove(&seq).is_some() {
-                if let Some(Some(receiver)) = self.recvs[replica].as_mut().map(|side| side.receiver.as_mut()) {
-                    receiver.on_applied(seq);
-                }
+            if frame_epoch == epoch
+                && here.waiting.remove(&seq).is_some()
+                && let Some(Some(receiver)) = self.recvs[replica].as_mut().map(|side| side.receiver.as_mut())
+            {
+                receiver.on_applied(seq);
             }
         }
         self.settle(replica);
@@ -913,10 +914,10 @@ impl World {
                 ));
             }
         }
-        if let Some(pending) = self.home.pending.first() {
-            if pending.glt <= self.home.published_closed {
-                return Err(format!("a write stamped {} at or below a published closed timestamp", pending.glt));
-            }
+        if let Some(pending) = self.home.pending.first()
+            && pending.glt <= self.home.published_closed
+        {
+            return Err(format!("a write stamped {} at or below a published closed timestamp", pending.glt));
         }
         if self.home.hold.pin_lsn != u64::MAX && self.home.wal_first > self.home.hold.pin_lsn {
             return Err(format!(

@@ -48,10 +48,10 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// [`watchdog_interval`] from the variables' values.
 pub fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
     let usec: u64 = usec?.trim().parse().ok().filter(|usec| *usec > 0)?;
-    if let Some(pid) = pid {
-        if pid.trim().parse::<u32>().ok() != Some(own_pid) {
-            return None;
-        }
+    if let Some(pid) = pid
+        && pid.trim().parse::<u32>().ok() != Some(own_pid)
+    {
+        return None;
     }
     Some(Duration::from_micros(usec / 2))
 }

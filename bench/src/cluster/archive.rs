@@ -196,7 +196,7 @@ pub async fn compare(dir: &Path, dataplane: &Path, plan: &Plan, figures: &mut Fi
     let (mut full, mut restic_full) = (None, None);
     for step in 0..2 {
         crate::device::quiesce();
-        if (step + plan.seed) % 2 == 0 {
+        if (step + plan.seed).is_multiple_of(2) {
             say("full export into the archive ...");
             full = Some(archive.export(&client, 1, t1, &|_, _| {}).await?);
         } else {
@@ -205,7 +205,7 @@ pub async fn compare(dir: &Path, dataplane: &Path, plan: &Plan, figures: &mut Fi
         }
     }
     let (Some(full), Some(restic_full)) = (full, restic_full) else { bail!("a full step did not run") };
-    figures.set("full_export_went_first", plan.seed % 2 == 0);
+    figures.set("full_export_went_first", plan.seed.is_multiple_of(2));
     let stored_after_full = (archive.stored_bytes().await?, tree_bytes(&restic.repo));
     let mirror = dir.join("rsync-copy");
     run(Command::new("rsync").arg("-a").arg(format!("{}/", source.display())).arg(&mirror))?;

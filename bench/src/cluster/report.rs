@@ -53,10 +53,10 @@ impl Report {
     /// worst region's availability p99 under `availability_p99_ms`. Rewrites report.json.
     pub fn name(&mut self, bench: &str) -> Result<()> {
         self.figures.set("bench", bench);
-        if bench == "snapshot" {
-            if let Some(p99) = self.figures.get_f64("snapshot_availability_p99_ms") {
-                self.figures.set_f64("availability_p99_ms", p99);
-            }
+        if bench == "snapshot"
+            && let Some(p99) = self.figures.get_f64("snapshot_availability_p99_ms")
+        {
+            self.figures.set_f64("availability_p99_ms", p99);
         }
         write_file(&self.dir.join("report.json"), &self.to_json())
     }
@@ -450,10 +450,10 @@ pub fn print_summary(report: &Report) {
         f("lost_writes"),
         f("values_corrupt")
     );
-    if let Some(Value::Array(plots)) = report.figures.get("plots") {
-        if let Some(first) = plots.first() {
-            println!("  plots: {} (and .png, rpo.*)", value_text(first));
-        }
+    if let Some(Value::Array(plots)) = report.figures.get("plots")
+        && let Some(first) = plots.first()
+    {
+        println!("  plots: {} (and .png, rpo.*)", value_text(first));
     }
     if report.figures.get("bench").and_then(Value::as_str) == Some("snapshot") {
         if report.figures.get("dataset_bytes").is_some() {

@@ -53,10 +53,10 @@ impl Durability {
     }
 
     fn note(&self, step: impl FnOnce() -> String) {
-        if let Some(log) = &self.log {
-            if let Ok(mut steps) = log.lock() {
-                steps.push(step());
-            }
+        if let Some(log) = &self.log
+            && let Ok(mut steps) = log.lock()
+        {
+            steps.push(step());
         }
     }
 

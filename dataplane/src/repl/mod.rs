@@ -183,16 +183,16 @@ impl ReplConfig {
                      place {shard} --home REGION --replicas ...`), and [replication] names no `home`"
                 )
             })?;
-            if place.home == self.region && !self.is_multi_master() {
-                if let Some(unknown) =
+            if place.home == self.region
+                && !self.is_multi_master()
+                && let Some(unknown) =
                     place.replicas.iter().find(|region| !self.peers.iter().any(|peer| peer.region == **region))
-                {
-                    return Err(format!(
-                        "replication.peers: the placement replicates shard {shard} to region {unknown}, which is not \
+            {
+                return Err(format!(
+                    "replication.peers: the placement replicates shard {shard} to region {unknown}, which is not \
                          a peer of region {}",
-                        self.region
-                    ));
-                }
+                    self.region
+                ));
             }
             // A placement without replica regions (`cluster place --home` alone) keeps the
             // shard in every region, as before replica lists were read.

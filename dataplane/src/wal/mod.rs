@@ -89,7 +89,7 @@ impl WalConfig {
     pub fn validate(&self) -> Result<(), WalError> {
         let sector = SECTOR_BYTES as u64;
         let fail = |field: &'static str, reason: String| Err(WalError::Config { field, reason });
-        if self.batch_bytes_max < SECTOR_BYTES || self.batch_bytes_max % SECTOR_BYTES != 0 {
+        if self.batch_bytes_max < SECTOR_BYTES || !self.batch_bytes_max.is_multiple_of(SECTOR_BYTES) {
             return fail(
                 "batch_bytes_max",
                 format!("{} is not a positive multiple of {SECTOR_BYTES}", self.batch_bytes_max),
@@ -101,7 +101,7 @@ impl WalConfig {
                 format!("{} exceeds {}", self.batch_bytes_max, limits::WAL_BATCH_BYTES_MAX_LIMIT),
             );
         }
-        if self.segment_bytes % sector != 0 || self.segment_bytes < sector + self.batch_bytes_max as u64 {
+        if !self.segment_bytes.is_multiple_of(sector) || self.segment_bytes < sector + self.batch_bytes_max as u64 {
             return fail(
                 "segment_bytes",
                 format!(

@@ -221,7 +221,10 @@ pub(crate) fn scan_batch(
         return Err((offset, Damage::LsnGap { expected: expected_lsn, found: begin.first_lsn }));
     }
     let extent = begin.extent_bytes as usize;
-    if begin.record_count == 0 || extent < SECTOR_BYTES || extent % SECTOR_BYTES != 0 || offset + extent > segment.len()
+    if begin.record_count == 0
+        || extent < SECTOR_BYTES
+        || !extent.is_multiple_of(SECTOR_BYTES)
+        || offset + extent > segment.len()
     {
         return Err((offset, Damage::BadBatch { record_count: begin.record_count, extent_bytes: begin.extent_bytes }));
     }

@@ -22,10 +22,10 @@ pub(super) async fn observe(context: Arc<Context>) {
         tokio::time::sleep(LAG_SAMPLE_INTERVAL).await;
         if context.config.is_multi_master() {
             for side in &context.shards {
-                if let Some(floor) = context.resolved.shard_floor(side.shard) {
-                    if side.holds.set_floor(floor).await.is_err() {
-                        return; // the shard stopped
-                    }
+                if let Some(floor) = context.resolved.shard_floor(side.shard)
+                    && side.holds.set_floor(floor).await.is_err()
+                {
+                    return; // the shard stopped
                 }
             }
         }

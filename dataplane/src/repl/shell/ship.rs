@@ -265,12 +265,12 @@ impl<'a> Streaming<'a> {
         let batch = Batch { shard: self.side.shard, first_lsn, count, closed_ts, codec, raw_len, body: &body };
         repl::encode_batch_head(&batch, &mut self.head)?;
         self.metrics.wire_bytes.increment((self.head.len() + body.len()) as u64);
-        if let Some(every) = self.context.corrupt_every.filter(|_| !body.is_empty()) {
-            if (self.context.batches_sent.fetch_add(1, Ordering::Relaxed) + 1) % every == 0 {
-                let mut damaged = body.to_vec();
-                damaged[0] ^= 0x55;
-                body = Bytes::from(damaged);
-            }
+        if let Some(every) = self.context.corrupt_every.filter(|_| !body.is_empty())
+            && (self.context.batches_sent.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(every)
+        {
+            let mut damaged = body.to_vec();
+            damaged[0] ^= 0x55;
+            body = Bytes::from(damaged);
         }
         self.send
             .write_all_chunks(&mut [Bytes::copy_from_slice(&self.head), body])
