@@ -29,6 +29,8 @@ case "${1:-test}" in
     # `bench snapshot` compares its archive exports with rsync and restic.
     want rsync rsync
     want restic restic
+    # `bench engine` runs RocksDB's db_bench beside the store's engine.
+    want db_bench rocksdb-tools
     want_font
     ;;
   fuzz)

@@ -5,6 +5,7 @@
 mod cluster;
 mod control;
 mod device;
+mod engine;
 mod etcd;
 mod geo;
 mod kv;
@@ -39,6 +40,10 @@ enum Command {
     /// a small write load; request-to-readable p50/p99 in every region (`availability_p99_ms`,
     /// worst region) and the last snapshots compared across regions.
     Snapshot(cluster::SnapshotArgs),
+    /// The store engine's evaluation: lsm-tree (key-value separated) under a memory budget,
+    /// filled to several times it, overwritten and read at random, against RocksDB's db_bench
+    /// with the same shape and fio's random 4 KiB reads.
+    Engine(engine::EngineArgs),
     /// Durable WAL appends (O_DIRECT + group commit + fdatasync) against fio and a raw
     /// write+fdatasync probe at the WAL's own mean batch size.
     Wal(wal::WalArgs),
@@ -61,6 +66,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Cluster(args) => cluster::run(&args),
         Command::Snapshot(args) => cluster::run_snapshot(&args),
+        Command::Engine(args) => engine::run(&args),
         Command::Wal(args) => wal::run(&args),
         Command::Kv(args) => kv::run(&args),
         Command::Control(args) => control::run(&args),
