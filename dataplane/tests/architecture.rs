@@ -11,6 +11,7 @@ const PURE: &[&str] = &[
     "dataplane/src/repl/core",
     "dataplane/src/wal/format.rs",
     "dataplane/src/wal/recovery.rs",
+    "dataplane/src/store/engine/codec.rs",
     "controlapi/src/glts",
     "controlapi/src/meta.rs",
     "wan/src/link.rs",

@@ -2,6 +2,8 @@
 //!
 //! * [`clock`], [`op`], [`versions`], [`checkpoint`] (its format) and the chunk file format in
 //!   [`chunks`] are pure: no I/O, no clock reads (time is passed in).
+//! * [`engine`] keeps versions on disk in an lsm-tree under a memory budget ([`engine::codec`],
+//!   its key and value layout, is pure); the shard does not use it yet.
 //! * [`shard`] is the glommio shell: it stamps writes with the HLC, appends them to the WAL,
 //!   applies them once durable, stores large values in the chunk server, writes checkpoints and
 //!   collects old versions.
@@ -12,6 +14,7 @@
 pub mod checkpoint;
 pub mod chunks;
 pub mod clock;
+pub mod engine;
 mod files;
 pub mod op;
 pub(crate) mod shard;
@@ -27,7 +30,7 @@ pub use chunks::ChunkError;
 pub use clock::{Clock, ClockUnavailable, Hlc, Interval, ManualClock, SystemClock};
 pub use files::{FileError, ShardFiles};
 pub use shard::{ClosedPoint, KeyStat, ListItem, Progress, ShardStore, StoreStats, ValueChunks, shard_dir};
-pub use versions::TooOld;
+pub use versions::{TooOld, Version};
 
 use crate::limits;
 use crate::wal::{WalConfig, WalError};

@@ -1,0 +1,174 @@
+//! The on-disk engine behaves like a map of versions (a `BTreeMap` per key), through seals,
+//! flushes, compactions and reopens, with the WAL's contract modelled: after a reopen, what was
+//! applied above the flushed LSN is applied again (the shard replays it from its WAL). Keys are
+//! drawn from bytes that stress the key encoding (0x00, 0x01, 0xFF). Seed: `MERIDIAN_ENGINE_SEED`.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dataplane::store::Version;
+use dataplane::store::engine::DiskVersions;
+use dataplane::store::op::{Body, ChunkList, ChunkRef};
+use lsm_tree::Cache;
+use rand::{Rng, SeedableRng};
+
+type Model = BTreeMap<Vec<u8>, BTreeMap<u64, Body>>;
+
+fn random_key(rng: &mut impl Rng) -> Vec<u8> {
+    const ALPHABET: &[u8] = &[0x00, 0x01, 0xFF, b'a', b'b'];
+    (0..rng.random_range(0..4)).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())]).collect()
+}
+
+fn random_body(rng: &mut impl Rng) -> Body {
+    match rng.random_range(0..10) {
+        0 => Body::Tombstone,
+        1 => Body::Chunked(Arc::new(ChunkList {
+            size: rng.random_range(0..1 << 20),
+            chunks: (0..rng.random_range(1..4)).map(|_| ChunkRef { hash: rng.random(), len: rng.random() }).collect(),
+        })),
+        // Some values large enough for blob files.
+        2 => Body::Inline(Bytes::from((0..rng.random_range(512..3000)).map(|_| rng.random()).collect::<Vec<u8>>())),
+        _ => Body::Inline(Bytes::from((0..rng.random_range(0..40)).map(|_| rng.random()).collect::<Vec<u8>>())),
+    }
+}
+
+fn model_at(model: &Model, key: &[u8], at: u64) -> Option<Version> {
+    let (ts, body) = model.get(key)?.range(..=at).next_back()?;
+    Some(Version { ts: *ts, body: body.clone() })
+}
+
+fn check(engine: &DiskVersions, model: &Model, rng: &mut impl Rng, seed: u64, step: usize) {
+    for _ in 0..20 {
+        let key = random_key(rng);
+        let at = rng.random_range(0..120);
+        assert_eq!(
+            engine.get_at(&key, at).unwrap(),
+            model_at(model, &key, at),
+            "seed {seed} step {step}: {key:?} at {at}"
+        );
+    }
+    let prefix = random_key(rng);
+    let prefix = &prefix[..prefix.len().min(1)];
+    let start_after = rng.random_bool(0.5).then(|| random_key(rng));
+    let at = rng.random_range(0..120);
+    let limit = rng.random_range(1..8);
+    let expected: Vec<(Vec<u8>, Version)> = model
+        .keys()
+        .filter(|key| key.starts_with(prefix) && start_after.as_ref().is_none_or(|after| *key > after))
+        .filter_map(|key| model_at(model, key, at).map(|version| (key.clone(), version)))
+        .filter(|(_, version)| version.body != Body::Tombstone)
+        .collect();
+    let (page, more) = engine.list_at(prefix, start_after.as_deref(), at, limit).unwrap();
+    let want: Vec<_> = expected.iter().take(limit).cloned().collect();
+    assert_eq!(page, want, "seed {seed} step {step}: list {prefix:?} after {start_after:?} at {at} limit {limit}");
+    assert_eq!(more, expected.len() > limit, "seed {seed} step {step}: more");
+}
+
+#[test]
+fn the_engine_behaves_like_a_map_of_versions_through_flushes_compactions_and_reopens() {
+    let seed: u64 =
+        std::env::var("MERIDIAN_ENGINE_SEED").ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+    eprintln!("engine model: seed {seed} (MERIDIAN_ENGINE_SEED to replay)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::with_capacity_bytes(1 << 20));
+    let mut engine = DiskVersions::open(dir.path(), Arc::clone(&cache)).unwrap();
+    let mut model = Model::new();
+    // The WAL: every applied (lsn, key, version), replayed above the flushed LSN on reopen.
+    let mut wal: Vec<(u64, Vec<u8>, Version)> = Vec::new();
+    let mut flushes = 0;
+    for step in 0..3000 {
+        match rng.random_range(0..100) {
+            0..=84 => {
+                let (key, ts, body) = (random_key(&mut rng), rng.random_range(1..100), random_body(&mut rng));
+                let lsn = wal.len() as u64 + 1;
+                let version = Version { ts, body: body.clone() };
+                engine.apply(lsn, &key, &version);
+                model.entry(key.clone()).or_default().insert(ts, body);
+                wal.push((lsn, key, version));
+            }
+            85..=91 => {
+                engine.seal();
+                let flushed = engine.flush().unwrap();
+                assert_eq!(flushed, wal.len() as u64, "seed {seed} step {step}: a flush records the applied LSN");
+                flushes += 1;
+            }
+            92..=95 => {
+                engine.compact_if_needed(2).unwrap();
+            }
+            _ => {
+                drop(engine);
+                engine = DiskVersions::open(dir.path(), Arc::clone(&cache)).unwrap();
+                let flushed = engine.flushed_lsn().unwrap();
+                for (lsn, key, version) in wal.iter().filter(|(lsn, _, _)| *lsn > flushed) {
+                    engine.apply(*lsn, key, version);
+                }
+            }
+        }
+        if step % 25 == 0 {
+            check(&engine, &model, &mut rng, seed, step);
+        }
+    }
+    check(&engine, &model, &mut rng, seed, 3000);
+    assert!(flushes > 100, "flushes ran: {flushes}");
+    assert!(engine.disk_bytes() > 0);
+    let memory = engine.memory();
+    assert!(memory.cache_bytes <= 1 << 20, "the cache stays within its budget: {memory:?}");
+}
+
+#[test]
+fn a_damaged_table_is_a_named_error_not_silent_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(Cache::with_capacity_bytes(1 << 20));
+    {
+        let mut engine = DiskVersions::open(dir.path(), Arc::clone(&cache)).unwrap();
+        for index in 0..2000_u64 {
+            let version = Version { ts: 5, body: Body::Inline(Bytes::from(vec![index as u8; 100])) };
+            engine.apply(index + 1, &index.to_be_bytes(), &version);
+        }
+        engine.seal();
+        assert_eq!(engine.flush().unwrap(), 2000);
+    }
+    // Flip bytes in the middle of every table file.
+    let mut damaged = 0;
+    for entry in walk(dir.path()) {
+        if entry.to_string_lossy().contains("tables") {
+            let mut bytes = std::fs::read(&entry).unwrap();
+            let middle = bytes.len() / 3;
+            for byte in &mut bytes[middle..middle + 64] {
+                *byte ^= 0x5A;
+            }
+            std::fs::write(&entry, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0, "the flush wrote table files");
+    let outcome = DiskVersions::open(dir.path(), Arc::new(Cache::with_capacity_bytes(1 << 20))).and_then(|engine| {
+        (0..2000_u64)
+            .map(|index| engine.get_at(&index.to_be_bytes(), 10).map(|found| found.is_some()))
+            .collect::<Result<Vec<bool>, _>>()
+    });
+    match outcome {
+        Err(error) => eprintln!("named error, as required: {error}"),
+        Ok(found) => {
+            panic!("damaged tables read without an error ({} of 2000 keys found)", found.iter().filter(|f| **f).count())
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
