@@ -2,7 +2,7 @@
 //! or a typed error on any input, never panic; a decoded frame re-encodes to the same bytes.
 #![no_main]
 
-use dataplane::repl::{codec, position};
+use dataplane::repl::{codec, decode_position};
 use libfuzzer_sys::fuzz_target;
 use wire::repl::{self, Codec, Entries, Frame};
 
@@ -34,5 +34,5 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(entries.iter().count(), usize::from(first));
         }
     }
-    let _ = position::decode(data);
+    let _ = decode_position(data);
 });

@@ -39,6 +39,8 @@ use crate::store::{ClosedPoint, ShardFiles, StoreError};
 use crate::wal::WalTail;
 use core::{Hold, Holds, WalHold};
 pub use core::{Window, Work};
+/// The replica position file's decoder (for its fuzz target).
+pub use position::{PositionError, decode as decode_position};
 pub use shell::{ALPN, CORRUPT_EVERY_ENV, Replication, StreamError, loopback_ceiling};
 pub use status::Resolved;
 
