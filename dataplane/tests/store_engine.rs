@@ -39,10 +39,12 @@ fn model_at(model: &Model, key: &[u8], at: u64) -> Option<Version> {
     Some(Version { ts: *ts, body: body.clone() })
 }
 
+/// Reads at or above the retention horizon see exactly what the model holds.
 fn check(engine: &DiskVersions, model: &Model, rng: &mut impl Rng, seed: u64, step: usize) {
+    let horizon = engine.retention().horizon();
     for _ in 0..20 {
         let key = random_key(rng);
-        let at = rng.random_range(0..120);
+        let at = rng.random_range(horizon..120);
         assert_eq!(
             engine.get_at(&key, at).unwrap(),
             model_at(model, &key, at),
@@ -52,7 +54,7 @@ fn check(engine: &DiskVersions, model: &Model, rng: &mut impl Rng, seed: u64, st
     let prefix = random_key(rng);
     let prefix = &prefix[..prefix.len().min(1)];
     let start_after = rng.random_bool(0.5).then(|| random_key(rng));
-    let at = rng.random_range(0..120);
+    let at = rng.random_range(horizon..120);
     let limit = rng.random_range(1..8);
     let expected: Vec<(Vec<u8>, Version)> = model
         .keys()
@@ -81,6 +83,9 @@ fn the_engine_behaves_like_a_map_of_versions_through_flushes_compactions_and_reo
     // The WAL: every applied (lsn, key, version), replayed above the flushed LSN on reopen.
     let mut wal: Vec<(u64, Vec<u8>, Version)> = Vec::new();
     let mut flushes = 0;
+    let mut chunked: std::collections::HashMap<[u8; 32], (Vec<u8>, u64)> = std::collections::HashMap::new();
+    let mut destroyed_chunk_lists = 0;
+    let mut horizon = 0;
     for step in 0..3000 {
         match rng.random_range(0..100) {
             0..=84 => {
@@ -88,6 +93,9 @@ fn the_engine_behaves_like_a_map_of_versions_through_flushes_compactions_and_reo
                 let lsn = wal.len() as u64 + 1;
                 let version = Version { ts, body: body.clone() };
                 engine.apply(lsn, &key, &version);
+                if let Body::Chunked(list) = &body {
+                    chunked.insert(list.chunks[0].hash, (key.clone(), ts));
+                }
                 model.entry(key.clone()).or_default().insert(ts, body);
                 wal.push((lsn, key, version));
             }
@@ -98,11 +106,28 @@ fn the_engine_behaves_like_a_map_of_versions_through_flushes_compactions_and_reo
                 flushes += 1;
             }
             92..=95 => {
-                engine.compact_if_needed(2).unwrap();
+                if rng.random_bool(0.5) {
+                    horizon = (horizon + rng.random_range(0..6)).min(95);
+                    engine.retention().advance(horizon);
+                }
+                let destroyed = if rng.random_bool(0.2) {
+                    Some(engine.compact_all().unwrap())
+                } else {
+                    engine.compact_if_needed(2).unwrap()
+                };
+                for list in destroyed.unwrap_or_default() {
+                    // Only a version shadowed at the horizon by a newer one below it goes.
+                    let (key, ts) = chunked[&list.chunks[0].hash].clone();
+                    let shadowed = model[&key].range(ts + 1..horizon).next().is_some();
+                    assert!(shadowed, "seed {seed} step {step}: {key:?} at {ts} destroyed, horizon {horizon}");
+                    destroyed_chunk_lists += 1;
+                }
             }
             _ => {
                 drop(engine);
                 engine = DiskVersions::open(dir.path(), Arc::clone(&cache)).unwrap();
+                // The shard sets its horizon again at open (from the clock and its retention).
+                engine.retention().advance(horizon);
                 let flushed = engine.flushed_lsn().unwrap();
                 for (lsn, key, version) in wal.iter().filter(|(lsn, _, _)| *lsn > flushed) {
                     engine.apply(*lsn, key, version);
@@ -115,9 +140,44 @@ fn the_engine_behaves_like_a_map_of_versions_through_flushes_compactions_and_reo
     }
     check(&engine, &model, &mut rng, seed, 3000);
     assert!(flushes > 100, "flushes ran: {flushes}");
+    eprintln!(
+        "engine model: {flushes} flushes, horizon {horizon}, {destroyed_chunk_lists} chunk lists destroyed by retention"
+    );
+    assert!(destroyed_chunk_lists > 0, "retention destroyed shadowed versions");
     assert!(engine.disk_bytes() > 0);
     let memory = engine.memory();
     assert!(memory.cache_bytes <= 1 << 20, "the cache stays within its budget: {memory:?}");
+}
+
+#[test]
+fn retention_keeps_the_newest_version_below_the_horizon_and_hands_back_what_it_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = DiskVersions::open(dir.path(), Arc::new(Cache::with_capacity_bytes(1 << 20))).unwrap();
+    let list = |ts: u64| Arc::new(ChunkList { size: ts, chunks: vec![ChunkRef { hash: [ts as u8; 32], len: 1 }] });
+    for ts in 1..=100_u64 {
+        engine.apply(ts, b"k", &Version { ts, body: Body::Chunked(list(ts)) });
+        engine.apply(ts, b"other", &Version { ts, body: Body::Inline(Bytes::from(vec![ts as u8; 10])) });
+    }
+    engine.seal();
+    engine.flush().unwrap();
+    assert!(engine.compact_all().unwrap().is_empty(), "no horizon yet: nothing destroyed");
+    engine.retention().advance(50);
+    let mut destroyed: Vec<u64> = engine.compact_all().unwrap().iter().map(|list| list.size).collect();
+    destroyed.sort_unstable();
+    assert_eq!(destroyed, (1..=48).collect::<Vec<u64>>(), "versions 1..=48 are shadowed by 49 at the horizon");
+    for at in [49, 50, 77, 100, 1000] {
+        assert_eq!(engine.get_at(b"k", at).unwrap().map(|version| version.ts), Some(at.min(100)));
+        assert_eq!(engine.get_at(b"other", at).unwrap().map(|version| version.ts), Some(at.min(100)));
+    }
+    assert_eq!(engine.get_at(b"k", 10).unwrap(), None, "below the horizon the old versions are gone");
+    // A tombstone below the horizon stays: an older version written later cannot resurface.
+    engine.apply(101, b"gone", &Version { ts: 60, body: Body::Tombstone });
+    engine.seal();
+    engine.flush().unwrap();
+    engine.retention().advance(90);
+    engine.compact_all().unwrap();
+    engine.apply(102, b"gone", &Version { ts: 55, body: Body::Inline(Bytes::from_static(b"late")) });
+    assert_eq!(engine.get_at(b"gone", 95).unwrap().map(|version| version.body), Some(Body::Tombstone));
 }
 
 #[test]

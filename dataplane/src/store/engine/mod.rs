@@ -8,18 +8,25 @@
 //! applied LSN they hold, below which the WAL may be released. Recovery reopens the tree and
 //! replays the WAL from [`DiskVersions::flushed_lsn`].
 //!
+//! Retention is compaction-time filtering ([`Retention`]): a compaction keeps, per key, every
+//! version at or above the horizon and the newest below it (tombstones included, so an older
+//! version written later by replication never resurfaces), and destroys the rest; the chunk
+//! lists of destroyed versions come back from [`DiskVersions::compact_if_needed`] once the
+//! compaction succeeded, for the chunk reference counts.
+//!
 //! Every call here is blocking file I/O: the shard runs them off its executor.
 
 pub mod codec;
 
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use lsm_tree::{AbstractTree, AnyTree, Cache, Config, Guard as _, KvSeparationOptions, SequenceNumberCounter};
 use thiserror::Error;
 
-use crate::store::op::Body;
+use crate::store::op::{Body, ChunkList};
 use crate::store::versions::Version;
 use codec::CodecError;
 
@@ -81,6 +88,102 @@ pub struct DiskVersions {
     path: String,
     /// Highest LSN inserted so far (written with the memtable when it is sealed).
     applied_lsn: u64,
+    retention: Arc<Retention>,
+}
+
+/// The retention horizon compactions apply, and the chunk lists of the versions a running
+/// compaction destroyed (handed out only once it succeeded).
+#[derive(Debug, Default)]
+pub struct Retention {
+    horizon: AtomicU64,
+    destroyed: Mutex<Vec<Arc<ChunkList>>>,
+}
+
+impl Retention {
+    /// Moves the horizon forward (never back).
+    pub fn advance(&self, horizon: u64) {
+        self.horizon.fetch_max(horizon, Ordering::AcqRel);
+    }
+
+    /// The horizon compactions apply.
+    pub fn horizon(&self) -> u64 {
+        self.horizon.load(Ordering::Acquire)
+    }
+
+    fn take_destroyed(&self) -> Vec<Arc<ChunkList>> {
+        std::mem::take(&mut *self.destroyed.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+/// Makes one [`RetentionFilter`] per compaction.
+struct RetentionFactory(Arc<Retention>);
+
+impl lsm_tree::compaction::Factory for RetentionFactory {
+    fn name(&self) -> &'static str {
+        "meridian-retention"
+    }
+
+    fn make_filter(
+        &self,
+        _ctx: &lsm_tree::compaction::filter::Context,
+    ) -> Box<dyn lsm_tree::compaction::CompactionFilter> {
+        Box::new(RetentionFilter {
+            horizon: self.0.horizon(),
+            retention: Arc::clone(&self.0),
+            current: None,
+            kept_below: false,
+            destroyed: Vec::new(),
+        })
+    }
+}
+
+/// One compaction's pass: engine keys arrive in order (user key, newest first).
+struct RetentionFilter {
+    horizon: u64,
+    retention: Arc<Retention>,
+    current: Option<Vec<u8>>,
+    kept_below: bool,
+    destroyed: Vec<Arc<ChunkList>>,
+}
+
+impl lsm_tree::compaction::CompactionFilter for RetentionFilter {
+    fn filter_item(
+        &mut self,
+        item: lsm_tree::compaction::ItemAccessor<'_>,
+        _ctx: &lsm_tree::compaction::filter::Context,
+    ) -> lsm_tree::Result<lsm_tree::compaction::Verdict> {
+        use lsm_tree::compaction::Verdict;
+        let engine_key = item.key();
+        if engine_key.starts_with(META_PREFIX) {
+            return Ok(Verdict::Keep);
+        }
+        // A key or value that does not decode is kept: retention never destroys what it
+        // cannot read (reads report it).
+        let Ok((key, ts)) = codec::decode_key(engine_key) else { return Ok(Verdict::Keep) };
+        if self.current.as_deref() != Some(key.as_slice()) {
+            self.current = Some(key);
+            self.kept_below = false;
+        }
+        if ts >= self.horizon {
+            return Ok(Verdict::Keep);
+        }
+        if !self.kept_below {
+            // The newest version below the horizon: what reads at the horizon see.
+            self.kept_below = true;
+            return Ok(Verdict::Keep);
+        }
+        match codec::decode_body(&item.value()?) {
+            Ok(Body::Chunked(list)) => self.destroyed.push(list),
+            Ok(_) => {}
+            Err(_) => return Ok(Verdict::Keep),
+        }
+        Ok(Verdict::Destroy)
+    }
+
+    fn finish(self: Box<Self>) {
+        let RetentionFilter { retention, destroyed, .. } = *self;
+        retention.destroyed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(destroyed);
+    }
 }
 
 impl std::fmt::Debug for DiskVersions {
@@ -94,8 +197,10 @@ impl DiskVersions {
     pub fn open(path: &Path, cache: Arc<Cache>) -> Result<Self, EngineError> {
         let display = path.display().to_string();
         let (seqno, visible) = (SequenceNumberCounter::default(), SequenceNumberCounter::default());
+        let retention = Arc::new(Retention::default());
         let tree = Config::new(path, seqno.clone(), visible.clone())
             .use_cache(Arc::clone(&cache))
+            .with_compaction_filter_factory(Some(Arc::new(RetentionFactory(Arc::clone(&retention)))))
             .with_kv_separation(Some(KvSeparationOptions::default().separation_threshold(SEPARATION_BYTES)))
             .open()
             .map_err(|error| EngineError::Tree { op: "open", path: display.clone(), message: error.to_string() })?;
@@ -103,7 +208,7 @@ impl DiskVersions {
             seqno.fetch_max(highest + 1);
             visible.fetch_max(highest + 1);
         }
-        let mut versions = Self { tree, seqno, visible, cache, path: display, applied_lsn: 0 };
+        let mut versions = Self { tree, seqno, visible, cache, path: display, applied_lsn: 0, retention };
         versions.applied_lsn = versions.flushed_lsn()?;
         Ok(versions)
     }
@@ -208,14 +313,32 @@ impl DiskVersions {
         Ok(value.and_then(|bytes| bytes.as_ref().try_into().ok()).map_or(0, u64::from_le_bytes))
     }
 
-    /// Runs leveled compaction once if level 0 has piled up (`l0_runs` or more runs).
-    pub fn compact_if_needed(&self, l0_runs: usize) -> Result<bool, EngineError> {
+    /// The retention horizon: compactions destroy versions older than the newest below it.
+    pub fn retention(&self) -> &Retention {
+        &self.retention
+    }
+
+    /// Runs leveled compaction once if level 0 has piled up (`l0_runs` or more runs). Returns
+    /// the chunk lists of the versions it destroyed (`None` if it did not run): their chunks'
+    /// references may go.
+    pub fn compact_if_needed(&self, l0_runs: usize) -> Result<Option<Vec<Arc<ChunkList>>>, EngineError> {
         if self.tree.l0_run_count() < l0_runs {
-            return Ok(false);
+            return Ok(None);
         }
         let strategy = Arc::new(lsm_tree::compaction::Leveled::default());
-        self.tree.compact(strategy, self.visible.get()).map_err(|error| self.tree_error("compact", &error))?;
-        Ok(true)
+        self.finish_compaction(self.tree.compact(strategy, self.visible.get())).map(Some)
+    }
+
+    /// Compacts every table into the last level (retention applied to all of them).
+    pub fn compact_all(&self) -> Result<Vec<Arc<ChunkList>>, EngineError> {
+        self.finish_compaction(self.tree.major_compact(64 << 20, self.visible.get()))
+    }
+
+    /// What a compaction destroyed, once it succeeded; a failed one destroyed nothing durable.
+    fn finish_compaction(&self, outcome: lsm_tree::Result<()>) -> Result<Vec<Arc<ChunkList>>, EngineError> {
+        let destroyed = self.retention.take_destroyed();
+        outcome.map_err(|error| self.tree_error("compact", &error))?;
+        Ok(destroyed)
     }
 
     /// What the engine holds in memory.
