@@ -4,6 +4,8 @@
 //! drawn from bytes that stress the key encoding (0x00, 0x01, 0xFF). Seed: `MERIDIAN_ENGINE_SEED`.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -231,4 +233,67 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     files
+}
+
+/// Needs root (it formats and loop-mounts a 16 MiB ext4); `make test` runs it as root, as CI
+/// does. The engine fills the disk: the flush that cannot be written is a named error, the
+/// flushed LSN stays where the last good flush left it, and after a reopen with room again the
+/// WAL's replay from there restores every applied version.
+#[test]
+#[ignore = "needs root to loop-mount a small ext4 (make test runs it as root)"]
+fn a_full_disk_fails_the_flush_by_name_and_loses_nothing_the_wal_replays() {
+    let fs = common::loopfs::LoopFs::new(16).expect("a loop-mounted ext4 (root, a loop device)");
+    let path = fs.mount_point.join("engine");
+    let cache = Arc::new(Cache::with_capacity_bytes(1 << 20));
+    let mut engine = DiskVersions::open(&path, Arc::clone(&cache)).unwrap();
+    let mut wal: Vec<(u64, Vec<u8>, Version)> = Vec::new();
+    let mut last_good = 0;
+    let failure = loop {
+        for _ in 0..200 {
+            let lsn = wal.len() as u64 + 1;
+            let key = lsn.to_be_bytes().to_vec();
+            // Incompressible values beside the blob threshold, so the disk fills fast.
+            let value: Vec<u8> =
+                (0..2048).map(|index| (lsn.wrapping_mul(2_654_435_761) >> (index % 24)) as u8).collect();
+            let version = Version { ts: lsn, body: Body::Inline(Bytes::from(value)) };
+            engine.apply(lsn, &key, &version);
+            wal.push((lsn, key, version));
+        }
+        engine.seal();
+        match engine.flush() {
+            Ok(flushed) => last_good = flushed,
+            Err(error) => break error,
+        }
+        assert!(wal.len() < 100_000, "16 MiB filled up long before 200 MB were flushed");
+    };
+    let message = failure.to_string();
+    eprintln!("full disk: {message}");
+    assert!(message.contains("flush") && message.contains(&path.display().to_string()), "{message}");
+    drop(engine);
+    // Room again, as after an operator freed space: the tree is reopened from a copy of its
+    // files on a file system with room.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&path, copy.path());
+    let mut engine = DiskVersions::open(copy.path(), cache).unwrap();
+    let flushed = engine.flushed_lsn().unwrap();
+    assert_eq!(flushed, last_good, "the flushed LSN is the last flush that succeeded");
+    for (lsn, key, version) in wal.iter().filter(|(lsn, _, _)| *lsn > flushed) {
+        engine.apply(*lsn, key, version);
+    }
+    for (_, key, version) in &wal {
+        assert_eq!(engine.get_at(key, version.ts).unwrap().as_ref(), Some(version));
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }

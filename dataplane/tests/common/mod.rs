@@ -7,6 +7,7 @@ use std::path::Path;
 
 use dataplane::wal::{RecoveryMode, WalConfig, WalReader, WalRecord};
 
+pub mod loopfs;
 pub mod process;
 
 /// Appends `count` records of `length` bytes one after the other (ids `0..count`) to a new
