@@ -42,21 +42,21 @@ fn percentile(job: &serde_json::Value, section: &str, field: &str, key: &str) ->
 pub fn fio(dir: &Path, block_bytes: u64, duration: Duration) -> Result<FioResult> {
     let file = dir.join("fio.data");
     let size = (block_bytes * 4096).clamp(64 << 20, 1 << 30);
-    let output = Command::new("fio")
-        .arg("--name=meridian-wal-peer")
-        .arg(format!("--filename={}", file.display()))
-        .args(["--rw=write", "--direct=1", "--fdatasync=1", "--ioengine=io_uring", "--iodepth=1", "--overwrite=1"])
-        .args(["--lat_percentiles=1", "--time_based", "--output-format=json"])
-        .arg(format!("--bs={block_bytes}"))
-        .arg(format!("--size={size}"))
-        .arg(format!("--runtime={}ms", duration.as_millis()))
-        .output()
-        .context("running fio")?;
-    let _ = std::fs::remove_file(&file);
-    if !output.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).context("parsing fio JSON")?;
+    let json = run_fio(
+        &file,
+        &[
+            "--name=meridian-wal-peer",
+            "--rw=write",
+            "--direct=1",
+            "--fdatasync=1",
+            "--ioengine=io_uring",
+            "--iodepth=1",
+            "--overwrite=1",
+            &format!("--bs={block_bytes}"),
+            &format!("--size={size}"),
+            &format!("--runtime={}ms", duration.as_millis()),
+        ],
+    )?;
     let job = &json["jobs"][0];
     Ok(FioResult {
         bytes_per_s: job["write"]["bw_bytes"].as_f64().context("fio JSON lacks write.bw_bytes")?,
@@ -66,6 +66,40 @@ pub fn fio(dir: &Path, block_bytes: u64, duration: Duration) -> Result<FioResult
         sync_p50_us: percentile(job, "sync", "lat_ns", "50.000000")?,
         sync_p99_us: percentile(job, "sync", "lat_ns", "99.000000")?,
     })
+}
+
+/// Runs one fio job on `file` (removed after) with latency percentiles and JSON output.
+fn run_fio(file: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let output = Command::new("fio")
+        .arg(format!("--filename={}", file.display()))
+        .args(args)
+        .args(["--lat_percentiles=1", "--time_based", "--output-format=json"])
+        .output()
+        .context("running fio")?;
+    let _ = std::fs::remove_file(file);
+    if !output.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    serde_json::from_slice(&output.stdout).context("parsing fio JSON")
+}
+
+/// fio: random 4 KiB O_DIRECT reads at queue depth 1 over a 1 GiB file for 5 s: the device's
+/// random read p99 in µs.
+pub fn fio_random_read_p99_us(dir: &Path) -> Result<f64> {
+    let json = run_fio(
+        &dir.join("fio-randread.data"),
+        &[
+            "--name=meridian-read-peer",
+            "--rw=randread",
+            "--bs=4k",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=1",
+            "--size=1g",
+            "--runtime=5s",
+        ],
+    )?;
+    percentile(&json["jobs"][0], "read", "lat_ns", "99.000000")
 }
 
 /// What the probe measured: each sample is one write and its fdatasync, timed together.

@@ -403,27 +403,6 @@ fn run_rocksdb(dir: &Path, shape: &Shape, separation_bytes: u32) -> Result<Rocks
     Ok(RocksResult { fill, overwrite, read, write_amplification })
 }
 
-/// fio: random 4 KiB O_DIRECT reads at queue depth 1 over a 1 GiB file: the device's read p99.
-fn fio_random_read_p99_us(dir: &Path) -> Result<f64> {
-    let file = dir.join("fio-randread.data");
-    let output = Command::new("fio")
-        .arg("--name=meridian-read-peer")
-        .arg(format!("--filename={}", file.display()))
-        .args(["--rw=randread", "--bs=4k", "--direct=1", "--ioengine=io_uring", "--iodepth=1", "--size=1g"])
-        .args(["--runtime=5s", "--time_based", "--lat_percentiles=1", "--output-format=json"])
-        .output()
-        .context("running fio")?;
-    let _ = std::fs::remove_file(&file);
-    if !output.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).context("parsing fio JSON")?;
-    json["jobs"][0]["read"]["lat_ns"]["percentile"]["99.000000"]
-        .as_f64()
-        .map(|nanos| nanos / 1000.0)
-        .context("fio JSON lacks read.lat_ns.percentile.99")
-}
-
 pub fn run(args: &EngineArgs) -> Result<()> {
     let shape = Shape::new(args)?;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
@@ -469,7 +448,7 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         figures.set_f64("get_throughput_vs_rocksdb_ratio", lsm.read.ops_per_s / rocks.read.ops_per_s);
     }
     if !args.no_fio {
-        let device_p99 = fio_random_read_p99_us(&dir)?;
+        let device_p99 = device::fio_random_read_p99_us(&dir)?;
         figures.set_f64("fio_randread_4k_p99_us", device_p99);
         figures.set_f64("get_p99_vs_device_ratio", percentile_us(&lsm.read.latency, 99.0) / device_p99);
     }
@@ -482,8 +461,9 @@ pub fn run(args: &EngineArgs) -> Result<()> {
 }
 
 fn print_summary(figures: &Figures) {
+    let mut lines = Vec::new();
     let get = |key: &str| figures.get_f64(key).unwrap_or(f64::NAN);
-    println!(
+    lines.push(format!(
         "bench engine: {} keys of {} B ({:.1}x a budget of {:.0} MiB: cache {:.0} MiB, memtables 2 x {:.0} MiB), no engine WAL",
         get("keys"),
         get("value_bytes"),
@@ -491,18 +471,18 @@ fn print_summary(figures: &Figures) {
         get("budget_bytes") / f64::from(1 << 20),
         get("cache_bytes") / f64::from(1 << 20),
         get("memtable_bytes") / f64::from(1 << 20),
-    );
-    println!("                      ops/s        p99 µs");
+    ));
+    lines.push("                      ops/s        p99 µs".to_string());
     for name in ["fill", "overwrite", "get"] {
-        println!(
+        lines.push(format!(
             "  lsm-tree {name:<10} {:>10.0} {:>12.1}      db_bench {:>10.0} {:>12.1}",
             get(&format!("lsm_{name}_ops_per_s")),
             get(&format!("lsm_{name}_p99_us")),
             get(&format!("rocksdb_{name}_ops_per_s")),
             get(&format!("rocksdb_{name}_p99_us")),
-        );
+        ));
     }
-    println!(
+    lines.push(format!(
         "  write amplification: lsm-tree {:.2}, db_bench {:.2}; lsm-tree RSS peak {:.0} MiB ({:.2}x budget), steady {:.0} MiB; disk {:.0} MiB; reopen {:.0} ms",
         get("lsm_write_amplification"),
         get("rocksdb_write_amplification"),
@@ -511,13 +491,17 @@ fn print_summary(figures: &Figures) {
         get("lsm_rss_steady_bytes") / f64::from(1 << 20),
         get("lsm_disk_bytes") / f64::from(1 << 20),
         get("lsm_restart_ms"),
-    );
-    println!(
+    ));
+    lines.push(format!(
         "  get p99 vs device random 4 KiB read p99 ({:.0} µs): {:.2}x; vs db_bench readrandom: {:.2}x",
         get("fio_randread_4k_p99_us"),
         get("get_p99_vs_device_ratio"),
         get("get_p99_vs_rocksdb_ratio"),
-    );
+    ));
+    // The figures of a peer that was skipped read as "-".
+    for line in lines {
+        println!("{}", line.replace("NaN", "-"));
+    }
 }
 
 #[cfg(test)]
