@@ -141,6 +141,10 @@ fn metrics_series_exist_and_move_under_a_workload() {
         assert!(sample(&after, gauge, "shard=\"0\"").is_some(), "{gauge} missing:\n{after}");
     }
     assert_eq!(sample(&after, "meridian_wal_fenced", "shard=\"1\""), Some(0.0));
+    // A new WAL zero-filled its first segment and its spare; both files count on disk.
+    assert!(value(&after, "meridian_wal_segments_zero_filled_total", "shard=\"0\"") >= 2.0, "{after}");
+    assert!(value(&after, "meridian_wal_disk_bytes", "shard=\"0\"") >= 2.0 * 4096.0, "{after}");
+    assert!(sample(&after, "meridian_wal_segments_reused_total", "shard=\"0\"").is_some(), "{after}");
     // Anything but GET /metrics is answered, not served.
     let answer = raw_http(metrics, "POST /metrics HTTP/1.1\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");

@@ -221,6 +221,10 @@ struct WalMetrics {
     fenced: metrics::Gauge,
     /// Rotations onto a released segment (no zero-fill).
     reused_segments: metrics::Counter,
+    /// New segment files filled with zeros.
+    zero_filled_segments: metrics::Counter,
+    /// Bytes of segment files on disk: in use, kept for reuse, and the spare.
+    disk_bytes: metrics::Gauge,
 }
 
 impl WalMetrics {
@@ -234,7 +238,9 @@ impl WalMetrics {
             records: metrics::counter!("meridian_wal_records_total", "shard" => shard.clone()),
             waiting: metrics::gauge!("meridian_wal_appends_waiting", "shard" => shard.clone()),
             fenced: metrics::gauge!("meridian_wal_fenced", "shard" => shard.clone()),
-            reused_segments: metrics::counter!("meridian_wal_segments_reused_total", "shard" => shard),
+            reused_segments: metrics::counter!("meridian_wal_segments_reused_total", "shard" => shard.clone()),
+            zero_filled_segments: metrics::counter!("meridian_wal_segments_zero_filled_total", "shard" => shard.clone()),
+            disk_bytes: metrics::gauge!("meridian_wal_disk_bytes", "shard" => shard),
         }
     }
 }
@@ -580,6 +586,9 @@ impl Wal {
         let limits = BatchLimits { bytes_max: config.batch_bytes_max, records_max: config.batch_records_max };
         let chunk_bytes = io_bytes_max.min(config.batch_bytes_max);
         let metrics = WalMetrics::new(config.shard_id);
+        if plan.segments.is_empty() {
+            metrics.zero_filled_segments.increment(1);
+        }
         let inner = Rc::new(Inner {
             state: RefCell::new(State {
                 open: OpenBatch::new(plan.next_lsn, limits, chunk_bytes),
@@ -601,6 +610,7 @@ impl Wal {
         });
         inner.metrics.fenced.set(0.0);
         inner.prepare_spare();
+        inner.publish_disk_bytes();
         glommio::spawn_local(writer_loop(Rc::clone(&inner))).detach();
         Ok(Self { inner })
     }
@@ -714,6 +724,7 @@ impl Wal {
             (released, segments.reusable.drain(..excess).collect::<Vec<u64>>())
         };
         if doomed.is_empty() {
+            self.inner.publish_disk_bytes();
             return Ok(released);
         }
         let paths: Vec<PathBuf> =
@@ -737,6 +748,7 @@ impl Wal {
                 segments.reusable.push_front(*segment_seq);
             }
         }
+        self.inner.publish_disk_bytes();
         result.map(|()| released)
     }
 
@@ -850,6 +862,15 @@ impl Inner {
         self.config.faults.as_deref()
     }
 
+    /// Publishes the bytes of segment files on disk (sealed, active, kept for reuse, spare).
+    fn publish_disk_bytes(&self) {
+        if let Some(segments) = self.segments.borrow().as_ref() {
+            let files = segments.sealed.len() + 1 + segments.reusable.len() + usize::from(segments.spare.is_some());
+            #[allow(clippy::cast_precision_loss)]
+            self.metrics.disk_bytes.set((files as u64 * self.config.segment_bytes) as f64);
+        }
+    }
+
     /// Starts preparing the next segment in the background: a released one renamed when one is
     /// kept, else a new one zero-filled.
     fn prepare_spare(&self) {
@@ -863,10 +884,13 @@ impl Inner {
             let active = Rc::clone(&segments.frontier);
             let spare = match segments.reusable.pop_front() {
                 Some(old) => glommio::spawn_local(reuse_segment(config, old, next, io_bytes_max, active)),
-                None => glommio::spawn_local(async move {
-                    let file = create_segment(config, next, io_bytes_max, Some(active)).await?;
-                    Ok(Spare { file, reused: false })
-                }),
+                None => {
+                    self.metrics.zero_filled_segments.increment(1);
+                    glommio::spawn_local(async move {
+                        let file = create_segment(config, next, io_bytes_max, Some(active)).await?;
+                        Ok(Spare { file, reused: false })
+                    })
+                }
             };
             segments.spare = Some(spare);
         }
@@ -881,10 +905,13 @@ impl Inner {
         };
         let Spare { file, reused } = match spare {
             Some(task) => task.await?,
-            None => Spare {
-                file: create_segment(self.config.clone(), next_seq, self.io_bytes_max, None).await?,
-                reused: false,
-            },
+            None => {
+                self.metrics.zero_filled_segments.increment(1);
+                Spare {
+                    file: create_segment(self.config.clone(), next_seq, self.io_bytes_max, None).await?,
+                    reused: false,
+                }
+            }
         };
         write_segment_header(&file, &self.config, next_seq, first_lsn, reused).await?;
         let old = {
@@ -914,6 +941,7 @@ impl Inner {
             .detach();
         }
         self.prepare_spare();
+        self.publish_disk_bytes();
         Ok(())
     }
 
