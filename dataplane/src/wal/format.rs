@@ -112,11 +112,15 @@ impl SegmentHeader {
         if record.record_type != RecordType::SegmentHeader {
             return Err(SegmentHeaderError::WrongType(record.record_type));
         }
+        // The format first (it sits at the same place in every format): an older layout is
+        // named as such, never mistaken for a torn header.
+        if let Some(format) = record.payload.get(4..8).and_then(|bytes| bytes.try_into().ok()).map(u32::from_le_bytes)
+            && format != WAL_FORMAT
+        {
+            return Err(SegmentHeaderError::UnsupportedFormat(format));
+        }
         let payload = SegmentHeaderPayload::read_from_bytes(record.payload)
             .map_err(|_| SegmentHeaderError::BadPayload(record.payload.len()))?;
-        if payload.wal_format.get() != WAL_FORMAT {
-            return Err(SegmentHeaderError::UnsupportedFormat(payload.wal_format.get()));
-        }
         Ok(Self {
             shard_id: payload.shard_id.get(),
             segment_seq: payload.segment_seq.get(),

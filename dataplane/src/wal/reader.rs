@@ -298,9 +298,18 @@ impl WalCursor {
                     continue;
                 }
             }
-            let bytes = &segment.bytes;
-            let (record, used) = wire::decode(&bytes[segment.record_offset..], payload_max)
-                .map_err(|error| Self::corruption(segment.segment_seq, segment.record_offset, Damage::Record(error)))?;
+            let (segment_seq, offset) = (segment.segment_seq, segment.record_offset);
+            let corrupt = |error| Self::corruption(segment_seq, offset, Damage::Record(error));
+            // From a segment file the record is copied first and the copy checked: a released
+            // file reused under this reader changes its bytes, a checked copy cannot.
+            let source = if segment.cached.is_none() {
+                let header = wire::decode_header(&segment.bytes[offset..], payload_max).map_err(corrupt)?;
+                let end = (offset + wire::encoded_len(header.payload_len as usize)).min(segment.bytes.len());
+                Bytes::copy_from_slice(&segment.bytes[offset..end])
+            } else {
+                segment.bytes.slice(offset..)
+            };
+            let (record, used) = wire::decode(&source, payload_max).map_err(corrupt)?;
             let lsn = record.seq;
             let expected = segment.batch_first_lsn + u64::from(segment.record_index);
             if lsn != expected {
@@ -313,8 +322,7 @@ impl WalCursor {
                 ));
             }
             let glt = record.glt;
-            let start = segment.record_offset + wire::HEADER_BYTES;
-            let payload = bytes.slice(start..start + record.payload.len());
+            let payload = source.slice(wire::HEADER_BYTES..wire::HEADER_BYTES + record.payload.len());
             segment.record_offset += used;
             segment.record_index += 1;
             if segment.record_index == segment.batch_records {

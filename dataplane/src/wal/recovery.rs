@@ -19,7 +19,7 @@
 
 use std::fmt;
 
-use super::format::{BATCH_BEGIN_BYTES, BatchBegin, SECTOR_BYTES, SegmentHeader, align_up};
+use super::format::{BATCH_BEGIN_BYTES, BatchBegin, SECTOR_BYTES, SegmentHeader, SegmentHeaderError, align_up};
 use wire::{DecodeError, HEADER_BYTES, RecordType};
 
 /// How recovery treats damaged bytes.
@@ -328,7 +328,14 @@ pub fn plan(
     }
     let header_in_use =
         |segment: &SegmentBytes<'_>| segment.bytes.len() >= SECTOR_BYTES && !is_zero(&segment.bytes[..SECTOR_BYTES]);
-    let last_in_use = segments.iter().rposition(header_in_use);
+    // A released file renamed for reuse whose own header never reached the disk still names
+    // its older sequence. Nothing in it was acknowledged (an acknowledged batch's fdatasync
+    // covers the header written before it), so it does not count as in use.
+    let renamed_unused = |segment: &SegmentBytes<'_>| {
+        SegmentHeader::decode(segment.bytes)
+            .is_ok_and(|header| header.shard_id == shard_id && header.segment_seq < segment.segment_seq)
+    };
+    let last_in_use = segments.iter().rposition(|segment| header_in_use(segment) && !renamed_unused(segment));
     let mut plan = RecoveryPlan { next_lsn: 1, ..RecoveryPlan::default() };
     let mut expected_lsn: Option<u64> = None;
     for (index, segment) in segments.iter().enumerate() {
@@ -347,6 +354,10 @@ pub fn plan(
         }
         let header = match SegmentHeader::decode(segment.bytes) {
             Ok(header) => header,
+            // Another layout is never taken for a torn header (and deleted).
+            Err(error @ SegmentHeaderError::UnsupportedFormat(_)) => {
+                return Err(corruption(0, Damage::SegmentHeader(error.to_string())));
+            }
             Err(error) => {
                 // A header is written together with the first batch of a new segment: torn
                 // only if that batch was never acknowledged, i.e. nothing follows.
@@ -361,12 +372,9 @@ pub fn plan(
                 continue;
             }
         };
-        if header.shard_id == shard_id
-            && header.segment_seq < segment.segment_seq
-            && !later_in_use
-            && !later_batch(segment.bytes, 0, segment.segment_seq, 0)
-        {
-            // Renamed for reuse; its own header and batches were never written.
+        if renamed_unused(segment) && !later_in_use {
+            // Renamed for reuse; its own header never reached the disk, so neither did an
+            // acknowledged batch (batches of its own sequence may have: unacknowledged).
             plan.unused.push(segment.segment_seq);
             continue;
         }
@@ -534,6 +542,45 @@ mod tests {
                 "{error:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_older_wal_format_is_a_named_error_never_an_unused_file() {
+        // A format-1 header: a 32-byte payload (shard, format 1, sequence, first LSN, size).
+        let mut bytes = vec![0_u8; SEGMENT_BYTES];
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&0_u32.to_le_bytes());
+        payload.extend_from_slice(&1_u32.to_le_bytes());
+        payload.extend_from_slice(&1_u64.to_le_bytes());
+        payload.extend_from_slice(&1_u64.to_le_bytes());
+        payload.extend_from_slice(&(SEGMENT_BYTES as u64).to_le_bytes());
+        wire::encode_into(&mut bytes, RecordType::SegmentHeader, 0, 1, &payload).unwrap();
+        for mode in [RecoveryMode::Strict, RecoveryMode::TolerateTornTail] {
+            let error = one(&bytes, mode).unwrap_err();
+            assert!(error.to_string().contains("unsupported WAL format 1"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_renamed_spare_after_the_active_segment_leaves_its_torn_tail_a_torn_tail() {
+        let (mut active, starts) = image(5, 1, &[vec![100], vec![3000, 3000]]);
+        active[starts[1] + 100..].fill(0);
+        let (spare, _) = image(1, 1, &[vec![100]]);
+        let segments =
+            [SegmentBytes { segment_seq: 5, bytes: &active }, SegmentBytes { segment_seq: 6, bytes: &spare }];
+        let recovered = plan(0, &segments, RecoveryMode::TolerateTornTail, 1 << 16).unwrap();
+        assert_eq!((recovered.next_lsn, recovered.unused.clone()), (2, vec![6]));
+        assert_eq!(recovered.torn_tail.map(|tail| (tail.segment_seq, tail.offset as usize)), Some((5, starts[1])));
+    }
+
+    #[test]
+    fn a_renamed_file_whose_batches_reached_the_disk_before_its_header_is_unused_when_last() {
+        // The first batch's sectors persisted, the header's did not (no fdatasync completed).
+        let (mut bytes, _) = reused_image(&[vec![100], vec![200]]);
+        let (old, _) = image(1, 1, &[]);
+        bytes[..SECTOR_BYTES].copy_from_slice(&old[..SECTOR_BYTES]);
+        let recovered = at(5, &bytes, RecoveryMode::Strict).unwrap();
+        assert_eq!((recovered.unused.clone(), recovered.segments.len()), (vec![5], 0));
     }
 
     #[test]

@@ -170,6 +170,10 @@ struct Segments {
     sealed: VecDeque<(u64, u64)>,
     /// Released segments kept on disk to become spares again, oldest first (sequence).
     reusable: VecDeque<u64>,
+    /// Set while released files are being deleted or one is being renamed for reuse: both
+    /// take files from the front, and one at a time keeps the sequence on disk contiguous
+    /// whichever of them a crash or an error interrupts.
+    front_busy: Rc<Cell<bool>>,
     active_bytes: u64,
     /// End of the active segment's data; shared with the task zero-filling the spare, which
     /// keeps ahead of it.
@@ -434,8 +438,26 @@ async fn reuse_segment(
     segment_seq: u64,
     io_bytes_max: usize,
     active_frontier: Rc<Cell<u64>>,
+    front_busy: Rc<Cell<bool>>,
 ) -> Result<Spare, WalError> {
-    let (from, to) = (segment_path(&config, old_seq), segment_path(&config, segment_seq));
+    front_busy.set(true);
+    let renamed = rename_for_reuse(&config, old_seq, segment_seq).await;
+    front_busy.set(false);
+    if !renamed? {
+        let file = create_segment(config, segment_seq, io_bytes_max, Some(active_frontier)).await?;
+        return Ok(Spare { file, reused: false });
+    }
+    let to = segment_path(&config, segment_seq);
+    let file = OpenOptions::new().read(true).write(true).dma_open(&to).await.map_err(|error| {
+        WalError::fenced("reuse segment", error.raw_os_error(), format!("{}: {error}", to.display()))
+    })?;
+    Ok(Spare { file, reused: true })
+}
+
+/// Renames released segment `old_seq` to `segment_seq` and syncs the directory; `false` (the
+/// file deleted instead) when it is not the configured size.
+async fn rename_for_reuse(config: &WalConfig, old_seq: u64, segment_seq: u64) -> Result<bool, WalError> {
+    let (from, to) = (segment_path(config, old_seq), segment_path(config, segment_seq));
     let fail = |errno: Option<i32>, message: &dyn std::fmt::Display| {
         WalError::fenced("reuse segment", errno, format!("{} as {}: {message}", from.display(), to.display()))
     };
@@ -455,17 +477,7 @@ async fn reuse_segment(
         })
         .await
         .map_err(|error| fail(error.raw_os_error(), &error))?;
-    if !renamed {
-        let file = create_segment(config, segment_seq, io_bytes_max, Some(active_frontier)).await?;
-        return Ok(Spare { file, reused: false });
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .dma_open(&to)
-        .await
-        .map_err(|error| fail(error.raw_os_error(), &error))?;
-    Ok(Spare { file, reused: true })
+    Ok(renamed)
 }
 
 /// Segment files of `shard_id` in `dir`, sorted by sequence.
@@ -492,10 +504,11 @@ pub(crate) fn map_file(path: &Path) -> Result<Option<memmap2::Mmap>, WalError> {
     if length == 0 {
         return Ok(None);
     }
-    // SAFETY: WAL segments are only written by this process's writer, at offsets past the
-    // bytes this map is used to read, and are never truncated: a released segment is freed by
-    // punching holes (zeros, not SIGBUS) and unlinking it. So nothing read from this map may
-    // be kept past its use without a copy (`store::op::Op::detached`).
+    // SAFETY: WAL segments are only written by this process's writer and are never truncated:
+    // a released segment is freed by punching holes (zeros, not SIGBUS) and unlinking it, or
+    // renamed and overwritten for reuse. So bytes read from this map may change under a reader
+    // that outlived the release: readers copy a record before checking it (`WalCursor`), and
+    // recovery copies what it applies (`store::op::Op::detached`).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| WalError::io("mmap", path.display(), &error))?;
     Ok(Some(map))
 }
@@ -562,6 +575,7 @@ impl Wal {
                         .map(|segment| (segment.segment_seq, segment.first_lsn))
                         .collect(),
                     reusable: VecDeque::new(),
+                    front_busy: Rc::new(Cell::new(false)),
                     active_bytes: last.segment_bytes,
                     frontier: Rc::new(Cell::new(last.frontier)),
                     spare: None,
@@ -577,6 +591,7 @@ impl Wal {
                     active_first_lsn: plan.next_lsn,
                     sealed: VecDeque::new(),
                     reusable: VecDeque::new(),
+                    front_busy: Rc::new(Cell::new(false)),
                     active_bytes: config.segment_bytes,
                     frontier: Rc::new(Cell::new(SECTOR_BYTES as u64)),
                     spare: None,
@@ -704,7 +719,7 @@ impl Wal {
     /// blocking pool: unlinking four 64 MiB segments took 80 ms, which on the executor stalled
     /// every write of the shard.
     pub async fn release_before(&self, lsn: u64) -> Result<u64, WalError> {
-        let (released, doomed) = {
+        let (released, doomed, front_busy) = {
             let mut segments = self.inner.segments.borrow_mut();
             let Some(segments) = segments.as_mut() else { return Ok(0) };
             let mut released = 0;
@@ -719,9 +734,15 @@ impl Wal {
                     _ => break,
                 }
             }
-            // Files leave the front only (the oldest first), so those on disk stay contiguous.
+            // Files leave the front only (the oldest first), one operation at a time, so those
+            // on disk stay contiguous; a rename in flight defers the deletions to the next call.
             let excess = segments.reusable.len().saturating_sub(self.inner.config.reuse_segments_max);
-            (released, segments.reusable.drain(..excess).collect::<Vec<u64>>())
+            let doomed: Vec<u64> =
+                if segments.front_busy.get() { Vec::new() } else { segments.reusable.drain(..excess).collect() };
+            if !doomed.is_empty() {
+                segments.front_busy.set(true);
+            }
+            (released, doomed, Rc::clone(&segments.front_busy))
         };
         if doomed.is_empty() {
             self.inner.publish_disk_bytes();
@@ -740,6 +761,7 @@ impl Wal {
                 (paths.len(), sync_path(&dir).map_err(|error| WalError::io("sync directory", dir.display(), &error)))
             })
             .await;
+        front_busy.set(false);
         if removed < doomed.len()
             && let Some(segments) = self.inner.segments.borrow_mut().as_mut()
         {
@@ -882,8 +904,13 @@ impl Inner {
             let next = segments.active_seq + 1;
             let io_bytes_max = self.io_bytes_max;
             let active = Rc::clone(&segments.frontier);
-            let spare = match segments.reusable.pop_front() {
-                Some(old) => glommio::spawn_local(reuse_segment(config, old, next, io_bytes_max, active)),
+            let reuse = if segments.front_busy.get() { None } else { segments.reusable.pop_front() };
+            let spare = match reuse {
+                Some(old) => {
+                    let busy = Rc::clone(&segments.front_busy);
+                    busy.set(true);
+                    glommio::spawn_local(reuse_segment(config, old, next, io_bytes_max, active, busy))
+                }
                 None => {
                     self.metrics.zero_filled_segments.increment(1);
                     glommio::spawn_local(async move {
