@@ -320,22 +320,20 @@ struct DbBenchFigures {
 fn parse_db_bench(output: &str, name: &str) -> Result<DbBenchFigures> {
     let mut lines = output.lines().skip_while(|line| !line.starts_with(&format!("{name} ")));
     let summary = lines.next().with_context(|| format!("db_bench printed no {name} line"))?;
-    let words: Vec<&str> = summary.split_whitespace().collect();
-    let ops_per_s = words
-        .windows(2)
-        .find(|pair| pair[1] == "ops/sec")
-        .and_then(|pair| pair[0].parse().ok())
-        .with_context(|| format!("no ops/sec in `{summary}`"))?;
+    // "… 246724 ops/sec …": the number before its unit.
+    let ops_per_s = number_beside(summary, |pair| (pair[1] == "ops/sec").then_some(pair[0]))?;
     let percentiles = lines
         .find(|line| line.starts_with("Percentiles:"))
         .with_context(|| format!("db_bench printed no percentiles for {name}"))?;
-    let words: Vec<&str> = percentiles.split_whitespace().collect();
-    let p99_us = words
-        .windows(2)
-        .find(|pair| pair[0] == "P99:")
-        .and_then(|pair| pair[1].parse().ok())
-        .with_context(|| format!("no P99 in `{percentiles}`"))?;
+    // "… P99: 5.83 …": the number after its label.
+    let p99_us = number_beside(percentiles, |pair| (pair[0] == "P99:").then_some(pair[1]))?;
     Ok(DbBenchFigures { ops_per_s, p99_us })
+}
+
+/// The number `pick` finds among the pairs of adjacent words of `line`.
+fn number_beside<'a>(line: &'a str, pick: impl Fn(&[&'a str]) -> Option<&'a str>) -> Result<f64> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.windows(2).find_map(pick).and_then(|word| word.parse().ok()).with_context(|| format!("no figure in `{line}`"))
 }
 
 struct RocksResult {

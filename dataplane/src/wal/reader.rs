@@ -298,45 +298,53 @@ impl WalCursor {
                     continue;
                 }
             }
-            let (segment_seq, offset) = (segment.segment_seq, segment.record_offset);
-            let corrupt = |error| Self::corruption(segment_seq, offset, Damage::Record(error));
-            // From a segment file the record is copied first and the copy checked: a released
-            // file reused under this reader changes its bytes, a checked copy cannot.
-            let source = if segment.cached.is_none() {
-                let header = wire::decode_header(&segment.bytes[offset..], payload_max).map_err(corrupt)?;
-                let end = (offset + wire::encoded_len(header.payload_len as usize)).min(segment.bytes.len());
-                Bytes::copy_from_slice(&segment.bytes[offset..end])
-            } else {
-                segment.bytes.slice(offset..)
-            };
-            let (record, used) = wire::decode(&source, payload_max).map_err(corrupt)?;
-            let lsn = record.seq;
-            let expected = segment.batch_first_lsn + u64::from(segment.record_index);
-            if lsn != expected {
-                // The batch validated as a whole; its bytes changed since (a released segment
-                // freed or reused under this reader).
-                return Err(Self::corruption(
-                    segment.segment_seq,
-                    segment.record_offset,
-                    Damage::LsnGap { expected, found: lsn },
-                ));
-            }
-            let glt = record.glt;
-            let payload = source.slice(wire::HEADER_BYTES..wire::HEADER_BYTES + record.payload.len());
-            segment.record_offset += used;
-            segment.record_index += 1;
-            if segment.record_index == segment.batch_records {
-                segment.batch_first_lsn += u64::from(segment.batch_records);
-                segment.batch_offset += segment.batch_extent;
-                segment.batch_records = 0;
-            }
-            if lsn < self.next_lsn {
+            let record = segment.take_record(payload_max)?;
+            if record.lsn < self.next_lsn {
                 continue;
             }
-            self.next_lsn = lsn + 1;
-            return Ok(Some(WalRecord { lsn, glt, payload }));
+            self.next_lsn = record.lsn + 1;
+            return Ok(Some(record));
         }
         Ok(None)
+    }
+}
+
+impl OpenSegment {
+    /// Reads the record at `record_offset` of the open (validated) batch and moves past it.
+    fn take_record(&mut self, payload_max: u32) -> Result<WalRecord, WalError> {
+        let (segment_seq, offset) = (self.segment_seq, self.record_offset);
+        let corrupt = |error| WalCursor::corruption(segment_seq, offset, Damage::Record(error));
+        // From a segment file the record is copied first and the copy checked: a released
+        // file reused under this reader changes its bytes, a checked copy cannot.
+        let source = if self.cached.is_none() {
+            let header = wire::decode_header(&self.bytes[offset..], payload_max).map_err(corrupt)?;
+            let end = (offset + wire::encoded_len(header.payload_len as usize)).min(self.bytes.len());
+            Bytes::copy_from_slice(&self.bytes[offset..end])
+        } else {
+            self.bytes.slice(offset..)
+        };
+        let (record, used) = wire::decode(&source, payload_max).map_err(corrupt)?;
+        let lsn = record.seq;
+        let expected = self.batch_first_lsn + u64::from(self.record_index);
+        if lsn != expected {
+            // The batch validated as a whole; its bytes changed since (a released segment
+            // freed or reused under this reader).
+            return Err(WalCursor::corruption(
+                self.segment_seq,
+                self.record_offset,
+                Damage::LsnGap { expected, found: lsn },
+            ));
+        }
+        let glt = record.glt;
+        let payload = source.slice(wire::HEADER_BYTES..wire::HEADER_BYTES + record.payload.len());
+        self.record_offset += used;
+        self.record_index += 1;
+        if self.record_index == self.batch_records {
+            self.batch_first_lsn += u64::from(self.batch_records);
+            self.batch_offset += self.batch_extent;
+            self.batch_records = 0;
+        }
+        Ok(WalRecord { lsn, glt, payload })
     }
 }
 

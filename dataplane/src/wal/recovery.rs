@@ -310,13 +310,8 @@ fn scan_segment(segment: &[u8], header: &SegmentHeader, payload_bytes_max: u32) 
     }
 }
 
-/// Decides what the segments of `shard_id` hold. `segments` must be sorted by sequence.
-pub fn plan(
-    shard_id: u32,
-    segments: &[SegmentBytes<'_>],
-    mode: RecoveryMode,
-    payload_bytes_max: u32,
-) -> Result<RecoveryPlan, RecoveryError> {
+/// Segment files must follow each other by sequence: a hole is a lost file.
+fn check_contiguous(segments: &[SegmentBytes<'_>]) -> Result<(), RecoveryError> {
     for pair in segments.windows(2) {
         if pair[1].segment_seq != pair[0].segment_seq + 1 {
             return Err(RecoveryError::MissingSegment {
@@ -326,6 +321,32 @@ pub fn plan(
             });
         }
     }
+    Ok(())
+}
+
+/// What a decoded header says that does not match its file, if anything.
+fn header_mismatch(header: &SegmentHeader, segment: &SegmentBytes<'_>, shard_id: u32) -> Option<String> {
+    if header.shard_id != shard_id {
+        Some(format!("shard {} in a file of shard {shard_id}", header.shard_id))
+    } else if header.segment_seq != segment.segment_seq {
+        Some(format!("sequence {} in file {}", header.segment_seq, segment.segment_seq))
+    } else if !header.segment_bytes.is_multiple_of(SECTOR_BYTES as u64) {
+        Some(format!("size {} is not a multiple of {SECTOR_BYTES}", header.segment_bytes))
+    } else if header.segment_bytes != segment.bytes.len() as u64 {
+        Some(format!("size {} in a file of {} bytes", header.segment_bytes, segment.bytes.len()))
+    } else {
+        None
+    }
+}
+
+/// Decides what the segments of `shard_id` hold. `segments` must be sorted by sequence.
+pub fn plan(
+    shard_id: u32,
+    segments: &[SegmentBytes<'_>],
+    mode: RecoveryMode,
+    payload_bytes_max: u32,
+) -> Result<RecoveryPlan, RecoveryError> {
+    check_contiguous(segments)?;
     let header_in_use =
         |segment: &SegmentBytes<'_>| segment.bytes.len() >= SECTOR_BYTES && !is_zero(&segment.bytes[..SECTOR_BYTES]);
     // A released file renamed for reuse whose own header never reached the disk still names
@@ -372,24 +393,13 @@ pub fn plan(
                 continue;
             }
         };
-        if renamed_unused(segment) && !later_in_use {
+        if header.shard_id == shard_id && header.segment_seq < segment.segment_seq && !later_in_use {
             // Renamed for reuse; its own header never reached the disk, so neither did an
             // acknowledged batch (batches of its own sequence may have: unacknowledged).
             plan.unused.push(segment.segment_seq);
             continue;
         }
-        let mismatch = if header.shard_id != shard_id {
-            Some(format!("shard {} in a file of shard {shard_id}", header.shard_id))
-        } else if header.segment_seq != segment.segment_seq {
-            Some(format!("sequence {} in file {}", header.segment_seq, segment.segment_seq))
-        } else if header.segment_bytes % SECTOR_BYTES as u64 != 0 {
-            Some(format!("size {} is not a multiple of {SECTOR_BYTES}", header.segment_bytes))
-        } else if header.segment_bytes != segment.bytes.len() as u64 {
-            Some(format!("size {} in a file of {} bytes", header.segment_bytes, segment.bytes.len()))
-        } else {
-            None
-        };
-        if let Some(reason) = mismatch {
+        if let Some(reason) = header_mismatch(&header, segment, shard_id) {
             return Err(corruption(0, Damage::SegmentMismatch(reason)));
         }
         if let Some(expected) = expected_lsn

@@ -440,7 +440,7 @@ async fn reuse_segment(
     active_frontier: Rc<Cell<u64>>,
     front_busy: Rc<Cell<bool>>,
 ) -> Result<Spare, WalError> {
-    front_busy.set(true);
+    // `front_busy` was set when this file left the pool; the rename ends it.
     let renamed = rename_for_reuse(&config, old_seq, segment_seq).await;
     front_busy.set(false);
     if !renamed? {
