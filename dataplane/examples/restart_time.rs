@@ -1,6 +1,6 @@
 //! Measures how long a shard takes to reopen as its history grows: the same live data set is
-//! overwritten again and again, and the reopen time (newest checkpoint + the WAL after it) is
-//! reported per history size. Restart work must follow the live data, not the history.
+//! overwritten again and again, and the reopen time (the engine's open + the WAL after its
+//! last flush) is reported per history size. Restart work must follow the live data, not the history.
 //!
 //! `cargo run --release -p dataplane --example restart_time -- [keys] [value_bytes] [rounds...]`
 #![allow(clippy::unwrap_used, clippy::cast_precision_loss, clippy::cast_lossless)]
@@ -24,7 +24,7 @@ fn main() {
         "live data: {keys} keys x {value_bytes} B = {:.1} MiB; retention 0 (old versions collected)",
         live_bytes as f64 / (1 << 20) as f64
     );
-    println!("{:>10} {:>14} {:>12} {:>12} {:>12}", "rounds", "history_mib", "reopen_ms", "replayed", "loaded");
+    println!("{:>10} {:>14} {:>12} {:>12} {:>12}", "rounds", "history_mib", "reopen_ms", "replayed", "versions");
     let mut written_rounds = 0;
     for target in checkpoints {
         let config = config.clone();
@@ -73,7 +73,7 @@ fn main() {
             history as f64 / (1 << 20) as f64,
             reopen.as_secs_f64() * 1e3,
             stats.replayed_records,
-            stats.checkpoint_versions_loaded
+            stats.versions
         );
     }
 }

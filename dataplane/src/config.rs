@@ -389,10 +389,12 @@ pub struct StoreSection {
     pub retention_secs: Option<u64>,
     /// Milliseconds between garbage-collection passes.
     pub gc_interval_ms: Option<u64>,
-    /// WAL bytes between checkpoints (each comes due after a random 3/4 to all of it).
+    /// WAL bytes between checkpoints (engine flushes; each comes due after a random 3/4 to
+    /// all of it, or earlier when the memtables reach their share of the memory budget).
     pub checkpoint_wal_bytes: Option<u64>,
-    /// MB/s a checkpoint is written at while ahead of the WAL (0: unpaced).
-    pub checkpoint_mb_per_s: Option<u64>,
+    /// Bytes of memory the node's store may use, split evenly over its shards: caches,
+    /// memtables, indexes, filters. Default: a quarter of the machine's RAM.
+    pub memory_bytes_max: Option<u64>,
 }
 
 /// `[wal]`.
@@ -466,7 +468,7 @@ impl NodeConfig {
         if port != 0 && usize::from(port) + shards > usize::from(u16::MAX) {
             return Err(invalid("listen", format!("ports {port}..{port}+{shards} exceed 65535")));
         }
-        let store = self.resolve_store()?;
+        let store = self.resolve_store(shards)?;
         let server = self.resolve_server(&store)?;
         let control = self.control.as_ref().map(ControlSection::resolve).transpose()?;
         let replication =
@@ -493,8 +495,9 @@ impl NodeConfig {
         Ok(Resolved { data_dir, host, port, shards, server, store, control, replication, metrics })
     }
 
-    /// `[wal]`, `[store]` and the store's `[limits]`, checked.
-    fn resolve_store(&self) -> Result<StoreConfig, ConfigError> {
+    /// `[wal]`, `[store]` and the store's `[limits]`, checked; the memory budget split over
+    /// `shards`.
+    fn resolve_store(&self, shards: usize) -> Result<StoreConfig, ConfigError> {
         let invalid = |field: &str, reason: String| ConfigError::Invalid { field: field.to_string(), reason };
         let mut wal = WalConfig::new(PathBuf::new(), 0);
         wal.record_payload_bytes_max = limits::STORE_RECORD_BYTES_MAX_DEFAULT;
@@ -526,12 +529,20 @@ impl NodeConfig {
         set(&mut store.inline_bytes_max, s.inline_bytes_max);
         set(&mut store.chunk_bytes, s.chunk_bytes);
         set(&mut store.checkpoint_wal_bytes, s.checkpoint_wal_bytes);
-        if let Some(mb) = s.checkpoint_mb_per_s {
-            if mb > 1_000_000 {
-                return Err(invalid("store.checkpoint_mb_per_s", format!("{mb} is outside 0..=1000000")));
-            }
-            store.checkpoint_bytes_per_sec = mb * 1_000_000;
+        let node_memory = s.memory_bytes_max.unwrap_or_else(default_memory_bytes);
+        store.memory_bytes_max = node_memory / shards.max(1) as u64;
+        if store.memory_bytes_max < limits::STORE_SHARD_MEMORY_BYTES_MIN {
+            return Err(invalid(
+                "store.memory_bytes_max",
+                format!(
+                    "{node_memory} bytes over {shards} shards is {} per shard, below the minimum of {}",
+                    store.memory_bytes_max,
+                    limits::STORE_SHARD_MEMORY_BYTES_MIN
+                ),
+            ));
         }
+        // Half the budget is the block and blob cache the shards share.
+        store.engine_cache = Some(crate::store::engine::SharedCache::with_capacity_bytes(node_memory / 2));
         if let Some(secs) = s.retention_secs {
             store.retention = Duration::from_secs(secs);
         }
@@ -612,6 +623,18 @@ impl Resolved {
     }
 }
 
+/// The store's memory budget when the config names none: a share of the machine's RAM
+/// (`MemTotal` in `/proc/meminfo`; 4 GiB when it cannot be read).
+pub fn default_memory_bytes() -> u64 {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss, reason = "a share")]
+    total.map_or(4 << 30, |bytes| (bytes as f64 * limits::STORE_MEMORY_RAM_SHARE) as u64)
+}
+
 /// `replication.bandwidth_mbit` and `replication.rtt_ms` when the config leaves them out.
 pub const DEFAULT_BANDWIDTH_MBIT: u64 = 1000;
 pub const DEFAULT_RTT_MS: u64 = 100;
@@ -664,7 +687,7 @@ mod tests {
             s.retention_secs.is_some(),
             s.gc_interval_ms.is_some(),
             s.checkpoint_wal_bytes.is_some(),
-            s.checkpoint_mb_per_s.is_some(),
+            s.memory_bytes_max.is_some(),
             w.segment_bytes.is_some(),
             w.batch_bytes_max.is_some(),
             w.batch_linger_us.is_some(),

@@ -63,22 +63,17 @@ pub const GC_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
 pub const GC_KEYS_PER_STEP: usize = 1024;
 /// Default WAL bytes between checkpoints.
 pub const CHECKPOINT_WAL_BYTES_DEFAULT: u64 = 256 << 20;
-/// Default pace of checkpoint writing, bytes per second: a checkpoint rewrites every live
-/// version, and written flat out it takes the CPU and the disk queue from the writes it runs
-/// beside (their p99 grew sixfold in `bench geo`). A checkpoint that the WAL would overtake
-/// goes faster (`ShardStore::write_checkpoint`).
-pub const CHECKPOINT_BYTES_PER_SEC_DEFAULT: u64 = 32 << 20;
-/// Bytes of checkpoint encoded before each write (and yield) while writes run beside it.
-/// Small, so each write queued on the disk ahead of a WAL barrier is short: with 1 MiB writes,
-/// four at a time, the replicas' apply p99 during checkpoints was 16 ms in `bench geo`, with
-/// 256 KiB 7 ms.
-pub const CHECKPOINT_PIECE_BYTES: usize = 128 << 10;
-/// Checkpoint writes queued on the device at once while writes run beside it.
-pub const CHECKPOINT_WRITES_IN_FLIGHT: usize = 1;
-/// Bytes per write of the checkpoint at close, which nothing runs beside.
-pub const CHECKPOINT_CLOSING_PIECE_BYTES: usize = 1 << 20;
-/// Writes of the checkpoint at close queued at once.
-pub const CHECKPOINT_CLOSING_WRITES_IN_FLIGHT: usize = 4;
+/// Default memory budget of one shard's store when the node does not split one
+/// (`StoreConfig::new`; the node's default is a share of the machine's RAM).
+pub const STORE_SHARD_MEMORY_BYTES_DEFAULT: u64 = 256 << 20;
+/// Smallest memory budget of one shard: memtables of 2 MiB, a 16 MiB cache.
+pub const STORE_SHARD_MEMORY_BYTES_MIN: u64 = 32 << 20;
+/// Share of the machine's RAM the node's store may use by default (`store.memory_bytes_max`).
+pub const STORE_MEMORY_RAM_SHARE: f64 = 0.25;
+/// Level-0 runs of a shard's engine that make a compaction due.
+pub const ENGINE_L0_RUNS_COMPACT: usize = 4;
+/// Threads per shard serving engine reads.
+pub const ENGINE_READ_THREADS: usize = 2;
 /// Default requests in flight per client connection.
 pub const INFLIGHT_PER_CONNECTION_DEFAULT: usize = 1024;
 /// Default open client connections per shard.

@@ -142,8 +142,8 @@ fn start_replication(
     let (mut shard_sides, mut thread_sides) = (Vec::new(), Vec::new());
     for shard in 0..shard_count {
         let store = config.store_for(shard);
-        let (shard_side, thread_side) = crate::repl::shard_link(|tail| {
-            ShardFiles::new(store.dir.clone(), shard, store.wal.record_payload_bytes_max, Some(tail))
+        let (shard_side, thread_side) = crate::repl::shard_link(|tail, engine| {
+            ShardFiles::new(store.dir.clone(), shard, store.wal.record_payload_bytes_max, Some(tail), engine)
         });
         shard_sides.push(Some(shard_side));
         thread_sides.push(thread_side);
@@ -207,12 +207,16 @@ async fn shard_main(
     tracing::info!(
         shard = shard_id,
         elapsed_ms = started.elapsed().as_millis(),
-        checkpoint_lsn = stats.checkpoint_lsn,
-        checkpoint_versions = stats.checkpoint_versions_loaded,
+        replay_from_lsn = stats.checkpoint_lsn,
         replayed_records = stats.replayed_records,
-        keys = stats.keys,
+        versions = stats.versions,
+        engine_disk_bytes = stats.engine_disk_bytes,
         "shard recovered"
     );
+    if let Some(side) = &side {
+        // Snapshots for peers read the engine from now on.
+        let _ = side.engine.set(store.engine());
+    }
     let port = if config.port == 0 { 0 } else { config.port + u16::try_from(shard_id).unwrap_or(0) };
     let listener = TcpListener::bind((config.host.as_str(), port))
         .map_err(|error| format!("shard {shard_id}: bind {}:{port}: {error}", config.host))?;

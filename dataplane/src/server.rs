@@ -683,7 +683,7 @@ impl Endpoint {
             }
             Request::ChunkRefs { key, at } => {
                 self.check_owner(key)?;
-                match store.chunk_refs(key, at).map_err(map_error)? {
+                match store.chunk_refs(key, at).await.map_err(map_error)? {
                     Some(found) => {
                         respond(out, seq, &|out| proto::encode_chunk_refs(found.ts, found.size, &found.chunks, out));
                     }
@@ -699,7 +699,7 @@ impl Endpoint {
             }
             Request::Stat { key, at } => {
                 self.check_owner(key)?;
-                match store.stat(key, at).map_err(map_error)? {
+                match store.stat(key, at).await.map_err(map_error)? {
                     Some(stat) => respond(out, seq, &|out| {
                         proto::encode_stat(stat.ts, stat.size, stat.chunks, stat.versions, out);
                     }),
@@ -708,7 +708,7 @@ impl Endpoint {
             }
             Request::List { prefix, start_after, limit, at } => {
                 let limit = limit.min(self.limits.list_limit_max) as usize;
-                let (items, more) = store.list(prefix, start_after, limit, at).map_err(map_error)?;
+                let (items, more) = store.list(prefix, start_after, limit, at).await.map_err(map_error)?;
                 let entries: Vec<ListEntry<'_>> =
                     items.iter().map(|item| ListEntry { key: &item.key, ts: item.ts, size: item.size }).collect();
                 let next: &[u8] = match (more, items.last()) {
@@ -771,6 +771,7 @@ pub fn map_error(error: StoreError) -> (ErrorCode, String) {
         StoreError::Chunk(_)
         | StoreError::Config { .. }
         | StoreError::Checkpoint { .. }
+        | StoreError::Engine { .. }
         | StoreError::Recovery { .. } => ErrorCode::Internal,
     };
     (code, error.to_string())

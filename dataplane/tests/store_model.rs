@@ -92,6 +92,14 @@ fn value_for(rng: &mut StdRng) -> Vec<u8> {
     (0..len).map(|index| (index as u8).wrapping_mul(31).wrapping_add(seed)).collect()
 }
 
+/// Moves the horizon, flushes the memtable and compacts every table: what collection does
+/// over time, at once.
+async fn collect_now(store: &ShardStore) {
+    store.collect_garbage().await.unwrap();
+    store.checkpoint().await.unwrap();
+    store.compact().await.unwrap();
+}
+
 async fn check_all(store: &ShardStore, model: &Model, timestamps: &[u64]) {
     for (key, _) in model.iter() {
         let got = store.get(key, None).await.unwrap().map(|(ts, value)| (ts, value.to_vec()));
@@ -100,6 +108,7 @@ async fn check_all(store: &ShardStore, model: &Model, timestamps: &[u64]) {
     for &at in timestamps.iter().step_by(7) {
         let listed: Vec<_> = store
             .list(b"", b"", usize::MAX, Some(at))
+            .await
             .unwrap()
             .0
             .into_iter()
@@ -149,10 +158,12 @@ fn model_across_restarts_and_checkpoints() {
                         let items = [(&key[..], Some(&a[..])), (&other[..], Some(&b[..]))];
                         match store.write(items.into_iter()).await {
                             Ok(ts) => {
-                                // Within one batch the later item of a key wins nothing: both
-                                // share the timestamp, and a chain holds one version per ts.
-                                model.entry(key.clone()).or_default().push((ts, Some(a)));
-                                if other != key {
+                                // Within one batch the later item of a key wins: both share
+                                // the timestamp, and a key holds one version per timestamp.
+                                if other == key {
+                                    model.entry(key.clone()).or_default().push((ts, Some(b)));
+                                } else {
+                                    model.entry(key.clone()).or_default().push((ts, Some(a)));
                                     model.entry(other).or_default().push((ts, Some(b)));
                                 }
                                 timestamps.push(ts);
@@ -190,7 +201,7 @@ fn model_across_restarts_and_checkpoints() {
                         let mut after = Vec::new();
                         let mut all = Vec::new();
                         loop {
-                            let (page, more) = store.list(&prefix, &after, 3, None).unwrap();
+                            let (page, more) = store.list(&prefix, &after, 3, None).await.unwrap();
                             all.extend(page.iter().map(|item| (item.key.to_vec(), item.ts, item.size)));
                             if !more {
                                 break;
@@ -250,13 +261,15 @@ fn old_versions_and_their_chunks_are_collected_after_retention() {
         // Inside the window both versions read.
         store.collect_garbage().await.unwrap();
         assert_eq!(&store.get(b"file", Some(old_ts)).await.unwrap().unwrap().1[..], &old[..]);
-        // Past it, the old version and its chunks go; the latest stays.
+        // Past it, reads there fail at once; once a compaction passes over the versions (here
+        // every table at once) the old version and its chunks go; the latest stays.
         clock.advance(20_000_000);
-        store.collect_garbage().await.unwrap();
+        collect_now(&store).await;
         assert_eq!(count(&chunk_dir), chunks_of_old);
         assert!(matches!(store.get(b"file", Some(old_ts)).await, Err(dataplane::store::StoreError::TooOld(_))));
         assert_eq!(store.get(b"file", None).await.unwrap().unwrap().0, new_ts);
-        assert_eq!(store.stats().keys, 1, "the deleted key is gone entirely");
+        assert_eq!(store.stats().versions_collected, 1, "the old version of `file`");
+        assert_eq!(store.get(b"gone", None).await.unwrap(), None, "the tombstone stays, so the key stays deleted");
         store.close().await.unwrap();
         // After a restart the same holds.
         let store = ShardStore::open(config).await.unwrap();
@@ -483,7 +496,7 @@ fn keys_a_snapshot_lacks_get_a_tombstone_at_its_horizon() {
         // Durable: after a restart (WAL replay) the same.
         let store = ShardStore::open(reopen).await.unwrap();
         let live: Vec<_> =
-            store.list(b"", b"", 10_000, None).unwrap().0.into_iter().map(|item| item.key.to_vec()).collect();
+            store.list(b"", b"", 10_000, None).await.unwrap().0.into_iter().map(|item| item.key.to_vec()).collect();
         let mut want: Vec<Vec<u8>> = (0..3000).step_by(2).map(|i| format!("bulk-{i:04}").into_bytes()).collect();
         want.extend([b"kept".to_vec(), b"newer".to_vec()]);
         assert_eq!(live, want);
@@ -568,16 +581,17 @@ fn collection_stays_below_the_floor_every_region_has_shipped() {
         store.apply_replicated(written, &record("mm/k", Some("v"))).await.unwrap();
         store.apply_replicated(deleted, &record("mm/k", None)).await.unwrap();
         // Both are 8 s older than the retention allows, but region 2 has not shipped past them.
-        store.collect_garbage().await.unwrap();
+        collect_now(&store).await;
         assert_eq!(store.stats().versions_collected, 0);
         // Region 2's write from before the delete arrives: the kept tombstone outdates it.
         store.apply_replicated(with_origin(timestamp_at(1_500_000), 2), &record("mm/k", Some("late"))).await.unwrap();
         assert_eq!(store.get(b"mm/k", None).await.unwrap(), None);
-        // Once every region has shipped past them, they go.
+        // Once every region has shipped past them, the versions the tombstone outdates go; the
+        // tombstone stays (a write older still, arriving later, stays outdated).
         store.set_collect_floor(u64::MAX);
-        store.collect_garbage().await.unwrap();
-        assert_eq!(store.stats().versions_collected, 3);
-        assert_eq!(store.stats().keys, 0);
+        collect_now(&store).await;
+        assert_eq!(store.stats().versions_collected, 2);
+        assert_eq!(store.get(b"mm/k", None).await.unwrap(), None);
     });
 }
 

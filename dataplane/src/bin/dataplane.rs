@@ -98,10 +98,16 @@ fn main() -> anyhow::Result<()> {
                 )
             },
         );
+        let shard_memory = resolved.store.memory_bytes_max;
         println!(
-            "configuration is valid: {} shards, data in {}, {control}",
+            "configuration is valid: {} shards, data in {}, {control}\nstore memory budget: {} MiB ({} MiB per shard: \
+             cache {} MiB shared, memtables up to {} MiB each)",
             resolved.shards,
-            resolved.data_dir.display()
+            resolved.data_dir.display(),
+            (shard_memory * resolved.shards as u64) >> 20,
+            shard_memory >> 20,
+            (shard_memory * resolved.shards as u64 / 2) >> 20,
+            (shard_memory * 3 / 8) >> 20,
         );
         return Ok(());
     }

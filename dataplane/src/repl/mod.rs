@@ -35,7 +35,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use wire::repl::Codec;
 
-use crate::store::{ClosedPoint, ShardFiles, StoreError};
+use crate::store::{ClosedPoint, EngineSlot, ShardFiles, StoreError};
 use crate::wal::WalTail;
 use core::{Hold, Holds, WalHold};
 pub use core::{Window, Work};
@@ -289,6 +289,8 @@ pub struct ShardSide {
     pub notices: mpsc::Receiver<ShardNotice>,
     /// The newest durable WAL batches, which the shard's WAL fills where it ships.
     pub tail: Arc<WalTail>,
+    /// Where the shard puts its engine once open (snapshots read it).
+    pub engine: EngineSlot,
 }
 
 /// What the replication thread keeps of each shard.
@@ -367,16 +369,17 @@ impl HoldLink {
 }
 
 /// The two sides of one shard's link; `files` are the shard's files, `tail` its WAL tail.
-pub fn shard_link(files: impl FnOnce(Arc<WalTail>) -> ShardFiles) -> (ShardSide, ThreadSide) {
+pub fn shard_link(files: impl FnOnce(Arc<WalTail>, EngineSlot) -> ShardFiles) -> (ShardSide, ThreadSide) {
     let (points_tx, points_rx) = watch::channel(ClosedPoint::default());
     let (applies_tx, applies_rx) = mpsc::channel(APPLIES_QUEUED);
     let (notices_tx, notices_rx) = mpsc::channel(NOTICES_QUEUED);
     let tail = Arc::new(WalTail::new(crate::limits::WAL_TAIL_BYTES));
-    let files = files(tail.clone());
+    let engine = EngineSlot::default();
+    let files = files(tail.clone(), Arc::clone(&engine));
     let shard = files.shard_id();
     let holds = HoldLink { holds: Mutex::default(), notices: notices_tx, shard };
     (
-        ShardSide { points: points_tx, applies: applies_rx, notices: notices_rx, tail },
+        ShardSide { points: points_tx, applies: applies_rx, notices: notices_rx, tail, engine },
         ThreadSide { shard, points: points_rx, applies: applies_tx, holds: Arc::new(holds), files },
     )
 }

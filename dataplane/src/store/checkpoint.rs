@@ -1,5 +1,7 @@
-//! Checkpoints: the whole version map of a shard as of a WAL position, so that restart reads
-//! one file plus the WAL written after it, however long the history.
+//! Full checkpoints, the format of data directories written before the engine: the whole
+//! version map of a shard as of a WAL position. Nothing writes them any more; a shard that
+//! finds one at open loads it into its engine and deletes it (`shard::migrate_checkpoint`).
+//! The encoder stays for the tests of that upgrade.
 //!
 //! File `ckpt-s{shard:03}-{lsn:020}.ckpt` in the shard's store directory, a sequence of `wire`
 //! records:
@@ -11,11 +13,9 @@
 //!   versions u64);
 //! * zero padding.
 //!
-//! The checkpoint is fuzzy: versions are written while the shard keeps serving. `lsn` is the
-//! lowest LSN not yet applied when writing began, so every record below it is in the file, and
-//! replaying the WAL from it re-applies some versions the file already holds (applying is
-//! idempotent). It is written to a temporary name, synced, renamed and the directory synced;
-//! only then are older checkpoints and the WAL segments below `lsn` deleted.
+//! The checkpoint was fuzzy: `lsn` is the lowest LSN not yet applied when writing began, so
+//! every record below it is in the file, and replaying the WAL from it re-applies some
+//! versions the file already holds (applying is idempotent).
 //!
 //! [`decode`] is total over any bytes (fuzz target `checkpoint_decode`).
 
@@ -176,26 +176,6 @@ pub fn decode(
     Ok(CheckpointInfo { shard_id, lsn, horizon, versions })
 }
 
-/// How fast to write a checkpoint, bytes per second (`None`: without pausing). `base` is the
-/// configured pace (0: unpaced). A checkpoint must be done before half an interval of WAL has
-/// been written since it began (the WAL replayed at a restart then stays within 1.5
-/// intervals): from `written` bytes, the share of the versions they hold (`done_share`) and
-/// that half interval's share written so far (`wal_share`) over `elapsed_secs`, it is sped up
-/// to finish within three quarters of the time the WAL leaves it, evenly rather than in
-/// bursts. Once overtaken it goes without pausing.
-pub fn pace_bytes_per_sec(base: u64, written: u64, done_share: f64, wal_share: f64, elapsed_secs: f64) -> Option<f64> {
-    if base == 0 || wal_share >= 1.0 {
-        return None;
-    }
-    let base = base as f64;
-    if done_share <= 0.0 || wal_share <= 0.0 || elapsed_secs <= 0.0 {
-        return Some(base);
-    }
-    let remaining_bytes = written as f64 * (1.0 / done_share.min(1.0) - 1.0);
-    let seconds_left = (1.0 - wal_share) * elapsed_secs / wal_share;
-    Some(base.max(remaining_bytes / (0.75 * seconds_left)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,19 +221,5 @@ mod tests {
     fn names_roundtrip() {
         assert_eq!(parse_file_name(&file_name(7, 123)), Some((7, 123)));
         assert_eq!(parse_file_name("ckpt-s007-1.tmp"), None);
-    }
-
-    #[test]
-    fn a_checkpoint_the_wal_would_overtake_is_sped_up_evenly() {
-        let base: u64 = 32 << 20;
-        let base_rate = 32.0 * f64::from(1u32 << 20);
-        assert_eq!(pace_bytes_per_sec(0, 1 << 20, 0.5, 0.1, 1.0), None, "unpaced");
-        assert_eq!(pace_bytes_per_sec(base, 1 << 20, 0.5, 1.0, 1.0), None, "overtaken");
-        assert_eq!(pace_bytes_per_sec(base, 0, 0.0, 0.0, 0.0), Some(base_rate), "nothing known yet");
-        // Half done while a tenth of the half interval went by: ahead, at the base pace.
-        assert_eq!(pace_bytes_per_sec(base, 100 << 20, 0.5, 0.1, 3.0), Some(base_rate));
-        // A tenth done after 3 s while half the WAL allowance went by: 900 MiB left, 3 s left.
-        let rate = pace_bytes_per_sec(base, 100 << 20, 0.1, 0.5, 3.0).unwrap();
-        assert!((rate - 900.0 * f64::from(1 << 20) / 2.25).abs() < 1.0, "{rate}");
     }
 }

@@ -227,6 +227,11 @@ impl ChunkStore {
         *self.stats.borrow()
     }
 
+    /// Chunk files found at open that [`ChunkStore::remove_unreferenced`] has not judged yet.
+    pub fn found_on_disk(&self) -> usize {
+        self.found.borrow().len()
+    }
+
     /// Chunks currently referenced.
     pub fn chunk_count(&self) -> usize {
         self.index.borrow().len()

@@ -1,6 +1,7 @@
 //! A shard's files as replication reads them, read-only and from any thread: the WAL (through
 //! a [`WalReader`] that reads the newest batches from memory first), chunked values put back
-//! together, and the newest checkpoint. The store owns these files; nothing here writes them.
+//! together, and the engine's versions for a snapshot. The store owns these files; nothing
+//! here writes them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,8 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use thiserror::Error;
 
-use super::checkpoint::{self, CheckpointError, CheckpointInfo};
 use super::chunks::{self, ChunkError};
+use super::engine::{DiskVersions, EngineError};
 use super::op::{ChunkList, Op};
 use crate::wal::{WalReader, WalTail};
 
@@ -27,14 +28,12 @@ pub enum FileError {
     /// A chunk file is damaged.
     #[error(transparent)]
     Chunk(#[from] ChunkError),
-    /// A checkpoint is damaged or is not the one named.
-    #[error("{path}: {error}")]
-    Checkpoint {
-        /// Which.
-        path: PathBuf,
-        /// What is wrong.
-        error: CheckpointError,
-    },
+    /// The engine failed while its versions were read for a snapshot.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// This handle has no engine to read (built without one).
+    #[error("shard {0}: no engine to read a snapshot from")]
+    NoEngine(u32),
 }
 
 /// The files of one shard.
@@ -44,18 +43,25 @@ pub struct ShardFiles {
     shard_id: u32,
     record_payload_bytes_max: u32,
     tail: Option<Arc<WalTail>>,
+    engine: EngineSlot,
 }
+
+/// Where the shard puts its engine once it opened it (the files are made before the shard
+/// opens its store).
+pub type EngineSlot = Arc<std::sync::OnceLock<Arc<DiskVersions>>>;
 
 impl ShardFiles {
     /// Shard `shard_id`'s files under `dir`, its WAL records of up to `record_payload_bytes_max`
-    /// bytes, its newest durable batches in `tail` when it keeps them in memory.
+    /// bytes, its newest durable batches in `tail` when it keeps them in memory, its engine
+    /// (the store's, [`super::ShardStore::engine`], once the shard opened it) for snapshots.
     pub fn new(
         dir: impl Into<PathBuf>,
         shard_id: u32,
         record_payload_bytes_max: u32,
         tail: Option<Arc<WalTail>>,
+        engine: EngineSlot,
     ) -> Self {
-        Self { dir: dir.into(), shard_id, record_payload_bytes_max, tail }
+        Self { dir: dir.into(), shard_id, record_payload_bytes_max, tail, engine }
     }
 
     /// The shard.
@@ -92,29 +98,28 @@ impl ShardFiles {
         Ok(Some(value))
     }
 
-    /// The newest checkpoint: its LSN and path.
-    pub fn newest_checkpoint(&self) -> Result<Option<(u64, PathBuf)>, FileError> {
-        super::shard::newest_checkpoint(&self.dir, self.shard_id)
-            .map_err(|error| FileError::Io { path: self.dir.clone(), error })
+    /// Where a snapshot of the engine resumes the WAL: the LSN its last flush recorded (every
+    /// record below it is in the engine). `None` before the first flush (the WAL then holds
+    /// everything) or without an engine.
+    pub fn snapshot_lsn(&self) -> Result<Option<u64>, FileError> {
+        let Some(engine) = self.engine.get() else { return Ok(None) };
+        let lsn = engine.replay_from();
+        Ok((lsn > 1).then_some(lsn))
     }
 
-    /// Reads the checkpoint at `path`, which must be this shard's at `lsn`, calling `each` with
-    /// every version as it is decoded (zero-copy from a memory map; a newer checkpoint deleting
-    /// this one turns what is left to zeros, which fail their checksums).
-    pub fn read_checkpoint(
-        &self,
-        path: &Path,
-        lsn: u64,
-        each: impl FnMut(Op, u64),
-    ) -> Result<CheckpointInfo, FileError> {
-        let bytes: Bytes =
-            super::shard::map_checkpoint(path).map_err(|error| FileError::Io { path: path.to_path_buf(), error })?;
-        let info = checkpoint::decode(&bytes, self.record_payload_bytes_max, each)
-            .map_err(|error| FileError::Checkpoint { path: path.to_path_buf(), error })?;
-        if info.shard_id != self.shard_id || info.lsn != lsn {
-            let error = CheckpointError::Structure(format!("holds shard {} at LSN {}", info.shard_id, info.lsn));
-            return Err(FileError::Checkpoint { path: path.to_path_buf(), error });
-        }
-        Ok(info)
+    /// Reads every version the engine holds, in key order, calling `each` with it until it
+    /// returns `false`; returns the retention horizon the view was compacted with (versions
+    /// below it a read there would have seen may be gone). One consistent view of the engine,
+    /// taken after the caller read [`Self::snapshot_lsn`]: it holds every record below that
+    /// LSN, and maybe later ones (applying those again is harmless).
+    pub fn read_snapshot(&self, mut each: impl FnMut(Op, u64) -> bool) -> Result<u64, FileError> {
+        let engine = self.engine.get().ok_or(FileError::NoEngine(self.shard_id))?;
+        let mut horizon = None;
+        engine.scan(None, |key, version| {
+            // Read once the view is taken: every compaction it saw applied at most this.
+            horizon.get_or_insert_with(|| engine.retention().horizon());
+            each(Op { key: Bytes::from(key), body: version.body }, version.ts)
+        })?;
+        Ok(horizon.unwrap_or_else(|| engine.retention().horizon()))
     }
 }

@@ -28,7 +28,7 @@ use thiserror::Error;
 
 pub use chunks::ChunkError;
 pub use clock::{Clock, ClockUnavailable, Hlc, Interval, ManualClock, SystemClock};
-pub use files::{FileError, ShardFiles};
+pub use files::{EngineSlot, FileError, ShardFiles};
 pub use shard::{ClosedPoint, KeyStat, ListItem, Progress, ShardStore, StoreStats, ValueChunks, shard_dir};
 pub use versions::{TooOld, Version};
 
@@ -59,11 +59,15 @@ pub struct StoreConfig {
     pub retention: Duration,
     /// How often old versions are collected.
     pub gc_interval: Duration,
-    /// Write a checkpoint after this many WAL bytes.
+    /// Checkpoint (flush the engine's memtables, then release the WAL they cover) after this
+    /// many WAL bytes, if the memory budget did not make one due earlier.
     pub checkpoint_wal_bytes: u64,
-    /// Most bytes per second a checkpoint is written at (0: as fast as it goes); the last
-    /// checkpoint, at close, is not paced.
-    pub checkpoint_bytes_per_sec: u64,
+    /// This shard's share of the node's memory budget (`store.memory_bytes_max`): the engine's
+    /// memtables (an eighth each, at most three), its share of the cache, indexes and filters.
+    pub memory_bytes_max: u64,
+    /// The cache the node's shards share (`None`: a cache of this shard's own, half its
+    /// budget).
+    pub engine_cache: Option<engine::SharedCache>,
     /// Physical time for the HLC.
     pub clock: Arc<dyn Clock>,
     /// `Some(home)` when this shard is a replica of region `home`: client writes are refused
@@ -113,7 +117,8 @@ impl StoreConfig {
             retention: limits::RETENTION_DEFAULT,
             gc_interval: limits::GC_INTERVAL_DEFAULT,
             checkpoint_wal_bytes: limits::CHECKPOINT_WAL_BYTES_DEFAULT,
-            checkpoint_bytes_per_sec: limits::CHECKPOINT_BYTES_PER_SEC_DEFAULT,
+            memory_bytes_max: limits::STORE_SHARD_MEMORY_BYTES_DEFAULT,
+            engine_cache: None,
             clock: Arc::new(SystemClock),
             replica_of: None,
             not_held: None,
@@ -156,6 +161,16 @@ impl StoreConfig {
         }
         if self.gc_interval.is_zero() {
             return bad("gc_interval", "must be positive".into());
+        }
+        if self.memory_bytes_max < limits::STORE_SHARD_MEMORY_BYTES_MIN {
+            return bad(
+                "memory_bytes_max",
+                format!(
+                    "this shard's share, {} bytes, is below the minimum of {} (raise store.memory_bytes_max or run fewer shards)",
+                    self.memory_bytes_max,
+                    limits::STORE_SHARD_MEMORY_BYTES_MIN
+                ),
+            );
         }
         if self.checkpoint_wal_bytes < self.wal.segment_bytes {
             return bad(
@@ -235,6 +250,14 @@ pub enum StoreError {
     Checkpoint {
         /// The file.
         path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The on-disk engine failed (I/O, a damaged table or blob file).
+    #[error("engine of shard {shard_id}: {message}")]
+    Engine {
+        /// The shard.
+        shard_id: u32,
         /// What went wrong.
         message: String,
     },

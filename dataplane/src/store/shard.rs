@@ -1,4 +1,10 @@
-//! The glommio shell of a shard's store: WAL + version map + chunk server + checkpoints.
+//! The glommio shell of a shard's store: WAL + on-disk engine + chunk server.
+//!
+//! A write is durable in the WAL, then inserted into the engine's memtable (memory only, on
+//! the executor). Reads, flushes and compactions run on the engine's lanes (threads of their
+//! own, [`super::engine::lane`]), never on the executor. A checkpoint seals the memtable and
+//! flushes it: it writes what changed since the last one, not the whole state, and releases
+//! the WAL below the LSN it recorded.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -8,14 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_lite::AsyncWriteExt;
-use glommio::io::{DmaStreamWriterBuilder, OpenOptions};
 
-use super::checkpoint::{self, CheckpointInfo};
+use super::checkpoint;
 use super::chunks::{ChunkStats, ChunkStore};
 use super::clock::{Hlc, Interval, physical_us, timestamp_at};
+use super::engine::lane::{Lane, LaneError};
+use super::engine::{DiskVersions, EngineError, EngineMemory, SharedCache};
 use super::op::{self, Body, ChunkList, Value};
-use super::versions::{Collected, VersionMap};
+use super::versions::{TooOld, Version};
 use super::{StoreConfig, StoreError};
 use crate::limits;
 use crate::wal::{StoreFault, Wal, WalReader};
@@ -64,36 +70,45 @@ pub struct ListItem {
 /// Counters and gauges of a shard's store.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StoreStats {
-    /// Keys (including deleted keys whose tombstone is retained).
-    pub keys: u64,
-    /// Versions retained.
+    /// Versions held (an estimate: see [`DiskVersions::approximate_versions`]).
     pub versions: u64,
-    /// Checkpoints written since open.
+    /// Checkpoints (engine flushes) since open.
     pub checkpoints: u64,
-    /// LSN of the last checkpoint.
+    /// LSN the WAL is replayed from after the last checkpoint.
     pub checkpoint_lsn: u64,
-    /// WAL segments deleted after checkpoints.
+    /// WAL segments released after checkpoints.
     pub segments_released: u64,
-    /// Versions collected.
+    /// Versions collected (destroyed by compactions past the retention horizon).
     pub versions_collected: u64,
     /// WAL records replayed at open.
     pub replayed_records: u64,
-    /// Versions loaded from the checkpoint at open.
-    pub checkpoint_versions_loaded: u64,
     /// Chunk server counters.
     pub chunks: ChunkStats,
     /// Chunks referenced.
     pub chunk_count: u64,
+    /// What the engine holds in memory.
+    pub memory: EngineMemory,
+    /// Bytes of the engine's table and blob files.
+    pub engine_disk_bytes: u64,
+    /// WAL bytes written since the last checkpoint (what a restart would replay).
+    pub flush_debt_bytes: u64,
+}
+
+/// A shard's engine and the threads that run its blocking calls.
+struct Engine {
+    versions: Arc<DiskVersions>,
+    reads: Lane,
+    background: Lane,
 }
 
 struct Inner {
     config: StoreConfig,
     wal: Wal,
-    versions: RefCell<VersionMap>,
+    engine: Engine,
     chunks: ChunkStore,
     hlc: Cell<Hlc>,
     /// LSNs reserved in the WAL and not yet applied, with their timestamps ([`REPLICATED`]
-    /// for records shipped from another region): a checkpoint starts below the first; the
+    /// for records shipped from another region): a checkpoint replays from the first; the
     /// closed timestamp stays below the first local write not yet durable.
     inflight: RefCell<BTreeMap<u64, u64>>,
     checkpointing: Cell<bool>,
@@ -102,6 +117,8 @@ struct Inner {
     /// WAL bytes after the last checkpoint that make the next one due (see
     /// [`checkpoint_threshold`]).
     checkpoint_after: Cell<u64>,
+    /// Memtable bytes that seal it and make a checkpoint due (an eighth of the budget).
+    memtable_seal_bytes: u64,
     stats: RefCell<StoreStats>,
     closed: Cell<bool>,
     /// What replication needs kept, as last told ([`ShardStore::set_wal_hold`]): the lowest
@@ -171,9 +188,10 @@ impl std::fmt::Debug for ShardStore {
 }
 
 impl ShardStore {
-    /// Recovers the shard: loads the newest checkpoint, replays the WAL after it, deletes
-    /// chunk files nothing references. Restart work is bounded by the live data plus the WAL
-    /// written since the last checkpoint, not by the history.
+    /// Recovers the shard: opens its engine, replays the WAL from the LSN the engine's last
+    /// flush recorded, and (when chunk files exist) takes the chunk references of every
+    /// version and deletes chunk files nothing references. Restart work is bounded by the WAL
+    /// written since the last checkpoint, plus a scan of the versions when values are chunked.
     pub async fn open(config: StoreConfig) -> Result<Self, StoreError> {
         config.validate()?;
         let shard_id = config.shard_id;
@@ -181,54 +199,50 @@ impl ShardStore {
         std::fs::create_dir_all(&config.dir)
             .map_err(|error| recovery(format!("create {}: {error}", config.dir.display())))?;
 
-        let mut versions = VersionMap::default();
-        let loaded = load_checkpoint(&config, &mut versions)?;
-        let checkpoint_lsn = loaded.map_or(1, |info| info.lsn);
+        let engine = open_engine(&config).await?;
+        migrate_checkpoint(&config, &engine).await?;
+        let (replay_from, flushed_max_ts) = (engine.versions.replay_from(), engine.versions.flushed_max_ts());
 
         let wal = Wal::open(config.wal.clone()).await?;
         let durable = wal.durable_next_lsn();
-        if wal.first_lsn() > checkpoint_lsn || checkpoint_lsn > durable {
+        if wal.first_lsn() > replay_from || replay_from > durable {
             return Err(recovery(format!(
-                "the WAL holds LSNs {}..{durable} but the checkpoint needs replay from {checkpoint_lsn}",
+                "the WAL holds LSNs {}..{durable} but the engine needs replay from {replay_from}",
                 wal.first_lsn()
             )));
         }
-        let reader = WalReader::new(&config.wal.dir, shard_id, config.wal.record_payload_bytes_max);
-        let mut cursor = reader.cursor(checkpoint_lsn, durable);
-        let mut replayed = 0u64;
-        let mut replayed_bytes = 0u64;
-        while let Some(record) = cursor.next_record()? {
-            replayed_bytes += wire::encoded_len(record.payload.len()) as u64;
-            let ops = op::decode(&record.payload)
-                .map_err(|error| recovery(format!("WAL record {} does not decode: {error}", record.lsn)))?;
-            for op in ops {
-                let op = op.detached();
-                versions.apply(op.key, record.glt, op.body);
-            }
-            replayed += 1;
-        }
+        let memtable_seal_bytes = config.memory_bytes_max / 8;
+        let (replayed, replayed_bytes, replayed_max_ts) =
+            replay_wal(&config, &engine, replay_from, durable, memtable_seal_bytes).await?;
 
         let chunks = ChunkStore::open(config.dir.join("chunks"), config.chunk_bytes, config.wal.faults.clone())?;
         // Chunk files are O_DIRECT both ways: glommio's iopoll probe must see a real sector on
         // their device too (the WAL's directory may be elsewhere).
         crate::files::calibrate_iopoll(&config.dir.join("chunks")).await;
-        for (_, chain) in versions.iter_from(None) {
-            for version in chain {
-                if let Body::Chunked(list) = &version.body {
-                    chunks.add_refs(list);
-                }
+        if chunks.found_on_disk() > 0 {
+            let versions = Arc::clone(&engine.versions);
+            let lists = engine
+                .reads
+                .run(move || {
+                    let mut lists = Vec::new();
+                    versions.scan(None, |_, version| {
+                        if let Body::Chunked(list) = version.body {
+                            lists.push(list);
+                        }
+                        true
+                    })?;
+                    Ok(lists)
+                })
+                .await;
+            for list in engine_result(shard_id, lists)? {
+                chunks.add_refs(&list);
             }
         }
         chunks.remove_unreferenced()?;
 
         let mut hlc = Hlc::with_origin(config.origin);
-        hlc.observe(versions.max_ts());
-        let stats = StoreStats {
-            checkpoint_lsn,
-            replayed_records: replayed,
-            checkpoint_versions_loaded: loaded.map_or(0, |info| info.versions),
-            ..StoreStats::default()
-        };
+        hlc.observe(flushed_max_ts.max(replayed_max_ts));
+        let stats = StoreStats { checkpoint_lsn: replay_from, replayed_records: replayed, ..StoreStats::default() };
         let store = Self {
             inner: Rc::new(Inner {
                 // WAL replayed at open counts toward the next checkpoint, so a shard that
@@ -236,11 +250,12 @@ impl ShardStore {
                 wal_bytes_carried: replayed_bytes,
                 wal_bytes_at_checkpoint: Cell::new(0),
                 checkpoint_after: Cell::new(checkpoint_threshold(config.checkpoint_wal_bytes)),
+                memtable_seal_bytes,
                 wal_hold: Cell::new((config.wal_hold_lsn, u64::MAX)),
                 collect_floor: Cell::new(config.collect_floor),
                 config,
                 wal,
-                versions: RefCell::new(versions),
+                engine,
                 chunks,
                 hlc: Cell::new(hlc),
                 inflight: RefCell::default(),
@@ -251,6 +266,53 @@ impl ShardStore {
         };
         store.collect_garbage().await?;
         Ok(store)
+    }
+
+    /// The shard's engine, shared with the threads that read it for replication.
+    pub fn engine(&self) -> Arc<DiskVersions> {
+        Arc::clone(&self.inner.engine.versions)
+    }
+
+    /// Runs `job` against the engine on the read lane.
+    async fn read<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&DiskVersions) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let versions = Arc::clone(&self.inner.engine.versions);
+        let outcome = self.inner.engine.reads.run(move || job(&versions)).await;
+        engine_result(self.inner.config.shard_id, outcome)
+    }
+
+    /// Runs `job` against the engine on the background lane (flushes, compactions).
+    async fn background<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&DiskVersions) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let versions = Arc::clone(&self.inner.engine.versions);
+        let outcome = self.inner.engine.background.run(move || job(&versions)).await;
+        engine_result(self.inner.config.shard_id, outcome)
+    }
+
+    /// Reads below the retention horizon fail: compactions may have destroyed what they saw.
+    fn check_horizon(&self, at: Option<u64>) -> Result<u64, StoreError> {
+        let horizon = self.inner.engine.versions.retention().horizon();
+        match at {
+            Some(at) if at < horizon => Err(StoreError::TooOld(TooOld { at, horizon })),
+            Some(at) => Ok(at),
+            None => Ok(u64::MAX),
+        }
+    }
+
+    /// The version of `key` visible at `at` (tombstones included).
+    async fn version_at(&self, key: &[u8], at: Option<u64>) -> Result<Option<Version>, StoreError> {
+        let at = self.check_horizon(at)?;
+        let key = key.to_vec();
+        self.read(move |versions| versions.get_at(&key, at)).await
+    }
+
+    /// The live version of `key` at `at`: `None` when absent or deleted.
+    async fn live_at(&self, key: &[u8], at: Option<u64>) -> Result<Option<Version>, StoreError> {
+        Ok(self.version_at(key, at).await?.filter(|version| version.body != Body::Tombstone))
     }
 
     /// Replication needs the WAL from `hold_lsn` on (`u64::MAX`: nothing), within
@@ -305,6 +367,7 @@ impl ShardStore {
                 reason: format!("{} operations, allowed 1..={}", items.len(), config.batch_ops_max),
             });
         }
+        self.wait_for_memtable_room().await;
         let mut staged: Vec<(&[u8], Staged<'_>)> = Vec::with_capacity(items.len());
         let result = self.stage(items, &mut staged).await;
         let result = match result {
@@ -390,18 +453,41 @@ impl ShardStore {
                 shard_id: inner.config.shard_id,
                 message: error.to_string(),
             })?;
-            let mut versions = inner.versions.borrow_mut();
+            let mut memtable_bytes = 0;
             for op in ops {
-                versions.apply(op.key, ts, op.body);
+                memtable_bytes = inner.engine.versions.apply(&op.key, &Version { ts, body: op.body });
             }
-            Ok(ts)
+            Ok((ts, memtable_bytes))
         });
         if let Some((lsn, _)) = reserved.get() {
             inner.inflight.borrow_mut().remove(&lsn);
         }
-        let ts = result?;
+        let (ts, memtable_bytes) = result?;
+        self.after_apply(memtable_bytes);
         self.commit_wait(ts).await?;
         Ok(ts)
+    }
+
+    /// Starts a checkpoint once the memtable has reached its share of the memory budget.
+    fn after_apply(&self, memtable_bytes: u64) {
+        if memtable_bytes >= self.inner.memtable_seal_bytes && !self.inner.checkpointing.get() {
+            let store = self.clone();
+            glommio::spawn_local(async move {
+                if let Err(error) = store.checkpoint().await {
+                    tracing::warn!(shard = store.inner.config.shard_id, %error, "checkpoint failed; retried later");
+                }
+            })
+            .detach();
+        }
+    }
+
+    /// Waits while the engine holds two sealed memtables its flushes have not written yet: the
+    /// memtables stay within their share of the budget, and writes slow to what the disk
+    /// takes.
+    async fn wait_for_memtable_room(&self) {
+        while self.inner.engine.versions.memory().sealed_memtables >= 2 && !self.inner.closed.get() {
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     /// The clock's interval once the next stamp fits inside it (stamps are taken at its latest
@@ -433,10 +519,7 @@ impl ShardStore {
     /// The value of `key` at `at` (`None`: latest) with its timestamp; `None` when absent or
     /// deleted. Chunked values are read from their chunk files, every block checked.
     pub async fn get(&self, key: &[u8], at: Option<u64>) -> Result<Option<(u64, Bytes)>, StoreError> {
-        let (ts, body) = match self.inner.versions.borrow().get(key, at)? {
-            Some(version) => (version.ts, version.body.clone()),
-            None => return Ok(None),
-        };
+        let Some(Version { ts, body }) = self.live_at(key, at).await? else { return Ok(None) };
         match body {
             Body::Inline(value) => Ok(Some((ts, value))),
             Body::Chunked(list) => Ok(Some((ts, self.read_chunked(&list).await?))),
@@ -460,9 +543,8 @@ impl ShardStore {
     /// The version of `key` visible at `at`: its timestamp, size and stored chunks (hash and
     /// length each, in order; empty for a value stored inline). `None` when absent or deleted.
     /// Lets a reader that kept an earlier version's chunk list find what changed.
-    pub fn chunk_refs(&self, key: &[u8], at: Option<u64>) -> Result<Option<ValueChunks>, StoreError> {
-        let versions = self.inner.versions.borrow();
-        Ok(versions.get(key, at)?.and_then(|version| match &version.body {
+    pub async fn chunk_refs(&self, key: &[u8], at: Option<u64>) -> Result<Option<ValueChunks>, StoreError> {
+        Ok(self.live_at(key, at).await?.and_then(|version| match &version.body {
             Body::Inline(value) => Some(ValueChunks { ts: version.ts, size: value.len() as u64, chunks: Vec::new() }),
             Body::Chunked(list) => Some(ValueChunks {
                 ts: version.ts,
@@ -482,10 +564,7 @@ impl ShardStore {
         offset: u64,
         len: u64,
     ) -> Result<Option<(u64, Bytes)>, StoreError> {
-        let (ts, body) = match self.inner.versions.borrow().get(key, at)? {
-            Some(version) => (version.ts, version.body.clone()),
-            None => return Ok(None),
-        };
+        let Some(Version { ts, body }) = self.live_at(key, at).await? else { return Ok(None) };
         let end = offset.saturating_add(len);
         match body {
             Body::Inline(value) => {
@@ -517,60 +596,74 @@ impl ShardStore {
     }
 
     /// Metadata of `key` at `at`.
-    pub fn stat(&self, key: &[u8], at: Option<u64>) -> Result<Option<KeyStat>, StoreError> {
-        let versions = self.inner.versions.borrow();
-        Ok(versions.get(key, at)?.map(|version| KeyStat {
+    pub async fn stat(&self, key: &[u8], at: Option<u64>) -> Result<Option<KeyStat>, StoreError> {
+        let at = self.check_horizon(at)?;
+        let key = key.to_vec();
+        let (version, count) = self
+            .read(move |versions| {
+                let version = versions.get_at(&key, at)?.filter(|version| version.body != Body::Tombstone);
+                let count = if version.is_some() { versions.version_count(&key)? } else { 0 };
+                Ok((version, count))
+            })
+            .await?;
+        Ok(version.map(|version| KeyStat {
             ts: version.ts,
             size: version.body.size(),
             chunks: match &version.body {
                 Body::Chunked(list) => u32::try_from(list.chunks.len()).unwrap_or(u32::MAX),
                 _ => 0,
             },
-            versions: u32::try_from(versions.version_count(key)).unwrap_or(u32::MAX),
+            versions: u32::try_from(count).unwrap_or(u32::MAX),
         }))
     }
 
     /// Up to `limit` live keys with `prefix` after `start_after`, and whether more may follow.
-    pub fn list(
+    pub async fn list(
         &self,
         prefix: &[u8],
         start_after: &[u8],
         limit: usize,
         at: Option<u64>,
     ) -> Result<(Vec<ListItem>, bool), StoreError> {
-        let versions = self.inner.versions.borrow();
-        let (items, more) = versions.list(prefix, start_after, limit, at)?;
+        let at = self.check_horizon(at)?;
+        let (prefix, start_after) = (prefix.to_vec(), start_after.to_vec());
+        let (items, more) = self.read(move |versions| versions.list_at(&prefix, Some(&start_after), at, limit)).await?;
         let items = items.into_iter().map(|(key, version)| ListItem {
-            key: key.clone(),
+            key: Bytes::from(key),
             ts: version.ts,
             size: version.body.size(),
         });
         Ok((items.collect(), more))
     }
 
-    /// Removes versions older than the retention window (keeping what reads inside the window
-    /// see) and deletes chunks no version references any more. Yields between steps.
+    /// Moves the retention horizon to the clock's earliest time less the retention (and
+    /// below the collection floor): reads below it fail from now on, and compactions destroy
+    /// the versions no read at or above it sees. Runs a compaction when level 0 has piled up,
+    /// and releases the chunks of the versions it destroyed.
     pub async fn collect_garbage(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         let retention_us = u64::try_from(inner.config.retention.as_micros()).unwrap_or(u64::MAX);
         let horizon = timestamp_at(inner.config.clock.interval()?.earliest_us().saturating_sub(retention_us))
             .min(inner.collect_floor.get());
-        let mut resume: Option<Bytes> = None;
-        loop {
-            let Collected { versions, released, resume_after, .. } =
-                inner.versions.borrow_mut().collect(horizon, resume.as_deref(), limits::GC_KEYS_PER_STEP);
-            inner.stats.borrow_mut().versions_collected += versions;
-            for list in released {
-                inner.chunks.release(&list)?;
-            }
-            match resume_after {
-                Some(next) => resume = Some(next),
-                None => return Ok(()),
-            }
-            // Let the requests queued meanwhile run: a pass over a large map takes
-            // milliseconds, and yield_if_needed waits for the task queue's whole time slice.
-            futures_lite::future::yield_now().await;
+        inner.engine.versions.retention().advance(horizon);
+        let destroyed = self.background(|versions| versions.compact_if_needed(limits::ENGINE_L0_RUNS_COMPACT)).await?;
+        self.release_destroyed(destroyed.unwrap_or_default())
+    }
+
+    /// Compacts every table of the engine into its last level, retention applied to all of
+    /// them (what an operator runs to reclaim space at once; compactions otherwise run as
+    /// level 0 fills).
+    pub async fn compact(&self) -> Result<(), StoreError> {
+        let destroyed = self.background(DiskVersions::compact_all).await?;
+        self.release_destroyed(destroyed)
+    }
+
+    fn release_destroyed(&self, destroyed: Vec<Arc<ChunkList>>) -> Result<(), StoreError> {
+        for list in destroyed {
+            self.inner.chunks.release(&list)?;
         }
+        self.inner.stats.borrow_mut().versions_collected = self.inner.engine.versions.retention().destroyed_versions();
+        Ok(())
     }
 
     /// WAL bytes this shard has written, across restarts.
@@ -578,174 +671,64 @@ impl ShardStore {
         self.inner.wal.stats().batch_bytes + self.inner.wal_bytes_carried
     }
 
-    /// Whether enough WAL was written since the last checkpoint to write another (between
-    /// three quarters of `checkpoint_wal_bytes` and all of it).
+    /// Whether a checkpoint is due: enough WAL was written since the last one (between three
+    /// quarters of `checkpoint_wal_bytes` and all of it), or the memtable reached its share of
+    /// the memory budget.
     pub fn checkpoint_due(&self) -> bool {
         let since = self.wal_bytes_written().saturating_sub(self.inner.wal_bytes_at_checkpoint.get());
         since >= self.inner.checkpoint_after.get()
+            || self.inner.engine.versions.memory().active_memtable_bytes >= self.inner.memtable_seal_bytes
     }
 
-    /// Writes a checkpoint, then deletes older checkpoints and the WAL segments it covers.
-    /// Returns its LSN, or `None` when one is already being written.
+    /// Seals the memtable and flushes the engine: writes what changed since the last
+    /// checkpoint, then releases the WAL below the LSN it recorded. Returns that LSN, or
+    /// `None` when a checkpoint is already running.
     pub async fn checkpoint(&self) -> Result<Option<u64>, StoreError> {
         let inner = &self.inner;
         if inner.checkpointing.replace(true) {
             return Ok(None);
         }
-        let result = self.write_checkpoint().await;
+        let result = self.flush_engine().await;
         inner.checkpointing.set(false);
         result.map(Some)
     }
 
-    async fn write_checkpoint(&self) -> Result<u64, StoreError> {
-        let inner = &self.inner;
-        let config = &inner.config;
-        let wal_bytes = self.wal_bytes_written();
-        let durable = inner.wal.durable_next_lsn();
-        let lsn = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
-        let name = checkpoint::file_name(config.shard_id, lsn);
-        let path = config.dir.join(&name);
-        let temporary = config.dir.join(format!("{name}.tmp"));
-        let fail = |message: String| StoreError::Checkpoint { path: path.display().to_string(), message };
-        let started = std::time::Instant::now();
-        let (count, written) = self.write_checkpoint_file(&temporary, lsn, wal_bytes).await.map_err(fail)?;
-        // The syncs, the rename and the unlink of the previous checkpoint (hundreds of MB:
-        // 90 ms) run on glommio's blocking pool, not on the executor that serves the writes.
-        let (dir, shard_id, finished) = (config.dir.clone(), config.shard_id, path.clone());
-        glommio::executor()
-            .spawn_blocking(move || {
-                crate::files::sync_path(&temporary).map_err(|error| format!("sync: {error}"))?;
-                std::fs::rename(&temporary, &finished).map_err(|error| format!("rename: {error}"))?;
-                crate::files::sync_path(&dir).map_err(|error| format!("sync directory: {error}"))?;
-                remove_checkpoints(&dir, shard_id, |old| old < lsn).map_err(|error| error.to_string())
-            })
-            .await
-            .map_err(fail)?;
-        let released = self.release_wal_after_checkpoint(lsn).await?;
-        inner.wal_bytes_at_checkpoint.set(wal_bytes);
-        inner.checkpoint_after.set(checkpoint_threshold(config.checkpoint_wal_bytes));
-        tracing::info!(
-            shard = config.shard_id,
-            lsn,
-            versions = count,
-            bytes = written,
-            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            segments_released = released,
-            "checkpoint written"
-        );
-        let mut stats = inner.stats.borrow_mut();
-        stats.checkpoints += 1;
-        stats.checkpoint_lsn = lsn;
-        stats.segments_released += released;
-        Ok(lsn)
-    }
-
-    /// Writes every version into `temporary`, a checkpoint replaying from `lsn`, in paced
-    /// pieces (`wal_bytes`: the WAL's bytes when it began, to pace against); the file is
-    /// flushed and synced. Returns the versions and bytes written.
-    async fn write_checkpoint_file(&self, temporary: &Path, lsn: u64, wal_bytes: u64) -> Result<(u64, u64), String> {
+    async fn flush_engine(&self) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let config = &inner.config;
         if let Some(errno) = config.wal.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::Checkpoint)) {
-            return Err(format!("create: {}", std::io::Error::from_raw_os_error(errno)));
+            let message = format!("flush: {}", std::io::Error::from_raw_os_error(errno));
+            return Err(StoreError::Engine { shard_id: config.shard_id, message });
         }
-        let (horizon, versions_total) = {
-            let versions = inner.versions.borrow();
-            (versions.horizon(), versions.version_total())
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .dma_open(temporary)
-            .await
-            .map_err(|error| format!("create: {error}"))?;
-        // Paced: small writes, one at a time, so little sits on the disk ahead of a WAL
-        // barrier. At close nothing waits on the disk but the close itself.
-        let (piece_bytes, in_flight) = if inner.closed.get() {
-            (limits::CHECKPOINT_CLOSING_PIECE_BYTES, limits::CHECKPOINT_CLOSING_WRITES_IN_FLIGHT)
-        } else {
-            (limits::CHECKPOINT_PIECE_BYTES, limits::CHECKPOINT_WRITES_IN_FLIGHT)
-        };
-        let mut writer =
-            DmaStreamWriterBuilder::new(file).with_buffer_size(piece_bytes).with_write_behind(in_flight).build();
-        let mut piece = Vec::with_capacity(piece_bytes + 4096);
-        let mut scratch = Vec::new();
-        checkpoint::encode_header(config.shard_id, lsn, horizon, &mut piece);
-        let (mut count, mut written) = (0u64, 0u64);
-        let mut resume: Option<Bytes> = None;
+        let wal_bytes = self.wal_bytes_written();
+        let durable = inner.wal.durable_next_lsn();
+        // Every record below it is applied: the sealed memtable or the tables hold it.
+        let replay_from = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
         let started = std::time::Instant::now();
-        loop {
-            let piece_started = std::time::Instant::now();
-            let last = self.encode_piece(&mut resume, piece_bytes, &mut count, &mut scratch, &mut piece)?;
-            let done = last.is_none() || piece.len() < piece_bytes;
-            if done {
-                checkpoint::encode_footer(config.shard_id, lsn, horizon, count, &mut piece);
-            }
-            writer.write_all(&piece).await.map_err(|error| format!("write: {error}"))?;
-            written += piece.len() as u64;
-            let piece_len = piece.len();
-            piece.clear();
-            if done {
-                break;
-            }
-            resume = last;
-            // Paced, so the writes beside it keep the CPU and the disk queue; a closing store
-            // finishes at full speed.
-            let half_interval = (config.checkpoint_wal_bytes / 2).max(1) as f64;
-            let wal_share = self.wal_bytes_written().saturating_sub(wal_bytes) as f64 / half_interval;
-            let done_share = count as f64 / versions_total.max(1) as f64;
-            let elapsed = started.elapsed().as_secs_f64();
-            let rate = checkpoint::pace_bytes_per_sec(
-                config.checkpoint_bytes_per_sec,
-                written,
-                done_share,
-                wal_share,
-                elapsed,
-            );
-            if let Some(rate) = rate.filter(|_| !inner.closed.get()) {
-                let due = std::time::Duration::from_secs_f64(piece_len as f64 / rate);
-                if let Some(ahead) = due.checked_sub(piece_started.elapsed()) {
-                    glommio::timer::sleep(ahead).await;
-                }
-            }
-        }
-        // Close flushes, fdatasyncs and trims the padding; the caller syncs again for the size.
-        writer.close().await.map_err(|error| format!("close: {error}"))?;
-        Ok((count, written))
-    }
-
-    /// Encodes the versions of the keys after `resume` into `piece` until it holds
-    /// `piece_bytes`, holding the version map only meanwhile (the piece is written without).
-    /// Returns the last key encoded (`None`: no key was left).
-    fn encode_piece(
-        &self,
-        resume: &mut Option<Bytes>,
-        piece_bytes: usize,
-        count: &mut u64,
-        scratch: &mut Vec<u8>,
-        piece: &mut Vec<u8>,
-    ) -> Result<Option<Bytes>, String> {
-        let versions = self.inner.versions.borrow();
-        let mut last = None;
-        for (key, chain) in versions.iter_from(resume.as_deref()) {
-            for version in chain {
-                checkpoint::encode_version(key, version, scratch, piece).map_err(|error| error.to_string())?;
-                *count += 1;
-            }
-            last = Some(key.clone());
-            if piece.len() >= piece_bytes {
-                break;
-            }
-        }
-        Ok(last)
+        inner.engine.versions.seal(replay_from, inner.hlc.get().last());
+        let flushed = self.background(DiskVersions::flush).await?;
+        let released = self.release_wal_after_checkpoint(flushed).await?;
+        inner.wal_bytes_at_checkpoint.set(wal_bytes);
+        inner.checkpoint_after.set(checkpoint_threshold(config.checkpoint_wal_bytes));
+        tracing::debug!(
+            shard = config.shard_id,
+            lsn = flushed,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            segments_released = released,
+            "checkpoint (engine flush) written"
+        );
+        let mut stats = inner.stats.borrow_mut();
+        stats.checkpoints += 1;
+        stats.checkpoint_lsn = flushed;
+        stats.segments_released += released;
+        metrics::counter!("meridian_store_checkpoints_total", "shard" => config.shard_id.to_string()).increment(1);
+        Ok(flushed)
     }
 
     /// Releases the WAL a checkpoint at `lsn` made redundant, but what replication holds: the
     /// hold within `wal_hold_bytes_max`, the pin whatever the bound. Returns the segments
-    /// released. Read after the old checkpoint files are gone: a shipper has the shard take its
-    /// pin of a checkpoint's LSN before it opens that file, so either it finds the file deleted
-    /// or the pin is seen here.
+    /// released. A shipper installing a snapshot pins the LSN it resumes at before it reads the
+    /// engine, and checks afterwards that the WAL still holds it.
     async fn release_wal_after_checkpoint(&self, lsn: u64) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let (hold, pin) = inner.wal_hold.get();
@@ -755,12 +738,15 @@ impl ShardStore {
 
     /// Counters and gauges.
     pub fn stats(&self) -> StoreStats {
-        let mut stats = *self.inner.stats.borrow();
-        let versions = self.inner.versions.borrow();
-        stats.keys = versions.key_count() as u64;
-        stats.versions = versions.version_total();
-        stats.chunks = self.inner.chunks.stats();
-        stats.chunk_count = self.inner.chunks.chunk_count() as u64;
+        let inner = &self.inner;
+        let mut stats = *inner.stats.borrow();
+        let versions = &inner.engine.versions;
+        stats.versions = versions.approximate_versions();
+        stats.memory = versions.memory();
+        stats.engine_disk_bytes = versions.disk_bytes();
+        stats.flush_debt_bytes = self.wal_bytes_written().saturating_sub(inner.wal_bytes_at_checkpoint.get());
+        stats.chunks = inner.chunks.stats();
+        stats.chunk_count = inner.chunks.chunk_count() as u64;
         stats
     }
 
@@ -829,29 +815,43 @@ impl ShardStore {
         keys: &std::collections::HashSet<Bytes>,
     ) -> Result<u64, StoreError> {
         let mut deleted = 0;
-        let mut resume: Option<Bytes> = None;
+        let mut resume: Option<Vec<u8>> = None;
         loop {
-            // A step of keys at a time (as collection does), yielding between steps.
-            let (absent, last) = {
-                let versions = self.inner.versions.borrow();
-                let mut absent = Vec::new();
-                let mut last = None;
-                for (key, chain) in versions.iter_from(resume.as_deref()).take(limits::GC_KEYS_PER_STEP) {
-                    let live_below =
-                        chain.last().is_some_and(|latest| latest.body != Body::Tombstone && latest.ts < horizon);
-                    // A multi-master key the home lacks may be another region's write the home
-                    // has not received yet: only its own stream can delete it.
-                    if live_below && !keys.contains(key) && !self.inner.config.is_multi_master(key) {
-                        absent.push(key.clone());
-                    }
-                    last = Some(key.clone());
-                }
-                (absent, last)
-            };
+            // A step of keys at a time, read on the engine's lane: each key's newest version.
+            let after = resume.clone();
+            let (newest, last) = self
+                .read(move |versions| {
+                    let mut newest: Vec<(Vec<u8>, Version)> = Vec::new();
+                    let mut last: Option<Vec<u8>> = None;
+                    versions.scan(after.as_deref(), |key, version| {
+                        if last.as_deref() == Some(key.as_slice()) {
+                            return true;
+                        }
+                        if newest.len() == limits::GC_KEYS_PER_STEP {
+                            return false;
+                        }
+                        last = Some(key.clone());
+                        newest.push((key, version));
+                        true
+                    })?;
+                    Ok((newest, last))
+                })
+                .await?;
+            let absent: Vec<Bytes> = newest
+                .into_iter()
+                // A multi-master key the home lacks may be another region's write the home
+                // has not received yet: only its own stream can delete it.
+                .filter(|(key, latest)| {
+                    latest.body != Body::Tombstone
+                        && latest.ts < horizon
+                        && !keys.contains(key.as_slice())
+                        && !self.inner.config.is_multi_master(key)
+                })
+                .map(|(key, _)| Bytes::from(key))
+                .collect();
             deleted += self.tombstone(horizon, &absent).await?;
             let Some(last) = last else { return Ok(deleted) };
             resume = Some(last);
-            futures_lite::future::yield_now().await;
         }
     }
 
@@ -924,22 +924,46 @@ impl ShardStore {
             let mut hlc = inner.hlc.get();
             hlc.observe(glt);
             inner.hlc.set(hlc);
-            let mut duplicates = Vec::new();
-            let mut versions = inner.versions.borrow_mut();
+            // A record applied before (a resumed stream) counted its chunks then: which of its
+            // chunked versions the engine holds already is read first.
+            let chunked: Vec<Vec<u8>> = ops
+                .iter()
+                .zip(&bodies)
+                .filter(|(_, body)| matches!(body, Body::Chunked(_)))
+                .map(|(op, _)| op.key.to_vec())
+                .collect();
+            let held = if chunked.is_empty() {
+                Vec::new()
+            } else {
+                let found = self
+                    .read(move |versions| {
+                        let mut held = Vec::new();
+                        for key in chunked {
+                            if versions.contains(&key, glt)? {
+                                held.push(key);
+                            }
+                        }
+                        Ok(held)
+                    })
+                    .await;
+                // The record is durable: it is applied whatever the read says. Not knowing
+                // which versions are held costs at most a chunk kept too long, never data.
+                found.unwrap_or_else(|error| {
+                    tracing::warn!(shard = shard_id, %error, "could not check for versions applied before");
+                    Vec::new()
+                })
+            };
+            let mut memtable_bytes = 0;
             for (op, body) in ops.into_iter().zip(bodies) {
-                let list = match &body {
-                    Body::Chunked(list) => Some(list.clone()),
-                    _ => None,
-                };
-                // A record applied before (a resumed stream): its chunks were counted then.
-                if !versions.apply(op.key, glt, body) {
-                    duplicates.extend(list);
+                if let Body::Chunked(list) = &body
+                    && held.iter().any(|key| key.as_slice() == &op.key[..])
+                {
+                    inner.chunks.release(list)?;
+                    continue;
                 }
+                memtable_bytes = inner.engine.versions.apply(&op.key, &Version { ts: glt, body });
             }
-            drop(versions);
-            for list in &duplicates {
-                inner.chunks.release(list)?;
-            }
+            self.after_apply(memtable_bytes);
         } else {
             for body in &bodies {
                 if let Body::Chunked(list) = body {
@@ -960,12 +984,13 @@ impl ShardStore {
         (last, physical_us(last))
     }
 
-    /// Runs collection and checkpoints in the background until the store closes.
+    /// Runs collection and checkpoints in the background until the store closes, and
+    /// publishes the store's gauges. A failed checkpoint or collection is logged and tried
+    /// again on a later tick (the WAL keeps everything meanwhile).
     pub fn spawn_maintenance(&self) {
         let store = self.clone();
         glommio::spawn_local(async move {
             let tick = std::time::Duration::from_millis(100).min(store.inner.config.gc_interval);
-            // Wall time: a paced checkpoint can take many ticks.
             let mut last_gc = std::time::Instant::now();
             while !store.inner.closed.get() {
                 glommio::timer::sleep(tick).await;
@@ -974,15 +999,40 @@ impl ShardStore {
                     match store.collect_garbage().await {
                         // No interval for now: the horizon is unknown, try next round.
                         Ok(()) | Err(StoreError::Clock(_)) => {}
-                        Err(_) => break,
+                        Err(error) => tracing::warn!(shard = store.inner.config.shard_id, %error, "collection failed"),
                     }
                 }
-                if store.checkpoint_due() && store.checkpoint().await.is_err() {
-                    break;
+                if store.checkpoint_due()
+                    && let Err(error) = store.checkpoint().await
+                {
+                    tracing::warn!(shard = store.inner.config.shard_id, %error, "checkpoint failed; retried later");
                 }
+                store.publish_gauges();
             }
         })
         .detach();
+    }
+
+    /// The store's gauges, per shard, for the operator: memory by component against the
+    /// budget, engine files on disk, what a restart would replay.
+    fn publish_gauges(&self) {
+        let stats = self.stats();
+        let shard = self.inner.config.shard_id.to_string();
+        let memory = stats.memory;
+        let gauge = |name: &'static str, value: u64| {
+            #[expect(clippy::cast_precision_loss, reason = "gauges")]
+            metrics::gauge!(name, "shard" => shard.clone()).set(value as f64);
+        };
+        gauge("meridian_store_memtable_bytes", memory.active_memtable_bytes);
+        gauge("meridian_store_sealed_memtables", memory.sealed_memtables as u64);
+        gauge("meridian_store_cache_bytes", memory.cache_bytes);
+        gauge("meridian_store_pinned_index_filter_bytes", memory.pinned_bytes);
+        gauge("meridian_store_memory_budget_bytes", self.inner.config.memory_bytes_max);
+        gauge("meridian_store_engine_disk_bytes", stats.engine_disk_bytes);
+        gauge("meridian_store_flush_debt_bytes", stats.flush_debt_bytes);
+        gauge("meridian_store_versions", stats.versions);
+        gauge("meridian_store_versions_collected", stats.versions_collected);
+        gauge("meridian_store_engine_l0_runs", self.inner.engine.versions.l0_runs() as u64);
     }
 
     /// Stops maintenance, writes a final checkpoint (so the next open replays nothing) and
@@ -1034,37 +1084,125 @@ pub fn newest_checkpoint(dir: &Path, shard_id: u32) -> std::io::Result<Option<(u
     Ok(newest)
 }
 
-/// A checkpoint file's bytes, memory-mapped. What outlives the reading must be copied out
-/// ([`op::Op::detached`]): a newer checkpoint frees this file by punching holes in it, and the
-/// map then reads zeros there (which fail the records' checksums).
-pub fn map_checkpoint(path: &Path) -> std::io::Result<Bytes> {
+/// A checkpoint file's bytes, memory-mapped (checkpoints are read once, by the upgrade of a
+/// data directory written before the engine).
+fn map_checkpoint(path: &Path) -> std::io::Result<Bytes> {
     let file = std::fs::File::open(path)?;
-    // SAFETY: checkpoint files are written once under a temporary name and never modified
-    // after the rename, and never truncated: a newer checkpoint deletes an older one by
-    // punching holes (zeros, not SIGBUS) and unlinking it.
+    // SAFETY: checkpoint files were written once under a temporary name and never modified
+    // after the rename; nothing writes them any more.
     let map = unsafe { memmap2::Mmap::map(&file) }?;
     Ok(Bytes::from_owner(map))
 }
 
-/// Loads the newest checkpoint of the shard into `versions`, zero-copy from a memory map.
-fn load_checkpoint(config: &StoreConfig, versions: &mut VersionMap) -> Result<Option<CheckpointInfo>, StoreError> {
-    let newest = newest_checkpoint(&config.dir, config.shard_id).map_err(|error| StoreError::Recovery {
-        shard_id: config.shard_id,
+/// The engine's error, or its lane's, as the store's.
+fn engine_result<T>(shard_id: u32, outcome: Result<Result<T, EngineError>, LaneError>) -> Result<T, StoreError> {
+    match outcome {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(StoreError::Engine { shard_id, message: error.to_string() }),
+        Err(error) => Err(StoreError::Engine { shard_id, message: error.to_string() }),
+    }
+}
+
+/// Starts the shard's engine threads and opens its engine under `<dir>/engine`.
+async fn open_engine(config: &StoreConfig) -> Result<Engine, StoreError> {
+    let shard_id = config.shard_id;
+    let start = |name: &str, threads: usize| {
+        Lane::start(&format!("meridian-{name}{shard_id}"), threads).map_err(|error| StoreError::Engine {
+            shard_id,
+            message: format!("start the engine's {name} threads: {error}"),
+        })
+    };
+    let reads = start("read", limits::ENGINE_READ_THREADS)?;
+    let background = start("flush", 1)?;
+    let cache =
+        config.engine_cache.clone().unwrap_or_else(|| SharedCache::with_capacity_bytes(config.memory_bytes_max / 2));
+    let dir = config.dir.join("engine");
+    let opened = background.run(move || DiskVersions::open(&dir, cache.0)).await;
+    let versions = engine_result(shard_id, opened)?;
+    Ok(Engine { versions: Arc::new(versions), reads, background })
+}
+
+/// Replays the WAL from `from` to `durable` into the engine's memtable, flushing whenever it
+/// reaches `seal_bytes`. Returns the records and bytes replayed and the newest timestamp.
+async fn replay_wal(
+    config: &StoreConfig,
+    engine: &Engine,
+    from: u64,
+    durable: u64,
+    seal_bytes: u64,
+) -> Result<(u64, u64, u64), StoreError> {
+    let shard_id = config.shard_id;
+    let reader = WalReader::new(&config.wal.dir, shard_id, config.wal.record_payload_bytes_max);
+    let mut cursor = reader.cursor(from, durable);
+    let (mut replayed, mut replayed_bytes, mut max_ts) = (0u64, 0u64, 0u64);
+    while let Some(record) = cursor.next_record()? {
+        replayed_bytes += wire::encoded_len(record.payload.len()) as u64;
+        let ops = op::decode(&record.payload).map_err(|error| StoreError::Recovery {
+            shard_id,
+            message: format!("WAL record {} does not decode: {error}", record.lsn),
+        })?;
+        let mut memtable_bytes = 0;
+        for op in ops {
+            memtable_bytes = engine.versions.apply(&op.key, &Version { ts: record.glt, body: op.body });
+        }
+        max_ts = max_ts.max(record.glt);
+        replayed += 1;
+        if memtable_bytes >= seal_bytes {
+            engine.versions.seal(record.lsn + 1, max_ts);
+            let versions = Arc::clone(&engine.versions);
+            engine_result(shard_id, engine.background.run(move || versions.flush()).await)?;
+        }
+    }
+    Ok((replayed, replayed_bytes, max_ts))
+}
+
+/// Upgrades a data directory written before the engine: its newest full checkpoint is loaded
+/// into the engine and flushed (recording the checkpoint's LSN as where the WAL replays
+/// from), then the checkpoint files are deleted. A crash on the way repeats it (applying is
+/// idempotent).
+async fn migrate_checkpoint(config: &StoreConfig, engine: &Engine) -> Result<(), StoreError> {
+    let shard_id = config.shard_id;
+    let newest = newest_checkpoint(&config.dir, shard_id).map_err(|error| StoreError::Recovery {
+        shard_id,
         message: format!("list {}: {error}", config.dir.display()),
     })?;
-    let Some((_, path)) = newest else { return Ok(None) };
+    let Some((_, path)) = newest else { return Ok(()) };
     let fail = |message: String| StoreError::Checkpoint { path: path.display().to_string(), message };
-    let bytes = map_checkpoint(&path).map_err(|error| fail(format!("open: {error}")))?;
-    let info = checkpoint::decode(&bytes, config.wal.record_payload_bytes_max, |op, ts| {
-        let op = op.detached();
-        versions.apply(op.key, ts, op.body);
-    })
-    .map_err(|error| fail(error.to_string()))?;
-    if info.shard_id != config.shard_id {
-        return Err(fail(format!("belongs to shard {}", info.shard_id)));
-    }
-    versions.collect(info.horizon, None, 0);
-    Ok(Some(info))
+    let (versions, dir, payload_max) =
+        (Arc::clone(&engine.versions), config.dir.clone(), config.wal.record_payload_bytes_max);
+    let seal_bytes = config.memory_bytes_max / 8;
+    let file = path.clone();
+    let migrated = engine
+        .background
+        .run(move || -> Result<u64, String> {
+            let bytes = map_checkpoint(&file).map_err(|error| format!("open: {error}"))?;
+            let mut max_ts = 0;
+            let mut failed = None;
+            let info = checkpoint::decode(&bytes, payload_max, |op, ts| {
+                max_ts = max_ts.max(ts);
+                if versions.apply(&op.key, &Version { ts, body: op.body }) >= seal_bytes && failed.is_none() {
+                    // Replay from the start until the checkpoint is in: 1.
+                    versions.seal(1, max_ts);
+                    failed = versions.flush().err();
+                }
+            })
+            .map_err(|error| error.to_string())?;
+            if let Some(error) = failed {
+                return Err(error.to_string());
+            }
+            if info.shard_id != shard_id {
+                return Err(format!("belongs to shard {}", info.shard_id));
+            }
+            versions.seal(info.lsn, max_ts);
+            versions.flush().map_err(|error| error.to_string())?;
+            remove_checkpoints(&dir, shard_id, |_| true).map_err(|error| error.to_string())?;
+            Ok(info.versions)
+        })
+        .await
+        .map_err(|error| fail(error.to_string()))?
+        .map_err(fail)?;
+    tracing::info!(shard = shard_id, versions = migrated, "upgraded: the full checkpoint is now in the engine");
+    Ok(())
 }
 
 /// Opens every shard directory's store with `config_for(shard)`; a helper for binaries.

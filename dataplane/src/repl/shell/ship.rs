@@ -89,7 +89,7 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
     let file_error = |error| StreamError::File { shard: side.shard, error };
     let wal = WalExtent {
         first_lsn: reader.first_lsn().map_err(|error| StreamError::Wal { shard: side.shard, lsn: next_lsn, error })?,
-        checkpoint_lsn: side.files.newest_checkpoint().map_err(file_error)?.map(|(lsn, _)| lsn),
+        checkpoint_lsn: side.files.snapshot_lsn().map_err(file_error)?,
     };
     let from = match shipper.on_resume(next_lsn, wal, context.now_ns())? {
         Start::Batches { from } => {
@@ -97,11 +97,15 @@ async fn ship_stream(context: &Context, link: &PeerLink, side: &ThreadSide) -> R
             from
         }
         Start::Snapshot { resume_lsn } => {
-            // The pin is in the shard before the checkpoint file is opened: a checkpoint
-            // completing meanwhile deleted the file before it read the pin, so either the
-            // pin holds the WAL from `resume_lsn` or the file is gone and the stream starts
-            // over with the newer one.
+            // The pin is in the shard before the engine is read; a checkpoint that released
+            // the WAL past `resume_lsn` before the pin arrived makes this stream start over
+            // (with the newer flush's LSN).
             side.holds.update(peer, shipper.hold(), true).await?;
+            let first =
+                reader.first_lsn().map_err(|error| StreamError::Wal { shard: side.shard, lsn: resume_lsn, error })?;
+            if first.is_none_or(|first| first > resume_lsn) {
+                return Err(StreamError::Ended("the snapshot's resume LSN was released before its pin"));
+            }
             super::snapshot::send(context, peer, side, &mut send, next_lsn, resume_lsn).await?;
             shipper.on_snapshot_sent(context.now_ns())?
         }

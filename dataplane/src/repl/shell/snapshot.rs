@@ -1,7 +1,8 @@
 //! Installing a snapshot: a peer whose position the WAL no longer holds is sent the shard's
-//! newest checkpoint (the InstallSnapshot pattern): every version as an entry (chunked values
-//! read and put inline), in `Install` parts, read on a blocking thread while the stream sends.
-//! The batches resume at the checkpoint's LSN; the core pinned the WAL from there.
+//! engine (the InstallSnapshot pattern): every version as an entry (chunked values read and
+//! put inline), in `Install` parts, read from one consistent view of the engine on a blocking
+//! thread while the stream sends. The batches resume at the LSN the engine's last flush
+//! recorded; the core pinned the WAL from there before the view was taken.
 
 use tokio::sync::mpsc;
 use wire::repl::{self, Frame};
@@ -19,16 +20,16 @@ pub(super) struct Part {
     pub(super) body: Vec<u8>,
 }
 
-/// What the checkpoint reader hands the stream: parts, then the end with the horizon.
+/// What the snapshot reader hands the stream: parts, then the end with the horizon.
 pub(super) enum Produced {
     Part(Part),
     Done { horizon: u64 },
 }
 
-/// Snapshot parts in flight between the thread reading the checkpoint and the stream.
+/// Snapshot parts in flight between the thread reading the engine and the stream.
 const INSTALL_PARTS_AHEAD: usize = 4;
 
-/// Sends the checkpoint at `resume_lsn` to `peer`, which lacks `behind`.
+/// Sends the engine's versions to `peer`, which lacks `behind`; batches resume at `resume_lsn`.
 pub(super) async fn send(
     context: &Context,
     peer: &str,
@@ -46,16 +47,15 @@ pub(super) async fn send(
     );
     let (parts_tx, mut parts_rx) = mpsc::channel::<Result<Produced, StreamError>>(INSTALL_PARTS_AHEAD);
     let (files, codec, bytes_max) = (side.files.clone(), context.config.codec, context.config.batch_bytes_max);
-    let path = files.dir().join(crate::store::checkpoint::file_name(side.shard, resume_lsn));
     let producer = tokio::task::spawn_blocking(move || {
-        if let Err(error) = snapshot_parts(&files, &path, resume_lsn, codec, bytes_max, &parts_tx) {
+        if let Err(error) = snapshot_parts(&files, codec, bytes_max, &parts_tx) {
             let _ = parts_tx.blocking_send(Err(error));
         }
     });
     let _abort = AbortOnDrop(producer.abort_handle());
     let (mut versions, mut parts) = (0u64, 0u64);
     // One part is held back until the next arrives, so the last one goes out marked as such,
-    // with the horizon that only the end of the checkpoint gives.
+    // with the horizon that only the end of the snapshot gives.
     let mut pending: Option<Part> = None;
     let horizon = loop {
         match parts_rx.recv().await {
@@ -69,7 +69,7 @@ pub(super) async fn send(
             Some(Ok(Produced::Done { horizon })) => break horizon,
             Some(Err(error)) => return Err(error),
             // A panic on the reading thread: without `Done`, nothing is marked last.
-            None => return Err(StreamError::Ended("the checkpoint's end (its reader stopped)")),
+            None => return Err(StreamError::Ended("the snapshot's end (its reader stopped)")),
         }
     };
     // A snapshot without versions still ends with a last part (an empty body, compressed).
@@ -104,14 +104,12 @@ async fn write_part(
     write_frame(send, &Frame::Install(install)).await
 }
 
-/// Reads the shard's checkpoint at `path` (at `resume_lsn`) and sends its versions, as decoded,
-/// in compressed parts of up to `bytes_max` raw bytes (on a blocking thread). A damaged
-/// checkpoint fails after the parts before the damage went out: without the last part the
-/// receiver keeps its position, and what it applied are versions the shard has anyway.
+/// Reads the shard's engine and sends its versions in compressed parts of up to `bytes_max`
+/// raw bytes (on a blocking thread). An engine error fails after the parts before it went
+/// out: without the last part the receiver keeps its position, and what it applied are
+/// versions the shard has anyway.
 pub(super) fn snapshot_parts(
     files: &ShardFiles,
-    path: &std::path::Path,
-    resume_lsn: u64,
     codec: repl::Codec,
     bytes_max: usize,
     parts: &mpsc::Sender<Result<Produced, StreamError>>,
@@ -119,18 +117,17 @@ pub(super) fn snapshot_parts(
     let shard = files.shard_id();
     let mut builder = PartBuilder { files, codec, bytes_max, parts, raw: Vec::new(), count: 0, payload: Vec::new() };
     let mut outcome: Result<bool, StreamError> = Ok(true);
-    let info = files
-        .read_checkpoint(path, resume_lsn, |op, ts| {
-            if matches!(outcome, Ok(true)) {
-                outcome = builder.add(&op, ts);
-            }
+    let horizon = files
+        .read_snapshot(|op, ts| {
+            outcome = builder.add(&op, ts);
+            matches!(outcome, Ok(true))
         })
         .map_err(|error| StreamError::File { shard, error })?;
     if !outcome? {
         return Ok(()); // the stream ended
     }
     if builder.flush()? {
-        let _ = parts.blocking_send(Ok(Produced::Done { horizon: info.horizon }));
+        let _ = parts.blocking_send(Ok(Produced::Done { horizon }));
     }
     Ok(())
 }
@@ -206,7 +203,7 @@ mod tests {
     use wire::repl::Entries;
 
     use super::*;
-    use crate::store::checkpoint;
+    use crate::store::engine::{DiskVersions, SharedCache};
     use crate::store::op::{ChunkList, ChunkRef};
     use crate::store::versions::Version;
     use crate::wal::format::SECTOR_BYTES;
@@ -226,9 +223,9 @@ mod tests {
     type Shipped = (u64, Vec<u8>, Option<Vec<u8>>);
 
     /// Every version the parts carry, how many parts, and the horizon at the end.
-    fn shipped(path: &std::path::Path, lsn: u64, files: &ShardFiles) -> Result<(Vec<Shipped>, usize, u64), String> {
+    fn shipped(files: &ShardFiles) -> Result<(Vec<Shipped>, usize, u64), String> {
         let (tx, mut rx) = mpsc::channel(1024);
-        snapshot_parts(files, path, lsn, repl::Codec::Lz4, 600, &tx).map_err(|error| error.to_string())?;
+        snapshot_parts(files, repl::Codec::Lz4, 600, &tx).map_err(|error| error.to_string())?;
         drop(tx);
         let (mut out, mut parts) = (Vec::new(), 0);
         while let Some(produced) = rx.blocking_recv() {
@@ -255,23 +252,17 @@ mod tests {
         Err("the parts ended without the end".into())
     }
 
-    /// A checkpoint file of `versions` at `lsn` with `horizon`.
-    fn checkpoint_file(dir: &std::path::Path, lsn: u64, horizon: u64, versions: &[(&[u8], Version)]) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        checkpoint::encode_header(3, lsn, horizon, &mut bytes);
-        let mut scratch = Vec::new();
-        for (key, version) in versions {
-            checkpoint::encode_version(key, version, &mut scratch, &mut bytes).unwrap();
-        }
-        checkpoint::encode_footer(3, lsn, horizon, versions.len() as u64, &mut bytes);
-        std::fs::write(dir.join(checkpoint::file_name(3, lsn)), &bytes).unwrap();
-        bytes
-    }
-
     #[test]
-    fn a_snapshot_ships_every_version_of_the_checkpoint_with_chunks_inline_and_names_damage() {
+    fn a_snapshot_ships_every_version_of_the_engine_with_chunks_inline() {
         let dir = tempfile::tempdir().unwrap();
-        let files = ShardFiles::new(dir.path(), 3, 1 << 20, None);
+        let engine = Arc::new(
+            DiskVersions::open(&dir.path().join("engine"), SharedCache::with_capacity_bytes(1 << 20).0).unwrap(),
+        );
+        let slot = crate::store::EngineSlot::default();
+        let files = ShardFiles::new(dir.path(), 3, 1 << 20, None, Arc::clone(&slot));
+        assert_eq!(files.snapshot_lsn().unwrap(), None, "no engine yet");
+        slot.set(Arc::clone(&engine)).unwrap();
+        assert_eq!(files.snapshot_lsn().unwrap(), None, "nothing flushed: the WAL holds everything");
         let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
         let (first, second) = big.split_at(40_000);
         let list = ChunkList {
@@ -285,39 +276,31 @@ mod tests {
             (b"b", Version { ts: 15, body: Body::Chunked(Arc::new(list)) }),
             (b"c", Version { ts: 16, body: Body::Chunked(Arc::new(gone)) }),
         ];
-        let lsn = 77;
-        let bytes = checkpoint_file(dir.path(), lsn, 12, &versions);
-        let path = dir.path().join(checkpoint::file_name(3, lsn));
-        assert_eq!(files.newest_checkpoint().unwrap(), Some((lsn, path.clone())));
+        for (key, version) in &versions {
+            engine.apply(key, version);
+        }
+        engine.seal(77, 20);
+        engine.flush().unwrap();
+        engine.retention().advance(12);
+        assert_eq!(files.snapshot_lsn().unwrap(), Some(77));
+        // Applied after the flush: in the view too (the receiver applies it again from the WAL).
+        engine.apply(b"d", &Version { ts: 30, body: Body::Inline(Bytes::from_static(b"late")) });
 
-        let (got, parts, horizon) = shipped(&path, lsn, &files).unwrap();
+        let (got, parts, horizon) = shipped(&files).unwrap();
         assert_eq!(horizon, 12);
         // The version whose chunk was collected is gone at the home too: not shipped.
         let want = vec![
-            (10, b"a".to_vec(), Some(b"one".to_vec())),
             (20, b"a".to_vec(), None),
+            (10, b"a".to_vec(), Some(b"one".to_vec())),
             (15, b"b".to_vec(), Some(big.clone())),
+            (30, b"d".to_vec(), Some(b"late".to_vec())),
         ];
         assert_eq!(got, want);
         assert!(parts >= 2, "600-byte parts: the 70 kB value goes in a part of its own");
 
-        // Another LSN than the file's name, a damaged byte, a missing file: named errors.
-        assert!(shipped(&path, lsn + 1, &files).unwrap_err().contains("LSN 77"));
-        let mut damaged = bytes.clone();
-        let middle = damaged.len() / 2;
-        damaged[middle] ^= 1;
-        std::fs::write(&path, &damaged).unwrap();
-        assert!(shipped(&path, lsn, &files).unwrap_err().contains(&path.display().to_string()));
-        std::fs::remove_file(&path).unwrap();
-        assert!(shipped(&path, lsn, &files).is_err());
-        assert_eq!(files.newest_checkpoint().unwrap(), None);
-
-        // A checkpoint whose every version is gone ends without a part; the stream's empty
-        // last part still decompresses.
-        let gone = ChunkList { size: 5, chunks: vec![ChunkRef { hash: [8; 32], len: 5 }] };
-        checkpoint_file(dir.path(), 90, 30, &[(b"d", Version { ts: 16, body: Body::Chunked(Arc::new(gone)) })]);
-        let path = dir.path().join(checkpoint::file_name(3, 90));
-        assert_eq!(shipped(&path, 90, &files).unwrap(), (Vec::new(), 0, 30));
+        // Without an engine: a named error.
+        let bare = ShardFiles::new(dir.path(), 3, 1 << 20, None, crate::store::EngineSlot::default());
+        assert!(shipped(&bare).unwrap_err().contains("no engine"));
         for codec_ in [repl::Codec::None, repl::Codec::Lz4, repl::Codec::Snappy] {
             assert_eq!(codec::decompress(codec_, &codec::compress(codec_, &[]), 0).unwrap(), Vec::<u8>::new());
         }

@@ -42,6 +42,9 @@ pub enum CodecError {
     /// An empty value.
     #[error("empty engine value")]
     Empty,
+    /// A bookkeeping value (the replay LSN) of the wrong length.
+    #[error("engine bookkeeping value of {0} bytes, not 16")]
+    BadMeta(usize),
     /// An unknown tag byte.
     #[error("engine value has unknown tag {0}")]
     UnknownTag(u8),

@@ -3,10 +3,12 @@
 //! under a byte-budgeted cache that the shards of a node share.
 //!
 //! The tree keeps no journal of its own: the shard's WAL is the durability point. A write is
-//! inserted into the memtable after its WAL record is durable; [`DiskVersions::flush`] writes
-//! sealed memtables to table and blob files (synced by lsm-tree) and returns the highest
-//! applied LSN they hold, below which the WAL may be released. Recovery reopens the tree and
-//! replays the WAL from [`DiskVersions::flushed_lsn`].
+//! inserted into the memtable after its WAL record is durable; [`DiskVersions::seal`] closes
+//! the memtable with the LSN from which the WAL must be replayed to rebuild what it does not
+//! hold (every record below it is applied), and [`DiskVersions::flush`] writes sealed
+//! memtables to table and blob files (synced by lsm-tree) and returns that LSN: the WAL below
+//! it may be released. Recovery reopens the tree and replays the WAL from
+//! [`DiskVersions::replay_from`]; applying a version again is harmless.
 //!
 //! Retention is compaction-time filtering ([`Retention`]): a compaction keeps, per key, every
 //! version at or above the horizon and the newest below it (tombstones included, so an older
@@ -17,11 +19,13 @@
 //! Every call here is blocking file I/O: the shard runs them off its executor.
 
 pub mod codec;
+pub mod lane;
 
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use lsm_tree::{AbstractTree, AnyTree, Cache, Config, Guard as _, KvSeparationOptions, SequenceNumberCounter};
 use thiserror::Error;
@@ -33,12 +37,34 @@ use codec::CodecError;
 /// Engine keys of our own bookkeeping start with `0x00 0x00`, which no user key's engine key
 /// does (a user key's `0x00` is followed by `0xFF` or the terminator `0x01`); they sort first.
 const META_PREFIX: &[u8] = b"\x00\x00";
-/// The engine key holding the applied LSN.
-const APPLIED_LSN_KEY: &[u8] = b"\x00\x00applied-lsn";
+/// The engine key holding the LSN the WAL is replayed from, and the newest timestamp applied.
+const REPLAY_FROM_KEY: &[u8] = b"\x00\x00replay-from";
 
 /// Values of at least this many bytes go to blob files, so compaction rewrites keys and small
 /// values only.
 pub const SEPARATION_BYTES: u32 = 512;
+
+/// The block and blob cache the shards of a node share (its bytes count against the node's
+/// memory budget).
+#[derive(Clone)]
+pub struct SharedCache(pub Arc<Cache>);
+
+impl SharedCache {
+    /// A cache of at most `bytes`.
+    pub fn with_capacity_bytes(bytes: u64) -> Self {
+        Self(Arc::new(Cache::with_capacity_bytes(bytes)))
+    }
+}
+
+impl std::fmt::Debug for SharedCache {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SharedCache")
+            .field("capacity", &self.0.capacity())
+            .field("size", &self.0.size())
+            .finish()
+    }
+}
 
 /// A page of a listing: (key, visible version) pairs and whether more may follow.
 pub type DiskPage = (Vec<(Vec<u8>, Version)>, bool);
@@ -67,7 +93,7 @@ pub enum EngineError {
 }
 
 /// Sizes of the engine's memory, for the budget and the operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineMemory {
     /// Bytes in the memtable taking writes.
     pub active_memtable_bytes: u64,
@@ -86,9 +112,31 @@ pub struct DiskVersions {
     visible: SequenceNumberCounter,
     cache: Arc<Cache>,
     path: String,
-    /// Highest LSN inserted so far (written with the memtable when it is sealed).
-    applied_lsn: u64,
     retention: Arc<Retention>,
+    /// (replay LSN, newest timestamp) of each memtable sealed and not yet flushed, in order.
+    sealed_points: Mutex<Vec<(u64, u64)>>,
+    /// The point of the last memtable flushed.
+    flushed: Mutex<(u64, u64)>,
+    /// Sequence numbers of the reads in progress, with how many use each.
+    reads: Mutex<BTreeMap<u64, usize>>,
+}
+
+/// A read in progress (see [`DiskVersions::begin_read`]).
+struct ReadGuard<'a> {
+    versions: &'a DiskVersions,
+    seqno: u64,
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        let mut reads = self.versions.reads.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = reads.get_mut(&self.seqno) {
+            *count -= 1;
+            if *count == 0 {
+                reads.remove(&self.seqno);
+            }
+        }
+    }
 }
 
 /// The retention horizon compactions apply, and the chunk lists of the versions a running
@@ -97,6 +145,7 @@ pub struct DiskVersions {
 pub struct Retention {
     horizon: AtomicU64,
     destroyed: Mutex<Vec<Arc<ChunkList>>>,
+    destroyed_versions: AtomicU64,
 }
 
 impl Retention {
@@ -110,8 +159,13 @@ impl Retention {
         self.horizon.load(Ordering::Acquire)
     }
 
+    /// Versions compactions have destroyed since open.
+    pub fn destroyed_versions(&self) -> u64 {
+        self.destroyed_versions.load(Ordering::Acquire)
+    }
+
     fn take_destroyed(&self) -> Vec<Arc<ChunkList>> {
-        std::mem::take(&mut *self.destroyed.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        std::mem::take(&mut *self.destroyed.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -133,6 +187,7 @@ impl lsm_tree::compaction::Factory for RetentionFactory {
             current: None,
             kept_below: false,
             destroyed: Vec::new(),
+            destroyed_versions: 0,
         })
     }
 }
@@ -144,6 +199,7 @@ struct RetentionFilter {
     current: Option<Vec<u8>>,
     kept_below: bool,
     destroyed: Vec<Arc<ChunkList>>,
+    destroyed_versions: u64,
 }
 
 impl lsm_tree::compaction::CompactionFilter for RetentionFilter {
@@ -177,18 +233,20 @@ impl lsm_tree::compaction::CompactionFilter for RetentionFilter {
             Ok(_) => {}
             Err(_) => return Ok(Verdict::Keep),
         }
+        self.destroyed_versions += 1;
         Ok(Verdict::Destroy)
     }
 
     fn finish(self: Box<Self>) {
-        let RetentionFilter { retention, destroyed, .. } = *self;
-        retention.destroyed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(destroyed);
+        let RetentionFilter { retention, destroyed, destroyed_versions, .. } = *self;
+        retention.destroyed.lock().unwrap_or_else(PoisonError::into_inner).extend(destroyed);
+        retention.destroyed_versions.fetch_add(destroyed_versions, Ordering::AcqRel);
     }
 }
 
 impl std::fmt::Debug for DiskVersions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DiskVersions").field("path", &self.path).field("applied_lsn", &self.applied_lsn).finish()
+        f.debug_struct("DiskVersions").field("path", &self.path).finish()
     }
 }
 
@@ -208,8 +266,19 @@ impl DiskVersions {
             seqno.fetch_max(highest + 1);
             visible.fetch_max(highest + 1);
         }
-        let mut versions = Self { tree, seqno, visible, cache, path: display, applied_lsn: 0, retention };
-        versions.applied_lsn = versions.flushed_lsn()?;
+        let versions = Self {
+            tree,
+            seqno,
+            visible,
+            cache,
+            path: display,
+            retention,
+            sealed_points: Mutex::default(),
+            flushed: Mutex::new((1, 0)),
+            reads: Mutex::default(),
+        };
+        let point = versions.read_flushed_point()?;
+        *versions.flushed.lock().unwrap_or_else(PoisonError::into_inner) = point;
         Ok(versions)
     }
 
@@ -221,22 +290,68 @@ impl DiskVersions {
         EngineError::Codec { path: self.path.clone(), error }
     }
 
-    /// Inserts `key`'s version at `ts`, written by the WAL record `lsn`. Idempotent: the same
-    /// version again replaces itself. Returns the active memtable's size in bytes.
-    pub fn apply(&mut self, lsn: u64, key: &[u8], version: &Version) -> u64 {
+    /// Inserts `key`'s version at `ts` into the memtable (memory only, no I/O). Idempotent:
+    /// the same version again replaces itself. Returns the active memtable's size in bytes.
+    pub fn apply(&self, key: &[u8], version: &Version) -> u64 {
         let seq = self.seqno.next();
         let (_, memtable_bytes) =
             self.tree.insert(codec::encode_key(key, version.ts), codec::encode_body(&version.body), seq);
         self.visible.fetch_max(seq + 1);
-        self.applied_lsn = self.applied_lsn.max(lsn);
         memtable_bytes
+    }
+
+    /// Whether `key` has a version at exactly `ts`.
+    pub fn contains(&self, key: &[u8], ts: u64) -> Result<bool, EngineError> {
+        let engine_key = codec::encode_key(key, ts);
+        let read = self.begin_read();
+        self.tree.contains_key(&engine_key, read.seqno).map_err(|error| self.tree_error("read", &error))
+    }
+
+    /// How many versions `key` holds.
+    pub fn version_count(&self, key: &[u8]) -> Result<usize, EngineError> {
+        let (from, to) = (codec::encode_key(key, u64::MAX), codec::encode_key(key, 0));
+        let mut count = 0;
+        let read = self.begin_read();
+        for entry in self.tree.range(from..=to, read.seqno, None) {
+            entry.key().map_err(|error| self.tree_error("read", &error))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// Calls `each` with every version of every key after `start_after`, in key order and
+    /// newest first within a key, until it returns `false`. One consistent view: flushes and
+    /// compactions meanwhile do not change what the scan sees.
+    pub fn scan(
+        &self,
+        start_after: Option<&[u8]>,
+        mut each: impl FnMut(Vec<u8>, Version) -> bool,
+    ) -> Result<(), EngineError> {
+        let lower = match start_after {
+            Some(after) => Bound::Excluded(codec::encode_key(after, 0)),
+            None => Bound::Unbounded,
+        };
+        let read = self.begin_read();
+        for entry in self.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded), read.seqno, None) {
+            let (engine_key, value) = entry.into_inner().map_err(|error| self.tree_error("scan", &error))?;
+            if engine_key.starts_with(META_PREFIX) {
+                continue;
+            }
+            let (key, ts) = codec::decode_key(&engine_key).map_err(|error| self.codec_error(error))?;
+            let body = codec::decode_body(&value).map_err(|error| self.codec_error(error))?;
+            if !each(key, Version { ts, body }) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The version of `key` visible at `at` (the newest with `ts <= at`), tombstones included.
     pub fn get_at(&self, key: &[u8], at: u64) -> Result<Option<Version>, EngineError> {
         let from = codec::encode_key(key, at);
         let to = codec::encode_key(key, 0);
-        let Some(entry) = self.tree.range(from..=to, self.visible.get(), None).next() else { return Ok(None) };
+        let read = self.begin_read();
+        let Some(entry) = self.tree.range(from..=to, read.seqno, None).next() else { return Ok(None) };
         let (engine_key, value) = entry.into_inner().map_err(|error| self.tree_error("read", &error))?;
         let (_, ts) = codec::decode_key(&engine_key).map_err(|error| self.codec_error(error))?;
         let body = codec::decode_body(&value).map_err(|error| self.codec_error(error))?;
@@ -261,7 +376,8 @@ impl DiskVersions {
         };
         let mut out: Vec<(Vec<u8>, Version)> = Vec::new();
         let mut last_key: Option<Vec<u8>> = None;
-        for entry in self.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded), self.visible.get(), None) {
+        let read = self.begin_read();
+        for entry in self.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded), read.seqno, None) {
             let (engine_key, value) = entry.into_inner().map_err(|error| self.tree_error("list", &error))?;
             if !engine_key.starts_with(&start) {
                 break;
@@ -286,31 +402,88 @@ impl DiskVersions {
         Ok((out, false))
     }
 
-    /// Seals the active memtable (with the applied LSN in it), so [`Self::flush`] writes it.
-    pub fn seal(&mut self) {
+    /// Seals the active memtable, so [`Self::flush`] writes it, recording that every WAL
+    /// record below `replay_from` is applied (in it or before it) and the newest timestamp
+    /// applied, `max_ts`.
+    pub fn seal(&self, replay_from: u64, max_ts: u64) {
         let seq = self.seqno.next();
-        self.tree.insert(APPLIED_LSN_KEY.to_vec(), self.applied_lsn.to_le_bytes().to_vec(), seq);
+        let mut value = replay_from.to_le_bytes().to_vec();
+        value.extend_from_slice(&max_ts.to_le_bytes());
+        self.tree.insert(REPLAY_FROM_KEY.to_vec(), value, seq);
         self.visible.fetch_max(seq + 1);
-        self.tree.rotate_memtable();
+        let mut sealed = self.sealed_points.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.tree.rotate_memtable().is_some() {
+            sealed.push((replay_from.max(1), max_ts));
+        }
     }
 
-    /// Writes every sealed memtable to synced table and blob files. Returns the applied LSN
-    /// now on disk: the WAL below it may be released.
+    /// Writes every sealed memtable to synced table and blob files. Returns the LSN the WAL
+    /// is now replayed from: the WAL below it may be released.
     pub fn flush(&self) -> Result<u64, EngineError> {
+        // The memtables sealed by now are what this flush writes (one sealed meanwhile may be
+        // written too; its point is then reported by the next flush).
+        let points = {
+            let sealed = self.sealed_points.lock().unwrap_or_else(PoisonError::into_inner);
+            sealed.len()
+        };
         let lock = self.tree.get_flush_lock();
-        self.tree.flush(&lock, self.visible.get()).map_err(|error| self.tree_error("flush", &error))?;
+        self.tree.flush(&lock, self.gc_watermark()).map_err(|error| self.tree_error("flush", &error))?;
         drop(lock);
-        self.flushed_lsn()
+        let mut sealed = self.sealed_points.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(point) = sealed.drain(..points).next_back() {
+            *self.flushed.lock().unwrap_or_else(PoisonError::into_inner) = point;
+        }
+        Ok(self.flushed_point().0)
     }
 
-    /// The applied LSN the last flushed memtable recorded (0 if none).
-    pub fn flushed_lsn(&self) -> Result<u64, EngineError> {
-        let Some(persisted) = self.tree.get_highest_persisted_seqno() else { return Ok(0) };
+    /// The LSN the WAL must be replayed from (1: every record), as the last flushed memtable
+    /// recorded.
+    pub fn replay_from(&self) -> u64 {
+        self.flushed_point().0
+    }
+
+    /// The newest timestamp the flushed memtables hold (0 if none).
+    pub fn flushed_max_ts(&self) -> u64 {
+        self.flushed_point().1
+    }
+
+    fn flushed_point(&self) -> (u64, u64) {
+        *self.flushed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The point the tables on disk recorded (read at open, when every memtable is flushed).
+    fn read_flushed_point(&self) -> Result<(u64, u64), EngineError> {
+        let read = self.begin_read();
         let value = self
             .tree
-            .get(APPLIED_LSN_KEY, persisted + 1)
-            .map_err(|error| self.tree_error("read the applied LSN", &error))?;
-        Ok(value.and_then(|bytes| bytes.as_ref().try_into().ok()).map_or(0, u64::from_le_bytes))
+            .get(REPLAY_FROM_KEY, read.seqno)
+            .map_err(|error| self.tree_error("read the replay LSN", &error))?;
+        let Some(value) = value else { return Ok((1, 0)) };
+        match (value.get(..8), value.get(8..16)) {
+            (Some(lsn), Some(ts)) if value.len() == 16 => Ok((
+                u64::from_le_bytes(lsn.try_into().unwrap_or_default()).max(1),
+                u64::from_le_bytes(ts.try_into().unwrap_or_default()),
+            )),
+            _ => Err(self.codec_error(CodecError::BadMeta(value.len()))),
+        }
+    }
+
+    /// Registers a read at the newest visible sequence number until the guard drops: flushes
+    /// and compactions keep the tree's versions that read needs (lsm-tree frees the versions
+    /// older than the watermark they are given, and a read whose sequence number no version
+    /// is older than panics).
+    fn begin_read(&self) -> ReadGuard<'_> {
+        let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
+        let seqno = self.visible.get();
+        *reads.entry(seqno).or_default() += 1;
+        ReadGuard { versions: self, seqno }
+    }
+
+    /// The oldest sequence number a read in progress uses, or the newest visible one.
+    fn gc_watermark(&self) -> u64 {
+        let reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
+        let visible = self.visible.get();
+        reads.keys().next().map_or(visible, |oldest| (*oldest).min(visible))
     }
 
     /// The retention horizon: compactions destroy versions older than the newest below it.
@@ -326,12 +499,12 @@ impl DiskVersions {
             return Ok(None);
         }
         let strategy = Arc::new(lsm_tree::compaction::Leveled::default());
-        self.finish_compaction(self.tree.compact(strategy, self.visible.get())).map(Some)
+        self.finish_compaction(self.tree.compact(strategy, self.gc_watermark())).map(Some)
     }
 
     /// Compacts every table into the last level (retention applied to all of them).
     pub fn compact_all(&self) -> Result<Vec<Arc<ChunkList>>, EngineError> {
-        self.finish_compaction(self.tree.major_compact(64 << 20, self.visible.get()))
+        self.finish_compaction(self.tree.major_compact(64 << 20, self.gc_watermark()))
     }
 
     /// What a compaction destroyed, once it succeeded; a failed one destroyed nothing durable.
@@ -354,5 +527,16 @@ impl DiskVersions {
     /// Bytes of table and blob files on disk.
     pub fn disk_bytes(&self) -> u64 {
         self.tree.disk_space()
+    }
+
+    /// Versions held (an estimate: versions destroyed by retention or written twice are
+    /// counted until compactions drop them).
+    pub fn approximate_versions(&self) -> u64 {
+        self.tree.approximate_len() as u64
+    }
+
+    /// Runs of tables in level 0 (what compaction works down).
+    pub fn l0_runs(&self) -> usize {
+        self.tree.l0_run_count()
     }
 }
