@@ -35,6 +35,7 @@ bench:
 	$(CARGO) build --release -p dataplane -p controlplane -p bench
 	./target/release/bench wal $(BENCH_ARGS)
 	./target/release/bench engine $(BENCH_ARGS)
+	./target/release/bench store $(BENCH_ARGS)
 	./target/release/bench kv $(BENCH_ARGS)
 	./target/release/bench control $(BENCH_ARGS)
 	./target/release/bench geo $(BENCH_ARGS)

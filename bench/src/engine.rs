@@ -52,7 +52,7 @@ pub struct EngineArgs {
     json: bool,
 }
 
-const KEY_BYTES: usize = 16;
+pub(crate) const KEY_BYTES: usize = 16;
 
 /// The sizes both engines are given.
 #[derive(Debug, Clone, Copy)]
@@ -85,14 +85,14 @@ impl Shape {
 }
 
 /// splitmix64: a bijection on u64, so `key(i)` for distinct `i` are distinct and spread.
-fn mix(mut value: u64) -> u64 {
+pub(crate) fn mix(mut value: u64) -> u64 {
     value = value.wrapping_add(0x9e37_79b9_7f4a_7c15);
     value = (value ^ (value >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     value = (value ^ (value >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     value ^ (value >> 31)
 }
 
-fn key(index: u64) -> [u8; KEY_BYTES] {
+pub(crate) fn key(index: u64) -> [u8; KEY_BYTES] {
     let mut key = [0_u8; KEY_BYTES];
     key[..8].copy_from_slice(&mix(index).to_be_bytes());
     key[8..].copy_from_slice(&index.to_be_bytes());
@@ -100,7 +100,7 @@ fn key(index: u64) -> [u8; KEY_BYTES] {
 }
 
 /// Incompressible value bytes for write `seq`.
-fn value(seq: u64, bytes: usize) -> Vec<u8> {
+pub(crate) fn value(seq: u64, bytes: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes + 8);
     let mut state = seq;
     while out.len() < bytes {
@@ -112,7 +112,7 @@ fn value(seq: u64, bytes: usize) -> Vec<u8> {
 }
 
 /// (current RSS, peak RSS) of this process in bytes.
-fn rss_bytes() -> Result<(u64, u64)> {
+pub(crate) fn rss_bytes() -> Result<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let field = |name: &str| {
         status
@@ -126,12 +126,12 @@ fn rss_bytes() -> Result<(u64, u64)> {
 }
 
 /// Resets the peak RSS to the current one.
-fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Writes dirty pages and drops the page cache (root only), so reads go to the device.
-fn drop_page_cache() -> bool {
+pub(crate) fn drop_page_cache() -> bool {
     device::quiesce();
     std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
@@ -141,7 +141,7 @@ struct Phase {
     latency: Histogram<u64>,
 }
 
-fn new_histogram() -> Result<Histogram<u64>> {
+pub(crate) fn new_histogram() -> Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, 600_000_000_000, 3)?)
 }
 
@@ -311,13 +311,13 @@ fn run_lsm(dir: &Path, shape: &Shape, separation_bytes: u32) -> Result<LsmResult
 
 /// One db_bench benchmark's ops/s and p99 in µs.
 #[derive(Debug, Clone, Copy)]
-struct DbBenchFigures {
-    ops_per_s: f64,
-    p99_us: f64,
+pub(crate) struct DbBenchFigures {
+    pub(crate) ops_per_s: f64,
+    pub(crate) p99_us: f64,
 }
 
 /// Reads `name : … N ops/sec …` and the `Percentiles: … P99: x` line after it.
-fn parse_db_bench(output: &str, name: &str) -> Result<DbBenchFigures> {
+pub(crate) fn parse_db_bench(output: &str, name: &str) -> Result<DbBenchFigures> {
     let mut lines = output.lines().skip_while(|line| !line.starts_with(&format!("{name} ")));
     let summary = lines.next().with_context(|| format!("db_bench printed no {name} line"))?;
     // "… 246724 ops/sec …": the number before its unit.
@@ -370,7 +370,7 @@ fn db_bench(path: &Path, shape: &Shape, separation_bytes: u32, benchmarks: &str,
 
 /// Bytes written to the block device holding `dir` (sectors written, from sysfs): both
 /// engines' write amplification is what reached the device per byte of keys and values put.
-fn device_written_bytes(dir: &Path) -> Result<u64> {
+pub(crate) fn device_written_bytes(dir: &Path) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(dir)?.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));

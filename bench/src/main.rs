@@ -13,6 +13,7 @@ mod lag;
 mod process;
 mod redis;
 mod report;
+mod store;
 mod wal;
 
 use std::process::ExitCode;
@@ -44,6 +45,10 @@ enum Command {
     /// filled to several times it, overwritten and read at random, against RocksDB's db_bench
     /// with the same shape and fio's random 4 KiB reads.
     Engine(engine::EngineArgs),
+    /// One shard's store under a memory budget (WAL + engine), filled with 1 KiB values to
+    /// several times the budget by 256 durable writers, overwritten and read at random, restart
+    /// time at full size, against RocksDB's db_bench --sync=1 and fio's random 4 KiB reads.
+    Store(store::StoreArgs),
     /// Durable WAL appends (O_DIRECT + group commit + fdatasync) against fio and a raw
     /// write+fdatasync probe at the WAL's own mean batch size.
     Wal(wal::WalArgs),
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         Command::Cluster(args) => cluster::run(&args),
         Command::Snapshot(args) => cluster::run_snapshot(&args),
         Command::Engine(args) => engine::run(&args),
+        Command::Store(args) => store::run(&args),
         Command::Wal(args) => wal::run(&args),
         Command::Kv(args) => kv::run(&args),
         Command::Control(args) => control::run(&args),

@@ -654,3 +654,114 @@ fn versions_recovered_from_the_wal_and_a_checkpoint_survive_those_files_being_fr
         store.close().await.unwrap();
     });
 }
+
+/// A data directory written before the engine holds a full checkpoint: the shard loads it into
+/// its engine at open, deletes it, and reads every version from the engine from then on.
+#[test]
+fn a_full_checkpoint_from_before_the_engine_is_upgraded_at_open() {
+    use dataplane::store::Version;
+    use dataplane::store::checkpoint;
+    use dataplane::store::op::Body;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(10_000_000));
+    let config = small_store(dir.path(), Arc::clone(&clock));
+    let versions: Vec<(&[u8], Version)> = vec![
+        (b"a", Version { ts: 100, body: Body::Inline(bytes::Bytes::from_static(b"one")) }),
+        (b"a", Version { ts: 200, body: Body::Inline(bytes::Bytes::from_static(b"two")) }),
+        (b"b", Version { ts: 150, body: Body::Tombstone }),
+        (b"c", Version { ts: 120, body: Body::Inline(bytes::Bytes::from_static(b"three")) }),
+    ];
+    let mut file = Vec::new();
+    let mut scratch = Vec::new();
+    checkpoint::encode_header(0, 1, 0, &mut file);
+    for (key, version) in &versions {
+        checkpoint::encode_version(key, version, &mut scratch, &mut file).unwrap();
+    }
+    checkpoint::encode_footer(0, 1, 0, versions.len() as u64, &mut file);
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let path = dir.path().join(checkpoint::file_name(0, 1));
+    std::fs::write(&path, &file).unwrap();
+    let expect = |store: ShardStore| async move {
+        assert_eq!(&store.get(b"a", None).await.unwrap().unwrap().1[..], b"two");
+        assert_eq!(&store.get(b"a", Some(150)).await.unwrap().unwrap().1[..], b"one");
+        assert_eq!(store.get(b"b", None).await.unwrap(), None);
+        assert_eq!(&store.get(b"c", None).await.unwrap().unwrap().1[..], b"three");
+        // The clock continues above the newest version loaded.
+        assert!(store.put(b"d", b"new").await.unwrap() > 200);
+        store.close().await.unwrap();
+    };
+    run(async move {
+        expect(ShardStore::open(config.clone()).await.unwrap()).await;
+        assert!(!path.exists(), "the full checkpoint is deleted once the engine holds it");
+        expect(ShardStore::open(config).await.unwrap()).await;
+    });
+}
+
+/// An engine table or blob file gone or torn after a clean close (the WAL below the flush is
+/// released, so only the engine holds the data): opening or reading the store is a named engine
+/// error, never a key silently missing or a wrong value.
+#[test]
+fn a_missing_or_torn_engine_file_is_a_named_error_never_silent_loss() {
+    fn files(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut out: Vec<_> = std::fs::read_dir(dir).unwrap().map(|entry| entry.unwrap().path()).collect();
+        out.sort();
+        out
+    }
+    let value = |index: u32| -> Vec<u8> {
+        // Half of them large enough for blob files.
+        let len = if index.is_multiple_of(2) { 700 } else { 90 };
+        (0..len).map(|byte| (index as usize * 31 + byte) as u8).collect()
+    };
+    for damage in ["missing table", "torn table", "missing blob", "torn blob"] {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(10_000_000));
+        let mut config = small_store(dir.path(), Arc::clone(&clock));
+        config.retention = std::time::Duration::from_secs(3600);
+        let written = config.clone();
+        run(async move {
+            let store = ShardStore::open(written).await.unwrap();
+            for index in 0..3000_u32 {
+                store.put(format!("key-{index:05}").as_bytes(), &value(index)).await.unwrap();
+            }
+            store.close().await.unwrap();
+        });
+        let engine = dir.path().join("engine");
+        let (folder, torn) = match damage {
+            "missing table" => ("tables", false),
+            "torn table" => ("tables", true),
+            "missing blob" => ("blobs", false),
+            _ => ("blobs", true),
+        };
+        let victims = files(&engine.join(folder));
+        assert!(!victims.is_empty(), "{damage}: the engine wrote {folder}");
+        let victim = &victims[victims.len() / 2];
+        if torn {
+            let length = std::fs::metadata(victim).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(victim).unwrap().set_len(length / 2).unwrap();
+        } else {
+            std::fs::remove_file(victim).unwrap();
+        }
+        run(async move {
+            let store = match ShardStore::open(config).await {
+                Err(error) => {
+                    let message = error.to_string();
+                    assert!(message.contains("engine"), "{damage}: {message}");
+                    return;
+                }
+                Ok(store) => store,
+            };
+            let mut errors = 0;
+            for index in 0..3000_u32 {
+                match store.get(format!("key-{index:05}").as_bytes(), None).await {
+                    Ok(Some((_, got))) => assert_eq!(&got[..], &value(index)[..], "{damage}: key {index}"),
+                    Ok(None) => panic!("{damage}: key {index} silently missing"),
+                    Err(error) => {
+                        assert!(error.to_string().contains("engine"), "{damage}: {error}");
+                        errors += 1;
+                    }
+                }
+            }
+            assert!(errors > 0, "{damage}: the damaged file was read without an error");
+        });
+    }
+}

@@ -690,6 +690,17 @@ impl ShardStore {
         }
         let result = self.flush_engine().await;
         inner.checkpointing.set(false);
+        if result.is_ok() && inner.engine.versions.l0_runs() >= limits::ENGINE_L0_RUNS_COMPACT && !inner.closed.get() {
+            // Level 0 piled up: compact now rather than at the next collection, so reads keep
+            // few runs to look through.
+            let store = self.clone();
+            glommio::spawn_local(async move {
+                if let Err(error) = store.collect_garbage().await {
+                    tracing::warn!(shard = store.inner.config.shard_id, %error, "compaction failed; retried later");
+                }
+            })
+            .detach();
+        }
         result.map(Some)
     }
 
