@@ -194,6 +194,15 @@ fn run_store(dir: &Path, args: &StoreArgs, keys: u64) -> Result<StoreResult> {
             .await?;
             let full = take(&windows[0])?;
             let (rss_steady, _) = rss_bytes()?;
+            let memory = store.stats().memory;
+            eprintln!(
+                "bench store: engine memory at the end: memtable {} MiB, {} sealed, cache {} MiB, pinned indexes and filters {} MiB; RSS {} MiB",
+                memory.active_memtable_bytes >> 20,
+                memory.sealed_memtables,
+                memory.cache_bytes >> 20,
+                memory.pinned_bytes >> 20,
+                rss_steady >> 20
+            );
             store.close().await.context("closing the store")?;
             Ok::<_, anyhow::Error>((at_10, at_50, fill, full, rss_steady))
         }

@@ -98,7 +98,10 @@ pub struct StoreStats {
 struct Engine {
     versions: Arc<DiskVersions>,
     reads: Lane,
+    /// Flushes (and open).
     background: Lane,
+    /// Compactions, beside flushes: a long compaction never holds a flush back.
+    compactions: Lane,
 }
 
 struct Inner {
@@ -112,6 +115,8 @@ struct Inner {
     /// closed timestamp stays below the first local write not yet durable.
     inflight: RefCell<BTreeMap<u64, u64>>,
     checkpointing: Cell<bool>,
+    /// The memory budget sealed a memtable while a checkpoint ran: flush again after it.
+    flush_wanted: Cell<bool>,
     wal_bytes_carried: u64,
     wal_bytes_at_checkpoint: Cell<u64>,
     /// WAL bytes after the last checkpoint that make the next one due (see
@@ -260,6 +265,7 @@ impl ShardStore {
                 hlc: Cell::new(hlc),
                 inflight: RefCell::default(),
                 checkpointing: Cell::new(false),
+                flush_wanted: Cell::new(false),
                 stats: RefCell::new(stats),
                 closed: Cell::new(false),
             }),
@@ -283,13 +289,23 @@ impl ShardStore {
         engine_result(self.inner.config.shard_id, outcome)
     }
 
-    /// Runs `job` against the engine on the background lane (flushes, compactions).
+    /// Runs `job` against the engine on the flush lane.
     async fn background<T: Send + 'static>(
         &self,
         job: impl FnOnce(&DiskVersions) -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let versions = Arc::clone(&self.inner.engine.versions);
         let outcome = self.inner.engine.background.run(move || job(&versions)).await;
+        engine_result(self.inner.config.shard_id, outcome)
+    }
+
+    /// Runs `job` against the engine on the compaction lane.
+    async fn compaction<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&DiskVersions) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let versions = Arc::clone(&self.inner.engine.versions);
+        let outcome = self.inner.engine.compactions.run(move || job(&versions)).await;
         engine_result(self.inner.config.shard_id, outcome)
     }
 
@@ -470,22 +486,48 @@ impl ShardStore {
 
     /// Starts a checkpoint once the memtable has reached its share of the memory budget.
     fn after_apply(&self, memtable_bytes: u64) {
-        if memtable_bytes >= self.inner.memtable_seal_bytes && !self.inner.checkpointing.get() {
-            let store = self.clone();
-            glommio::spawn_local(async move {
-                if let Err(error) = store.checkpoint().await {
-                    tracing::warn!(shard = store.inner.config.shard_id, %error, "checkpoint failed; retried later");
-                }
-            })
-            .detach();
+        let inner = &self.inner;
+        if memtable_bytes < inner.memtable_seal_bytes {
+            return;
         }
+        // Sealed at once, whether or not a flush is running (up to two wait for flushes).
+        if inner.engine.versions.memory().sealed_memtables < 2 {
+            self.seal_memtable();
+        }
+        if inner.checkpointing.get() {
+            inner.flush_wanted.set(true);
+            return;
+        }
+        let store = self.clone();
+        glommio::spawn_local(async move {
+            if let Err(error) = store.run_checkpoints(false).await {
+                tracing::warn!(shard = store.inner.config.shard_id, %error, "checkpoint failed; retried later");
+            }
+        })
+        .detach();
     }
 
-    /// Waits while the engine holds two sealed memtables its flushes have not written yet: the
-    /// memtables stay within their share of the budget, and writes slow to what the disk
-    /// takes.
+    /// Seals the active memtable with the replay LSN: every record below the first LSN
+    /// reserved and not yet applied is in it or before it.
+    fn seal_memtable(&self) {
+        let inner = &self.inner;
+        let durable = inner.wal.durable_next_lsn();
+        let replay_from = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
+        inner.engine.versions.seal(replay_from, inner.hlc.get().last());
+    }
+
+    /// Waits while the memtable is full and two sealed ones wait for their flush: memtables
+    /// stay within three eighths of the budget, and writes slow to what the disk takes.
     async fn wait_for_memtable_room(&self) {
-        while self.inner.engine.versions.memory().sealed_memtables >= 2 && !self.inner.closed.get() {
+        let inner = &self.inner;
+        loop {
+            let memory = inner.engine.versions.memory();
+            if memory.sealed_memtables < 2
+                || memory.active_memtable_bytes < inner.memtable_seal_bytes
+                || inner.closed.get()
+            {
+                return;
+            }
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
     }
@@ -646,7 +688,7 @@ impl ShardStore {
         let horizon = timestamp_at(inner.config.clock.interval()?.earliest_us().saturating_sub(retention_us))
             .min(inner.collect_floor.get());
         inner.engine.versions.retention().advance(horizon);
-        let destroyed = self.background(|versions| versions.compact_if_needed(limits::ENGINE_L0_RUNS_COMPACT)).await?;
+        let destroyed = self.compaction(|versions| versions.compact_if_needed(limits::ENGINE_L0_RUNS_COMPACT)).await?;
         self.release_destroyed(destroyed.unwrap_or_default())
     }
 
@@ -654,7 +696,7 @@ impl ShardStore {
     /// them (what an operator runs to reclaim space at once; compactions otherwise run as
     /// level 0 fills).
     pub async fn compact(&self) -> Result<(), StoreError> {
-        let destroyed = self.background(DiskVersions::compact_all).await?;
+        let destroyed = self.compaction(DiskVersions::compact_all).await?;
         self.release_destroyed(destroyed)
     }
 
@@ -684,11 +726,20 @@ impl ShardStore {
     /// checkpoint, then releases the WAL below the LSN it recorded. Returns that LSN, or
     /// `None` when a checkpoint is already running.
     pub async fn checkpoint(&self) -> Result<Option<u64>, StoreError> {
+        self.run_checkpoints(true).await
+    }
+
+    /// A checkpoint (`seal`: of the active memtable too; else of the sealed ones), and again
+    /// while the memory budget asked for one meanwhile.
+    async fn run_checkpoints(&self, seal: bool) -> Result<Option<u64>, StoreError> {
         let inner = &self.inner;
         if inner.checkpointing.replace(true) {
             return Ok(None);
         }
-        let result = self.flush_engine().await;
+        let mut result = self.flush_engine(seal).await;
+        while result.is_ok() && inner.flush_wanted.replace(false) {
+            result = self.flush_engine(false).await;
+        }
         inner.checkpointing.set(false);
         if result.is_ok() && inner.engine.versions.l0_runs() >= limits::ENGINE_L0_RUNS_COMPACT && !inner.closed.get() {
             // Level 0 piled up: compact now rather than at the next collection, so reads keep
@@ -704,7 +755,7 @@ impl ShardStore {
         result.map(Some)
     }
 
-    async fn flush_engine(&self) -> Result<u64, StoreError> {
+    async fn flush_engine(&self, seal: bool) -> Result<u64, StoreError> {
         let inner = &self.inner;
         let config = &inner.config;
         if let Some(errno) = config.wal.faults.as_ref().and_then(|faults| faults.on_store(StoreFault::Checkpoint)) {
@@ -712,11 +763,10 @@ impl ShardStore {
             return Err(StoreError::Engine { shard_id: config.shard_id, message });
         }
         let wal_bytes = self.wal_bytes_written();
-        let durable = inner.wal.durable_next_lsn();
-        // Every record below it is applied: the sealed memtable or the tables hold it.
-        let replay_from = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
         let started = std::time::Instant::now();
-        inner.engine.versions.seal(replay_from, inner.hlc.get().last());
+        if seal {
+            self.seal_memtable();
+        }
         let flushed = self.background(DiskVersions::flush).await?;
         let released = self.release_wal_after_checkpoint(flushed).await?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
@@ -1125,12 +1175,13 @@ async fn open_engine(config: &StoreConfig) -> Result<Engine, StoreError> {
     };
     let reads = start("read", limits::ENGINE_READ_THREADS)?;
     let background = start("flush", 1)?;
+    let compactions = start("compact", 1)?;
     let cache =
         config.engine_cache.clone().unwrap_or_else(|| SharedCache::with_capacity_bytes(config.memory_bytes_max / 2));
     let dir = config.dir.join("engine");
     let opened = background.run(move || DiskVersions::open(&dir, cache.0)).await;
     let versions = engine_result(shard_id, opened)?;
-    Ok(Engine { versions: Arc::new(versions), reads, background })
+    Ok(Engine { versions: Arc::new(versions), reads, background, compactions })
 }
 
 /// Replays the WAL from `from` to `durable` into the engine's memtable, flushing whenever it
