@@ -92,6 +92,8 @@ pub struct StoreStats {
     pub engine_disk_bytes: u64,
     /// WAL bytes written since the last checkpoint (what a restart would replay).
     pub flush_debt_bytes: u64,
+    /// Runs of tables in the engine's level 0 (compaction debt: a read looks through each).
+    pub engine_l0_runs: u64,
 }
 
 /// A shard's engine and the threads that run its blocking calls.
@@ -115,6 +117,8 @@ struct Inner {
     /// closed timestamp stays below the first local write not yet durable.
     inflight: RefCell<BTreeMap<u64, u64>>,
     checkpointing: Cell<bool>,
+    /// Compactions running on the engine's compaction lane.
+    compacting: Cell<usize>,
     /// The memory budget sealed a memtable while a checkpoint ran: flush again after it.
     flush_wanted: Cell<bool>,
     wal_bytes_carried: u64,
@@ -265,12 +269,14 @@ impl ShardStore {
                 hlc: Cell::new(hlc),
                 inflight: RefCell::default(),
                 checkpointing: Cell::new(false),
+                compacting: Cell::new(0),
                 flush_wanted: Cell::new(false),
                 stats: RefCell::new(stats),
                 closed: Cell::new(false),
             }),
         };
-        store.collect_garbage().await?;
+        // The horizon only: compaction is maintenance's, so it never lengthens a restart.
+        store.advance_horizon()?;
         Ok(store)
     }
 
@@ -299,14 +305,21 @@ impl ShardStore {
         engine_result(self.inner.config.shard_id, outcome)
     }
 
-    /// Runs `job` against the engine on the compaction lane.
+    /// Runs `job` against the engine on the compaction lane (`None` once the store closes:
+    /// close waits for the compactions that started).
     async fn compaction<T: Send + 'static>(
         &self,
         job: impl FnOnce(&DiskVersions) -> Result<T, EngineError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let versions = Arc::clone(&self.inner.engine.versions);
-        let outcome = self.inner.engine.compactions.run(move || job(&versions)).await;
-        engine_result(self.inner.config.shard_id, outcome)
+    ) -> Result<Option<T>, StoreError> {
+        let inner = &self.inner;
+        if inner.closed.get() {
+            return Ok(None);
+        }
+        let versions = Arc::clone(&inner.engine.versions);
+        inner.compacting.set(inner.compacting.get() + 1);
+        let outcome = inner.engine.compactions.run(move || job(&versions)).await;
+        inner.compacting.set(inner.compacting.get() - 1);
+        engine_result(inner.config.shard_id, outcome).map(Some)
     }
 
     /// Reads below the retention horizon fail: compactions may have destroyed what they saw.
@@ -683,13 +696,19 @@ impl ShardStore {
     /// the versions no read at or above it sees. Runs a compaction when level 0 has piled up,
     /// and releases the chunks of the versions it destroyed.
     pub async fn collect_garbage(&self) -> Result<(), StoreError> {
+        self.advance_horizon()?;
+        let destroyed = self.compaction(|versions| versions.compact_if_needed(limits::ENGINE_L0_RUNS_COMPACT)).await?;
+        self.release_destroyed(destroyed.flatten().unwrap_or_default())
+    }
+
+    /// Moves the retention horizon (see [`Self::collect_garbage`]).
+    fn advance_horizon(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         let retention_us = u64::try_from(inner.config.retention.as_micros()).unwrap_or(u64::MAX);
         let horizon = timestamp_at(inner.config.clock.interval()?.earliest_us().saturating_sub(retention_us))
             .min(inner.collect_floor.get());
         inner.engine.versions.retention().advance(horizon);
-        let destroyed = self.compaction(|versions| versions.compact_if_needed(limits::ENGINE_L0_RUNS_COMPACT)).await?;
-        self.release_destroyed(destroyed.unwrap_or_default())
+        Ok(())
     }
 
     /// Compacts every table of the engine into its last level, retention applied to all of
@@ -697,7 +716,7 @@ impl ShardStore {
     /// level 0 fills).
     pub async fn compact(&self) -> Result<(), StoreError> {
         let destroyed = self.compaction(DiskVersions::compact_all).await?;
-        self.release_destroyed(destroyed)
+        self.release_destroyed(destroyed.unwrap_or_default())
     }
 
     fn release_destroyed(&self, destroyed: Vec<Arc<ChunkList>>) -> Result<(), StoreError> {
@@ -805,6 +824,7 @@ impl ShardStore {
         stats.versions = versions.approximate_versions();
         stats.memory = versions.memory();
         stats.engine_disk_bytes = versions.disk_bytes();
+        stats.engine_l0_runs = versions.l0_runs() as u64;
         stats.flush_debt_bytes = self.wal_bytes_written().saturating_sub(inner.wal_bytes_at_checkpoint.get());
         stats.chunks = inner.chunks.stats();
         stats.chunk_count = inner.chunks.chunk_count() as u64;
@@ -1093,14 +1113,14 @@ impl ShardStore {
         gauge("meridian_store_flush_debt_bytes", stats.flush_debt_bytes);
         gauge("meridian_store_versions", stats.versions);
         gauge("meridian_store_versions_collected", stats.versions_collected);
-        gauge("meridian_store_engine_l0_runs", self.inner.engine.versions.l0_runs() as u64);
+        gauge("meridian_store_engine_l0_runs", stats.engine_l0_runs);
     }
 
     /// Stops maintenance, writes a final checkpoint (so the next open replays nothing) and
     /// closes the WAL after every accepted write is durable.
     pub async fn close(self) -> Result<(), StoreError> {
         self.inner.closed.set(true);
-        while self.inner.checkpointing.get() {
+        while self.inner.checkpointing.get() || self.inner.compacting.get() > 0 {
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
         }
         if self.inner.wal.fenced().is_none() {

@@ -25,10 +25,22 @@ pub struct LaneError {
     pub reason: String,
 }
 
-/// Threads taking jobs from one queue.
+/// Threads taking jobs from one queue. Dropping the lane waits for the jobs queued before
+/// (a store dropped without closing must not leave a compaction writing into a tree the next
+/// open reads).
 pub struct Lane {
     name: String,
-    sender: mpsc::Sender<Job>,
+    sender: Option<mpsc::Sender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        drop(self.sender.take());
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for Lane {
@@ -43,9 +55,10 @@ impl Lane {
     pub fn start(name: &str, threads: usize) -> std::io::Result<Self> {
         let (sender, receiver) = mpsc::channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
+        let mut handles = Vec::with_capacity(threads.max(1));
         for index in 0..threads.max(1) {
             let receiver = Arc::clone(&receiver);
-            std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || {
+            handles.push(std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || {
                 loop {
                     let job = receiver.lock().unwrap_or_else(PoisonError::into_inner).recv();
                     match job {
@@ -53,9 +66,9 @@ impl Lane {
                         Err(_) => return,
                     }
                 }
-            })?;
+            })?);
         }
-        Ok(Self { name: name.to_owned(), sender })
+        Ok(Self { name: name.to_owned(), sender: Some(sender), threads: handles })
     }
 
     /// Runs `job` on one of the lane's threads and waits for its result without blocking
@@ -73,7 +86,7 @@ impl Lane {
             let _ = answer.send(outcome);
         });
         let stopped = || LaneError { lane: self.name.clone(), reason: "stopped".into() };
-        self.sender.send(wrapped).map_err(|_| stopped())?;
+        self.sender.as_ref().ok_or_else(stopped)?.send(wrapped).map_err(|_| stopped())?;
         match answered.await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(reason)) => Err(LaneError { lane: self.name.clone(), reason: format!("panicked: {reason}") }),
@@ -95,5 +108,21 @@ mod tests {
         assert!(panicked.unwrap_err().reason.contains("boom"));
         // The lane still works after a panic.
         assert_eq!(futures_lite::future::block_on(lane.run(|| 7)).unwrap(), 7);
+    }
+
+    #[test]
+    fn dropping_the_lane_waits_for_the_jobs_queued_before() {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lane = Lane::start("test-drop", 1).unwrap();
+        let flag = Arc::clone(&done);
+        // Queued (polled once), then no longer awaited: as a compaction a dropped store had
+        // started.
+        let job = lane.run(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert!(futures_lite::future::block_on(futures_lite::future::poll_once(job)).is_none());
+        drop(lane);
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst), "the drop returned before the queued job ran");
     }
 }

@@ -260,6 +260,10 @@ impl DiskVersions {
             .use_cache(Arc::clone(&cache))
             .with_compaction_filter_factory(Some(Arc::new(RetentionFactory(Arc::clone(&retention)))))
             .with_kv_separation(Some(KvSeparationOptions::default().separation_threshold(SEPARATION_BYTES)))
+            // A read at a timestamp is a range over the key's versions, which bloom filters do
+            // not serve: with every level's index blocks in memory it reads one data block per
+            // level whose tables overlap the key (index blocks are small: keys and pointers).
+            .index_block_pinning_policy(lsm_tree::config::PinningPolicy::all(true))
             .open()
             .map_err(|error| EngineError::Tree { op: "open", path: display.clone(), message: error.to_string() })?;
         if let Some(highest) = tree.get_highest_seqno() {
