@@ -229,7 +229,9 @@ fn run_store(dir: &Path, args: &StoreArgs, keys: u64) -> Result<StoreResult> {
         // page cache is dropped again: the reads measure the settled store, mostly uncached.
         store.spawn_maintenance();
         let settling = Instant::now();
-        while store.stats().engine_l0_runs >= 4 && settling.elapsed() < Duration::from_secs(120) {
+        while store.stats().engine_l0_runs >= dataplane::limits::ENGINE_L0_RUNS_COMPACT as u64
+            && settling.elapsed() < Duration::from_secs(120)
+        {
             glommio::timer::sleep(Duration::from_millis(100)).await;
         }
         drop_page_cache();
