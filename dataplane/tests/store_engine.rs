@@ -52,6 +52,10 @@ fn check(engine: &DiskVersions, model: &Model, rng: &mut impl Rng, seed: u64, st
             model_at(model, &key, at),
             "seed {seed} step {step}: {key:?} at {at}"
         );
+        // What memory alone answers is what the tree answers.
+        if let Some(version) = engine.get_in_memory(&key, at) {
+            assert_eq!(Some(version), model_at(model, &key, at), "seed {seed} step {step}: in memory {key:?} at {at}");
+        }
     }
     let prefix = random_key(rng);
     let prefix = &prefix[..prefix.len().min(1)];
@@ -102,7 +106,9 @@ fn the_engine_behaves_like_a_map_of_versions_through_flushes_compactions_and_reo
                 wal.push((lsn, key, version));
             }
             85..=91 => {
-                engine.seal(wal.len() as u64 + 1, 0);
+                // The bound of every timestamp applied so far, as the shard's clock gives it.
+                let max_ts = wal.iter().map(|(_, _, version)| version.ts).max().unwrap_or(0);
+                engine.seal(wal.len() as u64 + 1, max_ts);
                 let flushed = engine.flush().unwrap();
                 assert_eq!(flushed, wal.len() as u64 + 1, "seed {seed} step {step}: a flush records the replay LSN");
                 flushes += 1;
@@ -338,4 +344,32 @@ fn reads_beside_flushes_and_compactions_keep_their_view() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let reads: u64 = readers.into_iter().map(|reader| reader.join().unwrap()).sum();
     assert!(reads > 1000, "the readers ran beside the flushes: {reads} reads");
+}
+
+/// A read is answered from the active memtable only when nothing sealed or flushed can hold a
+/// newer visible version; otherwise it goes to the tree.
+#[test]
+fn memory_answers_only_what_no_flushed_version_can_outdate() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = DiskVersions::open(dir.path(), Arc::new(Cache::with_capacity_bytes(1 << 20))).unwrap();
+    let inline = |text: &'static str| Body::Inline(Bytes::from_static(text.as_bytes()));
+    engine.apply(b"k", &Version { ts: 10, body: inline("ten") });
+    engine.apply(b"k", &Version { ts: 20, body: inline("twenty") });
+    assert_eq!(engine.get_in_memory(b"k", u64::MAX), Some(Version { ts: 20, body: inline("twenty") }));
+    assert_eq!(engine.get_in_memory(b"k", 15), None, "an older read than the newest in memory goes to the tree");
+    engine.seal(3, 20);
+    engine.flush().unwrap();
+    assert_eq!(engine.get_in_memory(b"k", u64::MAX), None, "nothing of `k` in the active memtable");
+    // A version older than what the tables may hold (another region's, a snapshot's): the tree.
+    engine.apply(b"k", &Version { ts: 15, body: inline("fifteen") });
+    assert_eq!(engine.get_in_memory(b"k", u64::MAX), None);
+    assert_eq!(engine.get_at(b"k", u64::MAX).unwrap().unwrap().ts, 20);
+    // Newer than everything sealed: memory answers, the same as the tree.
+    engine.apply(b"k", &Version { ts: 30, body: Body::Tombstone });
+    assert_eq!(engine.get_in_memory(b"k", u64::MAX), engine.get_at(b"k", u64::MAX).unwrap());
+    // After a reopen the bound comes from the last flush.
+    drop(engine);
+    let engine = DiskVersions::open(dir.path(), Arc::new(Cache::with_capacity_bytes(1 << 20))).unwrap();
+    engine.apply(b"k", &Version { ts: 18, body: inline("eighteen") });
+    assert_eq!(engine.get_in_memory(b"k", u64::MAX), None, "18 is below the flushed bound 20");
 }

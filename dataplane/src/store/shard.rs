@@ -335,6 +335,10 @@ impl ShardStore {
     /// The version of `key` visible at `at` (tombstones included).
     async fn version_at(&self, key: &[u8], at: Option<u64>) -> Result<Option<Version>, StoreError> {
         let at = self.check_horizon(at)?;
+        // A version written since the last seal answers without leaving the executor.
+        if let Some(version) = self.inner.engine.versions.get_in_memory(key, at) {
+            return Ok(Some(version));
+        }
         let key = key.to_vec();
         self.read(move |versions| versions.get_at(&key, at)).await
     }
@@ -1230,7 +1234,8 @@ async fn replay_wal(
         max_ts = max_ts.max(record.glt);
         replayed += 1;
         if memtable_bytes >= seal_bytes {
-            engine.versions.seal(record.lsn + 1, max_ts);
+            // Above every version the tables hold too (what reads from memory rely on).
+            engine.versions.seal(record.lsn + 1, max_ts.max(engine.versions.flushed_max_ts()));
             let versions = Arc::clone(&engine.versions);
             engine_result(shard_id, engine.background.run(move || versions.flush()).await)?;
         }

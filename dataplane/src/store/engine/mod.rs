@@ -21,7 +21,7 @@
 pub mod codec;
 pub mod lane;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,7 +95,7 @@ pub enum EngineError {
 /// Sizes of the engine's memory, for the budget and the operator.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EngineMemory {
-    /// Bytes in the memtable taking writes.
+    /// Bytes in the memtable taking writes, with the index of its newest versions.
     pub active_memtable_bytes: u64,
     /// Sealed memtables waiting for their flush.
     pub sealed_memtables: usize,
@@ -119,7 +119,22 @@ pub struct DiskVersions {
     flushed: Mutex<(u64, u64)>,
     /// Sequence numbers of the reads in progress, with how many use each.
     reads: Mutex<BTreeMap<u64, usize>>,
+    /// What lets a read be answered from the active memtable ([`DiskVersions::get_in_memory`]).
+    recent: Mutex<Recent>,
 }
+
+/// The newest timestamp of each key in the active memtable, and the newest timestamp of any
+/// version sealed or flushed (a bound: the clock's last stamp at each seal).
+#[derive(Default)]
+struct Recent {
+    newest: HashMap<Vec<u8>, u64>,
+    /// Bytes `newest` takes (counted with the memtable against the budget).
+    bytes: u64,
+    others_max_ts: u64,
+}
+
+/// Bytes a key of [`Recent::newest`] takes besides its own (hash table slot, allocation).
+const RECENT_ENTRY_BYTES: usize = 64;
 
 /// A read in progress (see [`DiskVersions::begin_read`]).
 struct ReadGuard<'a> {
@@ -280,9 +295,11 @@ impl DiskVersions {
             sealed_points: Mutex::default(),
             flushed: Mutex::new((1, 0)),
             reads: Mutex::default(),
+            recent: Mutex::default(),
         };
         let point = versions.read_flushed_point()?;
         *versions.flushed.lock().unwrap_or_else(PoisonError::into_inner) = point;
+        versions.recent.lock().unwrap_or_else(PoisonError::into_inner).others_max_ts = point.1;
         Ok(versions)
     }
 
@@ -301,7 +318,29 @@ impl DiskVersions {
         let (_, memtable_bytes) =
             self.tree.insert(codec::encode_key(key, version.ts), codec::encode_body(&version.body), seq);
         self.visible.fetch_max(seq + 1);
-        memtable_bytes
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(newest) = recent.newest.get_mut(key) {
+            *newest = (*newest).max(version.ts);
+        } else {
+            recent.newest.insert(key.to_vec(), version.ts);
+            recent.bytes += (key.len() + RECENT_ENTRY_BYTES) as u64;
+        }
+        memtable_bytes + recent.bytes
+    }
+
+    /// The version of `key` visible at `at` when memory alone can tell: the newest version of
+    /// `key` in the active memtable, if it is visible at `at` and newer than everything
+    /// sealed or flushed (so no version elsewhere can be newer). `None`: read the tree.
+    pub fn get_in_memory(&self, key: &[u8], at: u64) -> Option<Version> {
+        let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let ts = *recent.newest.get(key)?;
+        if ts > at || ts <= recent.others_max_ts {
+            return None;
+        }
+        // Under the lock: no seal rotates the memtable meanwhile.
+        let item = self.tree.active_memtable().get(&codec::encode_key(key, ts), self.visible.get())?;
+        let body = codec::decode_body(&item.value).ok()?;
+        Some(Version { ts, body })
     }
 
     /// Whether `key` has a version at exactly `ts`.
@@ -415,10 +454,12 @@ impl DiskVersions {
         value.extend_from_slice(&max_ts.to_le_bytes());
         self.tree.insert(REPLAY_FROM_KEY.to_vec(), value, seq);
         self.visible.fetch_max(seq + 1);
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         let mut sealed = self.sealed_points.lock().unwrap_or_else(PoisonError::into_inner);
         if self.tree.rotate_memtable().is_some() {
             sealed.push((replay_from.max(1), max_ts));
         }
+        *recent = Recent { newest: HashMap::default(), bytes: 0, others_max_ts: recent.others_max_ts.max(max_ts) };
     }
 
     /// Writes every sealed memtable to synced table and blob files. Returns the LSN the WAL
@@ -521,7 +562,8 @@ impl DiskVersions {
     /// What the engine holds in memory.
     pub fn memory(&self) -> EngineMemory {
         EngineMemory {
-            active_memtable_bytes: self.tree.active_memtable().size(),
+            active_memtable_bytes: self.tree.active_memtable().size()
+                + self.recent.lock().unwrap_or_else(PoisonError::into_inner).bytes,
             sealed_memtables: self.tree.sealed_memtable_count(),
             cache_bytes: self.cache.size(),
             pinned_bytes: (self.tree.pinned_filter_size() + self.tree.pinned_block_index_size()) as u64,
