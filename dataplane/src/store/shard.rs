@@ -128,6 +128,8 @@ struct Inner {
     checkpoint_after: Cell<u64>,
     /// Memtable bytes that seal it and make a checkpoint due (an eighth of the budget).
     memtable_seal_bytes: u64,
+    /// The active memtable's bytes as the last insert reported them.
+    memtable_bytes: Cell<u64>,
     stats: RefCell<StoreStats>,
     closed: Cell<bool>,
     /// What replication needs kept, as last told ([`ShardStore::set_wal_hold`]): the lowest
@@ -260,6 +262,7 @@ impl ShardStore {
                 wal_bytes_at_checkpoint: Cell::new(0),
                 checkpoint_after: Cell::new(checkpoint_threshold(config.checkpoint_wal_bytes)),
                 memtable_seal_bytes,
+                memtable_bytes: Cell::new(0),
                 wal_hold: Cell::new((config.wal_hold_lsn, u64::MAX)),
                 collect_floor: Cell::new(config.collect_floor),
                 config,
@@ -504,11 +507,12 @@ impl ShardStore {
     /// Starts a checkpoint once the memtable has reached its share of the memory budget.
     fn after_apply(&self, memtable_bytes: u64) {
         let inner = &self.inner;
+        inner.memtable_bytes.set(memtable_bytes);
         if memtable_bytes < inner.memtable_seal_bytes {
             return;
         }
         // Sealed at once, whether or not a flush is running (up to two wait for flushes).
-        if inner.engine.versions.memory().sealed_memtables < 2 {
+        if inner.engine.versions.sealed_memtables() < 2 {
             self.seal_memtable();
         }
         if inner.checkpointing.get() {
@@ -531,18 +535,19 @@ impl ShardStore {
         let durable = inner.wal.durable_next_lsn();
         let replay_from = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
         inner.engine.versions.seal(replay_from, inner.hlc.get().last());
+        inner.memtable_bytes.set(0);
     }
 
     /// Waits while the memtable is full and two sealed ones wait for their flush: memtables
     /// stay within three eighths of the budget, and writes slow to what the disk takes.
     async fn wait_for_memtable_room(&self) {
         let inner = &self.inner;
-        loop {
-            let memory = inner.engine.versions.memory();
-            if memory.sealed_memtables < 2
-                || memory.active_memtable_bytes < inner.memtable_seal_bytes
-                || inner.closed.get()
-            {
+        // Every write passes here: the size the last insert reported, no lock taken.
+        while inner.memtable_bytes.get() >= inner.memtable_seal_bytes && !inner.closed.get() {
+            if inner.engine.versions.sealed_memtables() < 2 {
+                // Room for another sealed memtable: seal this one, as the insert that filled it
+                // could not.
+                self.seal_memtable();
                 return;
             }
             glommio::timer::sleep(Duration::from_millis(1)).await;

@@ -127,7 +127,7 @@ pub struct DiskVersions {
 /// version sealed or flushed (a bound: the clock's last stamp at each seal).
 #[derive(Default)]
 struct Recent {
-    newest: HashMap<Vec<u8>, u64>,
+    newest: HashMap<Vec<u8>, u64, ahash::RandomState>,
     /// Bytes `newest` takes (counted with the memtable against the budget).
     bytes: u64,
     others_max_ts: u64,
@@ -579,6 +579,11 @@ impl DiskVersions {
     /// counted until compactions drop them).
     pub fn approximate_versions(&self) -> u64 {
         self.tree.approximate_len() as u64
+    }
+
+    /// Sealed memtables waiting for their flush (cheaper than [`Self::memory`]).
+    pub fn sealed_memtables(&self) -> usize {
+        self.tree.sealed_memtable_count()
     }
 
     /// Runs of tables in level 0 (what compaction works down).
