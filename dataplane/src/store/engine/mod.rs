@@ -21,7 +21,7 @@
 pub mod codec;
 pub mod lane;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,14 +127,17 @@ pub struct DiskVersions {
 /// version sealed or flushed (a bound: the clock's last stamp at each seal).
 #[derive(Default)]
 struct Recent {
-    newest: HashMap<Vec<u8>, u64, ahash::RandomState>,
+    /// A B-tree, not a hash map: a hash map of hundreds of thousands of keys rehashes all of
+    /// them when it doubles, on the shard's executor (the version map had to be split in 256
+    /// for that); a B-tree grows a node at a time.
+    newest: BTreeMap<Vec<u8>, u64>,
     /// Bytes `newest` takes (counted with the memtable against the budget).
     bytes: u64,
     others_max_ts: u64,
 }
 
 /// Bytes a key of [`Recent::newest`] takes besides its own (hash table slot, allocation).
-const RECENT_ENTRY_BYTES: usize = 64;
+const RECENT_ENTRY_BYTES: usize = 48;
 
 /// A read in progress (see [`DiskVersions::begin_read`]).
 struct ReadGuard<'a> {
@@ -459,7 +462,7 @@ impl DiskVersions {
         if self.tree.rotate_memtable().is_some() {
             sealed.push((replay_from.max(1), max_ts));
         }
-        *recent = Recent { newest: HashMap::default(), bytes: 0, others_max_ts: recent.others_max_ts.max(max_ts) };
+        *recent = Recent { newest: BTreeMap::new(), bytes: 0, others_max_ts: recent.others_max_ts.max(max_ts) };
     }
 
     /// Writes every sealed memtable to synced table and blob files. Returns the LSN the WAL
