@@ -515,6 +515,12 @@ impl ShardStore {
         if inner.engine.versions.sealed_memtables() < 2 {
             self.seal_memtable();
         }
+        self.request_flush();
+    }
+
+    /// Flushes the sealed memtables soon: after the running checkpoint, or in a task now.
+    fn request_flush(&self) {
+        let inner = &self.inner;
         if inner.checkpointing.get() {
             inner.flush_wanted.set(true);
             return;
@@ -546,10 +552,13 @@ impl ShardStore {
         while inner.memtable_bytes.get() >= inner.memtable_seal_bytes && !inner.closed.get() {
             if inner.engine.versions.sealed_memtables() < 2 {
                 // Room for another sealed memtable: seal this one, as the insert that filled it
-                // could not.
+                // could not, and have it flushed.
                 self.seal_memtable();
+                self.request_flush();
                 return;
             }
+            // A flush that ended meanwhile may have left these two behind: ask again.
+            self.request_flush();
             glommio::timer::sleep(Duration::from_millis(1)).await;
         }
     }
