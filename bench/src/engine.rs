@@ -445,16 +445,29 @@ pub fn run(args: &EngineArgs) -> Result<()> {
         figures.set_f64("get_p99_vs_rocksdb_ratio", percentile_us(&lsm.read.latency, 99.0) / rocks.read.p99_us);
         figures.set_f64("get_throughput_vs_rocksdb_ratio", lsm.read.ops_per_s / rocks.read.ops_per_s);
     }
-    if !args.no_fio {
-        let device_p99 = device::fio_random_read_p99_us(&dir)?;
+    finish(&dir, !args.no_fio, args.json, &lsm.read.latency, &mut figures, print_summary)
+}
+
+/// The end of a bench of gets: fio's random 4 KiB read p99 on `dir` beside the gets' `latency`
+/// (unless `fio` is off), then one JSON object or the summary `print` makes.
+pub(crate) fn finish(
+    dir: &Path,
+    fio: bool,
+    json: bool,
+    latency: &Histogram<u64>,
+    figures: &mut Figures,
+    print: fn(&Figures),
+) -> Result<()> {
+    if fio {
+        let device_p99 = device::fio_random_read_p99_us(dir)?;
         figures.set_f64("fio_randread_4k_p99_us", device_p99);
-        figures.set_f64("get_p99_vs_device_ratio", percentile_us(&lsm.read.latency, 99.0) / device_p99);
+        figures.set_f64("get_p99_vs_device_ratio", percentile_us(latency, 99.0) / device_p99);
     }
-    if args.json {
+    if json {
         println!("{}", figures.to_json());
-        return Ok(());
+    } else {
+        print(figures);
     }
-    print_summary(&figures);
     Ok(())
 }
 

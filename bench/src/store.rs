@@ -396,17 +396,7 @@ pub fn run(args: &StoreArgs) -> Result<()> {
         figures.set_f64("put_p99_vs_rocksdb_ratio", percentile_us(&ours.full.latency, 99.0) / rocks.overwrite.p99_us);
         figures.set_f64("get_p99_vs_rocksdb_ratio", percentile_us(&ours.read.latency, 99.0) / rocks.read.p99_us);
     }
-    if !args.no_fio {
-        let device_p99 = device::fio_random_read_p99_us(&dir)?;
-        figures.set_f64("fio_randread_4k_p99_us", device_p99);
-        figures.set_f64("get_p99_vs_device_ratio", percentile_us(&ours.read.latency, 99.0) / device_p99);
-    }
-    if args.json {
-        println!("{}", figures.to_json());
-        return Ok(());
-    }
-    print_summary(&figures);
-    Ok(())
+    crate::engine::finish(&dir, !args.no_fio, args.json, &ours.read.latency, &mut figures, print_summary)
 }
 
 fn print_summary(figures: &Figures) {
