@@ -509,7 +509,11 @@ fn print_summary(figures: &Figures) {
         get("get_p99_vs_device_ratio"),
         get("get_p99_vs_rocksdb_ratio"),
     ));
-    // The figures of a peer that was skipped read as "-".
+    print_lines(&lines);
+}
+
+/// Prints a summary's lines; the figures of a peer that was skipped read as "-".
+pub(crate) fn print_lines(lines: &[String]) {
     for line in lines {
         println!("{}", line.replace("NaN", "-"));
     }

@@ -450,9 +450,7 @@ fn print_summary(figures: &Figures) {
         mib("engine_disk_bytes"),
         get("restart_ms"),
     ));
-    for line in lines {
-        println!("{}", line.replace("NaN", "-"));
-    }
+    crate::engine::print_lines(&lines);
 }
 
 #[cfg(test)]

@@ -288,24 +288,22 @@ impl ShardStore {
         Arc::clone(&self.inner.engine.versions)
     }
 
+    /// Runs `job` against the engine on `lane`, the answer awaited off the executor.
+    async fn run_on<T: Send + 'static>(
+        &self,
+        lane: &Lane,
+        job: impl FnOnce(&DiskVersions) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let versions = Arc::clone(&self.inner.engine.versions);
+        engine_result(self.inner.config.shard_id, lane.run(move || job(&versions)).await)
+    }
+
     /// Runs `job` against the engine on the read lane.
     async fn read<T: Send + 'static>(
         &self,
         job: impl FnOnce(&DiskVersions) -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let versions = Arc::clone(&self.inner.engine.versions);
-        let outcome = self.inner.engine.reads.run(move || job(&versions)).await;
-        engine_result(self.inner.config.shard_id, outcome)
-    }
-
-    /// Runs `job` against the engine on the flush lane.
-    async fn background<T: Send + 'static>(
-        &self,
-        job: impl FnOnce(&DiskVersions) -> Result<T, EngineError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let versions = Arc::clone(&self.inner.engine.versions);
-        let outcome = self.inner.engine.background.run(move || job(&versions)).await;
-        engine_result(self.inner.config.shard_id, outcome)
+        self.run_on(&self.inner.engine.reads, job).await
     }
 
     /// Runs `job` against the engine on the compaction lane (`None` once the store closes:
@@ -318,11 +316,10 @@ impl ShardStore {
         if inner.closed.get() {
             return Ok(None);
         }
-        let versions = Arc::clone(&inner.engine.versions);
         inner.compacting.set(inner.compacting.get() + 1);
-        let outcome = inner.engine.compactions.run(move || job(&versions)).await;
+        let outcome = self.run_on(&inner.engine.compactions, job).await;
         inner.compacting.set(inner.compacting.get() - 1);
-        engine_result(inner.config.shard_id, outcome).map(Some)
+        outcome.map(Some)
     }
 
     /// Reads below the retention horizon fail: compactions may have destroyed what they saw.
@@ -804,7 +801,7 @@ impl ShardStore {
         if seal {
             self.seal_memtable();
         }
-        let flushed = self.background(DiskVersions::flush).await?;
+        let flushed = self.run_on(&inner.engine.background, DiskVersions::flush).await?;
         let released = self.release_wal_after_checkpoint(flushed).await?;
         inner.wal_bytes_at_checkpoint.set(wal_bytes);
         inner.checkpoint_after.set(checkpoint_threshold(config.checkpoint_wal_bytes));
