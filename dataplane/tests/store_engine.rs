@@ -76,10 +76,7 @@ fn check(engine: &DiskVersions, model: &Model, rng: &mut impl Rng, seed: u64, st
 
 #[test]
 fn the_engine_behaves_like_a_map_of_versions_through_flushes_compactions_and_reopens() {
-    let seed: u64 =
-        std::env::var("MERIDIAN_ENGINE_SEED").ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-        });
+    let seed: u64 = common::seed("MERIDIAN_ENGINE_SEED");
     eprintln!("engine model: seed {seed} (MERIDIAN_ENGINE_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();

@@ -39,10 +39,7 @@ fn sigkill_while_reusing_released_segments_loses_nothing_acknowledged() {
 
 fn crash_rounds(reuse: bool) {
     let rounds: u64 = std::env::var("MERIDIAN_CRASH_ROUNDS").ok().and_then(|value| value.parse().ok()).unwrap_or(50);
-    let seed: u64 =
-        std::env::var("MERIDIAN_CRASH_SEED").ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-        });
+    let seed: u64 = common::seed("MERIDIAN_CRASH_SEED");
     eprintln!("crash test: {rounds} rounds, seed {seed} (MERIDIAN_CRASH_SEED to replay)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();

@@ -133,3 +133,12 @@ pub fn last_segment(dir: &Path) -> std::path::PathBuf {
     files.sort();
     files.pop().unwrap()
 }
+
+/// The seed of a randomized test: `var` from the environment (to replay a printed seed), else
+/// the clock's nanoseconds.
+#[allow(dead_code, clippy::cast_possible_truncation)]
+pub fn seed(var: &str) -> u64 {
+    std::env::var(var).ok().and_then(|value| value.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_nanos() as u64)
+    })
+}
