@@ -204,6 +204,19 @@ pub fn encode<'a>(ops: impl ExactSizeIterator<Item = (&'a [u8], Value<'a>)>, out
     Ok(())
 }
 
+/// The items of one record that take effect: within a record (one timestamp) the later item
+/// of a key wins, so the earlier ones of the same key are dropped (the rest keep their order).
+/// A key holds one version per timestamp, and the engine keys a chunk list apart from other
+/// bodies, so both must never reach it.
+pub fn later_wins<T>(items: Vec<T>, key: impl Fn(&T) -> &[u8]) -> Vec<T> {
+    if items.len() < 2 {
+        return items;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(items.len());
+    let keep: Vec<bool> = items.iter().rev().map(|item| seen.insert(key(item).to_vec())).collect();
+    items.into_iter().zip(keep.into_iter().rev()).filter_map(|(item, keep)| keep.then_some(item)).collect()
+}
+
 /// Decodes the operations of one record; keys and inline values are slices of `payload`.
 pub fn decode(payload: &Bytes) -> Result<Vec<Op>, OpError> {
     let mut r = Reader { payload, pos: 0 };
@@ -285,6 +298,13 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn within_a_record_the_later_item_of_a_key_wins() {
+        let items = vec![(&b"a"[..], 1), (b"b", 2), (b"a", 3), (b"c", 4), (b"b", 5)];
+        assert_eq!(later_wins(items, |(key, _)| key), vec![(&b"a"[..], 3), (b"c", 4), (b"b", 5)]);
+        assert_eq!(later_wins(vec![(&b"a"[..], 1)], |(key, _)| key), vec![(&b"a"[..], 1)]);
+    }
 
     fn sample() -> Vec<Op> {
         let list = ChunkList {

@@ -401,8 +401,9 @@ impl ShardStore {
             });
         }
         self.wait_for_memtable_room().await;
+        let items = op::later_wins(items.collect(), |(key, _)| key);
         let mut staged: Vec<(&[u8], Staged<'_>)> = Vec::with_capacity(items.len());
-        let result = self.stage(items, &mut staged).await;
+        let result = self.stage(items.into_iter(), &mut staged).await;
         let result = match result {
             Ok(()) => self.commit(&staged).await,
             Err(error) => Err(error),
@@ -983,7 +984,7 @@ impl ShardStore {
         let inner = &self.inner;
         let shard_id = inner.config.shard_id;
         let bad = |reason: String| StoreError::BadReplica { shard_id, reason };
-        let ops = op::decode(payload).map_err(|error| bad(error.to_string()))?;
+        let ops = op::later_wins(op::decode(payload).map_err(|error| bad(error.to_string()))?, |op| &op.key);
         let mut bodies = Vec::with_capacity(ops.len());
         let mut staged = false;
         for op in &ops {
@@ -1239,7 +1240,7 @@ async fn replay_wal(
             message: format!("WAL record {} does not decode: {error}", record.lsn),
         })?;
         let mut memtable_bytes = 0;
-        for op in ops {
+        for op in op::later_wins(ops, |op| &op.key) {
             memtable_bytes = engine.versions.apply(&op.key, &Version { ts: record.glt, body: op.body });
         }
         max_ts = max_ts.max(record.glt);

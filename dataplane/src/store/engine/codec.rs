@@ -6,6 +6,10 @@
 //! at `ts`" is the first engine key at or after `(k, ts)`. Escaping keeps a prefix of user keys a
 //! prefix of engine keys (listing by prefix is a range of the engine), and keeps the versions of
 //! `a` apart from keys such as `a\x00…` or `ab`, which plain concatenation would interleave.
+//! A version whose value is a chunk list has one more byte, `C`, after the timestamp: retention
+//! learns from the key alone which destroyed versions hold chunks, without reading values that
+//! lsm-tree keeps in blob files (one random read per destroyed version). Timestamps are unique
+//! per key, so the byte never changes the order; [`key_end`] is past every version of a key.
 //!
 //! Engine value: a tag byte, then `Inline`: the bytes; `Chunked`: total size (u64 LE), chunk
 //! count (u32 LE), each chunk's BLAKE3 hash and length (u32 LE); `Tombstone`: nothing.
@@ -21,6 +25,8 @@ const ESCAPE: u8 = 0x00;
 const ESCAPED_ZERO: u8 = 0xFF;
 const TERMINATOR: u8 = 0x01;
 const TS_BYTES: usize = 8;
+/// After the timestamp of a version whose value is a chunk list.
+const CHUNKED_MARK: u8 = b'C';
 
 const TAG_INLINE: u8 = 1;
 const TAG_CHUNKED: u8 = 2;
@@ -36,8 +42,8 @@ pub enum CodecError {
     /// `0x00` followed by something other than `0xFF` or the terminator.
     #[error("engine key has a bad escape 0x00 0x{0:02x} at byte {1}")]
     BadEscape(u8, usize),
-    /// After the terminator, not exactly the 8 timestamp bytes.
-    #[error("engine key has {0} bytes after its terminator, not 8")]
+    /// After the terminator, not the 8 timestamp bytes (and perhaps the chunked mark).
+    #[error("engine key has {0} bytes after its terminator, not 8 or 8 and the chunked mark")]
     BadTimestamp(usize),
     /// An empty value.
     #[error("empty engine value")]
@@ -72,17 +78,39 @@ pub fn escape_into(user_key: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// The engine key of `user_key`'s version at `ts`.
+/// The engine key of `user_key`'s version at `ts` whose value is not a chunk list (also the
+/// bound "at or before `ts`" of reads).
 pub fn encode_key(user_key: &[u8], ts: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(user_key.len() + 2 + TS_BYTES + user_key.len() / 16);
+    let mut out = Vec::with_capacity(user_key.len() + 3 + TS_BYTES + user_key.len() / 16);
     escape_into(user_key, &mut out);
     out.extend_from_slice(&[ESCAPE, TERMINATOR]);
     out.extend_from_slice(&(u64::MAX - ts).to_be_bytes());
     out
 }
 
+/// The engine key of `user_key`'s version at `ts` holding `body`.
+pub fn encode_version_key(user_key: &[u8], ts: u64, body: &Body) -> Vec<u8> {
+    let mut out = encode_key(user_key, ts);
+    if matches!(body, Body::Chunked(_)) {
+        out.push(CHUNKED_MARK);
+    }
+    out
+}
+
+/// An engine key after every version of `user_key` and before any other user key's.
+pub fn key_end(user_key: &[u8]) -> Vec<u8> {
+    let mut out = encode_key(user_key, 0);
+    out.push(u8::MAX);
+    out
+}
+
 /// The user key and timestamp of an engine key.
 pub fn decode_key(bytes: &[u8]) -> Result<(Vec<u8>, u64), CodecError> {
+    decode_version_key(bytes).map(|(key, ts, _)| (key, ts))
+}
+
+/// The user key, timestamp and chunked mark of an engine key.
+pub fn decode_version_key(bytes: &[u8]) -> Result<(Vec<u8>, u64, bool), CodecError> {
     let mut user_key = Vec::with_capacity(bytes.len().saturating_sub(2 + TS_BYTES));
     let mut index = 0;
     while index < bytes.len() {
@@ -99,8 +127,12 @@ pub fn decode_key(bytes: &[u8]) -> Result<(Vec<u8>, u64), CodecError> {
             }
             Some(&TERMINATOR) => {
                 let rest = &bytes[index + 2..];
-                let ts: [u8; TS_BYTES] = rest.try_into().map_err(|_| CodecError::BadTimestamp(rest.len()))?;
-                return Ok((user_key, u64::MAX - u64::from_be_bytes(ts)));
+                let (ts, chunked) = match rest.split_first_chunk::<TS_BYTES>() {
+                    Some((ts, [])) => (ts, false),
+                    Some((ts, [CHUNKED_MARK])) => (ts, true),
+                    _ => return Err(CodecError::BadTimestamp(rest.len())),
+                };
+                return Ok((user_key, u64::MAX - u64::from_be_bytes(*ts), chunked));
             }
             Some(&other) => return Err(CodecError::BadEscape(other, index)),
             None => return Err(CodecError::Unterminated),
@@ -193,12 +225,19 @@ mod tests {
         assert_eq!(decode_key(b"ab\x00"), Err(CodecError::Unterminated));
         assert_eq!(decode_key(b"a\x00\x05"), Err(CodecError::BadEscape(5, 1)));
         assert_eq!(decode_key(b"a\x00\x01\x00"), Err(CodecError::BadTimestamp(1)));
+        assert_eq!(decode_key(b"a\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00X"), Err(CodecError::BadTimestamp(9)));
     }
 
     proptest! {
         #[test]
         fn keys_round_trip(key in proptest::collection::vec(any::<u8>(), 0..40), ts: u64) {
-            prop_assert_eq!(decode_key(&encode_key(&key, ts)), Ok((key, ts)));
+            prop_assert_eq!(decode_key(&encode_key(&key, ts)), Ok((key.clone(), ts)));
+            let chunked = Body::Chunked(Arc::new(ChunkList { size: 0, chunks: Vec::new() }));
+            let marked = encode_version_key(&key, ts, &chunked);
+            prop_assert_eq!(decode_version_key(&marked), Ok((key.clone(), ts, true)));
+            prop_assert_eq!(encode_version_key(&key, ts, &Body::Tombstone), encode_key(&key, ts));
+            // The mark stays among the key's versions: after the bound at `ts`, before the end.
+            prop_assert!(encode_key(&key, ts) < marked && marked < key_end(&key));
         }
 
         /// Engine-key order is (user key ascending, timestamp descending), whatever the bytes.
@@ -211,6 +250,13 @@ mod tests {
         ) {
             let expected = a.cmp(&b).then(ts_b.cmp(&ts_a));
             prop_assert_eq!(encode_key(&a, ts_a).cmp(&encode_key(&b, ts_b)), expected);
+            let chunked = Body::Chunked(Arc::new(ChunkList { size: 0, chunks: Vec::new() }));
+            if ts_a != ts_b || a != b {
+                prop_assert_eq!(encode_version_key(&a, ts_a, &chunked).cmp(&encode_key(&b, ts_b)), expected);
+            }
+            if a < b {
+                prop_assert!(key_end(&a) < encode_key(&b, ts_b));
+            }
             // A user-key prefix is an engine-key prefix.
             let mut prefix = Vec::new();
             escape_into(&a, &mut prefix);
