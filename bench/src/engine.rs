@@ -371,12 +371,22 @@ fn db_bench(path: &Path, shape: &Shape, separation_bytes: u32, benchmarks: &str,
 /// Bytes written to the block device holding `dir` (sectors written, from sysfs): both
 /// engines' write amplification is what reached the device per byte of keys and values put.
 pub(crate) fn device_written_bytes(dir: &Path) -> Result<u64> {
+    device_sectors(dir, 6)
+}
+
+/// Bytes read from the block device holding `dir` since boot, by anyone.
+pub(crate) fn device_read_bytes(dir: &Path) -> Result<u64> {
+    device_sectors(dir, 2)
+}
+
+/// Field `field` (sectors) of the block stat of the device holding `dir`, in bytes.
+fn device_sectors(dir: &Path, field: usize) -> Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(dir)?.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat"))
         .with_context(|| format!("reading the stats of block device {major}:{minor}"))?;
-    let sectors: u64 = stat.split_whitespace().nth(6).and_then(|field| field.parse().ok()).context("block stat")?;
+    let sectors: u64 = stat.split_whitespace().nth(field).and_then(|value| value.parse().ok()).context("block stat")?;
     Ok(sectors * 512)
 }
 

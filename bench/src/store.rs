@@ -90,6 +90,8 @@ struct StoreResult {
     rss_steady_bytes: u64,
     engine_disk_bytes: u64,
     restart_ms: f64,
+    /// Bytes read from the device during the gets.
+    get_read_bytes: u64,
 }
 
 fn config(dir: &Path, args: &StoreArgs) -> StoreConfig {
@@ -209,7 +211,6 @@ fn run_store(dir: &Path, args: &StoreArgs, keys: u64) -> Result<StoreResult> {
     })
     .map_err(|error| anyhow::anyhow!("{error}"))?
     .map(|(at_10, at_50, fill, full, rss)| (at_10, at_50, full, fill, rss))?;
-    let (_, rss_peak_bytes) = rss_bytes()?;
     device::quiesce();
     #[allow(clippy::cast_precision_loss)]
     let user_bytes = (2 * keys * (KEY_BYTES + args.value_bytes) as u64) as f64;
@@ -221,35 +222,41 @@ fn run_store(dir: &Path, args: &StoreArgs, keys: u64) -> Result<StoreResult> {
         eprintln!("bench store: cannot drop the page cache (not root): reads may be served from it");
     }
     let reads = args.reads.min(keys);
-    let (restart_ms, read, found, engine_disk_bytes) = dataplane::runtime::run_local("bench-store", async move {
-        let started = Instant::now();
-        let store = ShardStore::open(config).await.context("reopening the store")?;
-        let restart_ms = started.elapsed().as_secs_f64() * 1e3;
-        // The compactions the close left due run first (as db_bench's own would), then the
-        // page cache is dropped again: the reads measure the settled store, mostly uncached.
-        store.spawn_maintenance();
-        let settling = Instant::now();
-        while store.stats().engine_l0_runs >= dataplane::limits::ENGINE_L0_RUNS_COMPACT as u64
-            && settling.elapsed() < Duration::from_secs(120)
-        {
-            glommio::timer::sleep(Duration::from_millis(100)).await;
-        }
-        drop_page_cache();
-        let mut latency = new_histogram()?;
-        let mut found = 0;
-        let started = Instant::now();
-        for op in 0..reads {
-            let key = key(mix(op ^ 0xbeef) % keys);
-            let begin = Instant::now();
-            found += u64::from(store.get(&key, None).await.context("a get failed")?.is_some());
-            latency.record(u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1))?;
-        }
-        let read = Window { latency, ops: reads, elapsed: started.elapsed() };
-        let disk = store.stats().engine_disk_bytes;
-        store.close().await.context("closing the store")?;
-        Ok::<_, anyhow::Error>((restart_ms, read, found, disk))
-    })
-    .map_err(|error| anyhow::anyhow!("{error}"))??;
+    let device_dir = dir.to_owned();
+    let (restart_ms, read, found, engine_disk_bytes, get_read_bytes) =
+        dataplane::runtime::run_local("bench-store", async move {
+            let started = Instant::now();
+            let store = ShardStore::open(config).await.context("reopening the store")?;
+            let restart_ms = started.elapsed().as_secs_f64() * 1e3;
+            // The compactions the close left due run first (as db_bench's own would), then the
+            // page cache is dropped again: the reads measure the settled store, mostly uncached.
+            store.spawn_maintenance();
+            let settling = Instant::now();
+            while store.stats().engine_l0_runs >= dataplane::limits::ENGINE_L0_RUNS_COMPACT as u64
+                && settling.elapsed() < Duration::from_secs(120)
+            {
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+            drop_page_cache();
+            let mut latency = new_histogram()?;
+            let mut found = 0;
+            let read_before = crate::engine::device_read_bytes(&device_dir)?;
+            let started = Instant::now();
+            for op in 0..reads {
+                let key = key(mix(op ^ 0xbeef) % keys);
+                let begin = Instant::now();
+                found += u64::from(store.get(&key, None).await.context("a get failed")?.is_some());
+                latency.record(u64::try_from(begin.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1))?;
+            }
+            let read = Window { latency, ops: reads, elapsed: started.elapsed() };
+            let read_bytes = crate::engine::device_read_bytes(&device_dir)? - read_before;
+            let disk = store.stats().engine_disk_bytes;
+            store.close().await.context("closing the store")?;
+            Ok::<_, anyhow::Error>((restart_ms, read, found, disk, read_bytes))
+        })
+        .map_err(|error| anyhow::anyhow!("{error}"))??;
+    // The peak over every phase: fill, overwrite, restart and the gets (which fill the cache).
+    let (_, rss_peak_bytes) = rss_bytes()?;
     let _ = std::fs::remove_dir_all(&path);
     Ok(StoreResult {
         at_10,
@@ -263,6 +270,7 @@ fn run_store(dir: &Path, args: &StoreArgs, keys: u64) -> Result<StoreResult> {
         rss_steady_bytes,
         engine_disk_bytes,
         restart_ms,
+        get_read_bytes,
     })
 }
 
@@ -374,6 +382,8 @@ pub fn run(args: &StoreArgs) -> Result<()> {
         percentile_us(&ours.full.latency, 99.0) / percentile_us(&ours.at_10.latency, 99.0),
     );
     figures.set("get_found", ours.found);
+    #[allow(clippy::cast_precision_loss)]
+    figures.set_f64("get_device_read_bytes_per_op", ours.get_read_bytes as f64 / ours.read.ops.max(1) as f64);
     figures.set_f64("write_amplification", ours.write_amplification);
     figures.set("rss_peak_bytes", ours.rss_peak_bytes);
     figures.set("rss_steady_bytes", ours.rss_steady_bytes);
