@@ -90,10 +90,13 @@ pub fn encode_key(user_key: &[u8], ts: u64) -> Vec<u8> {
 
 /// The engine key of `user_key`'s version at `ts` holding `body`.
 pub fn encode_version_key(user_key: &[u8], ts: u64, body: &Body) -> Vec<u8> {
+    if matches!(body, Body::Chunked(_)) { encode_chunked_key(user_key, ts) } else { encode_key(user_key, ts) }
+}
+
+/// The engine key of `user_key`'s version at `ts` whose value is a chunk list.
+pub fn encode_chunked_key(user_key: &[u8], ts: u64) -> Vec<u8> {
     let mut out = encode_key(user_key, ts);
-    if matches!(body, Body::Chunked(_)) {
-        out.push(CHUNKED_MARK);
-    }
+    out.push(CHUNKED_MARK);
     out
 }
 
@@ -234,6 +237,7 @@ mod tests {
             prop_assert_eq!(decode_key(&encode_key(&key, ts)), Ok((key.clone(), ts)));
             let chunked = Body::Chunked(Arc::new(ChunkList { size: 0, chunks: Vec::new() }));
             let marked = encode_version_key(&key, ts, &chunked);
+            prop_assert_eq!(&marked, &encode_chunked_key(&key, ts));
             prop_assert_eq!(decode_version_key(&marked), Ok((key.clone(), ts, true)));
             prop_assert_eq!(encode_version_key(&key, ts, &Body::Tombstone), encode_key(&key, ts));
             // The mark stays among the key's versions: after the bound at `ts`, before the end.

@@ -367,10 +367,9 @@ impl DiskVersions {
         }
         // Under the lock: no seal rotates the memtable meanwhile.
         let (memtable, seqno) = (self.tree.active_memtable(), self.visible.get());
-        let item = memtable.get(&codec::encode_key(key, ts), seqno).or_else(|| {
-            let chunked = Body::Chunked(Arc::new(ChunkList { size: 0, chunks: Vec::new() }));
-            memtable.get(&codec::encode_version_key(key, ts, &chunked), seqno)
-        })?;
+        let item = memtable
+            .get(&codec::encode_key(key, ts), seqno)
+            .or_else(|| memtable.get(&codec::encode_chunked_key(key, ts), seqno))?;
         let body = codec::decode_body(&item.value).ok()?;
         Some(Version { ts, body })
     }
