@@ -217,6 +217,9 @@ fn retention_hands_back_chunk_lists_held_in_blob_files_with_or_without_the_mark(
     destroyed.sort_unstable();
     assert_eq!(destroyed, (1..=8).collect::<Vec<u64>>());
     assert_eq!(engine.retention().destroyed_versions(), 16, "8 chunk lists and 8 values destroyed");
+    let mut held: Vec<u64> = engine.chunk_lists().unwrap().iter().map(|list| list.size).collect();
+    held.sort_unstable();
+    assert_eq!(held, (9..=20).collect::<Vec<u64>>(), "the chunk lists left, and no value as one");
     assert_eq!(engine.get_at(b"k", 20).unwrap().map(|version| version.body), Some(Body::Chunked(long_list(20))));
     assert!(engine.contains(b"k", 20).unwrap() && engine.contains(b"v", 20).unwrap());
     assert!(!engine.contains(b"k", 5).unwrap());
@@ -243,6 +246,9 @@ fn retention_hands_back_chunk_lists_held_in_blob_files_with_or_without_the_mark(
     let mut destroyed: Vec<u64> = engine.compact_all().unwrap().iter().map(|list| list.size).collect();
     destroyed.sort_unstable();
     assert_eq!(destroyed, (1..=8).collect::<Vec<u64>>(), "an unmarked tree's chunk lists are found by reading them");
+    let mut held: Vec<u64> = engine.chunk_lists().unwrap().iter().map(|list| list.size).collect();
+    held.sort_unstable();
+    assert_eq!(held, (9..=20).collect::<Vec<u64>>());
 }
 
 #[test]

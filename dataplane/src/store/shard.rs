@@ -232,19 +232,7 @@ impl ShardStore {
         crate::files::calibrate_iopoll(&config.dir.join("chunks")).await;
         if chunks.found_on_disk() > 0 {
             let versions = Arc::clone(&engine.versions);
-            let lists = engine
-                .reads
-                .run(move || {
-                    let mut lists = Vec::new();
-                    versions.scan(None, |_, version| {
-                        if let Body::Chunked(list) = version.body {
-                            lists.push(list);
-                        }
-                        true
-                    })?;
-                    Ok(lists)
-                })
-                .await;
+            let lists = engine.reads.run(move || versions.chunk_lists()).await;
             for list in engine_result(shard_id, lists)? {
                 chunks.add_refs(&list);
             }

@@ -398,6 +398,28 @@ impl DiskVersions {
         Ok(count)
     }
 
+    /// Every chunk list the engine holds (what the chunk reference counts are rebuilt from at
+    /// open), read without resolving other values: a blob-held value is read only when its key
+    /// carries the chunked mark (or the tree predates it).
+    pub fn chunk_lists(&self) -> Result<Vec<Arc<ChunkList>>, EngineError> {
+        let unmarked = self.retention.unmarked_chunk_lists.load(Ordering::Acquire);
+        let might_be_chunked = |engine_key: &lsm_tree::UserKey| {
+            !engine_key.starts_with(META_PREFIX)
+                && (unmarked || codec::decode_version_key(engine_key).is_ok_and(|(_, _, chunked)| chunked))
+        };
+        let mut lists = Vec::new();
+        let read = self.begin_read();
+        for entry in self.tree.range::<Vec<u8>, _>(.., read.seqno, None) {
+            let (_, value) = entry.into_inner_if(might_be_chunked).map_err(|error| self.tree_error("scan", &error))?;
+            if let Some(value) = value
+                && let Body::Chunked(list) = codec::decode_body(&value).map_err(|error| self.codec_error(error))?
+            {
+                lists.push(list);
+            }
+        }
+        Ok(lists)
+    }
+
     /// Calls `each` with every version of every key after `start_after`, in key order and
     /// newest first within a key, until it returns `false`. One consistent view: flushes and
     /// compactions meanwhile do not change what the scan sees.
