@@ -213,7 +213,8 @@ pub fn later_wins<T>(items: Vec<T>, key: impl Fn(&T) -> &[u8]) -> Vec<T> {
         return items;
     }
     let mut seen = std::collections::HashSet::with_capacity(items.len());
-    let keep: Vec<bool> = items.iter().rev().map(|item| seen.insert(key(item).to_vec())).collect();
+    let keep: Vec<bool> = items.iter().rev().map(|item| seen.insert(key(item))).collect();
+    drop(seen);
     items.into_iter().zip(keep.into_iter().rev()).filter_map(|(item, keep)| keep.then_some(item)).collect()
 }
 

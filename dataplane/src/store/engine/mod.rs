@@ -255,19 +255,16 @@ impl lsm_tree::compaction::CompactionFilter for RetentionFilter {
             self.kept_below = true;
             return Ok(Verdict::Keep);
         }
-        self.destroyed_versions += 1;
-        if item.is_indirection() && !chunked && !self.unmarked_chunk_lists {
-            // In a blob file, and not a chunk list: destroyed without reading it.
-            return Ok(Verdict::Destroy);
-        }
-        match codec::decode_body(&item.value()?) {
-            Ok(Body::Chunked(list)) => self.destroyed.push(list),
-            Ok(_) => {}
-            Err(_) => {
-                self.destroyed_versions -= 1;
-                return Ok(Verdict::Keep);
+        // A value in a blob file whose key has no chunked mark is no chunk list: destroyed
+        // without reading it. Others are read (inline ones cost nothing).
+        if chunked || self.unmarked_chunk_lists || !item.is_indirection() {
+            match codec::decode_body(&item.value()?) {
+                Ok(Body::Chunked(list)) => self.destroyed.push(list),
+                Ok(_) => {}
+                Err(_) => return Ok(Verdict::Keep),
             }
         }
+        self.destroyed_versions += 1;
         Ok(Verdict::Destroy)
     }
 
@@ -376,14 +373,15 @@ impl DiskVersions {
 
     /// Whether `key` has a version at exactly `ts`.
     pub fn contains(&self, key: &[u8], ts: u64) -> Result<bool, EngineError> {
-        // Either engine key of that version: with or without the chunked mark.
-        let from = codec::encode_key(key, ts);
-        let to = if ts == 0 { codec::key_end(key) } else { codec::encode_key(key, ts - 1) };
+        // Either engine key of that version (with or without the chunked mark): two point
+        // reads, which bloom filters serve, where a range would read a block of every level.
         let read = self.begin_read();
-        match self.tree.range(from..to, read.seqno, None).next() {
-            Some(entry) => entry.key().map(|_| true).map_err(|error| self.tree_error("read", &error)),
-            None => Ok(false),
+        for engine_key in [codec::encode_key(key, ts), codec::encode_chunked_key(key, ts)] {
+            if self.tree.contains_key(&engine_key, read.seqno).map_err(|error| self.tree_error("read", &error))? {
+                return Ok(true);
+            }
         }
+        Ok(false)
     }
 
     /// How many versions `key` holds.
