@@ -14,6 +14,7 @@ pub mod glts;
 pub mod glts_client;
 pub mod meta;
 pub mod net;
+pub mod replica;
 pub mod rpc;
 pub mod timesource;
 
