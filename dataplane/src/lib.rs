@@ -22,6 +22,7 @@ pub mod limits;
 pub mod node;
 mod readiness;
 pub mod repl;
+pub mod replica;
 pub mod runtime;
 pub mod server;
 pub mod store;

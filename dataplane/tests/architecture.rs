@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 const PURE: &[&str] = &[
     "wire/src",
     "dataplane/src/repl/core",
+    "dataplane/src/replica/core.rs",
+    "controlapi/src/replica.rs",
     "dataplane/src/wal/format.rs",
     "dataplane/src/wal/recovery.rs",
     "dataplane/src/store/engine/codec.rs",
