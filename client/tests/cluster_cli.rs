@@ -336,3 +336,55 @@ fn bad_tls_dir_and_missing_options_are_clear_errors() {
     assert_eq!(code(&output), exit_code::USAGE, "{}", stderr(&output));
     assert!(stderr(&output).contains("--tls-dir"), "{}", stderr(&output));
 }
+
+#[test]
+fn replica_sets_are_placed_over_zones_and_shown_per_shard() {
+    let fixture = Fixture::start(1);
+    let region = fixture.meridian(&["region", "eu", "--zones", "z1,z2,z3"]);
+    assert_eq!(code(&region), exit_code::OK, "{}", stderr(&region));
+    let none = fixture.meridian(&["shards"]);
+    assert!(stdout(&none).starts_with("no replica sets placed"), "{}", stdout(&none));
+
+    // Without data nodes: refused, naming what is missing.
+    let refused = fixture.meridian(&["place-sets", "--region", "eu", "--shards", "8"]);
+    assert_eq!(code(&refused), exit_code::REFUSED, "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("0 up data nodes, fewer than min_replicas 2"), "{}", stderr(&refused));
+
+    for (id, zone) in [("n1", "z1"), ("n2", "z2"), ("n3", "z3"), ("n4", "z1")] {
+        let register = controlapi::meta::Command::RegisterDataNode {
+            id: id.into(),
+            addr: "127.0.0.1:1".into(),
+            region: "eu".into(),
+            zone: zone.into(),
+            shards: 1,
+            capacity_bytes: 1 << 30,
+        };
+        let (outcome, _) =
+            fixture._runtime.block_on(fixture.cluster.client().propose(register, Duration::from_secs(10))).unwrap();
+        assert_eq!(outcome, controlapi::meta::Outcome::Done);
+    }
+    let placed = fixture.meridian(&["place-sets", "--region", "eu", "--shards", "8"]);
+    assert_eq!(code(&placed), exit_code::OK, "{}", stderr(&placed));
+    let sets = json(&fixture.meridian(&["shards", "--json"]));
+    let zone = |node: &Value| match node.as_str().unwrap() {
+        "n1" | "n4" => "z1",
+        "n2" => "z2",
+        _ => "z3",
+    };
+    let shards = sets["eu"].as_object().expect("sets of eu");
+    assert_eq!(shards.len(), 8, "{sets}");
+    for config in shards.values() {
+        let members = config["members"].as_array().unwrap();
+        let zones: std::collections::BTreeSet<&str> = members.iter().map(zone).collect();
+        assert_eq!((members.len(), zones.len(), &config["epoch"]), (3, 3, &Value::from(1)), "{config}");
+    }
+
+    // Five copies where four nodes are up: placed, shown under-replicated.
+    let more = fixture.meridian(&["place-sets", "--region", "eu", "--shards", "10", "--replicas", "5"]);
+    assert_eq!(code(&more), exit_code::OK, "{}", stderr(&more));
+    let text = stdout(&fixture.meridian(&["shards", "--region", "eu"]));
+    assert_eq!(text.lines().filter(|line| line.ends_with(" ok")).count(), 8, "{text}");
+    assert_eq!(text.lines().filter(|line| line.ends_with("under-replicated: 4 of 5 copies")).count(), 2, "{text}");
+    let unknown = fixture.meridian(&["shards", "--region", "mars"]);
+    assert_eq!(code(&unknown), exit_code::REFUSED, "{}", stderr(&unknown));
+}

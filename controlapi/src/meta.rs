@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::replica::{LogShape, SetConfig, choose_nodes, promote};
+
 /// Global snapshots the catalog keeps; older ones leave it as new ones come (an archive keeps
 /// what was exported).
 pub const SNAPSHOTS_KEPT: usize = 10_000;
@@ -180,6 +182,46 @@ pub enum Command {
         #[serde(default)]
         after_us: Option<u64>,
     },
+    /// Places a replica set for every shard `0..shards` of `region` that has none: `replicas`
+    /// of the region's Up data nodes, in distinct zones while zones last, the least loaded
+    /// first (`replica::choose_nodes`). Refused when fewer than `min_replicas` nodes are Up; a
+    /// set with fewer members than `replicas` is shown under-replicated.
+    PlaceReplicaSets {
+        /// Region.
+        region: String,
+        /// Logical shards.
+        shards: u32,
+        /// Copies per shard.
+        replicas: usize,
+        /// Fewest members a set takes writes with.
+        min_replicas: usize,
+    },
+    /// A change of a set its primary asks for at its epoch.
+    ChangeReplicaSet {
+        /// Region.
+        region: String,
+        /// Shard.
+        shard: u32,
+        /// The primary asking.
+        requester: String,
+        /// The epoch it asks at.
+        epoch: u64,
+        /// What to change.
+        change: SetChange,
+    },
+    /// A new primary for a set at `epoch` whose primary's lease lapsed (or which restarted as
+    /// primary): the newest of the logs its members reported (`replica::promote`). The
+    /// leader puts the reports in the command, so every member applies the same decision.
+    PromoteReplicaSet {
+        /// Region.
+        region: String,
+        /// Shard.
+        shard: u32,
+        /// The set's epoch the decision was made at.
+        epoch: u64,
+        /// Members that reported recently, with their durable logs.
+        reports: Vec<(String, LogShape)>,
+    },
     /// Sets a cluster config key.
     SetConfig {
         /// Key.
@@ -199,9 +241,26 @@ impl Command {
                 | Self::RegisterDataNode { .. }
                 | Self::SetDataNodeState { .. }
                 | Self::SetPlacement { .. }
+                | Self::PlaceReplicaSets { .. }
                 | Self::SetConfig { .. }
         )
     }
+}
+
+/// A change of a replica set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum SetChange {
+    /// A member that stopped answering becomes a learner.
+    Remove {
+        /// The member.
+        node: String,
+    },
+    /// A learner holding every acknowledged write becomes a member.
+    Add {
+        /// The learner.
+        node: String,
+    },
 }
 
 /// What applying a command gave.
@@ -217,6 +276,11 @@ pub enum Outcome {
         epoch: u64,
         /// Expiry, unix ms of leader time.
         expires_ms: u64,
+    },
+    /// A replica set changed.
+    ReplicaSet {
+        /// The set now.
+        config: SetConfig,
     },
     /// A snapshot was created.
     SnapshotCreated {
@@ -247,6 +311,9 @@ pub struct MetaState {
     pub next_snapshot_id: u64,
     /// Cluster config.
     pub config: BTreeMap<String, String>,
+    /// Replica sets by region, then shard.
+    #[serde(default)]
+    pub replica_sets: BTreeMap<String, BTreeMap<u32, SetConfig>>,
 }
 
 fn rejected(reason: impl Into<String>) -> Outcome {
@@ -320,6 +387,43 @@ impl MetaState {
             Command::SetSnapshotStatus { id, region, status, after_us } => {
                 self.set_snapshot_status(*id, region, *status, *after_us)
             }
+            Command::PlaceReplicaSets { region, shards, replicas, min_replicas } => {
+                self.place_replica_sets(region, *shards, *replicas, *min_replicas)
+            }
+            Command::ChangeReplicaSet { region, shard, requester, epoch, change } => {
+                let Some(config) = self.replica_sets.get_mut(region).and_then(|sets| sets.get_mut(shard)) else {
+                    return rejected(format!("shard {shard} has no replica set in region {region:?}"));
+                };
+                let changed = match change {
+                    SetChange::Remove { node } => config.remove(requester, *epoch, node),
+                    SetChange::Add { node } => config.add(requester, *epoch, node),
+                };
+                match changed {
+                    Ok(next) => {
+                        *config = next.clone();
+                        Outcome::ReplicaSet { config: next }
+                    }
+                    Err(error) => rejected(error.to_string()),
+                }
+            }
+            Command::PromoteReplicaSet { region, shard, epoch, reports } => {
+                let Some(config) = self.replica_sets.get_mut(region).and_then(|sets| sets.get_mut(shard)) else {
+                    return rejected(format!("shard {shard} has no replica set in region {region:?}"));
+                };
+                if config.epoch != *epoch {
+                    return rejected(format!(
+                        "the set is at epoch {}, the promotion was decided at {epoch}",
+                        config.epoch
+                    ));
+                }
+                match promote(config, reports) {
+                    Some(next) => {
+                        *config = next.clone();
+                        Outcome::ReplicaSet { config: next }
+                    }
+                    None => rejected(format!("no member of shard {shard}'s set in {region:?} reported")),
+                }
+            }
             Command::SetConfig { key, value } => {
                 if key.is_empty() {
                     return rejected("config key is empty");
@@ -328,6 +432,58 @@ impl MetaState {
                 Outcome::Done
             }
         }
+    }
+
+    fn place_replica_sets(&mut self, region: &str, shards: u32, replicas: usize, min_replicas: usize) -> Outcome {
+        if !self.regions.contains_key(region) {
+            return rejected(format!("unknown region {region:?}"));
+        }
+        if shards == 0 || min_replicas == 0 || min_replicas > replicas {
+            return rejected(format!(
+                "need shards >= 1 and 1 <= min_replicas <= replicas (got shards {shards}, replicas {replicas}, \
+                 min_replicas {min_replicas})"
+            ));
+        }
+        let candidates: Vec<(String, String)> = self
+            .data_nodes
+            .iter()
+            .filter(|(_, node)| node.region == region && node.state == NodeState::Up)
+            .map(|(id, node)| (id.clone(), node.zone.clone()))
+            .collect();
+        if candidates.len() < min_replicas {
+            return rejected(format!(
+                "region {region:?} has {} up data nodes, fewer than min_replicas {min_replicas}",
+                candidates.len()
+            ));
+        }
+        let (mut load, mut leading) = (BTreeMap::<String, usize>::new(), BTreeMap::<String, usize>::new());
+        for config in self.replica_sets.values().flat_map(BTreeMap::values) {
+            for node in config.placed() {
+                *load.entry(node.clone()).or_default() += 1;
+            }
+            *leading.entry(config.primary.clone()).or_default() += 1;
+        }
+        let sets = self.replica_sets.entry(region.to_owned()).or_default();
+        for shard in 0..shards {
+            if sets.contains_key(&shard) {
+                continue;
+            }
+            let mut nodes = choose_nodes(&candidates, &load, replicas);
+            // The primary: the chosen node leading the fewest sets.
+            let lead =
+                (0..nodes.len()).min_by_key(|index| leading.get(&nodes[*index]).copied().unwrap_or(0)).unwrap_or(0);
+            nodes.swap(0, lead);
+            for node in &nodes {
+                *load.entry(node.clone()).or_default() += 1;
+            }
+            if let Some(primary) = nodes.first() {
+                *leading.entry(primary.clone()).or_default() += 1;
+            }
+            let mut config = SetConfig::initial(&nodes, min_replicas);
+            config.replicas = replicas;
+            sets.insert(shard, config);
+        }
+        Outcome::Done
     }
 
     fn register_data_node(&mut self, id: &str, node: DataNode) -> Outcome {
@@ -458,6 +614,81 @@ mod tests {
 
     fn acquire(state: &mut MetaState, at_ms: u64, holder: &str) -> Outcome {
         state.apply(at_ms, &Command::AcquireLease { shard: 7, holder: holder.into(), duration_ms: 1000 })
+    }
+
+    #[test]
+    fn replica_sets_are_placed_over_zones_changed_by_their_primary_and_promoted() {
+        let mut state = cluster();
+        let register = Command::RegisterDataNode {
+            id: "n3".into(),
+            addr: "127.0.0.1:1".into(),
+            region: "eu".into(),
+            zone: "b".into(),
+            shards: 2,
+            capacity_bytes: 1 << 30,
+        };
+        assert_eq!(state.apply(0, &register), Outcome::Done);
+        let place = |shards, replicas, min_replicas| Command::PlaceReplicaSets {
+            region: "eu".into(),
+            shards,
+            replicas,
+            min_replicas,
+        };
+        assert!(matches!(state.apply(0, &place(4, 3, 4)), Outcome::Rejected { .. }));
+        assert!(matches!(state.apply(0, &place(0, 3, 2)), Outcome::Rejected { .. }));
+        assert_eq!(state.apply(0, &place(4, 3, 2)), Outcome::Done);
+        let sets = &state.replica_sets["eu"];
+        assert_eq!(sets.len(), 4);
+        for config in sets.values() {
+            assert_eq!((config.epoch, config.members.len()), (1, 3));
+            // n3 is the only node in zone b: every set has it.
+            assert!(config.is_member("n3"), "{config:?}");
+        }
+        // Primaries spread: not every set led by the same node.
+        let primaries: std::collections::BTreeSet<&String> = sets.values().map(|config| &config.primary).collect();
+        assert!(primaries.len() > 1, "{primaries:?}");
+        // Placing again leaves existing sets alone.
+        let before = state.replica_sets.clone();
+        assert_eq!(state.apply(0, &place(4, 3, 2)), Outcome::Done);
+        assert_eq!(state.replica_sets, before);
+
+        let config = state.replica_sets["eu"][&0].clone();
+        let other = config.members.iter().find(|node| **node != config.primary).unwrap().clone();
+        let remove = |epoch| Command::ChangeReplicaSet {
+            region: "eu".into(),
+            shard: 0,
+            requester: config.primary.clone(),
+            epoch,
+            change: SetChange::Remove { node: other.clone() },
+        };
+        let Outcome::ReplicaSet { config: removed } = state.apply(0, &remove(1)) else { panic!("not removed") };
+        assert_eq!((removed.epoch, removed.members.len(), removed.learners.clone()), (2, 2, vec![other.clone()]));
+        assert!(matches!(state.apply(0, &remove(1)), Outcome::Rejected { .. }), "a stale epoch is refused");
+
+        let reports = vec![(other.clone(), LogShape { epochs: vec![(1, 1)], end: 9 })];
+        let promote = |epoch, reports: &Vec<(String, LogShape)>| Command::PromoteReplicaSet {
+            region: "eu".into(),
+            shard: 0,
+            epoch,
+            reports: reports.clone(),
+        };
+        assert!(
+            matches!(state.apply(0, &promote(2, &reports)), Outcome::Rejected { .. }),
+            "learners are never promoted"
+        );
+        let survivor = removed.members.iter().find(|node| **node != removed.primary).unwrap().clone();
+        let reports = vec![(survivor.clone(), LogShape { epochs: vec![(1, 1)], end: 5 })];
+        assert!(matches!(state.apply(0, &promote(1, &reports)), Outcome::Rejected { .. }), "decided at a stale epoch");
+        let Outcome::ReplicaSet { config: promoted } = state.apply(0, &promote(2, &reports)) else {
+            panic!("not promoted")
+        };
+        assert_eq!(
+            (promoted.epoch, promoted.primary.clone(), promoted.members.clone()),
+            (3, survivor.clone(), vec![survivor])
+        );
+        // The metadata's JSON round-trips (Raft snapshots carry it).
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<MetaState>(&json).unwrap(), state);
     }
 
     #[test]

@@ -249,6 +249,36 @@ pub enum ClusterCommand {
         #[arg(long, value_delimiter = ',')]
         replicas: Vec<String>,
     },
+    /// Place a replica set for every shard of a region that has none.
+    ///
+    /// Each shard `0..shards` gets `replicas` of the region's Up data nodes, in distinct zones
+    /// while zones last, the least loaded first; its primary is the chosen node that leads the
+    /// fewest sets. Refused (exit 4) when fewer than `min-replicas` data nodes are Up; a set
+    /// that got fewer nodes than `replicas` is shown under-replicated by `cluster shards`.
+    /// Existing sets are left as they are.
+    PlaceSets {
+        /// Region.
+        #[arg(long)]
+        region: String,
+        /// Logical shards.
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+        /// Copies per shard.
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Fewest members a set takes writes with.
+        #[arg(long, default_value_t = 2)]
+        min_replicas: usize,
+    },
+    /// Show every shard's replica set: epoch, primary, members, learners.
+    ///
+    /// A set with fewer members than its `replicas` is marked under-replicated with how many
+    /// copies are missing. With --json, the sets by region and shard.
+    Shards {
+        /// Only this region.
+        #[arg(long)]
+        region: Option<String>,
+    },
 }
 
 /// A control-plane failure, classified for the exit code.
@@ -377,6 +407,8 @@ pub async fn run(command: &ClusterCommand, target: &Target, json: bool, timeout:
         ClusterCommand::RemoveNode { id } => format!("cluster remove-node {id}"),
         ClusterCommand::Region { name, .. } => format!("cluster region {name}"),
         ClusterCommand::Place { shard, .. } => format!("cluster place {shard}"),
+        ClusterCommand::PlaceSets { region, .. } => format!("cluster place-sets --region {region}"),
+        ClusterCommand::Shards { .. } => "cluster shards".to_owned(),
     };
     execute(command, target, json, timeout).await.context(label)
 }
@@ -451,6 +483,22 @@ async fn execute(command: &ClusterCommand, target: &Target, json: bool, timeout:
             let command = Command::SetPlacement { shard: *shard, home: home.clone(), replicas: replicas.clone() };
             let summary = format!("shard {shard} home {home}, replicas {}", replicas.join(","));
             metadata_write(&client, command, timeout, json, &summary, &mut stdout).await
+        }
+        ClusterCommand::PlaceSets { region, shards, replicas, min_replicas } => {
+            client.attempt_timeout = timeout;
+            let command = Command::PlaceReplicaSets {
+                region: region.clone(),
+                shards: *shards,
+                replicas: *replicas,
+                min_replicas: *min_replicas,
+            };
+            let summary =
+                format!("replica sets of {shards} shards in {region} ({replicas} copies, at least {min_replicas})");
+            metadata_write(&client, command, timeout, json, &summary, &mut stdout).await
+        }
+        ClusterCommand::Shards { region } => {
+            client.attempt_timeout = timeout.min(STATUS_ATTEMPT_MAX);
+            shards(&client, region.as_deref(), timeout, json, &mut stdout).await
         }
     };
     disconnect(&client).await;
@@ -657,6 +705,54 @@ async fn check_new_node(client: &ControlClient, id: NodeId, addr: &str, timeout:
 }
 
 /// Commits one metadata command and reports it (`--json`: the command as committed).
+/// `meridian cluster shards`: the replica sets as the leader has them.
+async fn shards(
+    client: &ControlClient,
+    region: Option<&str>,
+    timeout: Duration,
+    json: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let meta = client.read(true, timeout).await.context(ControlError::Unavailable)?;
+    if let Some(region) = region
+        && !meta.regions.contains_key(region)
+    {
+        return Err(ControlError::Refused(format!("unknown region {region:?}")).into());
+    }
+    let sets: BTreeMap<&String, &BTreeMap<u32, controlapi::replica::SetConfig>> =
+        meta.replica_sets.iter().filter(|(name, _)| region.is_none_or(|region| region == name.as_str())).collect();
+    if json {
+        return print_json(out, &sets);
+    }
+    if sets.values().all(|shards| shards.is_empty()) {
+        writeln!(out, "no replica sets placed (meridian cluster place-sets --region R)")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<10} {:>5} {:>6}  {:<12} {:<30} {:<20} state",
+        "region", "shard", "epoch", "primary", "members", "learners"
+    )?;
+    for (region, shards) in sets {
+        for (shard, config) in shards {
+            let state = if config.members.len() < config.replicas {
+                format!("under-replicated: {} of {} copies", config.members.len(), config.replicas)
+            } else {
+                "ok".to_owned()
+            };
+            writeln!(
+                out,
+                "{region:<10} {shard:>5} {:>6}  {:<12} {:<30} {:<20} {state}",
+                config.epoch,
+                config.primary,
+                config.members.join(","),
+                config.learners.join(","),
+            )?;
+        }
+    }
+    Ok(())
+}
+
 async fn metadata_write(
     client: &ControlClient,
     command: Command,
