@@ -139,8 +139,11 @@ impl Agent {
             let mut heartbeat_ok = false;
             if registered {
                 wal_reported = self.config.wal_bytes.load(Ordering::Relaxed);
-                let heartbeat =
-                    crate::rpc::Request::Heartbeat { id: self.config.node_id.clone(), wal_bytes: wal_reported };
+                let heartbeat = crate::rpc::Request::Heartbeat {
+                    id: self.config.node_id.clone(),
+                    wal_bytes: wal_reported,
+                    replicas: Vec::new(),
+                };
                 match self.client.call(&heartbeat, self.config.heartbeat).await {
                     Ok(Response::Ok) => {
                         heartbeat_ok = true;

@@ -243,6 +243,66 @@ pub fn promote(config: &SetConfig, reports: &[(String, LogShape)]) -> Option<Set
     })
 }
 
+/// What a data node tells the control plane about one shard copy it keeps, in every
+/// heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub shard: u32,
+    /// The highest epoch it has seen.
+    pub epoch: u64,
+    /// Its durable log.
+    pub log: LogShape,
+    /// The epoch it leads, if it does (renews its lease when that is the set's epoch).
+    pub leading: Option<u64>,
+    /// It restarted as the primary of `epoch` and needs a new one (`Member::wants_new_epoch`);
+    /// counts only while `epoch` is the set's.
+    pub wants_new_epoch: bool,
+}
+
+/// The leader's view of one set between its Raft writes: when the primary's lease ends
+/// (leader time, ms) and each node's latest report with when it came.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetWatch {
+    pub lease_expires_ms: u64,
+    pub reports: BTreeMap<String, (LogShape, u64)>,
+    /// The primary said it restarted.
+    pub restarted: bool,
+}
+
+impl SetWatch {
+    /// Takes a node's report at `now_ms`; a report of the primary leading the set's epoch
+    /// renews its lease until `now_ms + lease_ms`.
+    pub fn report(&mut self, config: &SetConfig, node: &str, report: &ReplicaReport, now_ms: u64, lease_ms: u64) {
+        self.reports.insert(node.to_owned(), (report.log.clone(), now_ms));
+        if node == config.primary {
+            if report.wants_new_epoch && report.epoch == config.epoch {
+                self.restarted = true;
+            } else if report.leading == Some(config.epoch) {
+                self.lease_expires_ms = self.lease_expires_ms.max(now_ms + lease_ms);
+            }
+        }
+    }
+
+    /// The reports to promote with when the set needs a new primary at `now_ms`: its
+    /// primary's lease ended (the primary's own report then does not count) or it restarted
+    /// (then it is a candidate too). Only reports younger than `fresh_ms` count.
+    pub fn due(&self, config: &SetConfig, now_ms: u64, fresh_ms: u64) -> Option<Vec<(String, LogShape)>> {
+        let lapsed = now_ms > self.lease_expires_ms;
+        if !lapsed && !self.restarted {
+            return None;
+        }
+        let reports: Vec<(String, LogShape)> = self
+            .reports
+            .iter()
+            .filter(|(node, (_, at))| {
+                now_ms.saturating_sub(*at) < fresh_ms && (self.restarted || **node != config.primary)
+            })
+            .map(|(node, (log, _))| (node.clone(), log.clone()))
+            .collect();
+        promote(config, &reports).map(|_| reports)
+    }
+}
+
 /// The nodes of a new set: `replicas` of the `candidates` (node, zone), in distinct zones as
 /// long as there are zones left, then the least loaded (`load`: sets a node already keeps),
 /// then by name. The first is the primary. Fewer when there are fewer candidates.
@@ -326,6 +386,42 @@ mod tests {
         // Two zones for three copies: the third shares a zone.
         assert_eq!(choose_nodes(&candidates[..3], &load, 3), ["n2", "n3", "n1"]);
         assert_eq!(choose_nodes(&candidates[..1], &load, 3), ["n1"]);
+    }
+
+    #[test]
+    fn a_set_is_due_for_promotion_when_its_primary_lapses_or_restarts() {
+        let nodes: Vec<String> = ["a", "b", "c"].map(str::to_owned).to_vec();
+        let config = SetConfig::initial(&nodes, 2);
+        let mut watch = SetWatch::default();
+        let report = |log: LogShape, leading, wants_new_epoch| ReplicaReport {
+            shard: 0,
+            epoch: 1,
+            log,
+            leading,
+            wants_new_epoch,
+        };
+        watch.report(&config, "a", &report(shape(&[(1, 1)], 10), Some(1), false), 100, 1000);
+        watch.report(&config, "b", &report(shape(&[(1, 1)], 9), None, false), 100, 1000);
+        watch.report(&config, "c", &report(shape(&[(1, 1)], 8), None, false), 100, 1000);
+        assert_eq!(watch.due(&config, 1000, 2000), None, "the lease holds");
+        let due = watch.due(&config, 1200, 2000).unwrap();
+        assert_eq!(due.iter().map(|(node, _)| node.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(promote(&config, &due).unwrap().primary, "b");
+        assert_eq!(watch.due(&config, 2200, 2000), None, "every report is stale");
+        // A primary leading an old epoch does not renew.
+        watch.report(&config, "a", &report(shape(&[(1, 1)], 10), Some(0), false), 2300, 1000);
+        assert!(watch.lease_expires_ms < 2300);
+        // A restarted primary is due at once and a candidate.
+        let mut watch = SetWatch::default();
+        watch.report(&config, "a", &report(shape(&[(1, 1)], 10), Some(1), false), 100, 1000);
+        watch.report(&config, "a", &report(shape(&[(1, 1)], 10), None, true), 200, 1000);
+        let due = watch.due(&config, 300, 2000).unwrap();
+        let next = promote(&config, &due).unwrap();
+        assert_eq!(next.primary, "a");
+        // A late report that asked at the old epoch asks nothing of the new one.
+        let mut watch = SetWatch::default();
+        watch.report(&next, "a", &report(shape(&[(1, 1)], 10), None, true), 400, 1000);
+        assert!(!watch.restarted);
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub enum Request {
         /// snapshots on WAL volume).
         #[serde(default)]
         wal_bytes: u64,
+        /// The shard copies it keeps in replica sets (none: answered `Ok`; else `Sets`).
+        #[serde(default)]
+        replicas: Vec<crate::replica::ReplicaReport>,
     },
     /// Add a control-plane voter (leader only): learner first, then joint consensus.
     AddVoter {
@@ -190,6 +193,15 @@ pub enum Response {
     Status(Box<Status>),
     /// Done, nothing to report.
     Ok,
+    /// To a heartbeat that reported replica-set copies: the sets of the node's region it is
+    /// placed in, and the lease a primary leading its set's epoch now holds (from the moment
+    /// it sent the heartbeat).
+    Sets {
+        /// `(shard, set)`.
+        sets: Vec<(u32, crate::replica::SetConfig)>,
+        /// Lease length, ms.
+        lease_ms: u64,
+    },
     /// This node does not lead; ask the leader (when known).
     NotLeader {
         /// Leader id and address, when known.

@@ -59,6 +59,35 @@ impl Default for MembershipConfig {
     }
 }
 
+/// Replica sets inside regions: the leases of their primaries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaSetsConfig {
+    /// A set's primary holds its lease this long from each heartbeat it sends while leading
+    /// the set's epoch; the leader promotes another member once it lapsed (plus
+    /// `lease_ms / 20 + 20` ms for the clocks' drift). Data nodes heartbeat every
+    /// `lease_ms / 4` while they lead a set.
+    pub lease_ms: u64,
+}
+
+impl Default for ReplicaSetsConfig {
+    fn default() -> Self {
+        Self { lease_ms: 1000 }
+    }
+}
+
+impl ReplicaSetsConfig {
+    /// What the leader waits past a lease before promoting.
+    pub fn margin_ms(&self) -> u64 {
+        self.lease_ms / 20 + 20
+    }
+
+    /// How recent a member's report must be for it to count as reachable.
+    pub fn fresh_ms(&self) -> u64 {
+        self.lease_ms * 2
+    }
+}
+
 /// The GLTS server.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -147,6 +176,9 @@ pub struct NodeConfig {
     /// Data-node liveness.
     #[serde(default)]
     pub membership: MembershipConfig,
+    /// Replica sets' leases.
+    #[serde(default)]
+    pub replica_sets: ReplicaSetsConfig,
     /// GLTS.
     #[serde(default)]
     pub glts: GltsConfig,
@@ -211,6 +243,9 @@ impl NodeConfig {
         }
         if self.membership.suspect_after_ms == 0 || self.membership.dead_after_ms <= self.membership.suspect_after_ms {
             bail!("membership.dead_after_ms: must be > membership.suspect_after_ms > 0");
+        }
+        if self.replica_sets.lease_ms < 100 {
+            bail!("replica_sets.lease_ms: must be >= 100 (data nodes renew it every lease_ms / 4)");
         }
         if self.glts.drift_ppm == 0 || self.glts.drift_ppm >= 1_000_000 {
             bail!("glts.drift_ppm: must be in 1..1000000");

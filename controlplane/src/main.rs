@@ -129,6 +129,7 @@ fn config_from(args: RunArgs) -> Result<NodeConfig> {
                 log_io: LogIo::default(),
                 raft: Default::default(),
                 membership: Default::default(),
+                replica_sets: Default::default(),
                 glts: Default::default(),
                 snapshots: Default::default(),
                 metrics: None,

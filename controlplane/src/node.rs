@@ -17,6 +17,7 @@ use crate::raftlog::{self, LogStore, LogWriter};
 use controlapi::glts::{Estimator, EstimatorConfig};
 use controlapi::glts_client::exchange_all;
 use controlapi::meta::{Command, NodeState, Outcome, SnapshotStatus};
+use controlapi::replica::{ReplicaReport, SetWatch};
 use controlapi::rpc::{Member, Request, Response, Role, Status};
 use platform::quic::Connector;
 
@@ -80,6 +81,10 @@ pub struct Node {
     wal_volume: Mutex<WalVolume>,
     /// Told when the WAL volume since the last snapshot reached `snapshots.every_wal_bytes`.
     snapshot_due: tokio::sync::Notify,
+    /// Replica sets as this node watches them as leader: (region, shard) -> lease and reports.
+    set_watches: Mutex<BTreeMap<(String, u32), SetWatch>>,
+    /// Told when a set's primary restarted and needs a new epoch now.
+    promotion_due: tokio::sync::Notify,
 }
 
 /// The data nodes' WAL bytes as the leader counts them.
@@ -198,6 +203,8 @@ impl Node {
             tracking: Mutex::default(),
             wal_volume: Mutex::default(),
             snapshot_due: tokio::sync::Notify::new(),
+            set_watches: Mutex::default(),
+            promotion_due: tokio::sync::Notify::new(),
         });
         let handler = node.clone();
         let serving = controlapi::net::serve(
@@ -214,6 +221,7 @@ impl Node {
         tokio::spawn(node.clone().observe_raft());
         tokio::spawn(node.clone().glts_exchanges());
         tokio::spawn(node.clone().liveness_monitor());
+        tokio::spawn(node.clone().replica_set_monitor());
         if node.config.snapshots.every_ms > 0 || node.config.snapshots.every_wal_bytes > 0 {
             tokio::spawn(node.clone().scheduled_snapshots());
         }
@@ -795,7 +803,7 @@ impl Node {
             Request::Write(command) => self.write(command).await,
             Request::Read { linearizable } => self.read(linearizable).await,
             Request::Status => Response::Status(Box::new(self.status())),
-            Request::Heartbeat { id, wal_bytes } => self.heartbeat(id, wal_bytes),
+            Request::Heartbeat { id, wal_bytes, replicas } => self.heartbeat(id, wal_bytes, &replicas),
             Request::AddVoter { id, addr } => self.add_voter(id, addr).await,
             Request::RemoveVoter { id } => {
                 if !self.members().iter().any(|member| member.id == id && member.voter) {
@@ -847,7 +855,7 @@ impl Node {
 
     /// A data node's heartbeat (at the leader): its liveness, and its WAL volume for
     /// snapshots taken on volume.
-    fn heartbeat(&self, id: String, wal_bytes: u64) -> Response {
+    fn heartbeat(&self, id: String, wal_bytes: u64, replicas: &[ReplicaReport]) -> Response {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.state != ServerState::Leader {
             return self.leader_hint(metrics.current_leader);
@@ -859,8 +867,102 @@ impl Node {
         if lock(&self.wal_volume).report(metrics.current_term, &id, wal_bytes, every) {
             self.snapshot_due.notify_one();
         }
-        lock(&self.heartbeats).insert(id, timesource::unix_ms());
-        Response::Ok
+        let now = timesource::unix_ms();
+        lock(&self.heartbeats).insert(id.clone(), now);
+        if replicas.is_empty() {
+            return Response::Ok;
+        }
+        self.replica_reports(&id, replicas, now)
+    }
+
+    /// A data node's reports on the shard copies it keeps: renews the leases of the sets it
+    /// leads, answers with the sets of its region it is placed in.
+    fn replica_reports(&self, id: &str, replicas: &[ReplicaReport], now: u64) -> Response {
+        let lease_ms = self.config.replica_sets.lease_ms;
+        let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(region) = applied.meta.data_nodes.get(id).map(|node| node.region.clone()) else {
+            return Response::Error { message: format!("data node {id:?} is not registered") };
+        };
+        let sets = applied.meta.replica_sets.get(&region);
+        let mut restarted = false;
+        {
+            let mut watches = lock(&self.set_watches);
+            for report in replicas {
+                if let Some(config) = sets.and_then(|sets| sets.get(&report.shard)) {
+                    let watch = watches.entry((region.clone(), report.shard)).or_default();
+                    watch.report(config, id, report, now, lease_ms);
+                    restarted |= watch.restarted;
+                }
+            }
+        }
+        if restarted {
+            self.promotion_due.notify_one();
+        }
+        let placed = sets
+            .into_iter()
+            .flatten()
+            .filter(|(_, config)| config.placed().any(|node| node == id))
+            .map(|(shard, config)| (*shard, config.clone()))
+            .collect();
+        Response::Sets { sets: placed, lease_ms }
+    }
+
+    /// As leader: promotes a new primary for every set whose primary's lease lapsed (or which
+    /// restarted as primary), through Raft, from the members' recent reports. A new leader
+    /// first gives every primary a whole lease from its own start.
+    async fn replica_set_monitor(self: Arc<Self>) {
+        let sets_config = self.config.replica_sets.clone();
+        let period = Duration::from_millis((sets_config.lease_ms / 4).max(25));
+        loop {
+            let _ = tokio::time::timeout(period, self.promotion_due.notified()).await;
+            let leading = self.raft.metrics().borrow().state == ServerState::Leader;
+            let now = timesource::unix_ms();
+            let Some(since) = *lock(&self.leader_since_ms) else {
+                if !leading {
+                    lock(&self.set_watches).clear();
+                }
+                continue;
+            };
+            if !leading {
+                continue;
+            }
+            let due = {
+                let applied = self.applied.read().unwrap_or_else(PoisonError::into_inner);
+                let mut watches = lock(&self.set_watches);
+                let mut due = Vec::new();
+                for (region, sets) in &applied.meta.replica_sets {
+                    for (shard, config) in sets {
+                        let watch = watches.entry((region.clone(), *shard)).or_default();
+                        let grace = since + sets_config.lease_ms + sets_config.margin_ms();
+                        let mut effective = watch.clone();
+                        effective.lease_expires_ms = (watch.lease_expires_ms + sets_config.margin_ms()).max(grace);
+                        if let Some(reports) = effective.due(config, now, sets_config.fresh_ms()) {
+                            due.push(Command::PromoteReplicaSet {
+                                region: region.clone(),
+                                shard: *shard,
+                                epoch: config.epoch,
+                                reports,
+                            });
+                        }
+                    }
+                }
+                due
+            };
+            for command in due {
+                let Command::PromoteReplicaSet { region, shard, .. } = &command else { continue };
+                let key = (region.clone(), *shard);
+                let outcome = self.write(command.clone()).await;
+                if let Response::Written { outcome: Outcome::ReplicaSet { config }, .. } = &outcome {
+                    tracing::warn!(region = %key.0, shard = key.1, epoch = config.epoch, primary = %config.primary, "replica set promoted");
+                    metrics::counter!("meridian_replica_set_promotions_total").increment(1);
+                    let mut watches = lock(&self.set_watches);
+                    let watch = watches.entry(key).or_default();
+                    // The new primary gets a whole lease to take over.
+                    watch.lease_expires_ms = timesource::unix_ms() + sets_config.lease_ms;
+                    watch.restarted = false;
+                }
+            }
+        }
     }
 
     /// Adds node `id` at `addr` as a learner, then a voter, once it answers there as `id`.

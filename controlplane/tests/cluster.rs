@@ -209,7 +209,8 @@ async fn data_nodes_register_heartbeat_hold_leases_and_go_suspect_then_dead() ->
     let start = Instant::now();
     let mut seen_suspect = false;
     loop {
-        let response = client.call(&Request::Heartbeat { id: "d1".into(), wal_bytes: 0 }, deadline).await?;
+        let response =
+            client.call(&Request::Heartbeat { id: "d1".into(), wal_bytes: 0, replicas: Vec::new() }, deadline).await?;
         assert!(matches!(response, Response::Ok), "{response:?}");
         let state = client.read(true, deadline).await?;
         assert_eq!(state.data_nodes["d1"].state, NodeState::Up);
@@ -225,7 +226,8 @@ async fn data_nodes_register_heartbeat_hold_leases_and_go_suspect_then_dead() ->
     }
     assert!(seen_suspect, "d2 went dead without being suspect first");
     // An unregistered node's heartbeat is refused.
-    let response = client.call(&Request::Heartbeat { id: "nobody".into(), wal_bytes: 0 }, deadline).await?;
+    let response =
+        client.call(&Request::Heartbeat { id: "nobody".into(), wal_bytes: 0, replicas: Vec::new() }, deadline).await?;
     assert!(matches!(response, Response::Error { .. }), "{response:?}");
     Ok(())
 }
@@ -285,5 +287,111 @@ async fn a_new_leader_follows_the_snapshots_its_predecessor_left_pending() -> Re
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// One heartbeat of `id` reporting shard 0 of its region's sets.
+async fn report(
+    client: &controlapi::client::ControlClient,
+    id: &str,
+    (epoch, end): (u64, u64),
+    leading: Option<u64>,
+    wants_new_epoch: bool,
+) -> Result<Response> {
+    use controlapi::replica::{LogShape, ReplicaReport};
+    let log = LogShape { epochs: vec![(1, 1)], end };
+    let replicas = vec![ReplicaReport { shard: 0, epoch, log, leading, wants_new_epoch }];
+    Ok(client.call(&Request::Heartbeat { id: id.into(), wal_bytes: 0, replicas }, 10 * SECOND).await?)
+}
+
+/// Rounds of heartbeats from every member, the primary leading epoch 1.
+async fn heartbeat_rounds(
+    client: &controlapi::client::ControlClient,
+    primary: &str,
+    backups: &[String],
+    rounds: u32,
+) -> Result<()> {
+    for _ in 0..rounds {
+        let answer = report(client, primary, (1, 10), Some(1), false).await?;
+        let Response::Sets { sets, lease_ms } = answer else { bail!("the primary's heartbeat answered {answer:?}") };
+        assert_eq!((sets.len(), lease_ms), (1, 1000), "{sets:?}");
+        report(client, &backups[0], (1, 9), None, false).await?;
+        report(client, &backups[1], (1, 8), None, false).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_set_primary_holds_its_lease_by_heartbeat_and_a_lapse_promotes_the_newest_member() -> Result<()> {
+    use controlapi::meta::Outcome;
+    let (_dir, mut cluster) = cluster(3).await?;
+    let deadline = 10 * SECOND;
+    let zones = vec!["z1".into(), "z2".into(), "z3".into()];
+    cluster.client().write(Command::PutRegion { name: "eu".into(), zones }, deadline).await?;
+    for (id, zone) in [("d1", "z1"), ("d2", "z2"), ("d3", "z3")] {
+        let register = Command::RegisterDataNode {
+            id: id.into(),
+            addr: "127.0.0.1:7700".into(),
+            region: "eu".into(),
+            zone: zone.into(),
+            shards: 1,
+            capacity_bytes: 1 << 40,
+        };
+        cluster.client().write(register, deadline).await?;
+    }
+    let place = Command::PlaceReplicaSets { region: "eu".into(), shards: 1, replicas: 3, min_replicas: 2 };
+    assert_eq!(cluster.client().write(place, deadline).await?.0, Outcome::Done);
+    let set = |state: &controlapi::meta::MetaState| state.replica_sets["eu"][&0].clone();
+    let first = set(&cluster.client().read(true, deadline).await?);
+    let primary = first.primary.clone();
+    let backups: Vec<String> = first.members.iter().filter(|node| **node != primary).cloned().collect();
+
+    // Every member heartbeats; the primary leads epoch 1. Through a leader's death too: the
+    // new leader gives the primary a whole lease before judging it.
+    heartbeat_rounds(cluster.client(), &primary, &backups, 10).await?;
+    let leader = cluster.wait_leader(Duration::from_secs(5)).await?;
+    cluster.kill(leader)?;
+    cluster.wait_leader(Duration::from_secs(5)).await?;
+    heartbeat_rounds(cluster.client(), &primary, &backups, 12).await?;
+    assert_eq!(set(&cluster.client().read(true, deadline).await?), first, "promoted while the primary heartbeated");
+
+    // The primary falls silent: within its lease and the monitor's period, the backup with
+    // the newest log leads epoch 2, and the silent primary is a learner.
+    let lapsed = Instant::now();
+    let promoted = loop {
+        report(cluster.client(), &backups[0], (1, 9), None, false).await?;
+        report(cluster.client(), &backups[1], (1, 8), None, false).await?;
+        let now = set(&cluster.client().read(true, deadline).await?);
+        if now.epoch > 1 {
+            break now;
+        }
+        if lapsed.elapsed() > 10 * SECOND {
+            bail!("no promotion 10 s after the primary fell silent: {now:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = lapsed.elapsed();
+    eprintln!("promoted {took:?} after the primary's last heartbeat (lease 1000 ms)");
+    assert_eq!((promoted.epoch, &promoted.primary), (2, &backups[0]), "{promoted:?}");
+    assert_eq!(promoted.learners, vec![primary.clone()], "{promoted:?}");
+    assert!(took >= Duration::from_millis(800), "promoted {took:?} after the last heartbeat, within the lease");
+
+    // The new primary restarts and asks for a new epoch: promoted again at once, itself a
+    // candidate.
+    let asked = Instant::now();
+    let again = loop {
+        report(cluster.client(), &backups[0], (2, 9), None, true).await?;
+        report(cluster.client(), &backups[1], (2, 8), None, false).await?;
+        let now = set(&cluster.client().read(true, deadline).await?);
+        if now.epoch > 2 {
+            break now;
+        }
+        if asked.elapsed() > 10 * SECOND {
+            bail!("a restarted primary got no new epoch: {now:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!((again.epoch, &again.primary), (3, &backups[0]), "{again:?}");
     Ok(())
 }

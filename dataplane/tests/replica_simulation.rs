@@ -22,7 +22,7 @@ mod sim;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use controlapi::replica::{LogShape, SetConfig, promote};
+use controlapi::replica::{LogShape, ReplicaReport, SetConfig, SetWatch, promote};
 use dataplane::replica::{Action, DiskOp, Member, Message, Proposal, Timing, WriteError};
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -43,7 +43,7 @@ const QUIET_NS: u64 = 2_500 * MS;
 /// What goes to the control plane.
 #[derive(Debug, Clone)]
 enum ToControl {
-    Heartbeat { log: LogShape, leading: Option<u64>, wants_new_epoch: bool, sent_ns: u64 },
+    Heartbeat { report: ReplicaReport, sent_ns: u64 },
     Propose(Proposal),
 }
 
@@ -101,8 +101,8 @@ struct Node {
 struct Control {
     clock: NodeClock,
     config: SetConfig,
-    lease_expires_ns: u64,
-    reports: BTreeMap<String, (LogShape, u64)>,
+    /// The production leader's rules for one set (in ns here where the leader counts ms).
+    watch: SetWatch,
     delay_ns: (u64, u64),
 }
 
@@ -165,8 +165,7 @@ impl World {
         let control = Control {
             clock: NodeClock::draw(&mut rng, 200, 0),
             config,
-            lease_expires_ns: LEASE_NS,
-            reports: BTreeMap::new(),
+            watch: SetWatch { lease_expires_ms: LEASE_NS, ..SetWatch::default() },
             delay_ns: (100_000, if rng.random_bool(0.3) { 80 * MS } else { 5 * MS }),
         };
         let mut world = Self {
@@ -389,12 +388,14 @@ impl World {
                 if incarnation == self.nodes[node].incarnation {
                     let sent_ns = self.node_now(node);
                     if let Some(member) = self.nodes[node].member.as_ref() {
-                        let message = ToControl::Heartbeat {
+                        let report = ReplicaReport {
+                            shard: 0,
+                            epoch: member.epoch(),
                             log: member.durable_log().clone(),
                             leading: member.leading(),
                             wants_new_epoch: member.wants_new_epoch(),
-                            sent_ns,
                         };
+                        let message = ToControl::Heartbeat { report, sent_ns };
                         self.tell_control(node, message);
                     }
                     self.queue.after(HEARTBEAT_NS, Event::Heartbeat { node, incarnation });
@@ -504,17 +505,14 @@ impl World {
         let now = self.control_now();
         let name = self.nodes[from].name.clone();
         match message {
-            ToControl::Heartbeat { log, leading, wants_new_epoch, sent_ns } => {
-                self.control.reports.insert(name.clone(), (log, now));
+            ToControl::Heartbeat { report, sent_ns } => {
                 let config = self.control.config.clone();
-                if name == config.primary {
-                    if wants_new_epoch {
-                        // Restarted as primary: a new epoch, itself a candidate.
-                        self.promote(false);
-                    } else if leading == Some(config.epoch) {
-                        self.control.lease_expires_ns = now + LEASE_NS + LEASE_MARGIN_NS;
-                        self.tell_node(from, FromControl::Lease { epoch: config.epoch, until_ns: sent_ns + LEASE_NS });
-                    }
+                self.control.watch.report(&config, &name, &report, now, LEASE_NS + LEASE_MARGIN_NS);
+                if self.control.watch.restarted {
+                    // Restarted as primary: a new epoch at once, itself a candidate.
+                    self.promote();
+                } else if name == config.primary && report.leading == Some(config.epoch) {
+                    self.tell_node(from, FromControl::Lease { epoch: config.epoch, until_ns: sent_ns + LEASE_NS });
                 }
                 let config = self.control.config.clone();
                 self.tell_node(from, FromControl::Config(config));
@@ -537,24 +535,17 @@ impl World {
     }
 
     fn control_tick(&mut self) {
-        if self.control_now() > self.control.lease_expires_ns {
-            self.promote(true);
-        }
+        self.promote();
     }
 
-    /// Promotes the newest member among those that reported recently.
-    fn promote(&mut self, lapsed: bool) {
+    /// Promotes the newest member among those that reported recently, when the set is due.
+    fn promote(&mut self) {
         let now = self.control_now();
-        let primary = self.control.config.primary.clone();
-        let reports: Vec<(String, LogShape)> = self
-            .control
-            .reports
-            .iter()
-            .filter(|(node, (_, at))| now.saturating_sub(*at) < REPORT_FRESH_NS && !(lapsed && **node == primary))
-            .map(|(node, (log, _))| (node.clone(), log.clone()))
-            .collect();
-        if let Some(next) = promote(&self.control.config, &reports) {
-            self.control.lease_expires_ns = now + LEASE_NS + LEASE_MARGIN_NS;
+        if let Some(reports) = self.control.watch.due(&self.control.config, now, REPORT_FRESH_NS)
+            && let Some(next) = promote(&self.control.config, &reports)
+        {
+            self.control.watch.lease_expires_ms = now + LEASE_NS + LEASE_MARGIN_NS;
+            self.control.watch.restarted = false;
             self.change(next);
         }
     }
