@@ -50,6 +50,22 @@ pub fn sync_path(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Replaces `path` with `bytes` durably: a temporary file beside it written and synced, renamed
+/// over it, the directory synced; a crash leaves the old content or the new, never a partial
+/// file. Blocking (fsync): call it off the executors.
+pub fn replace_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    drop(file);
+    std::fs::rename(&temporary, path)?;
+    sync_path(path.parent().unwrap_or_else(|| Path::new(".")))
+}
+
 /// [`sync_path`] on glommio's blocking pool. A directory `fsync` commits the file system's
 /// journal: 0.4 to 1.2 ms here with a shard writing beside it. On the shard's thread it held
 /// every request of the shard that long, at each new segment and at each put that stored new

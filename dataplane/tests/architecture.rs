@@ -10,6 +10,7 @@ const PURE: &[&str] = &[
     "wire/src",
     "dataplane/src/repl/core",
     "dataplane/src/replica/core.rs",
+    "dataplane/src/replica/state.rs",
     "controlapi/src/replica.rs",
     "dataplane/src/wal/format.rs",
     "dataplane/src/wal/recovery.rs",

@@ -53,15 +53,7 @@ pub fn load(shard_dir: &Path, region: &str) -> Result<u64, String> {
 /// the directory after it, so a crash leaves the old position or the new one, never an empty
 /// or partial file. Blocking (fsync): call it off the async threads.
 pub fn store(shard_dir: &Path, region: &str, next_lsn: u64) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let path = path(shard_dir, region);
-    let temporary = path.with_extension("pos.tmp");
-    let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(encode(next_lsn).as_bytes())?;
-    file.sync_data()?;
-    drop(file);
-    std::fs::rename(&temporary, &path)?;
-    crate::files::sync_path(shard_dir)
+    crate::files::replace_durably(&path(shard_dir, region), encode(next_lsn).as_bytes())
 }
 
 #[cfg(test)]
