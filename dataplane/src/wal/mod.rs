@@ -184,6 +184,14 @@ pub enum WalError {
     /// The WAL was closed.
     #[error("WAL is closed")]
     Closed,
+    /// A batch of another WAL (`Wal::append_replicated`) was refused; nothing was written.
+    #[error("replicated batch refused at LSN {expected_lsn}: {reason}")]
+    ReplicatedBatch {
+        /// The LSN this WAL appends at next.
+        expected_lsn: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl WalError {

@@ -18,8 +18,8 @@ use glommio::{GlommioError, Task};
 
 use super::faults::{FaultInjector, WriteFault};
 use super::format::{
-    BatchBegin, BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader, parse_segment_file_name,
-    segment_file_name,
+    BATCH_BEGIN_BYTES, BatchBegin, BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader,
+    parse_segment_file_name, segment_file_name,
 };
 use super::recovery::{self, SegmentBytes};
 use super::tail::TailBatch;
@@ -109,6 +109,30 @@ impl OpenBatch {
         self.copy_in(0, &begin.encode());
         let used = self.builder.used_bytes();
         self.for_each_span(used, extent, |span, _| span.fill(0));
+        let next_lsn = self.builder.next_lsn();
+        self.into_sealed(begin, next_lsn, extent)
+    }
+
+    /// Another WAL's batch `image` (checked: `begin` and whole records up to its extent) in
+    /// buffers of this WAL, ready to be placed and written like one of its own.
+    fn from_image(begin: BatchBegin, image: &[u8], limits: BatchLimits, chunk_bytes: usize) -> SealedBatch {
+        let mut batch = Self::new(begin.first_lsn, limits, chunk_bytes);
+        batch.copy_in(0, image);
+        let mut position = BATCH_BEGIN_BYTES;
+        for _ in 0..begin.record_count {
+            match wire::decode(&image[position..], u32::MAX) {
+                Ok((record, used)) => {
+                    batch.payload_bytes += record.payload.len() as u64;
+                    position += used;
+                }
+                Err(_) => break,
+            }
+        }
+        let next_lsn = begin.first_lsn + u64::from(begin.record_count);
+        batch.into_sealed(begin, next_lsn, image.len())
+    }
+
+    fn into_sealed(mut self, begin: BatchBegin, next_lsn: u64, extent: usize) -> SealedBatch {
         let full_chunks = extent / self.chunk_bytes;
         let remainder = extent % self.chunk_bytes;
         self.chunks.truncate(full_chunks + usize::from(remainder > 0));
@@ -120,7 +144,7 @@ impl OpenBatch {
         SealedBatch {
             begin,
             first_lsn: begin.first_lsn,
-            next_lsn: self.builder.next_lsn(),
+            next_lsn,
             extent: extent as u64,
             chunks: self.chunks,
             chunk_bytes: self.chunk_bytes,
@@ -190,6 +214,8 @@ struct Spare {
 
 struct State {
     open: OpenBatch,
+    /// Other WALs' batches waiting for the writer, in LSN order (`Wal::append_replicated`).
+    replicated: VecDeque<SealedBatch>,
     fenced: Option<WalError>,
     closing: bool,
     durable_next_lsn: u64,
@@ -607,6 +633,7 @@ impl Wal {
         let inner = Rc::new(Inner {
             state: RefCell::new(State {
                 open: OpenBatch::new(plan.next_lsn, limits, chunk_bytes),
+                replicated: VecDeque::new(),
                 fenced: None,
                 closing: false,
                 durable_next_lsn: plan.next_lsn,
@@ -685,6 +712,48 @@ impl Wal {
             Err(Reserve::BatchFull) => Ok(None),
             Err(Reserve::TooLarge) => Err(WalError::RecordTooLarge { len: payload.len(), max }),
         }
+    }
+
+    /// Appends a batch another WAL wrote (its image as `TailBatch` holds it: `BatchBegin`,
+    /// records, padding), as one batch at the same LSNs, and resolves once it is durable with
+    /// the LSN after it. A replica-set backup keeps its primary's log this way, batch for
+    /// batch. The image is checked whole (every record's checksum, contiguous LSNs, the
+    /// extent) and must begin at this WAL's next LSN; a WAL takes either its own appends or
+    /// another's batches, never both at once. A refused batch changes nothing; a failed write
+    /// or barrier fences the WAL as for its own batches.
+    pub async fn append_replicated(&self, image: &[u8]) -> Result<u64, WalError> {
+        let (latch, next_lsn) = {
+            let mut state = self.inner.state.borrow_mut();
+            if let Some(fenced) = &state.fenced {
+                return Err(fenced.clone());
+            }
+            if state.closing {
+                return Err(WalError::Closed);
+            }
+            let expected = state.open.builder.next_lsn();
+            let refuse = |reason: String| WalError::ReplicatedBatch { expected_lsn: expected, reason };
+            if state.open.builder.record_count() > 0 {
+                return Err(refuse("this WAL has its own appends waiting".into()));
+            }
+            let payload_max = self.inner.config.record_payload_bytes_max;
+            let (begin, extent) = recovery::scan_batch(image, 0, expected, None, payload_max)
+                .map_err(|(offset, damage)| refuse(format!("at byte {offset}: {damage}")))?;
+            if extent != image.len() || extent > self.inner.limits.bytes_max {
+                return Err(refuse(format!(
+                    "extent {extent} of an image of {} bytes (batches are at most {})",
+                    image.len(),
+                    self.inner.limits.bytes_max
+                )));
+            }
+            let chunk_bytes = state.open.chunk_bytes;
+            let batch = OpenBatch::from_image(begin, image, self.inner.limits, chunk_bytes);
+            let (latch, next_lsn) = (Rc::clone(&batch.latch), batch.next_lsn);
+            state.replicated.push_back(batch);
+            state.open = OpenBatch::new(next_lsn, self.inner.limits, chunk_bytes);
+            (latch, next_lsn)
+        };
+        self.inner.work.notify_all();
+        latch.wait().await.map(|()| next_lsn)
     }
 
     /// Every record with an LSN below this is durable.
@@ -1037,6 +1106,7 @@ impl Inner {
             Rc::clone(&state.open.latch)
         };
         open_latch.set(Err(error.clone()));
+        // Queued batches of another WAL fail when the writer finishes (`finish_writer`).
         self.space.notify_all();
         self.durable.notify_all();
     }
@@ -1049,28 +1119,36 @@ async fn writer_loop(inner: Rc<Inner>) {
             let wait = {
                 let state = inner.state.borrow();
                 if state.fenced.is_some() {
+                    drop(state);
                     return finish_writer(&inner);
                 }
-                if state.open.builder.record_count() > 0 {
+                if state.open.builder.record_count() > 0 || !state.replicated.is_empty() {
                     break;
                 }
                 if state.closing {
+                    drop(state);
                     return finish_writer(&inner);
                 }
                 inner.work.wait()
             };
             wait.await;
         }
-        if !inner.config.batch_linger.is_zero() && !inner.state.borrow().closing {
-            glommio::timer::sleep(inner.config.batch_linger).await;
-        }
-        let open = {
-            let mut state = inner.state.borrow_mut();
-            let next = OpenBatch::new(state.open.builder.next_lsn(), inner.limits, state.open.chunk_bytes);
-            std::mem::replace(&mut state.open, next)
+        let replicated = inner.state.borrow_mut().replicated.pop_front();
+        let mut batch = match replicated {
+            Some(batch) => batch,
+            None => {
+                if !inner.config.batch_linger.is_zero() && !inner.state.borrow().closing {
+                    glommio::timer::sleep(inner.config.batch_linger).await;
+                }
+                let open = {
+                    let mut state = inner.state.borrow_mut();
+                    let next = OpenBatch::new(state.open.builder.next_lsn(), inner.limits, state.open.chunk_bytes);
+                    std::mem::replace(&mut state.open, next)
+                };
+                inner.space.notify_all();
+                open.finish()
+            }
         };
-        inner.space.notify_all();
-        let mut batch = open.finish();
         inner.metrics.waiting.set((batch.next_lsn - batch.first_lsn) as f64);
         match inner.write_batch(&mut batch).await {
             Ok(image) => {
@@ -1113,7 +1191,13 @@ fn finish_writer(inner: &Inner) {
     let fenced = inner.state.borrow().fenced.clone();
     let error = fenced.unwrap_or(WalError::Closed);
     // Nobody will write the open batch now: its appenders must hear so.
-    let open_latch = Rc::clone(&inner.state.borrow().open.latch);
+    let (open_latch, replicated) = {
+        let mut state = inner.state.borrow_mut();
+        (Rc::clone(&state.open.latch), std::mem::take(&mut state.replicated))
+    };
+    for batch in replicated {
+        batch.latch.set(Err(error.clone()));
+    }
     open_latch.set(Err(error));
     inner.space.notify_all();
     inner.durable.notify_all();

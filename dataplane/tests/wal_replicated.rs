@@ -1,0 +1,162 @@
+//! A backup's WAL takes its primary's batches (`Wal::append_replicated`): same LSNs, same
+//! boundaries, same records, on real O_DIRECT segment files across rotations and a reopen; a
+//! batch that does not fit (a gap, damage, an image cut short or too long) is
+//! refused by name and changes nothing; a failed write fences the backup as its own would.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{check_payload, payload, read_all, run, small_config};
+use dataplane::wal::{FaultInjector, TailBatch, Wal, WalConfig, WalError, WalTail, WriteFault};
+
+/// The primary: concurrent appends in rounds (so batches of many sizes), every durable batch
+/// kept in its tail.
+async fn primary_batches(config: WalConfig, records: u64) -> Vec<TailBatch> {
+    let wal = Wal::open(config.clone()).await.unwrap();
+    let mut id = 0;
+    while id < records {
+        let round = (id % 7 + 1).min(records - id);
+        let mut handles = Vec::new();
+        for each in id..id + round {
+            let wal = wal.clone();
+            let length = 100 + (each as usize * 37) % 3000;
+            handles.push(glommio::spawn_local(async move { wal.append(each, &payload(each, length)).await }));
+        }
+        for handle in handles {
+            handle.await.unwrap();
+        }
+        id += round;
+    }
+    wal.close().await.unwrap();
+    let tail = config.tail.unwrap();
+    let mut batches = Vec::new();
+    let mut lsn = 1;
+    while let Some(batch) = tail.batch_at(lsn) {
+        lsn = batch.next_lsn;
+        batches.push(batch);
+    }
+    assert_eq!(lsn, records + 1, "the tail holds every batch");
+    batches
+}
+
+fn with_tail(mut config: WalConfig) -> WalConfig {
+    config.tail = Some(Arc::new(WalTail::new(64 << 20)));
+    config
+}
+
+#[test]
+fn a_backup_holds_its_primarys_batches_at_the_same_lsns_across_rotations_and_a_reopen() {
+    let (primary_dir, backup_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = with_tail(small_config(primary_dir.path()));
+    let backup = with_tail(small_config(backup_dir.path()));
+    let batches = run({
+        let (primary, backup) = (primary.clone(), backup.clone());
+        async move {
+            let batches = primary_batches(primary, 400).await;
+            assert!(batches.len() > 40, "{} batches", batches.len());
+            let wal = Wal::open(backup.clone()).await.unwrap();
+            for batch in &batches {
+                assert_eq!(wal.append_replicated(&batch.bytes).await.unwrap(), batch.next_lsn);
+            }
+            assert_eq!(wal.durable_next_lsn(), 401);
+            assert!(wal.stats().rotations > 0, "the small segments rotated");
+            wal.close().await.unwrap();
+            batches
+        }
+    });
+    // Reopened from disk: the same records at the same LSNs.
+    let (ours, theirs) = (read_all(&backup), read_all(&primary));
+    assert_eq!(ours.len(), 400);
+    for (mine, primarys) in ours.iter().zip(&theirs) {
+        assert_eq!((mine.lsn, mine.glt, &mine.payload), (primarys.lsn, primarys.glt, &primarys.payload));
+        assert_eq!(check_payload(&mine.payload).unwrap(), mine.lsn - 1);
+    }
+    // The same boundaries: the backup's own tail saw the same batches.
+    let tail = backup.tail.clone().unwrap();
+    for batch in &batches {
+        let mine = tail.batch_at(batch.first_lsn).unwrap();
+        assert_eq!(
+            (mine.first_lsn, mine.next_lsn, mine.bytes.len()),
+            (batch.first_lsn, batch.next_lsn, batch.bytes.len())
+        );
+    }
+    // And it goes on as a primary would, from the LSN after the last batch.
+    run({
+        let backup = backup.clone();
+        async move {
+            let wal = Wal::open(backup).await.unwrap();
+            assert_eq!(wal.append(7, &payload(400, 10)).await.unwrap(), 401);
+            wal.close().await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn a_batch_that_does_not_fit_is_refused_by_name_and_changes_nothing() {
+    let (primary_dir, backup_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = with_tail(small_config(primary_dir.path()));
+    let backup = small_config(backup_dir.path());
+    run(async move {
+        let batches = primary_batches(primary, 30).await;
+        let wal = Wal::open(backup).await.unwrap();
+        let refused = |result: Result<u64, WalError>, what: &str| match result {
+            Err(WalError::ReplicatedBatch { expected_lsn, reason }) => {
+                assert!(reason.contains(what), "{reason}");
+                expected_lsn
+            }
+            other => panic!("expected a refusal naming {what:?}, got {other:?}"),
+        };
+        // A gap: the second batch first.
+        assert_eq!(refused(wal.append_replicated(&batches[1].bytes).await, "gap"), 1);
+        // Damage in a record.
+        let mut damaged = batches[0].bytes.to_vec();
+        let last = damaged.iter().rposition(|byte| *byte != 0).unwrap();
+        damaged[last] ^= 0x40;
+        refused(wal.append_replicated(&damaged).await, "at byte");
+        // Cut short, and with bytes beyond its extent.
+        let bytes = &batches[0].bytes;
+        assert!(wal.append_replicated(&bytes[..bytes.len() - 4096]).await.is_err());
+        let mut longer = bytes.to_vec();
+        longer.extend_from_slice(&[0; 4096]);
+        refused(wal.append_replicated(&longer).await, "extent");
+        assert_eq!(wal.durable_next_lsn(), 1, "nothing was written");
+        // The right batch goes in; the WAL then goes on from the LSN after it.
+        assert_eq!(wal.append_replicated(&batches[0].bytes).await.unwrap(), batches[0].next_lsn);
+        assert_eq!(wal.append(1, &payload(1000, 10)).await.unwrap(), batches[0].next_lsn);
+        refused(wal.append_replicated(&batches[1].bytes).await, "gap");
+        wal.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_failed_write_of_a_replicated_batch_fences_the_backup() {
+    let (primary_dir, backup_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = with_tail(small_config(primary_dir.path()));
+    let faults = Arc::new(FaultInjector::default());
+    let mut backup = small_config(backup_dir.path());
+    backup.faults = Some(Arc::clone(&faults));
+    run({
+        let backup = backup.clone();
+        async move {
+            let batches = primary_batches(primary, 60).await;
+            let wal = Wal::open(backup).await.unwrap();
+            for batch in &batches[..3] {
+                wal.append_replicated(&batch.bytes).await.unwrap();
+            }
+            faults.fail_write(1, WriteFault::Errno(libc::EIO));
+            let failed = wal.append_replicated(&batches[3].bytes).await.unwrap_err();
+            assert!(matches!(failed, WalError::Fenced { op: "write", errno: Some(libc::EIO), .. }), "{failed:?}");
+            assert!(wal.append_replicated(&batches[4].bytes).await.unwrap_err().is_fenced());
+            assert!(wal.close().await.unwrap_err().is_fenced());
+            batches[2].next_lsn
+        }
+    });
+    // What was acknowledged is on disk, whole.
+    let records = read_all(&backup);
+    assert!(records.len() as u64 >= 3, "{} records", records.len());
+    for record in &records {
+        assert_eq!(check_payload(&record.payload).unwrap(), record.lsn - 1);
+    }
+}
