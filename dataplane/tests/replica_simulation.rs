@@ -6,7 +6,10 @@
 //! network between members drops, duplicates and reorders messages, disks slow down, the
 //! control plane answers late, and every clock drifts. After every event:
 //! - every acknowledged write is on the durable log of every member of the control plane's
-//!   current set, as the record its primary wrote (same epoch at each of its LSNs);
+//!   current set, as the record its primary wrote: same epoch at each of its LSNs, and the same
+//!   record (the simulation gives each written record an id and moves the ids with the
+//!   batches, so a reused (epoch, LSN) pair, which the protocol's comparison by epoch cannot
+//!   see, is caught);
 //! - at most one node acknowledges writes in each epoch;
 //! - each member's idea of its durable log is what its disk holds, and its epoch never goes
 //!   back.
@@ -57,29 +60,63 @@ enum FromControl {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { from: usize, to: usize, incarnation: u64, message: Message },
-    ToControl { from: usize, message: ToControl },
-    FromControl { to: usize, incarnation: u64, message: FromControl },
-    DiskDone { node: usize, incarnation: u64 },
-    Tick { node: usize, incarnation: u64 },
-    Heartbeat { node: usize, incarnation: u64 },
+    /// A message; an `Append` carries the records it names (their ids), as the shell sends
+    /// the batches' bytes.
+    Deliver {
+        from: usize,
+        to: usize,
+        incarnation: u64,
+        message: Message,
+        records: Vec<u64>,
+    },
+    ToControl {
+        from: usize,
+        message: ToControl,
+    },
+    FromControl {
+        to: usize,
+        incarnation: u64,
+        message: FromControl,
+    },
+    DiskDone {
+        node: usize,
+        incarnation: u64,
+    },
+    Tick {
+        node: usize,
+        incarnation: u64,
+    },
+    Heartbeat {
+        node: usize,
+        incarnation: u64,
+    },
     ControlTick,
     ClientWrite,
     Fault,
-    Restart { node: usize },
-    Heal { node: usize },
-    DiskFast { node: usize },
+    Restart {
+        node: usize,
+    },
+    Heal {
+        node: usize,
+    },
+    DiskFast {
+        node: usize,
+    },
 }
 
 /// What a node's disk holds.
 #[derive(Debug, Default)]
 struct Disk {
     log: LogShape,
+    /// What each durable LSN holds (`records[lsn - 1]`): the id of the write that made it. The
+    /// protocol compares logs by epoch; the ids check that an (epoch, LSN) pair really names
+    /// one record everywhere.
+    records: Vec<u64>,
     epoch: u64,
     primary: Option<String>,
     config: Option<SetConfig>,
-    /// Written, not yet durable: lost in a crash.
-    pending: VecDeque<(u64, DiskOp)>,
+    /// Written, not yet durable: lost in a crash. With the ids an append writes.
+    pending: VecDeque<(u64, DiskOp, Vec<u64>)>,
     slow: bool,
 }
 
@@ -88,6 +125,8 @@ struct Node {
     name: String,
     clock: NodeClock,
     member: Option<Member>,
+    /// What each LSN of the member's written log holds (ids, as `Disk::records`).
+    written: Vec<u64>,
     incarnation: u64,
     disk: Disk,
     /// Client writes this node appended and has not answered: first LSN to (next, epoch).
@@ -122,6 +161,14 @@ struct World {
     steps: u64,
     /// A disk, the set or the acknowledged writes changed since the last check.
     changed: bool,
+    /// The record each acknowledged LSN holds.
+    acknowledged_records: BTreeMap<u64, u64>,
+    /// The records of the `Append` being delivered: (first LSN, ids).
+    incoming: Option<(u64, Vec<u64>)>,
+    next_record: u64,
+    /// Every member's records were checked against the acknowledged ones since the set last
+    /// changed.
+    config_checked: bool,
 }
 
 #[derive(Debug)]
@@ -146,6 +193,7 @@ impl World {
                 name: name.clone(),
                 clock: NodeClock::draw(&mut rng, 200, 0),
                 member: None,
+                written: Vec::new(),
                 incarnation: 0,
                 disk: Disk { log: LogShape::new(), ..Disk::default() },
                 writes: BTreeMap::new(),
@@ -182,9 +230,13 @@ impl World {
             trace,
             steps: 0,
             changed: true,
+            acknowledged_records: BTreeMap::new(),
+            incoming: None,
+            next_record: 1,
+            config_checked: true,
         };
         for node in 0..world.nodes.len() {
-            world.start(node);
+            world.start(node).unwrap();
         }
         let config = world.control.config.clone();
         world.broadcast_config(&config);
@@ -203,9 +255,10 @@ impl World {
     }
 
     /// Brings a node up from its disk.
-    fn start(&mut self, node: usize) {
+    fn start(&mut self, node: usize) -> Result<(), Failure> {
         let state = &mut self.nodes[node];
         state.incarnation += 1;
+        state.written.clone_from(&state.disk.records);
         let disk = &state.disk;
         state.member = Some(Member::restart(
             &state.name,
@@ -219,6 +272,7 @@ impl World {
         let jitter = self.rng.random_range(0..TICK_NS);
         self.queue.after(jitter, Event::Tick { node, incarnation });
         self.queue.after(jitter, Event::Heartbeat { node, incarnation });
+        self.act(node)
     }
 
     fn crash(&mut self, node: usize) {
@@ -271,8 +325,9 @@ impl World {
                     self.send(node, to, message);
                 }
                 Action::Persist { seq, op } => {
+                    let records = self.records_for(node, op)?;
                     let disk = &mut self.nodes[node].disk;
-                    disk.pending.push_back((seq, op));
+                    disk.pending.push_back((seq, op, records));
                     if disk.pending.len() == 1 {
                         self.schedule_disk(node);
                     }
@@ -314,9 +369,58 @@ impl World {
             )));
         }
         self.changed = true;
+        for lsn in first..next {
+            let record = self.nodes[node].written[usize::try_from(lsn - 1).unwrap()];
+            self.acknowledged_records.insert(lsn, record);
+        }
+        let members = self.control.config.members.clone();
+        for member in members {
+            self.check_records(self.index(&member), first, next)?;
+        }
         let span = self.acknowledged.entry(epoch).or_insert((first, next));
         *span = (span.0.min(first), span.1.max(next));
         self.acknowledged_count += 1;
+        Ok(())
+    }
+
+    /// The ids a `Persist` writes: an append of the delivered `Append`'s records, or new ones
+    /// (a client write, an epoch marker); the node's written log follows.
+    fn records_for(&mut self, node: usize, op: DiskOp) -> Result<Vec<u64>, Failure> {
+        let records = match op {
+            DiskOp::Append { first, next, .. } => match &self.incoming {
+                Some((from, records)) => {
+                    let (start, end) = (usize::try_from(first - from).unwrap(), usize::try_from(next - from).unwrap());
+                    records.get(start..end).map(<[u64]>::to_vec).ok_or_else(|| {
+                        Failure(format!(
+                            "{} appended {first}..{next} from a message of {from}..",
+                            self.nodes[node].name
+                        ))
+                    })?
+                }
+                None => {
+                    let ids = (self.next_record..self.next_record + (next - first)).collect();
+                    self.next_record += next - first;
+                    ids
+                }
+            },
+            DiskOp::Truncate { .. } => Vec::new(),
+        };
+        apply_records(&mut self.nodes[node].written, op, &records);
+        Ok(records)
+    }
+
+    /// `node`'s durable records in `first..next` are the acknowledged ones where there are.
+    fn check_records(&self, node: usize, first: u64, next: u64) -> Result<(), Failure> {
+        let records = &self.nodes[node].disk.records;
+        for (lsn, expected) in self.acknowledged_records.range(first..next) {
+            let held = records.get(usize::try_from(lsn - 1).unwrap());
+            if held != Some(expected) {
+                return Err(Failure(format!(
+                    "{} holds record {held:?} at the acknowledged LSN {lsn}, which holds record {expected}",
+                    self.nodes[node].name
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -335,8 +439,15 @@ impl World {
         let faults = if self.chaos { self.faults } else { self.faults.reliable() };
         let deliveries = self.lanes.entry((from, to)).or_default().deliveries(&mut self.rng, now, &faults, true);
         let incarnation = self.nodes[to].incarnation;
+        let records = match &message {
+            Message::Append { first, next, .. } => self.nodes[from].written
+                [usize::try_from(*first - 1).unwrap()..usize::try_from(*next - 1).unwrap()]
+                .to_vec(),
+            _ => Vec::new(),
+        };
         for at in deliveries {
-            self.queue.at(at, Event::Deliver { from, to, incarnation, message: message.clone() });
+            let records = records.clone();
+            self.queue.at(at, Event::Deliver { from, to, incarnation, message: message.clone(), records });
         }
     }
 
@@ -346,24 +457,35 @@ impl World {
             eprintln!("{:>12} {event:?}", self.queue.now_ns());
         }
         match event {
-            Event::Deliver { from, to, incarnation, message } => {
+            Event::Deliver { from, to, incarnation, message, records } => {
                 let cut = self.nodes[from].cut_peers || self.nodes[to].cut_peers;
                 if incarnation == self.nodes[to].incarnation && !cut {
                     let now = self.node_now(to);
                     let from = self.nodes[from].name.clone();
+                    if let Message::Append { first, .. } = &message {
+                        self.incoming = Some((*first, records));
+                    }
                     if let Some(member) = self.nodes[to].member.as_mut() {
                         member.on_message(now, &from, message);
                     }
-                    self.act(to)?;
+                    let acted = self.act(to);
+                    self.incoming = None;
+                    acted?;
                 }
             }
             Event::DiskDone { node, incarnation } => {
                 if incarnation == self.nodes[node].incarnation {
                     let disk = &mut self.nodes[node].disk;
-                    let (seq, op) = disk.pending.pop_front().unwrap();
+                    let (seq, op, records) = disk.pending.pop_front().unwrap();
                     op.apply(&mut disk.log);
-                    self.changed = true;
+                    apply_records(&mut disk.records, op, &records);
                     let more = !disk.pending.is_empty();
+                    self.changed = true;
+                    if let DiskOp::Append { first, next, .. } = op
+                        && self.control.config.is_member(&self.nodes[node].name)
+                    {
+                        self.check_records(node, first, next)?;
+                    }
                     let now = self.node_now(node);
                     if let Some(member) = self.nodes[node].member.as_mut() {
                         member.persisted(now, seq);
@@ -439,7 +561,7 @@ impl World {
             }
             Event::Restart { node } => {
                 if self.nodes[node].member.is_none() {
-                    self.start(node);
+                    self.start(node)?;
                 }
             }
             Event::Heal { node } => {
@@ -557,9 +679,36 @@ impl World {
         self.control.config = next.clone();
         self.changed = true;
         self.broadcast_config(&next);
+        self.config_checked = false;
     }
 
     fn check(&mut self) -> Result<(), Failure> {
+        if !std::mem::replace(&mut self.config_checked, true) {
+            for member in self.control.config.members.clone() {
+                self.check_records(self.index(&member), 1, u64::MAX)?;
+            }
+        }
+        for node in &self.nodes {
+            let expected = usize::try_from(node.disk.log.end - 1).unwrap();
+            if node.disk.records.len() != expected {
+                return Err(Failure(format!(
+                    "{}: {} durable records, its log ends at {}",
+                    node.name,
+                    node.disk.records.len(),
+                    node.disk.log.end
+                )));
+            }
+            if let Some(member) = &node.member
+                && node.written.len() != usize::try_from(member.log().end - 1).unwrap()
+            {
+                return Err(Failure(format!(
+                    "{}: {} written records, its log ends at {}",
+                    node.name,
+                    node.written.len(),
+                    member.log().end
+                )));
+            }
+        }
         let config = &self.control.config;
         // The acknowledged writes on every member: only a disk, the set or an acknowledgement
         // can change that.
@@ -609,23 +758,32 @@ impl World {
     }
 
     /// Faults off, every node back.
-    fn heal(&mut self) {
+    fn heal(&mut self) -> Result<(), Failure> {
         self.chaos = false;
         for node in 0..self.nodes.len() {
             self.nodes[node].cut_control = false;
             self.nodes[node].cut_peers = false;
             self.nodes[node].disk.slow = false;
             if self.nodes[node].member.is_none() {
-                self.start(node);
+                self.start(node)?;
             }
         }
+        Ok(())
+    }
+}
+
+/// `records` (ids by LSN) after `op`, which appended `appended`.
+fn apply_records(records: &mut Vec<u64>, op: DiskOp, appended: &[u64]) {
+    match op {
+        DiskOp::Append { .. } => records.extend_from_slice(appended),
+        DiskOp::Truncate { from } => records.truncate(usize::try_from(from.saturating_sub(1)).unwrap()),
     }
 }
 
 fn simulate(seed: u64, trace: bool) -> Result<u64, Failure> {
     let mut world = World::new(seed, trace);
     world.run_until(CHAOS_NS)?;
-    world.heal();
+    world.heal()?;
     let before = world.acknowledged_count;
     world.run_until(CHAOS_NS + QUIET_NS)?;
     if world.acknowledged_count == before {
@@ -645,7 +803,8 @@ fn simulate(seed: u64, trace: bool) -> Result<u64, Failure> {
     let primary = &world.nodes[world.index(&config_now.primary)].disk.log;
     let learners: BTreeSet<&String> = config_now.learners.iter().collect();
     for node in &world.nodes {
-        if !learners.contains(&node.name) && node.disk.log != *primary {
+        let primary_records = &world.nodes[world.index(&config_now.primary)].disk.records;
+        if !learners.contains(&node.name) && (node.disk.log != *primary || node.disk.records != *primary_records) {
             return Err(Failure(format!(
                 "{}'s log {:?} differs from the primary {}'s {primary:?}",
                 node.name, node.disk.log, config_now.primary
