@@ -931,6 +931,10 @@ impl Node {
                 let mut watches = lock(&self.set_watches);
                 let mut due = Vec::new();
                 for (region, sets) in &applied.meta.replica_sets {
+                    let under = sets.values().filter(|config| config.members.len() < config.replicas).count();
+                    metrics::gauge!("meridian_replica_sets_under_replicated", "region" => region.clone())
+                        .set(under as f64);
+                    metrics::gauge!("meridian_replica_sets", "region" => region.clone()).set(sets.len() as f64);
                     for (shard, config) in sets {
                         let watch = watches.entry((region.clone(), *shard)).or_default();
                         let grace = since + sets_config.lease_ms + sets_config.margin_ms();

@@ -127,6 +127,9 @@ struct Node {
     member: Option<Member>,
     /// What each LSN of the member's written log holds (ids, as `Disk::records`).
     written: Vec<u64>,
+    /// The highest committed point its member ever reported, across restarts: nothing below
+    /// it may ever be cut.
+    committed: u64,
     incarnation: u64,
     disk: Disk,
     /// Client writes this node appended and has not answered: first LSN to (next, epoch).
@@ -194,6 +197,7 @@ impl World {
                 clock: NodeClock::draw(&mut rng, 200, 0),
                 member: None,
                 written: Vec::new(),
+                committed: 0,
                 incarnation: 0,
                 disk: Disk { log: LogShape::new(), ..Disk::default() },
                 writes: BTreeMap::new(),
@@ -315,6 +319,7 @@ impl World {
     fn act(&mut self, node: usize) -> Result<(), Failure> {
         let Some(member) = self.nodes[node].member.as_mut() else { return Ok(()) };
         let actions = member.take_actions();
+        let committed = member.committed();
         for action in actions {
             if self.trace {
                 eprintln!("  {} {action:?}", self.nodes[node].name);
@@ -347,6 +352,10 @@ impl World {
                 Action::Propose(proposal) => self.tell_control(node, ToControl::Propose(proposal)),
             }
         }
+        // The committed point reported with these actions holds from now on (a cut among them
+        // was checked against the one before).
+        let state = &mut self.nodes[node];
+        state.committed = state.committed.max(committed);
         Ok(())
     }
 
@@ -403,7 +412,16 @@ impl World {
                     ids
                 }
             },
-            DiskOp::Truncate { .. } => Vec::new(),
+            DiskOp::Truncate { from } => {
+                let committed = self.nodes[node].committed;
+                if from < committed {
+                    return Err(Failure(format!(
+                        "{} cut its log from {from}, below the committed point {committed} it had reported",
+                        self.nodes[node].name
+                    )));
+                }
+                Vec::new()
+            }
         };
         apply_records(&mut self.nodes[node].written, op, &records);
         Ok(records)

@@ -19,7 +19,9 @@
 //! The shell's duties: write each `Persist` in order and report `persisted(seq)` after its
 //! barrier; write `Save` durably before sending anything that follows it (a member must never
 //! forget the highest epoch it has seen); move messages; read the records a `Send` of
-//! `Append` names from the WAL (whole batches: ranges start and end at batch boundaries).
+//! `Append` names from the WAL (whole batches: ranges start and end at batch boundaries);
+//! apply records to the store only below [`Member::committed`] (above it a backup's tail may
+//! still be cut).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -45,8 +47,9 @@ pub enum Message {
     Shape { epoch: u64, log: LogShape },
     /// Primary to peer: the records `first..next`, written in `batch_epoch`, follow a record
     /// of `prev_epoch` (0 when `first` is 1). Empty (`first == next`): where the primary
-    /// thinks the peer is.
-    Append { epoch: u64, prev_epoch: u64, first: u64, next: u64, batch_epoch: u64 },
+    /// thinks the peer is. Below `commit` every member holds the primary's records durably:
+    /// no later primary's log differs there, so a peer that agrees may apply them.
+    Append { epoch: u64, prev_epoch: u64, first: u64, next: u64, batch_epoch: u64, commit: u64 },
     /// Peer to primary: durable and the same as the primary's log below `end`.
     Appended { epoch: u64, end: u64 },
     /// To a node of an older epoch: that epoch is over.
@@ -203,6 +206,8 @@ pub struct Member {
     accepted: u64,
     /// As a backup: the last `Appended` end sent in `epoch`.
     acked: u64,
+    /// Below this the log holds records no primary will ever cut (see [`Member::committed`]).
+    committed: u64,
     lead: Option<Lead>,
     /// Restarted and not yet given a set in a newer epoch: never leads the old one again.
     restarted: bool,
@@ -233,6 +238,7 @@ impl Member {
             next_seq: 1,
             accepted: 0,
             acked: 0,
+            committed: 0,
             lead: None,
             restarted: true,
             out: Vec::new(),
@@ -257,6 +263,13 @@ impl Member {
     /// The highest epoch seen.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Below this LSN this node's log holds records that every member of a set held durably:
+    /// no primary will ever cut them, so the store may apply them (a backup applies nothing
+    /// above it; a primary's is what it acknowledged). Not saved: 0 after a restart.
+    pub fn committed(&self) -> u64 {
+        self.lead.as_ref().map_or(self.committed, |lead| lead.acknowledged.max(self.committed))
     }
 
     /// The epoch this node leads, if it does.
@@ -461,13 +474,13 @@ impl Member {
     /// Sends each peer whose place is known what it lacks.
     fn pump_all(&mut self, now: u64) {
         let Some(lead) = self.lead.as_mut() else { return };
-        let epoch = lead.epoch;
+        let (epoch, commit) = (lead.epoch, lead.acknowledged);
         let mut sends = Vec::new();
         for (node, peer) in &mut lead.peers {
             let Some(mut next) = peer.next else { continue };
             while next < self.log.end {
                 let to = self.log.epoch_end(next).min(self.log.end);
-                sends.push((node.clone(), Self::append_message(&self.log, epoch, next, to)));
+                sends.push((node.clone(), Self::append_message(&self.log, (epoch, commit), next, to)));
                 next = to;
                 peer.sent_ns = now;
             }
@@ -478,10 +491,10 @@ impl Member {
         }
     }
 
-    fn append_message(log: &LogShape, epoch: u64, first: u64, next: u64) -> Message {
+    fn append_message(log: &LogShape, (epoch, commit): (u64, u64), first: u64, next: u64) -> Message {
         let prev_epoch = if first <= 1 { 0 } else { log.epoch_at(first - 1).unwrap_or(0) };
         let batch_epoch = log.epoch_at(first).unwrap_or(epoch);
-        Message::Append { epoch, prev_epoch, first, next, batch_epoch }
+        Message::Append { epoch, prev_epoch, first, next, batch_epoch, commit }
     }
 
     /// A message from `from`.
@@ -503,10 +516,10 @@ impl Member {
                     self.send(from, Message::Shape { epoch, log });
                 }
             }
-            Message::Append { epoch, prev_epoch, first, next, batch_epoch } => {
+            Message::Append { epoch, prev_epoch, first, next, batch_epoch, commit } => {
                 self.follow(epoch, from);
                 if self.lead.is_none() {
-                    self.accept(from, prev_epoch, first, next, batch_epoch);
+                    self.accept(from, prev_epoch, (first, next, batch_epoch), commit);
                 }
             }
             Message::Shape { epoch, log } => self.on_shape(now, epoch, from, &log),
@@ -525,7 +538,7 @@ impl Member {
     }
 
     /// A backup's side of an append.
-    fn accept(&mut self, from: &str, prev_epoch: u64, first: u64, next: u64, batch_epoch: u64) {
+    fn accept(&mut self, from: &str, prev_epoch: u64, (first, next, batch_epoch): (u64, u64, u64), commit: u64) {
         let fits = first <= self.log.end && (first <= 1 || self.log.epoch_at(first - 1) == Some(prev_epoch));
         if !fits {
             let (epoch, log) = (self.epoch, self.durable.clone());
@@ -544,6 +557,8 @@ impl Member {
             self.persist(DiskOp::Append { epoch: batch_epoch, first: at, next });
         }
         self.accepted = self.accepted.max(next);
+        // We agree with the primary below `next`: what it says is committed there is ours too.
+        self.committed = self.committed.max(commit.min(next));
         let heartbeat = first == next;
         self.ack(from, heartbeat);
     }
@@ -626,7 +641,7 @@ impl Member {
     /// learners.
     pub fn tick(&mut self, now: u64) {
         let Some(lead) = self.lead.as_mut() else { return };
-        let epoch = lead.epoch;
+        let (epoch, commit) = (lead.epoch, lead.acknowledged);
         let mut sends = Vec::new();
         for (node, peer) in &mut lead.peers {
             match peer.next {
@@ -636,7 +651,7 @@ impl Member {
                 }
                 Some(next) if now.saturating_sub(peer.sent_ns) >= self.timing.heartbeat_ns => {
                     peer.sent_ns = now;
-                    sends.push((node.clone(), Self::append_message(&self.log, epoch, next, next)));
+                    sends.push((node.clone(), Self::append_message(&self.log, (epoch, commit), next, next)));
                 }
                 _ => {}
             }

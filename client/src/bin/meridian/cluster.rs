@@ -971,6 +971,17 @@ fn print_status(out: &mut impl Write, leader: &Status, members: &[MemberStatus],
         })
         .collect();
     sections.counted("leases", &["SHARD", "HOLDER", "EPOCH", "EXPIRES (UNIX MS)"], lease_rows)?;
+    // One row per region: the sets in detail are `meridian cluster shards`.
+    let set_rows = meta
+        .replica_sets
+        .iter()
+        .map(|(region, sets)| {
+            let under = sets.values().filter(|config| config.members.len() < config.replicas).count();
+            let epochs = sets.values().map(|config| config.epoch).max().unwrap_or(0);
+            vec![region.clone(), sets.len().to_string(), under.to_string(), epochs.to_string()]
+        })
+        .collect();
+    sections.counted("replica sets by region", &["REGION", "SETS", "UNDER-REPLICATED", "HIGHEST EPOCH"], set_rows)?;
     let snapshot_rows = meta
         .snapshots
         .iter()
