@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{check_payload, payload, read_all, run, small_config};
-use dataplane::wal::{FaultInjector, TailBatch, Wal, WalConfig, WalError, WalTail, WriteFault};
+use dataplane::wal::{FaultInjector, TailBatch, Wal, WalConfig, WalError, WalTail, WriteFault, truncate_from};
 
 /// The primary: concurrent appends in rounds (so batches of many sizes), every durable batch
 /// kept in its tail.
@@ -159,4 +159,70 @@ fn a_failed_write_of_a_replicated_batch_fences_the_backup() {
     for record in &records {
         assert_eq!(check_payload(&record.payload).unwrap(), record.lsn - 1);
     }
+}
+
+#[test]
+fn a_cut_tail_is_gone_for_good_and_the_log_goes_on_from_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = with_tail(small_config(dir.path()));
+    let batches = run({
+        let config = config.clone();
+        async move { primary_batches(config, 300).await }
+    });
+    let plan = dataplane::wal::scan(&config).unwrap();
+    assert!(plan.segments.len() >= 3, "{} segments", plan.segments.len());
+    // A batch of several records in an early segment: cut there.
+    let cut_batch = batches.iter().skip(batches.len() / 4).find(|batch| batch.next_lsn - batch.first_lsn > 1).unwrap();
+    let cut = cut_batch.first_lsn;
+    match truncate_from(&config, cut + 1) {
+        Err(WalError::Truncate { lsn, reason }) => {
+            assert!(lsn == cut + 1 && reason.contains("not the first LSN"), "{reason}")
+        }
+        other => panic!("a cut inside a batch: {other:?}"),
+    }
+    assert!(matches!(truncate_from(&config, 0), Err(WalError::Truncate { .. })));
+    assert_eq!(truncate_from(&config, 301).unwrap(), 301, "at the end: nothing to cut");
+    assert_eq!(truncate_from(&config, cut).unwrap(), cut);
+    let kept = read_all(&config);
+    assert_eq!(kept.len() as u64, cut - 1);
+    assert!(kept.iter().all(|record| check_payload(&record.payload).unwrap() == record.lsn - 1));
+    assert_eq!(truncate_from(&config, cut).unwrap(), cut, "cutting again changes nothing");
+    // The log goes on from the cut, in a new segment; the cut records never come back, across
+    // reopens, whatever the new batches' sizes.
+    run({
+        let config = config.clone();
+        async move {
+            let wal = Wal::open(config.clone()).await.unwrap();
+            assert_eq!(wal.durable_next_lsn(), cut);
+            for id in 0..40 {
+                let lsn = wal.append(id, &payload(10_000 + id, 50 + (id as usize * 911) % 5000)).await.unwrap();
+                assert_eq!(lsn, cut + id);
+            }
+            wal.close().await.unwrap();
+        }
+    });
+    for _ in 0..2 {
+        let records = read_all(&config);
+        assert_eq!(records.len() as u64, cut - 1 + 40);
+        for record in &records {
+            let id = check_payload(&record.payload).unwrap();
+            let expected = if record.lsn < cut { record.lsn - 1 } else { 10_000 + record.lsn - cut };
+            assert_eq!(id, expected, "LSN {}", record.lsn);
+        }
+        run({
+            let config = config.clone();
+            async move { Wal::open(config).await.unwrap().close().await.unwrap() }
+        });
+    }
+    // A second cut, in the segment the log went on in (one record per batch there).
+    assert_eq!(truncate_from(&config, cut + 20).unwrap(), cut + 20);
+    assert_eq!(read_all(&config).len() as u64, cut - 1 + 20);
+    run({
+        let config = config.clone();
+        async move {
+            let wal = Wal::open(config).await.unwrap();
+            assert_eq!(wal.append(1, &payload(5, 10)).await.unwrap(), cut + 20);
+            wal.close().await.unwrap();
+        }
+    });
 }

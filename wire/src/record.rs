@@ -71,11 +71,14 @@ pub enum RecordType {
     RaftLog = 9,
     /// A replication frame between regions (payload per [`crate::repl`]).
     Repl = 10,
+    /// Closes a WAL segment where a batch would start (`seq`: the LSN the log continues at, in
+    /// the next segment; payload: the segment's sequence). Written when a tail is cut.
+    SegmentSeal = 11,
 }
 
 impl RecordType {
     /// Every type this build knows, for tests and fuzzers.
-    pub const ALL: [RecordType; 10] = [
+    pub const ALL: [RecordType; 11] = [
         Self::SegmentHeader,
         Self::BatchBegin,
         Self::Data,
@@ -86,6 +89,7 @@ impl RecordType {
         Self::Control,
         Self::RaftLog,
         Self::Repl,
+        Self::SegmentSeal,
     ];
 
     /// The type for a byte read from a header, if this build knows it.

@@ -265,11 +265,14 @@ impl Member {
         self.epoch
     }
 
-    /// Below this LSN this node's log holds records that every member of a set held durably:
-    /// no primary will ever cut them, so the store may apply them (a backup applies nothing
-    /// above it; a primary's is what it acknowledged). Not saved: 0 after a restart.
+    /// Below this LSN this node's log holds, durably, records that every member of a set held
+    /// durably: no primary will ever cut them, so the store may apply them (a backup applies
+    /// nothing above it; a primary's is what it acknowledged). Durable here too: a record
+    /// committed elsewhere whose copy here is not yet on disk (a cut of a divergent tail
+    /// still in flight) may come back divergent after a crash. Not saved: 0 after a restart.
     pub fn committed(&self) -> u64 {
-        self.lead.as_ref().map_or(self.committed, |lead| lead.acknowledged.max(self.committed))
+        let durable = self.durable.agreed_prefix(&self.log);
+        self.lead.as_ref().map_or(self.committed, |lead| lead.acknowledged.max(self.committed)).min(durable)
     }
 
     /// The epoch this node leads, if it does.

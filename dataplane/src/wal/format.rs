@@ -188,6 +188,39 @@ impl BatchBegin {
     }
 }
 
+/// A `SegmentSeal` record: the segment `segment_seq` ends here and the log goes on at
+/// `next_lsn` in the next segment. Written (in a sector of its own, where a batch would start)
+/// when a tail is cut ([`crate::wal::truncate_from`]); the stale batches after it are never read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentSeal {
+    pub segment_seq: u64,
+    pub next_lsn: u64,
+}
+
+impl SegmentSeal {
+    /// The seal's sector.
+    pub fn encode_sector(&self) -> Vec<u8> {
+        let mut sector = vec![0_u8; SECTOR_BYTES];
+        let payload = self.segment_seq.to_le_bytes();
+        // An 8-byte payload: encoding cannot fail.
+        if let Ok(header) = wire::encode_header(RecordType::SegmentSeal, 0, self.next_lsn, &payload) {
+            sector[..HEADER_BYTES].copy_from_slice(&header);
+            sector[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(&payload);
+        }
+        sector
+    }
+
+    /// The seal at the start of `bytes`, if a valid one is there.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let (record, _) = wire::decode(bytes, 64).ok()?;
+        if record.record_type != RecordType::SegmentSeal {
+            return None;
+        }
+        let segment_seq = u64::from_le_bytes(record.payload.try_into().ok()?);
+        Some(Self { segment_seq, next_lsn: record.seq })
+    }
+}
+
 /// Segment file name for `shard` and `segment_seq`.
 pub fn segment_file_name(shard_id: u32, segment_seq: u64) -> String {
     format!("wal-s{shard_id:03}-{segment_seq:010}.seg")

@@ -25,7 +25,7 @@ pub use faults::{FaultInjector, StoreFault, WriteFault};
 pub use reader::{WalCursor, WalReader, WalRecord};
 pub use recovery::{RecoveryError, RecoveryMode};
 pub use tail::{TailBatch, WalTail};
-pub use writer::{Wal, WalStats, scan};
+pub use writer::{Wal, WalStats, scan, truncate_from};
 
 use crate::limits;
 use format::SECTOR_BYTES;
@@ -184,6 +184,14 @@ pub enum WalError {
     /// The WAL was closed.
     #[error("WAL is closed")]
     Closed,
+    /// A tail cut (`wal::truncate_from`) was refused; nothing was changed.
+    #[error("cannot cut the WAL from LSN {lsn}: {reason}")]
+    Truncate {
+        /// Where the cut was asked.
+        lsn: u64,
+        /// Why not.
+        reason: String,
+    },
     /// A batch of another WAL (`Wal::append_replicated`) was refused; nothing was written.
     #[error("replicated batch refused at LSN {expected_lsn}: {reason}")]
     ReplicatedBatch {

@@ -19,7 +19,9 @@
 
 use std::fmt;
 
-use super::format::{BATCH_BEGIN_BYTES, BatchBegin, SECTOR_BYTES, SegmentHeader, SegmentHeaderError, align_up};
+use super::format::{
+    BATCH_BEGIN_BYTES, BatchBegin, SECTOR_BYTES, SegmentHeader, SegmentHeaderError, SegmentSeal, align_up,
+};
 use wire::{DecodeError, HEADER_BYTES, RecordType};
 
 /// How recovery treats damaged bytes.
@@ -155,6 +157,8 @@ pub struct ValidSegment {
     pub frontier: u64,
     /// File size.
     pub segment_bytes: u64,
+    /// It ends with a `SegmentSeal` (its tail was cut): nothing more is appended to it.
+    pub sealed: bool,
 }
 
 /// Bytes to overwrite with zeros before the WAL takes writes again.
@@ -252,6 +256,9 @@ pub(crate) fn scan_batch(
 enum SegmentEnd {
     /// Zeros (or the end of the file) where the next batch would start.
     Clean,
+    /// This segment's seal where the next batch would start: the log goes on in the next
+    /// segment, whatever follows the seal here is stale.
+    Sealed,
     /// Damage at `offset`; `later_data` says whether a valid batch follows it.
     Damaged { offset: usize, record_offset: usize, damage: Damage, later_data: bool, nonzero_end: usize },
 }
@@ -271,6 +278,11 @@ fn scan_segment(segment: &[u8], header: &SegmentHeader, payload_bytes_max: u32) 
     loop {
         if offset + BATCH_BEGIN_BYTES > segment.len() {
             return (lsn, offset, SegmentEnd::Clean);
+        }
+        if SegmentSeal::decode(&segment[offset..])
+            .is_some_and(|seal| seal.segment_seq == header.segment_seq && seal.next_lsn == lsn)
+        {
+            return (lsn, offset, SegmentEnd::Sealed);
         }
         let begin = BatchBegin::decode(&segment[offset..]);
         let ours = matches!(begin, Ok(Some(begin)) if begin.segment_seq == header.segment_seq);
@@ -408,6 +420,7 @@ pub fn plan(
             return Err(corruption(0, Damage::LsnGap { expected, found: header.first_lsn }));
         }
         let (end_lsn, frontier, end) = scan_segment(segment.bytes, &header, payload_bytes_max);
+        let sealed = matches!(end, SegmentEnd::Sealed);
         if let SegmentEnd::Damaged { offset, record_offset, damage, later_data, nonzero_end } = end {
             if later_data || later_in_use {
                 return Err(corruption(record_offset, damage));
@@ -431,6 +444,7 @@ pub fn plan(
             end_lsn,
             frontier: frontier as u64,
             segment_bytes: header.segment_bytes,
+            sealed,
         });
         expected_lsn = Some(end_lsn);
         plan.next_lsn = end_lsn;
@@ -500,6 +514,44 @@ mod tests {
 
     fn at(segment_seq: u64, bytes: &[u8], mode: RecoveryMode) -> Result<RecoveryPlan, RecoveryError> {
         plan(0, &[SegmentBytes { segment_seq, bytes }], mode, 1 << 16)
+    }
+
+    #[test]
+    fn a_seal_ends_its_segment_and_hides_the_batches_after_it() {
+        use crate::wal::format::SegmentSeal;
+        let (mut bytes, starts) = image(3, 100, &[vec![500], vec![500, 500], vec![500], vec![500]]);
+        let full = at(3, &bytes, RecoveryMode::Strict).unwrap();
+        assert_eq!((full.next_lsn, full.segments[0].sealed), (105, false));
+        // The tail from the third batch (LSN 103) cut: a seal where it started.
+        let seal = SegmentSeal { segment_seq: 3, next_lsn: 103 }.encode_sector();
+        bytes[starts[2]..starts[2] + SECTOR_BYTES].copy_from_slice(&seal);
+        let cut = at(3, &bytes, RecoveryMode::Strict).unwrap();
+        assert_eq!((cut.next_lsn, cut.segments[0].sealed, cut.torn_tail), (103, true, None));
+        assert_eq!(cut.segments[0].frontier as usize, starts[2]);
+        // The next segment goes on from the seal; one that does not is a gap.
+        let (next, _) = image(4, 103, &[vec![500]]);
+        let both = plan(
+            0,
+            &[SegmentBytes { segment_seq: 3, bytes: &bytes }, SegmentBytes { segment_seq: 4, bytes: &next }],
+            RecoveryMode::Strict,
+            1 << 16,
+        )
+        .unwrap();
+        assert_eq!(both.next_lsn, 104);
+        let (wrong, _) = image(4, 105, &[vec![500]]);
+        assert!(
+            plan(
+                0,
+                &[SegmentBytes { segment_seq: 3, bytes: &bytes }, SegmentBytes { segment_seq: 4, bytes: &wrong }],
+                RecoveryMode::Strict,
+                1 << 16
+            )
+            .is_err()
+        );
+        // A seal of another segment (a reused file's past) or at another LSN is not ours.
+        let stale = SegmentSeal { segment_seq: 2, next_lsn: 103 }.encode_sector();
+        bytes[starts[2]..starts[2] + SECTOR_BYTES].copy_from_slice(&stale);
+        assert!(!at(3, &bytes, RecoveryMode::TolerateTornTail).is_ok_and(|plan| plan.segments[0].sealed));
     }
 
     #[test]

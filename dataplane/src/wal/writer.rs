@@ -18,7 +18,7 @@ use glommio::{GlommioError, Task};
 
 use super::faults::{FaultInjector, WriteFault};
 use super::format::{
-    BATCH_BEGIN_BYTES, BatchBegin, BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader,
+    BATCH_BEGIN_BYTES, BatchBegin, BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader, SegmentSeal,
     parse_segment_file_name, segment_file_name,
 };
 use super::recovery::{self, SegmentBytes};
@@ -553,6 +553,59 @@ pub fn scan(config: &WalConfig) -> Result<recovery::RecoveryPlan, WalError> {
     Ok(recovery::plan(config.shard_id, &segments, config.recovery_mode, config.record_payload_bytes_max)?)
 }
 
+/// Cuts the log of a closed WAL from `lsn` on (a replica-set backup dropping a divergent,
+/// never-acknowledged tail before it follows a new primary), and returns the LSN the log now
+/// ends at. `lsn` must start a batch (or be the end: nothing to do). Segment files after the
+/// one holding `lsn` are deleted, newest first (the directory synced after each), then a
+/// `SegmentSeal` is written where the batch at `lsn` starts and synced; the next `Wal::open`
+/// starts a new segment after it. A crash at any point leaves a prefix of the old log that
+/// still ends at or after `lsn` (cut again, as the caller's comparison with its primary will
+/// ask); the stale batches after a seal are never read. Blocking; the WAL must not be open.
+pub fn truncate_from(config: &WalConfig, lsn: u64) -> Result<u64, WalError> {
+    use std::os::unix::fs::FileExt as _;
+    let plan = scan(config)?;
+    if lsn >= plan.next_lsn {
+        return Ok(plan.next_lsn);
+    }
+    let refuse = |reason: String| WalError::Truncate { lsn, reason };
+    let Some(index) = plan.segments.iter().rposition(|segment| segment.first_lsn <= lsn) else {
+        let first = plan.segments.first().map_or(plan.next_lsn, |segment| segment.first_lsn);
+        return Err(refuse(format!("the oldest LSN kept is {first}")));
+    };
+    let segment = plan.segments[index];
+    let path = segment_path(config, segment.segment_seq);
+    let offset = {
+        let map = map_file(&path)?.ok_or_else(|| refuse(format!("{} is empty", path.display())))?;
+        let (mut at, mut offset) = (segment.first_lsn, SECTOR_BYTES);
+        while at < lsn {
+            let (begin, extent) =
+                recovery::scan_batch(&map, offset, at, Some(segment.segment_seq), config.record_payload_bytes_max)
+                    .map_err(|(offset, damage)| refuse(format!("{} at {offset}: {damage}", path.display())))?;
+            at += u64::from(begin.record_count);
+            offset += extent;
+        }
+        if at != lsn {
+            return Err(refuse(format!("not the first LSN of a batch (the batch holding it ends at {at})")));
+        }
+        offset
+    };
+    for (later, later_path) in list_segments(&config.dir, config.shard_id)?.into_iter().rev() {
+        if later <= segment.segment_seq {
+            break;
+        }
+        std::fs::remove_file(&later_path).map_err(|error| WalError::io("remove", later_path.display(), &error))?;
+        sync_path(&config.dir).map_err(|error| WalError::io("sync", config.dir.display(), &error))?;
+    }
+    let seal = SegmentSeal { segment_seq: segment.segment_seq, next_lsn: lsn }.encode_sector();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|error| WalError::io("open for a seal", path.display(), &error))?;
+    file.write_all_at(&seal, offset as u64).map_err(|error| WalError::io("write a seal", path.display(), &error))?;
+    file.sync_data().map_err(|error| WalError::io("sync a seal", path.display(), &error))?;
+    Ok(lsn)
+}
+
 impl Wal {
     /// Opens (recovering) or creates the WAL described by `config`, on the current glommio
     /// executor. Torn tails are erased (zeroed and synced) before the first append.
@@ -586,7 +639,7 @@ impl Wal {
 
         let next_seq = plan.last_segment_seq().map_or(1, |segment_seq| segment_seq + 1);
         let segments = match plan.segments.last() {
-            Some(last) => {
+            Some(last) if !last.sealed => {
                 let path = segment_path(&config, last.segment_seq);
                 let file = OpenOptions::new().read(true).write(true).dma_open(&path).await.map_err(|error| {
                     let (errno, message) = glommio_error(&error);
@@ -607,7 +660,8 @@ impl Wal {
                     spare: None,
                 }
             }
-            None => {
+            // No segment yet, or the last one was sealed by a cut tail: a new one.
+            _ => {
                 let file = create_segment(config.clone(), next_seq, io_bytes_max, None).await?;
                 write_segment_header(&file, &config, next_seq, plan.next_lsn, false).await?;
                 fdatasync(&file, faults.as_deref()).await?;
@@ -615,7 +669,7 @@ impl Wal {
                     active: Rc::new(file),
                     active_seq: next_seq,
                     active_first_lsn: plan.next_lsn,
-                    sealed: VecDeque::new(),
+                    sealed: plan.segments.iter().map(|segment| (segment.segment_seq, segment.first_lsn)).collect(),
                     reusable: VecDeque::new(),
                     front_busy: Rc::new(Cell::new(false)),
                     active_bytes: config.segment_bytes,
