@@ -26,6 +26,8 @@
 //!   never written again.
 //! * A batch is valid only if its `BatchBegin` and all `record_count` records decode with
 //!   contiguous LSNs; so a batch torn by a crash is recognised as a whole.
+//! * A `SegmentSeal` record of this segment where a batch would start ends the segment (a cut
+//!   tail, [`SegmentSeal`]): what follows it is stale, the log goes on in the next segment.
 
 use wire::{DecodeError, HEADER_BYTES, RecordType};
 use zerocopy::byteorder::little_endian::{U32, U64};
