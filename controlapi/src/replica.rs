@@ -263,6 +263,8 @@ pub struct ReplicaReport {
 /// (leader time, ms) and each node's latest report with when it came.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SetWatch {
+    /// The set's epoch this watch is for: a new one restarts it (see [`SetWatch::follow`]).
+    pub epoch: u64,
     pub lease_expires_ms: u64,
     pub reports: BTreeMap<String, (LogShape, u64)>,
     /// The primary said it restarted.
@@ -273,6 +275,7 @@ impl SetWatch {
     /// Takes a node's report at `now_ms`; a report of the primary leading the set's epoch
     /// renews its lease until `now_ms + lease_ms`.
     pub fn report(&mut self, config: &SetConfig, node: &str, report: &ReplicaReport, now_ms: u64, lease_ms: u64) {
+        self.follow(config, now_ms, lease_ms);
         self.reports.insert(node.to_owned(), (report.log.clone(), now_ms));
         if node == config.primary {
             if report.wants_new_epoch && report.epoch == config.epoch {
@@ -280,6 +283,17 @@ impl SetWatch {
             } else if report.leading == Some(config.epoch) {
                 self.lease_expires_ms = self.lease_expires_ms.max(now_ms + lease_ms);
             }
+        }
+    }
+
+    /// Starts over when the set moved to a new epoch (however the change was learned, a
+    /// timed-out write that committed included): the restart flag was about the old primary,
+    /// and the set's primary gets a whole lease from now to report in.
+    pub fn follow(&mut self, config: &SetConfig, now_ms: u64, lease_ms: u64) {
+        if self.epoch != config.epoch {
+            self.epoch = config.epoch;
+            self.restarted = false;
+            self.lease_expires_ms = self.lease_expires_ms.max(now_ms + lease_ms);
         }
     }
 
@@ -392,7 +406,7 @@ mod tests {
     fn a_set_is_due_for_promotion_when_its_primary_lapses_or_restarts() {
         let nodes: Vec<String> = ["a", "b", "c"].map(str::to_owned).to_vec();
         let config = SetConfig::initial(&nodes, 2);
-        let mut watch = SetWatch::default();
+        let mut watch = SetWatch { epoch: 1, ..SetWatch::default() };
         let report = |log: LogShape, leading, wants_new_epoch| ReplicaReport {
             shard: 0,
             epoch: 1,
@@ -412,16 +426,18 @@ mod tests {
         watch.report(&config, "a", &report(shape(&[(1, 1)], 10), Some(0), false), 2300, 1000);
         assert!(watch.lease_expires_ms < 2300);
         // A restarted primary is due at once and a candidate.
-        let mut watch = SetWatch::default();
+        let mut watch = SetWatch { epoch: 1, ..SetWatch::default() };
         watch.report(&config, "a", &report(shape(&[(1, 1)], 10), Some(1), false), 100, 1000);
         watch.report(&config, "a", &report(shape(&[(1, 1)], 10), None, true), 200, 1000);
         let due = watch.due(&config, 300, 2000).unwrap();
         let next = promote(&config, &due).unwrap();
         assert_eq!(next.primary, "a");
-        // A late report that asked at the old epoch asks nothing of the new one.
-        let mut watch = SetWatch::default();
+        // A late report that asked at the old epoch asks nothing of the new one, and the new
+        // epoch starts the watch over: a whole lease, no restart pending.
         watch.report(&next, "a", &report(shape(&[(1, 1)], 10), None, true), 400, 1000);
         assert!(!watch.restarted);
+        assert_eq!((watch.epoch, watch.lease_expires_ms), (2, 1400));
+        assert_eq!(watch.due(&next, 1300, 2000), None);
     }
 
     #[test]

@@ -913,17 +913,23 @@ impl Node {
     async fn replica_set_monitor(self: Arc<Self>) {
         let sets_config = self.config.replica_sets.clone();
         let period = Duration::from_millis((sets_config.lease_ms / 4).max(25));
+        // The Raft term this node leads in, and since when: a new term (even this node's own,
+        // after a short loss of leadership) starts every watch over, with a whole lease.
+        let (mut watch_term, mut since) = (0, 0);
         loop {
             let _ = tokio::time::timeout(period, self.promotion_due.notified()).await;
-            let leading = self.raft.metrics().borrow().state == ServerState::Leader;
-            let now = timesource::unix_ms();
-            let Some(since) = *lock(&self.leader_since_ms) else {
-                if !leading {
-                    lock(&self.set_watches).clear();
-                }
-                continue;
+            let (leading, term) = {
+                let metrics = self.raft.metrics().borrow().clone();
+                (metrics.state == ServerState::Leader, metrics.current_term)
             };
+            let now = timesource::unix_ms();
             if !leading {
+                watch_term = 0;
+                continue;
+            }
+            if term != watch_term {
+                lock(&self.set_watches).clear();
+                (watch_term, since) = (term, now);
                 continue;
             }
             let due = {
@@ -937,6 +943,7 @@ impl Node {
                     metrics::gauge!("meridian_replica_sets", "region" => region.clone()).set(sets.len() as f64);
                     for (shard, config) in sets {
                         let watch = watches.entry((region.clone(), *shard)).or_default();
+                        watch.follow(config, now, sets_config.lease_ms);
                         let grace = since + sets_config.lease_ms + sets_config.margin_ms();
                         let mut effective = watch.clone();
                         effective.lease_expires_ms = (watch.lease_expires_ms + sets_config.margin_ms()).max(grace);

@@ -217,7 +217,7 @@ impl World {
         let control = Control {
             clock: NodeClock::draw(&mut rng, 200, 0),
             config,
-            watch: SetWatch { lease_expires_ms: LEASE_NS, ..SetWatch::default() },
+            watch: SetWatch { epoch: 1, lease_expires_ms: LEASE_NS, ..SetWatch::default() },
             delay_ns: (100_000, if rng.random_bool(0.3) { 80 * MS } else { 5 * MS }),
         };
         let mut world = Self {
@@ -681,6 +681,8 @@ impl World {
     /// Promotes the newest member among those that reported recently, when the set is due.
     fn promote(&mut self) {
         let now = self.control_now();
+        let config = self.control.config.clone();
+        self.control.watch.follow(&config, now, LEASE_NS + LEASE_MARGIN_NS);
         if let Some(reports) = self.control.watch.due(&self.control.config, now, REPORT_FRESH_NS)
             && let Some(next) = promote(&self.control.config, &reports)
         {

@@ -226,6 +226,9 @@ impl Member {
         primary: Option<String>,
         config: Option<SetConfig>,
     ) -> Self {
+        // A saved epoch lags the log when the crash came between an append of a newer epoch's
+        // records and the save: the log's own epoch counts too.
+        let epoch = epoch.max(durable.last_epoch());
         Self {
             me: me.to_owned(),
             timing,
@@ -352,7 +355,8 @@ impl Member {
         self.restarted = false;
         if continuing {
             self.continue_lead(now, &config);
-        } else if self.lead.is_none() {
+        } else if self.lead.is_none() && config.epoch >= self.log.last_epoch() {
+            // (A set older than the log's last records is stale: never lead it.)
             self.begin_lead(now, &config);
         }
     }
@@ -420,20 +424,14 @@ impl Member {
         }
     }
 
-    /// The control plane refused `proposal` while its set was at `current_epoch`.
-    pub fn on_refused(&mut self, proposal: &Proposal, current_epoch: u64) {
+    /// The control plane refused `proposal` (its set then at `_current_epoch`): it may be
+    /// asked again. A learner whose addition was asked stays counted until a set without it
+    /// arrives: a refusal can be a timeout whose write still commits, and dropping the learner
+    /// then would let the primary acknowledge writes a new member lacks.
+    pub fn on_refused(&mut self, proposal: &Proposal, _current_epoch: u64) {
         let Some(lead) = self.lead.as_mut() else { return };
         if lead.proposal.as_ref().is_some_and(|(asked, _)| asked == proposal) {
             lead.proposal = None;
-        }
-        // Asked and refused at our own epoch: nothing was applied, the learner no longer needs
-        // counting. Otherwise the set that comes says what happened (a refusal of an older
-        // request says nothing about the one pending now).
-        if let Proposal::Add { node, epoch } = proposal
-            && *epoch == lead.epoch
-            && current_epoch == lead.epoch
-        {
-            lead.adding.remove(node);
         }
     }
 
@@ -679,7 +677,15 @@ impl Member {
             return;
         }
         let silent = |peer: &Peer| now.saturating_sub(peer.heard_ns) >= member_timeout;
-        let dead = lead.members.iter().find(|member| **member != self.me && lead.peers.get(*member).is_none_or(silent));
+        // A removal that would leave fewer than min_replicas members is refused: then a ready
+        // learner is added first (the silent member goes after).
+        let min = self.config.as_ref().map_or(1, |config| config.min_replicas);
+        let removable = lead.members.len() > min;
+        let dead = lead
+            .members
+            .iter()
+            .find(|member| **member != self.me && lead.peers.get(*member).is_none_or(silent))
+            .filter(|_| removable);
         let proposal = if let Some(node) = dead {
             Some(Proposal::Remove { epoch: lead.epoch, node: node.clone() })
         } else if lead.members.len() + lead.adding.len() < replicas {
