@@ -1,7 +1,8 @@
 //! The replica-set protocol (`dataplane::replica::Member` and `controlapi::replica`) in a
-//! seeded simulation: three or four data nodes of one region keeping one shard, a control plane
-//! granting leases, promoting, removing and adding members, and clients writing to whoever
-//! they think is the primary. Nodes crash (their disks keep what was durable) and restart,
+//! seeded simulation: three or four data nodes of one region keeping one shard (three copies,
+//! at least one or two), a control plane granting leases, promoting, removing and adding
+//! members (and now and then answering "refused" to a change it applied, as a timed-out
+//! write that committed would), and clients writing to whoever they think is the primary. Nodes crash (their disks keep what was durable) and restart,
 //! links are cut (node from everyone, from the control plane only, from its peers only), the
 //! network between members drops, duplicates and reorders messages, disks slow down, the
 //! control plane answers late, and every clock drifts. After every event:
@@ -188,7 +189,8 @@ impl World {
         let mut rng = sim::rng(seed);
         let count = if rng.random_bool(0.3) { 4 } else { 3 };
         let names: Vec<String> = ["a", "b", "c", "d"][..count].iter().map(|name| (*name).to_owned()).collect();
-        let mut config = SetConfig::initial(&names[..3], 2);
+        let min_replicas = if rng.random_bool(0.25) { 1 } else { 2 };
+        let mut config = SetConfig::initial(&names[..3], min_replicas);
         config.learners = names[3..].to_vec();
         let nodes = names
             .iter()
@@ -664,7 +666,15 @@ impl World {
                     Proposal::Add { epoch, node } => config.add(&name, *epoch, node),
                 };
                 match changed {
-                    Ok(next) => self.change(next),
+                    Ok(next) => {
+                        // Now and then the primary hears "refused" although the change was
+                        // applied: a control-plane write that timed out and still committed.
+                        if self.chaos && self.rng.random_bool(0.1) {
+                            let current_epoch = self.control.config.epoch;
+                            self.tell_node(from, FromControl::Refused { proposal, current_epoch });
+                        }
+                        self.change(next);
+                    }
                     Err(_) => {
                         let current_epoch = config.epoch;
                         self.tell_node(from, FromControl::Refused { proposal, current_epoch });
