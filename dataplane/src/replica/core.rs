@@ -180,6 +180,10 @@ struct Lead {
     /// them arrives.
     adding: BTreeSet<String>,
     proposal: Option<(Proposal, u64)>,
+    /// A member refused our epoch for the next one while we had asked for a change: most
+    /// likely our change, applied and not yet heard of. Until then (ns) we wait for the set
+    /// instead of stepping down (which would fail every pending write); then we step down.
+    refused_until: Option<(u64, u64)>,
     /// Everything below this was acknowledged.
     acknowledged: u64,
     /// The log's end after this node's epoch marker: every write an earlier primary
@@ -375,6 +379,7 @@ impl Member {
             lease_until_ns: 0,
             adding: BTreeSet::new(),
             proposal: None,
+            refused_until: None,
             acknowledged: 0,
             start: end + 1,
         });
@@ -389,6 +394,7 @@ impl Member {
         lead.members = config.members.clone();
         lead.adding.clear();
         lead.proposal = None;
+        lead.refused_until = None;
         lead.peers.retain(|node, _| config.placed().any(|placed| placed == node));
         for node in config.placed() {
             if *node != self.me {
@@ -509,7 +515,16 @@ impl Member {
             return;
         }
         match message {
-            Message::Refuse { epoch } => self.adopt(epoch, None),
+            Message::Refuse { epoch } => {
+                let waiting = self.lead.as_mut().filter(|lead| lead.epoch + 1 == epoch && lead.proposal.is_some());
+                match waiting {
+                    Some(lead) => {
+                        let until = lead.refused_until.map_or(now + self.timing.retry_ns, |(_, until)| until);
+                        lead.refused_until = Some((epoch, until));
+                    }
+                    None => self.adopt(epoch, None),
+                }
+            }
             Message::Probe { epoch } => {
                 self.follow(epoch, from);
                 if self.lead.is_none() {
@@ -641,6 +656,12 @@ impl Member {
     /// Timers: probes and heartbeats, removal of silent members, addition of caught-up
     /// learners.
     pub fn tick(&mut self, now: u64) {
+        if let Some((epoch, until)) = self.lead.as_ref().and_then(|lead| lead.refused_until)
+            && now >= until
+        {
+            // The set that explains the refusal did not come: the epoch is over for us.
+            self.adopt(epoch, None);
+        }
         let Some(lead) = self.lead.as_mut() else { return };
         let (epoch, commit) = (lead.epoch, lead.acknowledged);
         let mut sends = Vec::new();
