@@ -1040,7 +1040,11 @@ mod tests {
 
     #[test]
     fn human_status_lists_every_section() {
-        let leader = leader();
+        let mut leader = leader();
+        let nodes: Vec<String> = ["dn-1", "dn-2"].map(str::to_owned).to_vec();
+        let mut set = controlapi::replica::SetConfig::initial(&nodes, 2);
+        (set.replicas, set.epoch) = (3, 4);
+        leader.meta.replica_sets.entry("eu".into()).or_default().insert(3, set);
         let members: Vec<MemberStatus> = leader
             .members
             .iter()
@@ -1077,6 +1081,10 @@ shard placement (1):
 leases (1):
   SHARD  HOLDER  EPOCH  EXPIRES (UNIX MS)
   3      dn-1    2      12500 (in 2.5 s)
+
+replica sets by region (1):
+  REGION  SETS  UNDER-REPLICATED  HIGHEST EPOCH
+  eu      1     1                 4
 
 snapshot catalog (1):
   ID  GLT  CREATED (UNIX MS)  REGIONS
