@@ -1035,39 +1035,5 @@ impl World {
 
 #[test]
 fn the_replication_protocol_keeps_its_invariants_under_faults_by_seed() {
-    let seeds = sim::seeds("replication simulation", 2000);
-    let trace = seeds.len() == 1;
-    let started = std::time::Instant::now();
-    // The seeds in as many threads as there are cores; the first failure is reported.
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let outcomes: Vec<Result<u64, (u64, Failure)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = seeds
-            .chunks(seeds.len().div_ceil(threads))
-            .map(|chunk| {
-                scope.spawn(move || {
-                    let mut steps = 0;
-                    for seed in chunk {
-                        steps += simulate(*seed, trace).map_err(|failure| (*seed, failure))?;
-                    }
-                    Ok(steps)
-                })
-            })
-            .collect();
-        workers.into_iter().map(|worker| worker.join().unwrap()).collect()
-    });
-    let mut steps = 0;
-    for outcome in outcomes {
-        match outcome {
-            Ok(taken) => steps += taken,
-            Err((seed, failure)) => panic!(
-                "seed {seed} failed: {failure}\nreplay: MERIDIAN_SIM_SEED={seed} cargo nextest run -p dataplane --test \
-                 repl_simulation"
-            ),
-        }
-    }
-    eprintln!(
-        "replication simulation: {} seeds, {steps} events, {:.1} s",
-        seeds.len(),
-        started.elapsed().as_secs_f64()
-    );
+    sim::run_seeds("replication simulation", 2000, "repl_simulation", simulate);
 }

@@ -553,6 +553,20 @@ pub fn scan(config: &WalConfig) -> Result<recovery::RecoveryPlan, WalError> {
     Ok(recovery::plan(config.shard_id, &segments, config.recovery_mode, config.record_payload_bytes_max)?)
 }
 
+/// Overwrites a torn tail with zeros and syncs it, before the WAL takes writes.
+async fn erase_torn_tail(config: &WalConfig, torn: recovery::TornTail, io_bytes_max: usize) -> Result<(), WalError> {
+    let faults = config.faults.as_deref();
+    let path = segment_path(config, torn.segment_seq);
+    let file = OpenOptions::new().read(true).write(true).dma_open(&path).await.map_err(|error| {
+        let (errno, message) = glommio_error(&error);
+        WalError::Io { op: "open for tail repair", path: path.display().to_string(), errno, message }
+    })?;
+    write_zeros(&file, torn.offset, torn.offset + torn.zero_bytes, io_bytes_max, faults).await?;
+    fdatasync(&file, faults).await?;
+    let _ = file.close().await;
+    Ok(())
+}
+
 /// Cuts the log of a closed WAL from `lsn` on (a replica-set backup dropping a divergent,
 /// never-acknowledged tail before it follows a new primary), and returns the LSN the log now
 /// ends at. `lsn` must start a batch (or be the end: nothing to do). Segment files after the
@@ -627,14 +641,7 @@ impl Wal {
                 .map_err(|error| WalError::io("remove unused segment", path.display(), &error))?;
         }
         if let Some(torn) = plan.torn_tail {
-            let path = segment_path(&config, torn.segment_seq);
-            let file = OpenOptions::new().read(true).write(true).dma_open(&path).await.map_err(|error| {
-                let (errno, message) = glommio_error(&error);
-                WalError::Io { op: "open for tail repair", path: path.display().to_string(), errno, message }
-            })?;
-            write_zeros(&file, torn.offset, torn.offset + torn.zero_bytes, io_bytes_max, faults.as_deref()).await?;
-            fdatasync(&file, faults.as_deref()).await?;
-            let _ = file.close().await;
+            erase_torn_tail(&config, torn, io_bytes_max).await?;
         }
 
         let next_seq = plan.last_segment_seq().map_or(1, |segment_seq| segment_seq + 1);

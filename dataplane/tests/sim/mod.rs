@@ -25,6 +25,49 @@ pub fn seeds(name: &str, default_count: u64) -> Vec<u64> {
     (base..base + count).collect()
 }
 
+/// Runs `simulate` for every seed of [`seeds`] (`name` and `default_count` as there), spread
+/// over the cores, and panics with the first failure and how to replay it (`test`: the test
+/// binary's name). `simulate` returns the events it took.
+pub fn run_seeds<F: std::fmt::Display + Send>(
+    name: &str,
+    default_count: u64,
+    test: &str,
+    simulate: impl Fn(u64, bool) -> Result<u64, F> + Sync,
+) {
+    let seeds = seeds(name, default_count);
+    let trace = seeds.len() == 1;
+    let started = std::time::Instant::now();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let simulate = &simulate;
+    let outcomes: Vec<Result<u64, (u64, F)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = seeds
+            .chunks(seeds.len().div_ceil(threads))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut steps = 0;
+                    for seed in chunk {
+                        steps += simulate(*seed, trace).map_err(|failure| (*seed, failure))?;
+                    }
+                    Ok(steps)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|worker| worker.join().unwrap()).collect()
+    });
+    let mut steps = 0;
+    for outcome in outcomes {
+        match outcome {
+            Ok(taken) => steps += taken,
+            Err((seed, failure)) => {
+                panic!(
+                    "seed {seed} failed: {failure}\nreplay: MERIDIAN_SIM_SEED={seed} cargo nextest run -p dataplane --test {test}"
+                )
+            }
+        }
+    }
+    eprintln!("{name}: {} seeds, {steps} events, {:.1} s", seeds.len(), started.elapsed().as_secs_f64());
+}
+
 /// Events in virtual time (ns), in order of time, then of scheduling.
 #[derive(Debug)]
 pub struct Queue<E> {

@@ -705,6 +705,19 @@ async fn check_new_node(client: &ControlClient, id: NodeId, addr: &str, timeout:
 }
 
 /// Commits one metadata command and reports it (`--json`: the command as committed).
+/// One row per region for `cluster status`: sets, how many are under-replicated, the highest
+/// epoch (the sets in detail are `meridian cluster shards`).
+fn replica_set_rows(meta: &controlapi::meta::MetaState) -> Vec<Vec<String>> {
+    meta.replica_sets
+        .iter()
+        .map(|(region, sets)| {
+            let under = sets.values().filter(|config| config.members.len() < config.replicas).count();
+            let epochs = sets.values().map(|config| config.epoch).max().unwrap_or(0);
+            vec![region.clone(), sets.len().to_string(), under.to_string(), epochs.to_string()]
+        })
+        .collect()
+}
+
 /// `meridian cluster shards`: the replica sets as the leader has them.
 async fn shards(
     client: &ControlClient,
@@ -971,16 +984,7 @@ fn print_status(out: &mut impl Write, leader: &Status, members: &[MemberStatus],
         })
         .collect();
     sections.counted("leases", &["SHARD", "HOLDER", "EPOCH", "EXPIRES (UNIX MS)"], lease_rows)?;
-    // One row per region: the sets in detail are `meridian cluster shards`.
-    let set_rows = meta
-        .replica_sets
-        .iter()
-        .map(|(region, sets)| {
-            let under = sets.values().filter(|config| config.members.len() < config.replicas).count();
-            let epochs = sets.values().map(|config| config.epoch).max().unwrap_or(0);
-            vec![region.clone(), sets.len().to_string(), under.to_string(), epochs.to_string()]
-        })
-        .collect();
+    let set_rows = replica_set_rows(meta);
     sections.counted("replica sets by region", &["REGION", "SETS", "UNDER-REPLICATED", "HIGHEST EPOCH"], set_rows)?;
     let snapshot_rows = meta
         .snapshots
