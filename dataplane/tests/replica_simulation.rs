@@ -497,7 +497,7 @@ impl World {
                 if incarnation == self.nodes[node].incarnation {
                     let disk = &mut self.nodes[node].disk;
                     let (seq, op, records) = disk.pending.pop_front().unwrap();
-                    op.apply(&mut disk.log);
+                    op.apply(&mut disk.log).map_err(|error| Failure(format!("a disk took {op:?}: {error}")))?;
                     apply_records(&mut disk.records, op, &records);
                     let more = !disk.pending.is_empty();
                     self.changed = true;
@@ -758,6 +758,9 @@ impl World {
         }
         for node in &self.nodes {
             if let Some(member) = &node.member {
+                if let Some(error) = member.failed() {
+                    return Err(Failure(format!("{} stopped: {error}", node.name)));
+                }
                 if *member.durable_log() != node.disk.log {
                     return Err(Failure(format!(
                         "{} thinks its durable log is {:?}, the disk holds {:?}",

@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use controlapi::replica::{LogShape, SetConfig};
+use controlapi::replica::{LogShape, SetConfig, ShapeError};
 
 /// Timers of the protocol.
 #[derive(Debug, Clone, Copy)]
@@ -84,14 +84,15 @@ pub enum DiskOp {
 }
 
 impl DiskOp {
-    /// `log` after this change.
-    pub fn apply(self, log: &mut LogShape) {
+    /// `log` after this change; an append that does not fit it (not at its end, or of an
+    /// older epoch than its last records) changes nothing and is an error.
+    pub fn apply(self, log: &mut LogShape) -> Result<(), ShapeError> {
         match self {
-            // The member appends only at its log's end, in order.
-            Self::Append { epoch, first, next } => {
-                let _ = log.append(epoch, first, next);
+            Self::Append { epoch, first, next } => log.append(epoch, first, next),
+            Self::Truncate { from } => {
+                log.truncate(from);
+                Ok(())
             }
-            Self::Truncate { from } => log.truncate(from),
         }
     }
 }
@@ -215,6 +216,8 @@ pub struct Member {
     lead: Option<Lead>,
     /// Restarted and not yet given a set in a newer epoch: never leads the old one again.
     restarted: bool,
+    /// A change of its own log did not fit it (a bug): the member stopped taking any input.
+    failed: Option<ShapeError>,
     out: Vec<Action>,
 }
 
@@ -248,6 +251,7 @@ impl Member {
             committed: 0,
             lead: None,
             restarted: true,
+            failed: None,
             out: Vec::new(),
         }
     }
@@ -298,11 +302,25 @@ impl Member {
     }
 
     fn persist(&mut self, op: DiskOp) {
+        if let Err(error) = op.apply(&mut self.log) {
+            return self.fail(error);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
-        op.apply(&mut self.log);
         self.in_flight.push_back((seq, op));
         self.out.push(Action::Persist { seq, op });
+    }
+
+    /// Stops for good: steps down (its pending writes fail) and takes no more input. The shell
+    /// reports [`Member::failed`] and the copy must be rebuilt.
+    fn fail(&mut self, error: ShapeError) {
+        self.failed.get_or_insert(error);
+        self.step_down();
+    }
+
+    /// Why the member stopped, if it did.
+    pub fn failed(&self) -> Option<&ShapeError> {
+        self.failed.as_ref()
     }
 
     fn save(&mut self) {
@@ -334,6 +352,9 @@ impl Member {
 
     /// The control plane's set for this shard.
     pub fn on_config(&mut self, now: u64, config: SetConfig) {
+        if self.failed.is_some() {
+            return;
+        }
         if self.config.as_ref().is_some_and(|known| known.epoch >= config.epoch) {
             return;
         }
@@ -471,9 +492,10 @@ impl Member {
         let (epoch, first) = (lead.epoch, self.log.end);
         let next = first + records.max(1);
         self.persist(DiskOp::Append { epoch, first, next });
-        if let Some(lead) = self.lead.as_mut() {
-            lead.pending.push_back((first, next));
-        }
+        let Some(lead) = self.lead.as_mut() else {
+            return Err(WriteError::NotPrimary { epoch: self.epoch, primary: None });
+        };
+        lead.pending.push_back((first, next));
         self.pump_all(now);
         Ok((first, next))
     }
@@ -506,6 +528,9 @@ impl Member {
 
     /// A message from `from`.
     pub fn on_message(&mut self, now: u64, from: &str, message: Message) {
+        if self.failed.is_some() {
+            return;
+        }
         let epoch = message.epoch();
         if epoch < self.epoch {
             if !matches!(message, Message::Refuse { .. }) {
@@ -642,7 +667,9 @@ impl Member {
                 break;
             }
             self.in_flight.pop_front();
-            op.apply(&mut self.durable);
+            if let Err(error) = op.apply(&mut self.durable) {
+                return self.fail(error);
+            }
         }
         if self.lead.is_some() {
             self.advance(now);
@@ -656,6 +683,9 @@ impl Member {
     /// Timers: probes and heartbeats, removal of silent members, addition of caught-up
     /// learners.
     pub fn tick(&mut self, now: u64) {
+        if self.failed.is_some() {
+            return;
+        }
         if let Some((epoch, until)) = self.lead.as_ref().and_then(|lead| lead.refused_until)
             && now >= until
         {
