@@ -682,9 +682,10 @@ mod tests {
         let Outcome::ReplicaSet { config: promoted } = state.apply(0, &promote(2, &reports)) else {
             panic!("not promoted")
         };
+        // The silent old primary stays a member: min_replicas is 2.
         assert_eq!(
             (promoted.epoch, promoted.primary.clone(), promoted.members.clone()),
-            (3, survivor.clone(), vec![survivor])
+            (3, survivor.clone(), vec![survivor, removed.primary.clone()])
         );
         // The metadata's JSON round-trips (Raft snapshots carry it).
         let json = serde_json::to_string(&state).unwrap();

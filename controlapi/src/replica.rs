@@ -220,8 +220,9 @@ impl SetConfig {
 /// The set after its primary's lease lapsed (or it said it restarted): the member with the
 /// newest log among `reports` (members that reported recently; the caller leaves the old
 /// primary out when its lease lapsed, and keeps it when it restarted and asks for a new epoch)
-/// is the primary of the next epoch; the reporting members stay members, every other placed
-/// node is a learner. None when no member reported.
+/// is the primary of the next epoch; the reporting members stay members, and silent ones too
+/// while fewer than `min_replicas`; every other placed node is a learner. None when no member
+/// reported.
 pub fn promote(config: &SetConfig, reports: &[(String, LogShape)]) -> Option<SetConfig> {
     let candidates: Vec<&(String, LogShape)> = reports.iter().filter(|(node, _)| config.is_member(node)).collect();
     let mut best = *candidates.first()?;
@@ -230,8 +231,21 @@ pub fn promote(config: &SetConfig, reports: &[(String, LogShape)]) -> Option<Set
             best = candidate;
         }
     }
-    let members: Vec<String> =
+    let mut members: Vec<String> =
         config.members.iter().filter(|member| candidates.iter().any(|(node, _)| node == *member)).cloned().collect();
+    // Never fewer than min_replicas members: silent ones of the old set (the old primary last)
+    // stay members; every old member holds every acknowledged write, so one can be promoted if
+    // the new primary is lost too, and the new primary removes them (never below
+    // min_replicas) if they stay silent.
+    let silent: Vec<&String> = config.members.iter().filter(|member| !members.contains(member)).collect();
+    let (others, old_primary): (Vec<&String>, Vec<&String>) =
+        silent.into_iter().partition(|member| **member != config.primary);
+    for member in others.into_iter().chain(old_primary) {
+        if members.len() >= config.min_replicas {
+            break;
+        }
+        members.push(member.clone());
+    }
     let learners = config.placed().filter(|node| !members.contains(node)).cloned().collect();
     Some(SetConfig {
         epoch: config.epoch + 1,
@@ -455,5 +469,10 @@ mod tests {
         assert_eq!(next.members, vec!["b".to_owned(), "c".to_owned()]);
         assert_eq!(next.learners, vec!["a".to_owned(), "d".to_owned()]);
         assert_eq!(promote(&config, &reports[2..]), None, "a learner is never promoted");
+        // One reporter of three with min_replicas 2: a silent old member stays a member (not the
+        // old primary while another is there), so a member is left to promote if this one goes.
+        let alone = promote(&config, &reports[..1]).unwrap();
+        assert_eq!((alone.primary.as_str(), alone.members.clone()), ("b", vec!["b".to_owned(), "c".to_owned()]));
+        assert_eq!(alone.learners, vec!["a".to_owned(), "d".to_owned()]);
     }
 }

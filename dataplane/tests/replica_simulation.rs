@@ -15,8 +15,9 @@
 //! - each member's idea of its durable log is what its disk holds, and its epoch never goes
 //!   back.
 //!
-//! Then the faults stop and every node comes back: a new write must be acknowledged, and the
-//! members' logs must end up equal with the set whole again.
+//! Then the faults stop and every node comes back (but one lost for good in half the four-node
+//! worlds): a new write must be acknowledged, and the members' logs must end up equal with
+//! the set whole again.
 //!
 //! `MERIDIAN_SIM_SEED=<seed>` replays one seed with a trace of its events;
 //! `MERIDIAN_SIM_SEEDS=<n>` runs more.
@@ -97,6 +98,10 @@ enum Event {
     Restart {
         node: usize,
     },
+    /// The node is lost for good: crashed, never back.
+    Lose {
+        node: usize,
+    },
     Heal {
         node: usize,
     },
@@ -161,6 +166,8 @@ struct World {
     ackers: BTreeMap<u64, usize>,
     acknowledged_count: u64,
     chaos: bool,
+    /// A node lost for good (four-node worlds only): the set must grow back without it.
+    lost: Option<usize>,
     trace: bool,
     steps: u64,
     /// A disk, the set or the acknowledged writes changed since the last check.
@@ -233,6 +240,7 @@ impl World {
             ackers: BTreeMap::new(),
             acknowledged_count: 0,
             chaos: true,
+            lost: None,
             trace,
             steps: 0,
             changed: true,
@@ -249,6 +257,10 @@ impl World {
         world.queue.after(TICK_NS, Event::ControlTick);
         world.queue.after(MS, Event::ClientWrite);
         world.queue.after(100 * MS, Event::Fault);
+        if world.nodes.len() == 4 && world.rng.random_bool(0.5) {
+            let (node, at) = (world.rng.random_range(0..4), world.rng.random_range(200 * MS..CHAOS_NS));
+            world.queue.at(at, Event::Lose { node });
+        }
         world
     }
 
@@ -579,8 +591,14 @@ impl World {
                     self.queue.after(gap, Event::Fault);
                 }
             }
+            Event::Lose { node } => {
+                self.lost = Some(node);
+                if self.nodes[node].member.is_some() {
+                    self.crash(node);
+                }
+            }
             Event::Restart { node } => {
-                if self.nodes[node].member.is_none() {
+                if self.nodes[node].member.is_none() && self.lost != Some(node) {
                     self.start(node)?;
                 }
             }
@@ -797,7 +815,7 @@ impl World {
             self.nodes[node].cut_control = false;
             self.nodes[node].cut_peers = false;
             self.nodes[node].disk.slow = false;
-            if self.nodes[node].member.is_none() {
+            if self.nodes[node].member.is_none() && self.lost != Some(node) {
                 self.start(node)?;
             }
         }
@@ -817,6 +835,14 @@ fn simulate(seed: u64, trace: bool) -> Result<u64, Failure> {
     let mut world = World::new(seed, trace);
     world.run_until(CHAOS_NS)?;
     world.heal()?;
+    // Every member of the set lost for good (a set of one, min_replicas 1): nothing may be
+    // promoted (a learner may lack acknowledged writes), so the set stays down. Safety was
+    // checked all along; liveness is not to be had.
+    let lost = world.lost.map(|lost| world.nodes[lost].name.clone());
+    if world.control.config.members.iter().all(|member| lost.as_ref() == Some(member)) {
+        world.run_until(CHAOS_NS + QUIET_NS)?;
+        return Ok(world.steps);
+    }
     let before = world.acknowledged_count;
     world.run_until(CHAOS_NS + QUIET_NS)?;
     if world.acknowledged_count == before {
@@ -835,7 +861,7 @@ fn simulate(seed: u64, trace: bool) -> Result<u64, Failure> {
     }
     let primary = &world.nodes[world.index(&config_now.primary)].disk.log;
     let learners: BTreeSet<&String> = config_now.learners.iter().collect();
-    for node in &world.nodes {
+    for node in world.nodes.iter().filter(|node| world.lost.is_none_or(|lost| world.nodes[lost].name != node.name)) {
         let primary_records = &world.nodes[world.index(&config_now.primary)].disk.records;
         if !learners.contains(&node.name) && (node.disk.log != *primary || node.disk.records != *primary_records) {
             return Err(Failure(format!(
