@@ -322,6 +322,29 @@ async fn heartbeat_rounds(
     Ok(())
 }
 
+/// The backups report (at `epoch`, the first saying it restarted as primary when
+/// `first_restarted`) until shard 0's set reaches `until_epoch`; the set then.
+async fn backups_report_until_epoch(
+    client: &controlapi::client::ControlClient,
+    backups: &[String],
+    (epoch, first_restarted): (u64, bool),
+    until_epoch: u64,
+) -> Result<controlapi::replica::SetConfig> {
+    let started = Instant::now();
+    loop {
+        report(client, &backups[0], (epoch, 9), None, first_restarted).await?;
+        report(client, &backups[1], (epoch, 8), None, false).await?;
+        let now = client.read(true, 10 * SECOND).await?.replica_sets["eu"][&0].clone();
+        if now.epoch >= until_epoch {
+            return Ok(now);
+        }
+        if started.elapsed() > 10 * SECOND {
+            bail!("shard 0's set did not reach epoch {until_epoch} within 10 s: {now:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_set_primary_holds_its_lease_by_heartbeat_and_a_lapse_promotes_the_newest_member() -> Result<()> {
     use controlapi::meta::Outcome;
@@ -359,18 +382,7 @@ async fn a_replica_set_primary_holds_its_lease_by_heartbeat_and_a_lapse_promotes
     // The primary falls silent: within its lease and the monitor's period, the backup with
     // the newest log leads epoch 2, and the silent primary is a learner.
     let lapsed = Instant::now();
-    let promoted = loop {
-        report(cluster.client(), &backups[0], (1, 9), None, false).await?;
-        report(cluster.client(), &backups[1], (1, 8), None, false).await?;
-        let now = set(&cluster.client().read(true, deadline).await?);
-        if now.epoch > 1 {
-            break now;
-        }
-        if lapsed.elapsed() > 10 * SECOND {
-            bail!("no promotion 10 s after the primary fell silent: {now:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let promoted = backups_report_until_epoch(cluster.client(), &backups, (1, false), 2).await?;
     let took = lapsed.elapsed();
     eprintln!("promoted {took:?} after the primary's last heartbeat (lease 1000 ms)");
     assert_eq!((promoted.epoch, &promoted.primary), (2, &backups[0]), "{promoted:?}");
@@ -379,19 +391,7 @@ async fn a_replica_set_primary_holds_its_lease_by_heartbeat_and_a_lapse_promotes
 
     // The new primary restarts and asks for a new epoch: promoted again at once, itself a
     // candidate.
-    let asked = Instant::now();
-    let again = loop {
-        report(cluster.client(), &backups[0], (2, 9), None, true).await?;
-        report(cluster.client(), &backups[1], (2, 8), None, false).await?;
-        let now = set(&cluster.client().read(true, deadline).await?);
-        if now.epoch > 2 {
-            break now;
-        }
-        if asked.elapsed() > 10 * SECOND {
-            bail!("a restarted primary got no new epoch: {now:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let again = backups_report_until_epoch(cluster.client(), &backups, (2, true), 3).await?;
     assert_eq!((again.epoch, &again.primary), (3, &backups[0]), "{again:?}");
     Ok(())
 }

@@ -267,7 +267,7 @@ impl WalCursor {
                     continue;
                 }
                 let segment_seq = segment.cached.is_none().then_some(segment.segment_seq);
-                let (begin, extent) = match scan_batch(
+                let (begin, extent, _) = match scan_batch(
                     bytes,
                     segment.batch_offset,
                     segment.batch_first_lsn,

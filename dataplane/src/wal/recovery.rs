@@ -197,15 +197,16 @@ fn is_zero(bytes: &[u8]) -> bool {
     bytes.iter().all(|byte| *byte == 0)
 }
 
-/// Checks one batch (of segment `segment_seq` when given). On damage returns the offset of the
-/// bad record and what was wrong.
+/// Checks one batch (of segment `segment_seq` when given): its `BatchBegin`, extent and the
+/// payload bytes of its records. On damage returns the offset of the bad record and what was
+/// wrong.
 pub(crate) fn scan_batch(
     segment: &[u8],
     offset: usize,
     expected_lsn: u64,
     segment_seq: Option<u64>,
     payload_bytes_max: u32,
-) -> Result<(BatchBegin, usize), (usize, Damage)> {
+) -> Result<(BatchBegin, usize, u64), (usize, Damage)> {
     let begin = match BatchBegin::decode(&segment[offset..]) {
         Ok(Some(begin)) => begin,
         Ok(None) => {
@@ -233,7 +234,7 @@ pub(crate) fn scan_batch(
         return Err((offset, Damage::BadBatch { record_count: begin.record_count, extent_bytes: begin.extent_bytes }));
     }
     let batch = &segment[offset..offset + extent];
-    let mut position = BATCH_BEGIN_BYTES;
+    let (mut position, mut payload_bytes) = (BATCH_BEGIN_BYTES, 0);
     for index in 0..begin.record_count {
         let (record, used) = wire::decode(&batch[position..], payload_bytes_max)
             .map_err(|error| (offset + position, Damage::Record(error)))?;
@@ -245,11 +246,12 @@ pub(crate) fn scan_batch(
             return Err((offset + position, Damage::LsnGap { expected: lsn, found: record.seq }));
         }
         position += used;
+        payload_bytes += record.payload.len() as u64;
     }
     if align_up(position) != extent {
         return Err((offset, Damage::ExtentMismatch { extent_bytes: begin.extent_bytes, actual_bytes: position }));
     }
-    Ok((begin, extent))
+    Ok((begin, extent, payload_bytes))
 }
 
 /// How the scan of one segment ended.
@@ -297,7 +299,7 @@ fn scan_segment(segment: &[u8], header: &SegmentHeader, payload_bytes_max: u32) 
             (offset, Damage::MissingBatchStart)
         } else {
             match scan_batch(segment, offset, lsn, Some(header.segment_seq), payload_bytes_max) {
-                Ok((begin, extent)) => {
+                Ok((begin, extent, _)) => {
                     lsn += u64::from(begin.record_count);
                     offset += extent;
                     continue;

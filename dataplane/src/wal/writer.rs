@@ -18,8 +18,8 @@ use glommio::{GlommioError, Task};
 
 use super::faults::{FaultInjector, WriteFault};
 use super::format::{
-    BATCH_BEGIN_BYTES, BatchBegin, BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader, SegmentSeal,
-    parse_segment_file_name, segment_file_name,
+    BatchBegin, BatchBuilder, BatchLimits, Reserve, SECTOR_BYTES, SegmentHeader, SegmentSeal, parse_segment_file_name,
+    segment_file_name,
 };
 use super::recovery::{self, SegmentBytes};
 use super::tail::TailBatch;
@@ -115,19 +115,16 @@ impl OpenBatch {
 
     /// Another WAL's batch `image` (checked: `begin` and whole records up to its extent) in
     /// buffers of this WAL, ready to be placed and written like one of its own.
-    fn from_image(begin: BatchBegin, image: &[u8], limits: BatchLimits, chunk_bytes: usize) -> SealedBatch {
+    fn from_image(
+        begin: BatchBegin,
+        image: &[u8],
+        payload_bytes: u64,
+        limits: BatchLimits,
+        chunk_bytes: usize,
+    ) -> SealedBatch {
         let mut batch = Self::new(begin.first_lsn, limits, chunk_bytes);
         batch.copy_in(0, image);
-        let mut position = BATCH_BEGIN_BYTES;
-        for _ in 0..begin.record_count {
-            match wire::decode(&image[position..], u32::MAX) {
-                Ok((record, used)) => {
-                    batch.payload_bytes += record.payload.len() as u64;
-                    position += used;
-                }
-                Err(_) => break,
-            }
-        }
+        batch.payload_bytes = payload_bytes;
         let next_lsn = begin.first_lsn + u64::from(begin.record_count);
         batch.into_sealed(begin, next_lsn, image.len())
     }
@@ -592,7 +589,7 @@ pub fn truncate_from(config: &WalConfig, lsn: u64) -> Result<u64, WalError> {
         let map = map_file(&path)?.ok_or_else(|| refuse(format!("{} is empty", path.display())))?;
         let (mut at, mut offset) = (segment.first_lsn, SECTOR_BYTES);
         while at < lsn {
-            let (begin, extent) =
+            let (begin, extent, _) =
                 recovery::scan_batch(&map, offset, at, Some(segment.segment_seq), config.record_payload_bytes_max)
                     .map_err(|(offset, damage)| refuse(format!("{} at {offset}: {damage}", path.display())))?;
             at += u64::from(begin.record_count);
@@ -797,7 +794,7 @@ impl Wal {
                 return Err(refuse("this WAL has its own appends waiting".into()));
             }
             let payload_max = self.inner.config.record_payload_bytes_max;
-            let (begin, extent) = recovery::scan_batch(image, 0, expected, None, payload_max)
+            let (begin, extent, payload_bytes) = recovery::scan_batch(image, 0, expected, None, payload_max)
                 .map_err(|(offset, damage)| refuse(format!("at byte {offset}: {damage}")))?;
             if extent != image.len() || extent > self.inner.limits.bytes_max {
                 return Err(refuse(format!(
@@ -807,7 +804,7 @@ impl Wal {
                 )));
             }
             let chunk_bytes = state.open.chunk_bytes;
-            let batch = OpenBatch::from_image(begin, image, self.inner.limits, chunk_bytes);
+            let batch = OpenBatch::from_image(begin, image, payload_bytes, self.inner.limits, chunk_bytes);
             let (latch, next_lsn) = (Rc::clone(&batch.latch), batch.next_lsn);
             state.replicated.push_back(batch);
             state.open = OpenBatch::new(next_lsn, self.inner.limits, chunk_bytes);
