@@ -226,3 +226,96 @@ fn a_cut_tail_is_gone_for_good_and_the_log_goes_on_from_the_cut() {
         }
     });
 }
+
+/// A backup cuts its tail while the WAL stays open: appends of the new primary's batches go on
+/// from the cut at once, the tail cache forgets the cut batches, and a reopen finds the same
+/// log. The epochs the batches name are read back at open, where they change.
+#[test]
+fn an_open_wal_cuts_its_tail_and_takes_batches_from_the_cut_and_its_epochs_are_read_back() {
+    let (primary_dir, backup_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = with_tail(small_config(primary_dir.path()));
+    let backup = with_tail(small_config(backup_dir.path()));
+    let (cut, new_batches) = run({
+        let (primary, backup) = (primary.clone(), backup.clone());
+        async move {
+            let batches = primary_batches(primary.clone(), 200).await;
+            let wal = Wal::open(backup.clone()).await.unwrap();
+            for batch in &batches {
+                wal.append_replicated(&batch.bytes).await.unwrap();
+            }
+            // Cut inside an earlier segment, at a batch start; a cut inside a batch is refused
+            // and changes nothing.
+            let at = batches[batches.len() / 3].first_lsn;
+            let inside = batches.iter().find(|batch| batch.next_lsn - batch.first_lsn > 1).unwrap();
+            assert!(matches!(wal.truncate_tail(inside.first_lsn + 1).await, Err(WalError::Truncate { .. })));
+            assert_eq!(wal.durable_next_lsn(), 201);
+            assert_eq!(wal.truncate_tail(201).await.unwrap(), 201, "at the end: nothing to cut");
+            assert_eq!(wal.truncate_tail(at).await.unwrap(), at);
+            assert_eq!(wal.durable_next_lsn(), at);
+            assert!(backup.tail.as_ref().unwrap().batch_at(at - 1).is_none(), "the cache forgot the cut batches");
+            // The new primary's log from the cut: epoch 2 batches of other records.
+            let other = with_tail(small_config(&primary.dir.join("other")));
+            let mut replay = Vec::new();
+            {
+                let source = Wal::open(other.clone()).await.unwrap();
+                for batch in batches.iter().take_while(|batch| batch.first_lsn < at) {
+                    source.append_replicated(&batch.bytes).await.unwrap();
+                }
+                source.set_epoch(2);
+                for id in 0..30 {
+                    source.append(id, &payload(50_000 + id, 80 + (id as usize * 313) % 4000)).await.unwrap();
+                }
+                source.close().await.unwrap();
+                let tail = other.tail.unwrap();
+                let mut lsn = at;
+                while let Some(batch) = tail.batch_at(lsn) {
+                    lsn = batch.next_lsn;
+                    replay.push(batch);
+                }
+                assert_eq!(lsn, at + 30);
+            }
+            for batch in &replay {
+                assert_eq!(wal.append_replicated(&batch.bytes).await.unwrap(), batch.next_lsn);
+            }
+            wal.close().await.unwrap();
+            (at, replay)
+        }
+    });
+    let records = read_all(&backup);
+    assert_eq!(records.len() as u64, cut - 1 + 30);
+    for record in &records {
+        let id = check_payload(&record.payload).unwrap();
+        let expected = if record.lsn < cut { record.lsn - 1 } else { 50_000 + record.lsn - cut };
+        assert_eq!(id, expected, "LSN {}", record.lsn);
+    }
+    assert!(!new_batches.is_empty());
+    run({
+        let backup = backup.clone();
+        async move {
+            let wal = Wal::open(backup).await.unwrap();
+            assert_eq!(wal.epochs_at_open(), &[(0, 1), (2, cut)], "epoch 0 up to the cut, then 2");
+            // Admission: a refusal reserves nothing; an admitted record takes the LSN it was
+            // shown, in a batch naming the WAL's epoch.
+            wal.set_epoch(3);
+            assert!(matches!(wal.append_admitted(b"no", |_| None).await, Err(WalError::NotAdmitted)));
+            let mut shown = 0;
+            let lsn = wal
+                .append_admitted(&payload(7, 10), |lsn| {
+                    shown = lsn;
+                    Some(9)
+                })
+                .await
+                .unwrap();
+            assert_eq!((lsn, shown), (cut + 30, cut + 30));
+            wal.close().await.unwrap();
+        }
+    });
+    run({
+        let backup = backup.clone();
+        async move {
+            let wal = Wal::open(backup).await.unwrap();
+            assert_eq!(wal.epochs_at_open(), &[(0, 1), (2, cut), (3, cut + 30)]);
+            wal.close().await.unwrap();
+        }
+    });
+}

@@ -18,7 +18,9 @@
 //!   size, WAL format, whether the file is reused) and zeros.
 //! * Every batch starts on a sector boundary with a `BatchBegin` record whose `seq` is the
 //!   LSN of its first entry and whose payload holds the record count, the batch extent and the
-//!   segment's sequence. A reused file's old batches name an older sequence (and lower LSNs),
+//!   segment's sequence; its GLT field holds the replica-set epoch of the primary that wrote
+//!   the batch (0 without a set; a batch never spans two epochs, so the epochs of a member's
+//!   log are read back from its batches). A reused file's old batches name an older sequence (and lower LSNs),
 //!   so the log's end is where the next sector holds no batch of this segment.
 //!   `Data` records follow back to back with consecutive LSNs in `seq`; zeros pad the batch
 //!   to its extent, a whole number of sectors. The next batch starts at the extent's end.
@@ -155,6 +157,9 @@ pub struct BatchBegin {
     pub extent_bytes: u32,
     /// The segment the batch was written to (0 until the writer places it).
     pub segment_seq: u64,
+    /// The replica-set epoch whose primary wrote the batch (0: a shard without a set), in the
+    /// record header's GLT field: a member's log shape is read back from its batches.
+    pub epoch: u64,
 }
 
 impl BatchBegin {
@@ -167,7 +172,7 @@ impl BatchBegin {
         };
         let mut out = [0_u8; BATCH_BEGIN_BYTES];
         // The payload is 16 bytes: encoding cannot fail.
-        if let Ok(header) = wire::encode_header(RecordType::BatchBegin, 0, self.first_lsn, payload.as_bytes()) {
+        if let Ok(header) = wire::encode_header(RecordType::BatchBegin, self.epoch, self.first_lsn, payload.as_bytes()) {
             out[..HEADER_BYTES].copy_from_slice(&header);
             out[HEADER_BYTES..].copy_from_slice(payload.as_bytes());
         }
@@ -186,6 +191,7 @@ impl BatchBegin {
             record_count: payload.record_count.get(),
             extent_bytes: payload.extent_bytes.get(),
             segment_seq: payload.segment_seq.get(),
+            epoch: record.glt,
         }))
     }
 }
@@ -267,6 +273,7 @@ pub enum Reserve {
 #[derive(Debug, Clone)]
 pub struct BatchBuilder {
     first_lsn: u64,
+    epoch: u64,
     record_count: u32,
     used_bytes: usize,
     limits: BatchLimits,
@@ -275,7 +282,18 @@ pub struct BatchBuilder {
 impl BatchBuilder {
     /// An empty batch whose first record will get `first_lsn`.
     pub fn new(first_lsn: u64, limits: BatchLimits) -> Self {
-        Self { first_lsn, record_count: 0, used_bytes: BATCH_BEGIN_BYTES, limits }
+        Self { first_lsn, epoch: 0, record_count: 0, used_bytes: BATCH_BEGIN_BYTES, limits }
+    }
+
+    /// The epoch the batch's `BatchBegin` will name; only while it is empty.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        debug_assert_eq!(self.record_count, 0);
+        self.epoch = epoch;
+    }
+
+    /// The epoch the batch will name.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Reserves room for a record with `payload_len` bytes.
@@ -324,6 +342,7 @@ impl BatchBuilder {
             // The extent is bounded by `limits.bytes_max`, itself checked to fit in u32.
             extent_bytes: u32::try_from(extent).unwrap_or(u32::MAX),
             segment_seq: 0,
+            epoch: self.epoch,
         };
         (begin, extent)
     }
@@ -373,7 +392,9 @@ mod tests {
 
     #[test]
     fn batch_begin_round_trip() {
-        let begin = BatchBegin { first_lsn: 5, record_count: 2, extent_bytes: 8192, segment_seq: 7 };
+        let begin = BatchBegin { first_lsn: 5, record_count: 2, extent_bytes: 8192, segment_seq: 7, epoch: 0 };
+        assert_eq!(BatchBegin::decode(&begin.encode()), Ok(Some(begin)));
+        let begin = BatchBegin { epoch: 12, ..begin };
         assert_eq!(BatchBegin::decode(&begin.encode()), Ok(Some(begin)));
     }
 }

@@ -192,6 +192,10 @@ pub enum WalError {
         /// Why not.
         reason: String,
     },
+    /// The caller's admission check refused the record (`Wal::append_admitted`); nothing was
+    /// reserved.
+    #[error("record not admitted")]
+    NotAdmitted,
     /// A batch of another WAL (`Wal::append_replicated`) was refused; nothing was written.
     #[error("replicated batch refused at LSN {expected_lsn}: {reason}")]
     ReplicatedBatch {

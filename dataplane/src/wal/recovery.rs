@@ -183,6 +183,9 @@ pub struct RecoveryPlan {
     pub torn_tail: Option<TornTail>,
     /// The LSN the next append gets.
     pub next_lsn: u64,
+    /// Where the epoch its batches name changes: `(epoch, first LSN)`, from the first valid
+    /// batch on (a replica-set member's log shape).
+    pub epochs: Vec<(u64, u64)>,
 }
 
 impl RecoveryPlan {
@@ -274,7 +277,12 @@ fn later_batch(segment: &[u8], offset: usize, segment_seq: u64, lsn: u64) -> boo
     })
 }
 
-fn scan_segment(segment: &[u8], header: &SegmentHeader, payload_bytes_max: u32) -> (u64, usize, SegmentEnd) {
+fn scan_segment(
+    segment: &[u8],
+    header: &SegmentHeader,
+    payload_bytes_max: u32,
+    epochs: &mut Vec<(u64, u64)>,
+) -> (u64, usize, SegmentEnd) {
     let mut lsn = header.first_lsn;
     let mut offset = SECTOR_BYTES;
     loop {
@@ -300,6 +308,9 @@ fn scan_segment(segment: &[u8], header: &SegmentHeader, payload_bytes_max: u32) 
         } else {
             match scan_batch(segment, offset, lsn, Some(header.segment_seq), payload_bytes_max) {
                 Ok((begin, extent, _)) => {
+                    if epochs.last().is_none_or(|(epoch, _)| *epoch != begin.epoch) {
+                        epochs.push((begin.epoch, lsn));
+                    }
                     lsn += u64::from(begin.record_count);
                     offset += extent;
                     continue;
@@ -421,7 +432,7 @@ pub fn plan(
         {
             return Err(corruption(0, Damage::LsnGap { expected, found: header.first_lsn }));
         }
-        let (end_lsn, frontier, end) = scan_segment(segment.bytes, &header, payload_bytes_max);
+        let (end_lsn, frontier, end) = scan_segment(segment.bytes, &header, payload_bytes_max, &mut plan.epochs);
         let sealed = matches!(end, SegmentEnd::Sealed);
         if let SegmentEnd::Damaged { offset, record_offset, damage, later_data, nonzero_end } = end {
             if later_data || later_in_use {

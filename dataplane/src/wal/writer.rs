@@ -215,7 +215,11 @@ struct State {
     replicated: VecDeque<SealedBatch>,
     fenced: Option<WalError>,
     closing: bool,
+    /// A tail cut is running (`Wal::truncate_tail`): appends wait.
+    cutting: bool,
     durable_next_lsn: u64,
+    /// The replica-set epoch the next batch of this WAL's own appends names.
+    epoch: u64,
     stats: WalStats,
 }
 
@@ -233,6 +237,8 @@ struct Inner {
     durable: Notify,
     writer_done: Cell<bool>,
     writer_exit: Notify,
+    /// `(epoch, first LSN)` where the epoch the batches name changed, as recovery found them.
+    epochs_at_open: Vec<(u64, u64)>,
     metrics: WalMetrics,
 }
 
@@ -617,6 +623,54 @@ pub fn truncate_from(config: &WalConfig, lsn: u64) -> Result<u64, WalError> {
     Ok(lsn)
 }
 
+/// The segments of a WAL as `plan` found them on disk: the last one active, or (none yet, or
+/// the last sealed by a cut tail) a new one created after it.
+async fn open_segments(config: &WalConfig, plan: &recovery::RecoveryPlan, io_bytes_max: usize) -> Result<Segments, WalError> {
+    let faults = config.faults.clone();
+    let next_seq = plan.last_segment_seq().map_or(1, |segment_seq| segment_seq + 1);
+    let segments = match plan.segments.last() {
+        Some(last) if !last.sealed => {
+            let path = segment_path(config, last.segment_seq);
+            let file = OpenOptions::new().read(true).write(true).dma_open(&path).await.map_err(|error| {
+                let (errno, message) = glommio_error(&error);
+                WalError::Io { op: "open active segment", path: path.display().to_string(), errno, message }
+            })?;
+            Segments {
+                active: Rc::new(file),
+                active_seq: last.segment_seq,
+                active_first_lsn: last.first_lsn,
+                sealed: plan.segments[..plan.segments.len() - 1]
+                    .iter()
+                    .map(|segment| (segment.segment_seq, segment.first_lsn))
+                    .collect(),
+                reusable: VecDeque::new(),
+                front_busy: Rc::new(Cell::new(false)),
+                active_bytes: last.segment_bytes,
+                frontier: Rc::new(Cell::new(last.frontier)),
+                spare: None,
+            }
+        }
+        // No segment yet, or the last one was sealed by a cut tail: a new one.
+        _ => {
+            let file = create_segment(config.clone(), next_seq, io_bytes_max, None).await?;
+            write_segment_header(&file, config, next_seq, plan.next_lsn, false).await?;
+            fdatasync(&file, faults.as_deref()).await?;
+            Segments {
+                active: Rc::new(file),
+                active_seq: next_seq,
+                active_first_lsn: plan.next_lsn,
+                sealed: plan.segments.iter().map(|segment| (segment.segment_seq, segment.first_lsn)).collect(),
+                reusable: VecDeque::new(),
+                front_busy: Rc::new(Cell::new(false)),
+                active_bytes: config.segment_bytes,
+                frontier: Rc::new(Cell::new(SECTOR_BYTES as u64)),
+                spare: None,
+            }
+        }
+    };
+    Ok(segments)
+}
+
 impl Wal {
     /// Opens (recovering) or creates the WAL described by `config`, on the current glommio
     /// executor. Torn tails are erased (zeroed and synced) before the first append.
@@ -627,7 +681,6 @@ impl Wal {
         let io_bytes_max = config.io_bytes_max.unwrap_or_else(|| device_io_bytes_max(&config.dir));
         calibrate_iopoll(&config.dir).await;
         let plan = scan(&config)?;
-        let faults = config.faults.clone();
         if let Some(tail) = &config.tail {
             tail.clear();
         }
@@ -641,47 +694,7 @@ impl Wal {
             erase_torn_tail(&config, torn, io_bytes_max).await?;
         }
 
-        let next_seq = plan.last_segment_seq().map_or(1, |segment_seq| segment_seq + 1);
-        let segments = match plan.segments.last() {
-            Some(last) if !last.sealed => {
-                let path = segment_path(&config, last.segment_seq);
-                let file = OpenOptions::new().read(true).write(true).dma_open(&path).await.map_err(|error| {
-                    let (errno, message) = glommio_error(&error);
-                    WalError::Io { op: "open active segment", path: path.display().to_string(), errno, message }
-                })?;
-                Segments {
-                    active: Rc::new(file),
-                    active_seq: last.segment_seq,
-                    active_first_lsn: last.first_lsn,
-                    sealed: plan.segments[..plan.segments.len() - 1]
-                        .iter()
-                        .map(|segment| (segment.segment_seq, segment.first_lsn))
-                        .collect(),
-                    reusable: VecDeque::new(),
-                    front_busy: Rc::new(Cell::new(false)),
-                    active_bytes: last.segment_bytes,
-                    frontier: Rc::new(Cell::new(last.frontier)),
-                    spare: None,
-                }
-            }
-            // No segment yet, or the last one was sealed by a cut tail: a new one.
-            _ => {
-                let file = create_segment(config.clone(), next_seq, io_bytes_max, None).await?;
-                write_segment_header(&file, &config, next_seq, plan.next_lsn, false).await?;
-                fdatasync(&file, faults.as_deref()).await?;
-                Segments {
-                    active: Rc::new(file),
-                    active_seq: next_seq,
-                    active_first_lsn: plan.next_lsn,
-                    sealed: plan.segments.iter().map(|segment| (segment.segment_seq, segment.first_lsn)).collect(),
-                    reusable: VecDeque::new(),
-                    front_busy: Rc::new(Cell::new(false)),
-                    active_bytes: config.segment_bytes,
-                    frontier: Rc::new(Cell::new(SECTOR_BYTES as u64)),
-                    spare: None,
-                }
-            }
-        };
+        let segments = open_segments(&config, &plan, io_bytes_max).await?;
         let limits = BatchLimits { bytes_max: config.batch_bytes_max, records_max: config.batch_records_max };
         let chunk_bytes = io_bytes_max.min(config.batch_bytes_max);
         let metrics = WalMetrics::new(config.shard_id);
@@ -694,7 +707,9 @@ impl Wal {
                 replicated: VecDeque::new(),
                 fenced: None,
                 closing: false,
+                cutting: false,
                 durable_next_lsn: plan.next_lsn,
+                epoch: plan.epochs.last().map_or(0, |(epoch, _)| *epoch),
                 stats: WalStats::default(),
             }),
             segments: RefCell::new(Some(segments)),
@@ -706,6 +721,7 @@ impl Wal {
             durable: Notify::default(),
             writer_done: Cell::new(false),
             writer_exit: Notify::default(),
+            epochs_at_open: plan.epochs.clone(),
             metrics,
         });
         inner.metrics.fenced.set(0.0);
@@ -725,12 +741,24 @@ impl Wal {
     /// awaiting, at the moment the record takes its place in the log. A caller that draws
     /// timestamps from a monotonic clock inside `stamp` gets LSN order equal to GLT order.
     pub async fn append_stamped(&self, payload: &[u8], mut stamp: impl FnMut(u64) -> u64) -> Result<u64, WalError> {
+        self.append_admitted(payload, |lsn| Some(stamp(lsn))).await
+    }
+
+    /// Like [`Wal::append_stamped`], but `admit(lsn)` may refuse the record (`None`:
+    /// [`WalError::NotAdmitted`], nothing reserved). It is called, without awaiting, when the
+    /// open batch has room for the record, so what it checks still holds when the record takes
+    /// `lsn` (a replica-set primary appends to its protocol core there).
+    pub async fn append_admitted(
+        &self,
+        payload: &[u8],
+        mut admit: impl FnMut(u64) -> Option<u64>,
+    ) -> Result<u64, WalError> {
         let max = self.inner.config.record_payload_bytes_max as usize;
         if payload.len() > max {
             return Err(WalError::RecordTooLarge { len: payload.len(), max });
         }
         loop {
-            match self.try_reserve(&mut stamp, payload, max)? {
+            match self.try_reserve(&mut admit, payload, max)? {
                 Some((latch, lsn)) => {
                     self.inner.work.notify_all();
                     return latch.wait().await.map(|()| lsn);
@@ -745,7 +773,7 @@ impl Wal {
     /// is full. Never awaits, so the state borrow cannot outlive it.
     fn try_reserve(
         &self,
-        stamp: &mut impl FnMut(u64) -> u64,
+        admit: &mut impl FnMut(u64) -> Option<u64>,
         payload: &[u8],
         max: usize,
     ) -> Result<Option<Reserved>, WalError> {
@@ -756,17 +784,33 @@ impl Wal {
         if state.closing {
             return Err(WalError::Closed);
         }
-        match state.open.builder.reserve(payload.len()) {
-            Ok(slot) => match state.open.put_record(slot.offset, stamp(slot.lsn), slot.lsn, payload) {
-                Ok(()) => Ok(Some((Rc::clone(&state.open.latch), slot.lsn))),
-                Err(error) => {
-                    // The slot is reserved but empty: the batch must never be written.
-                    drop(state);
-                    let error = WalError::fenced("encode", None, error.to_string());
-                    self.inner.fence(&error);
-                    Err(error)
+        if state.cutting {
+            return Ok(None);
+        }
+        // A batch names one epoch: records of a newer one wait for the next batch.
+        if state.open.builder.epoch() != state.epoch {
+            if state.open.builder.record_count() > 0 {
+                return Ok(None);
+            }
+            let epoch = state.epoch;
+            state.open.builder.set_epoch(epoch);
+        }
+        let mut probe = state.open.builder.clone();
+        match probe.reserve(payload.len()) {
+            Ok(slot) => {
+                let Some(glt) = admit(slot.lsn) else { return Err(WalError::NotAdmitted) };
+                state.open.builder = probe;
+                match state.open.put_record(slot.offset, glt, slot.lsn, payload) {
+                    Ok(()) => Ok(Some((Rc::clone(&state.open.latch), slot.lsn))),
+                    Err(error) => {
+                        // The slot is reserved but empty: the batch must never be written.
+                        drop(state);
+                        let error = WalError::fenced("encode", None, error.to_string());
+                        self.inner.fence(&error);
+                        Err(error)
+                    }
                 }
-            },
+            }
             Err(Reserve::BatchFull) => Ok(None),
             Err(Reserve::TooLarge) => Err(WalError::RecordTooLarge { len: payload.len(), max }),
         }
@@ -787,6 +831,12 @@ impl Wal {
             }
             if state.closing {
                 return Err(WalError::Closed);
+            }
+            if state.cutting {
+                return Err(WalError::ReplicatedBatch {
+                    expected_lsn: state.open.builder.next_lsn(),
+                    reason: "a tail cut is running".into(),
+                });
             }
             let expected = state.open.builder.next_lsn();
             let refuse = |reason: String| WalError::ReplicatedBatch { expected_lsn: expected, reason };
@@ -812,6 +862,116 @@ impl Wal {
         };
         self.inner.work.notify_all();
         latch.wait().await.map(|()| next_lsn)
+    }
+
+    /// The replica-set epoch the batches of this WAL's own appends name from now on. Records
+    /// already in the open batch keep theirs: later ones wait for the next batch.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.inner.state.borrow_mut().epoch = epoch;
+    }
+
+    /// `(epoch, first LSN)` wherever the epoch the batches name changed, from the first batch
+    /// kept at open (a replica-set member's log shape, read back at restart).
+    pub fn epochs_at_open(&self) -> &[(u64, u64)] {
+        &self.inner.epochs_at_open
+    }
+
+    /// Cuts this open WAL's log from `from` on (a replica-set backup dropping a divergent,
+    /// never-acknowledged tail) and returns the LSN it now ends at: once every queued batch is
+    /// durable, the segments are closed, cut as [`truncate_from`] does, and a new segment starts
+    /// at `from`. Appends wait meanwhile (replicated batches are refused). `from` must start a
+    /// batch. The tail cache forgets every batch. A failure fences the WAL.
+    pub async fn truncate_tail(&self, from: u64) -> Result<u64, WalError> {
+        {
+            let mut state = self.inner.state.borrow_mut();
+            if let Some(fenced) = &state.fenced {
+                return Err(fenced.clone());
+            }
+            if state.closing || state.cutting {
+                return Err(WalError::Truncate { lsn: from, reason: "the WAL is closing or being cut".into() });
+            }
+            state.cutting = true;
+        }
+        let result = self.cut(from).await;
+        self.inner.state.borrow_mut().cutting = false;
+        self.inner.space.notify_all();
+        result
+    }
+
+    async fn cut(&self, from: u64) -> Result<u64, WalError> {
+        // Every queued batch durable, the writer idle.
+        let durable = loop {
+            let wait = {
+                let state = self.inner.state.borrow();
+                if let Some(fenced) = &state.fenced {
+                    return Err(fenced.clone());
+                }
+                let next = state.open.builder.next_lsn();
+                if state.open.builder.record_count() == 0 && state.replicated.is_empty() && state.durable_next_lsn == next
+                {
+                    break next;
+                }
+                self.inner.durable.wait()
+            };
+            wait.await;
+        };
+        if from >= durable {
+            return Ok(durable);
+        }
+        // Released files being deleted or renamed must not change under the cut's scan.
+        while self.inner.segments.borrow().as_ref().is_some_and(|segments| segments.front_busy.get()) {
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let old = self.inner.segments.borrow_mut().take().ok_or(WalError::Closed)?;
+        if let Some(spare) = old.spare
+            && let Ok(spare) = spare.await
+        {
+            let _ = spare.file.close().await;
+        }
+        if let Ok(file) = Rc::try_unwrap(old.active) {
+            let _ = file.close().await;
+        }
+        let result = async {
+            let config = self.inner.config.clone();
+            // A refused cut (not at a batch start, below the oldest record) changed nothing:
+            // the segments open again as they were.
+            let (cut, plan) = glommio::executor()
+                .spawn_blocking(move || {
+                    let cut = truncate_from(&config, from);
+                    scan(&config).map(|plan| (cut, plan))
+                })
+                .await?;
+            let mut segments = open_segments(&self.inner.config, &plan, self.inner.io_bytes_max).await?;
+            segments.sealed.retain(|(segment_seq, _)| !old.reusable.contains(segment_seq));
+            segments.reusable = old.reusable;
+            segments.front_busy = old.front_busy;
+            Ok::<_, WalError>((segments, plan.next_lsn, cut))
+        }
+        .await;
+        let (segments, next, cut) = match result {
+            Ok(done) => done,
+            Err(error) => {
+                let error = match error {
+                    WalError::Fenced { .. } => error,
+                    other => WalError::fenced("cut", None, other.to_string()),
+                };
+                self.inner.fence(&error);
+                return Err(error);
+            }
+        };
+        *self.inner.segments.borrow_mut() = Some(segments);
+        {
+            let mut state = self.inner.state.borrow_mut();
+            let chunk_bytes = state.open.chunk_bytes;
+            state.open = OpenBatch::new(next, self.inner.limits, chunk_bytes);
+            state.durable_next_lsn = next;
+        }
+        if let Some(tail) = &self.inner.config.tail {
+            tail.clear();
+        }
+        self.inner.prepare_spare();
+        self.inner.publish_disk_bytes();
+        cut.map(|_| next)
     }
 
     /// Every record with an LSN below this is durable.
@@ -1200,7 +1360,8 @@ async fn writer_loop(inner: Rc<Inner>) {
                 }
                 let open = {
                     let mut state = inner.state.borrow_mut();
-                    let next = OpenBatch::new(state.open.builder.next_lsn(), inner.limits, state.open.chunk_bytes);
+                    let mut next = OpenBatch::new(state.open.builder.next_lsn(), inner.limits, state.open.chunk_bytes);
+                    next.builder.set_epoch(state.epoch);
                     std::mem::replace(&mut state.open, next)
                 };
                 inner.space.notify_all();
