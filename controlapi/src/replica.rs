@@ -50,6 +50,21 @@ impl LogShape {
         Self { epochs: Vec::new(), end: 1 }
     }
 
+    /// The shape of a log read back from its batches: `runs` are `(epoch, first LSN)` where
+    /// the epoch changed, `end` the next LSN. Records of epoch 0 (written without a set) and
+    /// those below the first run (released once applied, so committed) are of no known epoch:
+    /// comparisons find no difference there ([`LogShape::agreed_prefix`]).
+    pub fn from_runs(runs: &[(u64, u64)], end: u64) -> Self {
+        let mut shape = Self { epochs: Vec::new(), end: end.max(1) };
+        for &(epoch, first) in runs {
+            let last = shape.epochs.last().map_or(0, |(epoch, _)| *epoch);
+            if epoch > last && first < shape.end {
+                shape.epochs.push((epoch, first));
+            }
+        }
+        shape
+    }
+
     /// The epoch the record at `lsn` was written in (none past the end or before the first
     /// epoch).
     pub fn epoch_at(&self, lsn: u64) -> Option<u64> {
@@ -98,7 +113,8 @@ impl LogShape {
     }
 
     /// The LSN below which this log and `other` hold the same records: the first where their
-    /// epochs differ, or the shorter end.
+    /// epochs differ, or the shorter end. Records of no known epoch in either log (see
+    /// [`LogShape::from_runs`]) count as the same.
     pub fn agreed_prefix(&self, other: &Self) -> u64 {
         let end = self.end.min(other.end);
         let mut boundaries: Vec<u64> =
@@ -106,7 +122,10 @@ impl LogShape {
         boundaries.sort_unstable();
         boundaries.dedup();
         // Epochs change only at boundaries: comparing there compares every LSN.
-        boundaries.into_iter().find(|lsn| self.epoch_at(*lsn) != other.epoch_at(*lsn)).unwrap_or(end)
+        boundaries
+            .into_iter()
+            .find(|lsn| matches!((self.epoch_at(*lsn), other.epoch_at(*lsn)), (Some(ours), Some(theirs)) if ours != theirs))
+            .unwrap_or(end)
     }
 
     /// Which of two logs a promotion prefers: the later last epoch, then the longer.
@@ -369,6 +388,21 @@ mod tests {
         assert_eq!(a.agreed_prefix(&a), 15);
         assert_eq!(LogShape::new().agreed_prefix(&a), 1);
         assert!(a.newer_than(&b), "a later last epoch wins over a longer log");
+    }
+
+    #[test]
+    fn a_shape_read_back_from_batches_knows_no_epoch_below_its_first_run() {
+        // Epoch 0 records (no set yet), then epochs 2 and 4; an older run repeated is dropped.
+        let read = LogShape::from_runs(&[(0, 1), (2, 40), (4, 90), (3, 95)], 120);
+        assert_eq!(read, shape(&[(2, 40), (4, 90)], 120));
+        // Its records below 40 were released once applied: they agree with anything.
+        let full = shape(&[(1, 1), (2, 30), (4, 90)], 150);
+        assert_eq!(read.agreed_prefix(&full), 120);
+        assert_eq!(full.agreed_prefix(&read), 120);
+        // A known difference still counts.
+        let other = shape(&[(1, 1), (2, 30), (3, 80)], 150);
+        assert_eq!(read.agreed_prefix(&other), 80);
+        assert_eq!(LogShape::from_runs(&[], 0), LogShape::new());
     }
 
     #[test]

@@ -765,7 +765,7 @@ pub fn map_error(error: StoreError) -> (ErrorCode, String) {
         StoreError::Chunk(crate::store::ChunkError::Corrupt { .. } | crate::store::ChunkError::Missing { .. }) => {
             ErrorCode::ChunkCorrupt
         }
-        StoreError::Wal(_) | StoreError::Clock(_) => ErrorCode::Unavailable,
+        StoreError::Wal(_) | StoreError::Clock(_) | StoreError::NotAdmitted { .. } => ErrorCode::Unavailable,
         StoreError::NotHome { .. } => ErrorCode::NotHome,
         StoreError::BadReplica { .. } => ErrorCode::BadRequest,
         StoreError::Chunk(_)

@@ -5,14 +5,18 @@
 //! - `core`: one node's copy of a shard, sans-IO ([`Member`]); the simulation test
 //!   (`tests/replica_simulation.rs`) drives it under crashes, partitions and a misbehaving
 //!   network by seed.
+//! - `copy`: the shell of one shard copy on its executor ([`ShardCopy`]): the core driven
+//!   with the store's WAL as the set's log, frames through [`Links`].
 //! - `state`: the bytes of what a member saves before it answers ([`MemberState`]); the file
 //!   is `<shard dir>/replica.state`, replaced durably ([`store_state`], [`load_state`]).
 
+mod copy;
 mod core;
 mod state;
 
 use std::path::{Path, PathBuf};
 
+pub use self::copy::{CopyError, Frame, Links, ShardCopy};
 pub use self::core::{Action, DiskOp, Member, Message, Proposal, Timing, WriteError};
 pub use self::state::{MemberState, StateError, decode as decode_state, encode as encode_state};
 

@@ -90,6 +90,11 @@ pub struct StoreConfig {
     /// Most WAL bytes (whole segments below a checkpoint) the hold may keep; a peer further
     /// behind catches up from a snapshot. `u64::MAX`: no bound.
     pub wal_hold_bytes_max: u64,
+    /// The shard is a copy in a replica set (`crate::replica`): its WAL is the set's log, whose
+    /// tail above the committed point may still be cut. Records reach the engine only through
+    /// [`ShardStore::apply_logged`] (below that point), so open replays nothing past the last
+    /// flush, and a flush records the first LSN not applied as where to apply from.
+    pub set_log: bool,
     /// No version at or above this timestamp is collected at open, until replication says
     /// otherwise ([`ShardStore::set_collect_floor`]; `u64::MAX`: no floor besides the
     /// retention). With multi-master keyspaces, what every source region has shipped: a version
@@ -127,6 +132,7 @@ impl StoreConfig {
             wal_hold_lsn: u64::MAX,
             wal_hold_bytes_max: u64::MAX,
             collect_floor: u64::MAX,
+            set_log: false,
         }
     }
 
@@ -260,6 +266,15 @@ pub enum StoreError {
         shard_id: u32,
         /// What went wrong.
         message: String,
+    },
+    /// A replica-set copy refused the write before it took an LSN (`crate::replica`: not the
+    /// primary, lease lapsed, too few live members, ...).
+    #[error("shard {shard_id}: {reason}")]
+    NotAdmitted {
+        /// The shard.
+        shard_id: u32,
+        /// Why (the replica set's refusal).
+        reason: String,
     },
     /// Recovery found data it cannot use.
     #[error("recovery of shard {shard_id}: {message}")]

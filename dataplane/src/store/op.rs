@@ -219,6 +219,11 @@ pub fn later_wins<T>(items: Vec<T>, key: impl Fn(&T) -> &[u8]) -> Vec<T> {
 }
 
 /// Decodes the operations of one record; keys and inline values are slices of `payload`.
+/// The payload of a record of no operations: a replica-set primary's epoch marker, the first
+/// record of its lead (`crate::replica`). [`decode`] refuses it; readers of a set's log check
+/// for it first.
+pub const EPOCH_MARKER: [u8; 2] = [0, 0];
+
 pub fn decode(payload: &Bytes) -> Result<Vec<Op>, OpError> {
     let mut r = Reader { payload, pos: 0 };
     let count = r.le(2, "count")?;

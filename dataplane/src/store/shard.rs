@@ -138,6 +138,8 @@ struct Inner {
     wal_hold: Cell<(u64, u64)>,
     /// No version at or above it is collected ([`ShardStore::set_collect_floor`]).
     collect_floor: Cell<u64>,
+    /// A replica-set copy's first LSN not yet applied ([`StoreConfig::set_log`]).
+    applied_next: Cell<u64>,
 }
 
 /// Where a shard's WAL stands: how far it is durable, whether writes wait for it, and
@@ -223,8 +225,13 @@ impl ShardStore {
             )));
         }
         let memtable_seal_bytes = config.memory_bytes_max / 8;
-        let (replayed, replayed_bytes, replayed_max_ts) =
-            replay_wal(&config, &engine, replay_from, durable, memtable_seal_bytes).await?;
+        // A replica-set copy applies its log only below the set's committed point, which it
+        // learns from the primary again.
+        let (replayed, replayed_bytes, replayed_max_ts) = if config.set_log {
+            (0, 0, 0)
+        } else {
+            replay_wal(&config, &engine, replay_from, durable, memtable_seal_bytes).await?
+        };
 
         let chunks = ChunkStore::open(config.dir.join("chunks"), config.chunk_bytes, config.wal.faults.clone())?;
         // Chunk files are O_DIRECT both ways: glommio's iopoll probe must see a real sector on
@@ -253,6 +260,7 @@ impl ShardStore {
                 memtable_bytes: Cell::new(0),
                 wal_hold: Cell::new((config.wal_hold_lsn, u64::MAX)),
                 collect_floor: Cell::new(config.collect_floor),
+                applied_next: Cell::new(replay_from),
                 config,
                 wal,
                 engine,
@@ -439,6 +447,33 @@ impl ShardStore {
 
     async fn commit(&self, staged: &[(&[u8], Staged<'_>)]) -> Result<u64, StoreError> {
         let inner = &self.inner;
+        let (lsn, ts, payload) = self.append_staged(staged, &mut |_| Ok(())).await?;
+        // Apply the payload's own slices: one copy of each inline value.
+        let applied = op::decode(&payload)
+            .map_err(|error| StoreError::Recovery { shard_id: inner.config.shard_id, message: error.to_string() })
+            .map(|ops| {
+                let mut memtable_bytes = 0;
+                for op in ops {
+                    memtable_bytes = inner.engine.versions.apply(&op.key, &Version { ts, body: op.body });
+                }
+                memtable_bytes
+            });
+        inner.inflight.borrow_mut().remove(&lsn);
+        self.after_apply(applied?);
+        self.commit_wait(ts).await?;
+        Ok(ts)
+    }
+
+    /// Encodes, stamps and appends `staged` as one WAL record, durable on return: its LSN,
+    /// timestamp and payload. The record stays in `inflight` until applied. `admit(lsn)` may
+    /// refuse it ([`StoreError::NotAdmitted`]) at the moment it would take `lsn`.
+    async fn append_staged(
+        &self,
+        staged: &[(&[u8], Staged<'_>)],
+        admit: &mut dyn FnMut(u64) -> Result<(), String>,
+    ) -> Result<(u64, u64, Bytes), StoreError> {
+        let inner = &self.inner;
+        let shard_id = inner.config.shard_id;
         let len = op::encoded_len(staged.iter().map(|(key, body)| (*key, body.view())));
         let record_max = inner.config.wal.record_payload_bytes_max as usize;
         if len > record_max {
@@ -452,9 +487,14 @@ impl ShardStore {
         let payload = Bytes::from(payload);
         let interval = self.stamp_interval().await?;
         let reserved = Cell::new(None);
+        let mut refused = None;
         let appended = inner
             .wal
-            .append_stamped(&payload, |lsn| {
+            .append_admitted(&payload, |lsn| {
+                if let Err(reason) = admit(lsn) {
+                    refused = Some(reason);
+                    return None;
+                }
                 // The clock again, at reservation: waiting for room in a full batch may have
                 // let the closed and applied points (published meanwhile from the clock) pass
                 // the interval read before it, and a stamp must stay above them.
@@ -464,30 +504,106 @@ impl ShardStore {
                 inner.hlc.set(hlc);
                 inner.inflight.borrow_mut().insert(lsn, ts);
                 reserved.set(Some((lsn, ts)));
-                ts
+                Some(ts)
             })
             .await;
-        // `reserved` is set whenever the record took an LSN, even if the WAL failed after.
-        let result = appended.map_err(StoreError::from).and_then(|_| {
-            let (_, ts) = reserved.get().expect("an appended record was stamped");
-            // Apply the payload's own slices: one copy of each inline value.
-            let ops = op::decode(&payload).map_err(|error| StoreError::Recovery {
-                shard_id: inner.config.shard_id,
-                message: error.to_string(),
-            })?;
-            let mut memtable_bytes = 0;
-            for op in ops {
-                memtable_bytes = inner.engine.versions.apply(&op.key, &Version { ts, body: op.body });
+        match appended {
+            Ok(_) => {
+                // `reserved` is set whenever the record took an LSN.
+                let (lsn, ts) = reserved.get().expect("an appended record was stamped");
+                Ok((lsn, ts, payload))
             }
-            Ok((ts, memtable_bytes))
-        });
-        if let Some((lsn, _)) = reserved.get() {
-            inner.inflight.borrow_mut().remove(&lsn);
+            Err(error) => {
+                if let Some((lsn, _)) = reserved.get() {
+                    inner.inflight.borrow_mut().remove(&lsn);
+                }
+                Err(match (error, refused) {
+                    (crate::wal::WalError::NotAdmitted, Some(reason)) => StoreError::NotAdmitted { shard_id, reason },
+                    (error, _) => error.into(),
+                })
+            }
         }
-        let (ts, memtable_bytes) = result?;
+    }
+
+    /// A write to a replica-set copy ([`StoreConfig::set_log`]): checked and staged as
+    /// [`ShardStore::write`], appended to the set's log when `admit(lsn)` agrees (the primary's
+    /// protocol core takes the record there), and durable here on return with its LSN and
+    /// timestamp, but not applied: once the set holds it, [`ShardStore::apply_logged`] applies
+    /// it, and [`ShardStore::commit_wait`] ends the write. Values above the inline limit are
+    /// refused (their chunks are not sent to the other members yet).
+    pub async fn write_logged<'a>(
+        &self,
+        items: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        admit: &mut dyn FnMut(u64) -> Result<(), String>,
+    ) -> Result<(u64, u64), StoreError> {
+        let config = &self.inner.config;
+        if items.len() == 0 || items.len() > config.batch_ops_max {
+            return Err(StoreError::BatchTooLarge {
+                reason: format!("{} operations, allowed 1..={}", items.len(), config.batch_ops_max),
+            });
+        }
+        self.wait_for_memtable_room().await;
+        let items = op::later_wins(items.collect(), |(key, _)| key);
+        let mut staged: Vec<(&[u8], Staged<'_>)> = Vec::with_capacity(items.len());
+        for (key, value) in items {
+            if key.is_empty() || key.len() > config.key_bytes_max {
+                return Err(StoreError::BadKey { len: key.len(), max: config.key_bytes_max });
+            }
+            let body = match value {
+                None => Staged::Tombstone,
+                Some(value) if value.len() > config.inline_bytes_max => {
+                    return Err(StoreError::ValueTooLarge { len: value.len(), max: config.inline_bytes_max });
+                }
+                Some(value) => Staged::Inline(value),
+            };
+            staged.push((key, body));
+        }
+        let (lsn, ts, _) = self.append_staged(&staged, admit).await?;
+        Ok((lsn, ts))
+    }
+
+    /// Applies the record `lsn` of a replica-set copy's log (durable in this WAL, and held by
+    /// every member of the set): its versions become readable. Records are applied in LSN
+    /// order from [`ShardStore::applied_next`]; an earlier one is skipped (applied already).
+    pub fn apply_logged(&self, lsn: u64, glt: u64, payload: &Bytes) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let shard_id = inner.config.shard_id;
+        let next = inner.applied_next.get();
+        if lsn < next {
+            return Ok(());
+        }
+        if lsn > next {
+            return Err(StoreError::BadReplica { shard_id, reason: format!("record {lsn} applied before {next}") });
+        }
+        let ops = if payload[..] == op::EPOCH_MARKER {
+            Vec::new()
+        } else {
+            op::decode(payload).map_err(|error| StoreError::BadReplica { shard_id, reason: error.to_string() })?
+        };
+        let mut memtable_bytes = inner.memtable_bytes.get();
+        for op in op::later_wins(ops, |op| &op.key) {
+            if matches!(op.body, Body::Chunked(_)) {
+                return Err(StoreError::BadReplica {
+                    shard_id,
+                    reason: format!("record {lsn} holds chunk references"),
+                });
+            }
+            // A copy: the payload may be a slice of a cached WAL batch or of a segment map.
+            let op = op.detached();
+            memtable_bytes = inner.engine.versions.apply(&op.key, &Version { ts: glt, body: op.body });
+        }
+        let mut hlc = inner.hlc.get();
+        hlc.observe(glt);
+        inner.hlc.set(hlc);
+        inner.inflight.borrow_mut().remove(&lsn);
+        inner.applied_next.set(lsn + 1);
         self.after_apply(memtable_bytes);
-        self.commit_wait(ts).await?;
-        Ok(ts)
+        Ok(())
+    }
+
+    /// A replica-set copy's first LSN not yet applied ([`ShardStore::apply_logged`]).
+    pub fn applied_next(&self) -> u64 {
+        self.inner.applied_next.get()
     }
 
     /// Starts a checkpoint once the memtable has reached its share of the memory budget.
@@ -525,7 +641,11 @@ impl ShardStore {
     fn seal_memtable(&self) {
         let inner = &self.inner;
         let durable = inner.wal.durable_next_lsn();
-        let replay_from = inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable));
+        let replay_from = if inner.config.set_log {
+            inner.applied_next.get()
+        } else {
+            inner.inflight.borrow().first_key_value().map_or(durable, |(first, _)| (*first).min(durable))
+        };
         inner.engine.versions.seal(replay_from, inner.hlc.get().last());
         inner.memtable_bytes.set(0);
     }
@@ -564,7 +684,7 @@ impl ShardStore {
     /// Waits until the clock's earliest bound has passed `ts`: after that, true time is past
     /// it, so any write that starts later is stamped above it on any node. With the exact
     /// system clock this has always passed by the time the WAL barrier returns.
-    async fn commit_wait(&self, ts: u64) -> Result<(), StoreError> {
+    pub async fn commit_wait(&self, ts: u64) -> Result<(), StoreError> {
         loop {
             let interval = self.inner.config.clock.interval()?;
             if interval.has_passed(ts) {

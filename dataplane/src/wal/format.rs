@@ -172,7 +172,8 @@ impl BatchBegin {
         };
         let mut out = [0_u8; BATCH_BEGIN_BYTES];
         // The payload is 16 bytes: encoding cannot fail.
-        if let Ok(header) = wire::encode_header(RecordType::BatchBegin, self.epoch, self.first_lsn, payload.as_bytes()) {
+        if let Ok(header) = wire::encode_header(RecordType::BatchBegin, self.epoch, self.first_lsn, payload.as_bytes())
+        {
             out[..HEADER_BYTES].copy_from_slice(&header);
             out[HEADER_BYTES..].copy_from_slice(payload.as_bytes());
         }

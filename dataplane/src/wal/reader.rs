@@ -70,6 +70,28 @@ impl WalReader {
         Ok(None)
     }
 
+    /// The durable batch that starts at `lsn`, as written (its image, from its `BatchBegin` to
+    /// its extent's end): from the tail cache, else read from its segment. `None` when no
+    /// batch starts there. What a replica-set primary sends a member that is behind.
+    pub fn batch_at(&self, lsn: u64) -> Result<Option<TailBatch>, WalError> {
+        if let Some(batch) = self.tail.as_ref().and_then(|tail| tail.batch_at(lsn)) {
+            return Ok((batch.first_lsn == lsn).then_some(batch));
+        }
+        let (segment_seq, header, bytes) = self.cursor(lsn, lsn + 1).find_segment()?;
+        let (mut first, mut offset) = (header.first_lsn, SECTOR_BYTES);
+        while first <= lsn && offset + BATCH_BEGIN_BYTES <= bytes.len() {
+            let (begin, extent, _) = scan_batch(&bytes, offset, first, Some(segment_seq), self.payload_bytes_max)
+                .map_err(|(offset, damage)| WalCursor::corruption(segment_seq, offset, damage))?;
+            let next = first + u64::from(begin.record_count);
+            if first == lsn {
+                let image = Bytes::copy_from_slice(&bytes[offset..offset + extent]);
+                return Ok(Some(TailBatch { first_lsn: first, next_lsn: next, bytes: image }));
+            }
+            (first, offset) = (next, offset + extent);
+        }
+        Ok(None)
+    }
+
     /// All records with `from <= lsn < until`, collected.
     pub fn read_range(&self, from: u64, until: u64) -> Result<Vec<WalRecord>, WalError> {
         let mut cursor = self.cursor(from, until);

@@ -625,7 +625,11 @@ pub fn truncate_from(config: &WalConfig, lsn: u64) -> Result<u64, WalError> {
 
 /// The segments of a WAL as `plan` found them on disk: the last one active, or (none yet, or
 /// the last sealed by a cut tail) a new one created after it.
-async fn open_segments(config: &WalConfig, plan: &recovery::RecoveryPlan, io_bytes_max: usize) -> Result<Segments, WalError> {
+async fn open_segments(
+    config: &WalConfig,
+    plan: &recovery::RecoveryPlan,
+    io_bytes_max: usize,
+) -> Result<Segments, WalError> {
     let faults = config.faults.clone();
     let next_seq = plan.last_segment_seq().map_or(1, |segment_seq| segment_seq + 1);
     let segments = match plan.segments.last() {
@@ -907,7 +911,9 @@ impl Wal {
                     return Err(fenced.clone());
                 }
                 let next = state.open.builder.next_lsn();
-                if state.open.builder.record_count() == 0 && state.replicated.is_empty() && state.durable_next_lsn == next
+                if state.open.builder.record_count() == 0
+                    && state.replicated.is_empty()
+                    && state.durable_next_lsn == next
                 {
                     break next;
                 }
