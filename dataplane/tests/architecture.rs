@@ -11,6 +11,7 @@ const PURE: &[&str] = &[
     "dataplane/src/repl/core",
     "dataplane/src/replica/core.rs",
     "dataplane/src/replica/state.rs",
+    "dataplane/src/replica/frame.rs",
     "controlapi/src/replica.rs",
     "dataplane/src/wal/format.rs",
     "dataplane/src/wal/recovery.rs",

@@ -29,19 +29,11 @@ use bytes::Bytes;
 use controlapi::replica::{LogShape, ReplicaReport, SetConfig};
 
 use super::core::{Action, DiskOp, Member, Message, Proposal, Timing, WriteError};
+use super::frame::Frame;
 use super::state::MemberState;
 use crate::store::{ShardStore, StoreError};
 use crate::sync::Notify;
 use crate::wal::{WalError, WalReader, WalTail};
-
-/// A message between copies, with the batch image an `Append` of records carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    pub shard: u32,
-    pub message: Message,
-    /// The WAL batch holding exactly the records `first..next` of an `Append`.
-    pub image: Option<Bytes>,
-}
 
 /// How a copy reaches the other copies of its shard and the control plane.
 pub trait Links {

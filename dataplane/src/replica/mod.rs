@@ -7,17 +7,20 @@
 //!   network by seed.
 //! - `copy`: the shell of one shard copy on its executor ([`ShardCopy`]): the core driven
 //!   with the store's WAL as the set's log, frames through [`Links`].
+//! - `frame` (pure): the bytes of a [`Frame`] (fuzz target `replica_frame_decode`).
 //! - `state`: the bytes of what a member saves before it answers ([`MemberState`]); the file
 //!   is `<shard dir>/replica.state`, replaced durably ([`store_state`], [`load_state`]).
 
 mod copy;
 mod core;
+mod frame;
 mod state;
 
 use std::path::{Path, PathBuf};
 
-pub use self::copy::{CopyError, Frame, Links, ShardCopy};
+pub use self::copy::{CopyError, Links, ShardCopy};
 pub use self::core::{Action, DiskOp, Member, Message, Proposal, Timing, WriteError};
+pub use self::frame::{FRAME_BYTES_MAX, Frame, FrameError, decode as decode_frame, encode as encode_frame};
 pub use self::state::{MemberState, StateError, decode as decode_state, encode as encode_state};
 
 /// The state file of the shard copy in `shard_dir`.
