@@ -358,6 +358,7 @@ fn replica_sets_are_placed_over_zones_and_shown_per_shard() {
             zone: zone.into(),
             shards: 1,
             capacity_bytes: 1 << 30,
+            replica_addr: String::new(),
         };
         let (outcome, _) =
             fixture._runtime.block_on(fixture.cluster.client().propose(register, Duration::from_secs(10))).unwrap();

@@ -50,6 +50,36 @@ pub struct AgentConfig {
     /// Bytes the node's WAL has written since it started (the data plane adds to it). Sent
     /// with every heartbeat, and a heartbeat goes early once it grew by [`WAL_REPORT_BYTES`].
     pub wal_bytes: Arc<AtomicU64>,
+    /// The node's replica-set endpoint, registered for the other nodes (empty: none).
+    pub replica_addr: String,
+    /// The node's shard copies in replica sets, when it runs them.
+    pub replicas: Option<Arc<dyn ReplicaHost>>,
+}
+
+/// A data node's shard copies in replica sets, as the agent serves them: their reports go out
+/// with every heartbeat (every quarter lease), the sets and leases the control plane answers
+/// come back, and the changes the primaries ask for are proposed.
+pub trait ReplicaHost: Send + Sync + std::fmt::Debug {
+    /// Every copy's report, now.
+    fn reports(&self) -> Vec<crate::replica::ReplicaReport>;
+    /// The sets the node is placed in, from a heartbeat answer that left at `sent` with
+    /// `reports`: a copy that reported leading a set's epoch holds its lease until `until`
+    /// (`sent` plus the lease, less the drift allowance and a margin: the leader counts from
+    /// when it received the report). A set the node learned otherwise comes with no lease.
+    fn on_sets(
+        &self,
+        sets: Vec<(u32, crate::replica::SetConfig)>,
+        reports: &[crate::replica::ReplicaReport],
+        until: Option<Instant>,
+    );
+    /// The other data nodes' replica-set endpoints: `(node id, host:port)`.
+    fn on_peers(&self, peers: Vec<(String, String)>);
+    /// The changes the primaries asked for since the last call: `(shard, epoch, change)`.
+    fn take_changes(&self) -> Vec<(u32, u64, crate::meta::SetChange)>;
+    /// A change was refused (the answer may also have been lost: the primary asks again).
+    fn on_refused(&self, shard: u32, epoch: u64, change: crate::meta::SetChange);
+    /// Woken when a change waits.
+    fn changes_waiting(&self) -> &tokio::sync::Notify;
 }
 
 /// WAL growth that sends a heartbeat before its time, so the leader sees the volume for
@@ -135,19 +165,31 @@ impl Agent {
         let mut problem = Problem::default();
         let mut next_lease_round = Instant::now();
         let mut wal_reported = 0;
+        // The replica sets' lease (from the control plane's answers): heartbeats go every
+        // quarter of it.
+        let mut set_lease = Duration::from_secs(1);
+        let mut peers_known = PeersKnown::default();
         while !*stop.borrow() {
             let mut heartbeat_ok = false;
             if registered {
                 wal_reported = self.config.wal_bytes.load(Ordering::Relaxed);
+                let reports = self.config.replicas.as_ref().map(|host| host.reports()).unwrap_or_default();
                 let heartbeat = crate::rpc::Request::Heartbeat {
                     id: self.config.node_id.clone(),
                     wal_bytes: wal_reported,
-                    replicas: Vec::new(),
+                    replicas: reports.clone(),
                 };
+                let sent = Instant::now();
                 match self.client.call(&heartbeat, self.config.heartbeat).await {
                     Ok(Response::Ok) => {
                         heartbeat_ok = true;
                         problem.clear();
+                    }
+                    Ok(Response::Sets { sets, lease_ms }) => {
+                        heartbeat_ok = true;
+                        problem.clear();
+                        set_lease = Duration::from_millis(lease_ms);
+                        self.serve_sets(sets, &reports, (sent, set_lease), &mut peers_known).await;
                     }
                     Ok(Response::Error { message }) => {
                         // Removed from the metadata (or a new leader that has not applied the
@@ -177,10 +219,24 @@ impl Agent {
                     tokio::time::sleep(WAL_REPORT_CHECK).await;
                 }
             };
+            let period = match &self.config.replicas {
+                Some(_) => self.config.heartbeat.min(set_lease / 4),
+                None => self.config.heartbeat,
+            };
+            let changes = async {
+                match &self.config.replicas {
+                    Some(host) if registered => host.changes_waiting().notified().await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep(self.config.heartbeat) => {}
+                () = tokio::time::sleep(period) => {}
                 () = wal_grew => {}
+                () = changes => {}
                 _ = stop.changed() => {}
+            }
+            if registered {
+                self.propose_set_changes().await;
             }
         }
         self.release_leases().await;
@@ -195,6 +251,7 @@ impl Agent {
             zone: c.zone.clone(),
             shards: c.shards,
             capacity_bytes: c.capacity_bytes,
+            replica_addr: c.replica_addr.clone(),
         };
         match self.client.propose(command, c.heartbeat.max(Duration::from_secs(1))).await {
             Ok((Outcome::Rejected { reason }, _)) => {
@@ -260,6 +317,65 @@ impl Agent {
         }
     }
 
+    /// Gives the host the sets of a heartbeat's answer (with the lease of those it reported
+    /// leading), and the replica endpoints of nodes it has not heard of yet.
+    async fn serve_sets(
+        &self,
+        sets: Vec<(u32, crate::replica::SetConfig)>,
+        reports: &[crate::replica::ReplicaReport],
+        (sent, lease): (Instant, Duration),
+        peers_known: &mut PeersKnown,
+    ) {
+        let Some(host) = &self.config.replicas else { return };
+        let trusted = lease.mul_f64(1.0 - self.config.drift_ppm as f64 / 1e6).saturating_sub(lease / 20);
+        let unknown = sets.iter().flat_map(|(_, config)| config.placed()).any(|node| !peers_known.nodes.contains(node));
+        host.on_sets(sets, reports, Some(sent + trusted));
+        // Asked again now and then: a node that restarted may listen elsewhere.
+        let due = peers_known.asked.is_none_or(|asked| asked.elapsed() >= PEERS_REFRESH);
+        if due || (unknown && peers_known.asked.is_none_or(|asked| asked.elapsed() >= PEERS_REFRESH / 5)) {
+            peers_known.asked = Some(Instant::now());
+            if let Ok(state) = self.client.read(false, self.config.heartbeat).await {
+                let peers: Vec<(String, String)> = state
+                    .data_nodes
+                    .iter()
+                    .filter(|(_, node)| !node.replica_addr.is_empty())
+                    .map(|(id, node)| (id.clone(), node.replica_addr.clone()))
+                    .collect();
+                peers_known.nodes = peers.iter().map(|(id, _)| id.clone()).collect();
+                host.on_peers(peers);
+            }
+        }
+    }
+
+    /// Proposes the set changes the primaries asked for; the new set goes back to the host.
+    async fn propose_set_changes(&self) {
+        let Some(host) = &self.config.replicas else { return };
+        let region = &self.config.region;
+        for (shard, epoch, change) in host.take_changes() {
+            let command = Command::ChangeReplicaSet {
+                region: region.clone(),
+                shard,
+                requester: self.config.node_id.clone(),
+                epoch,
+                change: change.clone(),
+            };
+            match self.client.propose(command, self.config.heartbeat.max(Duration::from_secs(1))).await {
+                Ok((Outcome::ReplicaSet { config }, _)) => {
+                    tracing::info!(shard, epoch = config.epoch, members = ?config.members, "replica set changed");
+                    host.on_sets(vec![(shard, config)], &[], None);
+                }
+                Ok((outcome, _)) => {
+                    tracing::info!(shard, ?change, ?outcome, "replica set change refused");
+                    host.on_refused(shard, epoch, change);
+                }
+                Err(error) => {
+                    tracing::warn!(shard, ?change, "replica set change not made: {error:#}");
+                    host.on_refused(shard, epoch, change);
+                }
+            }
+        }
+    }
+
     /// Hands every held lease back, so a successor need not wait for expiry.
     async fn release_leases(&self) {
         let held = std::mem::take(&mut *self.leases());
@@ -274,6 +390,16 @@ impl Agent {
             }
         }
     }
+}
+
+/// How often the agent reads the other nodes' replica endpoints again.
+const PEERS_REFRESH: Duration = Duration::from_secs(2);
+
+/// The other nodes whose replica endpoints the agent passed on, and when it last asked.
+#[derive(Debug, Default)]
+struct PeersKnown {
+    nodes: std::collections::BTreeSet<String>,
+    asked: Option<Instant>,
 }
 
 fn duration_ns(duration: Duration) -> u64 {

@@ -39,6 +39,9 @@ pub enum NodeState {
 pub struct DataNode {
     /// Client address (`host:port` of shard 0).
     pub addr: String,
+    /// Replica-set endpoint (QUIC `host:port`; empty: the node runs no replica sets).
+    #[serde(default)]
+    pub replica_addr: String,
     /// Region it is in.
     pub region: String,
     /// Zone it is in.
@@ -125,6 +128,9 @@ pub enum Command {
         shards: u32,
         /// Capacity in bytes.
         capacity_bytes: u64,
+        /// The node's replica-set endpoint (QUIC; empty: none).
+        #[serde(default)]
+        replica_addr: String,
     },
     /// Sets a data node's liveness (proposed by the leader's heartbeat monitor).
     SetDataNodeState {
@@ -331,9 +337,10 @@ impl MetaState {
                 self.regions.insert(name.clone(), Region { zones: zones.clone() });
                 Outcome::Done
             }
-            Command::RegisterDataNode { id, addr, region, zone, shards, capacity_bytes } => {
+            Command::RegisterDataNode { id, addr, region, zone, shards, capacity_bytes, replica_addr } => {
                 let node = DataNode {
                     addr: addr.clone(),
+                    replica_addr: replica_addr.clone(),
                     region: region.clone(),
                     zone: zone.clone(),
                     shards: *shards,
@@ -606,6 +613,7 @@ mod tests {
                 zone: "a".into(),
                 shards: 2,
                 capacity_bytes: 1 << 30,
+                replica_addr: String::new(),
             };
             assert_eq!(state.apply(0, &register), Outcome::Done);
         }
@@ -626,6 +634,7 @@ mod tests {
             zone: "b".into(),
             shards: 2,
             capacity_bytes: 1 << 30,
+            replica_addr: String::new(),
         };
         assert_eq!(state.apply(0, &register), Outcome::Done);
         let place = |shards, replicas, min_replicas| Command::PlaceReplicaSets {
@@ -719,6 +728,7 @@ mod tests {
                 zone: "a".into(),
                 shards: 1,
                 capacity_bytes: 1,
+                replica_addr: String::new(),
             },
             Command::SetPlacement { shard: 1, home: "eu".into(), replicas: vec!["eu".into()] },
             Command::SetPlacement { shard: 1, home: "eu".into(), replicas: vec!["mars".into()] },

@@ -198,6 +198,7 @@ async fn data_nodes_register_heartbeat_hold_leases_and_go_suspect_then_dead() ->
             zone: "a".into(),
             shards: 2,
             capacity_bytes: 1 << 40,
+            replica_addr: String::new(),
         };
         client.write(register, deadline).await?;
     }
@@ -360,6 +361,7 @@ async fn a_replica_set_primary_holds_its_lease_by_heartbeat_and_a_lapse_promotes
             zone: zone.into(),
             shards: 1,
             capacity_bytes: 1 << 40,
+            replica_addr: String::new(),
         };
         cluster.client().write(register, deadline).await?;
     }

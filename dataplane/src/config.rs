@@ -64,8 +64,29 @@ pub struct NodeConfig {
     pub control: Option<ControlSection>,
     /// Inter-region replication; without it the node keeps its writes to itself.
     pub replication: Option<ReplicationSection>,
+    /// The node's shards are copies in replica sets of its region (needs `[control]`).
+    pub replica_sets: Option<ReplicaSetsSection>,
     /// The Prometheus endpoint; without it the node serves no metrics.
     pub metrics: Option<MetricsSection>,
+}
+
+/// `[replica_sets]`: every shard of the node is a copy in its region's replica set of that
+/// shard (`meridian cluster place-sets`): writes go to the set's primary and are acknowledged
+/// once durable on every member.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSetsSection {
+    /// UDP `ip:port` of the node's endpoint for the other members (port 0 picks one).
+    pub listen: Option<String>,
+    /// Silence (ms) after which a primary has a member removed from its set (default 1000).
+    pub member_timeout_ms: Option<u64>,
+}
+
+/// `[replica_sets]`, resolved.
+#[derive(Debug, Clone)]
+pub struct ReplicaSetsResolved {
+    pub listen: std::net::SocketAddr,
+    pub member_timeout: Duration,
 }
 
 /// `[metrics]`: where to serve `GET /metrics`.
@@ -434,6 +455,8 @@ pub struct Resolved {
     pub control: Option<ControlResolved>,
     /// Inter-region replication.
     pub replication: Option<crate::repl::ReplConfig>,
+    /// Replica sets inside the region.
+    pub replica_sets: Option<ReplicaSetsResolved>,
     /// The Prometheus endpoint's address.
     pub metrics: Option<std::net::SocketAddr>,
 }
@@ -492,7 +515,29 @@ impl NodeConfig {
             .as_ref()
             .map(|section| socket_addr("metrics.listen", section.listen.as_ref(), &invalid))
             .transpose()?;
-        Ok(Resolved { data_dir, host, port, shards, server, store, control, replication, metrics })
+        let replica_sets = match &self.replica_sets {
+            None => None,
+            Some(_) if control.is_none() => {
+                return Err(invalid("replica_sets", "needs [control]: the control plane holds the sets".into()));
+            }
+            Some(_) if replication.is_some() => {
+                return Err(invalid(
+                    "replica_sets",
+                    "replica sets and [replication] together are not supported yet: a region with replica sets \
+                     is the only region"
+                        .into(),
+                ));
+            }
+            Some(section) => {
+                let member_timeout = Duration::from_millis(section.member_timeout_ms.unwrap_or(1000));
+                if member_timeout < Duration::from_millis(50) {
+                    return Err(invalid("replica_sets.member_timeout_ms", "must be at least 50".into()));
+                }
+                let listen = socket_addr("replica_sets.listen", section.listen.as_ref(), &invalid)?;
+                Some(ReplicaSetsResolved { listen, member_timeout })
+            }
+        };
+        Ok(Resolved { data_dir, host, port, shards, server, store, control, replication, replica_sets, metrics })
     }
 
     /// `[wal]`, `[store]` and the store's `[limits]`, checked; the memory budget split over

@@ -41,14 +41,15 @@ impl ControlLink {
     /// Finds the control plane from the seeds and waits for a GLTS interval (up to the
     /// configured start timeout); with `read_placement`, also reads the shards' home and
     /// replica regions ([`ControlLink::placement`]). The node registers once
-    /// [`ControlLink::serving`] gives its address. Heartbeats report `wal_bytes`, the node's
-    /// WAL volume.
+    /// [`ControlLink::serving`] gives its address (and `replicas`' endpoint). Heartbeats report
+    /// `wal_bytes`, the node's WAL volume, and the copies of `replicas`.
     pub fn start(
         config: &ControlResolved,
         shards: u32,
         capacity_bytes: u64,
         wal_bytes: Arc<std::sync::atomic::AtomicU64>,
         read_placement: bool,
+        replicas: Option<(String, Arc<dyn controlapi::agent::ReplicaHost>)>,
     ) -> Result<Self, String> {
         let identity = Identity::in_dir(&config.tls_dir, &config.node_id);
         identity.require_files("control.tls_dir", &config.tls_dir, &config.node_id)?;
@@ -64,6 +65,8 @@ impl ControlLink {
             glts_sync: config.glts_sync,
             drift_ppm: config.drift_ppm,
             wal_bytes,
+            replica_addr: replicas.as_ref().map(|(addr, _)| addr.clone()).unwrap_or_default(),
+            replicas: replicas.map(|(_, host)| host),
         };
         let start_timeout = config.start_timeout;
         let (serving_tx, serving_rx) = tokio::sync::oneshot::channel::<String>();

@@ -1,6 +1,7 @@
 //! A whole `dataplane` node: every shard recovers its store, binds its client port, serves,
 //! and on a stop request stops accepting, checkpoints and closes.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,11 +48,25 @@ pub fn run(
     let _lock = lock_data_dir(&config.data_dir)?;
     check_origin(&config.data_dir, config.replication.as_ref().and_then(|repl| repl.origin))?;
     let mut config = config.clone();
-    let link = start_control_link(&mut config)?;
+    let sets = start_replica_sets(&config)?;
+    let link = start_control_link(&mut config, sets.as_ref())?;
     let runtime = RuntimeConfig { shards: config.shards, name: "meridian-shard".into(), ..RuntimeConfig::default() };
     let shard_count = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
     let Replicating { replication, shard_sides, map } = start_replication(&mut config, link.as_deref(), shard_count)?;
     let shard_sides = Arc::new(std::sync::Mutex::new(shard_sides));
+    let copy_channels = Arc::new(std::sync::Mutex::new(
+        sets.as_ref()
+            .map(|sets| {
+                sets.channels
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .drain(..)
+                    .map(Some)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+    ));
+    let sets_shared = sets.as_ref().map(|sets| (Arc::clone(&sets.host), sets.sender.clone()));
     notify::status("recovering");
     let serving = link.clone();
     let watchdog = Watchdog::new(config.shards);
@@ -75,9 +90,16 @@ pub fn run(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get_mut(shard_id as usize)
             .and_then(Option::take);
+        let copy = copy_channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_mut(shard_id as usize)
+            .and_then(Option::take)
+            .zip(sets_shared.clone())
+            .map(|(channels, (host, sender))| CopySide { channels, host, sender });
         async move {
             let supervision = Supervision { on_ready: &*on_ready, stop: &stop, watchdog: &watchdog };
-            let result = shard_main(&config, shard_id, shard_count, map, side, supervision).await;
+            let result = shard_main(&config, shard_id, shard_count, map, (side, copy), supervision).await;
             if result.is_err() {
                 // One shard failing stops the node rather than leaving a partial one serving.
                 stop.stop();
@@ -97,9 +119,41 @@ pub fn run(
     if errors.is_empty() { Ok(()) } else { Err(errors.join("; ")) }
 }
 
+/// The node's replica sets: the copies' host for the agent, the links thread, and each
+/// shard's channels.
+struct ReplicaSets {
+    host: Arc<crate::replica::NodeReplicas>,
+    sender: crate::replica::NetSender,
+    addr: std::net::SocketAddr,
+    channels: std::sync::Mutex<Vec<crate::replica::CopyChannels>>,
+}
+
+/// A shard's end of the replica sets.
+struct CopySide {
+    channels: crate::replica::CopyChannels,
+    host: Arc<crate::replica::NodeReplicas>,
+    sender: crate::replica::NetSender,
+}
+
+/// With `[replica_sets]`: the links thread and the copies' host.
+fn start_replica_sets(config: &Resolved) -> Result<Option<ReplicaSets>, String> {
+    let (Some(sets), Some(control)) = (&config.replica_sets, &config.control) else { return Ok(None) };
+    let shards = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
+    let (host, frames, channels) = crate::replica::NodeReplicas::new(&control.node_id, shards);
+    let net_config = crate::replica::NetConfig {
+        listen: sets.listen,
+        tls_dir: control.tls_dir.clone(),
+        name: control.node_id.clone(),
+    };
+    let net = crate::replica::ReplicaNet::start(net_config, frames)?;
+    let (sender, addr) = (net.sender(), net.addr());
+    host.set_net(Arc::new(net));
+    Ok(Some(ReplicaSets { host, sender, addr, channels: std::sync::Mutex::new(channels) }))
+}
+
 /// With `[control]`: joins the control plane (agent thread, GLTS clock, WAL volume for the
 /// heartbeats) and makes its clock the store's.
-fn start_control_link(config: &mut Resolved) -> Result<Option<Arc<ControlLink>>, String> {
+fn start_control_link(config: &mut Resolved, sets: Option<&ReplicaSets>) -> Result<Option<Arc<ControlLink>>, String> {
     let Some(control) = &config.control else { return Ok(None) };
     let shards = u32::try_from(config.shards).map_err(|_| "too many shards".to_string())?;
     let capacity = crate::control::capacity_bytes(&config.data_dir);
@@ -107,7 +161,11 @@ fn start_control_link(config: &mut Resolved) -> Result<Option<Arc<ControlLink>>,
     let wal_volume = Arc::new(std::sync::atomic::AtomicU64::new(0));
     config.store.wal.volume = Some(wal_volume.clone());
     let read_homes = config.replication.as_ref().is_some_and(|repl| repl.homes.is_empty());
-    let link = ControlLink::start(control, shards, capacity, wal_volume, read_homes)?;
+    let replicas = sets.map(|sets| {
+        let host: Arc<dyn controlapi::agent::ReplicaHost> = sets.host.clone();
+        (sets.addr.to_string(), host)
+    });
+    let link = ControlLink::start(control, shards, capacity, wal_volume, read_homes, replicas)?;
     tracing::info!(seeds = %control.seeds.join(","), "GLTS interval from the control plane");
     config.store.clock = link.clock();
     Ok(Some(Arc::new(link)))
@@ -167,11 +225,17 @@ async fn shard_main(
     shard_id: u32,
     shard_count: u32,
     map: ShardMap,
-    side: Option<ShardSide>,
+    (side, copy_side): (Option<ShardSide>, Option<CopySide>),
     supervision: Supervision<'_>,
 ) -> Result<(), String> {
     let Supervision { on_ready, stop, watchdog } = supervision;
     let mut store_config = config.store_for(shard_id);
+    let copy_tail = copy_side.as_ref().map(|_| {
+        let tail = Arc::new(crate::wal::WalTail::new(COPY_TAIL_BYTES));
+        store_config.set_log = true;
+        store_config.wal.tail = Some(Arc::clone(&tail));
+        tail
+    });
     if let (Some(side), Some(repl)) = (&side, &config.replication) {
         // With multi-master keyspaces a snapshot cannot tell a key deleted at its source from
         // one the source has not received yet: the WAL is kept for every peer, however far
@@ -224,6 +288,22 @@ async fn shard_main(
     if map.set(shard_id, address) {
         on_ready(&map.addresses());
     }
+    let (copy, copy_tasks) = match (copy_side, &config.replica_sets, &config.control) {
+        (Some(copy_side), Some(sets), Some(control)) => {
+            let timing = crate::replica::Timing {
+                member_timeout_ns: duration_ns(sets.member_timeout),
+                heartbeat_ns: duration_ns(sets.member_timeout / 10),
+                retry_ns: duration_ns(sets.member_timeout / 5),
+            };
+            let links =
+                Rc::new(crate::replica::NodeLinks { sender: copy_side.sender, host: Arc::clone(&copy_side.host) });
+            let copy = crate::replica::ShardCopy::start(&control.node_id, timing, store.clone(), copy_tail, links)
+                .map_err(|error| format!("shard {shard_id}: {error}"))?;
+            let tasks = crate::replica::serve_copy(&copy, copy_side.channels, copy_side.host);
+            (Some(copy), tasks)
+        }
+        _ => (None, Vec::new()),
+    };
     store.spawn_maintenance();
     let heartbeat = spawn_heartbeat(&store, watchdog.clone(), shard_id);
     let replication_task = match (side, &config.replication) {
@@ -241,14 +321,28 @@ async fn shard_main(
         (None, Some(table)) => Some(spawn_applied(&store, shard_id, table, APPLIED_INTERVAL)),
         _ => None,
     };
-    server::serve(listener, store.clone(), shard_count, map, config.server, stop.wait()).await;
+    server::serve(listener, store.clone(), copy.clone(), shard_count, map, config.server, stop.wait()).await;
     heartbeat.cancel();
+    if let Some(copy) = &copy {
+        copy.shut_down();
+    }
+    for task in copy_tasks {
+        task.cancel();
+    }
+    drop(copy);
     for task in [replication_task, applied_task].into_iter().flatten() {
         task.cancel();
     }
     store.close().await.map_err(|error| format!("shard {shard_id}: close: {error}"))?;
     tracing::info!(shard = shard_id, "shard stopped: requests answered, WAL synced, checkpoint written");
     Ok(())
+}
+
+/// The tail cache of a shard copy's WAL: what its primary sends the other members from.
+const COPY_TAIL_BYTES: usize = 32 << 20;
+
+fn duration_ns(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// How often a node that does not replicate publishes its shards' applied points.

@@ -131,6 +131,8 @@ impl EndpointMetrics {
 struct Endpoint {
     shard_id: u32,
     shard_count: u32,
+    /// The shard's copy in its replica set, when the node runs them: writes go through it.
+    copy: Option<crate::replica::ShardCopy>,
     store: ShardStore,
     limits: ServerLimits,
     map: ShardMap,
@@ -314,6 +316,7 @@ const READABLE_WAIT_MAX: Duration = Duration::from_secs(60);
 pub async fn serve(
     listener: TcpListener,
     store: ShardStore,
+    copy: Option<crate::replica::ShardCopy>,
     shard_count: u32,
     map: ShardMap,
     limits: ServerLimits,
@@ -337,6 +340,7 @@ pub async fn serve(
     let endpoint = Rc::new(Endpoint {
         shard_id,
         shard_count,
+        copy,
         store,
         limits,
         map,
@@ -639,6 +643,9 @@ impl Endpoint {
 
     /// A put, delete or batch put: answered with the version's timestamp once durable.
     async fn run_write(&self, seq: u64, request: Request<'_>, out: &mut Vec<u8>) -> Result<(), (ErrorCode, String)> {
+        if let Some(copy) = &self.copy {
+            return self.run_set_write(copy, seq, request, out).await;
+        }
         let store = &self.store;
         let ts = match request {
             Request::Put { key, value } => {
@@ -658,6 +665,37 @@ impl Endpoint {
             _ => return Err((ErrorCode::BadRequest, "not a write".into())),
         }
         .map_err(map_error)?;
+        respond(out, seq, &|out| proto::encode_written(ts, out));
+        Ok(())
+    }
+
+    /// A write to the shard's replica set: taken by its primary, acknowledged once every
+    /// member holds it.
+    async fn run_set_write(
+        &self,
+        copy: &crate::replica::ShardCopy,
+        seq: u64,
+        request: Request<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), (ErrorCode, String)> {
+        let written = match request {
+            Request::Put { key, value } => {
+                self.check_owner(key)?;
+                copy.write(std::iter::once((key, Some(value)))).await
+            }
+            Request::Delete { key } => {
+                self.check_owner(key)?;
+                copy.write(std::iter::once((key, None))).await
+            }
+            Request::BatchPut { items } => {
+                for (key, _) in items.iter() {
+                    self.check_owner(key)?;
+                }
+                copy.write(BatchIter { inner: items.iter(), len: items.len() }).await
+            }
+            _ => return Err((ErrorCode::BadRequest, "not a write".into())),
+        };
+        let ts = written.map_err(map_copy_error)?;
         respond(out, seq, &|out| proto::encode_written(ts, out));
         Ok(())
     }
@@ -753,6 +791,23 @@ impl<'a, I: Iterator<Item = (&'a [u8], &'a [u8])>> ExactSizeIterator for BatchIt
 
 fn respond_error(out: &mut Vec<u8>, seq: u64, code: ErrorCode, message: &str) {
     let _ = proto::frame(out, RecordType::Response, seq, |out| proto::encode_error(code, message, out));
+}
+
+/// A replica set's refusal as the client sees it.
+fn map_copy_error(error: crate::replica::CopyError) -> (ErrorCode, String) {
+    use crate::replica::{CopyError, WriteError};
+    match error {
+        CopyError::Refused(WriteError::NotPrimary { primary, epoch }) => (
+            ErrorCode::NotPrimary,
+            match primary {
+                Some(primary) => format!("not the primary; the primary is {primary} (epoch {epoch})"),
+                None => format!("not the primary; no primary known (epoch {epoch})"),
+            },
+        ),
+        CopyError::Refused(refusal) => (ErrorCode::Unavailable, refusal.to_string()),
+        CopyError::Store(store) => map_error(store),
+        stopped @ CopyError::Stopped { .. } => (ErrorCode::Unavailable, stopped.to_string()),
+    }
 }
 
 /// The client error code for a store error.

@@ -110,6 +110,9 @@ pub enum ErrorCode {
     BatchTooLarge,
     /// The shard takes writes in another region (this one holds a replica).
     NotHome,
+    /// This node's copy of the shard is not its replica set's primary; the message names the
+    /// primary (node id) when known.
+    NotPrimary,
     /// A code this build does not know.
     Other(u16),
 }
@@ -131,6 +134,7 @@ impl ErrorCode {
             Self::Internal => 11,
             Self::BatchTooLarge => 12,
             Self::NotHome => 13,
+            Self::NotPrimary => 14,
             Self::Other(code) => code,
         }
     }
@@ -151,6 +155,7 @@ impl ErrorCode {
             11 => Self::Internal,
             12 => Self::BatchTooLarge,
             13 => Self::NotHome,
+            14 => Self::NotPrimary,
             other => Self::Other(other),
         }
     }

@@ -644,6 +644,7 @@ impl ShardCopy {
 
     /// Stops the copy's tasks (the store is closed by its owner).
     pub fn shut_down(&self) {
+        *self.inner.stopped.borrow_mut() = Some("shut down".into());
         self.stop("shut down".into());
     }
 }

@@ -8,12 +8,17 @@
 //! - `copy`: the shell of one shard copy on its executor ([`ShardCopy`]): the core driven
 //!   with the store's WAL as the set's log, frames through [`Links`].
 //! - `frame` (pure): the bytes of a [`Frame`] (fuzz target `replica_frame_decode`).
+//! - `net`: the QUIC links between a region's nodes that carry the frames ([`ReplicaNet`]).
+//! - `host`: the node's copies as the control agent sees them ([`NodeReplicas`]) and each
+//!   copy's inputs on its executor ([`serve_copy`]).
 //! - `state`: the bytes of what a member saves before it answers ([`MemberState`]); the file
 //!   is `<shard dir>/replica.state`, replaced durably ([`store_state`], [`load_state`]).
 
 mod copy;
 mod core;
 mod frame;
+mod host;
+mod net;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +26,8 @@ use std::path::{Path, PathBuf};
 pub use self::copy::{CopyError, Links, ShardCopy};
 pub use self::core::{Action, DiskOp, Member, Message, Proposal, Timing, WriteError};
 pub use self::frame::{FRAME_BYTES_MAX, Frame, FrameError, decode as decode_frame, encode as encode_frame};
+pub use self::host::{ControlInput, CopyChannels, NodeLinks, NodeReplicas, serve_copy};
+pub use self::net::{ALPN, Inbound, NetConfig, NetSender, ReplicaNet};
 pub use self::state::{MemberState, StateError, decode as decode_state, encode as encode_state};
 
 /// The state file of the shard copy in `shard_dir`.

@@ -1012,6 +1012,7 @@ mod tests {
         let mut meta = MetaState::default();
         meta.regions.insert("eu".into(), Region { zones: vec!["a".into(), "b".into()] });
         let node = DataNode {
+            replica_addr: String::new(),
             addr: "10.0.0.5:7700".into(),
             region: "eu".into(),
             zone: "b".into(),
