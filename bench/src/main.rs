@@ -12,6 +12,7 @@ mod kv;
 mod lag;
 mod process;
 mod redis;
+mod replicas;
 mod report;
 mod store;
 mod wal;
@@ -61,6 +62,10 @@ enum Command {
     /// Three regions with WAN emulation: RPO per replica region under an open-loop write load,
     /// write latency at the home, lost writes, compression, QUIC catch-up vs iperf3.
     Geo(geo::GeoArgs),
+    /// Replica sets inside a region: three nodes in three zones, sets of three copies, against
+    /// sets of one copy at the same offered load; failover time over --kills SIGKILLs of a busy
+    /// shard's primary, the stall a backup's death causes, lost writes.
+    Replicas(replicas::ReplicasArgs),
     /// Leader-kill soak: SIGKILL the control plane's leader N times; the longest time to the
     /// first commit through a new leader, and whether any committed write was lost.
     Elections(control::ElectionsArgs),
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
         Command::Control(args) => control::run(&args),
         Command::Geo(args) => geo::run(&args),
         Command::Elections(args) => control::elections(&args),
+        Command::Replicas(args) => replicas::run(&args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
