@@ -29,7 +29,7 @@ use crate::kv::{Dataplane, dataplane_binary};
 use crate::process::RunDir;
 use crate::report::{Figures, percentile_us};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ReplicasArgs {
     /// Primary kills (failover rounds).
     #[arg(long, default_value_t = 100)]
@@ -49,8 +49,8 @@ pub struct ReplicasArgs {
     /// Shards (logical shards = each node's shards).
     #[arg(long, default_value_t = 2)]
     shards: usize,
-    /// `[replica_sets] member_timeout_ms` of the nodes.
-    #[arg(long, default_value_t = 500)]
+    /// `[replica_sets] member_timeout_ms` of the nodes (the nodes' default).
+    #[arg(long, default_value_t = dataplane::config::MEMBER_TIMEOUT_MS_DEFAULT)]
     member_timeout_ms: u64,
     /// Parent of the run's fresh directory. Removed after the run unless --keep-data.
     #[arg(long, default_value = "bench-data")]
@@ -190,6 +190,9 @@ impl Writer {
                     }
                     Err(error) => last = error.to_string(),
                 }
+                if std::env::var_os("BENCH_TRACE").is_some() {
+                    eprintln!("{:?} {next}: {last}", std::time::SystemTime::now());
+                }
             }
             let at = self.nodes.iter().position(|id| *id == next).unwrap_or(0);
             next = self.nodes[(at + 1) % self.nodes.len()].clone();
@@ -291,9 +294,16 @@ async fn run_async(args: &ReplicasArgs, dir: &Path) -> Result<Figures> {
     }
     let mut figures = Figures::default();
     let mut acked: Vec<Acked> = Vec::new();
-    // Latency at the same offered load: one copy, then three.
-    let single = open_loop(&solo, "single", args, &value).await?;
-    let triple = open_loop(&writer, "load", args, &value).await?;
+    // Latency at the same offered load, one copy and three in turn (two halves each, after a
+    // second of warm-up each), so the machine's noise falls on both alike.
+    let warmup = ReplicasArgs { load_ms: 1000, ..args.clone() };
+    open_loop(&solo, "warm-single", &warmup, &value).await?;
+    open_loop(&writer, "warm-load", &warmup, &value).await?;
+    let half = ReplicasArgs { load_ms: args.load_ms / 2, ..args.clone() };
+    let mut single = open_loop(&solo, "single-a", &half, &value).await?;
+    let mut triple = open_loop(&writer, "load-a", &half, &value).await?;
+    single.merge(open_loop(&solo, "single-b", &half, &value).await?)?;
+    triple.merge(open_loop(&writer, "load-b", &half, &value).await?)?;
     acked.extend(triple.acked.iter().cloned());
     for (name, phase) in [("single_copy", &single), ("three_copies", &triple)] {
         figures.set_f64(format!("{name}_write_p50_us"), percentile_us(&phase.latency, 50.0));
@@ -330,6 +340,18 @@ struct Phase {
     latency: Histogram<u64>,
     throughput: f64,
     acked: Vec<Acked>,
+}
+
+impl Phase {
+    /// Both phases' latencies and writes; the throughput of the two, weighted by their length.
+    fn merge(&mut self, other: Phase) -> Result<()> {
+        self.latency.add(&other.latency)?;
+        let seconds = |phase: &Phase| phase.acked.len() as f64 / phase.throughput.max(1e-9);
+        let total = seconds(self) + seconds(&other);
+        self.acked.extend(other.acked);
+        self.throughput = self.acked.len() as f64 / total.max(1e-9);
+        Ok(())
+    }
 }
 
 /// Writes at `args.rate` for `args.load_ms` (write n due at n / rate), latency from the due
@@ -409,6 +431,10 @@ async fn kill_rounds(
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         let killed = Instant::now();
+        if !args.json {
+            let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            eprintln!("killing {victim} at unix {:.3} s", unix.as_secs_f64());
+        }
         nodes.kill(&victim);
         writer.forget(&victim);
         match victim_kind {

@@ -58,7 +58,8 @@ pub struct AgentConfig {
 
 /// A data node's shard copies in replica sets, as the agent serves them: their reports go out
 /// with every heartbeat (every quarter lease), the sets and leases the control plane answers
-/// come back, and the changes the primaries ask for are proposed.
+/// come back, and the changes the primaries ask for are proposed. Heartbeats go every sixteenth
+/// of the sets' lease (and at once when woken).
 pub trait ReplicaHost: Send + Sync + std::fmt::Debug {
     /// Every copy's report, now.
     fn reports(&self) -> Vec<crate::replica::ReplicaReport>;
@@ -78,7 +79,7 @@ pub trait ReplicaHost: Send + Sync + std::fmt::Debug {
     fn take_changes(&self) -> Vec<(u32, u64, crate::meta::SetChange)>;
     /// A change was refused (the answer may also have been lost: the primary asks again).
     fn on_refused(&self, shard: u32, epoch: u64, change: crate::meta::SetChange);
-    /// Woken when a change waits.
+    /// Woken when a change waits, or when a copy's lead changed (the heartbeat goes at once).
     fn changes_waiting(&self) -> &tokio::sync::Notify;
 }
 
@@ -220,7 +221,7 @@ impl Agent {
                 }
             };
             let period = match &self.config.replicas {
-                Some(_) => self.config.heartbeat.min(set_lease / 4),
+                Some(_) => self.config.heartbeat.min(set_lease / 16),
                 None => self.config.heartbeat,
             };
             let changes = async {

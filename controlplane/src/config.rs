@@ -66,7 +66,8 @@ pub struct ReplicaSetsConfig {
     /// A set's primary holds its lease this long from each heartbeat it sends while leading
     /// the set's epoch; the leader promotes another member once it lapsed (plus
     /// `lease_ms / 20 + 20` ms for the clocks' drift). Data nodes heartbeat every
-    /// `lease_ms / 4` while they lead a set.
+    /// `lease_ms / 16` (and at once when a copy starts or stops leading); the leader checks the
+    /// leases every `lease_ms / 40`.
     pub lease_ms: u64,
 }
 
@@ -245,7 +246,7 @@ impl NodeConfig {
             bail!("membership.dead_after_ms: must be > membership.suspect_after_ms > 0");
         }
         if self.replica_sets.lease_ms < 100 {
-            bail!("replica_sets.lease_ms: must be >= 100 (data nodes renew it every lease_ms / 4)");
+            bail!("replica_sets.lease_ms: must be >= 100 (data nodes renew it every lease_ms / 16)");
         }
         if self.glts.drift_ppm == 0 || self.glts.drift_ppm >= 1_000_000 {
             bail!("glts.drift_ppm: must be in 1..1000000");

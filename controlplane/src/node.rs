@@ -912,7 +912,7 @@ impl Node {
     /// first gives every primary a whole lease from its own start.
     async fn replica_set_monitor(self: Arc<Self>) {
         let sets_config = self.config.replica_sets.clone();
-        let period = Duration::from_millis((sets_config.lease_ms / 4).max(25));
+        let period = Duration::from_millis((sets_config.lease_ms / 40).max(5));
         // The Raft term this node leads in, and since when: a new term (even this node's own,
         // after a short loss of leadership) starts every watch over, with a whole lease.
         let (mut watch_term, mut since) = (0, 0);
@@ -948,6 +948,14 @@ impl Node {
                         let mut effective = watch.clone();
                         effective.lease_expires_ms = (watch.lease_expires_ms + sets_config.margin_ms()).max(grace);
                         if let Some(reports) = effective.due(config, now, sets_config.fresh_ms()) {
+                            tracing::info!(
+                                region = %region,
+                                shard,
+                                epoch = config.epoch,
+                                primary = %config.primary,
+                                lapsed_ms = now.saturating_sub(effective.lease_expires_ms),
+                                "replica set primary's lease lapsed; promoting"
+                            );
                             due.push(Command::PromoteReplicaSet {
                                 region: region.clone(),
                                 shard: *shard,

@@ -78,9 +78,13 @@ pub struct NodeConfig {
 pub struct ReplicaSetsSection {
     /// UDP `ip:port` of the node's endpoint for the other members (port 0 picks one).
     pub listen: Option<String>,
-    /// Silence (ms) after which a primary has a member removed from its set (default 1000).
+    /// Silence (ms) after which a primary has a member removed from its set (default 200).
     pub member_timeout_ms: Option<u64>,
 }
+
+/// `[replica_sets] member_timeout_ms` by default: a backup silent this long stalls its
+/// primary's writes this long before it is removed (heartbeats go every tenth of it).
+pub const MEMBER_TIMEOUT_MS_DEFAULT: u64 = 200;
 
 /// `[replica_sets]`, resolved.
 #[derive(Debug, Clone)]
@@ -529,7 +533,8 @@ impl NodeConfig {
                 ));
             }
             Some(section) => {
-                let member_timeout = Duration::from_millis(section.member_timeout_ms.unwrap_or(1000));
+                let member_timeout =
+                    Duration::from_millis(section.member_timeout_ms.unwrap_or(MEMBER_TIMEOUT_MS_DEFAULT));
                 if member_timeout < Duration::from_millis(50) {
                     return Err(invalid("replica_sets.member_timeout_ms", "must be at least 50".into()));
                 }

@@ -13,8 +13,9 @@
 //!   marker: appended here; another primary's batch: `Wal::append_replicated`; a cut:
 //!   `Wal::truncate_tail`), which reports `persisted` in order.
 //! - Sends to each peer keep their order on a task per peer. An `Append` of records goes out
-//!   as the WAL batches holding them (same LSNs, same boundaries), once durable here, read from
-//!   the tail cache or the segments; a range already sent inside a batch is not sent again.
+//!   as the WAL batches holding them (same LSNs, same boundaries) as soon as their bytes are
+//!   final (while this node writes them too), else from the tail cache or the segments; a range
+//!   already sent inside a batch is not sent again.
 //! - The store applies records only below the core's `committed()` (a backup's tail above it
 //!   may still be cut), read back from the WAL.
 
@@ -97,6 +98,8 @@ struct Inner {
     /// The epoch marker's LSN while it is not yet in the WAL: writes wait for it.
     marker_pending: Cell<Option<u64>>,
     wal_epoch: Cell<u64>,
+    /// The epoch of the last lease (logged when it changes).
+    leased_epoch: Cell<u64>,
     stopped: RefCell<Option<String>>,
 }
 
@@ -168,6 +171,7 @@ impl ShardCopy {
                 committed_wake: Notify::default(),
                 marker_pending: Cell::new(None),
                 wal_epoch: Cell::new(0),
+                leased_epoch: Cell::new(0),
                 stopped: RefCell::new(None),
             }),
         };
@@ -233,6 +237,9 @@ impl ShardCopy {
     /// A lease for `epoch`, valid until `until` by this node's clock.
     pub fn on_lease(&self, epoch: u64, until: Instant) {
         let until_ns = u64::try_from(until.saturating_duration_since(self.inner.origin).as_nanos()).unwrap_or(0);
+        if self.inner.leased_epoch.replace(epoch) != epoch {
+            tracing::info!(shard = self.inner.shard, epoch, "replica set lease held");
+        }
         self.input(|member| member.on_lease(epoch, until_ns), None);
     }
 
@@ -279,6 +286,7 @@ impl ShardCopy {
         if let Some(epoch) = leading
             && epoch != inner.wal_epoch.get()
         {
+            tracing::info!(shard = inner.shard, epoch, "leading the replica set");
             inner.wal_epoch.set(epoch);
             inner.store.wal().set_epoch(epoch);
         }
@@ -509,12 +517,20 @@ impl ShardCopy {
         let inner = &self.inner;
         let cursor = inner.peers.borrow().get(to).map_or(0, |peer| peer.cursor);
         let wal = inner.store.wal();
-        wal.wait_durable(next - 1).await?;
+        // Sent as soon as its bytes are final: the peers write it while this node does.
+        wal.wait_sealed(next - 1).await?;
+        // The batch starting at `lsn`: the one being written, or a durable one (from the tail
+        // cache or the segments); none inside the batch being written.
+        let batch_at = |lsn: u64| match wal.sealing_batch(lsn) {
+            Some(batch) => Ok(Some(batch)),
+            None if lsn >= wal.durable_next_lsn() => Ok(None),
+            None => inner.reader.batch_at(lsn),
+        };
         let mut at = first;
         if first < cursor {
             // Inside a batch already sent, or a resend from a batch start (after the peer's
             // shape said where the logs agree).
-            match inner.reader.batch_at(first)? {
+            match batch_at(first)? {
                 Some(_) => {}
                 None if next <= cursor => return Ok(()),
                 None => at = cursor,
@@ -522,7 +538,7 @@ impl ShardCopy {
         }
         let mut prev = prev_epoch;
         while at < next {
-            let Some(batch) = inner.reader.batch_at(at)? else {
+            let Some(batch) = batch_at(at)? else {
                 return Err(WalError::Io {
                     op: "read a batch to send",
                     path: inner.dir.display().to_string(),

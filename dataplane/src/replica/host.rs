@@ -71,9 +71,21 @@ impl NodeReplicas {
         *self.net.lock().unwrap_or_else(PoisonError::into_inner) = Some(net);
     }
 
-    /// A copy's report, for the next heartbeat.
+    /// A copy's report, for the next heartbeat; a change of what it leads (or a need of a new
+    /// epoch) sends the heartbeat at once: the control plane's lease follows a new lead sooner.
     pub fn publish(&self, report: ReplicaReport) {
-        self.reports.lock().unwrap_or_else(PoisonError::into_inner).insert(report.shard, report);
+        let shard = report.shard;
+        let (leading, wants) = (report.leading, report.wants_new_epoch);
+        let previous = self.reports.lock().unwrap_or_else(PoisonError::into_inner).insert(shard, report);
+        if previous.is_none_or(|previous| previous.leading != leading || previous.wants_new_epoch != wants) {
+            self.waiting.notify_one();
+        }
+    }
+
+    /// A copy that stopped reports nothing more (a stale report would renew a dead lead).
+    pub fn unpublish(&self, shard: u32) {
+        self.reports.lock().unwrap_or_else(PoisonError::into_inner).remove(&shard);
+        self.waiting.notify_one();
     }
 
     fn ask(&self, shard: u32, proposal: &Proposal) {
@@ -192,6 +204,7 @@ pub fn serve_copy(
                 host.publish(reporting.report());
                 glommio::timer::sleep(REPORT_EVERY).await;
             }
+            host.unpublish(reporting.shard());
         })
         .detach(),
     );

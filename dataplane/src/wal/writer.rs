@@ -218,6 +218,8 @@ struct State {
     /// A tail cut is running (`Wal::truncate_tail`): appends wait.
     cutting: bool,
     durable_next_lsn: u64,
+    /// Every record below this is in a batch whose bytes are final (being written or durable).
+    sealed_next_lsn: u64,
     /// The replica-set epoch the next batch of this WAL's own appends names.
     epoch: u64,
     stats: WalStats,
@@ -239,6 +241,9 @@ struct Inner {
     writer_exit: Notify,
     /// `(epoch, first LSN)` where the epoch the batches name changed, as recovery found them.
     epochs_at_open: Vec<(u64, u64)>,
+    /// The batch being written, with a tail cache: a replica-set primary sends it to the
+    /// other members while its own write and barrier run.
+    sealing: RefCell<Option<TailBatch>>,
     metrics: WalMetrics,
 }
 
@@ -713,6 +718,7 @@ impl Wal {
                 closing: false,
                 cutting: false,
                 durable_next_lsn: plan.next_lsn,
+                sealed_next_lsn: plan.next_lsn,
                 epoch: plan.epochs.last().map_or(0, |(epoch, _)| *epoch),
                 stats: WalStats::default(),
             }),
@@ -726,6 +732,7 @@ impl Wal {
             writer_done: Cell::new(false),
             writer_exit: Notify::default(),
             epochs_at_open: plan.epochs.clone(),
+            sealing: RefCell::new(None),
             metrics,
         });
         inner.metrics.fenced.set(0.0);
@@ -971,6 +978,7 @@ impl Wal {
             let chunk_bytes = state.open.chunk_bytes;
             state.open = OpenBatch::new(next, self.inner.limits, chunk_bytes);
             state.durable_next_lsn = next;
+            state.sealed_next_lsn = next;
         }
         if let Some(tail) = &self.inner.config.tail {
             tail.clear();
@@ -978,6 +986,35 @@ impl Wal {
         self.inner.prepare_spare();
         self.inner.publish_disk_bytes();
         cut.map(|_| next)
+    }
+
+    /// Waits until the record `lsn` is in a batch whose bytes are final: being written (see
+    /// [`Wal::sealing_batch`]) or durable. Without a tail cache, until it is durable.
+    pub async fn wait_sealed(&self, lsn: u64) -> Result<(), WalError> {
+        if self.inner.config.tail.is_none() {
+            return self.wait_durable(lsn).await;
+        }
+        loop {
+            let wait = {
+                let state = self.inner.state.borrow();
+                if state.sealed_next_lsn > lsn || state.durable_next_lsn > lsn {
+                    return Ok(());
+                }
+                if let Some(fenced) = &state.fenced {
+                    return Err(fenced.clone());
+                }
+                if self.inner.writer_done.get() {
+                    return Err(WalError::Closed);
+                }
+                self.inner.durable.wait()
+            };
+            wait.await;
+        }
+    }
+
+    /// The batch starting at `lsn` while it is being written (with a tail cache).
+    pub fn sealing_batch(&self, lsn: u64) -> Option<TailBatch> {
+        self.inner.sealing.borrow().as_ref().filter(|batch| batch.first_lsn == lsn).cloned()
     }
 
     /// Every record with an LSN below this is durable.
@@ -1282,8 +1319,15 @@ impl Inner {
             (Rc::clone(&segments.active), segments.frontier.get(), segments.active_seq)
         };
         batch.place(segment_seq);
-        // Copied before the write takes the buffers; cached only once durable.
+        // Copied before the write takes the buffers; cached only once durable, offered as the
+        // batch being written meanwhile.
         let image = self.config.tail.as_ref().map(|_| batch.image());
+        if let Some(bytes) = &image {
+            let sealing = TailBatch { first_lsn: batch.first_lsn, next_lsn: batch.next_lsn, bytes: bytes.clone() };
+            *self.sealing.borrow_mut() = Some(sealing);
+            self.state.borrow_mut().sealed_next_lsn = batch.next_lsn;
+            self.durable.notify_all();
+        }
         let mut chunks = std::mem::take(&mut batch.chunks);
         if chunks.len() == 1
             && let Some(chunk) = chunks.pop()
@@ -1399,10 +1443,12 @@ async fn writer_loop(inner: Rc<Inner>) {
                 if let (Some(tail), Some(bytes)) = (&inner.config.tail, image) {
                     tail.push(TailBatch { first_lsn: batch.first_lsn, next_lsn: batch.next_lsn, bytes });
                 }
+                inner.sealing.borrow_mut().take();
                 batch.latch.set(Ok(()));
                 inner.durable.notify_all();
             }
             Err(error) => {
+                inner.sealing.borrow_mut().take();
                 inner.fence(&error);
                 batch.latch.set(Err(error));
                 return finish_writer(&inner);
