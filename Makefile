@@ -41,6 +41,7 @@ bench:
 	./target/release/bench geo $(BENCH_ARGS)
 	./target/release/bench cluster $(BENCH_ARGS)
 	./target/release/bench snapshot $(BENCH_ARGS)
+	./target/release/bench replicas $(BENCH_ARGS)
 
 ## Fuzz every decoder for FUZZ_SECONDS each (nightly + cargo-fuzz).
 fuzz:

@@ -78,13 +78,14 @@ pub struct NodeConfig {
 pub struct ReplicaSetsSection {
     /// UDP `ip:port` of the node's endpoint for the other members (port 0 picks one).
     pub listen: Option<String>,
-    /// Silence (ms) after which a primary has a member removed from its set (default 200).
+    /// Silence (ms) after which a primary has a member removed from its set (default 80).
     pub member_timeout_ms: Option<u64>,
 }
 
 /// `[replica_sets] member_timeout_ms` by default: a backup silent this long stalls its
-/// primary's writes this long before it is removed (heartbeats go every tenth of it).
-pub const MEMBER_TIMEOUT_MS_DEFAULT: u64 = 200;
+/// primary's writes this long before it is removed (heartbeats go every quarter of it). Short,
+/// as Azure's seal-and-continue: a member removed in a hiccup is added back once caught up.
+pub const MEMBER_TIMEOUT_MS_DEFAULT: u64 = 80;
 
 /// `[replica_sets]`, resolved.
 #[derive(Debug, Clone)]

@@ -230,12 +230,7 @@ async fn shard_main(
 ) -> Result<(), String> {
     let Supervision { on_ready, stop, watchdog } = supervision;
     let mut store_config = config.store_for(shard_id);
-    let copy_tail = copy_side.as_ref().map(|_| {
-        let tail = Arc::new(crate::wal::WalTail::new(COPY_TAIL_BYTES));
-        store_config.set_log = true;
-        store_config.wal.tail = Some(Arc::clone(&tail));
-        tail
-    });
+    let copy_tail = prepare_copy_store(&mut store_config, copy_side.is_some());
     if let (Some(side), Some(repl)) = (&side, &config.replication) {
         // With multi-master keyspaces a snapshot cannot tell a key deleted at its source from
         // one the source has not received yet: the WAL is kept for every peer, however far
@@ -288,21 +283,9 @@ async fn shard_main(
     if map.set(shard_id, address) {
         on_ready(&map.addresses());
     }
-    let (copy, copy_tasks) = match (copy_side, &config.replica_sets, &config.control) {
-        (Some(copy_side), Some(sets), Some(control)) => {
-            let timing = crate::replica::Timing {
-                member_timeout_ns: duration_ns(sets.member_timeout),
-                heartbeat_ns: duration_ns(sets.member_timeout / 10),
-                retry_ns: duration_ns(sets.member_timeout / 5),
-            };
-            let links =
-                Rc::new(crate::replica::NodeLinks { sender: copy_side.sender, host: Arc::clone(&copy_side.host) });
-            let copy = crate::replica::ShardCopy::start(&control.node_id, timing, store.clone(), copy_tail, links)
-                .map_err(|error| format!("shard {shard_id}: {error}"))?;
-            let tasks = crate::replica::serve_copy(&copy, copy_side.channels, copy_side.host);
-            (Some(copy), tasks)
-        }
-        _ => (None, Vec::new()),
+    let (copy, copy_tasks) = match copy_side {
+        Some(copy_side) => start_copy(config, &store, copy_tail, copy_side)?,
+        None => (None, Vec::new()),
     };
     store.spawn_maintenance();
     let heartbeat = spawn_heartbeat(&store, watchdog.clone(), shard_id);
@@ -338,11 +321,52 @@ async fn shard_main(
     Ok(())
 }
 
+/// Test failpoint: when set to N, every shard's WAL fails its N-th `fdatasync` with EIO.
+pub const WAL_SYNC_EIO_ENV: &str = "MERIDIAN_FAILPOINT_WAL_SYNC_EIO_AFTER";
+
 /// The tail cache of a shard copy's WAL: what its primary sends the other members from.
 const COPY_TAIL_BYTES: usize = 32 << 20;
 
 fn duration_ns(duration: Duration) -> u64 {
     u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A replica-set copy's store: its WAL is the set's log (with the tail cache the primary sends
+/// from). And the test failpoint [`WAL_SYNC_EIO_ENV`].
+fn prepare_copy_store(store_config: &mut crate::store::StoreConfig, copy: bool) -> Option<Arc<crate::wal::WalTail>> {
+    if let Some(after) = std::env::var(WAL_SYNC_EIO_ENV).ok().and_then(|n| n.parse::<u64>().ok()) {
+        let faults = Arc::new(crate::wal::FaultInjector::default());
+        faults.fail_sync(after, libc::EIO);
+        store_config.wal.faults = Some(faults);
+    }
+    copy.then(|| {
+        let tail = Arc::new(crate::wal::WalTail::new(COPY_TAIL_BYTES));
+        store_config.set_log = true;
+        store_config.wal.tail = Some(Arc::clone(&tail));
+        tail
+    })
+}
+
+/// The shard's copy in its replica set, and the tasks that feed it.
+fn start_copy(
+    config: &Resolved,
+    store: &ShardStore,
+    tail: Option<Arc<crate::wal::WalTail>>,
+    side: CopySide,
+) -> Result<(Option<crate::replica::ShardCopy>, Vec<glommio::task::JoinHandle<()>>), String> {
+    let (Some(sets), Some(control)) = (&config.replica_sets, &config.control) else { return Ok((None, Vec::new())) };
+    let shard_id = store.config().shard_id;
+    let timing = crate::replica::Timing {
+        member_timeout_ns: duration_ns(sets.member_timeout),
+        // A silent member misses four heartbeats before it is removed.
+        heartbeat_ns: duration_ns(sets.member_timeout / 4),
+        retry_ns: duration_ns(sets.member_timeout / 2),
+    };
+    let links = Rc::new(crate::replica::NodeLinks { sender: side.sender, host: Arc::clone(&side.host) });
+    let copy = crate::replica::ShardCopy::start(&control.node_id, timing, store.clone(), tail, links)
+        .map_err(|error| format!("shard {shard_id}: {error}"))?;
+    let tasks = crate::replica::serve_copy(&copy, side.channels, side.host);
+    Ok((Some(copy), tasks))
 }
 
 /// How often a node that does not replicate publishes its shards' applied points.

@@ -200,8 +200,22 @@ pub fn serve_copy(
     let reporting = copy.clone();
     tasks.push(
         glommio::spawn_local(async move {
+            let shard = reporting.shard().to_string();
+            let epoch = metrics::gauge!("meridian_replica_epoch", "shard" => shard.clone());
+            let leading = metrics::gauge!("meridian_replica_leading", "shard" => shard.clone());
+            let uncommitted = metrics::gauge!("meridian_replica_uncommitted_records", "shard" => shard.clone());
+            let unapplied = metrics::gauge!("meridian_replica_unapplied_records", "shard" => shard);
             while reporting.stopped().is_none() {
-                host.publish(reporting.report());
+                let report = reporting.report();
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    epoch.set(report.epoch as f64);
+                    leading.set(if report.leading.is_some() { 1.0 } else { 0.0 });
+                    let committed = reporting.committed();
+                    uncommitted.set(report.log.end.saturating_sub(committed) as f64);
+                    unapplied.set(committed.saturating_sub(reporting.store().applied_next()) as f64);
+                }
+                host.publish(report);
                 glommio::timer::sleep(REPORT_EVERY).await;
             }
             host.unpublish(reporting.shard());
