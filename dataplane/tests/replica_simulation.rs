@@ -835,16 +835,16 @@ fn simulate(seed: u64, trace: bool) -> Result<u64, Failure> {
     let mut world = World::new(seed, trace);
     world.run_until(CHAOS_NS)?;
     world.heal()?;
-    // Every member of the set lost for good (a set of one, min_replicas 1): nothing may be
+    let before = world.acknowledged_count;
+    world.run_until(CHAOS_NS + QUIET_NS)?;
+    // Every member of the set lost for good (a set of one, min_replicas 1; possibly promoted
+    // after the faults stopped, from a report the node sent before it was lost): nothing may be
     // promoted (a learner may lack acknowledged writes), so the set stays down. Safety was
     // checked all along; liveness is not to be had.
     let lost = world.lost.map(|lost| world.nodes[lost].name.clone());
     if world.control.config.members.iter().all(|member| lost.as_ref() == Some(member)) {
-        world.run_until(CHAOS_NS + QUIET_NS)?;
         return Ok(world.steps);
     }
-    let before = world.acknowledged_count;
-    world.run_until(CHAOS_NS + QUIET_NS)?;
     if world.acknowledged_count == before {
         return Err(Failure(format!(
             "no write was acknowledged in the {} ms after the faults stopped; the set: {:?}",
