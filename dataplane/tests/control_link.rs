@@ -9,12 +9,12 @@ use std::path::Path;
 use std::process::Command as Process;
 use std::time::{Duration, Instant};
 
-use controlapi::meta::{Command, MetaState, NodeState};
+use controlapi::meta::{Command, NodeState};
 use testkit::LocalCluster;
 
 mod common;
 
-use common::process::{Node, connect, runtime};
+use common::process::{Node, connect, runtime, wait_meta};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -27,20 +27,6 @@ fn control_config(cluster: &LocalCluster, tls: &Path, extra: &str) -> String {
         seeds.join(","),
         tls
     )
-}
-
-/// Polls the metadata until `done` holds.
-async fn wait_meta(cluster: &LocalCluster, what: &str, done: impl Fn(&MetaState) -> bool) -> MetaState {
-    let start = Instant::now();
-    loop {
-        if let Ok(state) = cluster.client().read(false, 2 * SECOND).await {
-            if done(&state) {
-                return state;
-            }
-            assert!(start.elapsed() < 20 * SECOND, "{what}: not within 20 s; metadata {state:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[test]

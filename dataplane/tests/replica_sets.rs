@@ -21,7 +21,7 @@ use wire::proto::ErrorCode;
 
 mod common;
 
-use common::process::{Node, runtime};
+use common::process::{Node, runtime, wait_meta};
 
 const SECOND: Duration = Duration::from_secs(1);
 const NODES: [(&str, &str); 3] = [("dn1", "a"), ("dn2", "b"), ("dn3", "c")];
@@ -34,19 +34,6 @@ fn node_config(cluster: &LocalCluster, tls: &Path, id: &str, zone: &str) -> Stri
          heartbeat_ms = 100\nlease_ms = 1500\n[replica_sets]\nlisten = \"127.0.0.1:0\"\n",
         seeds.join(",")
     )
-}
-
-async fn wait_meta(cluster: &LocalCluster, what: &str, done: impl Fn(&MetaState) -> bool) -> MetaState {
-    let start = Instant::now();
-    loop {
-        if let Ok(state) = cluster.client().read(false, 2 * SECOND).await {
-            if done(&state) {
-                return state;
-            }
-            assert!(start.elapsed() < 30 * SECOND, "{what}: not within 30 s; metadata {state:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Writes to whichever node's copy is the shard's primary: a refusal (not the primary, no

@@ -391,13 +391,7 @@ impl ShardStore {
         if let Some(home) = config.replica_of.as_ref().filter(|_| config.multi_master.is_empty()) {
             return Err(StoreError::NotHome { shard_id: config.shard_id, home: home.clone() });
         }
-        if items.len() == 0 || items.len() > config.batch_ops_max {
-            return Err(StoreError::BatchTooLarge {
-                reason: format!("{} operations, allowed 1..={}", items.len(), config.batch_ops_max),
-            });
-        }
-        self.wait_for_memtable_room().await;
-        let items = op::later_wins(items.collect(), |(key, _)| key);
+        let items = self.admit_batch(items).await?;
         let mut staged: Vec<(&[u8], Staged<'_>)> = Vec::with_capacity(items.len());
         let result = self.stage(items.into_iter(), &mut staged).await;
         let result = match result {
@@ -412,6 +406,20 @@ impl ShardStore {
             }
         }
         result
+    }
+
+    /// A write's operations once its size is allowed and the memtable has room, the later of
+    /// two operations on one key kept.
+    async fn admit_batch<'a>(
+        &self,
+        items: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) -> Result<Vec<(&'a [u8], Option<&'a [u8]>)>, StoreError> {
+        let max = self.inner.config.batch_ops_max;
+        if items.len() == 0 || items.len() > max {
+            return Err(StoreError::BatchTooLarge { reason: format!("{} operations, allowed 1..={max}", items.len()) });
+        }
+        self.wait_for_memtable_room().await;
+        Ok(op::later_wins(items.collect(), |(key, _)| key))
     }
 
     /// Checks limits and stores chunked values; inline values stay borrowed until they are
@@ -537,13 +545,7 @@ impl ShardStore {
         admit: &mut dyn FnMut(u64) -> Result<(), String>,
     ) -> Result<(u64, u64), StoreError> {
         let config = &self.inner.config;
-        if items.len() == 0 || items.len() > config.batch_ops_max {
-            return Err(StoreError::BatchTooLarge {
-                reason: format!("{} operations, allowed 1..={}", items.len(), config.batch_ops_max),
-            });
-        }
-        self.wait_for_memtable_room().await;
-        let items = op::later_wins(items.collect(), |(key, _)| key);
+        let items = self.admit_batch(items).await?;
         let mut staged: Vec<(&[u8], Staged<'_>)> = Vec::with_capacity(items.len());
         for (key, value) in items {
             if key.is_empty() || key.len() > config.key_bytes_max {

@@ -225,6 +225,19 @@ struct State {
     stats: WalStats,
 }
 
+impl State {
+    /// Whether the WAL takes appends: not fenced, not closing.
+    fn usable(&self) -> Result<(), WalError> {
+        if let Some(fenced) = &self.fenced {
+            return Err(fenced.clone());
+        }
+        if self.closing {
+            return Err(WalError::Closed);
+        }
+        Ok(())
+    }
+}
+
 struct Inner {
     config: WalConfig,
     limits: BatchLimits,
@@ -789,12 +802,7 @@ impl Wal {
         max: usize,
     ) -> Result<Option<Reserved>, WalError> {
         let mut state = self.inner.state.borrow_mut();
-        if let Some(fenced) = &state.fenced {
-            return Err(fenced.clone());
-        }
-        if state.closing {
-            return Err(WalError::Closed);
-        }
+        state.usable()?;
         if state.cutting {
             return Ok(None);
         }
@@ -837,12 +845,7 @@ impl Wal {
     pub async fn append_replicated(&self, image: &[u8]) -> Result<u64, WalError> {
         let (latch, next_lsn) = {
             let mut state = self.inner.state.borrow_mut();
-            if let Some(fenced) = &state.fenced {
-                return Err(fenced.clone());
-            }
-            if state.closing {
-                return Err(WalError::Closed);
-            }
+            state.usable()?;
             if state.cutting {
                 return Err(WalError::ReplicatedBatch {
                     expected_lsn: state.open.builder.next_lsn(),

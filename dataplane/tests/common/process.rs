@@ -82,3 +82,21 @@ pub async fn connect(node: &Node) -> Client {
     let config = ClientConfig { retries: 0, request_timeout: Duration::from_secs(20), ..ClientConfig::default() };
     Client::connect(&node.addresses[0], config).await.unwrap()
 }
+
+/// Polls the control plane's metadata until `done` holds (within 30 s).
+pub async fn wait_meta(
+    cluster: &testkit::LocalCluster,
+    what: &str,
+    done: impl Fn(&controlapi::meta::MetaState) -> bool,
+) -> controlapi::meta::MetaState {
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(state) = cluster.client().read(false, Duration::from_secs(2)).await {
+            if done(&state) {
+                return state;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{what}: not within 30 s; metadata {state:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
