@@ -30,15 +30,31 @@ async fn primary_batches(config: WalConfig, records: u64) -> Vec<TailBatch> {
         id += round;
     }
     wal.close().await.unwrap();
-    let tail = config.tail.unwrap();
+    let batches = tail_batches(&config.tail.unwrap(), 1);
+    assert_eq!(batches.last().unwrap().next_lsn, records + 1, "the tail holds every batch");
+    batches
+}
+
+/// The batches a tail cache holds from `lsn` on.
+fn tail_batches(tail: &WalTail, mut lsn: u64) -> Vec<TailBatch> {
     let mut batches = Vec::new();
-    let mut lsn = 1;
     while let Some(batch) = tail.batch_at(lsn) {
         lsn = batch.next_lsn;
         batches.push(batch);
     }
-    assert_eq!(lsn, records + 1, "the tail holds every batch");
     batches
+}
+
+/// The log `config` holds: the first writes (`id = lsn - 1`) below `cut`, then `after` records
+/// of ids `base`, `base + 1`, ... from it.
+fn assert_cut_log(config: &WalConfig, cut: u64, after: u64, base: u64) {
+    let records = read_all(config);
+    assert_eq!(records.len() as u64, cut - 1 + after);
+    for record in &records {
+        let id = check_payload(&record.payload).unwrap();
+        let expected = if record.lsn < cut { record.lsn - 1 } else { base + record.lsn - cut };
+        assert_eq!(id, expected, "LSN {}", record.lsn);
+    }
 }
 
 fn with_tail(mut config: WalConfig) -> WalConfig {
@@ -202,13 +218,7 @@ fn a_cut_tail_is_gone_for_good_and_the_log_goes_on_from_the_cut() {
         }
     });
     for _ in 0..2 {
-        let records = read_all(&config);
-        assert_eq!(records.len() as u64, cut - 1 + 40);
-        for record in &records {
-            let id = check_payload(&record.payload).unwrap();
-            let expected = if record.lsn < cut { record.lsn - 1 } else { 10_000 + record.lsn - cut };
-            assert_eq!(id, expected, "LSN {}", record.lsn);
-        }
+        assert_cut_log(&config, cut, 40, 10_000);
         run({
             let config = config.clone();
             async move { Wal::open(config).await.unwrap().close().await.unwrap() }
@@ -255,7 +265,7 @@ fn an_open_wal_cuts_its_tail_and_takes_batches_from_the_cut_and_its_epochs_are_r
             assert!(backup.tail.as_ref().unwrap().batch_at(at - 1).is_none(), "the cache forgot the cut batches");
             // The new primary's log from the cut: epoch 2 batches of other records.
             let other = with_tail(small_config(&primary.dir.join("other")));
-            let mut replay = Vec::new();
+            let replay;
             {
                 let source = Wal::open(other.clone()).await.unwrap();
                 for batch in batches.iter().take_while(|batch| batch.first_lsn < at) {
@@ -266,13 +276,8 @@ fn an_open_wal_cuts_its_tail_and_takes_batches_from_the_cut_and_its_epochs_are_r
                     source.append(id, &payload(50_000 + id, 80 + (id as usize * 313) % 4000)).await.unwrap();
                 }
                 source.close().await.unwrap();
-                let tail = other.tail.unwrap();
-                let mut lsn = at;
-                while let Some(batch) = tail.batch_at(lsn) {
-                    lsn = batch.next_lsn;
-                    replay.push(batch);
-                }
-                assert_eq!(lsn, at + 30);
+                replay = tail_batches(&other.tail.unwrap(), at);
+                assert_eq!(replay.last().unwrap().next_lsn, at + 30);
             }
             for batch in &replay {
                 assert_eq!(wal.append_replicated(&batch.bytes).await.unwrap(), batch.next_lsn);
@@ -281,13 +286,7 @@ fn an_open_wal_cuts_its_tail_and_takes_batches_from_the_cut_and_its_epochs_are_r
             (at, replay)
         }
     });
-    let records = read_all(&backup);
-    assert_eq!(records.len() as u64, cut - 1 + 30);
-    for record in &records {
-        let id = check_payload(&record.payload).unwrap();
-        let expected = if record.lsn < cut { record.lsn - 1 } else { 50_000 + record.lsn - cut };
-        assert_eq!(id, expected, "LSN {}", record.lsn);
-    }
+    assert_cut_log(&backup, cut, 30, 50_000);
     assert!(!new_batches.is_empty());
     run({
         let backup = backup.clone();

@@ -58,14 +58,24 @@ pub enum CopyError {
     Stopped { shard: u32, reason: String },
 }
 
-/// What the shell knows of a record range the core asked it to persist.
+/// Where the records of an input come from.
 enum Origin {
-    /// Reserved in the WAL by a client write: wait until durable.
+    /// Reserved in the WAL by a client write.
     Written,
-    /// Another primary's batch, appended as is.
+    /// Another primary's batch.
     Image(Bytes),
-    /// The epoch marker: appended by the shell.
-    Marker,
+}
+
+/// A `Persist` of the core, as the disk task carries it out.
+enum Work {
+    /// A client write's record, reserved in the WAL: wait until durable.
+    Written { next: u64 },
+    /// Another primary's batch, appended as is.
+    Image { first: u64, next: u64, image: Bytes },
+    /// The epoch marker of a new lead: appended here.
+    Marker { first: u64 },
+    /// The log cut from `from` on.
+    Cut { from: u64 },
 }
 
 struct PeerQueue {
@@ -85,7 +95,7 @@ struct Inner {
     origin: Instant,
     actions: RefCell<VecDeque<Action>>,
     actions_wake: Notify,
-    disk: RefCell<VecDeque<(u64, DiskOp, Origin)>>,
+    disk: RefCell<VecDeque<(u64, Work)>>,
     disk_wake: Notify,
     peers: RefCell<BTreeMap<String, PeerQueue>>,
     /// Writes below this LSN were acknowledged by the set.
@@ -95,8 +105,8 @@ struct Inner {
     writes_wake: Notify,
     applied_wake: Notify,
     committed_wake: Notify,
-    /// The epoch marker's LSN while it is not yet in the WAL: writes wait for it.
-    marker_pending: Cell<Option<u64>>,
+    /// An epoch marker is not yet in the WAL: writes wait for it (they take the LSNs after).
+    marker_pending: Cell<bool>,
     wal_epoch: Cell<u64>,
     /// The epoch of the last lease (logged when it changes).
     leased_epoch: Cell<u64>,
@@ -169,7 +179,7 @@ impl ShardCopy {
                 writes_wake: Notify::default(),
                 applied_wake: Notify::default(),
                 committed_wake: Notify::default(),
-                marker_pending: Cell::new(None),
+                marker_pending: Cell::new(false),
                 wal_epoch: Cell::new(0),
                 leased_epoch: Cell::new(0),
                 stopped: RefCell::new(None),
@@ -294,23 +304,28 @@ impl ShardCopy {
         for action in actions {
             match action {
                 Action::Persist { seq, op } => {
-                    let from = match op {
+                    let work = match op {
                         DiskOp::Append { first, next, .. } => match origin.take() {
-                            Some((at, until, from)) if at <= first && next <= until => from,
+                            Some((at, until, Origin::Written)) if at <= first && next <= until => {
+                                Work::Written { next }
+                            }
+                            Some((at, until, Origin::Image(image))) if at <= first && next <= until => {
+                                Work::Image { first, next, image }
+                            }
                             other if leading.is_some() => {
                                 origin = other;
                                 // Not a write's nor an image's: the epoch marker of a new lead.
-                                inner.marker_pending.set(Some(first));
-                                Origin::Marker
+                                inner.marker_pending.set(true);
+                                Work::Marker { first }
                             }
                             _ => {
                                 self.stop(format!("records {first}..{next} to persist came without their batch"));
                                 return;
                             }
                         },
-                        DiskOp::Truncate { .. } => Origin::Marker,
+                        DiskOp::Truncate { from } => Work::Cut { from },
                     };
-                    inner.disk.borrow_mut().push_back((seq, op, from));
+                    inner.disk.borrow_mut().push_back((seq, work));
                     inner.disk_wake.notify_all();
                 }
                 other => {
@@ -340,6 +355,21 @@ impl ShardCopy {
         }
     }
 
+    /// What `take` gives once it gives something, waiting on `wake` meanwhile; `None` once the
+    /// copy stopped. Every task of the copy and every write waits this way.
+    async fn next<T>(&self, wake: &Notify, mut take: impl FnMut() -> Option<T>) -> Option<T> {
+        loop {
+            let wait = wake.wait();
+            if self.inner.stopped.borrow().is_some() {
+                return None;
+            }
+            if let Some(item) = take() {
+                return Some(item);
+            }
+            wait.await;
+        }
+    }
+
     fn stopped_error(&self) -> CopyError {
         CopyError::Stopped { shard: self.inner.shard, reason: self.stopped().unwrap_or_default() }
     }
@@ -351,9 +381,8 @@ impl ShardCopy {
         items: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
     ) -> Result<u64, CopyError> {
         let inner = &self.inner;
-        while inner.marker_pending.get().is_some() && inner.stopped.borrow().is_none() {
-            inner.writes_wake.wait().await;
-        }
+        let marked = self.next(&inner.writes_wake, || (!inner.marker_pending.get()).then_some(()));
+        marked.await.ok_or_else(|| self.stopped_error())?;
         let mut refusal = None;
         let written = inner
             .store
@@ -390,32 +419,18 @@ impl ShardCopy {
             Err(error) => return Err(error.into()),
         };
         // Acknowledged by the set, or failed.
-        loop {
-            let wait = inner.writes_wake.wait();
+        let acknowledged = self.next(&inner.writes_wake, || {
             if inner.acknowledged.get() > lsn {
-                break;
+                return Some(Ok(()));
             }
-            if let Some((_, _, error)) =
-                inner.failed.borrow().iter().rev().find(|(first, next, _)| *first <= lsn && lsn < *next)
-            {
-                return Err(error.clone().into());
-            }
-            if inner.stopped.borrow().is_some() {
-                return Err(self.stopped_error());
-            }
-            wait.await;
-        }
+            let failed = inner.failed.borrow();
+            let failure = failed.iter().rev().find(|(first, next, _)| *first <= lsn && lsn < *next);
+            failure.map(|(_, _, error)| Err(error.clone()))
+        });
+        acknowledged.await.ok_or_else(|| self.stopped_error())??;
         // Applied here (in LSN order), then the commit wait of the stamp.
-        loop {
-            let wait = inner.applied_wake.wait();
-            if inner.store.applied_next() > lsn {
-                break;
-            }
-            if inner.stopped.borrow().is_some() {
-                return Err(self.stopped_error());
-            }
-            wait.await;
-        }
+        let applied = self.next(&inner.applied_wake, || (inner.store.applied_next() > lsn).then_some(()));
+        applied.await.ok_or_else(|| self.stopped_error())?;
         inner.store.commit_wait(ts).await?;
         Ok(ts)
     }
@@ -424,15 +439,7 @@ impl ShardCopy {
     /// follows), acknowledgements, failures and proposals, in the order the core gave them.
     async fn run_actions(self) {
         let inner = &self.inner;
-        loop {
-            let wait = inner.actions_wake.wait();
-            if inner.stopped.borrow().is_some() {
-                return;
-            }
-            let Some(action) = inner.actions.borrow_mut().pop_front() else {
-                wait.await;
-                continue;
-            };
+        while let Some(action) = self.next(&inner.actions_wake, || inner.actions.borrow_mut().pop_front()).await {
             match action {
                 Action::Send { to, message } => self.queue_send(&to, message),
                 Action::Save { epoch, primary, config } => {
@@ -484,16 +491,8 @@ impl ShardCopy {
     /// them, once durable here.
     async fn run_peer(self, to: String, wake: Rc<Notify>) {
         let inner = &self.inner;
-        loop {
-            let wait = wake.wait();
-            if inner.stopped.borrow().is_some() {
-                return;
-            }
-            let message = inner.peers.borrow_mut().get_mut(&to).and_then(|peer| peer.messages.pop_front());
-            let Some(message) = message else {
-                wait.await;
-                continue;
-            };
+        let pop = || inner.peers.borrow_mut().get_mut(&to).and_then(|peer| peer.messages.pop_front());
+        while let Some(message) = self.next(&wake, pop).await {
             match message {
                 Message::Append { epoch, prev_epoch, first, next, batch_epoch, commit } if first < next => {
                     if let Err(error) =
@@ -561,16 +560,8 @@ impl ShardCopy {
     /// The disk task: every `Persist` in order, then `persisted(seq)`.
     async fn run_disk(self) {
         let inner = &self.inner;
-        loop {
-            let wait = inner.disk_wake.wait();
-            if inner.stopped.borrow().is_some() {
-                return;
-            }
-            let Some((seq, op, origin)) = inner.disk.borrow_mut().pop_front() else {
-                wait.await;
-                continue;
-            };
-            if let Err(error) = self.persist(op, origin).await {
+        while let Some((seq, work)) = self.next(&inner.disk_wake, || inner.disk.borrow_mut().pop_front()).await {
+            if let Err(error) = self.persist(work).await {
                 self.stop(format!("its WAL failed: {error}"));
                 return;
             }
@@ -579,12 +570,12 @@ impl ShardCopy {
         }
     }
 
-    async fn persist(&self, op: DiskOp, origin: Origin) -> Result<(), WalError> {
+    async fn persist(&self, work: Work) -> Result<(), WalError> {
         let wal = self.inner.store.wal();
-        match (op, origin) {
-            (DiskOp::Truncate { from }, _) => wal.truncate_tail(from).await.map(drop),
-            (DiskOp::Append { next, .. }, Origin::Written) => wal.wait_durable(next - 1).await,
-            (DiskOp::Append { first, next, .. }, Origin::Image(image)) => {
+        match work {
+            Work::Cut { from } => wal.truncate_tail(from).await.map(drop),
+            Work::Written { next } => wal.wait_durable(next - 1).await,
+            Work::Image { first, next, image } => {
                 let mut retries = 0;
                 loop {
                     match wal.append_replicated(&image).await {
@@ -604,10 +595,10 @@ impl ShardCopy {
                     }
                 }
             }
-            (DiskOp::Append { first, .. }, Origin::Marker) => {
+            Work::Marker { first } => {
                 let marker = crate::store::op::EPOCH_MARKER;
                 let appended = wal.append_admitted(&marker, |lsn| (lsn == first).then_some(0)).await;
-                self.inner.marker_pending.set(None);
+                self.inner.marker_pending.set(false);
                 self.inner.writes_wake.notify_all();
                 appended.map(drop)
             }
@@ -618,16 +609,11 @@ impl ShardCopy {
     /// the store.
     async fn run_apply(self) {
         let inner = &self.inner;
-        loop {
-            let wait = inner.committed_wake.wait();
-            if inner.stopped.borrow().is_some() {
-                return;
-            }
+        let due = || {
             let (from, until) = (inner.store.applied_next(), self.committed());
-            if from >= until {
-                wait.await;
-                continue;
-            }
+            (from < until).then_some((from, until))
+        };
+        while let Some((from, until)) = self.next(&inner.committed_wake, due).await {
             let mut cursor = inner.reader.cursor(from, until);
             let applied = loop {
                 match cursor.next_record() {

@@ -169,9 +169,7 @@ fn bind(
     client: quinn::ClientConfig,
     listen: SocketAddr,
 ) -> std::io::Result<quinn::Endpoint> {
-    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    let socket = std::net::UdpSocket::bind(listen)?;
-    let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?;
+    let mut endpoint = crate::runtime::quic_endpoint(Some(server), listen)?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }

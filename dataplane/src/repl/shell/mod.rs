@@ -26,6 +26,8 @@ mod snapshot;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+
+pub(crate) use crate::runtime::quic_endpoint as endpoint;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -286,26 +288,6 @@ fn transport_config(window_bytes: u64) -> quinn::TransportConfig {
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
     transport
 }
-
-/// The endpoint bound to `listen`. Path MTU discovery keeps quinn's bounds (up to 1452
-/// bytes): with discovery up to 64 KiB datagrams on loopback, quinn declared losses of large
-/// packets under load (none were dropped), fell back to 1200 bytes, and a stream through the
-/// WAN proxy started 400 ms behind in `bench geo`.
-fn endpoint(server: Option<quinn::ServerConfig>, listen: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-    let config = quinn::EndpointConfig::default();
-    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    let socket = std::net::UdpSocket::bind(listen)?;
-    // Deep kernel buffers (capped by net.core.{r,w}mem_max): with the default of about 200 KiB
-    // a burst overflows the receive buffer (the kernel counts "receive buffer errors"), which
-    // quinn then has to detect and resend.
-    let buffers = socket2::SockRef::from(&socket);
-    let _ = buffers.set_recv_buffer_size(UDP_SOCKET_BUFFER_BYTES);
-    let _ = buffers.set_send_buffer_size(UDP_SOCKET_BUFFER_BYTES);
-    quinn::Endpoint::new(config, server, socket, runtime)
-}
-
-/// Kernel buffers the replication socket asks for.
-const UDP_SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
 async fn run(
     context: Arc<Context>,
